@@ -1,0 +1,34 @@
+"""flaxnorm: weight norm and spectral norm for JAX and Flax, as pure functional transforms."""
+
+from flaxnorm._math import (
+  DEFAULT_N_INIT_ITERATIONS,
+  SpectralState,
+  as_matrix,
+  l2_normalize,
+  power_iteration,
+  scale_by_sigma,
+  spectral_normalize,
+  spectral_state_init,
+  weight_norm_compose,
+  weight_norm_decompose,
+)
+from flaxnorm.linen import remove_spectral_norm, remove_weight_norm, spectral_norm, weight_norm
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "DEFAULT_N_INIT_ITERATIONS",
+  "SpectralState",
+  "as_matrix",
+  "l2_normalize",
+  "power_iteration",
+  "remove_spectral_norm",
+  "remove_weight_norm",
+  "scale_by_sigma",
+  "spectral_norm",
+  "spectral_normalize",
+  "spectral_state_init",
+  "weight_norm",
+  "weight_norm_compose",
+  "weight_norm_decompose",
+)

@@ -1,0 +1,409 @@
+"""Weight norm and spectral norm for Flax Linen modules.
+
+Both transforms take a Linen Module **class** (returning a transformed class,
+like ``nn.remat(nn.Dense)``) or a Module **instance** (returning a module that
+behaves like it). The transformed module is a subclass of the layer's class
+whose ``param`` method builds the normalized kernel whenever the layer asks for
+it, so variables stay at the layer's own path (no extra nesting level) and the
+layer's code runs unchanged. Nothing writes a normalized weight back into
+params.
+
+Variable layout for ``nn.Dense(3)`` on inputs with 4 features::
+
+  weight_norm:   {'params': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+  spectral_norm: {'params': {'bias': (3,), 'kernel': (4, 3)},
+                  'spectral': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import flax.linen as nn
+from flax.core import meta
+
+from flaxnorm import _checks, _math
+from flaxnorm import _tree as tree_lib
+from flaxnorm._checks import Axis
+
+M = TypeVar("M", bound=nn.Module)
+Target = type[nn.Module] | nn.Module
+
+
+# --------------------------------------------------------------------------- #
+# What each transform does when the layer asks for one of its params.
+# --------------------------------------------------------------------------- #
+
+
+def _where(module: nn.Module, name: str) -> str:
+  path = "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
+  return f"param '{name}' of layer '{path or '<top level>'}' ({type(module).__name__})"
+
+
+def _rebox(raw: Any, value: Any, names: tuple | None) -> Any:
+  """Boxes ``value`` like ``raw`` (e.g. ``nn.Partitioned``) with new axis names."""
+  if names is not None and isinstance(raw, meta.Partitioned):
+    return dataclasses.replace(raw, value=value, names=names)
+  return value
+
+
+def _axis_names(raw: Any) -> tuple | None:
+  return tuple(raw.names) if isinstance(raw, meta.Partitioned) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightNorm:
+  axis: Axis
+  eps: float
+  method: str = "weight_norm"
+
+  def __call__(self, module, name, create_param):
+    where = _where(module, name)
+    raw_v = create_param(f"{name}_v")
+    v = meta.unbox(raw_v)
+    _checks.check_float_array(v, "the param", where)
+    kept = _checks.normalize_axes(self.axis, v.ndim, where)
+    names = _axis_names(raw_v)
+
+    def init_g():
+      g, _ = _math.weight_norm_decompose(v, self.axis)
+      if names is None:
+        return g
+      g_names = (
+        () if self.axis is None else tuple(n if i in kept else None for i, n in enumerate(names))
+      )
+      return _rebox(raw_v, g, g_names)
+
+    g = module.variable("params", f"{name}_g", init_g).value
+    return raw_v, _math.weight_norm_compose(g, v, self.eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpectralNorm:
+  axis: Axis
+  n_power_iterations: int
+  n_init_iterations: int
+  eps: float
+  collection: str
+  method: str = "spectral_norm"
+
+  def __call__(self, module, name, create_param):
+    where = _where(module, name)
+    raw_w = create_param(name)
+    w = meta.unbox(raw_w)
+    kept = _checks.check_spectral_weight(w, self.axis, where)
+    m = math.prod(w.shape[a] for a in kept)
+    n = w.size // m
+    col, keys = self.collection, tuple(f"{name}_{s}" for s in ("u", "v", "sigma"))
+
+    present = [module.has_variable(col, k) for k in keys]
+    if not all(present):
+      if any(present) or not module.is_initializing():
+        raise ValueError(
+          f"spectral_norm: the state of {where} is missing from the "
+          f"'{col}' collection (found {[k for k, p in zip(keys, present) if p]}, "
+          f"need {list(keys)}). Pass the full variables from init(), "
+          f"e.g. apply({{'params': ..., '{col}': ...}}, ...)."
+        )
+      rng = "spectral" if module.has_rng("spectral") else "params"
+      state = _math.spectral_state_init(
+        module.make_rng(rng), w, axis=kept, n_steps=self.n_init_iterations, eps=self.eps
+      )
+      names = _axis_names(raw_w)
+      u_names = (names[kept[0]],) if names is not None and len(kept) == 1 else None
+      boxes = (
+        _rebox(raw_w, state.u, u_names),
+        _rebox(raw_w, state.v, None if names is None else (None,)),
+        _rebox(raw_w, state.sigma, None if names is None else ()),
+      )
+      for key, box in zip(keys, boxes):
+        module.variable(col, key, lambda b=box: b)
+      u, v = state.u, state.v
+      n_steps = 0  # the state was just converged
+    else:
+      u, v = (module.get_variable(col, k) for k in keys[:2])
+      u, v = meta.unbox(u), meta.unbox(v)
+      if u.shape != (m,) or v.shape != (n,):
+        raise ValueError(
+          f"spectral_norm: stored state of {where} does not fit the param of shape "
+          f"{tuple(w.shape)}: expected {keys[0]} of shape ({m},) and {keys[1]} of "
+          f"shape ({n},), got {tuple(u.shape)} and {tuple(v.shape)} (a checkpoint "
+          "from a differently sized layer?)."
+        )
+      # Training (collection mutable) iterates and stores; evaluation uses the
+      # stored vectors and changes nothing.
+      n_steps = self.n_power_iterations if module.is_mutable_collection(col) else 0
+
+    w_sn, new = _math.spectral_normalize(w, u, v, axis=kept, n_steps=n_steps, eps=self.eps)
+    if n_steps:
+      for key, value in zip(keys, new):
+        raw = module.get_variable(col, key)
+        module.put_variable(
+          col, key, raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
+        )
+    return raw_w, w_sn
+
+
+# --------------------------------------------------------------------------- #
+# Building the transformed class / instance.
+# --------------------------------------------------------------------------- #
+
+
+def _check_layer_saw_names(module: nn.Module) -> None:
+  seen = module.__dict__.get("_flaxnorm_seen", set())
+  for name, spec in type(module)._flaxnorm_specs.items():
+    if name in seen:
+      continue
+    params = module.variables.get("params", {}) if module.scope is not None else {}
+    found = sorted(k for k, x in params.items() if not isinstance(x, Mapping))
+    raise ValueError(
+      f"{spec.method}: {_where(module, name)} does not exist: the layer never "
+      f"asked for it. Its params are {found}; pass one of them as name=... "
+      "(e.g. name='embedding' for nn.Embed)."
+    )
+
+
+_CLASS_CACHE: dict[tuple, type] = {}
+
+
+def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
+  base = cls.__dict__.get("_flaxnorm_base", None) or cls
+  merged = dict(getattr(cls, "_flaxnorm_specs", {}))
+  for name, spec in specs.items():
+    if name in merged:
+      raise ValueError(
+        f"{spec.method}: param '{name}' of {base.__name__} is already wrapped by "
+        f"{merged[name].method}; a param can be normalized only once."
+      )
+    merged[name] = spec
+  key = (base, tuple(sorted(merged.items(), key=lambda kv: kv[0])))
+  if key in _CLASS_CACHE:
+    return _CLASS_CACHE[key]
+
+  class Normalized(base):  # type: ignore[valid-type, misc]
+    @nn.nowrap
+    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+      spec = type(self)._flaxnorm_specs.get(name)
+      if spec is None:
+        return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+      self.__dict__.setdefault("_flaxnorm_seen", set()).add(name)
+      create = functools.partial(
+        self._flaxnorm_create, init_fn=init_fn, init_args=init_args, init_kwargs=init_kwargs
+      )
+      raw, value = spec(self, name, create)
+      return value if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(value)
+
+    def __call__(self, *args, **kwargs):
+      out = super().__call__(*args, **kwargs)
+      _check_layer_saw_names(self)
+      return out
+
+    @nn.nowrap
+    def _flaxnorm_create(self, name, *, init_fn, init_args, init_kwargs):
+      return super().param(name, init_fn, *init_args, unbox=False, **init_kwargs)
+
+  # Keep the class name: Flax auto-names submodules after it ("Dense_0").
+  Normalized.__name__ = base.__name__
+  Normalized.__qualname__ = base.__qualname__
+  Normalized.__module__ = base.__module__
+  Normalized._flaxnorm_base = base
+  Normalized._flaxnorm_specs = merged
+  Normalized.__doc__ = f"{base.__name__} with {', '.join(f'{s.method}({n!r})' for n, s in merged.items())}.\n\n{base.__doc__ or ''}"
+  _CLASS_CACHE[key] = Normalized
+  return Normalized
+
+
+def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
+  if isinstance(target, type) and issubclass(target, nn.Module):
+    return _transform_class(target, specs)
+  if isinstance(target, nn.Module):
+    cls = _transform_class(type(target), specs)
+    attrs = {
+      f.name: getattr(target, f.name)
+      for f in dataclasses.fields(target)
+      if f.init and f.name not in ("parent", "name")
+    }
+    if target.scope is not None:
+      # Already attached (made in a compact method, or named in setup): its
+      # name is taken, so run the new module in the very same scope.
+      return cls(**attrs, parent=target.scope)
+    return cls(**attrs, parent=target.parent, name=target.name)
+  hint = ""
+  if type(target).__module__.startswith("flax.nnx"):
+    hint = f" For NNX modules use flaxnorm.nnx.{method}."
+  raise TypeError(
+    f"{method}: target must be a flax.linen.Module class or instance, got "
+    f"{target!r} of type {type(target).__name__}.{hint}"
+  )
+
+
+# --------------------------------------------------------------------------- #
+# Public API.
+# --------------------------------------------------------------------------- #
+
+
+def weight_norm(
+  target: Target,
+  *,
+  name: str | Sequence[str] = "kernel",
+  axis: Axis = -1,
+  eps: float = 1e-12,
+) -> Any:
+  """Reparametrizes a layer's kernel as ``w = g * v / ||v||`` (Salimans & Kingma, 2016).
+
+  The param ``{name}`` is replaced by params ``{name}_g`` (magnitude, the
+  kernel's rank with size 1 on the reduced axes) and ``{name}_v`` (direction,
+  the kernel's shape), at the layer's own path. At init ``v = w`` and
+  ``g = ||w||``, so the wrapped layer's output equals the plain layer's, as in
+  PyTorch's ``weight_norm``.
+
+  Args:
+    target: a Linen Module class (a transformed class is returned) or instance
+      (a module that behaves like it is returned).
+    name: the param(s) to normalize, e.g. ``"kernel"``, ``"embedding"`` or a
+      sequence of names for a module with several kernels.
+    axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over all the
+      others. ``-1`` is the output-feature axis of Flax kernels (``Dense``
+      ``(in, out)``, ``Conv`` ``(*window, in, out)``); use ``axis=0`` with
+      ``name="embedding"`` for ``nn.Embed``'s per-row norm; ``None`` for a
+      single norm of the whole tensor (``g`` of shape ``()``).
+    eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
+      gradients.
+
+  Returns:
+    The transformed class or module.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flaxnorm
+    >>> layer = flaxnorm.weight_norm(nn.Dense(3))
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+  """
+  names = _checks.check_names(name)
+  _checks.check_axis_arg(axis, "weight_norm")
+  spec = _WeightNorm(
+    axis=tuple(axis) if isinstance(axis, list) else axis, eps=_checks.check_eps(eps, "weight_norm")
+  )
+  return _transform(target, dict.fromkeys(names, spec), "weight_norm")
+
+
+def spectral_norm(
+  target: Target,
+  *,
+  name: str | Sequence[str] = "kernel",
+  axis: Axis = -1,
+  n_power_iterations: int = 1,
+  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  eps: float = 1e-12,
+  collection: str = "spectral",
+) -> Any:
+  """Divides a layer's kernel by its spectral norm (Miyato et al., 2018).
+
+  The param ``{name}`` stays (the unnormalized weight, PyTorch's
+  ``weight_orig``); the layer uses ``w / sigma``. The power-iteration state sits
+  in ``collection`` at the layer's path: ``{name}_u`` (shape ``(m,)``, ``m`` the
+  size of the kept axis), ``{name}_v`` (shape ``(n,)``, the product of the
+  other axes) and ``{name}_sigma`` (shape ``()``), the matrix view being
+  PyTorch's ``moveaxis(w, axis, 0).reshape(m, n)``.
+
+  * ``init``: random ``u``, ``v``, then ``n_init_iterations`` power iterations,
+    so sigma is accurate from the first step.
+  * ``apply`` with ``mutable=[collection]`` (training): ``n_power_iterations``
+    iterations from the stored ``u``, ``v``; the new ``u``, ``v``, ``sigma`` are
+    stored and that sigma is used.
+  * ``apply`` without it (evaluation): no iteration; ``sigma = u^T W v`` from
+    the stored vectors; nothing changes.
+
+  Iterations run in a ``jax.lax.fori_loop`` (compile time does not grow with
+  their number) and carry no gradient; ``sigma`` is differentiable in ``W``.
+  The random start draws from the ``'spectral'`` rng stream if given to
+  ``init``, else from ``'params'``.
+
+  Args:
+    target: a Linen Module class or instance (see :func:`weight_norm`).
+    name: the param(s) to normalize (at least 2-D each).
+    axis: the kept (output) axis or axes, the rows of the matrix view; ``-1``
+      for Flax kernels, ``0`` for ``nn.Embed``'s ``embedding``.
+    n_power_iterations: iterations per training call (>= 1).
+    n_init_iterations: iterations at init (>= 0).
+    eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
+    collection: the variable collection holding the state.
+
+  Returns:
+    The transformed class or module.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flaxnorm
+    >>> layer = flaxnorm.spectral_norm(nn.Dense(3))
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'bias': (3,), 'kernel': (4, 3)}, 'spectral': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
+    >>> y, updates = layer.apply(variables, jnp.ones((1, 4)), mutable=['spectral'])  # train
+    >>> y = layer.apply({**variables, **updates}, jnp.ones((1, 4)))  # eval
+  """
+  names = _checks.check_names(name)
+  _checks.check_axis_arg(axis, "spectral_norm", allow_none=False)
+  if not isinstance(collection, str) or not collection:
+    raise TypeError(f"spectral_norm: collection must be a non-empty str, got {collection!r}.")
+  if collection == "params":
+    raise ValueError(
+      "spectral_norm: collection must not be 'params' (optimizers would train the state)."
+    )
+  spec = _SpectralNorm(
+    axis=tuple(axis) if isinstance(axis, list) else axis,
+    n_power_iterations=_checks.check_count(
+      n_power_iterations, "n_power_iterations", 1, "spectral_norm"
+    ),
+    n_init_iterations=_checks.check_count(
+      n_init_iterations, "n_init_iterations", 0, "spectral_norm"
+    ),
+    eps=_checks.check_eps(eps, "spectral_norm"),
+    collection=collection,
+  )
+  return _transform(target, dict.fromkeys(names, spec), "spectral_norm")
+
+
+def remove_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> dict[str, Any]:
+  """Folds every ``{x}_g``/``{x}_v`` param pair back into a plain ``{x}``.
+
+  Args:
+    variables: a Linen variables dict (``{"params": ..., ...}``) or a bare params
+      tree; boxed values (``nn.Partitioned``) keep their metadata.
+    eps: the ``eps`` the layer was wrapped with.
+
+  Returns:
+    Variables for the plain (unwrapped) layer; applying it gives the wrapped
+    layer's output. Other collections are returned unchanged.
+  """
+  return tree_lib.fold_weight_norm(variables, eps=eps)
+
+
+def remove_spectral_norm(
+  variables: Mapping[str, Any],
+  collection: str = "spectral",
+  *,
+  axis: Axis = -1,
+  eps: float = 1e-12,
+) -> dict[str, Any]:
+  """Divides every spectrally normalized kernel by its sigma and drops the state.
+
+  Sigma is ``u^T W v`` from the stored vectors, as in evaluation, so the plain
+  layer applied to the result gives the wrapped layer's eval output.
+
+  Args:
+    variables: a Linen variables dict with ``params`` and ``collection``.
+    collection: the collection holding the spectral state.
+    axis: the kept axis the layers were wrapped with (``-1`` by default).
+    eps: the ``eps`` the layers were wrapped with.
+
+  Returns:
+    Variables for the plain layer, without ``collection``.
+  """
+  return tree_lib.fold_spectral_norm(variables, collection, axis=axis, eps=eps)
