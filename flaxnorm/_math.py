@@ -47,7 +47,8 @@ class SpectralState(NamedTuple):
 
 def _compute_dtype(dtype) -> jnp.dtype:
   # Accumulate in float32 at least: float16 squares overflow past 256.
-  return jnp.promote_types(dtype, jnp.float32)
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def _inv_norm(x: Array, axes: tuple[int, ...] | None, eps: float) -> Array:
@@ -98,7 +99,9 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
   Returns:
     ``(g, v)``: ``g`` of ``w``'s rank with size 1 on the reduced axes (``(1, out)``
     for a Dense kernel), or shape ``()`` when ``axis`` is ``None``; ``v = w``.
-    Both have ``w``'s dtype; the norm is accumulated in float32.
+    ``v`` has ``w``'s dtype; ``g`` is float32 at least, since the norm of a
+    float16 weight easily exceeds float16's range (1000 entries of 3000 give
+    94868 > 65504, where PyTorch's weight norm gives inf).
   """
   _checks.check_float_array(w, "w", "weight_norm_decompose")
   kept = _checks.normalize_axes(axis, w.ndim, "weight_norm_decompose")
@@ -107,7 +110,7 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
     g = jnp.sqrt(jnp.sum(jnp.square(w32)))
   else:
     g = jnp.sqrt(jnp.sum(jnp.square(w32), axis=_reduced_axes(kept, w.ndim), keepdims=True))
-  return g.astype(w.dtype), w
+  return g, w
 
 
 def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
@@ -139,7 +142,7 @@ def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
       f"{tuple(v.shape)}; expected a scalar or v's rank with size 1 on the "
       "reduced axes (what weight_norm_decompose returns)."
     )
-  dtype = _compute_dtype(jnp.result_type(g, v))
+  dtype = max(_compute_dtype(g.dtype), _compute_dtype(v.dtype), key=lambda d: d.itemsize)
   w = g.astype(dtype) * v.astype(dtype) * _inv_norm(v, axes, eps)
   return w.astype(v.dtype)
 
