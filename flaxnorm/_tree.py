@@ -28,7 +28,7 @@ def _fold_wn(tree: Mapping[str, Any], eps: float, path: tuple[str, ...]) -> dict
       out[key] = _fold_wn(x, eps, (*path, key))
     elif key[:-2] in pairs and key[-2:] in ("_g", "_v"):
       base = key[:-2]
-      if base in out or base in leaves:
+      if base in leaves:
         raise ValueError(
           f"remove_weight_norm: {_join(path, base)!r} exists beside "
           f"{base}_g/{base}_v; cannot fold the pair into it."

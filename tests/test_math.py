@@ -15,6 +15,8 @@ from jax.test_util import check_grads
 
 import flaxnorm
 
+pytestmark = pytest.mark.usefixtures("strict_promotion")
+
 
 def _np_wn(w, axis):
   """Reference weight norm with numpy: g keeps dims on the kept axes."""
@@ -290,7 +292,7 @@ def test_property_spectral_norm_at_most_one(data, shape):
   )[0]
   assert np.all(np.isfinite(np.asarray(w_sn)))
   if svals[0] <= 1e-13:  # a (near-)zero matrix (sigma <= eps) is left as it is
-    np.testing.assert_allclose(np.asarray(w_sn), w)
+    np.testing.assert_allclose(np.asarray(w_sn), w, atol=1e-30)  # XLA flushes subnormals
   elif svals[0] < 1e-9:  # float32 squares of such values lose precision
     pass
   elif len(svals) < 2 or svals[1] < 0.9 * svals[0]:  # a clear gap: power iteration has converged

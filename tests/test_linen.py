@@ -1,0 +1,511 @@
+"""Tests of the Linen transforms: layout, output preservation, training, removal, errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import flaxnorm
+
+KEY = jax.random.key(0)
+
+# (layer, input, wrap kwargs): every Flax layer kind the issue names.
+LAYERS = {
+  "dense": (lambda: nn.Dense(3), (2, 4), {}),
+  "dense_general": (lambda: nn.DenseGeneral((2, 3), axis=(-2, -1)), (2, 4, 5), {"axis": (-2, -1)}),
+  "conv1d": (lambda: nn.Conv(4, (3,)), (2, 8, 3), {}),
+  "conv2d": (lambda: nn.Conv(4, (3, 3), feature_group_count=2), (2, 6, 6, 4), {}),
+  "conv_transpose": (lambda: nn.ConvTranspose(3, (4,), strides=(2,)), (2, 5, 2), {}),
+  "embed": (lambda: nn.Embed(7, 4), None, {"name": "embedding", "axis": 0}),
+}
+
+
+def _inputs(shape):
+  if shape is None:
+    return jnp.array([[0, 3, 6], [1, 1, 2]])
+  return jax.random.normal(jax.random.key(1), shape)
+
+
+class TwoKernels(nn.Module):
+  """A user module with its own param names and two kernels."""
+
+  @nn.compact
+  def __call__(self, x):
+    w_in = self.param("w_in", nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    w_out = self.param("w_out", nn.initializers.lecun_normal(), (5, 2))
+    scale = self.param("scale", nn.initializers.ones, (2,))
+    return jnp.tanh(x @ w_in) @ w_out * scale
+
+
+# --------------------------------------------------------------------------- #
+# Weight norm
+# --------------------------------------------------------------------------- #
+
+
+def test_seed_000_pytorch_numbers():
+  """Seed 000: torch.nn.utils.parametrizations.weight_norm on Linear(4, 3)."""
+  a = jnp.arange(12.0).reshape(3, 4)
+  b = jnp.arange(12.0).reshape(3, 4) + 1  # torch weight (out, in)
+  layer = flaxnorm.weight_norm(nn.Dense(3, use_bias=False))
+  plain = {"params": {"kernel": b.T}}
+  variables = {"params": dict(zip(("kernel_g", "kernel_v"), flaxnorm.weight_norm_decompose(b.T)))}
+  np.testing.assert_allclose(variables["params"]["kernel_g"], [[5.477, 13.191, 21.119]], atol=1e-3)
+  expected = [[20, 44, 68], [60, 148, 236], [100, 252, 404]]
+  np.testing.assert_allclose(layer.apply(variables, a), expected, rtol=1e-6)
+  np.testing.assert_allclose(nn.Dense(3, use_bias=False).apply(plain, a), expected)
+  direction = variables["params"]["kernel_v"] / variables["params"]["kernel_g"]
+  np.testing.assert_allclose(jnp.sum(direction**2, axis=0), 1.0, rtol=1e-6)
+  # The same through init: wrapping a layer whose init gives b.T.
+  layer = flaxnorm.weight_norm(nn.Dense(3, use_bias=False, kernel_init=lambda *_: b.T))
+  variables = layer.init(KEY, a)
+  np.testing.assert_allclose(variables["params"]["kernel_g"], [[5.477, 13.191, 21.119]], atol=1e-3)
+  np.testing.assert_allclose(layer.apply(variables, a), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_weight_norm_preserves_output_and_removes(kind):
+  make, shape, kw = LAYERS[kind]
+  x = _inputs(shape)
+  plain_vars = make().init(KEY, x)
+  wrapped = flaxnorm.weight_norm(make(), **kw)
+  variables = wrapped.init(KEY, x)
+  name = kw.get("name", "kernel")
+  params = variables["params"]
+  assert name not in params and {f"{name}_g", f"{name}_v"} <= set(params)
+  # v starts as the plain layer's weight (same rng), g as its norm.
+  chex.assert_trees_all_close(params[f"{name}_v"], plain_vars["params"][name])
+  expected = make().apply(plain_vars, x)
+  chex.assert_trees_all_close(wrapped.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+  removed = flaxnorm.remove_weight_norm(variables)
+  chex.assert_trees_all_close(removed, plain_vars, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(make().apply(removed, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_norm_layouts():
+  x = jnp.ones((1, 4))
+  shapes = jax.tree.map(jnp.shape, flaxnorm.weight_norm(nn.Dense(3)).init(KEY, x))
+  assert shapes == {"params": {"bias": (3,), "kernel_g": (1, 3), "kernel_v": (4, 3)}}
+  conv = flaxnorm.weight_norm(nn.Conv(5, (3, 3))).init(KEY, jnp.ones((1, 6, 6, 2)))
+  assert conv["params"]["kernel_g"].shape == (1, 1, 1, 5)
+  whole = flaxnorm.weight_norm(nn.Dense(3), axis=None).init(KEY, x)
+  assert whole["params"]["kernel_g"].shape == ()
+  emb = flaxnorm.weight_norm(nn.Embed(7, 4), name="embedding", axis=0).init(KEY, jnp.array([1]))
+  assert emb["params"]["embedding_g"].shape == (7, 1)  # PyTorch's per-row norm
+
+
+def test_user_module_with_several_kernels():
+  x = _inputs((3, 4))
+  plain = TwoKernels().init(KEY, x)
+  wrapped = flaxnorm.weight_norm(TwoKernels, name=("w_in", "w_out"))()
+  variables = wrapped.init(KEY, x)
+  assert set(variables["params"]) == {"w_in_g", "w_in_v", "w_out_g", "w_out_v", "scale"}
+  chex.assert_trees_all_close(wrapped.apply(variables, x), TwoKernels().apply(plain, x), rtol=1e-5)
+  chex.assert_trees_all_close(flaxnorm.remove_weight_norm(variables), plain, rtol=1e-6)
+
+
+def test_gradients_reach_g_and_v():
+  layer = flaxnorm.weight_norm(nn.Dense(3))
+  x = _inputs((5, 4))
+  variables = layer.init(KEY, x)
+  grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(variables["params"])
+  for name in ("kernel_g", "kernel_v"):
+    assert float(jnp.abs(grads[name]).max()) > 0
+  check_grads(
+    lambda p: layer.apply({"params": p}, x),
+    (variables["params"],),
+    order=1,
+    modes=("rev",),
+    eps=1e-2,
+  )
+
+
+def test_class_transform_inside_compact_and_setup():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = flaxnorm.weight_norm(nn.Dense)(6)(x)
+      x = flaxnorm.spectral_norm(nn.Dense(5, name="fc"))(x)
+      return Block()(x)
+
+  class Block(nn.Module):
+    def setup(self):
+      self.conv = flaxnorm.weight_norm(nn.Conv(2, (3,)))
+      self.out = flaxnorm.spectral_norm(nn.Dense)(1)
+
+    def __call__(self, x):
+      return self.out(self.conv(x[..., None]).reshape(x.shape[0], -1))
+
+  variables = Model().init(KEY, jnp.ones((2, 4)))
+  shapes = jax.tree.map(jnp.shape, variables)
+  assert shapes["params"]["Dense_0"] == {"bias": (6,), "kernel_g": (1, 6), "kernel_v": (4, 6)}
+  assert shapes["params"]["fc"] == {"bias": (5,), "kernel": (6, 5)}
+  assert shapes["params"]["Block_0"]["conv"]["kernel_v"] == (3, 1, 2)
+  assert shapes["spectral"] == {
+    "fc": {"kernel_sigma": (), "kernel_u": (5,), "kernel_v": (6,)},
+    "Block_0": {"out": {"kernel_sigma": (), "kernel_u": (1,), "kernel_v": (10,)}},
+  }
+  y, updates = Model().apply(variables, jnp.ones((2, 4)), mutable=["spectral"])
+  assert y.shape == (2, 1) and set(updates) == {"spectral"}
+
+
+# --------------------------------------------------------------------------- #
+# Spectral norm
+# --------------------------------------------------------------------------- #
+
+
+def _svd_top(w, axis=-1):
+  w = np.moveaxis(np.asarray(w, np.float64), axis, 0)
+  return np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)[0]
+
+
+def test_spectral_sigma_accurate_right_after_init():
+  layer = flaxnorm.spectral_norm(nn.Dense(1024, kernel_init=nn.initializers.normal(1.0)))
+  variables = jax.jit(layer.init)(KEY, jnp.ones((1, 1024)))
+  sigma = float(variables["spectral"]["kernel_sigma"])
+  np.testing.assert_allclose(sigma, _svd_top(variables["params"]["kernel"]), rtol=1e-2)
+
+
+def test_spectral_converges_in_training_to_svd():
+  layer = flaxnorm.spectral_norm(
+    nn.Dense(256, kernel_init=nn.initializers.normal(1.0)), n_init_iterations=0
+  )
+  x = jnp.ones((1, 256))
+  variables = layer.init(KEY, x)
+
+  @jax.jit
+  def train_apply(variables):
+    _, updates = layer.apply(variables, x, mutable=["spectral"])
+    return {**variables, **updates}
+
+  for _ in range(200):
+    variables = train_apply(variables)
+  sigma = float(variables["spectral"]["kernel_sigma"])
+  np.testing.assert_allclose(sigma, _svd_top(variables["params"]["kernel"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_spectral_train_eval_and_remove(kind):
+  make, shape, kw = LAYERS[kind]
+  x = _inputs(shape)
+  layer = flaxnorm.spectral_norm(make(), **kw)
+  variables = layer.init(KEY, x)
+  name = kw.get("name", "kernel")
+  state = variables["spectral"]
+  w = variables["params"][name]
+  # Eval: no iteration, sigma = u^T W v from the stored vectors.
+  axis = kw.get("axis", -1)
+  mat = np.asarray(flaxnorm.as_matrix(w, axis))
+  sigma = state[f"{name}_u"] @ mat @ state[f"{name}_v"]
+  plain = make()
+  expected = plain.apply({"params": {**variables["params"], name: w / sigma}}, x)
+  chex.assert_trees_all_close(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+  # Training: one iteration from the stored state, stored and used.
+  y, updates = layer.apply(variables, x, mutable=["spectral"])
+  u, v, s = flaxnorm.power_iteration(mat, state[f"{name}_u"], v=state[f"{name}_v"], n_steps=1)
+  new = updates["spectral"]
+  chex.assert_trees_all_close(
+    (new[f"{name}_u"], new[f"{name}_v"], new[f"{name}_sigma"]), (u, v, s), rtol=1e-5, atol=1e-6
+  )
+  expected = plain.apply({"params": {**variables["params"], name: w / s}}, x)
+  chex.assert_trees_all_close(y, expected, rtol=1e-5, atol=1e-6)
+  # Removal gives the eval output with the plain layer.
+  removed = flaxnorm.remove_spectral_norm(variables, axis=axis)
+  assert set(removed) == {"params"}
+  chex.assert_trees_all_close(
+    plain.apply(removed, x), layer.apply(variables, x), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_spectral_eval_changes_nothing_and_sigma_is_one():
+  layer = flaxnorm.spectral_norm(nn.Dense(8), n_power_iterations=5)
+  x = _inputs((2, 8))
+  variables = layer.init(KEY, x)
+  out = layer.apply(variables, x)  # eval: returns no state, raises nothing
+  assert isinstance(out, jax.Array)
+  _, state = layer.apply(variables, x, mutable=["spectral"])
+  # The kernel the layer uses has spectral norm 1.
+  w = variables["params"]["kernel"] / state["spectral"]["kernel_sigma"]
+  np.testing.assert_allclose(_svd_top(w), 1.0, rtol=1e-4)
+
+
+def test_seed_003_sigma_and_vectors_approach_svd():
+  """Seed 003: sigma = u^T W v, and the u/v cosine error vs the SVD falls with iterations."""
+  w = jax.random.uniform(jax.random.key(3), (3, 3), minval=-0.6, maxval=0.6)
+  uu, _, vt = np.linalg.svd(np.asarray(w))
+  errors = []
+  for n in (1, 3, 30):
+    layer = flaxnorm.spectral_norm(nn.Dense(3, kernel_init=lambda *_: w), n_init_iterations=n)
+    state = layer.init(KEY, jnp.ones((1, 3)))["spectral"]
+    u, v = state["kernel_u"], state["kernel_v"]
+    np.testing.assert_allclose(state["kernel_sigma"], u @ np.asarray(w).T @ v, rtol=1e-6)
+    # The Flax kernel is torch's weight transposed: u pairs with torch's u.
+    errors.append((1 - abs(u @ vt[0]), 1 - abs(v @ uu[:, 0])))
+  assert errors[0] >= errors[1] >= errors[2] and max(errors[2]) < 1e-5
+
+
+def test_spectral_compile_once_and_flat_in_iterations():
+  x = _inputs((4, 16))
+  target = jnp.zeros((4, 8))
+  opt = optax.adam(1e-2)
+
+  def make_step(n):
+    layer = flaxnorm.spectral_norm(nn.Dense(8), n_power_iterations=n)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, spectral, opt_state):
+      def loss_fn(params):
+        y, updates = layer.apply({"params": params, "spectral": spectral}, x, mutable=["spectral"])
+        return jnp.mean((y - target) ** 2), updates["spectral"]
+
+      (loss, spectral), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = opt.update(grads, opt_state)
+      return optax.apply_updates(params, updates), spectral, opt_state, loss
+
+    return layer, step
+
+  layer, step = make_step(1)
+  variables = layer.init(KEY, x)
+  params, spectral = variables["params"], variables["spectral"]
+  opt_state = opt.init(params)
+  losses = []
+  for _ in range(5):
+    params, spectral, opt_state, loss = step(params, spectral, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  sizes = []
+  for n in (2, 1000):
+    chex.clear_trace_counter()  # each step here is a new function on purpose
+    _, step = make_step(n)
+    lowered = step.lower(params, spectral, opt_state)
+    sizes.append(len(lowered.as_text().splitlines()))
+  assert sizes[0] == sizes[1]
+
+
+def test_zero_weight_is_finite_in_layers():
+  x = _inputs((2, 4))
+  for wrap in (flaxnorm.weight_norm, flaxnorm.spectral_norm):
+    layer = wrap(nn.Dense(3, kernel_init=nn.initializers.zeros))
+    variables = layer.init(KEY, x)
+
+    def loss(params):
+      y, _ = layer.apply({**variables, "params": params}, x, mutable=["spectral"])
+      return jnp.sum(y**2) + jnp.sum(y)
+
+    value, grads = jax.value_and_grad(loss)(variables["params"])
+    assert np.isfinite(value)
+    chex.assert_tree_all_finite(grads)
+    chex.assert_tree_all_finite(layer.apply(variables, x))
+
+
+# --------------------------------------------------------------------------- #
+# Transforms: jit, grad, vmap, scan, remat
+# --------------------------------------------------------------------------- #
+
+
+def test_vmap_ensemble():
+  layer = flaxnorm.spectral_norm(flaxnorm.weight_norm(nn.Dense(3), name="bias", axis=None))
+  x = _inputs((2, 4))
+  keys = jax.random.split(KEY, 4)
+  ensemble = jax.vmap(layer.init, in_axes=(0, None))(keys, x)
+  assert ensemble["params"]["kernel"].shape == (4, 4, 3)
+  assert ensemble["spectral"]["kernel_u"].shape == (4, 3)
+  ys, updates = jax.vmap(lambda v: layer.apply(v, x, mutable=["spectral"]))(ensemble)
+  for i in range(4):
+    member = jax.tree.map(lambda a, i=i: a[i], ensemble)
+    y, upd = layer.apply(member, x, mutable=["spectral"])
+    chex.assert_trees_all_close(ys[i], y, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda a, i=i: a[i], updates), upd, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_nn_vmap_scan_remat():
+  x = _inputs((3, 4))
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.vmap(
+        flaxnorm.weight_norm(nn.Dense),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        axis_size=2,
+      )(4)(x).sum(0)
+      x = nn.remat(flaxnorm.spectral_norm(nn.Dense))(4)(x)
+
+      class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, c, _):
+          return jnp.tanh(flaxnorm.weight_norm(nn.Dense(4))(c)), None
+
+      x, _ = nn.scan(Cell, variable_broadcast="params", split_rngs={"params": False}, length=3)()(
+        x, None
+      )
+      return x
+
+  variables = Stack().init(KEY, x)
+  shapes = jax.tree.map(jnp.shape, variables)
+  assert shapes["params"]["VmapDense_0"]["kernel_g"] == (2, 1, 4)
+  assert shapes["params"]["ScanCell_0"]["Dense_0"]["kernel_v"] == (4, 4)
+  assert shapes["spectral"]["CheckpointDense_0"]["kernel_u"] == (4,)
+  y, updates = jax.jit(lambda v: Stack().apply(v, x, mutable=["spectral"]))(variables)
+  chex.assert_tree_all_finite(y)
+  assert jax.tree.structure(updates["spectral"]) == jax.tree.structure(variables["spectral"])
+  grads = jax.grad(lambda p: jnp.sum(Stack().apply({**variables, "params": p}, x)))(
+    variables["params"]
+  )
+  chex.assert_tree_all_finite(grads)
+
+
+# --------------------------------------------------------------------------- #
+# Errors
+# --------------------------------------------------------------------------- #
+
+
+class IntParam(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    table = self.param("table", lambda *_: jnp.zeros((3, 2), jnp.int32))
+    return x + table.sum()
+
+
+@pytest.mark.parametrize(
+  "build, error, match",
+  [
+    (
+      lambda: flaxnorm.weight_norm(nn.Dense(3), name="weight"),
+      ValueError,
+      r"'weight'.*Its params are \['bias', 'kernel'\]",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(nn.Dense(3), name="weight"),
+      ValueError,
+      r"layer '<top level>' \(Dense\).*never",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(nn.Dense(3), name="bias"),
+      ValueError,
+      r"at least 2 dims.*'bias'.*shape \(3,\)",
+    ),
+    (
+      lambda: flaxnorm.weight_norm(nn.Dense(3), axis=2),
+      ValueError,
+      r"axis 2 is out of range.*'kernel'.*2 dims",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(nn.Conv(3, (3,)), axis=-4),
+      ValueError,
+      "axis -4 is out of range",
+    ),
+    (
+      lambda: flaxnorm.weight_norm(IntParam(), name="table"),
+      TypeError,
+      r"'table'.*floating-point.*int32",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(IntParam(), name="table"),
+      TypeError,
+      r"'table'.*floating-point",
+    ),
+  ],
+)
+def test_errors_at_init(build, error, match):
+  with pytest.raises(error, match=match):
+    build().init(KEY, jnp.ones((1, 4, 1)) if "Conv" in str(build()) else jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize(
+  "build, error, match",
+  [
+    (
+      lambda: flaxnorm.spectral_norm(nn.Dense, n_power_iterations=0),
+      ValueError,
+      "n_power_iterations must be >= 1",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(nn.Dense, n_init_iterations=-1),
+      ValueError,
+      "n_init_iterations must be >= 0",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(nn.Dense, n_power_iterations=1.5),
+      TypeError,
+      "n_power_iterations must be an int",
+    ),
+    (lambda: flaxnorm.weight_norm(nn.Dense, eps=0.0), ValueError, "eps must be a positive"),
+    (lambda: flaxnorm.spectral_norm(nn.Dense, eps=-1e-3), ValueError, "eps must be a positive"),
+    (lambda: flaxnorm.weight_norm(nn.Dense, axis="x"), TypeError, "axis must be"),
+    (lambda: flaxnorm.spectral_norm(nn.Dense, axis=None), TypeError, "axis must be"),
+    (
+      lambda: flaxnorm.weight_norm(nn.Dense, name=("kernel", "kernel")),
+      ValueError,
+      "more than once",
+    ),
+    (
+      lambda: flaxnorm.weight_norm(flaxnorm.weight_norm(nn.Dense)),
+      ValueError,
+      "already wrapped by weight_norm",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(flaxnorm.weight_norm(nn.Dense(3))),
+      ValueError,
+      "already wrapped",
+    ),
+    (
+      lambda: flaxnorm.weight_norm(lambda x: x),
+      TypeError,
+      "must be a flax.linen.Module class or instance",
+    ),
+    (
+      lambda: flaxnorm.spectral_norm(nn.Dense, collection="params"),
+      ValueError,
+      "must not be 'params'",
+    ),
+  ],
+)
+def test_errors_at_wrap_time(build, error, match):
+  with pytest.raises(error, match=match):
+    build()
+
+
+def test_seed_004_double_wrap_missing_name_and_removal():
+  """Seed 004 (Jittor's WeightNorm): double registration and a missing name are errors."""
+  layer = flaxnorm.weight_norm(nn.Dense(4))
+  with pytest.raises(ValueError, match="already wrapped"):
+    flaxnorm.weight_norm(layer)
+  with pytest.raises(ValueError, match="'weight'"):
+    flaxnorm.weight_norm(nn.Dense(4), name="weight").init(KEY, jnp.ones((1, 3)))
+  variables = layer.init(KEY, jnp.ones((1, 3)))
+  assert "kernel_g" in variables["params"]
+  removed = flaxnorm.remove_weight_norm(variables)
+  assert set(removed["params"]) == {"kernel", "bias"}
+
+
+def test_spectral_state_missing_or_mismatched_at_apply():
+  layer = flaxnorm.spectral_norm(nn.Dense(3))
+  x = jnp.ones((1, 4))
+  variables = layer.init(KEY, x)
+  with pytest.raises(ValueError, match=r"state of param 'kernel'.*missing from the 'spectral'"):
+    layer.apply({"params": variables["params"]}, x)
+  with pytest.raises(ValueError, match=r"missing"):
+    layer.apply({"params": variables["params"]}, x, mutable=["spectral"])
+  other = flaxnorm.spectral_norm(nn.Dense(3)).init(KEY, jnp.ones((1, 5)))
+  with pytest.raises(
+    ValueError, match=r"expected kernel_u of shape \(3,\) and kernel_v of shape \(4,\)"
+  ):
+    layer.apply({"params": variables["params"], "spectral": other["spectral"]}, x)
+
+
+def test_removal_errors():
+  layer = flaxnorm.spectral_norm(nn.Conv(3, (2,)))
+  variables = layer.init(KEY, jnp.ones((1, 4, 3)))
+  with pytest.raises(ValueError, match="need 'params' and 'spectral'"):
+    flaxnorm.remove_spectral_norm({"params": variables["params"]})
+  with pytest.raises(ValueError, match=r"param 'kernel' of shape \(2, 3, 3\) does not fit"):
+    flaxnorm.remove_spectral_norm(variables, axis=0)
