@@ -1,0 +1,487 @@
+"""Weight norm and spectral norm on plain parameter pytrees, for any pure apply function.
+
+Like Haiku's ``SNParamsTree``, but for both methods and for any pytree: a Linen
+``params`` dict, a hand-written dict of ``jnp`` arrays, or the array half of an
+equinox model (``eqx.partition(model, eqx.is_array)``). Nothing is wrapped: you
+turn the stored tree into the tree your apply function expects, inside the
+function you differentiate.
+
+Layout for the params of ``nn.Dense(3)`` on 4 features,
+``{'Dense_0': {'bias': (3,), 'kernel': (4, 3)}}`` as
+``jax.tree.map(jnp.shape, ...)``::
+
+  weight_norm_init(params):        {'Dense_0': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+  spectral_norm_init(params, key): {'Dense_0': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
+
+These are exactly the Linen transforms' ``params`` and ``spectral`` layouts, so
+``flaxnorm.remove_weight_norm(wn_params)`` and
+``flaxnorm.remove_spectral_norm({'params': params, 'spectral': state})`` work
+on them, and a checkpoint moves between the Linen and pytree faces unchanged.
+
+Where the selected leaf has no dict parent to add keys to (a list item, an
+equinox field), weight norm replaces the leaf by a :class:`WeightNormParam`
+node ``(g, v)``; the spectral state is always a nested dict whose keys are the
+path's keys as strings (``{'layers': {'0': {'weight_u': ...}}}``).
+
+Selection (``names``): leaf names (the dict key or attribute name of the leaf),
+or a predicate ``(path, leaf) -> bool`` called on every array leaf, ``path``
+being the tuple of keys (``str`` for dict keys and attributes, ``int`` for
+sequence positions). Boxed leaves (``nn.Partitioned``) must be unboxed first
+(``flax.core.meta.unbox``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+from flax.core import FrozenDict, meta
+
+from flaxnorm import _checks, _math
+from flaxnorm._checks import Axis
+
+__all__ = (
+  "WeightNormParam",
+  "spectral_norm_apply",
+  "spectral_norm_init",
+  "weight_norm_apply",
+  "weight_norm_init",
+)
+
+Path = tuple[Any, ...]
+Selector = str | Sequence[str] | Callable[[Path, Any], bool]
+_SUFFIXES = ("_u", "_v", "_sigma")
+
+
+class WeightNormParam(NamedTuple):
+  """A weight-normalized leaf where there is no dict to hold ``{name}_g``/``{name}_v``."""
+
+  g: Any  # magnitude: the weight's rank with size 1 on the reduced axes.
+  v: Any  # direction: the weight's shape.
+
+
+# --------------------------------------------------------------------------- #
+# Paths and selection.
+# --------------------------------------------------------------------------- #
+
+
+def _key(k: Any) -> Any:
+  """A jax key-path entry as the plain key: dict key, attribute name or index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return str(k)
+
+
+def _path_str(path: Path) -> str:
+  return "/".join(str(p) for p in path) or "<root>"
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, meta.AxisMetadata)
+
+
+def _is_leaf(x: Any) -> bool:
+  return _is_box(x) or jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+
+
+def _is_array(x: Any) -> bool:
+  return x is not None and not _is_box(x) and _is_leaf(x) and hasattr(x, "dtype")
+
+
+def _leaves(tree: Any) -> list[tuple[Path, Any]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
+  return [(tuple(_key(k) for k in p), x) for p, x in flat]
+
+
+def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
+  """One level of a pytree node: ``[(key, child)], treedef``."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+  return [(_key(p[0]), x) for p, x in flat], treedef
+
+
+def _rebuild(node: Mapping, items: dict) -> Mapping:
+  if isinstance(node, FrozenDict):
+    return FrozenDict(items)
+  return items if type(node) is dict else type(node)(items)
+
+
+class _Selection:
+  """Which leaves ``names`` picks, and the error when some name picks none."""
+
+  def __init__(self, names: Selector, method: str):
+    self.method = method
+    if callable(names) and not isinstance(names, str):
+      self.predicate, self.names = names, None
+    else:
+      self.predicate, self.names = None, _checks.check_names(names, "names")
+    self.hits: list[Path] = []
+
+  def __call__(self, path: Path, x: Any) -> bool:
+    if self.names is not None:
+      hit = bool(path) and isinstance(path[-1], str) and path[-1] in self.names
+      if hit and not _is_array(x):
+        hint = " Unbox it first: flax.core.meta.unbox(params)." if _is_box(x) else ""
+        raise TypeError(
+          f"{self.method}: the leaf at '{_path_str(path)}' is a {type(x).__name__}, not an "
+          f"array.{hint}"
+        )
+    else:
+      hit = _is_array(x) and bool(self.predicate(path, x))
+    if hit:
+      if not path:
+        raise ValueError(
+          f"{self.method}: params is a single array; put it in a dict (e.g. "
+          "{'kernel': w}) so its state has a name."
+        )
+      self.hits.append(path)
+    return hit
+
+  def check_all_found(self, params: Any) -> None:
+    found = {p[-1] for p in self.hits}
+    missing = [n for n in self.names if n not in found] if self.names else []
+    if self.hits and not missing:
+      return
+    what = f"names {missing}" if self.names else "the path predicate"
+    paths = [_path_str(p) for p, x in _leaves(params) if _is_array(x) or _is_box(x)]
+    hint = ""
+    if any(_is_box(x) for _, x in _leaves(params)):
+      hint = " The tree holds boxed leaves: unbox it first (flax.core.meta.unbox)."
+    if self.method == "weight_norm_init" and any(str(p).endswith("_g") for p in paths):
+      hint += " Leaves ending in '_g' exist: was weight_norm_init applied already?"
+    raise ValueError(
+      f"{self.method}: {what} matched no array leaf. The leaves are {paths}.{hint}"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Weight norm.
+# --------------------------------------------------------------------------- #
+
+
+def _decompose(x: Any, axis: Axis, path: Path) -> tuple[Any, Any]:
+  where = f"tree path '{_path_str(path)}'"
+  _checks.check_float_array(x, "the param", where)
+  _checks.normalize_axes(axis, x.ndim, where)
+  return _math.weight_norm_decompose(x, axis)
+
+
+def _wn_init(node: Any, path: Path, select: _Selection, axis: Axis) -> Any:
+  if isinstance(node, Mapping):
+    out: dict = {}
+    for k, x in node.items():
+      p = (*path, k)
+      if select(p, x):
+        gk, vk = f"{k}_g", f"{k}_v"
+        if gk in node or vk in node:
+          raise ValueError(
+            f"weight_norm_init: '{_path_str(p)}' already has a '{gk}' or '{vk}' beside it "
+            "(already weight-normalized?)."
+          )
+        out[gk], out[vk] = _decompose(x, axis, p)
+      else:
+        out[k] = _wn_init(x, p, select, axis)
+    return _rebuild(node, out)
+  if _is_leaf(node):
+    return node
+  children, treedef = _children(node)
+  new = []
+  for k, x in children:
+    p = (*path, k)
+    new.append(WeightNormParam(*_decompose(x, axis, p)) if select(p, x) else _wn_init(x, p, select, axis))
+  return treedef.unflatten(new)
+
+
+def weight_norm_init(params: Any, *, names: Selector = ("kernel",), axis: Axis = -1) -> Any:
+  """Splits the selected weights into magnitude and direction: ``w = g * v / ||v||``.
+
+  Args:
+    params: any pytree of arrays (nested dicts, lists, equinox modules...).
+    names: leaf names (``"kernel"``, ``("kernel", "embedding")``) or a predicate
+      ``(path, leaf) -> bool``; every name must match at least one leaf.
+    axis: the kept axis or axes (PyTorch's ``dim``), the same for every selected
+      leaf; ``-1`` for Flax kernels ``(in, out)``, ``0`` for PyTorch-layout
+      weights ``(out, in)`` (equinox), ``None`` for one whole-tensor norm.
+
+  Returns:
+    A tree where each selected leaf ``{name}`` in a dict is replaced by
+    ``{name}_g`` (the leaf's rank with size 1 on the reduced axes, e.g.
+    ``(1, out)``) and ``{name}_v`` (the leaf itself), and any other selected
+    leaf by ``WeightNormParam(g, v)``. :func:`weight_norm_apply` of it gives
+    back ``params`` (to rounding).
+
+  Raises:
+    ValueError: a name matches nothing (the message lists the leaves), or the
+      leaf is already split.
+    TypeError: a selected leaf is not a float array.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> wn = flaxnorm.tree.weight_norm_init(params)
+    >>> jax.tree.map(jnp.shape, wn)
+    {'dense': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+    >>> jax.tree.map(jnp.shape, flaxnorm.tree.weight_norm_apply(wn))
+    {'dense': {'bias': (3,), 'kernel': (4, 3)}}
+  """
+  _checks.check_axis_arg(axis, "weight_norm_init")
+  axis = tuple(axis) if isinstance(axis, list) else axis
+  select = _Selection(names, "weight_norm_init")
+  out = _wn_init(params, (), select, axis)
+  select.check_all_found(params)
+  return out
+
+
+def _wn_apply(node: Any, path: Path, eps: float, count: list[int]) -> Any:
+  if isinstance(node, WeightNormParam):
+    count[0] += 1
+    return _math.weight_norm_compose(node.g, node.v, eps)
+  if isinstance(node, Mapping):
+    bases = {
+      k[:-2]
+      for k, x in node.items()
+      if isinstance(k, str) and k.endswith("_g") and _is_array(x) and _is_array(node.get(f"{k[:-2]}_v"))
+    }
+    out: dict = {}
+    for k, x in node.items():
+      base = k[:-2] if isinstance(k, str) else None
+      if base in bases and k[-2:] in ("_g", "_v"):
+        if base in node:
+          raise ValueError(
+            f"weight_norm_apply: '{_path_str((*path, base))}' exists beside "
+            f"{base}_g/{base}_v; cannot fold the pair into it."
+          )
+        if k.endswith("_v"):
+          count[0] += 1
+          out[base] = _math.weight_norm_compose(node[f"{base}_g"], x, eps)
+      else:
+        out[k] = _wn_apply(x, (*path, k), eps, count)
+    return _rebuild(node, out)
+  if _is_leaf(node):
+    return node
+  children, treedef = _children(node)
+  return treedef.unflatten([_wn_apply(x, (*path, k), eps, count) for k, x in children])
+
+
+def weight_norm_apply(params: Any, *, eps: float = 1e-12) -> Any:
+  """Builds the plain weights ``w = g * v / ||v||`` from a :func:`weight_norm_init` tree.
+
+  Differentiable in ``g`` and ``v``; call it inside the loss you differentiate.
+
+  Args:
+    params: a tree from :func:`weight_norm_init` (or a Linen weight-norm params
+      tree): every ``{x}_g``/``{x}_v`` pair of a dict and every
+      :class:`WeightNormParam` is composed.
+    eps: lower bound on ``||v||``; a zero ``v`` gives a zero weight with finite
+      gradients.
+
+  Returns:
+    The tree your apply function expects: each pair replaced by ``{x}`` with
+    ``v``'s shape and dtype, everything else unchanged.
+
+  Raises:
+    ValueError: the tree holds no weight-normalized pair.
+  """
+  eps = _checks.check_eps(eps, "weight_norm_apply")
+  count = [0]
+  out = _wn_apply(params, (), eps, count)
+  if not count[0]:
+    paths = [_path_str(p) for p, _ in _leaves(params)]
+    raise ValueError(
+      "weight_norm_apply: found no {x}_g/{x}_v pair and no WeightNormParam; pass the "
+      f"tree from weight_norm_init. The leaves are {paths}."
+    )
+  return out
+
+
+# --------------------------------------------------------------------------- #
+# Spectral norm.
+# --------------------------------------------------------------------------- #
+
+
+def spectral_norm_init(
+  params: Any,
+  key: jax.Array,
+  *,
+  names: Selector = ("kernel",),
+  axis: Axis = -1,
+  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  eps: float = 1e-12,
+) -> dict:
+  """Creates the power-iteration state of the selected weights.
+
+  Each selected weight (at least 2-D) gets random ``u``, ``v`` followed by
+  ``n_init_iterations`` power iterations, so sigma is accurate from the first
+  step (as ``flaxnorm.spectral_norm`` does at ``init``).
+
+  Args:
+    params: any pytree of arrays; it is not changed.
+    key: a PRNG key; each selected leaf gets its own split of it.
+    names: leaf names or a predicate ``(path, leaf) -> bool``.
+    axis: the kept (output) axis or axes, rows of the matrix view
+      ``moveaxis(w, axis, 0).reshape(m, n)``: ``-1`` for Flax kernels, ``0``
+      for PyTorch-layout weights. Pass the same to :func:`spectral_norm_apply`.
+    n_init_iterations: iterations to run now (>= 0).
+    eps: see :func:`flaxnorm.power_iteration`.
+
+  Returns:
+    A nested dict following the selected leaves' paths (keys as strings), with
+    ``{name}_u`` (shape ``(m,)``), ``{name}_v`` (shape ``(n,)``) and
+    ``{name}_sigma`` (shape ``()``), float32 at least: Linen's ``spectral``
+    collection layout.
+
+  Raises:
+    ValueError: a name matches nothing, or a weight has fewer than 2 dims.
+    TypeError: a selected leaf is not a float array, or ``key`` is not a key.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> state = flaxnorm.tree.spectral_norm_init(params, jax.random.key(0))
+    >>> jax.tree.map(jnp.shape, state)
+    {'dense': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
+    >>> sn_params, state = flaxnorm.tree.spectral_norm_apply(params, state, update=True)
+  """
+  _checks.check_axis_arg(axis, "spectral_norm_init", allow_none=False)
+  axis = tuple(axis) if isinstance(axis, list) else axis
+  n_init = _checks.check_count(n_init_iterations, "n_init_iterations", 0, "spectral_norm_init")
+  eps = _checks.check_eps(eps, "spectral_norm_init")
+  if not isinstance(key, jax.Array):
+    raise TypeError(
+      f"spectral_norm_init: key must be a PRNG key (jax.random.key(0)), got {type(key).__name__}."
+    )
+  select = _Selection(names, "spectral_norm_init")
+  chosen = [(p, x) for p, x in _leaves(params) if select(p, x)]
+  select.check_all_found(params)
+  for p, x in chosen:
+    _checks.check_spectral_weight(x, axis, f"tree path '{_path_str(p)}'")
+  state: dict = {}
+  for (p, x), k in zip(chosen, jax.random.split(key, len(chosen))):
+    node = state
+    for part in p[:-1]:
+      node = node.setdefault(str(part), {})
+    s = _math.spectral_state_init(k, x, axis=axis, n_steps=n_init, eps=eps)
+    for suffix, value in zip(_SUFFIXES, s):
+      node[f"{p[-1]}{suffix}"] = value
+  return state
+
+
+def _state_entries(state: Mapping, path: Path) -> list[tuple[Path, tuple[Any, Any, Any]]]:
+  """``[(param path, (u, v, sigma))]`` for every ``{x}_u`` in the state tree."""
+  out = []
+  bases = {k[:-2] for k, x in state.items() if k.endswith("_u") and not isinstance(x, Mapping)}
+  for k, x in state.items():
+    if isinstance(x, Mapping):
+      out += _state_entries(x, (*path, k))
+    elif not any(k.endswith(s) and k[: -len(s)] in bases for s in _SUFFIXES):
+      raise ValueError(
+        f"spectral_norm_apply: unexpected state entry '{_path_str((*path, k))}': entries "
+        "are {x}_u, {x}_v and {x}_sigma (from spectral_norm_init)."
+      )
+  for base in sorted(bases):
+    missing = [base + s for s in _SUFFIXES if base + s not in state]
+    if missing:
+      raise ValueError(
+        f"spectral_norm_apply: state at '{_path_str(path)}' has {base}_u but lacks {missing}."
+      )
+    out.append(((*path, base), tuple(state[base + s] for s in _SUFFIXES)))
+  return out
+
+
+def spectral_norm_apply(
+  params: Any,
+  state: Mapping,
+  *,
+  update: bool,
+  n_power_iterations: int = 1,
+  axis: Axis = -1,
+  eps: float = 1e-12,
+) -> tuple[Any, Any]:
+  """Divides each weight that has spectral state by its spectral norm.
+
+  Args:
+    params: the plain params tree (the one :func:`spectral_norm_init` saw).
+    state: the state from :func:`spectral_norm_init` (or a Linen ``spectral``
+      collection).
+    update: ``True`` (training): run ``n_power_iterations`` iterations from the
+      stored vectors and return the new state. ``False`` (evaluation): no
+      iteration, ``sigma = u^T W v`` from the stored vectors, and ``state`` is
+      returned as is. A Python bool (it changes the computation).
+    n_power_iterations: iterations per training call (>= 1).
+    axis: the kept axis given to :func:`spectral_norm_init`.
+    eps: see :func:`flaxnorm.spectral_normalize`.
+
+  Returns:
+    ``(normalized params, new state)``: params of the same structure with each
+    such weight ``w`` replaced by ``w / sigma`` (same shape and dtype,
+    differentiable in ``w`` through sigma too), and the state with the new
+    ``u`` (``(m,)``), ``v`` (``(n,)``) and ``sigma`` (``()``), which carry no
+    gradient.
+
+  Raises:
+    ValueError: the state names a weight the params lack, or does not fit it.
+  """
+  if not isinstance(update, bool):
+    raise TypeError(
+      f"spectral_norm_apply: update must be a Python bool, got {type(update).__name__}."
+    )
+  _checks.check_axis_arg(axis, "spectral_norm_apply", allow_none=False)
+  axis = tuple(axis) if isinstance(axis, list) else axis
+  n_iter = _checks.check_count(n_power_iterations, "n_power_iterations", 1, "spectral_norm_apply")
+  eps = _checks.check_eps(eps, "spectral_norm_apply")
+  if not isinstance(state, Mapping):
+    raise TypeError(
+      f"spectral_norm_apply: state must be the dict from spectral_norm_init, got "
+      f"{type(state).__name__}."
+    )
+  leaves = {tuple(str(k) for k in p): x for p, x in _leaves(params)}
+  normalized: dict[Path, Any] = {}
+  new_state: dict[Path, Any] = {}
+  for path, (u, v, _) in _state_entries(state, ()):
+    w = leaves.get(path)
+    if w is None:
+      raise ValueError(
+        f"spectral_norm_apply: the state has '{_path_str(path)}_u' but params have no leaf "
+        f"'{_path_str(path)}'. The leaves are {[_path_str(p) for p in leaves]}."
+      )
+    where = f"tree path '{_path_str(path)}'"
+    if not _is_array(w):
+      raise TypeError(f"spectral_norm_apply: the leaf at {where} is a {type(w).__name__}.")
+    _checks.check_spectral_weight(w, axis, where)
+    try:
+      w_sn, s = _math.spectral_normalize(
+        w, u, v, axis=axis, n_steps=n_iter if update else 0, eps=eps
+      )
+    except ValueError as e:
+      raise ValueError(
+        f"spectral_norm_apply: the param at {where} of shape {tuple(w.shape)} does not fit "
+        f"its state (u {tuple(u.shape)}, v {tuple(v.shape)}) with axis={axis!r}; pass the "
+        f"axis given to spectral_norm_init. ({e})"
+      ) from None
+    normalized[path] = w_sn
+    new_state[path] = s
+
+  out = jax.tree_util.tree_map_with_path(
+    lambda p, x: normalized.get(tuple(str(_key(k)) for k in p), x), params, is_leaf=_is_box
+  )
+  if not update:
+    return out, state
+  return out, _replace_state(state, (), new_state)
+
+
+def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> dict:
+  out = {}
+  for k, x in state.items():
+    if isinstance(x, Mapping):
+      out[k] = _replace_state(x, (*path, k), new)
+      continue
+    for i, suffix in enumerate(_SUFFIXES):
+      if k.endswith(suffix) and (*path, k[: -len(suffix)]) in new:
+        out[k] = new[(*path, k[: -len(suffix)])][i]
+        break
+    else:
+      out[k] = x
+  return out
