@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The README's commands: `./dev.sh demo` runs the main example, `./dev.sh test`
+# runs lint and the whole test suite. Each creates .venv (Python 3.11) on first
+# use and reinstalls when pyproject.toml changes; nothing needs installing by hand.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=.venv
+BIN=$VENV/bin
+
+setup() {
+  if [[ ! -x $BIN/python ]]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if [[ ! -f $VENV/.installed || pyproject.toml -nt $VENV/.installed ]]; then
+    "$BIN/python" -m pip install -q --upgrade pip
+    # CPU torch for the PyTorch parity tests (skipped if it cannot be installed).
+    "$BIN/python" -m pip install -q "torch==2.13.0" ||
+      echo "torch not installed: the PyTorch parity tests will be skipped" >&2
+    "$BIN/python" -m pip install -q -e ".[test,examples]"
+    touch "$VENV/.installed"
+  fi
+}
+
+case "${1:-}" in
+  demo)
+    setup
+    "$BIN/python" examples/digits_weight_norm.py
+    ;;
+  test)
+    setup
+    "$BIN/ruff" check flaxnorm tests examples benchmarks
+    "$BIN/ruff" format --check flaxnorm tests examples benchmarks
+    "$BIN/python" -m pytest -n 2 -m "not slow and not multidevice" flaxnorm tests
+    # Multi-device SPMD tests need 8 simulated CPU devices, set before JAX starts.
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      "$BIN/python" -m pytest -m multidevice tests
+    ;;
+  bench)
+    setup
+    "$BIN/python" benchmarks/bench_train_step.py "${@:2}"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo | test | bench" >&2
+    exit 2
+    ;;
+esac
