@@ -60,8 +60,9 @@ def _inv_norm(x: Array, axes: tuple[int, ...] | None, eps: float) -> Array:
   """
   x = x.astype(_compute_dtype(x.dtype))
   sumsq = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
-  big = sumsq > eps * eps
-  return jnp.where(big, jax.lax.rsqrt(jnp.where(big, sumsq, 1.0)), 1.0 / eps)
+  # Written as "small" so that a NaN sum takes the rsqrt branch and stays NaN.
+  small = sumsq <= eps * eps
+  return jnp.where(small, 1.0 / eps, jax.lax.rsqrt(jnp.where(small, 1.0, sumsq)))
 
 
 def l2_normalize(x: Array, axis: Axis = None, eps: float = 1e-12) -> Array:
@@ -168,8 +169,8 @@ def _normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
   # A zero product (zero weight) keeps the previous vector: normalizing it
   # would give 0 and the iteration could never leave 0 once the weight grows.
   sumsq = jnp.sum(jnp.square(x))
-  big = sumsq > eps * eps
-  return jnp.where(big, x * jax.lax.rsqrt(jnp.where(big, sumsq, 1.0)), previous)
+  small = sumsq <= eps * eps  # NaN is not small: it propagates
+  return jnp.where(small, previous, x * jax.lax.rsqrt(jnp.where(small, 1.0, sumsq)))
 
 
 def power_iteration(
@@ -285,8 +286,8 @@ def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12) -> Array:
   Returns:
     An array of ``w``'s shape and dtype.
   """
-  big = sigma > eps
-  scale = jnp.where(big, 1.0 / jnp.where(big, sigma, 1.0), 1.0)
+  small = sigma <= eps  # a NaN sigma is not small: the kernel becomes NaN, loudly
+  scale = jnp.where(small, 1.0, 1.0 / jnp.where(small, 1.0, sigma))
   return (w.astype(scale.dtype) * scale).astype(w.dtype)
 
 
@@ -295,6 +296,7 @@ def spectral_normalize(
   u: Array,
   v: Array,
   *,
+  sigma: Array | None = None,
   axis: Axis = -1,
   n_steps: int = 1,
   eps: float = 1e-12,
@@ -305,6 +307,8 @@ def spectral_normalize(
     w: kernel of any rank >= 2, e.g. a Flax ``Conv`` kernel ``(kh, kw, in, out)``.
     u: stored left vector, shape ``(m,)``, ``m`` the size of the kept axes.
     v: stored right vector, shape ``(n,)``, ``n`` the product of the others.
+    sigma: stored sigma, shape ``()``, returned as is if the new one is not
+      finite; without it the NaN sigma is returned.
     axis: the kept (output) axis or axes: rows of the matrix view.
     n_steps: power iterations to run first; ``0`` (evaluation) uses the
       stored vectors as they are, ``sigma = u^T W v``.
@@ -313,8 +317,18 @@ def spectral_normalize(
   Returns:
     ``(w / sigma, SpectralState(u, v, sigma))``: the normalized kernel, with
     ``w``'s shape and dtype and differentiable in ``w`` (through ``sigma`` too),
-    and the new state.
+    and the new state. A non-finite ``w`` gives a NaN kernel and returns the
+    stored state unchanged.
   """
   mat = as_matrix(w, axis)
-  u, v, sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
-  return scale_by_sigma(w, sigma, eps), SpectralState(u, v, jax.lax.stop_gradient(sigma))
+  new_u, new_v, new_sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
+  # A non-finite weight must not poison the state: keep all of the old state
+  # (never a partial update); the NaN still reaches the output.
+  ok = jnp.isfinite(new_sigma)
+  old_sigma = new_sigma if sigma is None else jnp.asarray(sigma, new_sigma.dtype)
+  state = SpectralState(
+    jnp.where(ok, new_u, u.astype(new_u.dtype)),
+    jnp.where(ok, new_v, v.astype(new_v.dtype)),
+    jax.lax.stop_gradient(jnp.where(ok, new_sigma, old_sigma)),
+  )
+  return scale_by_sigma(w, new_sigma, eps), state

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import flax.linen as nn
+import jax
 from flax.core import meta
 
 from flaxnorm import _checks, _math
@@ -122,23 +123,25 @@ class _SpectralNorm:
       )
       for key, box in zip(keys, boxes):
         module.variable(col, key, lambda b=box: b)
-      u, v = state.u, state.v
+      u, v, sigma = state
       n_steps = 0  # the state was just converged
     else:
-      u, v = (module.get_variable(col, k) for k in keys[:2])
-      u, v = meta.unbox(u), meta.unbox(v)
-      if u.shape != (m,) or v.shape != (n,):
+      u, v, sigma = (meta.unbox(module.get_variable(col, k)) for k in keys)
+      if u.shape != (m,) or v.shape != (n,) or jax.numpy.shape(sigma) != ():
         raise ValueError(
           f"spectral_norm: stored state of {where} does not fit the param of shape "
           f"{tuple(w.shape)}: expected {keys[0]} of shape ({m},) and {keys[1]} of "
-          f"shape ({n},), got {tuple(u.shape)} and {tuple(v.shape)} (a checkpoint "
+          f"shape ({n},) (and a scalar {keys[2]}), got {tuple(u.shape)} and "
+          f"{tuple(v.shape)} (a checkpoint "
           "from a differently sized layer?)."
         )
       # Training (collection mutable) iterates and stores; evaluation uses the
       # stored vectors and changes nothing.
       n_steps = self.n_power_iterations if module.is_mutable_collection(col) else 0
 
-    w_sn, new = _math.spectral_normalize(w, u, v, axis=kept, n_steps=n_steps, eps=self.eps)
+    w_sn, new = _math.spectral_normalize(
+      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=self.eps
+    )
     if n_steps:
       for key, value in zip(keys, new):
         raw = module.get_variable(col, key)

@@ -1,0 +1,210 @@
+"""Every bad input of the README's table: a clear error, or a documented, tested behaviour.
+
+Each row of ``BAD_INPUTS`` is one row of the README table "Bad inputs and what they get".
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flaxnorm
+
+KEY = jax.random.key(0)
+X = jnp.ones((2, 4))
+
+
+def _init(layer, x=X):
+  return layer.init(KEY, x)
+
+
+class IntParam(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + self.param("table", lambda *_: jnp.zeros((3, 2), jnp.int32)).sum()
+
+
+def _sn_vars():
+  return _init(flaxnorm.spectral_norm(nn.Dense(3)))
+
+
+# (row id, callable, error type, message pattern): each message must name the
+# parameter and the layer path or function, and say what was expected.
+BAD_INPUTS = [
+  (
+    "missing param name",
+    lambda: _init(flaxnorm.weight_norm(nn.Dense(3), name="weight")),
+    ValueError,
+    r"param 'weight' of layer '<top level>' \(Dense\).*Its params are \['bias', 'kernel'\]",
+  ),
+  (
+    "double wrapping",
+    lambda: flaxnorm.spectral_norm(flaxnorm.weight_norm(nn.Dense)),
+    ValueError,
+    r"param 'kernel' of Dense is already wrapped by weight_norm",
+  ),
+  (
+    "same name twice",
+    lambda: flaxnorm.weight_norm(nn.Dense, name=["kernel", "kernel"]),
+    ValueError,
+    r"name lists \['kernel'\] more than once",
+  ),
+  (
+    "SN on a 1-D param",
+    lambda: _init(flaxnorm.spectral_norm(nn.Dense(3), name="bias")),
+    ValueError,
+    r"at least 2 dims at param 'bias' of layer .*shape \(3,\)",
+  ),
+  (
+    "axis out of range",
+    lambda: _init(flaxnorm.weight_norm(nn.Dense(3), axis=-3)),
+    ValueError,
+    r"axis -3 is out of range at param 'kernel'.*must be in \[-2, 1\]",
+  ),
+  (
+    "axis of the wrong type",
+    lambda: flaxnorm.weight_norm(nn.Dense, axis=1.0),
+    TypeError,
+    r"axis must be an int, a tuple of ints or None at weight_norm",
+  ),
+  (
+    "integer params",
+    lambda: _init(flaxnorm.weight_norm(IntParam(), name="table")),
+    TypeError,
+    r"the param at param 'table' of layer .* must be a floating-point array.*int32",
+  ),
+  (
+    "eps <= 0",
+    lambda: flaxnorm.weight_norm(nn.Dense, eps=0),
+    ValueError,
+    r"eps must be a positive finite float at weight_norm, got 0",
+  ),
+  (
+    "n_power_iterations = 0",
+    lambda: flaxnorm.spectral_norm(nn.Dense, n_power_iterations=0),
+    ValueError,
+    r"n_power_iterations must be >= 1 at spectral_norm, got 0",
+  ),
+  (
+    "n_init_iterations < 0",
+    lambda: flaxnorm.spectral_norm(nn.Dense, n_init_iterations=-5),
+    ValueError,
+    r"n_init_iterations must be >= 0 at spectral_norm, got -5",
+  ),
+  (
+    "state collection missing at apply",
+    lambda: flaxnorm.spectral_norm(nn.Dense(3)).apply({"params": _sn_vars()["params"]}, X),
+    ValueError,
+    r"state of param 'kernel' of layer .* is missing from the 'spectral' collection",
+  ),
+  (
+    "spectral state of the wrong shape",
+    lambda: flaxnorm.spectral_norm(nn.Dense(3)).apply(
+      {
+        "params": _sn_vars()["params"],
+        "spectral": _init(flaxnorm.spectral_norm(nn.Dense(3)), jnp.ones((2, 5)))["spectral"],
+      },
+      X,
+    ),
+    ValueError,
+    r"stored state of param 'kernel'.*expected kernel_u of shape \(3,\) and kernel_v of shape \(4,\).*got \(3,\) and \(5,\)",
+  ),
+  (
+    "a non-Flax object as target",
+    lambda: flaxnorm.weight_norm(lambda x: x),
+    TypeError,
+    r"weight_norm: target must be a flax.linen.Module class or instance",
+  ),
+  (
+    "an NNX module as a Linen target",
+    lambda: flaxnorm.spectral_norm(nnx.Linear(2, 3, rngs=nnx.Rngs(0))),
+    TypeError,
+    r"For NNX modules use flaxnorm.nnx.spectral_norm",
+  ),
+  (
+    "spectral collection named 'params'",
+    lambda: flaxnorm.spectral_norm(nn.Dense, collection="params"),
+    ValueError,
+    r"collection must not be 'params'",
+  ),
+  (
+    "remove_spectral_norm without the state",
+    lambda: flaxnorm.remove_spectral_norm({"params": _sn_vars()["params"]}),
+    ValueError,
+    r"need 'params' and 'spectral' collections, found \['params'\]",
+  ),
+  (
+    "remove_spectral_norm with the wrong axis",
+    lambda: flaxnorm.remove_spectral_norm(_sn_vars(), axis=0),
+    ValueError,
+    r"param 'kernel' of shape \(4, 3\) does not fit its state.*pass the axis",
+  ),
+  (
+    "g that does not fit v",
+    lambda: flaxnorm.weight_norm_compose(jnp.ones((1, 4)), jnp.ones((4, 3))),
+    ValueError,
+    r"g of shape \(1, 4\) does not fit v of shape \(4, 3\)",
+  ),
+]
+
+
+@pytest.mark.parametrize("row, call, error, match", BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
+def test_bad_input_raises_clear_error(row, call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_zero_weights_give_finite_zeros():
+  for wrap in (flaxnorm.weight_norm, flaxnorm.spectral_norm):
+    layer = wrap(nn.Dense(3, kernel_init=nn.initializers.zeros, use_bias=False))
+    variables = _init(layer)
+    y, _ = layer.apply(variables, X, mutable=["spectral"])
+    chex.assert_trees_all_close(y, jnp.zeros((2, 3)))
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, "params": p}, X)))(
+      variables["params"]
+    )
+    chex.assert_tree_all_finite(grads)
+
+
+def test_nan_weights_give_nan_outputs_and_leave_the_state_alone():
+  """Documented: NaN in a kernel reaches the output (loudly) and never the spectral state."""
+  layer = flaxnorm.spectral_norm(nn.Dense(3))
+  variables = _init(layer)
+  bad = {
+    **variables,
+    "params": {
+      **variables["params"],
+      "kernel": variables["params"]["kernel"].at[0, 0].set(jnp.nan),
+    },
+  }
+  y, updates = layer.apply(bad, X, mutable=["spectral"])
+  assert bool(jnp.all(jnp.isnan(y)))
+  chex.assert_trees_all_equal(updates["spectral"], variables["spectral"])  # no partial update
+  wn = flaxnorm.weight_norm(nn.Dense(3))
+  wv = _init(wn)
+  bad = {"params": {**wv["params"], "kernel_v": wv["params"]["kernel_v"].at[0, 0].set(jnp.nan)}}
+  y = wn.apply(bad, X)
+  # Only the output feature whose column holds the NaN is NaN, as in the plain layer.
+  np.testing.assert_array_equal(
+    np.isnan(y), np.isnan(nn.Dense(3).apply(flaxnorm.remove_weight_norm(bad), X))
+  )
+  assert bool(jnp.all(jnp.isnan(y[:, 0]))) and bool(jnp.all(jnp.isfinite(y[:, 1:])))
+
+
+@pytest.mark.parametrize("wrap", [flaxnorm.weight_norm, flaxnorm.spectral_norm])
+@pytest.mark.parametrize(
+  "param_dtype, x_dtype",
+  [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float16)],
+)
+def test_input_dtype_differs_from_params(wrap, param_dtype, x_dtype):
+  """Documented: the wrapped layer computes in the dtype the plain layer would."""
+  plain = nn.Dense(3, param_dtype=param_dtype)
+  layer = wrap(nn.Dense(3, param_dtype=param_dtype))
+  x = jnp.ones((2, 4), x_dtype)
+  variables = layer.init(KEY, x)
+  y = layer.apply(variables, x)
+  assert y.dtype == plain.apply(plain.init(KEY, x), x).dtype
+  chex.assert_tree_all_finite(y)
