@@ -208,3 +208,29 @@ def test_input_dtype_differs_from_params(wrap, param_dtype, x_dtype):
   y = layer.apply(variables, x)
   assert y.dtype == plain.apply(plain.init(KEY, x), x).dtype
   chex.assert_tree_all_finite(y)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_layers_stay_finite(dtype):
+  """Rows of 1000 x 3000.0 in float16 overflow PyTorch's weight norm; not here."""
+  big = nn.initializers.constant(3000.0)
+  x = jnp.full((2, 1000), 1e-5, dtype)
+  plain = nn.Dense(2, kernel_init=big, param_dtype=dtype, dtype=dtype)
+  expected = plain.apply(plain.init(KEY, x), x)
+  for wrap in (flaxnorm.weight_norm, flaxnorm.spectral_norm):
+    layer = wrap(nn.Dense(2, kernel_init=big, param_dtype=dtype, dtype=dtype))
+    variables = layer.init(KEY, x)
+    y, _ = layer.apply(variables, x, mutable=["spectral"])
+    assert y.dtype == dtype
+    chex.assert_tree_all_finite(y)
+    if wrap is flaxnorm.weight_norm:
+      np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(expected, np.float32), rtol=1e-2
+      )
+    else:  # every column is the same, so sigma = sqrt(2 * 1000) * 3000
+      np.testing.assert_allclose(
+        np.asarray(y, np.float32),
+        np.asarray(expected, np.float32) / (np.sqrt(2000) * 3000),
+        rtol=2e-2,
+      )
+      assert variables["spectral"]["kernel_u"].dtype == jnp.float32
