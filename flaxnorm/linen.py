@@ -163,10 +163,16 @@ def _check_layer_saw_names(module: nn.Module) -> None:
       continue
     params = module.variables.get("params", {}) if module.scope is not None else {}
     found = sorted(k for k, x in params.items() if not isinstance(x, Mapping))
+    children = sorted(k for k, x in params.items() if isinstance(x, Mapping))
+    hint = (
+      f" Its submodules {children} hold their own params: wrap the layers that create them."
+      if children
+      else ""
+    )
     raise ValueError(
       f"{spec.method}: {_where(module, name)} does not exist: the layer never "
       f"asked for it. Its params are {found}; pass one of them as name=... "
-      "(e.g. name='embedding' for nn.Embed)."
+      f"(e.g. name='embedding' for nn.Embed).{hint}"
     )
 
 
