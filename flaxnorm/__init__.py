@@ -1,5 +1,7 @@
 """flaxnorm: weight norm and spectral norm for JAX and Flax, as pure functional transforms."""
 
+# The other faces are submodules: flaxnorm.nnx, flaxnorm.tree, flaxnorm.interop.
+from flaxnorm import interop, nnx, tree
 from flaxnorm._math import (
   DEFAULT_N_INIT_ITERATIONS,
   SpectralState,
@@ -20,7 +22,9 @@ __all__ = (
   "DEFAULT_N_INIT_ITERATIONS",
   "SpectralState",
   "as_matrix",
+  "interop",
   "l2_normalize",
+  "nnx",
   "power_iteration",
   "remove_spectral_norm",
   "remove_weight_norm",
@@ -28,6 +32,7 @@ __all__ = (
   "spectral_norm",
   "spectral_normalize",
   "spectral_state_init",
+  "tree",
   "weight_norm",
   "weight_norm_compose",
   "weight_norm_decompose",

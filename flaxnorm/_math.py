@@ -273,7 +273,7 @@ def spectral_state_init(
 
 
 def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12) -> Array:
-  """Returns ``w / sigma``; a ``sigma <= eps`` leaves ``w`` unchanged.
+  """Returns ``w / sigma``; a ``|sigma| <= eps`` leaves ``w`` unchanged.
 
   A (near-)zero matrix already has a spectral norm below 1; dividing it by a
   tiny sigma would blow it up to an arbitrary size, and by zero give NaN.
@@ -286,7 +286,9 @@ def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12) -> Array:
   Returns:
     An array of ``w``'s shape and dtype.
   """
-  small = sigma <= eps  # a NaN sigma is not small: the kernel becomes NaN, loudly
+  # |sigma|: a stale state can give sigma < 0, which PyTorch divides by too.
+  # A NaN sigma is not small: the kernel becomes NaN, loudly.
+  small = jnp.abs(sigma) <= eps
   scale = jnp.where(small, 1.0, 1.0 / jnp.where(small, 1.0, sigma))
   return (w.astype(scale.dtype) * scale).astype(w.dtype)
 

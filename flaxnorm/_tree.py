@@ -56,7 +56,11 @@ _STATE_SUFFIXES = ("_u", "_v", "_sigma")
 
 
 def _fold_sn(
-  params: Mapping[str, Any], state: Mapping[str, Any], axis: Axis, eps: float, path: tuple[str, ...]
+  params: Mapping[str, Any],
+  state: Mapping[str, Any],
+  axis: Axis | Mapping[str, Axis],
+  eps: float,
+  path: tuple[str, ...],
 ) -> dict[str, Any]:
   out = dict(params)
   bases = {k[:-2] for k in state if k.endswith("_u") and not isinstance(state[k], Mapping)}
@@ -80,21 +84,29 @@ def _fold_sn(
       )
     raw = params[base]
     w = meta.unbox(raw)
+    if isinstance(axis, Mapping):  # per-layer axes, keyed by layer path
+      layer_axis = axis.get("/".join(path), -1)
+    else:
+      layer_axis = axis
     u, v = meta.unbox(state[f"{base}_u"]), meta.unbox(state[f"{base}_v"])
     try:
-      w_sn, _ = _math.spectral_normalize(w, u, v, axis=axis, n_steps=0, eps=eps)
+      w_sn, _ = _math.spectral_normalize(w, u, v, axis=layer_axis, n_steps=0, eps=eps)
     except ValueError as e:
       raise ValueError(
         f"remove_spectral_norm: param {_join(path, base)!r} of shape {tuple(w.shape)} "
         f"does not fit its state (u {tuple(u.shape)}, v {tuple(v.shape)}) with "
-        f"axis={axis!r}; pass the axis the layer was wrapped with. ({e})"
+        f"axis={layer_axis!r}; pass the axis the layer was wrapped with. ({e})"
       ) from None
     out[base] = raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn
   return out
 
 
 def fold_spectral_norm(
-  variables: Mapping[str, Any], collection: str = "spectral", *, axis: Axis = -1, eps: float = 1e-12
+  variables: Mapping[str, Any],
+  collection: str = "spectral",
+  *,
+  axis: Axis | Mapping[str, Axis] = -1,
+  eps: float = 1e-12,
 ) -> dict[str, Any]:
   """Divides each kernel with spectral state by ``sigma = u^T W v`` and drops the state."""
   if collection not in variables or "params" not in variables:

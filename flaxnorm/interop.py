@@ -75,49 +75,58 @@ class _Kind(NamedTuple):
 
 def _conv(name: str, nd: int, transpose: bool) -> _Kind:
   k = "k" if nd == 1 else "kh, kw"
+  spatial = tuple(range(2, nd + 2))
   if transpose:
     return _Kind(
-      name,
-      nd + 2,
-      "kernel",
-      (*range(2, nd + 2), 0, 1),
-      True,
-      1,
-      1,
-      f"(in, out, {k})",
-      f"nn.ConvTranspose kernel ({k}, in, out), spatially flipped",
+      name=name,
+      ndim=nd + 2,
+      param="kernel",
+      perm=(*spatial, 0, 1),
+      flip=True,
+      sn_dim=1,
+      bias_dim=1,
+      torch_layout=f"(in, out, {k})",
+      flax_layout=f"nn.ConvTranspose kernel ({k}, in, out), spatially flipped",
     )
   return _Kind(
-    name,
-    nd + 2,
-    "kernel",
-    (*range(2, nd + 2), 1, 0),
-    False,
-    0,
-    0,
-    f"(out, in/groups, {k})",
-    f"nn.Conv kernel ({k}, in/groups, out)",
+    name=name,
+    ndim=nd + 2,
+    param="kernel",
+    perm=(*spatial, 1, 0),
+    flip=False,
+    sn_dim=0,
+    bias_dim=0,
+    torch_layout=f"(out, in/groups, {k})",
+    flax_layout=f"nn.Conv kernel ({k}, in/groups, out)",
   )
 
 
 _KINDS = {
   "linear": _Kind(
-    "linear", 2, "kernel", (1, 0), False, 0, 0, "(out, in)", "nn.Dense kernel (in, out)"
+    name="linear",
+    ndim=2,
+    param="kernel",
+    perm=(1, 0),
+    flip=False,
+    sn_dim=0,
+    bias_dim=0,
+    torch_layout="(out, in)",
+    flax_layout="nn.Dense kernel (in, out)",
   ),
   "conv1d": _conv("conv1d", 1, False),
   "conv2d": _conv("conv2d", 2, False),
   "conv_transpose1d": _conv("conv_transpose1d", 1, True),
   "conv_transpose2d": _conv("conv_transpose2d", 2, True),
   "embedding": _Kind(
-    "embedding",
-    2,
-    "embedding",
-    (0, 1),
-    False,
-    0,
-    None,
-    "(num_embeddings, features)",
-    "nn.Embed embedding (num_embeddings, features)",
+    name="embedding",
+    ndim=2,
+    param="embedding",
+    perm=(0, 1),
+    flip=False,
+    sn_dim=0,
+    bias_dim=None,
+    torch_layout="(num_embeddings, features)",
+    flax_layout="nn.Embed embedding (num_embeddings, features)",
   ),
 }
 
@@ -194,14 +203,18 @@ def _kind(kind: Any, where: str) -> _Kind:
 
 
 def _to_numpy(x: Any, key: str, where: str) -> np.ndarray:
-  """A numpy copy of a torch tensor, numpy or JAX array (no torch import)."""
+  """A numpy copy of a torch tensor, numpy or JAX array (no torch import).
+
+  A copy: torch optimizers update tensors in place, and the result must not
+  change with them.
+  """
   if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor
     x = x.detach().cpu()
     if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
       return x.float().numpy().astype(jnp.bfloat16)
-    return x.numpy()
+    return x.numpy().copy()
   if isinstance(x, (np.ndarray, jax.Array, np.generic)):
-    return np.asarray(x)
+    return np.array(x)
   raise TypeError(
     f"{where}: '{key}' must be a torch tensor, numpy or JAX array, got {type(x).__name__}."
   )
@@ -359,7 +372,7 @@ def _convert(
   if not isinstance(tensors, Mapping):
     raise TypeError(f"{where}: tensors must be a mapping of key -> tensor, got {type(tensors)}.")
   method, style, roles = _detect(list(tensors), where)
-  where = f"{where} ({kind}, {style} {method or 'plain weight'})"
+  where = f"{where} ({kind}, {f'{style} {method}' if method else 'plain weight'})"
   arr = {role: _to_numpy(tensors[key], key, where) for role, key in roles.items()}
   wrole = "v" if method == "weight_norm" else "w"
   w = arr[wrole]
@@ -390,17 +403,15 @@ def _convert(
         f"'{roles['v']}' of shape {w.shape}",
         k,
       )
-    out_axis = None if dim is None else _neg((k.perm.index(dim),), k.ndim)
-    if axis is not None or dim is None:
-      asked = None if axis is None else _checks.normalize_axes(axis, k.ndim, where)
-      have = None if dim is None else (k.perm.index(dim),)
-      if asked != have:
-        raise ValueError(
-          f"{where}: '{roles['g']}' of shape {g.shape} keeps PyTorch dim "
-          f"{'None' if dim is None else dim} of {k.torch_layout}, which is Flax "
-          f"axis={out_axis!r} of {k.flax_layout}; axis={axis!r} would compute a "
-          "different norm. Wrap the Flax layer with the axis returned here."
-        )
+    have = None if dim is None else (k.perm.index(dim),)
+    out_axis = None if have is None else _neg(have, k.ndim)
+    if axis is not None and _checks.normalize_axes(axis, k.ndim, where) != have:
+      raise ValueError(
+        f"{where}: '{roles['g']}' of shape {g.shape} keeps PyTorch dim {dim} of "
+        f"{k.torch_layout}, which is Flax axis={out_axis!r} of {k.flax_layout}; "
+        f"axis={axis!r} would compute a different norm. Wrap the Flax layer with "
+        "the axis returned here."
+      )
     params[f"{n}_g"], src["params", f"{n}_g"] = _flax_from_torch(g, k), roles["g"]
     params[f"{n}_v"], src["params", f"{n}_v"] = _flax_from_torch(w, k), roles["v"]
   else:
@@ -632,9 +643,10 @@ def to_torch(
       )
     if axis is not None:
       asked = _checks.normalize_axes(axis, k.ndim, where)
-      if asked != (a,):
+      if asked != (() if a is None else (a,)):
         raise ValueError(
-          f"{where}: '{n}_g' of shape {g.shape} keeps axis {a - k.ndim}, not axis={axis!r}."
+          f"{where}: '{n}_g' of shape {g.shape} keeps axis "
+          f"{None if a is None else a - k.ndim}, not axis={axis!r}."
         )
     out[keys["g"]] = _torch_from_flax(g, k)
     out[keys["v"]] = _torch_from_flax(w, k)
@@ -848,6 +860,25 @@ def _target_method(
   return None if n in params else "missing"
 
 
+def _check_not_transposed(
+  weight: Any, target: Mapping[str, Any], kind: str, prefix: str, where: str
+) -> None:
+  """Raises if an unnamed conv's weight only fits the target as a ConvTranspose."""
+  tk = target.get("kernel", target.get("kernel_v"))
+  if tk is None:
+    return
+  tshape, wshape = tuple(meta.unbox(tk).shape), tuple(weight.shape)
+  alt = f"conv_transpose{kind[-2:]}"
+  as_conv = _flax_from_torch(np.empty(wshape), _KINDS[kind]).shape
+  as_transposed = _flax_from_torch(np.empty(wshape), _KINDS[alt]).shape
+  if as_conv != tshape and as_transposed == tshape:
+    raise ValueError(
+      f"{where}: PyTorch weight {wshape} read as {kind} {_KINDS[kind].torch_layout} gives "
+      f"{as_conv}, but the Flax kernel is {tshape}, which fits {alt} "
+      f"{_KINDS[alt].torch_layout}. If this is a ConvTranspose, pass kinds={{'{prefix}': '{alt}'}}."
+    )
+
+
 def load_torch_state_dict(
   state_dict: Mapping[str, Any],
   variables: Mapping[str, Any],
@@ -946,21 +977,40 @@ def load_torch_state_dict(
     k = _kind(kind, f"{where}: kinds['{prefix}']")
     tmethod = _target_method(target, tstate, k.param)
     lwhere = f"{where}: layer '{prefix}' -> 'params/{fpath}'"
+    if prefix not in kinds and kind.startswith("conv") and wkeys:
+      _check_not_transposed(state_dict[entries[wkeys[0]]], target, kind, prefix, lwhere)
     tensors = {s: state_dict[key] for s, key in entries.items()}
     layer, src = _convert(tensors, kind, axes.get(prefix), None, collection, lwhere)
-    tu = (tstate or {}).get(f"{k.param}_u")
-    if (
-      prefix not in axes
-      and layer.method == tmethod == "spectral_norm"
-      and tu is not None
-      and tuple(meta.unbox(tu).shape) != layer.variables[collection][f"{k.param}_u"].shape
-    ):
-      # The target is wrapped with the other view: load that (shapes are checked below).
+    if prefix not in axes and layer.method == tmethod == "spectral_norm":
+      # The target's u/v shapes tell which of the two views it is wrapped with.
+      kernel = layer.variables["params"][k.param]
       out_view, t_view = _sn_views(k, k.sn_dim)
-      kept = _checks.normalize_axes(layer.axis, k.ndim)
-      other = _neg(out_view if kept == t_view else t_view, k.ndim)
-      layer, src = _convert(tensors, kind, other, None, collection, lwhere)
+      m = kernel.shape[out_view[0]]
+      shapes = tuple(
+        tuple(meta.unbox(tstate[f"{k.param}_{x}"]).shape) if f"{k.param}_{x}" in tstate else None
+        for x in ("u", "v")
+      )
+      fits = {out_view: shapes == ((m,), (kernel.size // m,))}
+      fits[t_view] = shapes == ((kernel.size // m,), (m,))
+      if all(fits.values()):
+        exact = _checks.normalize_axes(layer.axis, k.ndim)
+        alt = _neg(out_view if exact == t_view else t_view, k.ndim)
+        raise ValueError(
+          f"{lwhere}: the Flax layer's u and v both have size {m}, so its spectral-norm "
+          f"axis cannot be read from their shapes; pass axes={{'{prefix}': A}} with A "
+          f"the axis it is wrapped with: {layer.axis!r} continues PyTorch's "
+          f"{layer.style} power iteration exactly, {alt!r} evaluates the same."
+        )
+      other = [view for view, ok in fits.items() if ok]
+      if other and _checks.normalize_axes(layer.axis, k.ndim) != other[0]:
+        layer, src = _convert(tensors, kind, _neg(other[0], k.ndim), None, collection, lwhere)
 
+    if tmethod == "missing":
+      raise ValueError(
+        f"{lwhere}: the Flax layer has no '{k.param}' nor '{k.param}_g'/'{k.param}_v' "
+        f"(it has {sorted(target)}) for PyTorch {sorted(entries.values())}; does "
+        "key_map point at the right layer, and is the kind right?"
+      )
     if layer.method != tmethod:
       names = sorted(target) + sorted(f"{collection}/{x}" for x in (tstate or {}))
       hint = {
@@ -989,10 +1039,6 @@ def load_torch_state_dict(
           tkey_src = f"{pre}{src[col, name]}"
           t_shape = tuple(np.shape(state_dict[tkey_src]))
           hint = ""
-          if kind in ("conv1d", "conv2d"):
-            alt = f"conv_transpose{kind[-2:]}"
-            if tuple(_flax_from_torch(np.empty(t_shape), _KINDS[alt]).shape) == tuple(tval.shape):
-              hint = f" If this is a ConvTranspose, pass kinds={{'{prefix}': '{alt}'}}."
           if name.endswith("_g") and layer.method == "weight_norm":
             a = _kept_axis(tuple(tval.shape), tuple(meta.unbox(target[f"{k.param}_v"]).shape))
             hint += (

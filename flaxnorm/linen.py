@@ -398,7 +398,7 @@ def remove_spectral_norm(
   variables: Mapping[str, Any],
   collection: str = "spectral",
   *,
-  axis: Axis = -1,
+  axis: Axis | Mapping[str, Axis] = -1,
   eps: float = 1e-12,
 ) -> dict[str, Any]:
   """Divides every spectrally normalized kernel by its sigma and drops the state.
@@ -409,7 +409,9 @@ def remove_spectral_norm(
   Args:
     variables: a Linen variables dict with ``params`` and ``collection``.
     collection: the collection holding the spectral state.
-    axis: the kept axis the layers were wrapped with (``-1`` by default).
+    axis: the kept axis the layers were wrapped with (``-1`` by default), or a
+      mapping from layer path (``"Block_0/Dense_1"``) to axis; layers missing
+      from it use ``-1``.
     eps: the ``eps`` the layers were wrapped with.
 
   Returns:

@@ -12,7 +12,10 @@ normalized param (``kernel`` by default) is a computed attribute: reading
 (spectral norm) from the stored variables at that moment. The layer's own code
 (``self.kernel[...]`` in ``nnx.Linear.__call__``) therefore runs unchanged and
 sees the normalized weight, ``isinstance(layer, nnx.Linear)`` still holds, and
-every reference to the layer inside a bigger model sees the change.
+every reference to the layer inside a bigger model sees the change. Wrap before
+creating the ``nnx.Optimizer`` (its state is built from the params it sees).
+The subclass is cached per (class, options), so ``nnx.split``/``nnx.merge``,
+``nnx.jit``, ``copy.deepcopy`` and ``pickle`` work as for the plain layer.
 
 Variable layout for ``nnx.Linear(4, 3)``, as
 ``jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer)))``::
@@ -34,6 +37,10 @@ too). In training, each ``__call__`` first runs ``n_power_iterations`` power
 iterations and stores the new ``u``, ``v``, ``sigma``; in evaluation nothing is
 stored and ``sigma = u^T W v`` from the stored vectors, exactly as Linen's
 ``apply`` with and without ``mutable=['spectral']``.
+
+Limits: the layer must use the param as an array (``self.kernel[...]``, as
+every Flax layer does); ``self.kernel.value`` fails, since the computed value
+is an array, not a Variable. Only ``__call__`` iterates the spectral state.
 """
 
 from __future__ import annotations
@@ -65,6 +72,11 @@ Rngs = nnx.Rngs | jax.Array | int | None
 
 #: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
 _FLAG = "use_running_average"
+
+# Flax's own (broken) wrappers, named in the error when someone wraps them.
+_FLAX_WRAPPERS = tuple(
+  t for t in (getattr(nnx, "WeightNorm", None), getattr(nnx, "SpectralNorm", None)) if t
+)
 
 
 class SpectralStateVar(nnx.Variable):
@@ -203,9 +215,19 @@ def _base_of(module: Any) -> type:
   return type(module).__dict__.get("_flaxnorm_base", type(module))
 
 
-def _set_view_fn(base: type) -> Callable:
+def _set_view_fn(base: type) -> Callable | None:
   """``set_view`` for ``nnx.view``: the flag, plus whatever the base accepts."""
   base_view = getattr(base, "set_view", None)
+  param = inspect.Parameter
+  params = [param("self", param.POSITIONAL_OR_KEYWORD)]
+  if base_view is not None:
+    params = list(inspect.signature(base_view).parameters.values())
+    if _FLAG in {p.name for p in params}:
+      return None  # the base already handles the flag
+  # nnx.view matches kwargs against this signature to know which it consumed.
+  flag = param(_FLAG, param.KEYWORD_ONLY, default=None, annotation=bool | None)
+  rest = [p for p in params if p.kind is not param.VAR_KEYWORD]
+  params = rest + [flag] + [p for p in params if p.kind is param.VAR_KEYWORD]
 
   def set_view(self, *args, use_running_average: bool | None = None, **kwargs):
     if use_running_average is not None:
@@ -214,18 +236,16 @@ def _set_view_fn(base: type) -> Callable:
       return base_view(self, *args, **kwargs)
     return None
 
-  params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-  if base_view is not None:
-    params = list(inspect.signature(base_view).parameters.values())
-  # nnx.view matches kwargs against this signature to know which it consumed.
-  params.append(
-    inspect.Parameter(_FLAG, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=bool | None)
-  )
   set_view.__signature__ = inspect.Signature(params)
   set_view.__doc__ = (
     f"Used by ``nnx.view``: ``{_FLAG}=True`` freezes the spectral norm state (eval)."
   )
   return set_view
+
+
+def _defines_call(base: type) -> bool:
+  # `base.__call__` of a class without one is the metaclass's (construction).
+  return any("__call__" in vars(k) for k in base.__mro__ if k is not object)
 
 
 def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
@@ -239,7 +259,7 @@ def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
   spectral = [(n, s) for n, s in items if isinstance(s, _SpectralNorm)]
   ns: dict[str, Any] = {name: _Normalized(name, spec) for name, spec in items}
 
-  if spectral:
+  if spectral and _defines_call(base):
     base_call = base.__call__
 
     def call(self, *args, **kwargs):
@@ -251,8 +271,10 @@ def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
     call.__doc__ = base_call.__doc__
     call.__name__ = "__call__"
     ns["__call__"] = call
-    if any(s.added_flag for _, s in spectral):
-      ns["set_view"] = _set_view_fn(base)
+  if spectral and any(s.added_flag for _, s in spectral):
+    set_view = _set_view_fn(base)
+    if set_view is not None:
+      ns["set_view"] = set_view
 
   base_set_key, base_pop_key = base._graph_node_set_key, base._graph_node_pop_key
 
@@ -289,7 +311,7 @@ def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
   ns["__doc__"] = f"{base.__name__} with {wrapped}.\n\n{base.__doc__ or ''}"
 
   kwds = {}
-  if issubclass(base, nnx.Pytree):
+  if getattr(base, "_pytree__is_pytree", None) is not None:
     kwds["pytree"] = base._pytree__is_pytree  # keep the base's pytree mode
   cls = types.new_class(base.__name__, (base,), kwds, lambda body: body.update(ns))
   _CLASS_CACHE[key] = cls
@@ -340,7 +362,7 @@ def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | N
   var = vars(module).get(name)
   if var is None:
     hint = " (e.g. name='embedding' for nnx.Embed)" if isinstance(module, nnx.Embed) else ""
-    if isinstance(module, (nnx.WeightNorm, nnx.SpectralNorm)):
+    if isinstance(module, _FLAX_WRAPPERS):
       hint = " (this is Flax's own wrapper: apply flaxnorm to the plain layer instead)"
     raise ValueError(
       f"{method}: {where} does not exist. Its params are {_param_names(module)}; pass "

@@ -120,7 +120,7 @@ class _Selection:
 
   def __call__(self, path: Path, x: Any) -> bool:
     if self.names is not None:
-      hit = bool(path) and isinstance(path[-1], str) and path[-1] in self.names
+      hit = x is not None and bool(path) and isinstance(path[-1], str) and path[-1] in self.names
       if hit and not _is_array(x):
         hint = " Unbox it first: flax.core.meta.unbox(params)." if _is_box(x) else ""
         raise TypeError(
@@ -150,9 +150,7 @@ class _Selection:
       hint = " The tree holds boxed leaves: unbox it first (flax.core.meta.unbox)."
     if self.method == "weight_norm_init" and any(str(p).endswith("_g") for p in paths):
       hint += " Leaves ending in '_g' exist: was weight_norm_init applied already?"
-    raise ValueError(
-      f"{self.method}: {what} matched no array leaf. The leaves are {paths}.{hint}"
-    )
+    raise ValueError(f"{self.method}: {what} matched no array leaf. The leaves are {paths}.{hint}")
 
 
 # --------------------------------------------------------------------------- #
@@ -189,7 +187,9 @@ def _wn_init(node: Any, path: Path, select: _Selection, axis: Axis) -> Any:
   new = []
   for k, x in children:
     p = (*path, k)
-    new.append(WeightNormParam(*_decompose(x, axis, p)) if select(p, x) else _wn_init(x, p, select, axis))
+    new.append(
+      WeightNormParam(*_decompose(x, axis, p)) if select(p, x) else _wn_init(x, p, select, axis)
+    )
   return treedef.unflatten(new)
 
 
@@ -229,6 +229,8 @@ def weight_norm_init(params: Any, *, names: Selector = ("kernel",), axis: Axis =
   _checks.check_axis_arg(axis, "weight_norm_init")
   axis = tuple(axis) if isinstance(axis, list) else axis
   select = _Selection(names, "weight_norm_init")
+  if _is_array(params):
+    select((), params)  # a bare array: nowhere to put {name}_g, explained by the check
   out = _wn_init(params, (), select, axis)
   select.check_all_found(params)
   return out
@@ -242,7 +244,10 @@ def _wn_apply(node: Any, path: Path, eps: float, count: list[int]) -> Any:
     bases = {
       k[:-2]
       for k, x in node.items()
-      if isinstance(k, str) and k.endswith("_g") and _is_array(x) and _is_array(node.get(f"{k[:-2]}_v"))
+      if isinstance(k, str)
+      and k.endswith("_g")
+      and _is_array(x)
+      and _is_array(node.get(f"{k[:-2]}_v"))
     }
     out: dict = {}
     for k, x in node.items():

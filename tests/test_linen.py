@@ -509,3 +509,22 @@ def test_removal_errors():
     flaxnorm.remove_spectral_norm({"params": variables["params"]})
   with pytest.raises(ValueError, match=r"param 'kernel' of shape \(2, 3, 3\) does not fit"):
     flaxnorm.remove_spectral_norm(variables, axis=0)
+
+
+def test_remove_spectral_norm_with_per_layer_axes():
+  class Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = flaxnorm.spectral_norm(nn.Dense(3), axis=0)(x)
+      return flaxnorm.spectral_norm(nn.Dense(2))(x)
+
+  x = _inputs((2, 5))
+  variables = Two().init(KEY, x)
+  removed = flaxnorm.remove_spectral_norm(variables, axis={"Dense_0": 0})
+  plain = nn.Sequential([nn.Dense(3), nn.Dense(2)])
+  renamed = {
+    "params": {"layers_0": removed["params"]["Dense_0"], "layers_1": removed["params"]["Dense_1"]}
+  }
+  chex.assert_trees_all_close(
+    plain.apply(renamed, x), Two().apply(variables, x), rtol=1e-5, atol=1e-6
+  )

@@ -1,0 +1,752 @@
+"""flaxnorm.interop: PyTorch checkpoints in and out, with numerical parity.
+
+Parity tests build the PyTorch layer, convert it, and run the flaxnorm-wrapped
+Flax layer on the same input. Tests without torch use numpy state dicts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxnorm
+from flaxnorm import interop
+
+TOL = 1e-5
+STYLES = ("plain", "wn_legacy", "wn_new", "sn_legacy", "sn_new")
+P = "parametrizations.weight."
+
+
+@pytest.fixture(scope="module")
+def torch():
+  return pytest.importorskip("torch")
+
+
+# --------------------------------------------------------------------------- #
+# One layer of each kind, in both frameworks.
+# --------------------------------------------------------------------------- #
+
+
+def torch_layer(torch, kind):
+  tnn = torch.nn
+  return {
+    "linear": lambda: tnn.Linear(4, 3),
+    "conv1d": lambda: tnn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2),
+    "conv2d": lambda: tnn.Conv2d(2, 3, (3, 2), padding=(1, 0), stride=(1, 2)),
+    "conv_transpose1d": lambda: tnn.ConvTranspose1d(3, 2, 4, stride=2, padding=1),
+    "conv_transpose2d": lambda: tnn.ConvTranspose2d(
+      2, 3, (3, 4), stride=(2, 1), padding=(1, 2), output_padding=(1, 0), dilation=(1, 2)
+    ),
+    "embedding": lambda: tnn.Embedding(5, 3),
+  }[kind]()
+
+
+def flax_layer(kind):
+  pad_t2 = interop.conv_transpose_padding((3, 4), (1, 2), dilation=(1, 2), output_padding=(1, 0))
+  return {
+    "linear": lambda: nn.Dense(3),
+    "conv1d": lambda: nn.Conv(
+      6, (3,), padding=[(2, 2)], kernel_dilation=(2,), feature_group_count=2
+    ),
+    "conv2d": lambda: nn.Conv(3, (3, 2), padding=[(1, 1), (0, 0)], strides=(1, 2)),
+    "conv_transpose1d": lambda: nn.ConvTranspose(
+      2, (4,), strides=(2,), padding=interop.conv_transpose_padding(4, 1)
+    ),
+    "conv_transpose2d": lambda: nn.ConvTranspose(
+      3, (3, 4), strides=(2, 1), kernel_dilation=(1, 2), padding=pad_t2
+    ),
+    "embedding": lambda: nn.Embed(5, 3),
+  }[kind]()
+
+
+INPUT_SHAPES = {
+  "linear": (2, 4),
+  "conv1d": (2, 4, 7),
+  "conv2d": (2, 2, 5, 6),
+  "conv_transpose1d": (2, 3, 5),
+  "conv_transpose2d": (2, 2, 4, 5),
+}
+
+
+def inputs(torch, kind, seed=0):
+  """(torch input, Flax input): channels first for torch, last for Flax."""
+  rng = np.random.default_rng(seed)
+  if kind == "embedding":
+    x = np.array([[0, 4, 2], [1, 1, 3]])
+    return torch.from_numpy(x), x
+  x = rng.normal(size=INPUT_SHAPES[kind]).astype(np.float32)
+  return torch.from_numpy(x), np.moveaxis(x, 1, -1)
+
+
+def to_nlc(kind, y):
+  """PyTorch output (channels first) in Flax layout."""
+  y = y.detach().numpy()
+  return y if kind in ("linear", "embedding") else np.moveaxis(y, 1, -1)
+
+
+def wrap_torch(torch, module, style, **kwargs):
+  utils = torch.nn.utils
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # the legacy hooks are deprecated
+    return {
+      "plain": lambda: module,
+      "wn_legacy": lambda: utils.weight_norm(module, **kwargs),
+      "wn_new": lambda: utils.parametrizations.weight_norm(module, **kwargs),
+      "sn_legacy": lambda: utils.spectral_norm(module, **kwargs),
+      "sn_new": lambda: utils.parametrizations.spectral_norm(module, **kwargs),
+    }[style]()
+
+
+def sn_buffers(module, style):
+  """PyTorch's (u, v) buffers of a spectral-normed module (modified in place)."""
+  if style == "sn_legacy":
+    return module.weight_u, module.weight_v
+  sn = module.parametrizations.weight[0]
+  return sn._u, sn._v
+
+
+def sn_weight(module, style):
+  return module.weight_orig if style == "sn_legacy" else module.parametrizations.weight.original
+
+
+def torch_sigma(torch, module, style, dim):
+  """sigma = u^T W v from PyTorch's stored state, computed in torch."""
+  u, v = sn_buffers(module, style)
+  w = sn_weight(module, style).detach()
+  mat = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+  return float(u @ mat @ v)
+
+
+def t2n(x):
+  return x.detach().numpy()
+
+
+# The Flax axis from_torch must report, per kind and method (default dims).
+EXPECTED_AXIS = {
+  ("linear", "wn"): -1,
+  ("conv1d", "wn"): -1,
+  ("conv2d", "wn"): -1,
+  ("conv_transpose1d", "wn"): -2,  # torch dim=0 is ConvTranspose's *input* axis
+  ("conv_transpose2d", "wn"): -2,
+  ("embedding", "wn"): -2,
+  ("linear", "sn_legacy"): -1,
+  ("conv1d", "sn_legacy"): -1,
+  ("conv2d", "sn_legacy"): -1,
+  ("conv_transpose1d", "sn_legacy"): -1,  # torch's default dim=1, the output axis
+  ("conv_transpose2d", "sn_legacy"): -1,
+  ("embedding", "sn_legacy"): -2,
+  # The parametrization iterates u first: flaxnorm on the transposed view.
+  ("linear", "sn_new"): -2,
+  ("conv1d", "sn_new"): (-3, -2),
+  ("conv2d", "sn_new"): (-4, -3, -2),
+  ("conv_transpose1d", "sn_new"): (-3, -2),
+  ("conv_transpose2d", "sn_new"): (-4, -3, -2),
+  ("embedding", "sn_new"): -1,
+}
+
+
+def expected_axis(kind, style):
+  if style == "plain":
+    return None
+  return EXPECTED_AXIS[kind, "wn" if style.startswith("wn") else style]
+
+
+def assert_close(a, b, what, tol=TOL):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+  np.testing.assert_allclose(a, b, atol=tol, rtol=0, err_msg=what)
+
+
+# --------------------------------------------------------------------------- #
+# Layer parity: every kind x every key style.
+# --------------------------------------------------------------------------- #
+
+
+# Gradients carry their param's layout: rename them to keys from_torch maps alone.
+GRAD_KEYS = {
+  P + "original0": "weight_g",
+  P + "original1": "weight_v",
+  P + "original": "weight",
+  "weight_orig": "weight",
+}
+
+
+def _loss_and_grads(module, variables, x, cot, mutable):
+  def loss(params):
+    out = module.apply(
+      {**variables, "params": params}, x, mutable=["spectral"] if mutable else False
+    )
+    y, upd = out if mutable else (out, {})
+    return jnp.sum(y * cot), (y, upd)
+
+  return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("kind", interop.KINDS)
+def test_layer_parity(torch, kind, style):
+  torch.manual_seed(0)
+  m = wrap_torch(torch, torch_layer(torch, kind), style)
+  xt, xf = inputs(torch, kind)
+  spectral = style.startswith("sn")
+  if spectral:
+    # Random, unconverged vectors: one step then depends on the iteration order.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+      for buf in sn_buffers(m, style):
+        buf.copy_(torch.nn.functional.normalize(torch.randn(buf.shape, generator=gen), dim=0))
+  layer = interop.from_torch(m.state_dict(), kind)
+  assert layer.axis == expected_axis(kind, style)
+  assert layer.method == {"p": None, "w": "weight_norm", "s": "spectral_norm"}[style[0]]
+  fl = layer.wrap(flax_layer(kind))
+  variables = layer.variables
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(variables))
+
+  # Forward (training mode for spectral norm: one power-iteration step) and grads.
+  m.train()
+  yt = m(xt)
+  cot = np.random.default_rng(2).normal(size=yt.shape).astype(np.float32)
+  (yt * torch.from_numpy(cot)).sum().backward()
+  cot_f = to_nlc(kind, torch.from_numpy(cot))
+  (_, (yf, upd)), grads = _loss_and_grads(fl, variables, xf, cot_f, spectral)
+  assert_close(yf, to_nlc(kind, yt), "output")
+
+  # Gradients w.r.t. every param, PyTorch's mapped to Flax layout.
+  torch_grads = interop.from_torch(
+    {GRAD_KEYS.get(key, key): p.grad for key, p in m.named_parameters()}, kind
+  )
+  assert jax.tree.structure(grads) == jax.tree.structure(torch_grads.variables["params"])
+  for key, g in grads.items():
+    assert_close(g, torch_grads.variables["params"][key], f"grad {key}")
+
+  if not spectral:
+    return
+  # The training step's sigma and new (u, v) are PyTorch's.
+  dim = 1 if kind.startswith("conv_transpose") else 0
+  n = layer.name
+  assert_close(upd["spectral"][f"{n}_sigma"], torch_sigma(torch, m, style, dim), "sigma")
+  stepped = interop.from_torch(m.state_dict(), kind)
+  for key in (f"{n}_u", f"{n}_v"):
+    assert_close(upd["spectral"][key], stepped.variables["spectral"][key], key)
+
+  # An optimizer step on both sides, then evaluation (stored u, v) agrees.
+  lr = 1e-3  # small: a large step can turn the eval sigma = u^T W v negative
+  with torch.no_grad():
+    for p in m.parameters():
+      p -= lr * p.grad
+  m.eval()
+  new = {
+    "params": jax.tree.map(lambda p, g: p - lr * g, variables["params"], grads),
+    "spectral": upd["spectral"],
+  }
+  assert_close(fl.apply(new, xf), to_nlc(kind, m(xt)), "eval output after a step")
+  assert_close(
+    new["params"][n],
+    interop.from_torch(m.state_dict(), kind).variables["params"][n],
+    "kernel after a step",
+  )
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("kind", interop.KINDS)
+def test_layer_round_trip_is_exact_and_loads(torch, kind, style):
+  torch.manual_seed(0)
+  m = wrap_torch(torch, torch_layer(torch, kind), style)
+  sd = m.state_dict()
+  layer = interop.from_torch(sd, kind)
+  style_ = "legacy" if style.endswith("legacy") else "parametrizations"
+  back = interop.to_torch(layer.variables, kind, style_, axis=layer.axis)
+  assert sorted(back) == sorted(sd)
+  for key in sd:
+    assert back[key].dtype == sd[key].dtype and torch.equal(back[key], sd[key]), key
+  fresh = wrap_torch(torch, torch_layer(torch, kind), style)
+  fresh.load_state_dict(back, strict=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv_transpose1d"])
+def test_legacy_weight_norm_keys_load_into_parametrizations(torch, kind):
+  torch.manual_seed(0)
+  m = wrap_torch(torch, torch_layer(torch, kind), "wn_new")
+  back = interop.to_torch(interop.from_torch(m.state_dict(), kind).variables, kind, "legacy")
+  assert {"weight_g", "weight_v"} <= set(back)
+  fresh = wrap_torch(torch, torch_layer(torch, kind), "wn_new")
+  fresh.load_state_dict(back, strict=True)  # torch's compat hook renames them
+  xt, _ = inputs(torch, kind)
+  assert torch.equal(fresh(xt), m(xt))
+
+
+# --------------------------------------------------------------------------- #
+# Non-default dims, and the axis made explicit.
+# --------------------------------------------------------------------------- #
+
+DIM_CASES = [
+  # (kind, style, torch kwargs, expected Flax axis)
+  ("linear", "wn_new", {"dim": None}, None),
+  ("conv1d", "wn_legacy", {"dim": 1}, -2),
+  ("conv_transpose1d", "wn_legacy", {"dim": None}, None),
+  ("conv_transpose1d", "wn_new", {"dim": 1}, -1),
+  ("conv_transpose2d", "wn_new", {"dim": 2}, -4),  # a flipped spatial axis
+  ("linear", "sn_legacy", {"dim": 1}, -2),
+  ("conv_transpose1d", "sn_new", {"dim": 0}, (-3, -1)),
+]
+
+
+@pytest.mark.parametrize(("kind", "style", "kwargs", "axis"), DIM_CASES)
+def test_non_default_dims(torch, kind, style, kwargs, axis):
+  torch.manual_seed(0)
+  m = wrap_torch(torch, torch_layer(torch, kind), style, **kwargs)
+  xt, xf = inputs(torch, kind)
+  spectral_dim = kwargs["dim"] if style.startswith("sn") else None
+  if spectral_dim is not None:
+    with torch.no_grad():
+      m(xt)  # a training-mode step, so the stored sigma is a converging one
+  m.eval()
+  layer = interop.from_torch(m.state_dict(), kind, spectral_dim=spectral_dim)
+  assert layer.axis == axis
+  y = layer.wrap(flax_layer(kind)).apply(layer.variables, xf)
+  assert_close(y, to_nlc(kind, m(xt)), "output")
+  back = interop.to_torch(
+    layer.variables,
+    kind,
+    "legacy" if style.endswith("legacy") else "parametrizations",
+    axis=layer.axis,
+    spectral_dim=spectral_dim,
+  )
+  for key, x in m.state_dict().items():
+    assert torch.equal(back[key], x), key
+
+
+def test_conv_transpose_weight_norm_axis_is_checked(torch):
+  m = wrap_torch(torch, torch_layer(torch, "conv_transpose1d"), "wn_new")
+  sd = m.state_dict()
+  assert interop.from_torch(sd, "conv_transpose1d", axis=-2).axis == -2
+  with pytest.raises(ValueError, match=r"original0.*axis=-2.*axis=-1 would compute a different"):
+    interop.from_torch(sd, "conv_transpose1d", axis=-1)
+  # The same check against a Flax model wrapped on the output axis.
+  module = flaxnorm.weight_norm(nn.ConvTranspose(2, (4,), name="up"))
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 5, 3)))
+  with pytest.raises(
+    ValueError, match=r"shape mismatch.*up.parametrizations.weight.original0.*axis=-2"
+  ):
+    interop.load_torch_state_dict(
+      {f"up.{k}": x for k, x in sd.items()},
+      {"params": {"up": variables["params"]}},
+      None,
+      kinds={"up": "conv_transpose1d"},
+    )
+
+
+def test_parametrized_spectral_norm_on_the_output_axis(torch):
+  """axis=-1 for a parametrization: same evaluation, flaxnorm's iteration order."""
+  torch.manual_seed(0)
+  m = wrap_torch(torch, torch_layer(torch, "conv1d"), "sn_new")
+  sd = m.state_dict()
+  layer = interop.from_torch(sd, "conv1d", axis=-1)
+  u_t, _ = sn_buffers(m, "sn_new")
+  assert layer.axis == -1
+  np.testing.assert_array_equal(layer.variables["spectral"]["kernel_u"], t2n(u_t))
+  m.eval()
+  xt, xf = inputs(torch, "conv1d")
+  assert_close(
+    layer.wrap(flax_layer("conv1d")).apply(layer.variables, xf), to_nlc("conv1d", m(xt)), "eval"
+  )
+  back = interop.to_torch(layer.variables, "conv1d", axis=-1)
+  for key, x in sd.items():
+    assert torch.equal(back[key], x), key
+  with pytest.raises(ValueError, match=r"axis=-2 does not fit PyTorch spectral_dim=0"):
+    interop.from_torch(sd, "conv1d", axis=-2)
+
+
+# --------------------------------------------------------------------------- #
+# Whole models: the HiFi-GAN-style example.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def example(torch):
+  path = pathlib.Path(__file__).parents[1] / "examples" / "torch_interop.py"
+  spec = importlib.util.spec_from_file_location("flaxnorm_example_torch_interop", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod  # dataclass-based Flax modules look themselves up here
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_example_runs(example):
+  diffs = example.main(verbose=False)
+  assert set(diffs) == {
+    "generator output",
+    "discriminator output",
+    "weights after remove_weight_norm",
+    "round trip",
+  }
+  assert max(diffs.values()) <= TOL
+  assert diffs["round trip"] == 0.0
+
+
+def test_generator_remove_weight_norm_and_round_trip(torch, example):
+  torch.manual_seed(3)
+  gen = example.TorchGenerator()
+  sd = {k: x.clone() for k, x in gen.state_dict().items()}
+  res = example.load_generator(sd)
+  assert {
+    p: (lay.path, lay.kind, lay.method, lay.axis, lay.style) for p, lay in res.layers.items()
+  } == {
+    "up": ("up", "conv_transpose1d", "weight_norm", -2, "legacy"),
+    "convs.0": ("convs_0", "conv1d", "weight_norm", -1, "parametrizations"),
+    "convs.1": ("convs_1", "conv1d", "weight_norm", -1, "parametrizations"),
+  }
+  assert res.unused_keys == {} and res.unmatched_keys == ()
+  mel = torch.randn(2, 8, 16)
+  assert_close(
+    example.FlaxGenerator().apply(res.variables, example.ncl_to_nlc(mel)),
+    example.ncl_to_nlc(gen(mel)),
+    "generator output",
+  )
+  # Round trip, both as each layer was and all in one style.
+  back = interop.to_torch_state_dict(res.variables, res.layers)
+  assert sorted(back) == sorted(sd)
+  assert all(torch.equal(back[k], sd[k]) for k in sd)
+  legacy = interop.to_torch_state_dict(res.variables, res.layers, style="legacy")
+  assert "convs.0.weight_g" in legacy and "up.weight_g" in legacy
+  # remove_weight_norm on both sides: equal plain weights.
+  plain = flaxnorm.remove_weight_norm(res.variables)["params"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    torch.nn.utils.remove_weight_norm(gen.up)
+  for conv in gen.convs:
+    torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")
+  for prefix, lay in res.layers.items():
+    module = gen.get_submodule(prefix)
+    expect = interop.from_torch({"weight": module.weight}, lay.kind).variables["params"]["kernel"]
+    assert_close(plain[lay.path]["kernel"], expect, f"{prefix} plain kernel", tol=1e-6)
+
+
+def test_discriminator_training_step_parity(torch, example):
+  torch.manual_seed(4)
+  disc = example.TorchDiscriminator()
+  # Scramble the power-iteration state: a step from it depends on the iteration order.
+  with torch.no_grad():
+    for buf in disc.buffers():
+      buf.copy_(torch.nn.functional.normalize(torch.randn(buf.shape), dim=0))
+  res = example.load_discriminator(disc.state_dict())
+  assert [res.layers[p].axis for p in ("convs.0", "convs.1", "post")] == [-1, (-3, -2), -1]
+  audio = torch.randn(2, 1, 32)
+  x = example.ncl_to_nlc(audio)
+  y_flax, upd = example.FlaxDiscriminator().apply(res.variables, x, mutable=["spectral"])
+  y_torch = disc(audio)  # training mode: one power-iteration step per layer
+  assert_close(y_flax, example.ncl_to_nlc(y_torch), "training output")
+  stepped = example.load_discriminator(disc.state_dict()).variables["spectral"]
+  jax.tree.map(
+    lambda a, b: assert_close(a, b, "spectral state after a step"), upd["spectral"], stepped
+  )
+  disc.eval()
+  y_eval = example.FlaxDiscriminator().apply({**res.variables, **upd}, x)
+  assert_close(y_eval, example.ncl_to_nlc(disc(audio)), "eval output after a step")
+
+
+# --------------------------------------------------------------------------- #
+# Inputs and outputs without torch.
+# --------------------------------------------------------------------------- #
+
+RNG = np.random.default_rng(0)
+
+
+def arr(*shape):
+  return RNG.normal(size=shape).astype(np.float32)
+
+
+def test_numpy_and_torch_inputs_agree(torch):
+  torch.manual_seed(0)
+  m = wrap_torch(torch, torch_layer(torch, "conv1d"), "sn_new")
+  sd = m.state_dict()
+  a = interop.from_torch(sd, "conv1d").variables
+  b = interop.from_torch({k: x.numpy() for k, x in sd.items()}, "conv1d").variables
+  c = interop.from_torch({k: jnp.asarray(x.numpy()) for k, x in sd.items()}, "conv1d").variables
+  for other in (b, c):
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, other))
+
+
+def test_to_torch_without_torch_returns_numpy(monkeypatch):
+  monkeypatch.setattr(interop, "_import_torch", lambda: None)
+  layer = interop.from_torch(
+    {"weight_g": arr(3, 1), "weight_v": arr(3, 4), "bias": arr(3)}, "linear"
+  )
+  back = interop.to_torch(layer.variables, "linear", "legacy")
+  assert sorted(back) == ["bias", "weight_g", "weight_v"]
+  assert all(type(x) is np.ndarray for x in back.values())
+  assert back["weight_g"].shape == (3, 1) and back["weight_v"].shape == (3, 4)
+
+
+def test_to_torch_needs_axis_when_spectral_vectors_are_square():
+  w, u, v = arr(3, 3), arr(3), arr(3)
+  u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+  sd = {P + "original": w, P + "0._u": u, P + "0._v": v}
+  layer = interop.from_torch(sd, "linear")
+  with pytest.raises(ValueError, match=r"pass axis= \(-1 or -2\)"):
+    interop.to_torch(layer.variables, "linear")
+  back = interop.to_torch(layer.variables, "linear", axis=layer.axis)
+  for key, x in sd.items():
+    np.testing.assert_array_equal(np.asarray(back[key]), x)
+
+
+def test_conv_transpose_padding():
+  assert interop.conv_transpose_padding(4, 1) == ((2, 2),)
+  assert interop.conv_transpose_padding((3, 4), (1, 2), dilation=(1, 2), output_padding=(1, 0)) == (
+    (1, 2),
+    (4, 4),
+  )
+  with pytest.raises(ValueError, match="padding"):
+    interop.conv_transpose_padding((3, 3), (1, 1, 1))
+
+
+# --------------------------------------------------------------------------- #
+# Errors name the key, the layer kind, the shapes and the layout.
+# --------------------------------------------------------------------------- #
+
+LAYER_ERRORS = [
+  # (kind, tensors, error, pattern)
+  ("dense", {"weight": arr(3, 4)}, ValueError, r"unknown kind 'dense'.*'linear'"),
+  (
+    "linear",
+    {"weight_g": arr(3, 1)},
+    ValueError,
+    r"missing keys \['weight_v'\].*found \['weight_g'\]",
+  ),
+  (
+    "linear",
+    {P + "original": arr(3, 4), P + "0._u": arr(3)},
+    ValueError,
+    r"missing keys \['parametrizations.weight.0._v'\]",
+  ),
+  ("linear", {"bias": arr(3)}, ValueError, r"no weight found among keys \['bias'\]"),
+  (
+    "linear",
+    {"weight_g": arr(3, 1), P + "original1": arr(3, 4)},
+    ValueError,
+    r"mix PyTorch styles.*weight_g.*parametrizations.weight.original1",
+  ),
+  ("linear", {"weight": arr(3, 4), "weight_v": arr(3, 4)}, ValueError, r"mix PyTorch styles"),
+  (
+    "linear",
+    {"weight_g": arr(3, 1), "weight_v": arr(3, 4), "weight_u": arr(3)},
+    ValueError,
+    r"mix weight norm and spectral norm",
+  ),
+  (
+    "linear",
+    {"weight": arr(3, 4), "running_mean": arr(3)},
+    ValueError,
+    r"unexpected keys \['running_mean'\]",
+  ),
+  (
+    "linear",
+    {"weight": arr(3, 4, 1)},
+    ValueError,
+    r"linear.*'weight' has shape \(3, 4, 1\).*\(out, in\)",
+  ),
+  (
+    "conv1d",
+    {"weight_g": arr(3, 4, 1), "weight_v": arr(3, 4, 2)},
+    ValueError,
+    r"conv1d.*'weight_g' has shape \(3, 4, 1\).*\(out, in/groups, k\)",
+  ),
+  (
+    "linear",
+    {"weight_orig": arr(3, 4), "weight_u": arr(4), "weight_v": arr(4)},
+    ValueError,
+    r"'weight_u' has shape \(4,\).*expected \(3,\)",
+  ),
+  (
+    "linear",
+    {"weight": arr(3, 4), "bias": arr(4)},
+    ValueError,
+    r"'bias' has shape \(4,\).*expected \(3,\)",
+  ),
+  ("embedding", {"weight": arr(5, 3), "bias": arr(3)}, ValueError, r"'bias'.*Embedding has none"),
+  (
+    "linear",
+    {"weight": [[1.0, 2.0]]},
+    TypeError,
+    r"'weight' must be a torch tensor, numpy or JAX array",
+  ),
+  ("linear", {"weight": np.ones((3, 4), np.int32)}, TypeError, r"'weight'.*floating-point"),
+]
+
+
+@pytest.mark.parametrize(("kind", "tensors", "error", "pattern"), LAYER_ERRORS)
+def test_from_torch_errors(kind, tensors, error, pattern):
+  with pytest.raises(error, match=pattern):
+    interop.from_torch(tensors, kind)
+
+
+def test_to_torch_errors():
+  good = {"params": {"kernel": arr(4, 3), "bias": arr(3)}}
+  with pytest.raises(ValueError, match=r"unknown style 'old'"):
+    interop.to_torch(good, "linear", "old")
+  with pytest.raises(ValueError, match=r"no 'kernel' nor 'kernel_g'/'kernel_v' \(found \['w'\]\)"):
+    interop.to_torch({"params": {"w": arr(4, 3)}}, "linear")
+  with pytest.raises(
+    ValueError, match=r"'kernel' has shape \(4, 3\).*conv1d.*\(k, in/groups, out\)"
+  ):
+    interop.to_torch(good, "conv1d")
+  with pytest.raises(ValueError, match=r"'kernel_g' of shape \(4, 1\) keeps axis -2, not axis=-1"):
+    interop.to_torch({"params": {"kernel_g": arr(4, 1), "kernel_v": arr(4, 3)}}, "linear", axis=-1)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return flaxnorm.weight_norm(nn.Dense(3, name="fc"))(x)
+
+
+class _Net(nn.Module):
+  """Two layers: 'block/fc' (weight norm, nested) and 'out' (plain)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name="out")(_Block(name="block")(x))
+
+
+@pytest.fixture(scope="module")
+def net_variables():
+  return jax.eval_shape(_Net().init, jax.random.key(0), jnp.zeros((1, 4)))
+
+
+def _net_sd():
+  return {
+    "enc.fc.weight_g": arr(3, 1),
+    "enc.fc.weight_v": arr(3, 4),
+    "enc.fc.bias": arr(3),
+    "head.weight": arr(2, 3),
+    "head.bias": arr(2),
+  }
+
+
+def test_load_key_maps(net_variables):
+  sd = _net_sd()
+  by_dict = interop.load_torch_state_dict(sd, net_variables, {"enc": "block", "head": "out"})
+  by_fn = interop.load_torch_state_dict(
+    sd, net_variables, lambda p: {"enc.fc": ("block", "fc"), "head": "out"}[p]
+  )
+  for res in (by_dict, by_fn):
+    assert res.unused_keys == {} and res.unmatched_keys == ()
+    np.testing.assert_array_equal(res.variables["params"]["out"]["kernel"], sd["head.weight"].T)
+    np.testing.assert_array_equal(
+      res.variables["params"]["block"]["fc"]["kernel_g"], sd["enc.fc.weight_g"].T
+    )
+  assert by_dict.layers["enc.fc"].path == "block/fc"
+  y = _Net().apply(by_dict.variables, np.ones((1, 4), np.float32))
+  assert y.shape == (1, 2)
+
+
+def test_load_reports_unused_and_unmatched(net_variables):
+  sd = {**_net_sd(), "enc.bn.running_mean": arr(3)}
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)3 PyTorch keys unused, 2 Flax variables unmatched.*"
+    r"enc.bn.running_mean: not a weight.*head.weight: key_map skips it.*params/out/kernel",
+  ):
+    interop.load_torch_state_dict(sd, net_variables, {"enc": "block"})
+  res = interop.load_torch_state_dict(sd, net_variables, {"enc": "block"}, strict=False)
+  assert set(res.unused_keys) == {"enc.bn.running_mean", "head.weight", "head.bias"}
+  assert res.unmatched_keys == ("params/out/bias", "params/out/kernel")
+  assert list(res.layers) == ["enc.fc"]
+  res = interop.load_torch_state_dict(
+    sd, net_variables, {"enc": "block", "head": "nowhere"}, strict=False
+  )
+  assert res.unused_keys["head.weight"] == "no Flax layer at 'params/nowhere'"
+
+
+def test_load_refuses_mismatches(net_variables):
+  sd = _net_sd()
+  bad = {**sd, "head.weight": arr(2, 5)}
+  with pytest.raises(
+    ValueError,
+    match=r"shape mismatch for PyTorch 'head.weight' of shape \(2, 5\) \(linear layout \(out, in\)\): "
+    r"converted to \(5, 2\) \(nn.Dense kernel \(in, out\)\), but the Flax 'params/out/kernel' has shape \(3, 2\)",
+  ):
+    interop.load_torch_state_dict(bad, net_variables, {"enc": "block", "head": "out"})
+  plain_fc = {**sd, "enc.fc.weight": arr(3, 4)}
+  del plain_fc["enc.fc.weight_g"], plain_fc["enc.fc.weight_v"]
+  with pytest.raises(
+    ValueError, match=r"'enc.fc'.*PyTorch has a plain weight.*Flax layer has weight_norm"
+  ):
+    interop.load_torch_state_dict(plain_fc, net_variables, {"enc": "block", "head": "out"})
+  wn_head = {**sd, "head.weight_g": arr(2, 1), "head.weight_v": arr(2, 3)}
+  del wn_head["head.weight"]
+  with pytest.raises(
+    ValueError,
+    match=r"PyTorch has weight_norm.*wrap it with flaxnorm.weight_norm\(\.\.\., axis=-1\)",
+  ):
+    interop.load_torch_state_dict(wn_head, net_variables, {"enc": "block", "head": "out"})
+  with pytest.raises(ValueError, match=r"'head' -> 'params/block'.*has no 'kernel' nor.*\['fc'\]"):
+    interop.load_torch_state_dict(sd, net_variables, {"enc": "block", "head": "block"})
+  with pytest.raises(ValueError, match=r"kinds/axes name 'nope'"):
+    interop.load_torch_state_dict(sd, net_variables, {"enc": "block"}, kinds={"nope": "linear"})
+
+
+def test_load_conv_transpose_needs_its_kind():
+  variables = jax.eval_shape(
+    nn.ConvTranspose(2, (4,), name="up").init, jax.random.key(0), jnp.zeros((1, 5, 3))
+  )
+  variables = {"params": {"up": variables["params"]}}
+  sd = {"up.weight": arr(3, 2, 4), "up.bias": arr(2)}
+  with pytest.raises(ValueError, match=r"pass kinds=\{'up': 'conv_transpose1d'\}"):
+    interop.load_torch_state_dict(sd, variables, None)
+  res = interop.load_torch_state_dict(sd, variables, None, kinds={"up": "conv_transpose1d"})
+  np.testing.assert_array_equal(
+    res.variables["params"]["up"]["kernel"], sd["up.weight"].transpose(2, 0, 1)[::-1]
+  )
+
+
+@pytest.mark.parametrize("target_axis", [-1, -2])
+def test_load_spectral_view_follows_the_target(target_axis):
+  """A parametrized spectral norm loads into either view; the target's shapes decide."""
+  w, u, v = arr(3, 4), arr(3), arr(4)
+  sd = {
+    f"fc.{P}original": w,
+    f"fc.{P}0._u": u / np.linalg.norm(u),
+    f"fc.{P}0._v": v / np.linalg.norm(v),
+  }
+  module = flaxnorm.spectral_norm(nn.Dense(3, use_bias=False, name="fc"), axis=target_axis)
+  variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4)))
+  variables = {k: {"fc": x} for k, x in variables.items()}
+  res = interop.load_torch_state_dict(sd, variables, None)
+  assert res.layers["fc"].axis == target_axis
+  state = res.variables["spectral"]["fc"]
+  torch_u = sd[f"fc.{P}0._u"]
+  np.testing.assert_array_equal(state["kernel_u" if target_axis == -1 else "kernel_v"], torch_u)
+  # Same eval sigma either way: sigma = u^T W v.
+  np.testing.assert_allclose(state["kernel_sigma"], torch_u @ w @ sd[f"fc.{P}0._v"], rtol=1e-6)
+
+
+def test_load_square_spectral_layer_needs_its_axis():
+  w, u, v = arr(3, 3), arr(3), arr(3)
+  sd = {
+    "fc.weight_orig": w,
+    "fc.weight_u": u / np.linalg.norm(u),
+    "fc.weight_v": v / np.linalg.norm(v),
+  }
+  module = flaxnorm.spectral_norm(nn.Dense(3, use_bias=False, name="fc"), axis=-2)
+  variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 3)))
+  variables = {k: {"fc": x} for k, x in variables.items()}
+  with pytest.raises(
+    ValueError, match=r"u and v both have size 3.*pass axes=\{'fc': A\}.*-1 continues"
+  ):
+    interop.load_torch_state_dict(sd, variables, None)
+  res = interop.load_torch_state_dict(sd, variables, None, axes={"fc": -2})
+  assert res.layers["fc"].axis == -2
+  # Transposed view of a legacy (v-first) state: flaxnorm's v holds PyTorch's u.
+  np.testing.assert_array_equal(res.variables["spectral"]["fc"]["kernel_v"], sd["fc.weight_u"])
+  back = interop.to_torch_state_dict(res.variables, res.layers)
+  for key, x in sd.items():
+    np.testing.assert_array_equal(np.asarray(back[key]), x)

@@ -1,0 +1,264 @@
+"""Tests of the pytree API with a Linen apply, a hand-written jnp MLP and equinox."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.core import FrozenDict, freeze
+
+import flaxnorm
+import flaxnorm.tree as ft
+
+X = jax.random.normal(jax.random.key(1), (2, 4))
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(5)(x))
+    return nn.Dense(3)(x)
+
+
+def _linen():
+  model = MLP()
+  return model, model.init(jax.random.key(0), X)["params"]
+
+
+def _jnp_mlp():
+  """A hand-written MLP: a list of layers, weights named 'w', PyTorch layout (out, in)."""
+  k1, k2 = jax.random.split(jax.random.key(3))
+  params = [
+    {"w": jax.random.normal(k1, (5, 4)), "b": jnp.zeros(5)},
+    {"w": jax.random.normal(k2, (3, 5)), "b": jnp.zeros(3)},
+  ]
+
+  def apply(params, x):
+    for i, layer in enumerate(params):
+      x = x @ layer["w"].T + layer["b"]
+      x = jax.nn.relu(x) if i == 0 else x
+    return x
+
+  return params, apply
+
+
+def _top_sigma(w, axis=-1):
+  return float(np.linalg.svd(np.asarray(flaxnorm.as_matrix(w, axis)), compute_uv=False)[0])
+
+
+def _loops(fn, *args):
+  text = str(jax.make_jaxpr(fn)(*args))
+  return "scan[" in text or "while[" in text
+
+
+# --------------------------------------------------------------------------- #
+# Weight norm
+# --------------------------------------------------------------------------- #
+
+
+def test_weight_norm_linen_apply_layout_output_grads_training():
+  model, params = _linen()
+  wn = ft.weight_norm_init(params)
+  layer = flaxnorm.weight_norm(nn.Dense(3)).init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+  assert jax.tree.map(jnp.shape, wn["Dense_1"]) == jax.tree.map(jnp.shape, layer)
+  chex.assert_trees_all_equal(wn["Dense_0"]["kernel_v"], params["Dense_0"]["kernel"])
+  chex.assert_trees_all_close(
+    model.apply({"params": ft.weight_norm_apply(wn)}, X),
+    model.apply({"params": params}, X),
+    atol=1e-6,
+  )
+  # Folding with the Linen face's remover gives the same tree.
+  chex.assert_trees_all_close(flaxnorm.remove_weight_norm(wn), ft.weight_norm_apply(wn))
+
+  def loss_fn(wn):
+    return jnp.mean((model.apply({"params": ft.weight_norm_apply(wn)}, X) - 1.0) ** 2)
+
+  grads = jax.grad(loss_fn)(wn)
+  for layer in grads.values():
+    assert float(jnp.abs(layer["kernel_g"]).sum()) > 0
+    assert float(jnp.abs(layer["kernel_v"]).sum()) > 0
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(wn)
+
+  @jax.jit
+  def step(wn, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(wn)
+    updates, opt_state = tx.update(grads, opt_state, wn)
+    return optax.apply_updates(wn, updates), opt_state, loss
+
+  new, opt_state, loss0 = step(wn, opt_state)
+  for _ in range(3):
+    new, opt_state, loss = step(new, opt_state)
+  assert float(loss) < float(loss0)
+  assert float(jnp.abs(new["Dense_0"]["kernel_g"] - wn["Dense_0"]["kernel_g"]).min()) > 0
+
+
+def test_weight_norm_hand_written_mlp_with_predicate():
+  params, apply = _jnp_mlp()
+  wn = ft.weight_norm_init(params, names=lambda path, x: x.ndim == 2, axis=0)
+  assert jax.tree.map(jnp.shape, wn) == [
+    {"b": (5,), "w_g": (5, 1), "w_v": (5, 4)},
+    {"b": (3,), "w_g": (3, 1), "w_v": (3, 5)},
+  ]
+  chex.assert_trees_all_close(apply(ft.weight_norm_apply(wn), X), apply(params, X), atol=1e-5)
+  grads = jax.grad(lambda wn: jnp.sum(apply(ft.weight_norm_apply(wn), X) ** 2))(wn)
+  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+  # Leaves with no dict parent become WeightNormParam nodes.
+  weights = [layer["w"] for layer in params]
+  wn_list = ft.weight_norm_init(weights, names=lambda path, x: True, axis=0)
+  assert all(isinstance(x, ft.WeightNormParam) for x in wn_list)
+  chex.assert_trees_all_close(ft.weight_norm_apply(wn_list), weights, atol=1e-6)
+
+
+def test_weight_norm_frozen_dict_and_whole_tensor():
+  _, params = _linen()
+  wn = ft.weight_norm_init(params, axis=None)
+  assert wn["Dense_0"]["kernel_g"].shape == ()
+  frozen = ft.weight_norm_init(freeze(params))
+  assert isinstance(frozen, FrozenDict) and isinstance(frozen["Dense_0"], FrozenDict)
+  assert isinstance(ft.weight_norm_apply(frozen), FrozenDict)
+
+
+def test_equinox_partitioned_model():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(4, 3, 5, 1, key=jax.random.key(0))
+  params, static = eqx.partition(model, eqx.is_array)
+  x = X[0]
+  # equinox's Linear weight is (out, in): keep axis 0.
+  wn = ft.weight_norm_init(params, names="weight", axis=0)
+  assert isinstance(wn.layers[0].weight, ft.WeightNormParam)
+  assert wn.layers[0].weight.g.shape == (5, 1)
+  rebuilt = eqx.combine(ft.weight_norm_apply(wn), static)
+  chex.assert_trees_all_close(rebuilt(x), model(x), atol=1e-6)
+  grads = jax.grad(lambda wn: jnp.sum(eqx.combine(ft.weight_norm_apply(wn), static)(x)))(wn)
+  assert float(jnp.abs(grads.layers[0].weight.g).sum()) > 0
+
+  state = ft.spectral_norm_init(params, jax.random.key(1), names="weight", axis=0)
+  assert jax.tree.map(jnp.shape, state) == {
+    "layers": {
+      "0": {"weight_sigma": (), "weight_u": (5,), "weight_v": (4,)},
+      "1": {"weight_sigma": (), "weight_u": (3,), "weight_v": (5,)},
+    }
+  }
+  sn, state = ft.spectral_norm_apply(params, state, update=True, axis=0)
+  np.testing.assert_allclose(_top_sigma(sn.layers[1].weight, 0), 1.0, rtol=1e-4)
+  assert eqx.combine(sn, static)(x).shape == (3,)
+
+
+# --------------------------------------------------------------------------- #
+# Spectral norm
+# --------------------------------------------------------------------------- #
+
+
+def test_spectral_norm_layout_matches_linen_and_sigma_is_one():
+  model, params = _linen()
+  state = ft.spectral_norm_init(params, jax.random.key(0))
+  linen = flaxnorm.spectral_norm(nn.Dense(3)).init(jax.random.key(0), jnp.ones((1, 5)))
+  assert jax.tree.map(jnp.shape, state["Dense_1"]) == jax.tree.map(jnp.shape, linen["spectral"])
+  sn, _ = ft.spectral_norm_apply(params, state, update=True)
+  for name in ("Dense_0", "Dense_1"):
+    np.testing.assert_allclose(_top_sigma(sn[name]["kernel"]), 1.0, rtol=1e-4)
+    chex.assert_trees_all_equal(sn[name]["bias"], params[name]["bias"])
+  assert model.apply({"params": sn}, X).shape == (2, 3)
+  # The Linen remover folds the same layout to the eval params.
+  folded = flaxnorm.remove_spectral_norm({"params": params, "spectral": state})
+  eval_params, _ = ft.spectral_norm_apply(params, state, update=False)
+  chex.assert_trees_all_close(folded["params"], eval_params, atol=1e-6)
+
+
+def test_spectral_norm_update_false_changes_nothing_and_runs_no_iteration():
+  _, params = _linen()
+  # One iteration: u^T W v of a random (u, v) can be negative; after one it is ||W v||.
+  state = ft.spectral_norm_init(params, jax.random.key(0), n_init_iterations=1)
+  sn, same = ft.spectral_norm_apply(params, state, update=False)
+  assert same is state
+  w, s = params["Dense_0"]["kernel"], state["Dense_0"]
+  sigma = s["kernel_u"] @ w.T @ s["kernel_v"]
+  chex.assert_trees_all_close(sn["Dense_0"]["kernel"], w / sigma, atol=1e-6)
+  assert not _loops(lambda p, s: ft.spectral_norm_apply(p, s, update=False), params, state)
+  assert _loops(lambda p, s: ft.spectral_norm_apply(p, s, update=True), params, state)
+
+
+def test_spectral_norm_update_true_iterates_from_stored_state():
+  params, apply = _jnp_mlp()
+  state = ft.spectral_norm_init(params, jax.random.key(0), names="w", axis=0, n_init_iterations=0)
+  step = jax.jit(
+    lambda p, s: ft.spectral_norm_apply(p, s, update=True, n_power_iterations=3, axis=0)
+  )
+  sn, new = step(params, state)
+  s0 = state["1"]
+  want_w, want = flaxnorm.spectral_normalize(
+    params[1]["w"], s0["w_u"], s0["w_v"], axis=0, n_steps=3
+  )
+  chex.assert_trees_all_close(
+    (new["1"]["w_u"], new["1"]["w_v"], new["1"]["w_sigma"]), tuple(want), atol=1e-6
+  )
+  chex.assert_trees_all_close(sn[1]["w"], want_w, atol=1e-6)
+  assert float(jnp.abs(new["1"]["w_u"] - s0["w_u"]).max()) > 1e-3
+  # Gradient flows to w (through sigma too), never to the state.
+  grads = jax.grad(
+    lambda p, s: jnp.sum(apply(ft.spectral_norm_apply(p, s, update=True, axis=0)[0], X)),
+    argnums=(0, 1),
+  )(params, state)
+  assert float(jnp.abs(grads[0][0]["w"]).sum()) > 0
+  assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads[1]))
+
+
+# --------------------------------------------------------------------------- #
+# Errors
+# --------------------------------------------------------------------------- #
+
+
+def test_error_unmatched_names_list_the_paths():
+  _, params = _linen()
+  with pytest.raises(ValueError, match=r"names \['weight'\] matched no array leaf.*'Dense_0/bias'"):
+    ft.weight_norm_init(params, names=("kernel", "weight"))
+  with pytest.raises(ValueError, match=r"the path predicate matched no array leaf.*Dense_1/kernel"):
+    ft.spectral_norm_init(params, jax.random.key(0), names=lambda p, x: False)
+  wn = ft.weight_norm_init(params)
+  with pytest.raises(ValueError, match=r"was weight_norm_init applied already"):
+    ft.weight_norm_init(wn)
+  with pytest.raises(ValueError, match=r"already has a 'kernel_g'"):
+    ft.weight_norm_init({**wn, "x": {"kernel": jnp.ones((2, 2)), "kernel_g": jnp.ones((1, 2))}})
+  with pytest.raises(ValueError, match=r"found no \{x\}_g/\{x\}_v pair"):
+    ft.weight_norm_apply(params)
+
+
+def test_error_leaf_types_and_shapes():
+  with pytest.raises(TypeError, match=r"'a/kernel' must be a floating-point array"):
+    ft.weight_norm_init({"a": {"kernel": jnp.ones((2, 2), jnp.int32)}})
+  boxed = {"a": {"kernel": nn.Partitioned(jnp.ones((2, 2)), names=("x", "y"))}}
+  with pytest.raises(TypeError, match=r"'a/kernel' is a Partitioned.*unbox"):
+    ft.weight_norm_init(boxed)
+  with pytest.raises(ValueError, match=r"unbox it first"):
+    ft.spectral_norm_init(boxed, jax.random.key(0), names=lambda p, x: True)
+  with pytest.raises(ValueError, match=r"at least 2 dims at tree path 'a/kernel'"):
+    ft.spectral_norm_init({"a": {"kernel": jnp.ones(3)}}, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"axis 2 is out of range at tree path 'a/kernel'"):
+    ft.weight_norm_init({"a": {"kernel": jnp.ones((2, 2))}}, axis=2)
+  with pytest.raises(ValueError, match=r"single array"):
+    ft.weight_norm_init(jnp.ones((2, 2)), names=lambda p, x: True)
+  with pytest.raises(TypeError, match=r"key must be a PRNG key"):
+    ft.spectral_norm_init({"kernel": jnp.ones((2, 2))}, 0)
+
+
+def test_error_state_does_not_fit_params():
+  params = {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((3, 3))}}
+  state = ft.spectral_norm_init(params, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"params have no leaf 'b/kernel'.*\['a/kernel'\]"):
+    ft.spectral_norm_apply({"a": params["a"]}, state, update=True)
+  with pytest.raises(
+    ValueError, match=r"'a/kernel' of shape \(4, 3\) does not fit its state.*axis=0"
+  ):
+    ft.spectral_norm_apply(params, state, update=True, axis=0)
+  with pytest.raises(ValueError, match=r"unexpected state entry 'a/extra'"):
+    ft.spectral_norm_apply(params, {**state, "a": {**state["a"], "extra": 1.0}}, update=True)
+  with pytest.raises(ValueError, match=r"lacks \['kernel_sigma'\]"):
+    partial = {k: x for k, x in state["a"].items() if k != "kernel_sigma"}
+    ft.spectral_norm_apply(params, {"a": partial}, update=True)
+  with pytest.raises(TypeError, match=r"update must be a Python bool"):
+    ft.spectral_norm_apply(params, state, update=jnp.array(True))
+  with pytest.raises(ValueError, match=r"n_power_iterations must be >= 1"):
+    ft.spectral_norm_apply(params, state, update=True, n_power_iterations=0)
