@@ -173,6 +173,29 @@ def _normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
   return jnp.where(small, previous, x * jax.lax.rsqrt(jnp.where(small, 1.0, sumsq)))
 
 
+# Explicit sharding (jax.make_mesh's default axis type) exists in newer JAX only.
+_EXPLICIT = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+
+
+def _is_explicit(x: Array) -> bool:
+  return _EXPLICIT is not None and _EXPLICIT in getattr(
+    jax.typeof(x).sharding.mesh, "axis_types", ()
+  )
+
+
+def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
+  """``a @ b``; under explicit sharding, sharded like ``like`` (replicated if None).
+
+  With explicitly sharded kernels, a product over a sharded axis has no
+  inferable output sharding, and ``jnp.where`` needs its branches sharded
+  alike: each new vector keeps the sharding of the one it replaces.
+  """
+  if not (_is_explicit(a) or _is_explicit(b)):
+    return a @ b
+  spec = jax.sharding.PartitionSpec() if like is None else jax.typeof(like).sharding.spec
+  return jnp.matmul(a, b, out_sharding=spec)
+
+
 def power_iteration(
   w: Array,
   u: Array,
@@ -225,15 +248,15 @@ def power_iteration(
 
   def step(_, uv):
     u, v = uv
-    v = _normalize_or_keep(w_fixed.T @ u, v, eps)
-    u = _normalize_or_keep(w_fixed @ v, u, eps)
+    v = _normalize_or_keep(_dot(w_fixed.T, u, v), v, eps)
+    u = _normalize_or_keep(_dot(w_fixed, v, u), u, eps)
     return u, v
 
   uv = (jax.lax.stop_gradient(u.astype(dtype)), jax.lax.stop_gradient(v.astype(dtype)))
   if n_steps:
     uv = jax.lax.fori_loop(0, n_steps, step, uv)
   u, v = jax.lax.stop_gradient(uv)
-  sigma = u @ (w32 @ v)
+  sigma = _dot(u, _dot(w32, v, u))
   return u, v, sigma
 
 

@@ -115,7 +115,8 @@ class _SpectralNorm:
         module.make_rng(rng), w, axis=kept, n_steps=self.n_init_iterations, eps=self.eps
       )
       names = _axis_names(raw_w)
-      u_names = (names[kept[0]],) if names is not None and len(kept) == 1 else None
+      # u lies along the kept axis; with several kept axes it has no one name.
+      u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
       boxes = (
         _rebox(raw_w, state.u, u_names),
         _rebox(raw_w, state.v, None if names is None else (None,)),
