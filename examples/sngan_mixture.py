@@ -31,7 +31,10 @@ import flaxnorm
 N_MODES, RADIUS, STD = 8, 2.0, 0.02
 LATENT, BATCH, STEPS, LR = 8, 256, 3000, 1e-3
 MODES = RADIUS * np.stack(
-  [np.cos(2 * np.pi * np.arange(N_MODES) / N_MODES), np.sin(2 * np.pi * np.arange(N_MODES) / N_MODES)],
+  [
+    np.cos(2 * np.pi * np.arange(N_MODES) / N_MODES),
+    np.sin(2 * np.pi * np.arange(N_MODES) / N_MODES),
+  ],
   axis=1,
 ).astype(np.float32)
 
