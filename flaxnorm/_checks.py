@@ -112,3 +112,14 @@ def check_spectral_weight(w: Any, axis: Axis, where: str = "") -> tuple[int, ...
   if axis is None:
     raise ValueError(f"spectral norm needs a kept (output) axis{_at(where)}, got None.")
   return normalize_axes(axis, w.ndim, where)
+
+
+#: What spectral norm does with sigma: divide by it, or only shrink (1-Lipschitz).
+SPECTRAL_MODES = ("normalize", "clip")
+
+
+def check_mode(mode: Any, where: str = "") -> str:
+  """Returns ``mode`` if it is one of :data:`SPECTRAL_MODES`, else raises."""
+  if mode not in SPECTRAL_MODES:
+    raise ValueError(f"mode must be one of {SPECTRAL_MODES}{_at(where)}, got {mode!r}.")
+  return mode

@@ -295,24 +295,33 @@ def spectral_state_init(
   return SpectralState(u, v, jax.lax.stop_gradient(sigma))
 
 
-def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12) -> Array:
-  """Returns ``w / sigma``; a ``|sigma| <= eps`` leaves ``w`` unchanged.
+def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "normalize") -> Array:
+  """Returns ``w / sigma`` (``mode="normalize"``) or ``w / max(sigma, 1)`` (``"clip"``).
 
-  A (near-)zero matrix already has a spectral norm below 1; dividing it by a
-  tiny sigma would blow it up to an arbitrary size, and by zero give NaN.
+  ``"normalize"`` gives the kernel spectral norm 1 (Miyato et al., 2018);
+  ``"clip"`` only shrinks kernels whose spectral norm exceeds 1, as in
+  Lipschitz-constrained networks. In ``"normalize"`` a ``|sigma| <= eps``
+  leaves ``w`` unchanged: a (near-)zero matrix already has a spectral norm below
+  1, and dividing it by a tiny sigma would blow it up, by zero give NaN.
 
   Args:
     w: kernel of any shape.
     sigma: scalar estimate of ``w``'s spectral norm.
     eps: threshold below which no division happens.
+    mode: ``"normalize"`` or ``"clip"``.
 
   Returns:
     An array of ``w``'s shape and dtype.
   """
-  # |sigma|: a stale state can give sigma < 0, which PyTorch divides by too.
-  # A NaN sigma is not small: the kernel becomes NaN, loudly.
-  small = jnp.abs(sigma) <= eps
-  scale = jnp.where(small, 1.0, 1.0 / jnp.where(small, 1.0, sigma))
+  _checks.check_mode(mode, "scale_by_sigma")
+  if mode == "clip":
+    divisor = jnp.maximum(sigma, 1.0)  # NaN propagates
+  else:
+    # |sigma|: a stale state can give sigma < 0, which PyTorch divides by too.
+    # A NaN sigma is not small: the kernel becomes NaN, loudly.
+    small = jnp.abs(sigma) <= eps
+    divisor = jnp.where(small, 1.0, sigma)
+  scale = 1.0 / divisor
   return (w.astype(scale.dtype) * scale).astype(w.dtype)
 
 
@@ -325,8 +334,11 @@ def spectral_normalize(
   axis: Axis = -1,
   n_steps: int = 1,
   eps: float = 1e-12,
+  mode: str = "normalize",
 ) -> tuple[Array, SpectralState]:
   """Divides a kernel by its spectral norm, estimated by power iteration.
+
+  The matrix view is PyTorch's: the kept ``axis`` as rows, the rest as columns.
 
   Args:
     w: kernel of any rank >= 2, e.g. a Flax ``Conv`` kernel ``(kh, kw, in, out)``.
@@ -338,9 +350,11 @@ def spectral_normalize(
     n_steps: power iterations to run first; ``0`` (evaluation) uses the
       stored vectors as they are, ``sigma = u^T W v``.
     eps: see :func:`power_iteration` and :func:`scale_by_sigma`.
+    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
 
   Returns:
-    ``(w / sigma, SpectralState(u, v, sigma))``: the normalized kernel, with
+    ``(w / sigma, SpectralState(u, v, sigma))`` (``w / max(sigma, 1)`` in
+    ``"clip"`` mode): the normalized kernel, with
     ``w``'s shape and dtype and differentiable in ``w`` (through ``sigma`` too),
     and the new state. A non-finite ``w`` gives a NaN kernel and returns the
     stored state unchanged.
@@ -356,4 +370,4 @@ def spectral_normalize(
     jnp.where(ok, new_v, v.astype(new_v.dtype)),
     jax.lax.stop_gradient(jnp.where(ok, new_sigma, old_sigma)),
   )
-  return scale_by_sigma(w, new_sigma, eps), state
+  return scale_by_sigma(w, new_sigma, eps, mode=mode), state

@@ -60,6 +60,7 @@ def _fold_sn(
   state: Mapping[str, Any],
   axis: Axis | Mapping[str, Axis],
   eps: float,
+  mode: str,
   path: tuple[str, ...],
 ) -> dict[str, Any]:
   out = dict(params)
@@ -71,7 +72,7 @@ def _fold_sn(
           f"remove_spectral_norm: the spectral state has a layer {_join(path, key)!r} "
           "that the params do not have."
         )
-      out[key] = _fold_sn(params[key], x, axis, eps, (*path, key))
+      out[key] = _fold_sn(params[key], x, axis, eps, mode, (*path, key))
     elif not any(key.endswith(s) and key[: -len(s)] in bases for s in _STATE_SUFFIXES):
       raise ValueError(f"remove_spectral_norm: unexpected state entry {_join(path, key)!r}.")
   for base in sorted(bases):
@@ -90,7 +91,7 @@ def _fold_sn(
       layer_axis = axis
     u, v = meta.unbox(state[f"{base}_u"]), meta.unbox(state[f"{base}_v"])
     try:
-      w_sn, _ = _math.spectral_normalize(w, u, v, axis=layer_axis, n_steps=0, eps=eps)
+      w_sn, _ = _math.spectral_normalize(w, u, v, axis=layer_axis, n_steps=0, eps=eps, mode=mode)
     except ValueError as e:
       raise ValueError(
         f"remove_spectral_norm: param {_join(path, base)!r} of shape {tuple(w.shape)} "
@@ -107,6 +108,7 @@ def fold_spectral_norm(
   *,
   axis: Axis | Mapping[str, Axis] = -1,
   eps: float = 1e-12,
+  mode: str = "normalize",
 ) -> dict[str, Any]:
   """Divides each kernel with spectral state by ``sigma = u^T W v`` and drops the state."""
   if collection not in variables or "params" not in variables:
@@ -114,7 +116,7 @@ def fold_spectral_norm(
       f"remove_spectral_norm: variables need 'params' and '{collection}' "
       f"collections, found {sorted(variables)}."
     )
-  params = _fold_sn(variables["params"], variables[collection], axis, eps, ())
+  params = _fold_sn(variables["params"], variables[collection], axis, eps, mode, ())
   out = {k: x for k, x in variables.items() if k != collection}
   out["params"] = params
   return out

@@ -90,6 +90,7 @@ class _SpectralNorm:
   n_init_iterations: int
   eps: float
   collection: str
+  mode: str = "normalize"
   method: str = "spectral_norm"
 
   def __call__(self, module, name, create_param):
@@ -141,7 +142,7 @@ class _SpectralNorm:
       n_steps = self.n_power_iterations if module.is_mutable_collection(col) else 0
 
     w_sn, new = _math.spectral_normalize(
-      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=self.eps
+      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=self.eps, mode=self.mode
     )
     if n_steps:
       for key, value in zip(keys, new):
@@ -312,6 +313,7 @@ def spectral_norm(
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   collection: str = "spectral",
+  mode: str = "normalize",
 ) -> Any:
   """Divides a layer's kernel by its spectral norm (Miyato et al., 2018).
 
@@ -344,6 +346,9 @@ def spectral_norm(
     n_init_iterations: iterations at init (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
     collection: the variable collection holding the state.
+    mode: ``"normalize"`` uses ``w / sigma`` (spectral norm 1); ``"clip"``
+      uses ``w / max(sigma, 1)``, shrinking only kernels whose spectral norm
+      exceeds 1 (a 1-Lipschitz layer that may stay below 1).
 
   Returns:
     The transformed class or module.
@@ -376,6 +381,7 @@ def spectral_norm(
     ),
     eps=_checks.check_eps(eps, "spectral_norm"),
     collection=collection,
+    mode=_checks.check_mode(mode, "spectral_norm"),
   )
   return _transform(target, dict.fromkeys(names, spec), "spectral_norm")
 
@@ -401,6 +407,7 @@ def remove_spectral_norm(
   *,
   axis: Axis | Mapping[str, Axis] = -1,
   eps: float = 1e-12,
+  mode: str = "normalize",
 ) -> dict[str, Any]:
   """Divides every spectrally normalized kernel by its sigma and drops the state.
 
@@ -414,8 +421,9 @@ def remove_spectral_norm(
       mapping from layer path (``"Block_0/Dense_1"``) to axis; layers missing
       from it use ``-1``.
     eps: the ``eps`` the layers were wrapped with.
+    mode: the ``mode`` the layers were wrapped with.
 
   Returns:
     Variables for the plain layer, without ``collection``.
   """
-  return tree_lib.fold_spectral_norm(variables, collection, axis=axis, eps=eps)
+  return tree_lib.fold_spectral_norm(variables, collection, axis=axis, eps=eps, mode=mode)

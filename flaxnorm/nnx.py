@@ -136,6 +136,7 @@ class _SpectralNorm:
   n_power_iterations: int
   eps: float
   added_flag: bool  # this transform gave the module its train/eval attribute
+  mode: str = "normalize"
   method: str = "spectral_norm"
 
   def attrs(self, name: str) -> tuple[str, ...]:
@@ -151,14 +152,20 @@ class _SpectralNorm:
     # just iterated and stored them, so this is exactly Linen's training sigma.
     w, u, v, _ = self._state(module, name)
     w_sn, _ = _math.spectral_normalize(
-      w[...], u[...], v[...], axis=self.axis, n_steps=0, eps=self.eps
+      w[...], u[...], v[...], axis=self.axis, n_steps=0, eps=self.eps, mode=self.mode
     )
     return w_sn
 
   def update(self, module: nnx.Module, name: str) -> None:
     w, u, v, sigma = self._state(module, name)
     _, new = _math.spectral_normalize(
-      w[...], u[...], v[...], axis=self.axis, n_steps=self.n_power_iterations, eps=self.eps
+      w[...],
+      u[...],
+      v[...],
+      sigma=sigma[...],
+      axis=self.axis,
+      n_steps=self.n_power_iterations,
+      eps=self.eps,
     )
     u[...], v[...], sigma[...] = new.u, new.v, new.sigma
 
@@ -545,7 +552,9 @@ def weight_norm(
   return module
 
 
-def _sn_spec(axis: Any, n_power_iterations: Any, n_init_iterations: Any, eps: Any):
+def _sn_spec(
+  axis: Any, n_power_iterations: Any, n_init_iterations: Any, eps: Any, mode: Any = "normalize"
+):
   _checks.check_axis_arg(axis, "spectral_norm", allow_none=False)
   spec = _SpectralNorm(
     axis=tuple(axis) if isinstance(axis, list) else axis,
@@ -554,6 +563,7 @@ def _sn_spec(axis: Any, n_power_iterations: Any, n_init_iterations: Any, eps: An
     ),
     eps=_checks.check_eps(eps, "spectral_norm"),
     added_flag=False,
+    mode=_checks.check_mode(mode, "spectral_norm"),
   )
   return spec, _checks.check_count(n_init_iterations, "n_init_iterations", 0, "spectral_norm")
 
@@ -566,6 +576,7 @@ def spectral_norm(
   n_power_iterations: int = 1,
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
+  mode: str = "normalize",
   rngs: Rngs = None,
 ) -> M:
   """Divides a layer's param by its spectral norm (Miyato et al., 2018), in place.
@@ -600,6 +611,8 @@ def spectral_norm(
     n_power_iterations: iterations per training call (>= 1).
     n_init_iterations: iterations at wrap time (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
+    mode: ``"normalize"`` uses ``W / sigma``; ``"clip"`` uses
+      ``W / max(sigma, 1)`` (only kernels with spectral norm above 1 shrink).
     rngs: where the random start comes from: an ``nnx.Rngs`` (its
       ``'spectral'`` stream if it has one, else ``params``), a PRNG key, an int
       seed, or ``None`` (seed 0; after ``n_init_iterations`` the start hardly
@@ -626,7 +639,7 @@ def spectral_norm(
     >>> y = layer(jnp.ones((2, 4)))  # evaluation: state frozen
   """
   names = _checks.check_names(name)
-  spec, n_init = _sn_spec(axis, n_power_iterations, n_init_iterations, eps)
+  spec, n_init = _sn_spec(axis, n_power_iterations, n_init_iterations, eps, mode)
   keys = _make_key_source(rngs, "spectral_norm")
   _plan_spectral_norm(module, None, names, spec, n_init, keys)()
   return module
@@ -709,7 +722,7 @@ def wrap_modules(
     commits = [_plan_weight_norm(m, p, names, spec) for p, m in chosen]
   else:
     spec, n_init = _sn_spec(
-      args["axis"], args["n_power_iterations"], args["n_init_iterations"], args["eps"]
+      args["axis"], args["n_power_iterations"], args["n_init_iterations"], args["eps"], args["mode"]
     )
     source = _make_key_source(args["rngs"], "spectral_norm")
     commits = [

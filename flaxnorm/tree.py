@@ -404,6 +404,7 @@ def spectral_norm_apply(
   n_power_iterations: int = 1,
   axis: Axis = -1,
   eps: float = 1e-12,
+  mode: str = "normalize",
 ) -> tuple[Any, Any]:
   """Divides each weight that has spectral state by its spectral norm.
 
@@ -418,6 +419,7 @@ def spectral_norm_apply(
     n_power_iterations: iterations per training call (>= 1).
     axis: the kept axis given to :func:`spectral_norm_init`.
     eps: see :func:`flaxnorm.spectral_normalize`.
+    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
 
   Returns:
     ``(normalized params, new state)``: params of the same structure with each
@@ -437,6 +439,7 @@ def spectral_norm_apply(
   axis = tuple(axis) if isinstance(axis, list) else axis
   n_iter = _checks.check_count(n_power_iterations, "n_power_iterations", 1, "spectral_norm_apply")
   eps = _checks.check_eps(eps, "spectral_norm_apply")
+  mode = _checks.check_mode(mode, "spectral_norm_apply")
   if not isinstance(state, Mapping):
     raise TypeError(
       f"spectral_norm_apply: state must be the dict from spectral_norm_init, got "
@@ -445,7 +448,7 @@ def spectral_norm_apply(
   leaves = {tuple(str(k) for k in p): x for p, x in _leaves(params)}
   normalized: dict[Path, Any] = {}
   new_state: dict[Path, Any] = {}
-  for path, (u, v, _) in _state_entries(state, ()):
+  for path, (u, v, sigma) in _state_entries(state, ()):
     w = leaves.get(path)
     if w is None:
       raise ValueError(
@@ -458,7 +461,7 @@ def spectral_norm_apply(
     _checks.check_spectral_weight(w, axis, where)
     try:
       w_sn, s = _math.spectral_normalize(
-        w, u, v, axis=axis, n_steps=n_iter if update else 0, eps=eps
+        w, u, v, sigma=sigma, axis=axis, n_steps=n_iter if update else 0, eps=eps, mode=mode
       )
     except ValueError as e:
       raise ValueError(

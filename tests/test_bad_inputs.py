@@ -125,6 +125,12 @@ BAD_INPUTS = [
     r"For NNX modules use flaxnorm.nnx.spectral_norm",
   ),
   (
+    "unknown spectral mode",
+    lambda: flaxnorm.spectral_norm(nn.Dense, mode="max"),
+    ValueError,
+    r"mode must be one of \('normalize', 'clip'\) at spectral_norm, got 'max'",
+  ),
+  (
     "spectral collection named 'params'",
     lambda: flaxnorm.spectral_norm(nn.Dense, collection="params"),
     ValueError,

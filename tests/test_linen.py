@@ -528,3 +528,34 @@ def test_remove_spectral_norm_with_per_layer_axes():
   chex.assert_trees_all_close(
     plain.apply(renamed, x), Two().apply(variables, x), rtol=1e-5, atol=1e-6
   )
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_spectral_clip_mode(scale):
+  """mode="clip": w / max(sigma, 1), the same in the Linen, NNX and tree faces."""
+  from flax import nnx
+
+  w = jax.random.normal(jax.random.key(2), (4, 3))
+  w = w * scale / _svd_top(w)  # spectral norm exactly `scale`
+  x = _inputs((2, 4))
+  layer = flaxnorm.spectral_norm(nn.Dense(3, kernel_init=lambda *_: w), mode="clip")
+  variables = layer.init(KEY, x)
+  y = layer.apply(variables, x)
+  expected = nn.Dense(3).apply(
+    {"params": {**variables["params"], "kernel": w / max(scale, 1.0)}}, x
+  )
+  chex.assert_trees_all_close(y, expected, rtol=1e-4, atol=1e-6)
+  removed = flaxnorm.remove_spectral_norm(variables, mode="clip")
+  chex.assert_trees_all_close(nn.Dense(3).apply(removed, x), y, rtol=1e-5, atol=1e-6)
+
+  lin = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  lin.kernel[...] = w
+  lin.bias[...] = variables["params"]["bias"]
+  lin = flaxnorm.nnx.spectral_norm(lin, mode="clip")
+  lin.eval()
+  chex.assert_trees_all_close(lin(x), expected, rtol=1e-4, atol=1e-6)
+
+  sn_params, _ = flaxnorm.tree.spectral_norm_apply(
+    variables["params"], variables["spectral"], update=False, mode="clip"
+  )
+  chex.assert_trees_all_close(sn_params["kernel"], w / max(scale, 1.0), rtol=1e-4)
