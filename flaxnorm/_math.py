@@ -144,7 +144,9 @@ def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
       "reduced axes (what weight_norm_decompose returns)."
     )
   dtype = max(_compute_dtype(g.dtype), _compute_dtype(v.dtype), key=lambda d: d.itemsize)
-  w = g.astype(dtype) * v.astype(dtype) * _inv_norm(v, axes, eps)
+  # Scale first: (g * inv) is small, so no kernel-sized g * v is made and kept
+  # for the backward pass.
+  w = v.astype(dtype) * (g.astype(dtype) * _inv_norm(v, axes, eps))
   return w.astype(v.dtype)
 
 
@@ -248,15 +250,17 @@ def power_iteration(
 
   def step(_, uv):
     u, v = uv
-    v = _normalize_or_keep(_dot(w_fixed.T, u, v), v, eps)
-    u = _normalize_or_keep(_dot(w_fixed, v, u), u, eps)
+    # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
+    # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
+    v = _normalize_or_keep(_dot(u, w_fixed, v), v, eps)  # W^T u
+    u = _normalize_or_keep(_dot(v, w_fixed.T, u), u, eps)  # W v
     return u, v
 
   uv = (jax.lax.stop_gradient(u.astype(dtype)), jax.lax.stop_gradient(v.astype(dtype)))
   if n_steps:
     uv = jax.lax.fori_loop(0, n_steps, step, uv)
   u, v = jax.lax.stop_gradient(uv)
-  sigma = _dot(u, _dot(w32, v, u))
+  sigma = _dot(_dot(u, w32, v), v)  # (u^T W) v, vector on the left as above
   return u, v, sigma
 
 
