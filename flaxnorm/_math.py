@@ -198,6 +198,21 @@ def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
   return jnp.matmul(a, b, out_sharding=spec)
 
 
+@jax.custom_jvp
+def _bilinear(w: Array, u: Array, v: Array, value: Array) -> Array:
+  """``u^T w v``, whose value ``value`` the caller has already computed."""
+  del w, u, v
+  return value
+
+
+@_bilinear.defjvp
+def _bilinear_jvp(primals, tangents):
+  _, u, v, value = primals
+  dw = tangents[0]
+  # u and v carry no gradient (power iteration is outside the graph).
+  return value, _dot(_dot(u, dw, v), v)
+
+
 def power_iteration(
   w: Array,
   u: Array,
@@ -248,19 +263,23 @@ def power_iteration(
   w32 = w.astype(dtype)
   w_fixed = jax.lax.stop_gradient(w32)
 
-  def step(_, uv):
-    u, v = uv
+  def step(_, carry):
+    u, v, _ = carry
     # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
     # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
     v = _normalize_or_keep(_dot(u, w_fixed, v), v, eps)  # W^T u
-    u = _normalize_or_keep(_dot(v, w_fixed.T, u), u, eps)  # W v
-    return u, v
+    wv = _dot(v, w_fixed.T, u)  # W v
+    u = _normalize_or_keep(wv, u, eps)
+    return u, v, u @ wv  # sigma = u^T W v, from the product just made
 
-  uv = (jax.lax.stop_gradient(u.astype(dtype)), jax.lax.stop_gradient(v.astype(dtype)))
+  u, v = jax.lax.stop_gradient(u.astype(dtype)), jax.lax.stop_gradient(v.astype(dtype))
   if n_steps:
-    uv = jax.lax.fori_loop(0, n_steps, step, uv)
-  u, v = jax.lax.stop_gradient(uv)
-  sigma = _dot(_dot(u, w32, v), v)  # (u^T W) v, vector on the left as above
+    u, v, value = jax.lax.fori_loop(0, n_steps, step, (u, v, jnp.zeros((), dtype)))
+    # The value comes from the loop (no extra pass over W); the gradient is
+    # d sigma / dW = u v^T with u, v held fixed.
+    sigma = _bilinear(w32, u, v, value)
+  else:
+    sigma = _dot(_dot(u, w32, v), v)  # (u^T W) v, vector on the left as above
   return u, v, sigma
 
 
