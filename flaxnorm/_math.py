@@ -270,7 +270,7 @@ def power_iteration(
     v = _normalize_or_keep(_dot(u, w_fixed, v), v, eps)  # W^T u
     wv = _dot(v, w_fixed.T, u)  # W v
     u = _normalize_or_keep(wv, u, eps)
-    return u, v, u @ wv  # sigma = u^T W v, from the product just made
+    return u, v, _dot(u, wv)  # sigma = u^T W v, from the product just made
 
   u, v = jax.lax.stop_gradient(u.astype(dtype)), jax.lax.stop_gradient(v.astype(dtype))
   if n_steps:
