@@ -60,6 +60,7 @@ def _axis_names(raw: Any) -> tuple | None:
 class _WeightNorm:
   axis: Axis
   eps: float
+  recursive: bool = False
   method: str = "weight_norm"
 
   def __call__(self, module, name, create_param):
@@ -91,6 +92,7 @@ class _SpectralNorm:
   eps: float
   collection: str
   mode: str = "normalize"
+  recursive: bool = False
   method: str = "spectral_norm"
 
   def __call__(self, module, name, create_param):
@@ -158,7 +160,42 @@ class _SpectralNorm:
 # --------------------------------------------------------------------------- #
 
 
+def _is_descendant(module: nn.Module, root: nn.Module) -> bool:
+  if module.scope is None or root.scope is None:
+    return False
+  path, root_path = tuple(module.scope.path), tuple(root.scope.path)
+  return len(path) > len(root_path) and path[: len(root_path)] == root_path
+
+
+def _propagate(root: nn.Module):
+  """An interceptor that runs ``root``'s descendants as normalized clones.
+
+  With ``recursive=True`` the transform reaches params that child modules
+  create (the ``Dense`` layers inside ``nn.LSTMCell``): each method call on a
+  descendant made during ``root``'s call runs on a clone of it with the same
+  fields, in the same scope, whose class normalizes the same names. The
+  original's ``setup`` is skipped, since only the clone is used.
+  """
+  specs = {n: dataclasses.replace(s, recursive=False) for n, s in root._flaxnorm_specs.items()}
+  seen = root.__dict__.setdefault("_flaxnorm_seen", set())
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if hasattr(type(module), "_flaxnorm_specs") or not _is_descendant(module, root):
+      return next_fun(*args, **kwargs)
+    if context.method_name == "setup":
+      return None
+    clone = _transform(module, specs, "recursive")
+    clone.__dict__["_flaxnorm_seen"] = seen  # the names count for root's check
+    clone.__dict__["_flaxnorm_propagated"] = True
+    return getattr(clone, context.method_name)(*args, **kwargs)
+
+  return interceptor
+
+
 def _check_layer_saw_names(module: nn.Module) -> None:
+  if module.__dict__.get("_flaxnorm_propagated"):
+    return
   seen = module.__dict__.get("_flaxnorm_seen", set())
   for name, spec in type(module)._flaxnorm_specs.items():
     if name in seen:
@@ -209,7 +246,11 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
       return value if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(value)
 
     def __call__(self, *args, **kwargs):
-      out = super().__call__(*args, **kwargs)
+      if any(s.recursive for s in type(self)._flaxnorm_specs.values()):
+        with nn.intercept_methods(_propagate(self)):
+          out = super().__call__(*args, **kwargs)
+      else:
+        out = super().__call__(*args, **kwargs)
       _check_layer_saw_names(self)
       return out
 
@@ -263,6 +304,7 @@ def weight_norm(
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
   eps: float = 1e-12,
+  recursive: bool = False,
 ) -> Any:
   """Reparametrizes a layer's kernel as ``w = g * v / ||v||`` (Salimans & Kingma, 2016).
 
@@ -284,6 +326,9 @@ def weight_norm(
       single norm of the whole tensor (``g`` of shape ``()``).
     eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
       gradients.
+    recursive: also normalize the params named ``name`` that the layer's
+      submodules create (e.g. every ``kernel`` of the ``Dense`` layers inside
+      ``nn.LSTMCell``), each at its own path.
 
   Returns:
     The transformed class or module.
@@ -299,7 +344,9 @@ def weight_norm(
   names = _checks.check_names(name)
   _checks.check_axis_arg(axis, "weight_norm")
   spec = _WeightNorm(
-    axis=tuple(axis) if isinstance(axis, list) else axis, eps=_checks.check_eps(eps, "weight_norm")
+    axis=tuple(axis) if isinstance(axis, list) else axis,
+    eps=_checks.check_eps(eps, "weight_norm"),
+    recursive=bool(recursive),
   )
   return _transform(target, dict.fromkeys(names, spec), "weight_norm")
 
@@ -314,6 +361,7 @@ def spectral_norm(
   eps: float = 1e-12,
   collection: str = "spectral",
   mode: str = "normalize",
+  recursive: bool = False,
 ) -> Any:
   """Divides a layer's kernel by its spectral norm (Miyato et al., 2018).
 
@@ -349,6 +397,8 @@ def spectral_norm(
     mode: ``"normalize"`` uses ``w / sigma`` (spectral norm 1); ``"clip"``
       uses ``w / max(sigma, 1)``, shrinking only kernels whose spectral norm
       exceeds 1 (a 1-Lipschitz layer that may stay below 1).
+    recursive: also normalize the params named ``name`` of the layer's
+      submodules (see :func:`weight_norm`).
 
   Returns:
     The transformed class or module.
@@ -382,6 +432,7 @@ def spectral_norm(
     eps=_checks.check_eps(eps, "spectral_norm"),
     collection=collection,
     mode=_checks.check_mode(mode, "spectral_norm"),
+    recursive=bool(recursive),
   )
   return _transform(target, dict.fromkeys(names, spec), "spectral_norm")
 

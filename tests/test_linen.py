@@ -559,3 +559,71 @@ def test_spectral_clip_mode(scale):
     variables["params"], variables["spectral"], update=False, mode="clip"
   )
   chex.assert_trees_all_close(sn_params["kernel"], w / max(scale, 1.0), rtol=1e-4)
+
+
+def test_recursive_reaches_cells_and_submodules():
+  """recursive=True: the kernels that nn.LSTMCell's child Dense layers create."""
+  x = _inputs((2, 3))
+  cell = nn.LSTMCell(4)
+  carry = cell.initialize_carry(jax.random.key(1), x.shape)
+  plain = cell.init(KEY, carry, x)
+  wrapped = flaxnorm.weight_norm(nn.LSTMCell(4), recursive=True)
+  variables = wrapped.init(KEY, carry, x)
+  shapes = jax.tree.map(jnp.shape, variables)["params"]
+  assert set(shapes) == set(plain["params"])  # same child paths
+  assert shapes["hi"] == {"bias": (4,), "kernel_g": (1, 4), "kernel_v": (4, 4)}
+  assert shapes["ii"] == {"kernel_g": (1, 4), "kernel_v": (3, 4)}
+  chex.assert_trees_all_close(
+    wrapped.apply(variables, carry, x), cell.apply(plain, carry, x), rtol=1e-6
+  )
+  chex.assert_trees_all_close(flaxnorm.remove_weight_norm(variables), plain, rtol=1e-6)
+  with pytest.raises(ValueError, match="never asked for it"):
+    flaxnorm.weight_norm(nn.LSTMCell(4), name="weight", recursive=True).init(KEY, carry, x)
+  # Without recursive, the cell's own params are searched only, and the error says so.
+  with pytest.raises(ValueError, match=r"submodules \['hf', .*hold their own params"):
+    flaxnorm.weight_norm(nn.LSTMCell(4)).init(KEY, carry, x)
+
+
+def test_recursive_spectral_norm_in_rnn_and_setup_children():
+  x = _inputs((2, 3))
+  cell = flaxnorm.spectral_norm(nn.GRUCell(4), recursive=True)
+  carry = jnp.zeros((2, 4))
+  variables = cell.init(KEY, carry, x)
+  assert set(variables["spectral"]) == {"hn", "hr", "hz", "in", "ir", "iz"}
+  _, updates = cell.apply(variables, carry, x, mutable=["spectral"])
+  for child in variables["spectral"]:  # every child's state took one iteration
+    expected = flaxnorm.power_iteration(
+      variables["params"][child]["kernel"].T,
+      variables["spectral"][child]["kernel_u"],
+      v=variables["spectral"][child]["kernel_v"],
+    )[0]
+    chex.assert_trees_all_close(
+      updates["spectral"][child]["kernel_u"], expected, rtol=1e-5, atol=1e-6
+    )
+  # Weight norm inside nn.RNN (a scan over time, params broadcast).
+  xs = _inputs((2, 5, 3))
+  rnn = nn.RNN(flaxnorm.weight_norm(nn.LSTMCell(4), recursive=True))
+  rnn_vars = rnn.init(KEY, xs)
+  assert rnn_vars["params"]["cell"]["ii"]["kernel_g"].shape == (1, 4)
+  plain_rnn = nn.RNN(nn.LSTMCell(4))
+  chex.assert_trees_all_close(
+    rnn.apply(rnn_vars, xs), plain_rnn.apply(flaxnorm.remove_weight_norm(rnn_vars), xs), rtol=1e-5
+  )
+
+  class WithSetup(nn.Module):
+    def setup(self):
+      self.embed = nn.Embed(7, 4)
+      self.out = nn.Dense(2)
+
+    def __call__(self, ids):
+      return self.out(self.embed(ids))
+
+  ids = jnp.array([[1, 2], [3, 4]])
+  plain = WithSetup().init(KEY, ids)
+  wrapped = flaxnorm.weight_norm(WithSetup(), name=("embedding", "kernel"), axis=-1, recursive=True)
+  variables = wrapped.init(KEY, ids)
+  assert set(variables["params"]["embed"]) == {"embedding_g", "embedding_v"}
+  assert set(variables["params"]["out"]) == {"bias", "kernel_g", "kernel_v"}
+  chex.assert_trees_all_close(
+    wrapped.apply(variables, ids), WithSetup().apply(plain, ids), rtol=1e-5, atol=1e-6
+  )
