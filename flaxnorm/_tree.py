@@ -6,7 +6,7 @@ boxed arrays (``flax.core.meta.AxisMetadata``, e.g. ``nn.Partitioned``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flax.core import meta
@@ -19,27 +19,52 @@ def _join(path: tuple[str, ...], key: str) -> str:
   return "/".join((*path, key))
 
 
-def _fold_wn(tree: Mapping[str, Any], eps: float, path: tuple[str, ...]) -> dict[str, Any]:
-  leaves = {k for k, x in tree.items() if not isinstance(x, Mapping)}
-  pairs = {k[:-2] for k in leaves if k.endswith("_g") and f"{k[:-2]}_v" in leaves}
-  out: dict[str, Any] = {}
-  for key, x in tree.items():
-    if isinstance(x, Mapping):
-      out[key] = _fold_wn(x, eps, (*path, key))
-    elif key[:-2] in pairs and key[-2:] in ("_g", "_v"):
-      base = key[:-2]
-      if base in leaves:
+def _is_weight(x: Any) -> bool:
+  return isinstance(x, meta.AxisMetadata) or hasattr(x, "dtype")
+
+
+def fold_weight_norm_level(
+  node: Mapping[Any, Any],
+  eps: float,
+  path: tuple[Any, ...],
+  recurse: Callable[[Any, tuple[Any, ...]], Any],
+  fn: str,
+) -> dict[Any, Any]:
+  """Composes the ``{x}_g``/``{x}_v`` pairs of one mapping; ``recurse`` handles the rest.
+
+  Boxed pairs (``nn.Partitioned``) are unboxed to compute and the result is
+  boxed like ``{x}_v``. ``fn`` names the caller in error messages.
+  """
+  bases = {
+    k[:-2]
+    for k, x in node.items()
+    if isinstance(k, str)
+    and k.endswith("_g")
+    and _is_weight(x)
+    and _is_weight(node.get(f"{k[:-2]}_v"))
+  }
+  out: dict[Any, Any] = {}
+  for key, x in node.items():
+    base = key[:-2] if isinstance(key, str) else None
+    if base in bases and key[-2:] in ("_g", "_v"):
+      if base in node:
         raise ValueError(
-          f"remove_weight_norm: {_join(path, base)!r} exists beside "
+          f"{fn}: {_join(tuple(map(str, path)), base)!r} exists beside "
           f"{base}_g/{base}_v; cannot fold the pair into it."
         )
       if key.endswith("_v"):
-        g, v = tree[f"{base}_g"], x
-        w = _math.weight_norm_compose(meta.unbox(g), meta.unbox(v), eps)
-        out[base] = v.replace_boxed(w) if isinstance(v, meta.AxisMetadata) else w
+        w = _math.weight_norm_compose(meta.unbox(node[f"{base}_g"]), meta.unbox(x), eps)
+        out[base] = x.replace_boxed(w) if isinstance(x, meta.AxisMetadata) else w
     else:
-      out[key] = x
+      out[key] = recurse(x, (*path, key))
   return out
+
+
+def _fold_wn(tree: Mapping[str, Any], eps: float, path: tuple[str, ...]) -> dict[str, Any]:
+  def recurse(x, p):
+    return _fold_wn(x, eps, p) if isinstance(x, Mapping) else x
+
+  return fold_weight_norm_level(tree, eps, path, recurse, "remove_weight_norm")
 
 
 def fold_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import jax
 from flax.core import FrozenDict, meta
 
-from flaxnorm import _checks, _math
+from flaxnorm import _checks, _math, _tree
 from flaxnorm._checks import Axis
 
 __all__ = (
@@ -241,28 +241,10 @@ def _wn_apply(node: Any, path: Path, eps: float, count: list[int]) -> Any:
     count[0] += 1
     return _math.weight_norm_compose(node.g, node.v, eps)
   if isinstance(node, Mapping):
-    bases = {
-      k[:-2]
-      for k, x in node.items()
-      if isinstance(k, str)
-      and k.endswith("_g")
-      and _is_array(x)
-      and _is_array(node.get(f"{k[:-2]}_v"))
-    }
-    out: dict = {}
-    for k, x in node.items():
-      base = k[:-2] if isinstance(k, str) else None
-      if base in bases and k[-2:] in ("_g", "_v"):
-        if base in node:
-          raise ValueError(
-            f"weight_norm_apply: '{_path_str((*path, base))}' exists beside "
-            f"{base}_g/{base}_v; cannot fold the pair into it."
-          )
-        if k.endswith("_v"):
-          count[0] += 1
-          out[base] = _math.weight_norm_compose(node[f"{base}_g"], x, eps)
-      else:
-        out[k] = _wn_apply(x, (*path, k), eps, count)
+    out = _tree.fold_weight_norm_level(
+      node, eps, path, lambda x, p: _wn_apply(x, p, eps, count), "weight_norm_apply"
+    )
+    count[0] += len(node) - len(out)  # each folded pair is two keys made one
     return _rebuild(node, out)
   if _is_leaf(node):
     return node
