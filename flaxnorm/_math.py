@@ -51,6 +51,11 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def _wider(a, b) -> jnp.dtype:
+  # Explicit, so that strict dtype promotion accepts mixed float widths.
+  return max(jnp.dtype(a), jnp.dtype(b), key=lambda d: d.itemsize)
+
+
 def _inv_norm(x: Array, axes: tuple[int, ...] | None, eps: float) -> Array:
   """``1 / max(||x||, eps)`` over ``axes`` (keepdims), with finite gradients.
 
@@ -130,6 +135,23 @@ def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
   Returns:
     ``w`` with ``v``'s shape and dtype.
   """
+  return apply_scale(v, weight_norm_scale(g, v, eps))
+
+
+def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
+  """The factor ``g / ||v||`` with ``w = v * (g / ||v||)`` (see :func:`weight_norm_compose`).
+
+  A layer linear in its kernel can apply it to its output instead of the
+  kernel (``(x @ v) * scale``), which saves kernel-sized passes.
+
+  Args:
+    g: magnitude, ``v``'s rank with size 1 on the reduced axes, or shape ``()``.
+    v: direction.
+    eps: lower bound on ``||v||``.
+
+  Returns:
+    The factor, of ``g``'s shape, float32 at least.
+  """
   _checks.check_float_array(g, "g", "weight_norm_compose")
   _checks.check_float_array(v, "v", "weight_norm_compose")
   eps = _checks.check_eps(eps, "weight_norm_compose")
@@ -143,11 +165,16 @@ def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
       f"{tuple(v.shape)}; expected a scalar or v's rank with size 1 on the "
       "reduced axes (what weight_norm_decompose returns)."
     )
-  dtype = max(_compute_dtype(g.dtype), _compute_dtype(v.dtype), key=lambda d: d.itemsize)
-  # Scale first: (g * inv) is small, so no kernel-sized g * v is made and kept
-  # for the backward pass.
-  w = v.astype(dtype) * (g.astype(dtype) * _inv_norm(v, axes, eps))
-  return w.astype(v.dtype)
+  dtype = _wider(_compute_dtype(g.dtype), _compute_dtype(v.dtype))
+  # The scale is small ((1, out)): multiplying v by it makes no kernel-sized
+  # g * v to keep for the backward pass.
+  return g.astype(dtype) * _inv_norm(v, axes, eps).astype(dtype)
+
+
+def apply_scale(w: Array, scale: Array) -> Array:
+  """``w * scale`` computed in the wider of the two dtypes, returned in ``w``'s dtype."""
+  dtype = _wider(w.dtype, scale.dtype)
+  return (w.astype(dtype) * scale.astype(dtype)).astype(w.dtype)
 
 
 def as_matrix(w: Array, axis: Axis = -1) -> Array:
@@ -336,7 +363,13 @@ def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "n
   Returns:
     An array of ``w``'s shape and dtype.
   """
+  return apply_scale(w, sigma_scale(sigma, eps, mode=mode))
+
+
+def sigma_scale(sigma: Array, eps: float = 1e-12, *, mode: str = "normalize") -> Array:
+  """The scalar factor :func:`scale_by_sigma` multiplies the kernel by."""
   _checks.check_mode(mode, "scale_by_sigma")
+  sigma = jnp.asarray(sigma)
   if mode == "clip":
     divisor = jnp.maximum(sigma, 1.0)  # NaN propagates
   else:
@@ -344,8 +377,7 @@ def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "n
     # A NaN sigma is not small: the kernel becomes NaN, loudly.
     small = jnp.abs(sigma) <= eps
     divisor = jnp.where(small, 1.0, sigma)
-  scale = 1.0 / divisor
-  return (w.astype(scale.dtype) * scale).astype(w.dtype)
+  return 1.0 / divisor
 
 
 def spectral_normalize(
@@ -382,6 +414,31 @@ def spectral_normalize(
     and the new state. A non-finite ``w`` gives a NaN kernel and returns the
     stored state unchanged.
   """
+  scale, state = spectral_scale(
+    w, u, v, sigma=sigma, axis=axis, n_steps=n_steps, eps=eps, mode=mode
+  )
+  return apply_scale(w, scale), state
+
+
+def spectral_scale(
+  w: Array,
+  u: Array,
+  v: Array,
+  *,
+  sigma: Array | None = None,
+  axis: Axis = -1,
+  n_steps: int = 1,
+  eps: float = 1e-12,
+  mode: str = "normalize",
+) -> tuple[Array, SpectralState]:
+  """:func:`spectral_normalize`'s scalar factor (``1 / sigma``) and new state.
+
+  A layer linear in its kernel can apply the factor to its output instead of
+  the kernel. Arguments as in :func:`spectral_normalize`.
+
+  Returns:
+    ``(scale, state)``: ``scale`` of shape ``()``, differentiable in ``w``.
+  """
   mat = as_matrix(w, axis)
   new_u, new_v, new_sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
   # A non-finite weight must not poison the state: keep all of the old state
@@ -393,4 +450,4 @@ def spectral_normalize(
     jnp.where(ok, new_v, v.astype(new_v.dtype)),
     jax.lax.stop_gradient(jnp.where(ok, new_sigma, old_sigma)),
   )
-  return scale_by_sigma(w, new_sigma, eps, mode=mode), state
+  return sigma_scale(new_sigma, eps, mode=mode), state

@@ -36,7 +36,10 @@ Target = type[nn.Module] | nn.Module
 
 
 # --------------------------------------------------------------------------- #
-# What each transform does when the layer asks for one of its params.
+# What each transform does when the layer asks for one of its params: it
+# returns (raw param, base, scale), the kernel the layer uses being
+# base * scale, with scale a scalar (spectral norm) or of shape (1, ..., out)
+# (weight norm).
 # --------------------------------------------------------------------------- #
 
 
@@ -81,7 +84,7 @@ class _WeightNorm:
       return _rebox(raw_v, g, g_names)
 
     g = module.variable("params", f"{name}_g", init_g).value
-    return raw_v, _math.weight_norm_compose(g, v, self.eps)
+    return raw_v, v, _math.weight_norm_scale(g, v, self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +146,7 @@ class _SpectralNorm:
       # stored vectors and changes nothing.
       n_steps = self.n_power_iterations if module.is_mutable_collection(col) else 0
 
-    w_sn, new = _math.spectral_normalize(
+    scale, new = _math.spectral_scale(
       w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=self.eps, mode=self.mode
     )
     if n_steps:
@@ -152,7 +155,72 @@ class _SpectralNorm:
         module.put_variable(
           col, key, raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
         )
-    return raw_w, w_sn
+    return raw_w, w, scale
+
+
+# --------------------------------------------------------------------------- #
+# Output scaling for Flax's linear layers.
+# --------------------------------------------------------------------------- #
+
+# Layers whose output is linear in the kernel, with the bias added last along
+# the trailing output axes and the kernel's last axis the output features.
+_LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTranspose)
+_CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
+
+
+class _OutputScale:
+  """Defers a kernel's scale to the layer's output: ``f(x; v * s) + b = f(x; v) * s + b``.
+
+  Multiplying the kernel costs kernel-sized passes, forward and backward, that
+  dominate a train step when the batch is small next to the kernel. For a
+  layer linear in its kernel, scaling the output by the same factor costs only
+  activation-sized work. The layer gets the bare kernel and a zero bias (which
+  XLA drops); :meth:`finish` scales its output and adds the bias.
+  """
+
+  def __init__(self, module: nn.Module):
+    # A transposed ConvTranspose kernel holds the output features on axis -2.
+    self.per_feature = not getattr(module, "transpose_kernel", False)
+    self.scale = None
+    self.bias = None
+
+  @classmethod
+  def applies_to(cls, module: nn.Module) -> bool:
+    base = type(module)._flaxnorm_base
+    if base not in _LINEAR_LAYERS or set(type(module)._flaxnorm_specs) != {"kernel"}:
+      return False  # subclasses may override __call__: only Flax's own code
+    if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
+      return False  # e.g. a quantized dot_general is not linear in the kernel
+    if getattr(module, "promote_dtype", nn.dtypes.promote_dtype) is not nn.dtypes.promote_dtype:
+      return False
+    batch_dims = getattr(module, "batch_dims", ())
+    return not isinstance(batch_dims, int) and len(batch_dims) == 0
+
+  def take_scale(self, base: jax.Array, scale: jax.Array) -> bool:
+    """Whether ``scale`` can move to the output (then :meth:`finish` applies it)."""
+    scalar = scale.size == 1 and scale.ndim in (0, base.ndim)
+    last_axis = (
+      self.per_feature and scale.ndim == base.ndim and scale.shape[:-1] == (1,) * (base.ndim - 1)
+    )
+    if scalar or last_axis:
+      self.scale = scale.reshape(()) if scalar else scale.reshape(-1)
+      return True
+    return False
+
+  def take_bias(self, bias: jax.Array) -> jax.Array:
+    self.bias = bias
+    return jax.numpy.zeros_like(bias)
+
+  def finish(self, y: jax.Array) -> jax.Array:
+    dtype = y.dtype
+    if self.scale is not None:
+      if self.scale.ndim and y.shape[-1] != self.scale.shape[0]:
+        raise AssertionError(f"flaxnorm: output {y.shape} does not fit scale {self.scale.shape}")
+      y = _math.apply_scale(y, self.scale)
+    if self.bias is not None:
+      bias = self.bias.reshape((1,) * (y.ndim - self.bias.ndim) + self.bias.shape)
+      y = y + bias.astype(dtype)
+    return y
 
 
 # --------------------------------------------------------------------------- #
@@ -236,23 +304,35 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
     @nn.nowrap
     def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
       spec = type(self)._flaxnorm_specs.get(name)
+      deferred = self.__dict__.get("_flaxnorm_output_scale")
       if spec is None:
-        return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        value = super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        if deferred is None or name != "bias":
+          return value
+        zeros = deferred.take_bias(meta.unbox(value))
+        return value.replace_boxed(zeros) if isinstance(value, meta.AxisMetadata) else zeros
       self.__dict__.setdefault("_flaxnorm_seen", set()).add(name)
       create = functools.partial(
         self._flaxnorm_create, init_fn=init_fn, init_args=init_args, init_kwargs=init_kwargs
       )
-      raw, value = spec(self, name, create)
-      return value if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(value)
+      raw, base, scale = spec(self, name, create)
+      if deferred is None or not deferred.take_scale(base, scale):
+        base = _math.apply_scale(base, scale)
+      return base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
 
     def __call__(self, *args, **kwargs):
-      if any(s.recursive for s in type(self)._flaxnorm_specs.values()):
-        with nn.intercept_methods(_propagate(self)):
+      deferred = _OutputScale(self) if _OutputScale.applies_to(self) else None
+      self.__dict__["_flaxnorm_output_scale"] = deferred
+      try:
+        if any(s.recursive for s in type(self)._flaxnorm_specs.values()):
+          with nn.intercept_methods(_propagate(self)):
+            out = super().__call__(*args, **kwargs)
+        else:
           out = super().__call__(*args, **kwargs)
-      else:
-        out = super().__call__(*args, **kwargs)
+      finally:
+        self.__dict__.pop("_flaxnorm_output_scale", None)
       _check_layer_saw_names(self)
-      return out
+      return out if deferred is None else deferred.finish(out)
 
     @nn.nowrap
     def _flaxnorm_create(self, name, *, init_fn, init_args, init_kwargs):

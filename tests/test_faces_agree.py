@@ -2,7 +2,9 @@
 
 Each test starts the three faces from the same weights and the same
 (unconverged) power-iteration vectors, runs one training and one evaluation
-call, and compares outputs, gradients and state updates to 1e-6.
+call, and compares outputs, gradients and state updates to 1e-6 (absolute and
+relative: Linen's Dense and Conv scale their output rather than their kernel,
+which rounds in a different order).
 """
 
 import chex
@@ -16,7 +18,10 @@ import flaxnorm
 import flaxnorm.nnx as fnx
 import flaxnorm.tree as ft
 
-TOL = {"atol": 1e-6, "rtol": 0.0}
+# float32 rounding: a conv's weight gradient sums over every position, so two
+# rounding orders differ by more than a Dense's (the paths agree to 1e-13 in
+# float64: test_linen.py::test_output_scaling_is_exact).
+TOL = {"dense": {"atol": 1e-6, "rtol": 1e-6}, "conv": {"atol": 1e-5, "rtol": 2e-5}}
 
 # (Linen layer, NNX layer, input shape)
 LAYERS = {
@@ -74,16 +79,16 @@ def test_weight_norm_faces_agree(kind):
 
   (_, y_tree), g_tree = jax.value_and_grad(tree_loss, has_aux=True)(params)
 
-  chex.assert_trees_all_close(y_nnx, y_linen, **TOL)
-  chex.assert_trees_all_close(y_tree, y_linen, **TOL)
+  chex.assert_trees_all_close(y_nnx, y_linen, **TOL[kind])
+  chex.assert_trees_all_close(y_tree, y_linen, **TOL[kind])
   assert float(jnp.abs(g_linen["kernel_g"]).sum()) > 0
-  chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, **TOL)
-  chex.assert_trees_all_close(g_tree, g_linen, **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, **TOL[kind])
+  chex.assert_trees_all_close(g_tree, g_linen, **TOL[kind])
   # Removal agrees too.
   folded = flaxnorm.remove_weight_norm({"params": params})["params"]
   fnx.remove_weight_norm(layer)
-  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(layer, nnx.Param)), folded, **TOL)
-  chex.assert_trees_all_close(ft.weight_norm_apply(params), folded, **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(layer, nnx.Param)), folded, **TOL[kind])
+  chex.assert_trees_all_close(ft.weight_norm_apply(params), folded, **TOL[kind])
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -126,12 +131,12 @@ def test_spectral_norm_faces_agree(kind):
   (_, (y_tree, s_tree)), g_tree = jax.value_and_grad(tree_loss, has_aux=True)(params, True)
 
   assert float(jnp.abs(s_linen["kernel_u"] - u0).max()) > 1e-3  # the state moved
-  chex.assert_trees_all_close(y_nnx, y_linen, **TOL)
-  chex.assert_trees_all_close(y_tree, y_linen, **TOL)
-  chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, **TOL)
-  chex.assert_trees_all_close(g_tree, g_linen, **TOL)
-  chex.assert_trees_all_close(s_nnx, s_linen, **TOL)
-  chex.assert_trees_all_close(s_tree, s_linen, **TOL)
+  chex.assert_trees_all_close(y_nnx, y_linen, **TOL[kind])
+  chex.assert_trees_all_close(y_tree, y_linen, **TOL[kind])
+  chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, **TOL[kind])
+  chex.assert_trees_all_close(g_tree, g_linen, **TOL[kind])
+  chex.assert_trees_all_close(s_nnx, s_linen, **TOL[kind])
+  chex.assert_trees_all_close(s_tree, s_linen, **TOL[kind])
 
   # --- evaluation from the updated state: nothing moves -----------------------
   def linen_eval(p):
@@ -143,17 +148,17 @@ def test_spectral_norm_faces_agree(kind):
   state = s_tree
   (_, (y_tree, s_same)), g_tree = jax.value_and_grad(tree_loss, has_aux=True)(params, False)
 
-  chex.assert_trees_all_close(y_nnx, y_linen, **TOL)
-  chex.assert_trees_all_close(y_tree, y_linen, **TOL)
-  chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, **TOL)
-  chex.assert_trees_all_close(g_tree, g_linen, **TOL)
+  chex.assert_trees_all_close(y_nnx, y_linen, **TOL[kind])
+  chex.assert_trees_all_close(y_tree, y_linen, **TOL[kind])
+  chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, **TOL[kind])
+  chex.assert_trees_all_close(g_tree, g_linen, **TOL[kind])
   chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(layer, fnx.SpectralStateVar)), s_nnx)
   chex.assert_trees_all_equal(s_same, s_tree)
 
   # --- removal: every face folds to the same plain kernel ---------------------
   folded = flaxnorm.remove_spectral_norm({"params": params, "spectral": s_linen})["params"]
   fnx.remove_spectral_norm(layer)
-  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(layer, nnx.Param)), folded, **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(layer, nnx.Param)), folded, **TOL[kind])
   chex.assert_trees_all_close(
-    ft.spectral_norm_apply(params, s_tree, update=False)[0], folded, **TOL
+    ft.spectral_norm_apply(params, s_tree, update=False)[0], folded, **TOL[kind]
   )

@@ -627,3 +627,133 @@ def test_recursive_spectral_norm_in_rnn_and_setup_children():
   chex.assert_trees_all_close(
     wrapped.apply(variables, ids), WithSetup().apply(plain, ids), rtol=1e-5, atol=1e-6
   )
+
+
+# --------------------------------------------------------------------------- #
+# Output scaling: Flax's linear layers get the bare kernel and scale their
+# output; every other layer gets the normalized kernel.
+# --------------------------------------------------------------------------- #
+
+
+class SubDense(nn.Dense):
+  """A subclass may override __call__: it always gets the normalized kernel."""
+
+
+class SubConv(nn.Conv):
+  pass
+
+
+class SubConvTranspose(nn.ConvTranspose):
+  pass
+
+
+class SubDenseGeneral(nn.DenseGeneral):
+  pass
+
+
+class SubConvLocal(nn.ConvLocal):
+  pass
+
+
+# (fast class, kernel-scaling twin, fields, input shape)
+SCALED = {
+  "dense": (nn.Dense, SubDense, {"features": 5}, (3, 4)),
+  "dense_general": (
+    nn.DenseGeneral,
+    SubDenseGeneral,
+    {"features": (2, 5), "axis": (-2, -1)},
+    (3, 4, 6),
+  ),
+  "conv2d": (nn.Conv, SubConv, {"features": 4, "kernel_size": (3, 3)}, (2, 5, 5, 3)),
+  "conv1d_groups_circular": (
+    nn.Conv,
+    SubConv,
+    {"features": 4, "kernel_size": (3,), "feature_group_count": 2, "padding": "CIRCULAR"},
+    (2, 7, 4),
+  ),
+  "conv_local": (nn.ConvLocal, SubConvLocal, {"features": 4, "kernel_size": (3,)}, (2, 6, 3)),
+  "conv_transpose": (
+    nn.ConvTranspose,
+    SubConvTranspose,
+    {"features": 4, "kernel_size": (3,), "strides": (2,)},
+    (2, 5, 3),
+  ),
+  "conv_transpose_kernel": (
+    nn.ConvTranspose,
+    SubConvTranspose,
+    {"features": 4, "kernel_size": (3, 3), "transpose_kernel": True},
+    (2, 5, 5, 3),
+  ),
+}
+WRAPS = {
+  "wn": lambda m: flaxnorm.weight_norm(m),
+  "wn_whole": lambda m: flaxnorm.weight_norm(m, axis=None),
+  "wn_axis0": lambda m: flaxnorm.weight_norm(m, axis=0),
+  "sn": lambda m: flaxnorm.spectral_norm(m, n_power_iterations=2, n_init_iterations=3),
+  "sn_clip": lambda m: flaxnorm.spectral_norm(m, mode="clip", n_init_iterations=3),
+}
+
+
+def _kernel_sized_muls(layer, variables, x):
+  """Multiplications in a train apply whose result has the kernel's shape."""
+  params = variables["params"]
+  shape = (params["kernel_v"] if "kernel_v" in params else params["kernel"]).shape
+  jaxpr = jax.make_jaxpr(lambda v: layer.apply(v, x, mutable=True))(variables)
+  return [e for e in jaxpr.eqns if e.primitive.name == "mul" and e.outvars[0].aval.shape == shape]
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+@pytest.mark.parametrize("case", list(SCALED))
+def test_output_scaling_is_exact(case, wrap):
+  """Same outputs, gradients and state as scaling the kernel, to float64 rounding."""
+  fast_cls, slow_cls, fields, shape = SCALED[case]
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    fast = WRAPS[wrap](fast_cls(**fields, param_dtype=jnp.float64))
+    slow = WRAPS[wrap](slow_cls(**fields, param_dtype=jnp.float64))
+    variables = fast.init(KEY, x)
+    # Away from init (g != ||v||, u not converged), nonzero bias.
+    variables = jax.tree.map(lambda a: a * 1.3 + 0.1, variables)
+
+    def loss(params, layer):
+      y, updates = layer.apply({**variables, "params": params}, x, mutable=True)
+      return jnp.sum(jnp.sin(y)), (y, updates)
+
+    grad = jax.grad(loss, has_aux=True)
+    g_fast, aux_fast = grad(variables["params"], fast)
+    g_slow, aux_slow = grad(variables["params"], slow)
+    chex.assert_trees_all_close((g_fast, aux_fast), (g_slow, aux_slow), atol=1e-12, rtol=1e-12)
+    assert float(jnp.abs(aux_fast[0]).max()) > 0.1
+
+    # The twin really scales its kernel, and the Flax layer does not (except
+    # where its kernel's last axis is not the output's: WN per output
+    # channel of a transposed ConvTranspose kernel, WN over axis 0).
+    assert _kernel_sized_muls(slow, variables, x)
+    kernel_path = wrap == "wn_axis0" or (case == "conv_transpose_kernel" and wrap == "wn")
+    assert bool(_kernel_sized_muls(fast, variables, x)) == kernel_path
+
+
+def test_output_scaling_only_for_plain_linear_ops():
+  """A custom dot_general (e.g. quantized) may not be linear: the kernel is scaled."""
+  x = jnp.ones((2, 4))
+  plain = flaxnorm.weight_norm(nn.Dense(3))
+  custom = flaxnorm.weight_norm(nn.Dense(3, dot_general=jax.lax.dot_general))
+  variables = plain.init(KEY, x)
+  assert not _kernel_sized_muls(plain, variables, x)
+  assert _kernel_sized_muls(custom, variables, x)
+  chex.assert_trees_all_close(plain.apply(variables, x), custom.apply(variables, x), atol=1e-6)
+
+
+def test_output_scaling_low_precision():
+  """bfloat16 compute: the scale and bias are applied in float32, then rounded once."""
+  x = jax.random.normal(KEY, (4, 16))
+  fast = flaxnorm.weight_norm(nn.Dense(8, dtype=jnp.bfloat16))
+  slow = flaxnorm.weight_norm(SubDense(8, dtype=jnp.bfloat16))
+  variables = fast.init(KEY, x)
+  variables = jax.tree.map(lambda a: a * 1.3 + 0.1, variables)
+  y_fast, y_slow = fast.apply(variables, x), slow.apply(variables, x)
+  assert y_fast.dtype == y_slow.dtype == jnp.bfloat16
+  y_true = SubDense(8, param_dtype=jnp.float32).apply(flaxnorm.remove_weight_norm(variables), x)
+  # Both within bfloat16 rounding of the float32 result.
+  for y in (y_fast, y_slow):
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_true, rtol=2e-2, atol=2e-2)
