@@ -51,7 +51,7 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
-def _wider(a, b) -> jnp.dtype:
+def wider(a, b) -> jnp.dtype:
   # Explicit, so that strict dtype promotion accepts mixed float widths.
   return max(jnp.dtype(a), jnp.dtype(b), key=lambda d: d.itemsize)
 
@@ -165,7 +165,7 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
       f"{tuple(v.shape)}; expected a scalar or v's rank with size 1 on the "
       "reduced axes (what weight_norm_decompose returns)."
     )
-  dtype = _wider(_compute_dtype(g.dtype), _compute_dtype(v.dtype))
+  dtype = wider(_compute_dtype(g.dtype), _compute_dtype(v.dtype))
   # The scale is small ((1, out)): multiplying v by it makes no kernel-sized
   # g * v to keep for the backward pass.
   return g.astype(dtype) * _inv_norm(v, axes, eps).astype(dtype)
@@ -173,7 +173,7 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
 
 def apply_scale(w: Array, scale: Array) -> Array:
   """``w * scale`` computed in the wider of the two dtypes, returned in ``w``'s dtype."""
-  dtype = _wider(w.dtype, scale.dtype)
+  dtype = wider(w.dtype, scale.dtype)
   return (w.astype(dtype) * scale.astype(dtype)).astype(w.dtype)
 
 

@@ -6,7 +6,9 @@ behaves like it). The transformed module is a subclass of the layer's class
 whose ``param`` method builds the normalized kernel whenever the layer asks for
 it, so variables stay at the layer's own path (no extra nesting level) and the
 layer's code runs unchanged. Nothing writes a normalized weight back into
-params.
+params. Flax's own linear layers (``Dense``, ``Conv``, ...) get the bare kernel
+and have their output scaled instead (``(x @ v) * g / ||v||``), the same numbers
+with fewer kernel-sized passes (see ``flaxnorm._output_scale``).
 
 Variable layout for ``nn.Dense(3)`` on inputs with 4 features::
 
@@ -30,6 +32,7 @@ from flax.core import meta
 from flaxnorm import _checks, _math
 from flaxnorm import _tree as tree_lib
 from flaxnorm._checks import Axis
+from flaxnorm._output_scale import OutputScale
 
 M = TypeVar("M", bound=nn.Module)
 Target = type[nn.Module] | nn.Module
@@ -163,64 +166,23 @@ class _SpectralNorm:
 # --------------------------------------------------------------------------- #
 
 # Layers whose output is linear in the kernel, with the bias added last along
-# the trailing output axes and the kernel's last axis the output features.
+# the trailing output axes and the kernel's last axis the output features
+# (except a transposed ConvTranspose kernel's): see flaxnorm._output_scale.
 _LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTranspose)
 _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
 
 
-class _OutputScale:
-  """Defers a kernel's scale to the layer's output: ``f(x; v * s) + b = f(x; v) * s + b``.
-
-  Multiplying the kernel costs kernel-sized passes, forward and backward, that
-  dominate a train step when the batch is small next to the kernel. For a
-  layer linear in its kernel, scaling the output by the same factor costs only
-  activation-sized work. The layer gets the bare kernel and a zero bias (which
-  XLA drops); :meth:`finish` scales its output and adds the bias.
-  """
-
-  def __init__(self, module: nn.Module):
-    # A transposed ConvTranspose kernel holds the output features on axis -2.
-    self.per_feature = not getattr(module, "transpose_kernel", False)
-    self.scale = None
-    self.bias = None
-
-  @classmethod
-  def applies_to(cls, module: nn.Module) -> bool:
-    base = type(module)._flaxnorm_base
-    if base not in _LINEAR_LAYERS or set(type(module)._flaxnorm_specs) != {"kernel"}:
-      return False  # subclasses may override __call__: only Flax's own code
-    if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
-      return False  # e.g. a quantized dot_general is not linear in the kernel
-    if getattr(module, "promote_dtype", nn.dtypes.promote_dtype) is not nn.dtypes.promote_dtype:
-      return False
-    batch_dims = getattr(module, "batch_dims", ())
-    return not isinstance(batch_dims, int) and len(batch_dims) == 0
-
-  def take_scale(self, base: jax.Array, scale: jax.Array) -> bool:
-    """Whether ``scale`` can move to the output (then :meth:`finish` applies it)."""
-    scalar = scale.size == 1 and scale.ndim in (0, base.ndim)
-    last_axis = (
-      self.per_feature and scale.ndim == base.ndim and scale.shape[:-1] == (1,) * (base.ndim - 1)
-    )
-    if scalar or last_axis:
-      self.scale = scale.reshape(()) if scalar else scale.reshape(-1)
-      return True
+def _scales_output(module: nn.Module) -> bool:
+  """Whether ``module`` is one of Flax's linear layers, run by Flax's own code."""
+  base = type(module)._flaxnorm_base
+  if base not in _LINEAR_LAYERS or set(type(module)._flaxnorm_specs) != {"kernel"}:
+    return False  # subclasses may override __call__: only Flax's own code
+  if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
+    return False  # e.g. a quantized dot_general is not linear in the kernel
+  if getattr(module, "promote_dtype", nn.dtypes.promote_dtype) is not nn.dtypes.promote_dtype:
     return False
-
-  def take_bias(self, bias: jax.Array) -> jax.Array:
-    self.bias = bias
-    return jax.numpy.zeros_like(bias)
-
-  def finish(self, y: jax.Array) -> jax.Array:
-    dtype = y.dtype
-    if self.scale is not None:
-      if self.scale.ndim and y.shape[-1] != self.scale.shape[0]:
-        raise AssertionError(f"flaxnorm: output {y.shape} does not fit scale {self.scale.shape}")
-      y = _math.apply_scale(y, self.scale)
-    if self.bias is not None:
-      bias = self.bias.reshape((1,) * (y.ndim - self.bias.ndim) + self.bias.shape)
-      y = y + bias.astype(dtype)
-    return y
+  batch_dims = getattr(module, "batch_dims", ())
+  return not isinstance(batch_dims, int) and len(batch_dims) == 0
 
 
 # --------------------------------------------------------------------------- #
@@ -321,7 +283,10 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
       return base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
 
     def __call__(self, *args, **kwargs):
-      deferred = _OutputScale(self) if _OutputScale.applies_to(self) else None
+      deferred = None
+      if _scales_output(self):
+        # A transposed ConvTranspose kernel holds the output features on axis -2.
+        deferred = OutputScale(per_feature=not getattr(self, "transpose_kernel", False))
       self.__dict__["_flaxnorm_output_scale"] = deferred
       try:
         if any(s.recursive for s in type(self)._flaxnorm_specs.values()):

@@ -1,0 +1,77 @@
+"""Applying a kernel's scale to a linear layer's output instead of the kernel.
+
+Both transforms give the layer the kernel ``base * scale``: ``v * (g / ||v||)``
+(weight norm, ``scale`` of shape ``(1, ..., 1, out)``) or ``W * (1 / sigma)``
+(spectral norm, a scalar). For a layer linear in its kernel whose bias is
+added last, ``f(x; base * scale) + b = f(x; base) * scale + b``. Multiplying
+the kernel costs kernel-sized passes forward and backward, which dominate a
+train step when the batch is small next to the kernel; scaling the output
+costs activation-sized work. The layer is handed the bare kernel and a zero
+bias (``x + 0`` is dropped by XLA), and :meth:`OutputScale.finish` scales its
+output and adds the bias. No Flax import: the Linen and NNX faces decide which
+layers qualify.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flaxnorm import _math
+
+
+class OutputScale:
+  """Collects one call's deferred kernel scale and bias, then applies them.
+
+  Args:
+    per_feature: whether the kernel's last axis is the output's last axis
+      (false for a ConvTranspose with ``transpose_kernel=True``), so that a
+      per-output-feature scale can move to the output. A scalar always can.
+  """
+
+  def __init__(self, per_feature: bool = True):
+    self.per_feature = per_feature
+    self.scale: jax.Array | None = None
+    self.bias: jax.Array | None = None
+
+  def take_scale(self, base: jax.Array, scale: jax.Array) -> bool:
+    """Keeps ``scale`` for the output if it can move there; returns whether it did.
+
+    Args:
+      base: the bare kernel the layer will get.
+      scale: the factor, of shape ``()`` or ``base``'s rank.
+    """
+    scalar = scale.size == 1 and scale.ndim in (0, base.ndim)
+    ones = (1,) * (base.ndim - 1)
+    last_axis = self.per_feature and scale.ndim == base.ndim and scale.shape[:-1] == ones
+    if scalar or last_axis:
+      self.scale = scale.reshape(()) if scalar else scale.reshape(-1)
+      return True
+    return False
+
+  def take_bias(self, bias: jax.Array) -> jax.Array:
+    """Keeps the bias for :meth:`finish`; the layer gets zeros instead."""
+    self.bias = bias
+    return jnp.zeros_like(bias)
+
+  def finish(self, y: jax.Array) -> jax.Array:
+    """``y * scale + bias`` (bias over the trailing axes), computed in float32 at least.
+
+    Args:
+      y: the layer's output for the bare kernel and zero bias, output features last.
+
+    Returns:
+      An array of ``y``'s shape and dtype.
+    """
+    if self.scale is None and self.bias is None:
+      return y
+    dtype = y.dtype
+    out = y
+    if self.scale is not None:
+      if self.scale.ndim and y.shape[-1] != self.scale.shape[0]:
+        raise AssertionError(f"flaxnorm: output {y.shape} does not fit scale {self.scale.shape}")
+      out = out.astype(_math.wider(dtype, self.scale.dtype)) * self.scale
+    if self.bias is not None:
+      bias = self.bias.reshape((1,) * (y.ndim - self.bias.ndim) + self.bias.shape)
+      out = out + bias.astype(out.dtype)
+    return out.astype(dtype)
