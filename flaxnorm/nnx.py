@@ -17,6 +17,14 @@ creating the ``nnx.Optimizer`` (its state is built from the params it sees).
 The subclass is cached per (class, options), so ``nnx.split``/``nnx.merge``,
 ``nnx.jit``, ``copy.deepcopy`` and ``pickle`` work as for the plain layer.
 
+NNX's own linear layers (``nnx.Linear``, ``nnx.LinearGeneral`` without
+``batch_axis``, ``nnx.Conv``, ``nnx.ConvTranspose``, with their default dot
+product and ``promote_dtype``) take a faster path with the same numbers: during
+``__call__`` they read the bare ``v`` (or ``W``) and a zero bias, and their
+output is scaled by ``g / ||v||`` (or ``1 / sigma``) and gets the bias after
+(``flaxnorm._output_scale``). In a training call, spectral norm uses the sigma
+of the iterations it has just run, as Linen does.
+
 Variable layout for ``nnx.Linear(4, 3)``, as
 ``jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer)))``::
 
@@ -45,6 +53,7 @@ is an array, not a Variable. Only ``__call__`` iterates the spectral state.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import types
@@ -56,6 +65,7 @@ from flax import nnx
 
 from flaxnorm import _checks, _math
 from flaxnorm._checks import Axis
+from flaxnorm._output_scale import OutputScale
 
 __all__ = (
   "SpectralStateVar",
@@ -72,6 +82,25 @@ Rngs = nnx.Rngs | jax.Array | int | None
 
 #: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
 _FLAG = "use_running_average"
+
+
+@dataclasses.dataclass
+class _Call:
+  """What one ``__call__`` hands to the computed params it reads."""
+
+  deferred: OutputScale | None  # the output takes the kernel's scale and the bias
+  scales: dict[str, jax.Array]  # spectral scales of the iterations just run
+
+
+# The modules inside their __call__, by id. A context variable rather than an
+# instance attribute: NNX's graph functions (split, state, lifted transforms)
+# see every instance attribute, and may run on the module during its call.
+_CALLS: contextvars.ContextVar[dict[int, _Call]] = contextvars.ContextVar("flaxnorm_nnx_calls")
+
+
+def _active_call(module: Any) -> _Call | None:
+  return _CALLS.get({}).get(id(module))
+
 
 # Flax's own (broken) wrappers, named in the error when someone wraps them.
 _FLAX_WRAPPERS = tuple(
@@ -124,10 +153,11 @@ class _WeightNorm:
   def attrs(self, name: str) -> tuple[str, ...]:
     return (f"{name}_g", f"{name}_v")
 
-  def compute(self, module: nnx.Module, name: str) -> jax.Array:
+  def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
+    """``(v, g / ||v||)``: the kernel is their product."""
     g = _get(module, f"{name}_g", self, name)
     v = _get(module, f"{name}_v", self, name)
-    return _math.weight_norm_compose(g[...], v[...], self.eps)
+    return v[...], _math.weight_norm_scale(g[...], v[...], self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,18 +177,23 @@ class _SpectralNorm:
     u, v, sigma = (_get(module, a, self, name) for a in self.attrs(name))
     return w, u, v, sigma
 
-  def compute(self, module: nnx.Module, name: str) -> jax.Array:
-    # Always sigma = u^T W v from the stored vectors: in training, __call__ has
-    # just iterated and stored them, so this is exactly Linen's training sigma.
+  def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
+    """``(W, 1 / sigma)``: the kernel is their product."""
+    call = _active_call(module)
+    if call is not None and name in call.scales:
+      # In a training __call__: sigma from the iterations just run, as in Linen.
+      return _get(module, name, self, name)[...], call.scales[name]
+    # Otherwise sigma = u^T W v from the stored vectors.
     w, u, v, _ = self._state(module, name)
-    w_sn, _ = _math.spectral_normalize(
+    scale, _ = _math.spectral_scale(
       w[...], u[...], v[...], axis=self.axis, n_steps=0, eps=self.eps, mode=self.mode
     )
-    return w_sn
+    return w[...], scale
 
-  def update(self, module: nnx.Module, name: str) -> None:
+  def update(self, module: nnx.Module, name: str) -> jax.Array:
+    """Iterates, stores the new state, and returns this call's (differentiable) scale."""
     w, u, v, sigma = self._state(module, name)
-    _, new = _math.spectral_normalize(
+    scale, new = _math.spectral_scale(
       w[...],
       u[...],
       v[...],
@@ -166,8 +201,10 @@ class _SpectralNorm:
       axis=self.axis,
       n_steps=self.n_power_iterations,
       eps=self.eps,
+      mode=self.mode,
     )
     u[...], v[...], sigma[...] = new.u, new.v, new.sigma
+    return scale
 
 
 class _Normalized:
@@ -185,7 +222,12 @@ class _Normalized:
   def __get__(self, obj, objtype=None):
     if obj is None:
       return self
-    return self.spec.compute(obj, self.name)
+    base, scale = self.spec.factors(obj, self.name)
+    call = _active_call(obj)
+    deferred = None if call is None else call.deferred
+    if deferred is not None and deferred.take_scale(base, scale):
+      return base  # __call__ scales the output instead
+    return _math.apply_scale(base, scale)
 
   def __set__(self, obj, value):
     if isinstance(self.spec, _SpectralNorm):
@@ -205,6 +247,62 @@ class _Normalized:
       f"{self.spec.method}: cannot delete '{self.name}' of {type(obj).__name__}; "
       f"call flaxnorm.nnx.remove_{self.spec.method} instead."
     )
+
+
+class _Bias:
+  """Data descriptor for ``bias`` on NNX's linear layers: zeros while the output is scaled.
+
+  Outside such a call it is the plain attribute (kept in the instance
+  ``__dict__``, which NNX's graph functions read).
+  """
+
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    try:
+      value = vars(obj)["bias"]
+    except KeyError:
+      raise AttributeError(f"{type(obj).__name__} has no attribute 'bias'") from None
+    call = _active_call(obj)
+    if call is None or call.deferred is None or value is None:
+      return value
+    return call.deferred.take_bias(value[...])  # the layer adds zeros; __call__ adds the bias
+
+  def __set__(self, obj, value):
+    vars(obj)["bias"] = value
+
+  def __delete__(self, obj):
+    del vars(obj)["bias"]
+
+
+def _linear_layers() -> dict[type, Callable[[Any], bool]]:
+  """NNX's linear layers, each with a check that an instance runs Flax's own ops.
+
+  Their output is linear in the kernel, with the bias added last along the
+  trailing output axes and the kernel's last axis the output features (see
+  ``flaxnorm._output_scale``). A custom dot product (e.g. quantized) may not be
+  linear, so it keeps the normalized kernel.
+  """
+  lax = jax.lax
+  promote = nnx.nn.dtypes.promote_dtype
+
+  def default_promote(m):
+    return getattr(m, "promote_dtype", promote) is promote
+
+  return {
+    nnx.Linear: lambda m: m.dot_general is lax.dot_general and default_promote(m),
+    nnx.LinearGeneral: lambda m: (
+      m.dot_general is None
+      and m.dot_general_cls is None
+      and not m.batch_axis
+      and default_promote(m)
+    ),
+    nnx.Conv: lambda m: m.conv_general_dilated is lax.conv_general_dilated and default_promote(m),
+    nnx.ConvTranspose: default_promote,
+  }
+
+
+_LINEAR_LAYERS = _linear_layers()
 
 
 # --------------------------------------------------------------------------- #
@@ -266,14 +364,27 @@ def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
   spectral = [(n, s) for n, s in items if isinstance(s, _SpectralNorm)]
   ns: dict[str, Any] = {name: _Normalized(name, spec) for name, spec in items}
 
-  if spectral and _defines_call(base):
+  scales_output = _LINEAR_LAYERS.get(base) if set(specs) == {"kernel"} else None
+  if scales_output is not None:
+    ns["bias"] = _Bias()
+  if (spectral or scales_output is not None) and _defines_call(base):
     base_call = base.__call__
 
     def call(self, *args, **kwargs):
-      if not getattr(self, _FLAG, False):  # training: iterate and store
-        for name, spec in spectral:
-          spec.update(self, name)
-      return base_call(self, *args, **kwargs)
+      state = _Call(None, {})
+      if spectral and not getattr(self, _FLAG, False):  # training: iterate and store
+        state.scales = {name: spec.update(self, name) for name, spec in spectral}
+      if scales_output is not None and scales_output(self):
+        # The layer reads the bare kernel and a zero bias; the scale and bias
+        # go on its output. A transposed ConvTranspose kernel holds the output
+        # features on axis -2.
+        state.deferred = OutputScale(per_feature=not getattr(self, "transpose_kernel", False))
+      token = _CALLS.set({**_CALLS.get({}), id(self): state})
+      try:
+        y = base_call(self, *args, **kwargs)
+      finally:
+        _CALLS.reset(token)
+      return y if state.deferred is None else state.deferred.finish(y)
 
     call.__doc__ = base_call.__doc__
     call.__name__ = "__call__"
@@ -756,7 +867,10 @@ def _remove(module: Any, name: Any, kind: type, method: str) -> None:
       f"wrapped by {method}. Wrapped by it: {wrapped or 'none'}."
     )
   # Compute every folded weight before changing anything.
-  folded = [(m, chosen, {n: s.compute(m, n) for n, s in chosen.items()}) for m, chosen in plans]
+  folded = [
+    (m, chosen, {n: _math.apply_scale(*s.factors(m, n)) for n, s in chosen.items()})
+    for m, chosen in plans
+  ]
   for m, chosen, values in folded:
     specs = _specs_of(m)
     raw = {}

@@ -529,3 +529,128 @@ def test_error_assign_computed_and_remove_unwrapped():
   nnx.pop(layer, nnx.Param)
   with pytest.raises(ValueError, match=r"needs the variable 'kernel_g'"):
     layer(jnp.ones((1, 4)))
+
+
+# --------------------------------------------------------------------------- #
+# Output scaling: NNX's linear layers read the bare kernel and a zero bias;
+# __call__ scales their output and adds the bias.
+# --------------------------------------------------------------------------- #
+
+
+class SubLinear(nnx.Linear):
+  """A subclass may override __call__: it always reads the normalized kernel."""
+
+
+class SubLinearGeneral(nnx.LinearGeneral):
+  pass
+
+
+class SubConv(nnx.Conv):
+  pass
+
+
+class SubConvTranspose(nnx.ConvTranspose):
+  pass
+
+
+# (fast class, kernel-scaling twin, args, kwargs, input shape)
+SCALED = {
+  "linear": (nnx.Linear, SubLinear, (4, 5), {}, (3, 4)),
+  "linear_general": (nnx.LinearGeneral, SubLinearGeneral, (4, (2, 5)), {}, (3, 4)),
+  "conv": (nnx.Conv, SubConv, (4, 6, (3,)), {"feature_group_count": 2}, (2, 7, 4)),
+  "conv_transpose": (
+    nnx.ConvTranspose,
+    SubConvTranspose,
+    (3, 4, (3,)),
+    {"strides": (2,)},
+    (2, 5, 3),
+  ),
+  "conv_transpose_kernel": (
+    nnx.ConvTranspose,
+    SubConvTranspose,
+    (3, 4, (3, 3)),
+    {"transpose_kernel": True},
+    (2, 5, 5, 3),
+  ),
+}
+SCALED_WRAPS = {
+  "wn": lambda m: fnx.weight_norm(m),
+  "wn_axis0": lambda m: fnx.weight_norm(m, axis=0),
+  "sn": lambda m: fnx.spectral_norm(m, n_power_iterations=2, rngs=0),
+  "sn_clip": lambda m: fnx.spectral_norm(m, mode="clip", rngs=0),
+}
+
+
+def _kernel_sized_muls(layer, x, kernel_shape):
+  graphdef, state = nnx.split(layer)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state)
+  return [
+    e for e in jaxpr.eqns if e.primitive.name == "mul" and e.outvars[0].aval.shape == kernel_shape
+  ]
+
+
+@pytest.mark.parametrize("wrap", list(SCALED_WRAPS))
+@pytest.mark.parametrize("case", list(SCALED))
+def test_output_scaling_is_exact(case, wrap):
+  """Same outputs, gradients and state as reading the normalized kernel (float64)."""
+  fast_cls, slow_cls, args, kwargs, shape = SCALED[case]
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    layers = []
+    for cls in (fast_cls, slow_cls):
+      layer = cls(*args, **kwargs, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+      layer.bias[...] = jnp.linspace(-1.0, 1.0, layer.bias.size).reshape(layer.bias.shape)
+      layers.append(SCALED_WRAPS[wrap](layer))
+    kernel_shape = layers[0].kernel.shape
+
+    def loss(layer):
+      return jnp.sum(jnp.sin(layer(x)))
+
+    grads = [nnx.grad(loss)(layer) for layer in layers]  # also updates the SN state
+    chex.assert_trees_all_close(
+      nnx.to_pure_dict(grads[0]), nnx.to_pure_dict(grads[1]), atol=1e-12, rtol=1e-12
+    )
+    chex.assert_trees_all_close(
+      nnx.to_pure_dict(nnx.state(layers[0])), nnx.to_pure_dict(nnx.state(layers[1])), atol=1e-12
+    )
+    chex.assert_trees_all_close(layers[0](x), layers[1](x), atol=1e-12)
+    assert _kernel_sized_muls(layers[1], x, kernel_shape)
+    kernel_path = wrap == "wn_axis0" or (case == "conv_transpose_kernel" and wrap == "wn")
+    assert bool(_kernel_sized_muls(layers[0], x, kernel_shape)) == kernel_path
+
+
+def test_output_scaling_keeps_bias_a_param():
+  """Outside a call, ``bias`` is the layer's Param; without one, None; custom dots opt out."""
+  layer = fnx.weight_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  assert isinstance(layer.bias, nnx.Param)
+  assert "bias" in nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  layer.bias = nnx.Param(jnp.ones(3))  # assignment reaches the instance
+  assert float(layer.bias[...].sum()) == 3.0
+  x = jnp.ones((2, 4))
+  no_bias = fnx.weight_norm(nnx.Linear(4, 3, use_bias=False, rngs=nnx.Rngs(0)))
+  assert no_bias.bias is None and no_bias(x).shape == (2, 3)
+  custom = fnx.weight_norm(
+    nnx.Linear(4, 3, dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k), rngs=nnx.Rngs(0))
+  )
+  assert _kernel_sized_muls(custom, x, (4, 3))
+  assert not _kernel_sized_muls(layer, x, (4, 3))
+
+
+def test_graph_functions_inside_the_call():
+  """NNX graph functions may run on the layer during its own call (no call state in it)."""
+
+  class Peek(nnx.Module):
+    def __init__(self):
+      self.kernel = nnx.Param(jax.random.normal(jax.random.key(0), (4, 3)))
+
+    def __call__(self, x):
+      state = nnx.state(self)  # e.g. what a lifted transform does
+      assert "kernel" in nnx.to_pure_dict(state)
+      return x @ self.kernel[...]
+
+  layer = fnx.spectral_norm(Peek(), rngs=0)
+  y = nnx.jit(lambda m, x: m(x))(layer, jnp.ones((2, 4)))
+  assert y.shape == (2, 3) and bool(jnp.all(jnp.isfinite(y)))
+  linear = fnx.weight_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(linear)
+  assert "_flaxnorm" not in repr(graphdef)
