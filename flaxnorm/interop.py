@@ -15,10 +15,11 @@ and written here (keys relative to the layer)::
 Layouts (``kind`` -> PyTorch weight -> Flax param)::
 
   linear            (out, in)                  nn.Dense kernel (in, out)
-  conv1d / conv2d   (out, in/groups, *k)       nn.Conv kernel (*k, in/groups, out)
-  conv_transpose1d  (in, out, *k)              nn.ConvTranspose kernel (*k, in, out), spatially
-  / conv_transpose2d                           flipped (Flax's default transpose_kernel=False;
-                                               padding from conv_transpose_padding; groups=1)
+  conv1d/2d/3d      (out, in/groups, *k)       nn.Conv kernel (*k, in/groups, out)
+  conv_transpose    (in, out, *k)              nn.ConvTranspose kernel (*k, in, out), spatially
+  1d/2d/3d                                     flipped (Flax's default transpose_kernel=False;
+                                               padding from conv_transpose_padding; groups=1:
+                                               nn.ConvTranspose has no feature groups)
   embedding         (num, features)            nn.Embed embedding (num, features)
 
 Which flaxnorm wrapping and ``axis`` reproduce the PyTorch layer is part of the
@@ -55,7 +56,16 @@ from flaxnorm import _checks, _math
 from flaxnorm import linen as _linen
 from flaxnorm._checks import Axis
 
-KINDS = ("linear", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "embedding")
+KINDS = (
+  "linear",
+  "conv1d",
+  "conv2d",
+  "conv3d",
+  "conv_transpose1d",
+  "conv_transpose2d",
+  "conv_transpose3d",
+  "embedding",
+)
 STYLES = ("parametrizations", "legacy")
 
 _P = "parametrizations.weight."
@@ -74,7 +84,7 @@ class _Kind(NamedTuple):
 
 
 def _conv(name: str, nd: int, transpose: bool) -> _Kind:
-  k = "k" if nd == 1 else "kh, kw"
+  k = {1: "k", 2: "kh, kw", 3: "kd, kh, kw"}[nd]
   spatial = tuple(range(2, nd + 2))
   if transpose:
     return _Kind(
@@ -115,8 +125,10 @@ _KINDS = {
   ),
   "conv1d": _conv("conv1d", 1, False),
   "conv2d": _conv("conv2d", 2, False),
+  "conv3d": _conv("conv3d", 3, False),
   "conv_transpose1d": _conv("conv_transpose1d", 1, True),
   "conv_transpose2d": _conv("conv_transpose2d", 2, True),
+  "conv_transpose3d": _conv("conv_transpose3d", 3, True),
   "embedding": _Kind(
     name="embedding",
     ndim=2,
@@ -489,8 +501,8 @@ def from_torch(
       ``torch_layer.state_dict()``): ``weight``/``bias``, or a weight-norm or
       spectral-norm key set of either PyTorch API (see the module docstring).
       Values are torch tensors, numpy or JAX arrays; torch is not imported.
-    kind: one of :data:`KINDS`: ``"linear"``, ``"conv1d"``, ``"conv2d"``,
-      ``"conv_transpose1d"``, ``"conv_transpose2d"``, ``"embedding"``.
+    kind: one of :data:`KINDS`: ``"linear"``, ``"conv1d"``/``"conv2d"``/``"conv3d"``,
+      ``"conv_transpose1d"``/``2d``/``3d``, ``"embedding"``.
     axis: the flaxnorm ``axis`` the Flax layer is (to be) wrapped with. ``None``
       picks it: for weight norm PyTorch's ``dim`` (read from ``g``'s shape; any
       other axis raises, as the norm would differ); for spectral norm the axis
@@ -965,7 +977,7 @@ def load_torch_state_dict(
       if any(x.startswith("embedding") for x in target):
         kind = "embedding"
       else:
-        kind = {2: "linear", 3: "conv1d", 4: "conv2d"}.get(ndim)
+        kind = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(ndim)
       if kind is None:
         unused.update(
           {
