@@ -672,6 +672,13 @@ SCALED = {
     (2, 7, 4),
   ),
   "conv_local": (nn.ConvLocal, SubConvLocal, {"features": 4, "kernel_size": (3,)}, (2, 6, 3)),
+  "dense_no_bias": (nn.Dense, SubDense, {"features": 5, "use_bias": False}, (3, 4)),
+  "conv_masked": (
+    nn.Conv,
+    SubConv,
+    {"features": 4, "kernel_size": (3,), "mask": jnp.tril(jnp.ones((3, 3, 4)))},
+    (2, 6, 3),
+  ),
   "conv_transpose": (
     nn.ConvTranspose,
     SubConvTranspose,
@@ -727,10 +734,12 @@ def test_output_scaling_is_exact(case, wrap):
 
     # The twin really scales its kernel, and the Flax layer does not (except
     # where its kernel's last axis is not the output's: WN per output
-    # channel of a transposed ConvTranspose kernel, WN over axis 0).
-    assert _kernel_sized_muls(slow, variables, x)
+    # channel of a transposed ConvTranspose kernel, WN over axis 0). A mask
+    # is the layer's own kernel-sized product, in both.
+    n_slow = len(_kernel_sized_muls(slow, variables, x))
     kernel_path = wrap == "wn_axis0" or (case == "conv_transpose_kernel" and wrap == "wn")
-    assert bool(_kernel_sized_muls(fast, variables, x)) == kernel_path
+    assert n_slow >= 1
+    assert len(_kernel_sized_muls(fast, variables, x)) == n_slow - (not kernel_path)
 
 
 def test_output_scaling_only_for_plain_linear_ops():
