@@ -20,6 +20,34 @@ import jax.numpy as jnp
 from flaxnorm import _math
 
 
+def wide_range(dtype) -> bool:
+  """Whether a compute dtype has float32's exponent range (float32, bfloat16, float64).
+
+  The layer computes ``f(x; v)`` in its own dtype before the scale is applied:
+  ``||v|| / g`` (or ``sigma``) times the true output, which overflows float16
+  (max 65504) long before the normalized result would. Narrow-range dtypes
+  take the kernel path.
+  """
+  dtype = jnp.dtype(dtype)
+  return not jnp.issubdtype(dtype, jnp.inexact) or jnp.finfo(dtype).maxexp >= 128
+
+
+def compute_is_wide(layer_dtype, param_dtype, inputs) -> bool:
+  """Whether the layer computes in a wide-range dtype (see :func:`wide_range`).
+
+  Args:
+    layer_dtype: the layer's ``dtype`` field (``None``: promote inputs and params).
+    param_dtype: the layer's ``param_dtype``.
+    inputs: the layer's first argument (anything with a ``dtype``, or not).
+  """
+  if layer_dtype is not None:
+    return wide_range(layer_dtype)
+  # Promotion of a narrow and a wide dtype (float16 with float32 or bfloat16)
+  # is wide; of two narrow ones, narrow.
+  dtypes = [d for d in (param_dtype, getattr(inputs, "dtype", None)) if d is not None]
+  return any(wide_range(d) for d in dtypes) or not dtypes
+
+
 class OutputScale:
   """Collects one call's deferred kernel scale and bias, then applies them.
 
@@ -70,7 +98,8 @@ class OutputScale:
     if self.scale is not None:
       if self.scale.ndim and y.shape[-1] != self.scale.shape[0]:
         raise AssertionError(f"flaxnorm: output {y.shape} does not fit scale {self.scale.shape}")
-      out = out.astype(_math.wider(dtype, self.scale.dtype)) * self.scale
+      wide = _math.wider(dtype, self.scale.dtype)
+      out = out.astype(wide) * self.scale.astype(wide)
     if self.bias is not None:
       bias = self.bias.reshape((1,) * (y.ndim - self.bias.ndim) + self.bias.shape)
       out = out + bias.astype(out.dtype)

@@ -32,7 +32,7 @@ from flax.core import meta
 from flaxnorm import _checks, _math
 from flaxnorm import _tree as tree_lib
 from flaxnorm._checks import Axis
-from flaxnorm._output_scale import OutputScale
+from flaxnorm._output_scale import OutputScale, compute_is_wide
 
 M = TypeVar("M", bound=nn.Module)
 Target = type[nn.Module] | nn.Module
@@ -172,11 +172,14 @@ _LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTrans
 _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
 
 
-def _scales_output(module: nn.Module) -> bool:
+def _scales_output(module: nn.Module, args: tuple, kwargs: dict) -> bool:
   """Whether ``module`` is one of Flax's linear layers, run by Flax's own code."""
   base = type(module)._flaxnorm_base
   if base not in _LINEAR_LAYERS or set(type(module)._flaxnorm_specs) != {"kernel"}:
     return False  # subclasses may override __call__: only Flax's own code
+  inputs = args[0] if args else kwargs.get("inputs")
+  if not compute_is_wide(module.dtype, module.param_dtype, inputs):
+    return False  # float16: the unscaled output could overflow
   if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
     return False  # e.g. a quantized dot_general is not linear in the kernel
   if getattr(module, "promote_dtype", nn.dtypes.promote_dtype) is not nn.dtypes.promote_dtype:
@@ -262,6 +265,10 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
   if key in _CLASS_CACHE:
     return _CLASS_CACHE[key]
 
+  raw_call = None
+  if base in _LINEAR_LAYERS and getattr(base.__call__, "__wrapped__", None) is not None:
+    raw_call = base.__call__.__wrapped__  # Flax's method, before Module's wrapping
+
   class Normalized(base):  # type: ignore[valid-type, misc]
     @nn.nowrap
     def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
@@ -284,20 +291,27 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
 
     def __call__(self, *args, **kwargs):
       deferred = None
-      if _scales_output(self):
+      if _scales_output(self, args, kwargs):
         # A transposed ConvTranspose kernel holds the output features on axis -2.
         deferred = OutputScale(per_feature=not getattr(self, "transpose_kernel", False))
+      # Flax's own layers run their unwrapped code in this (compact) call, so
+      # that interceptors and capture_intermediates see one call, with the
+      # final output; other layers run their own wrapped method.
+      call = functools.partial(raw_call, self) if raw_call is not None else super().__call__
       self.__dict__["_flaxnorm_output_scale"] = deferred
       try:
         if any(s.recursive for s in type(self)._flaxnorm_specs.values()):
           with nn.intercept_methods(_propagate(self)):
-            out = super().__call__(*args, **kwargs)
+            out = call(*args, **kwargs)
         else:
-          out = super().__call__(*args, **kwargs)
+          out = call(*args, **kwargs)
       finally:
         self.__dict__.pop("_flaxnorm_output_scale", None)
       _check_layer_saw_names(self)
       return out if deferred is None else deferred.finish(out)
+
+    if raw_call is not None:
+      __call__ = nn.compact(__call__)
 
     @nn.nowrap
     def _flaxnorm_create(self, name, *, init_fn, init_args, init_kwargs):

@@ -65,7 +65,7 @@ from flax import nnx
 
 from flaxnorm import _checks, _math
 from flaxnorm._checks import Axis
-from flaxnorm._output_scale import OutputScale
+from flaxnorm._output_scale import OutputScale, compute_is_wide
 
 __all__ = (
   "SpectralStateVar",
@@ -374,7 +374,13 @@ def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
       state = _Call(None, {})
       if spectral and not getattr(self, _FLAG, False):  # training: iterate and store
         state.scales = {name: spec.update(self, name) for name, spec in spectral}
-      if scales_output is not None and scales_output(self):
+      inputs = args[0] if args else kwargs.get("inputs")
+      if (
+        scales_output is not None
+        and scales_output(self)
+        # float16: the unscaled output could overflow (see _output_scale).
+        and compute_is_wide(self.dtype, self.param_dtype, inputs)
+      ):
         # The layer reads the bare kernel and a zero bias; the scale and bias
         # go on its output. A transposed ConvTranspose kernel holds the output
         # features on axis -2.

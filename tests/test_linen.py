@@ -766,3 +766,53 @@ def test_output_scaling_low_precision():
   # Both within bfloat16 rounding of the float32 result.
   for y in (y_fast, y_slow):
     np.testing.assert_allclose(np.asarray(y, np.float32), y_true, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+  "wrap", [flaxnorm.weight_norm, lambda m: flaxnorm.spectral_norm(m, n_init_iterations=50)]
+)
+def test_output_scaling_float16_takes_kernel_path(wrap):
+  """float16 compute: the unscaled x @ v would overflow; the output must not depend on ||v||."""
+  x = jnp.full((1, 64), 30.0)
+  layer = wrap(nn.Dense(2, dtype=jnp.float16))
+  variables = layer.init(KEY, x)
+  y = layer.apply(variables, x)
+  name = "kernel_v" if "kernel_v" in variables["params"] else "kernel"
+  # Scaling v leaves weight norm unchanged; scaling W with its stored u, v
+  # leaves spectral norm's eval output unchanged.
+  big = {**variables, "params": {**variables["params"], name: variables["params"][name] * 1e4}}
+  y_big = layer.apply(big, x)
+  assert bool(jnp.all(jnp.isfinite(y_big)))
+  np.testing.assert_allclose(np.asarray(y_big, np.float32), np.asarray(y, np.float32), rtol=2e-3)
+
+
+def test_output_scaling_intercepted_once():
+  """capture_intermediates and interceptors see one __call__, with the final output."""
+  x = jnp.ones((1, 4))
+  layer = flaxnorm.weight_norm(nn.Dense(2))
+  variables = jax.tree.map(lambda a: a * 1.3 + 0.5, layer.init(KEY, x))
+  y, state = layer.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  (captured,) = state["intermediates"]["__call__"]
+  chex.assert_trees_all_close(captured, y)
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    seen.append(out)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    layer.apply(variables, x)
+  assert len(seen) == 1
+  chex.assert_trees_all_close(seen[0], y)
+
+
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize("wrap", [flaxnorm.weight_norm, flaxnorm.spectral_norm])
+def test_output_scaling_wider_compute_dtype(wrap):
+  """A float64 layer over float32 params: the scale is cast, even under strict promotion."""
+  with jax.enable_x64(True):
+    x = jnp.ones((2, 4), jnp.float64)
+    layer = wrap(nn.Dense(3, dtype=jnp.float64, param_dtype=jnp.float32))
+    y = layer.apply(layer.init(KEY, x), x)
+    assert y.dtype == jnp.float64

@@ -654,3 +654,20 @@ def test_graph_functions_inside_the_call():
   linear = fnx.weight_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(linear)
   assert "_flaxnorm" not in repr(graphdef)
+
+
+def test_output_scaling_float16_and_wider_dtypes(strict_promotion):
+  """float16 compute takes the kernel path (no overflow); float64 over float32 params works."""
+  del strict_promotion
+  x = jnp.full((1, 64), 30.0, jnp.float16)
+  layer = fnx.weight_norm(nnx.Linear(64, 2, dtype=jnp.float16, rngs=nnx.Rngs(0)))
+  y = layer(x)
+  layer.kernel_v[...] = layer.kernel_v[...] * 1e4  # weight norm ignores ||v||
+  y_big = layer(x)
+  assert bool(jnp.all(jnp.isfinite(y_big)))
+  np.testing.assert_allclose(np.asarray(y_big, np.float32), np.asarray(y, np.float32), rtol=2e-3)
+  with jax.enable_x64(True):
+    x64 = jnp.ones((2, 4), jnp.float64)
+    for wrap in (fnx.weight_norm, lambda m: fnx.spectral_norm(m, rngs=0)):
+      wide = wrap(nnx.Linear(4, 3, dtype=jnp.float64, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+      assert wide(x64).dtype == jnp.float64
