@@ -214,7 +214,11 @@ def _propagate(root: nn.Module):
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if hasattr(type(module), "_flaxnorm_specs") or not _is_descendant(module, root):
+    if (
+      hasattr(type(module), "_flaxnorm_specs")
+      or not _is_descendant(module, root)
+      or _is_lifted(type(module))  # the lift's own clone comes through here again
+    ):
       return next_fun(*args, **kwargs)
     if context.method_name == "setup":
       return None
@@ -328,10 +332,29 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
   return Normalized
 
 
+def _is_lifted(cls: type) -> bool:
+  # nn.remat/nn.jit/nn.vmap/... classes rebuild the layer from the class they
+  # lifted (module_class(...)) inside the transform, bypassing any subclass.
+  return cls.__module__ == "flax.linen.transforms" and len(cls.__mro__) > 1
+
+
+def _check_not_lifted(cls: type, method: str) -> None:
+  if _is_lifted(cls):
+    inner = cls.__mro__[1].__name__
+    raise TypeError(
+      f"{method}: {cls.__name__} is a Flax-lifted class (nn.remat, nn.jit, nn.vmap, ... of "
+      f"{inner}); the lift rebuilds the layer from {inner} itself, so a wrapper around it "
+      f"would never see the layer's params. Wrap first, then lift: "
+      f"nn.remat(flaxnorm.{method}(nn.{inner}))."
+    )
+
+
 def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
   if isinstance(target, type) and issubclass(target, nn.Module):
+    _check_not_lifted(target, method)
     return _transform_class(target, specs)
   if isinstance(target, nn.Module):
+    _check_not_lifted(type(target), method)
     cls = _transform_class(type(target), specs)
     attrs = {
       f.name: getattr(target, f.name)

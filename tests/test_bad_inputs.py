@@ -125,6 +125,18 @@ BAD_INPUTS = [
     r"For NNX modules use flaxnorm.nnx.spectral_norm",
   ),
   (
+    "a Flax-lifted class as target (wrap first, then lift)",
+    lambda: flaxnorm.weight_norm(nn.remat(nn.Dense)),
+    TypeError,
+    r"CheckpointDense is a Flax-lifted class .*nn.remat\(flaxnorm.weight_norm\(nn.Dense\)\)",
+  ),
+  (
+    "a Flax-lifted instance as target",
+    lambda: flaxnorm.spectral_norm(nn.jit(nn.Dense)(3)),
+    TypeError,
+    r"JitDense is a Flax-lifted class",
+  ),
+  (
     "unknown spectral mode",
     lambda: flaxnorm.spectral_norm(nn.Dense, mode="max"),
     ValueError,
