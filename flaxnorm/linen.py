@@ -218,6 +218,9 @@ def _propagate(root: nn.Module):
       hasattr(type(module), "_flaxnorm_specs")
       or not _is_descendant(module, root)
       or _is_lifted(type(module))  # the lift's own clone comes through here again
+      # A function lifted over the module (nn.RNN's scan body) is no method of
+      # it; the module's own method calls inside come through here.
+      or not callable(getattr(type(module), context.method_name, None))
     ):
       return next_fun(*args, **kwargs)
     if context.method_name == "setup":

@@ -816,3 +816,14 @@ def test_output_scaling_wider_compute_dtype(wrap):
     layer = wrap(nn.Dense(3, dtype=jnp.float64, param_dtype=jnp.float32))
     y = layer.apply(layer.init(KEY, x), x)
     assert y.dtype == jnp.float64
+
+
+def test_recursive_on_the_rnn_itself():
+  """weight_norm(nn.RNN(cell), recursive=True) is nn.RNN(weight_norm(cell, recursive=True))."""
+  x = jax.random.normal(KEY, (2, 3, 4))
+  outer = flaxnorm.weight_norm(nn.RNN(nn.LSTMCell(5)), recursive=True)
+  inner = nn.RNN(flaxnorm.weight_norm(nn.LSTMCell(5), recursive=True))
+  v_outer, v_inner = outer.init(KEY, x), inner.init(KEY, x)
+  assert set(v_outer["params"]["cell"]["ii"]) == {"kernel_g", "kernel_v"}
+  chex.assert_trees_all_close(v_outer, v_inner)
+  chex.assert_trees_all_close(outer.apply(v_outer, x), inner.apply(v_inner, x))
