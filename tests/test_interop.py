@@ -769,3 +769,28 @@ def test_load_square_spectral_layer_needs_its_axis():
   back = interop.to_torch_state_dict(res.variables, res.layers)
   for key, x in sd.items():
     np.testing.assert_array_equal(np.asarray(back[key]), x)
+
+
+def test_load_recognizes_3d_convolutions():
+  """A rank-5 weight loads as conv3d; a ConvTranspose3d needs its kind, as in 1-D and 2-D."""
+  conv = jax.eval_shape(
+    nn.Conv(4, (2, 3, 2), name="c").init, jax.random.key(0), jnp.zeros((1, 3, 5, 4, 2))
+  )
+  sd = {"c.weight": arr(4, 2, 2, 3, 2), "c.bias": arr(4)}
+  res = interop.load_torch_state_dict(sd, {"params": {"c": conv["params"]}}, None)
+  np.testing.assert_array_equal(
+    res.variables["params"]["c"]["kernel"], sd["c.weight"].transpose(2, 3, 4, 1, 0)
+  )
+  up = jax.eval_shape(
+    nn.ConvTranspose(2, (2, 3, 2), name="up").init, jax.random.key(0), jnp.zeros((1, 3, 5, 4, 3))
+  )
+  sd = {"up.weight": arr(3, 2, 2, 3, 2), "up.bias": arr(2)}
+  with pytest.raises(ValueError, match=r"pass kinds=\{'up': 'conv_transpose3d'\}"):
+    interop.load_torch_state_dict(sd, {"params": {"up": up["params"]}}, None)
+  res = interop.load_torch_state_dict(
+    sd, {"params": {"up": up["params"]}}, None, kinds={"up": "conv_transpose3d"}
+  )
+  np.testing.assert_array_equal(
+    res.variables["params"]["up"]["kernel"],
+    sd["up.weight"].transpose(2, 3, 4, 0, 1)[::-1, ::-1, ::-1],
+  )
