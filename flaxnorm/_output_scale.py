@@ -32,20 +32,37 @@ def wide_range(dtype) -> bool:
   return not jnp.issubdtype(dtype, jnp.inexact) or jnp.finfo(dtype).maxexp >= 128
 
 
-def compute_is_wide(layer_dtype, param_dtype, inputs) -> bool:
-  """Whether the layer computes in a wide-range dtype (see :func:`wide_range`).
-
-  Args:
-    layer_dtype: the layer's ``dtype`` field (``None``: promote inputs and params).
-    param_dtype: the layer's ``param_dtype``.
-    inputs: the layer's first argument (anything with a ``dtype``, or not).
-  """
+def _computes_wide(layer_dtype, param_dtype, inputs) -> bool:
+  """Whether the layer computes in a wide-range dtype (see :func:`wide_range`)."""
   if layer_dtype is not None:
     return wide_range(layer_dtype)
   # Promotion of a narrow and a wide dtype (float16 with float32 or bfloat16)
   # is wide; of two narrow ones, narrow.
   dtypes = [d for d in (param_dtype, getattr(inputs, "dtype", None)) if d is not None]
   return any(wide_range(d) for d in dtypes) or not dtypes
+
+
+def for_call(layer, args: tuple, kwargs: dict) -> OutputScale | None:
+  """The :class:`OutputScale` for one call of a linear layer, or None to scale the kernel.
+
+  The face (Linen, NNX) has already checked that ``layer`` is one of Flax's
+  linear layers running Flax's own ops; this adds what both faces share.
+
+  Args:
+    layer: the layer, with Flax's ``dtype`` and ``param_dtype`` fields (and
+      ``transpose_kernel`` for a ConvTranspose).
+    args: the call's positional arguments, the inputs first.
+    kwargs: its keyword arguments (``inputs=`` if passed by name).
+
+  Returns:
+    None for float16 compute (the unscaled output could overflow), else an
+    empty :class:`OutputScale`.
+  """
+  inputs = args[0] if args else kwargs.get("inputs")
+  if not _computes_wide(layer.dtype, layer.param_dtype, inputs):
+    return None
+  # A transposed ConvTranspose kernel holds the output features on axis -2.
+  return OutputScale(per_feature=not getattr(layer, "transpose_kernel", False))
 
 
 class OutputScale:

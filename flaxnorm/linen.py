@@ -29,10 +29,9 @@ import flax.linen as nn
 import jax
 from flax.core import meta
 
-from flaxnorm import _checks, _math
+from flaxnorm import _checks, _math, _output_scale
 from flaxnorm import _tree as tree_lib
 from flaxnorm._checks import Axis
-from flaxnorm._output_scale import OutputScale, compute_is_wide
 
 M = TypeVar("M", bound=nn.Module)
 Target = type[nn.Module] | nn.Module
@@ -172,14 +171,11 @@ _LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTrans
 _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
 
 
-def _scales_output(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+def _scales_output(module: nn.Module) -> bool:
   """Whether ``module`` is one of Flax's linear layers, run by Flax's own code."""
   base = type(module)._flaxnorm_base
   if base not in _LINEAR_LAYERS or set(type(module)._flaxnorm_specs) != {"kernel"}:
     return False  # subclasses may override __call__: only Flax's own code
-  inputs = args[0] if args else kwargs.get("inputs")
-  if not compute_is_wide(module.dtype, module.param_dtype, inputs):
-    return False  # float16: the unscaled output could overflow
   if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
     return False  # e.g. a quantized dot_general is not linear in the kernel
   if getattr(module, "promote_dtype", nn.dtypes.promote_dtype) is not nn.dtypes.promote_dtype:
@@ -297,10 +293,7 @@ def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
       return base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
 
     def __call__(self, *args, **kwargs):
-      deferred = None
-      if _scales_output(self, args, kwargs):
-        # A transposed ConvTranspose kernel holds the output features on axis -2.
-        deferred = OutputScale(per_feature=not getattr(self, "transpose_kernel", False))
+      deferred = _output_scale.for_call(self, args, kwargs) if _scales_output(self) else None
       # Flax's own layers run their unwrapped code in this (compact) call, so
       # that interceptors and capture_intermediates see one call, with the
       # final output; other layers run their own wrapped method.

@@ -63,9 +63,8 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math
+from flaxnorm import _checks, _math, _output_scale
 from flaxnorm._checks import Axis
-from flaxnorm._output_scale import OutputScale, compute_is_wide
 
 __all__ = (
   "SpectralStateVar",
@@ -88,7 +87,7 @@ _FLAG = "use_running_average"
 class _Call:
   """What one ``__call__`` hands to the computed params it reads."""
 
-  deferred: OutputScale | None  # the output takes the kernel's scale and the bias
+  deferred: _output_scale.OutputScale | None  # the output takes the kernel's scale and the bias
   scales: dict[str, jax.Array]  # spectral scales of the iterations just run
 
 
@@ -374,17 +373,10 @@ def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
       state = _Call(None, {})
       if spectral and not getattr(self, _FLAG, False):  # training: iterate and store
         state.scales = {name: spec.update(self, name) for name, spec in spectral}
-      inputs = args[0] if args else kwargs.get("inputs")
-      if (
-        scales_output is not None
-        and scales_output(self)
-        # float16: the unscaled output could overflow (see _output_scale).
-        and compute_is_wide(self.dtype, self.param_dtype, inputs)
-      ):
+      if scales_output is not None and scales_output(self):
         # The layer reads the bare kernel and a zero bias; the scale and bias
-        # go on its output. A transposed ConvTranspose kernel holds the output
-        # features on axis -2.
-        state.deferred = OutputScale(per_feature=not getattr(self, "transpose_kernel", False))
+        # go on its output (unless float16 compute: see _output_scale).
+        state.deferred = _output_scale.for_call(self, args, kwargs)
       token = _CALLS.set({**_CALLS.get({}), id(self): state})
       try:
         y = base_call(self, *args, **kwargs)
