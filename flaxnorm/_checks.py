@@ -1,7 +1,7 @@
 """Argument checks shared by every face of flaxnorm (math, Linen, NNX, tree).
 
 Each check raises a ``ValueError``/``TypeError`` whose message names the
-argument, the place it was found (``where``: a layer path, a tree path or a
+argument, the place it was found (``at``: a layer path, a tree path or a
 function name) and what was expected, so a user never has to read a Flax trace.
 """
 
@@ -16,27 +16,27 @@ import jax.numpy as jnp
 Axis = int | Sequence[int] | None
 
 
-def _at(where: str) -> str:
-  return f" at {where}" if where else ""
+def _at(at: str) -> str:
+  return f" at {at}" if at else ""
 
 
-def check_eps(eps: Any, where: str = "") -> float:
+def check_eps(eps: Any, at: str = "") -> float:
   """Returns ``eps`` as a float, or raises if it is not a positive number."""
   if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-    raise TypeError(f"eps must be a positive float{_at(where)}, got {eps!r}.")
+    raise TypeError(f"eps must be a positive float{_at(at)}, got {eps!r}.")
   if not (eps > 0 and math.isfinite(eps)):
-    raise ValueError(f"eps must be a positive finite float{_at(where)}, got {eps!r}.")
+    raise ValueError(f"eps must be a positive finite float{_at(at)}, got {eps!r}.")
   return float(eps)
 
 
-def check_count(value: Any, argname: str, minimum: int, where: str = "") -> int:
+def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
   """Returns ``value`` as an int, or raises if it is not an int >= ``minimum``."""
   if isinstance(value, bool) or not isinstance(value, int):
     raise TypeError(
-      f"{argname} must be an int >= {minimum}{_at(where)}, got {value!r} ({type(value).__name__})."
+      f"{argname} must be an int >= {minimum}{_at(at)}, got {value!r} ({type(value).__name__})."
     )
   if value < minimum:
-    raise ValueError(f"{argname} must be >= {minimum}{_at(where)}, got {value}.")
+    raise ValueError(f"{argname} must be >= {minimum}{_at(at)}, got {value}.")
   return value
 
 
@@ -53,73 +53,132 @@ def check_names(name: str | Sequence[str], argname: str = "name") -> tuple[str, 
   return names
 
 
-def check_axis_arg(axis: Any, where: str = "", allow_none: bool = True) -> None:
+def check_axis_arg(axis: Any, at: str = "", allow_none: bool = True) -> None:
   """Checks the *type* of an ``axis`` argument before any array is seen."""
   if axis is None and allow_none:
     return
   items = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
   if not items or any(isinstance(a, bool) or not isinstance(a, int) for a in items):
     expected = "an int, a tuple of ints" + (" or None" if allow_none else "")
-    raise TypeError(f"axis must be {expected}{_at(where)}, got {axis!r}.")
+    raise TypeError(f"axis must be {expected}{_at(at)}, got {axis!r}.")
 
 
-def normalize_axes(axis: Axis, ndim: int, where: str = "") -> tuple[int, ...]:
+def normalize_axes(axis: Axis, ndim: int, at: str = "") -> tuple[int, ...]:
   """Returns the kept axes as sorted non-negative ints (``None`` gives ``()``).
 
   Args:
     axis: an int, a sequence of ints or ``None``.
     ndim: rank of the array the axes refer to.
-    where: where the array comes from, for error messages.
+    at: where the array comes from, for error messages.
 
   Returns:
     The kept axes, each in ``[0, ndim)``, sorted and distinct.
   """
-  check_axis_arg(axis, where)
+  check_axis_arg(axis, at)
   if axis is None:
     return ()
   items = (axis,) if isinstance(axis, int) else tuple(axis)
   for a in items:
     if not -ndim <= a < ndim:
       raise ValueError(
-        f"axis {a} is out of range{_at(where)}: the param has {ndim} dims, "
+        f"axis {a} is out of range{_at(at)}: the param has {ndim} dims, "
         f"so axis must be in [{-ndim}, {ndim - 1}]."
       )
   axes = tuple(sorted({a % ndim for a in items}))
   if len(axes) != len(items):
-    raise ValueError(f"axis {axis!r} names the same axis twice{_at(where)}.")
+    raise ValueError(f"axis {axis!r} names the same axis twice{_at(at)}.")
   return axes
 
 
-def check_float_array(x: Any, argname: str, where: str = "") -> None:
+def check_float_array(x: Any, argname: str, at: str = "") -> None:
   """Raises ``TypeError`` unless ``x`` is an array with a floating dtype."""
   dtype = getattr(x, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     found = dtype if dtype is not None else type(x).__name__
     raise TypeError(
-      f"{argname}{_at(where)} must be a floating-point array (float16, bfloat16, "
+      f"{argname}{_at(at)} must be a floating-point array (float16, bfloat16, "
       f"float32 or float64), got {found}."
     )
 
 
-def check_spectral_weight(w: Any, axis: Axis, where: str = "") -> tuple[int, ...]:
+def check_spectral_weight(w: Any, axis: Axis, at: str = "") -> tuple[int, ...]:
   """Checks a kernel for spectral norm; returns its kept (row) axes."""
-  check_float_array(w, "the param", where)
+  check_float_array(w, "the param", at)
   if w.ndim < 2:
     raise ValueError(
-      f"spectral norm needs a param with at least 2 dims{_at(where)}, got shape "
+      f"spectral norm needs a param with at least 2 dims{_at(at)}, got shape "
       f"{tuple(w.shape)}: a vector has no matrix view (biases are not normalized)."
     )
   if axis is None:
-    raise ValueError(f"spectral norm needs a kept (output) axis{_at(where)}, got None.")
-  return normalize_axes(axis, w.ndim, where)
+    raise ValueError(f"spectral norm needs a kept (output) axis{_at(at)}, got None.")
+  return normalize_axes(axis, w.ndim, at)
 
 
 #: What spectral norm does with sigma: divide by it, or only shrink (1-Lipschitz).
 SPECTRAL_MODES = ("normalize", "clip")
 
 
-def check_mode(mode: Any, where: str = "") -> str:
+def check_mode(mode: Any, at: str = "") -> str:
   """Returns ``mode`` if it is one of :data:`SPECTRAL_MODES`, else raises."""
   if mode not in SPECTRAL_MODES:
-    raise ValueError(f"mode must be one of {SPECTRAL_MODES}{_at(where)}, got {mode!r}.")
+    raise ValueError(f"mode must be one of {SPECTRAL_MODES}{_at(at)}, got {mode!r}.")
   return mode
+
+
+def check_bool(value: Any, argname: str, at: str = "") -> bool:
+  """Returns ``value`` if it is a Python bool (it changes the computation), else raises."""
+  if not isinstance(value, bool):
+    raise TypeError(f"{argname} must be a Python bool{_at(at)}, got {type(value).__name__}.")
+  return value
+
+
+def check_collection(collection: Any, at: str = "") -> str:
+  """Returns the spectral state's collection name, or raises."""
+  if not isinstance(collection, str) or not collection:
+    raise TypeError(f"collection must be a non-empty str{_at(at)}, got {collection!r}.")
+  if collection == "params":
+    raise ValueError(
+      f"collection must not be 'params'{_at(at)} (optimizers would train the state)."
+    )
+  return collection
+
+
+def check_state_fits(
+  w_shape: Sequence[int],
+  kept: tuple[int, ...],
+  state_shapes: Sequence[Sequence[int]],
+  keys: Sequence[str],
+  at: str,
+  *,
+  axis_given: Axis | None = None,
+) -> None:
+  """Raises unless a stored spectral state fits a kernel: ``u`` ``(m,)``, ``v`` ``(n,)``, ``sigma`` ``()``.
+
+  Args:
+    w_shape: the kernel's shape.
+    kept: its kept (row) axes, non-negative.
+    state_shapes: the shapes of the stored ``u``, ``v`` and ``sigma``.
+    keys: their names (``kernel_u``, ``kernel_v``, ``kernel_sigma``).
+    at: the param's place (layer path or tree path), for the message.
+    axis_given: the ``axis`` the caller passed when it may be the wrong one
+      (removal, the tree face): the message then points at it.
+  """
+  w_shape = tuple(w_shape)
+  m = math.prod(w_shape[a] for a in kept)
+  n = math.prod(w_shape) // m
+  found = tuple(tuple(s) for s in state_shapes)
+  if found == ((m,), (n,), ()):
+    return
+  detail = (
+    f"expected {keys[0]} of shape ({m},) and {keys[1]} of shape ({n},) (and a scalar "
+    f"{keys[2]}), got {found[0]} and {found[1]}" + (f" (and {found[2]})" if found[2] != () else "")
+  )
+  if axis_given is not None:
+    raise ValueError(
+      f"{at} of shape {w_shape} does not fit its state with axis={axis_given!r}: {detail}; "
+      "pass the axis the layer was wrapped with."
+    )
+  raise ValueError(
+    f"stored state of {at} does not fit the param of shape {w_shape}: {detail} "
+    "(a checkpoint from a differently sized layer?)."
+  )

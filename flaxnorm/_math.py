@@ -15,6 +15,13 @@ Layout conventions:
 Numerics: norms and power iteration run in (at least) float32 whatever the
 param dtype, and a zero weight gives a zero, finite result with finite
 gradients.
+
+Names: the functions here take ``n_steps``, the number of iterations *this
+call* runs (``0`` is allowed: evaluation from the stored vectors). The faces'
+``n_power_iterations`` (per training call, >= 1) and ``n_init_iterations`` (at
+init) are two uses of it. :func:`l2_normalize`'s ``axis`` is the axes reduced,
+as in ``jnp.linalg.norm``, since it normalizes vectors, not kernels; every
+other ``axis`` in ``flaxnorm`` is the axis kept.
 """
 
 from __future__ import annotations
@@ -38,7 +45,14 @@ DEFAULT_N_INIT_ITERATIONS = 200
 
 
 class SpectralState(NamedTuple):
-  """Power-iteration state of one spectrally normalized kernel."""
+  """Power-iteration state of one spectrally normalized kernel.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flaxnorm
+    >>> state = flaxnorm.spectral_state_init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> jax.tree.map(jnp.shape, state)
+    SpectralState(u=(3,), v=(4,), sigma=())
+  """
 
   u: Array  # shape=(m,), dtype=float32: left singular vector estimate (rows).
   v: Array  # shape=(n,), dtype=float32: right singular vector estimate.
@@ -83,6 +97,13 @@ def l2_normalize(x: Array, axis: Axis = None, eps: float = 1e-12) -> Array:
 
   Returns:
     An array of ``x``'s shape and dtype with unit norm along ``axis``.
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxnorm
+    >>> flaxnorm.l2_normalize(jnp.array([3.0, 4.0]))
+    Array([0.6, 0.8], dtype=float32)
+    >>> flaxnorm.l2_normalize(jnp.zeros(2))  # zero stays zero
+    Array([0., 0.], dtype=float32)
   """
   _checks.check_float_array(x, "x", "l2_normalize")
   eps = _checks.check_eps(eps, "l2_normalize")
@@ -108,6 +129,16 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
     ``v`` has ``w``'s dtype; ``g`` is float32 at least, since the norm of a
     float16 weight easily exceeds float16's range (1000 entries of 3000 give
     94868 > 65504, where PyTorch's weight norm gives inf).
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxnorm
+    >>> g, v = flaxnorm.weight_norm_decompose(jnp.array([[3.0, 0.0], [4.0, 2.0]]))
+    >>> g  # one norm per output column of an (in, out) kernel
+    Array([[5., 2.]], dtype=float32)
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   _checks.check_float_array(w, "w", "weight_norm_decompose")
   kept = _checks.normalize_axes(axis, w.ndim, "weight_norm_decompose")
@@ -134,6 +165,17 @@ def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
 
   Returns:
     ``w`` with ``v``'s shape and dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxnorm
+    >>> v = jnp.array([[3.0, 0.0], [4.0, 2.0]])
+    >>> flaxnorm.weight_norm_compose(jnp.array([[10.0, 1.0]]), v)
+    Array([[6., 0.],
+           [8., 1.]], dtype=float32)
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   return apply_scale(v, weight_norm_scale(g, v, eps))
 
@@ -187,6 +229,11 @@ def as_matrix(w: Array, axis: Axis = -1) -> Array:
   Returns:
     ``moveaxis(w, axis, 0).reshape(m, n)`` where ``m`` is the size of the kept
     axes and ``n`` the product of the others.
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxnorm
+    >>> flaxnorm.as_matrix(jnp.zeros((3, 3, 2, 8))).shape  # a Conv kernel (kh, kw, in, out)
+    (8, 18)
   """
   kept = _checks.check_spectral_weight(w, axis, "as_matrix")
   w = jnp.moveaxis(w, kept, tuple(range(len(kept))))
@@ -266,6 +313,17 @@ def power_iteration(
     ``(u, v, sigma)``: unit vectors of shapes ``(m,)`` and ``(n,)`` (float32 at
     least) carrying no gradient, and ``sigma = u^T w v`` (shape ``()``), which
     is differentiable with respect to ``w`` (Miyato et al., 2018).
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxnorm
+    >>> w = jnp.diag(jnp.array([3.0, 1.0]))
+    >>> u, v, sigma = flaxnorm.power_iteration(w, jnp.array([1.0, 1.0]), n_steps=50)
+    >>> round(float(sigma), 4)
+    3.0
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   _checks.check_float_array(w, "w", "power_iteration")
   eps = _checks.check_eps(eps, "power_iteration")
@@ -334,6 +392,12 @@ def spectral_state_init(
   Returns:
     A :class:`SpectralState` with ``u`` of shape ``(m,)``, ``v`` of ``(n,)`` and
     ``sigma`` of ``()``, all float32 at least.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flaxnorm
+    >>> state = flaxnorm.spectral_state_init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> round(float(state.sigma), 4)  # the SVD value: sqrt(4 * 3)
+    3.4641
   """
   mat = as_matrix(w, axis)
   m, n = mat.shape
@@ -362,13 +426,26 @@ def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "n
 
   Returns:
     An array of ``w``'s shape and dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxnorm
+    >>> flaxnorm.scale_by_sigma(jnp.full((2,), 2.0), jnp.array(4.0))
+    Array([0.5, 0.5], dtype=float32)
+    >>> flaxnorm.scale_by_sigma(jnp.full((2,), 2.0), jnp.array(0.5), mode="clip")  # below 1: kept
+    Array([2., 2.], dtype=float32)
+
+  References:
+    Gouk, Frank, Pfahringer & Cree, "Regularisation of Neural Networks by
+    Enforcing Lipschitz Continuity", Machine Learning 110, 2021 (``"clip"``).
   """
   return apply_scale(w, sigma_scale(sigma, eps, mode=mode))
 
 
-def sigma_scale(sigma: Array, eps: float = 1e-12, *, mode: str = "normalize") -> Array:
-  """The scalar factor :func:`scale_by_sigma` multiplies the kernel by."""
-  _checks.check_mode(mode, "scale_by_sigma")
+def sigma_scale(
+  sigma: Array, eps: float = 1e-12, *, mode: str = "normalize", at: str = "scale_by_sigma"
+) -> Array:
+  """The scalar factor :func:`scale_by_sigma` multiplies the kernel by (``at``: the caller)."""
+  _checks.check_mode(mode, at)
   sigma = jnp.asarray(sigma)
   if mode == "clip":
     divisor = jnp.maximum(sigma, 1.0)  # NaN propagates
@@ -413,6 +490,19 @@ def spectral_normalize(
     ``w``'s shape and dtype and differentiable in ``w`` (through ``sigma`` too),
     and the new state. A non-finite ``w`` gives a NaN kernel and returns the
     stored state unchanged.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flaxnorm
+    >>> w = jnp.array([[6.0, 0.0], [0.0, 2.0]])
+    >>> state = flaxnorm.spectral_state_init(jax.random.key(0), w)
+    >>> w_sn, state = flaxnorm.spectral_normalize(w, state.u, state.v)
+    >>> jnp.round(w_sn, 4)
+    Array([[1.    , 0.    ],
+           [0.    , 0.3333]], dtype=float32)
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   scale, state = spectral_scale(
     w, u, v, sigma=sigma, axis=axis, n_steps=n_steps, eps=eps, mode=mode
@@ -439,6 +529,7 @@ def spectral_scale(
   Returns:
     ``(scale, state)``: ``scale`` of shape ``()``, differentiable in ``w``.
   """
+  _checks.check_mode(mode, "spectral_normalize")
   mat = as_matrix(w, axis)
   new_u, new_v, new_sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
   # A non-finite weight must not poison the state: keep all of the old state
@@ -450,4 +541,4 @@ def spectral_scale(
     jnp.where(ok, new_v, v.astype(new_v.dtype)),
     jax.lax.stop_gradient(jnp.where(ok, new_sigma, old_sigma)),
   )
-  return sigma_scale(new_sigma, eps, mode=mode), state
+  return sigma_scale(new_sigma, eps, mode=mode, at="spectral_normalize"), state

@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, overload
 
 import flax.linen as nn
 import jax
 from flax.core import meta
 
-from flaxnorm import _checks, _math, _output_scale
-from flaxnorm import _tree as tree_lib
+from flaxnorm import _checks, _fold, _math, _options, _output_scale, _subclass
 from flaxnorm._checks import Axis
 
 M = TypeVar("M", bound=nn.Module)
-Target = type[nn.Module] | nn.Module
+#: Creates a raw (possibly boxed) param with the layer's initializer, by name.
+_Create = Callable[[str], Any]
+#: ``(raw param, base, scale)``: the layer's kernel is ``base * scale``.
+_Factors = tuple[Any, jax.Array, jax.Array]
 
 
 # --------------------------------------------------------------------------- #
@@ -45,7 +46,7 @@ Target = type[nn.Module] | nn.Module
 # --------------------------------------------------------------------------- #
 
 
-def _where(module: nn.Module, name: str) -> str:
+def _describe(module: nn.Module, name: str) -> str:
   path = "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
   return f"param '{name}' of layer '{path or '<top level>'}' ({type(module).__name__})"
 
@@ -63,101 +64,102 @@ def _axis_names(raw: Any) -> tuple | None:
 
 @dataclasses.dataclass(frozen=True)
 class _WeightNorm:
-  axis: Axis
-  eps: float
-  recursive: bool = False
-  method: str = "weight_norm"
+  options: _options.WeightNormOptions
 
-  def __call__(self, module, name, create_param):
-    where = _where(module, name)
-    raw_v = create_param(f"{name}_v")
+  @property
+  def method(self) -> str:
+    return self.options.method
+
+  @property
+  def recursive(self) -> bool:
+    return self.options.recursive
+
+  def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
+    axis, at = self.options.axis, _describe(module, name)
+    g_key, v_key = _options.weight_norm_keys(name)
+    raw_v = create_param(v_key)
     v = meta.unbox(raw_v)
-    _checks.check_float_array(v, "the param", where)
-    kept = _checks.normalize_axes(self.axis, v.ndim, where)
+    _checks.check_float_array(v, "the param", at)
+    kept = _checks.normalize_axes(axis, v.ndim, at)
     names = _axis_names(raw_v)
 
     def init_g():
-      g, _ = _math.weight_norm_decompose(v, self.axis)
+      g, _ = _math.weight_norm_decompose(v, axis)
       if names is None:
         return g
-      g_names = (
-        () if self.axis is None else tuple(n if i in kept else None for i, n in enumerate(names))
-      )
+      g_names = () if axis is None else tuple(n if i in kept else None for i, n in enumerate(names))
       return _rebox(raw_v, g, g_names)
 
-    g = module.variable("params", f"{name}_g", init_g).value
-    return raw_v, v, _math.weight_norm_scale(g, v, self.eps)
+    g = module.variable("params", g_key, init_g).value
+    return raw_v, v, _math.weight_norm_scale(g, v, self.options.eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class _SpectralNorm:
-  axis: Axis
-  n_power_iterations: int
-  n_init_iterations: int
-  eps: float
-  collection: str
-  mode: str = "normalize"
-  recursive: bool = False
-  method: str = "spectral_norm"
+  options: _options.SpectralNormOptions
 
-  def __call__(self, module, name, create_param):
-    where = _where(module, name)
+  @property
+  def method(self) -> str:
+    return self.options.method
+
+  @property
+  def recursive(self) -> bool:
+    return self.options.recursive
+
+  def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
+    opts, at = self.options, _describe(module, name)
     raw_w = create_param(name)
     w = meta.unbox(raw_w)
-    kept = _checks.check_spectral_weight(w, self.axis, where)
-    m = math.prod(w.shape[a] for a in kept)
-    n = w.size // m
-    col, keys = self.collection, tuple(f"{name}_{s}" for s in ("u", "v", "sigma"))
-
-    present = [module.has_variable(col, k) for k in keys]
-    if not all(present):
-      if any(present) or not module.is_initializing():
-        raise ValueError(
-          f"spectral_norm: the state of {where} is missing from the "
-          f"'{col}' collection (found {[k for k, p in zip(keys, present) if p]}, "
-          f"need {list(keys)}). Pass the full variables from init(), "
-          f"e.g. apply({{'params': ..., '{col}': ...}}, ...)."
-        )
-      rng = "spectral" if module.has_rng("spectral") else "params"
-      state = _math.spectral_state_init(
-        module.make_rng(rng), w, axis=kept, n_steps=self.n_init_iterations, eps=self.eps
-      )
-      names = _axis_names(raw_w)
-      # u lies along the kept axis; with several kept axes it has no one name.
-      u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
-      boxes = (
-        _rebox(raw_w, state.u, u_names),
-        _rebox(raw_w, state.v, None if names is None else (None,)),
-        _rebox(raw_w, state.sigma, None if names is None else ()),
-      )
-      for key, box in zip(keys, boxes):
-        module.variable(col, key, lambda b=box: b)
-      u, v, sigma = state
-      n_steps = 0  # the state was just converged
-    else:
-      u, v, sigma = (meta.unbox(module.get_variable(col, k)) for k in keys)
-      if u.shape != (m,) or v.shape != (n,) or jax.numpy.shape(sigma) != ():
-        raise ValueError(
-          f"spectral_norm: stored state of {where} does not fit the param of shape "
-          f"{tuple(w.shape)}: expected {keys[0]} of shape ({m},) and {keys[1]} of "
-          f"shape ({n},) (and a scalar {keys[2]}), got {tuple(u.shape)} and "
-          f"{tuple(v.shape)} (a checkpoint "
-          "from a differently sized layer?)."
-        )
+    kept = _checks.check_spectral_weight(w, opts.axis, at)
+    keys = _options.spectral_keys(name)
+    present = [module.has_variable(opts.collection, k) for k in keys]
+    if all(present):
+      u, v, sigma = (meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
+      shapes = (u.shape, v.shape, jax.numpy.shape(sigma))
+      _checks.check_state_fits(w.shape, kept, shapes, keys, at)
       # Training (collection mutable) iterates and stores; evaluation uses the
       # stored vectors and changes nothing.
-      n_steps = self.n_power_iterations if module.is_mutable_collection(col) else 0
-
+      n_steps = opts.n_power_iterations if module.is_mutable_collection(opts.collection) else 0
+    elif any(present) or not module.is_initializing():
+      raise ValueError(
+        f"spectral_norm: the state of {at} is missing from the "
+        f"'{opts.collection}' collection (found {[k for k, p in zip(keys, present) if p]}, "
+        f"need {list(keys)}). Pass the full variables from init(), "
+        f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
+      )
+    else:
+      u, v, sigma = self._create_state(module, raw_w, w, kept, keys)
+      n_steps = 0  # the state was just converged
     scale, new = _math.spectral_scale(
-      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=self.eps, mode=self.mode
+      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=opts.eps, mode=opts.mode
     )
     if n_steps:
       for key, value in zip(keys, new):
-        raw = module.get_variable(col, key)
-        module.put_variable(
-          col, key, raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
-        )
+        raw = module.get_variable(opts.collection, key)
+        boxed = raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
+        module.put_variable(opts.collection, key, boxed)
     return raw_w, w, scale
+
+  def _create_state(
+    self, module: nn.Module, raw_w: Any, w: jax.Array, kept: tuple[int, ...], keys: tuple
+  ) -> _math.SpectralState:
+    """The converged start state, stored boxed like the kernel (sharding metadata)."""
+    opts = self.options
+    rng = "spectral" if module.has_rng("spectral") else "params"
+    state = _math.spectral_state_init(
+      module.make_rng(rng), w, axis=kept, n_steps=opts.n_init_iterations, eps=opts.eps
+    )
+    names = _axis_names(raw_w)
+    # u lies along the kept axis; with several kept axes it has no one name.
+    u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
+    boxes = (
+      _rebox(raw_w, state.u, u_names),
+      _rebox(raw_w, state.v, None if names is None else (None,)),
+      _rebox(raw_w, state.sigma, None if names is None else ()),
+    )
+    for key, box in zip(keys, boxes):
+      module.variable(opts.collection, key, lambda b=box: b)
+    return state
 
 
 # --------------------------------------------------------------------------- #
@@ -173,8 +175,8 @@ _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_g
 
 def _scales_output(module: nn.Module) -> bool:
   """Whether ``module`` is one of Flax's linear layers, run by Flax's own code."""
-  base = type(module)._flaxnorm_base
-  if base not in _LINEAR_LAYERS or set(type(module)._flaxnorm_specs) != {"kernel"}:
+  cls = type(module)
+  if _subclass.base_of(cls) not in _LINEAR_LAYERS or set(_subclass.specs_of(cls)) != {"kernel"}:
     return False  # subclasses may override __call__: only Flax's own code
   if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
     return False  # e.g. a quantized dot_general is not linear in the kernel
@@ -205,7 +207,10 @@ def _propagate(root: nn.Module):
   fields, in the same scope, whose class normalizes the same names. The
   original's ``setup`` is skipped, since only the clone is used.
   """
-  specs = {n: dataclasses.replace(s, recursive=False) for n, s in root._flaxnorm_specs.items()}
+  specs = {
+    n: type(s)(dataclasses.replace(s.options, recursive=False))
+    for n, s in _subclass.specs_of(type(root)).items()
+  }
   seen = root.__dict__.setdefault("_flaxnorm_seen", set())
 
   def interceptor(next_fun, args, kwargs, context):
@@ -233,7 +238,7 @@ def _check_layer_saw_names(module: nn.Module) -> None:
   if module.__dict__.get("_flaxnorm_propagated"):
     return
   seen = module.__dict__.get("_flaxnorm_seen", set())
-  for name, spec in type(module)._flaxnorm_specs.items():
+  for name, spec in _subclass.specs_of(type(module)).items():
     if name in seen:
       continue
     params = module.variables.get("params", {}) if module.scope is not None else {}
@@ -245,87 +250,89 @@ def _check_layer_saw_names(module: nn.Module) -> None:
       else ""
     )
     raise ValueError(
-      f"{spec.method}: {_where(module, name)} does not exist: the layer never "
+      f"{spec.method}: {_describe(module, name)} does not exist: the layer never "
       f"asked for it. Its params are {found}; pass one of them as name=... "
       f"(e.g. name='embedding' for nn.Embed).{hint}"
     )
 
 
-_CLASS_CACHE: dict[tuple, type] = {}
+# --------------------------------------------------------------------------- #
+# The normalized subclass: its methods read the specs from the class.
+# --------------------------------------------------------------------------- #
+
+
+@nn.nowrap
+def _param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+  """``Module.param``, returning the normalized kernel for the wrapped names."""
+  spec = _subclass.specs_of(type(self)).get(name)
+  deferred = self.__dict__.get("_flaxnorm_output_scale")
+  base_param = _subclass.base_of(type(self)).param
+  if spec is None:
+    value = base_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    if deferred is None or name != "bias":
+      return value
+    zeros = deferred.take_bias(meta.unbox(value))
+    return value.replace_boxed(zeros) if isinstance(value, meta.AxisMetadata) else zeros
+  self.__dict__.setdefault("_flaxnorm_seen", set()).add(name)
+
+  def create(param_name: str) -> Any:
+    return base_param(self, param_name, init_fn, *init_args, unbox=False, **init_kwargs)
+
+  raw, base, scale = spec(self, name, create)
+  if deferred is None or not deferred.take_scale(base, scale):
+    base = _math.apply_scale(base, scale)
+  return base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
+
+
+def _call(self, *args, **kwargs):
+  """The layer's ``__call__``, with output scaling and the recursive interceptor."""
+  cls = type(self)
+  deferred = _output_scale.for_call(self, args, kwargs) if _scales_output(self) else None
+  # Flax's own layers run their unwrapped code in this (compact) call, so that
+  # interceptors and capture_intermediates see one call, with the final
+  # output; other layers run their own wrapped method.
+  raw_call = cls.__dict__.get("_flaxnorm_raw_call")
+  call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
+  self.__dict__["_flaxnorm_output_scale"] = deferred
+  try:
+    if any(s.recursive for s in _subclass.specs_of(cls).values()):
+      with nn.intercept_methods(_propagate(self)):
+        out = call(*args, **kwargs)
+    else:
+      out = call(*args, **kwargs)
+  finally:
+    self.__dict__.pop("_flaxnorm_output_scale", None)
+  _check_layer_saw_names(self)
+  return out if deferred is None else deferred.finish(out)
+
+
+def _compact_call(self, *args, **kwargs):
+  return _call(self, *args, **kwargs)
+
+
+# Flax names module methods by __name__ (capture_intermediates looks for
+# '__call__'); nn.compact marks the function itself, hence a separate one.
+_call.__name__ = _compact_call.__name__ = "__call__"
+_compact_call = nn.compact(_compact_call)
+
+
+def _namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The class body of a normalized Linen class (see ``flaxnorm._subclass``)."""
+  del specs  # read from the class at call time
+  raw_call = None
+  if base in _LINEAR_LAYERS:
+    raw_call = getattr(base.__call__, "__wrapped__", None)  # before Module's wrapping
+  body: dict[str, Any] = {"param": _param}
+  if raw_call is not None:
+    body.update(__call__=_compact_call, _flaxnorm_raw_call=staticmethod(raw_call))
+  else:
+    body["__call__"] = _call
+  return body, {}
 
 
 def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:
-  base = cls.__dict__.get("_flaxnorm_base", None) or cls
-  merged = dict(getattr(cls, "_flaxnorm_specs", {}))
-  for name, spec in specs.items():
-    if name in merged:
-      raise ValueError(
-        f"{spec.method}: param '{name}' of {base.__name__} is already wrapped by "
-        f"{merged[name].method}; a param can be normalized only once."
-      )
-    merged[name] = spec
-  key = (base, tuple(sorted(merged.items(), key=lambda kv: kv[0])))
-  if key in _CLASS_CACHE:
-    return _CLASS_CACHE[key]
-
-  raw_call = None
-  if base in _LINEAR_LAYERS and getattr(base.__call__, "__wrapped__", None) is not None:
-    raw_call = base.__call__.__wrapped__  # Flax's method, before Module's wrapping
-
-  class Normalized(base):  # type: ignore[valid-type, misc]
-    @nn.nowrap
-    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
-      spec = type(self)._flaxnorm_specs.get(name)
-      deferred = self.__dict__.get("_flaxnorm_output_scale")
-      if spec is None:
-        value = super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
-        if deferred is None or name != "bias":
-          return value
-        zeros = deferred.take_bias(meta.unbox(value))
-        return value.replace_boxed(zeros) if isinstance(value, meta.AxisMetadata) else zeros
-      self.__dict__.setdefault("_flaxnorm_seen", set()).add(name)
-      create = functools.partial(
-        self._flaxnorm_create, init_fn=init_fn, init_args=init_args, init_kwargs=init_kwargs
-      )
-      raw, base, scale = spec(self, name, create)
-      if deferred is None or not deferred.take_scale(base, scale):
-        base = _math.apply_scale(base, scale)
-      return base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
-
-    def __call__(self, *args, **kwargs):
-      deferred = _output_scale.for_call(self, args, kwargs) if _scales_output(self) else None
-      # Flax's own layers run their unwrapped code in this (compact) call, so
-      # that interceptors and capture_intermediates see one call, with the
-      # final output; other layers run their own wrapped method.
-      call = functools.partial(raw_call, self) if raw_call is not None else super().__call__
-      self.__dict__["_flaxnorm_output_scale"] = deferred
-      try:
-        if any(s.recursive for s in type(self)._flaxnorm_specs.values()):
-          with nn.intercept_methods(_propagate(self)):
-            out = call(*args, **kwargs)
-        else:
-          out = call(*args, **kwargs)
-      finally:
-        self.__dict__.pop("_flaxnorm_output_scale", None)
-      _check_layer_saw_names(self)
-      return out if deferred is None else deferred.finish(out)
-
-    if raw_call is not None:
-      __call__ = nn.compact(__call__)
-
-    @nn.nowrap
-    def _flaxnorm_create(self, name, *, init_fn, init_args, init_kwargs):
-      return super().param(name, init_fn, *init_args, unbox=False, **init_kwargs)
-
-  # Keep the class name: Flax auto-names submodules after it ("Dense_0").
-  Normalized.__name__ = base.__name__
-  Normalized.__qualname__ = base.__qualname__
-  Normalized.__module__ = base.__module__
-  Normalized._flaxnorm_base = base
-  Normalized._flaxnorm_specs = merged
-  Normalized.__doc__ = f"{base.__name__} with {', '.join(f'{s.method}({n!r})' for n, s in merged.items())}.\n\n{base.__doc__ or ''}"
-  _CLASS_CACHE[key] = Normalized
-  return Normalized
+  merged = _subclass.merge(cls, specs)
+  return _subclass.normalized_class(_subclass.base_of(cls), merged, _namespace)  # type: ignore[return-value]
 
 
 def _is_lifted(cls: type) -> bool:
@@ -376,14 +383,32 @@ def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
 # --------------------------------------------------------------------------- #
 
 
+@overload
 def weight_norm(
-  target: Target,
+  target: type[M],
+  *,
+  name: str | Sequence[str] = ...,
+  axis: Axis = ...,
+  eps: float = ...,
+  recursive: bool = ...,
+) -> type[M]: ...
+@overload
+def weight_norm(
+  target: M,
+  *,
+  name: str | Sequence[str] = ...,
+  axis: Axis = ...,
+  eps: float = ...,
+  recursive: bool = ...,
+) -> M: ...
+def weight_norm(
+  target: type[M] | M,
   *,
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
   eps: float = 1e-12,
   recursive: bool = False,
-) -> Any:
+) -> type[M] | M:
   """Reparametrizes a layer's kernel as ``w = g * v / ||v||`` (Salimans & Kingma, 2016).
 
   The param ``{name}`` is replaced by params ``{name}_g`` (magnitude, the
@@ -420,17 +445,38 @@ def weight_norm(
     {'params': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
   """
   names = _checks.check_names(name)
-  _checks.check_axis_arg(axis, "weight_norm")
-  spec = _WeightNorm(
-    axis=tuple(axis) if isinstance(axis, list) else axis,
-    eps=_checks.check_eps(eps, "weight_norm"),
-    recursive=bool(recursive),
-  )
+  spec = _WeightNorm(_options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive))
   return _transform(target, dict.fromkeys(names, spec), "weight_norm")
 
 
+@overload
 def spectral_norm(
-  target: Target,
+  target: type[M],
+  *,
+  name: str | Sequence[str] = ...,
+  axis: Axis = ...,
+  n_power_iterations: int = ...,
+  n_init_iterations: int = ...,
+  eps: float = ...,
+  collection: str = ...,
+  mode: str = ...,
+  recursive: bool = ...,
+) -> type[M]: ...
+@overload
+def spectral_norm(
+  target: M,
+  *,
+  name: str | Sequence[str] = ...,
+  axis: Axis = ...,
+  n_power_iterations: int = ...,
+  n_init_iterations: int = ...,
+  eps: float = ...,
+  collection: str = ...,
+  mode: str = ...,
+  recursive: bool = ...,
+) -> M: ...
+def spectral_norm(
+  target: type[M] | M,
   *,
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
@@ -440,7 +486,7 @@ def spectral_norm(
   collection: str = "spectral",
   mode: str = "normalize",
   recursive: bool = False,
-) -> Any:
+) -> type[M] | M:
   """Divides a layer's kernel by its spectral norm (Miyato et al., 2018).
 
   The param ``{name}`` stays (the unnormalized weight, PyTorch's
@@ -492,26 +538,16 @@ def spectral_norm(
     >>> y = layer.apply({**variables, **updates}, jnp.ones((1, 4)))  # eval
   """
   names = _checks.check_names(name)
-  _checks.check_axis_arg(axis, "spectral_norm", allow_none=False)
-  if not isinstance(collection, str) or not collection:
-    raise TypeError(f"spectral_norm: collection must be a non-empty str, got {collection!r}.")
-  if collection == "params":
-    raise ValueError(
-      "spectral_norm: collection must not be 'params' (optimizers would train the state)."
-    )
-  spec = _SpectralNorm(
-    axis=tuple(axis) if isinstance(axis, list) else axis,
-    n_power_iterations=_checks.check_count(
-      n_power_iterations, "n_power_iterations", 1, "spectral_norm"
-    ),
-    n_init_iterations=_checks.check_count(
-      n_init_iterations, "n_init_iterations", 0, "spectral_norm"
-    ),
-    eps=_checks.check_eps(eps, "spectral_norm"),
+  options = _options.SpectralNormOptions(
+    axis=axis,
+    n_power_iterations=n_power_iterations,
+    n_init_iterations=n_init_iterations,
+    eps=eps,
     collection=collection,
-    mode=_checks.check_mode(mode, "spectral_norm"),
-    recursive=bool(recursive),
+    mode=mode,
+    recursive=recursive,
   )
+  spec = _SpectralNorm(options)
   return _transform(target, dict.fromkeys(names, spec), "spectral_norm")
 
 
@@ -527,7 +563,7 @@ def remove_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> d
     Variables for the plain (unwrapped) layer; applying it gives the wrapped
     layer's output. Other collections are returned unchanged.
   """
-  return tree_lib.fold_weight_norm(variables, eps=eps)
+  return _fold.fold_weight_norm(variables, eps=eps)
 
 
 def remove_spectral_norm(
@@ -555,4 +591,4 @@ def remove_spectral_norm(
   Returns:
     Variables for the plain layer, without ``collection``.
   """
-  return tree_lib.fold_spectral_norm(variables, collection, axis=axis, eps=eps, mode=mode)
+  return _fold.fold_spectral_norm(variables, collection, axis=axis, eps=eps, mode=mode)

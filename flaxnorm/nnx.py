@@ -53,18 +53,23 @@ is an array, not a Variable. Only ``__call__`` iterates the spectral state.
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 import inspect
-import types
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math, _output_scale
+from flaxnorm import _checks, _math, _options, _subclass
 from flaxnorm._checks import Axis
+from flaxnorm._nnx_layer import (
+  FLAG,
+  SpectralNormSpec,
+  WeightNormSpec,
+  describe,
+  path_str,
+  swap_class,
+)
 
 __all__ = (
   "SpectralStateVar",
@@ -78,28 +83,6 @@ __all__ = (
 M = TypeVar("M", bound=nnx.Module)
 PathParts = tuple[Any, ...]
 Rngs = nnx.Rngs | jax.Array | int | None
-
-#: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
-_FLAG = "use_running_average"
-
-
-@dataclasses.dataclass
-class _Call:
-  """What one ``__call__`` hands to the computed params it reads."""
-
-  deferred: _output_scale.OutputScale | None  # the output takes the kernel's scale and the bias
-  scales: dict[str, jax.Array]  # spectral scales of the iterations just run
-
-
-# The modules inside their __call__, by id. A context variable rather than an
-# instance attribute: NNX's graph functions (split, state, lifted transforms)
-# see every instance attribute, and may run on the module during its call.
-_CALLS: contextvars.ContextVar[dict[int, _Call]] = contextvars.ContextVar("flaxnorm_nnx_calls")
-
-
-def _active_call(module: Any) -> _Call | None:
-  return _CALLS.get({}).get(id(module))
-
 
 # Flax's own (broken) wrappers, named in the error when someone wraps them.
 _FLAX_WRAPPERS = tuple(
@@ -115,333 +98,6 @@ class SpectralStateVar(nnx.Variable):
   ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)`` skip
   it, and ``nnx.state(model, SpectralStateVar)`` selects it.
   """
-
-
-# --------------------------------------------------------------------------- #
-# What each transform computes when the layer reads its param.
-# --------------------------------------------------------------------------- #
-
-
-def _where(path: PathParts | None, module: Any, name: str) -> str:
-  owner = type(module).__name__
-  if path is None:
-    return f"param '{name}' of {owner}"
-  return f"param '{name}' of layer '{_path_str(path)}' ({owner})"
-
-
-def _path_str(path: PathParts) -> str:
-  return "/".join(str(p) for p in path) or "<top level>"
-
-
-def _get(module: nnx.Module, attr: str, spec: Any, name: str) -> Any:
-  var = vars(module).get(attr)
-  if not isinstance(var, nnx.Variable):
-    raise ValueError(
-      f"{spec.method}: {_where(None, module, name)} needs the variable '{attr}', "
-      f"found {type(var).__name__}. Was it removed (e.g. by nnx.pop) or replaced?"
-    )
-  return var
-
-
-@dataclasses.dataclass(frozen=True)
-class _WeightNorm:
-  axis: Axis
-  eps: float
-  method: str = "weight_norm"
-
-  def attrs(self, name: str) -> tuple[str, ...]:
-    return (f"{name}_g", f"{name}_v")
-
-  def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
-    """``(v, g / ||v||)``: the kernel is their product."""
-    g = _get(module, f"{name}_g", self, name)
-    v = _get(module, f"{name}_v", self, name)
-    return v[...], _math.weight_norm_scale(g[...], v[...], self.eps)
-
-
-@dataclasses.dataclass(frozen=True)
-class _SpectralNorm:
-  axis: Axis
-  n_power_iterations: int
-  eps: float
-  added_flag: bool  # this transform gave the module its train/eval attribute
-  mode: str = "normalize"
-  method: str = "spectral_norm"
-
-  def attrs(self, name: str) -> tuple[str, ...]:
-    return (f"{name}_u", f"{name}_v", f"{name}_sigma")
-
-  def _state(self, module: nnx.Module, name: str):
-    w = _get(module, name, self, name)
-    u, v, sigma = (_get(module, a, self, name) for a in self.attrs(name))
-    return w, u, v, sigma
-
-  def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
-    """``(W, 1 / sigma)``: the kernel is their product."""
-    call = _active_call(module)
-    if call is not None and name in call.scales:
-      # In a training __call__: sigma from the iterations just run, as in Linen.
-      return _get(module, name, self, name)[...], call.scales[name]
-    # Otherwise sigma = u^T W v from the stored vectors.
-    w, u, v, _ = self._state(module, name)
-    scale, _ = _math.spectral_scale(
-      w[...], u[...], v[...], axis=self.axis, n_steps=0, eps=self.eps, mode=self.mode
-    )
-    return w[...], scale
-
-  def update(self, module: nnx.Module, name: str) -> jax.Array:
-    """Iterates, stores the new state, and returns this call's (differentiable) scale."""
-    w, u, v, sigma = self._state(module, name)
-    scale, new = _math.spectral_scale(
-      w[...],
-      u[...],
-      v[...],
-      sigma=sigma[...],
-      axis=self.axis,
-      n_steps=self.n_power_iterations,
-      eps=self.eps,
-      mode=self.mode,
-    )
-    u[...], v[...], sigma[...] = new.u, new.v, new.sigma
-    return scale
-
-
-class _Normalized:
-  """Data descriptor standing in for the normalized param on the subclass.
-
-  It is a *data* descriptor (it has ``__set__``) so that it wins over the raw
-  ``kernel`` Param that spectral norm keeps in the instance ``__dict__``; NNX's
-  own flatten/unflatten use ``vars()`` and ``object.__setattr__``, which reach
-  that raw Param through ``__set__``.
-  """
-
-  def __init__(self, name: str, spec: Any):
-    self.name, self.spec = name, spec
-
-  def __get__(self, obj, objtype=None):
-    if obj is None:
-      return self
-    base, scale = self.spec.factors(obj, self.name)
-    call = _active_call(obj)
-    deferred = None if call is None else call.deferred
-    if deferred is not None and deferred.take_scale(base, scale):
-      return base  # __call__ scales the output instead
-    return _math.apply_scale(base, scale)
-
-  def __set__(self, obj, value):
-    if isinstance(self.spec, _SpectralNorm):
-      vars(obj)[self.name] = value  # the unnormalized weight (PyTorch's weight_orig)
-      return
-    g, v = self.spec.attrs(self.name)
-    raise AttributeError(
-      f"weight_norm: '{self.name}' of {type(obj).__name__} is computed from '{g}' and "
-      f"'{v}'; assign to those, or call flaxnorm.nnx.remove_weight_norm first."
-    )
-
-  def __delete__(self, obj):
-    if isinstance(self.spec, _SpectralNorm) and self.name in vars(obj):
-      del vars(obj)[self.name]
-      return
-    raise AttributeError(
-      f"{self.spec.method}: cannot delete '{self.name}' of {type(obj).__name__}; "
-      f"call flaxnorm.nnx.remove_{self.spec.method} instead."
-    )
-
-
-class _Bias:
-  """Data descriptor for ``bias`` on NNX's linear layers: zeros while the output is scaled.
-
-  Outside such a call it is the plain attribute (kept in the instance
-  ``__dict__``, which NNX's graph functions read).
-  """
-
-  def __get__(self, obj, objtype=None):
-    if obj is None:
-      return self
-    try:
-      value = vars(obj)["bias"]
-    except KeyError:
-      raise AttributeError(f"{type(obj).__name__} has no attribute 'bias'") from None
-    call = _active_call(obj)
-    if call is None or call.deferred is None or value is None:
-      return value
-    return call.deferred.take_bias(value[...])  # the layer adds zeros; __call__ adds the bias
-
-  def __set__(self, obj, value):
-    vars(obj)["bias"] = value
-
-  def __delete__(self, obj):
-    del vars(obj)["bias"]
-
-
-def _linear_layers() -> dict[type, Callable[[Any], bool]]:
-  """NNX's linear layers, each with a check that an instance runs Flax's own ops.
-
-  Their output is linear in the kernel, with the bias added last along the
-  trailing output axes and the kernel's last axis the output features (see
-  ``flaxnorm._output_scale``). A custom dot product (e.g. quantized) may not be
-  linear, so it keeps the normalized kernel.
-  """
-  lax = jax.lax
-  promote = nnx.nn.dtypes.promote_dtype
-
-  def default_promote(m):
-    return getattr(m, "promote_dtype", promote) is promote
-
-  return {
-    nnx.Linear: lambda m: m.dot_general is lax.dot_general and default_promote(m),
-    nnx.LinearGeneral: lambda m: (
-      m.dot_general is None
-      and m.dot_general_cls is None
-      and not m.batch_axis
-      and default_promote(m)
-    ),
-    nnx.Conv: lambda m: m.conv_general_dilated is lax.conv_general_dilated and default_promote(m),
-    nnx.ConvTranspose: default_promote,
-  }
-
-
-_LINEAR_LAYERS = _linear_layers()
-
-
-# --------------------------------------------------------------------------- #
-# The normalized subclasses.
-# --------------------------------------------------------------------------- #
-
-_CLASS_CACHE: dict[tuple, type] = {}
-
-
-def _specs_of(module: Any) -> dict[str, Any]:
-  return dict(getattr(type(module), "_flaxnorm_specs", {}))
-
-
-def _base_of(module: Any) -> type:
-  return type(module).__dict__.get("_flaxnorm_base", type(module))
-
-
-def _set_view_fn(base: type) -> Callable | None:
-  """``set_view`` for ``nnx.view``: the flag, plus whatever the base accepts."""
-  base_view = getattr(base, "set_view", None)
-  param = inspect.Parameter
-  params = [param("self", param.POSITIONAL_OR_KEYWORD)]
-  if base_view is not None:
-    params = list(inspect.signature(base_view).parameters.values())
-    if _FLAG in {p.name for p in params}:
-      return None  # the base already handles the flag
-  # nnx.view matches kwargs against this signature to know which it consumed.
-  flag = param(_FLAG, param.KEYWORD_ONLY, default=None, annotation=bool | None)
-  rest = [p for p in params if p.kind is not param.VAR_KEYWORD]
-  params = rest + [flag] + [p for p in params if p.kind is param.VAR_KEYWORD]
-
-  def set_view(self, *args, use_running_average: bool | None = None, **kwargs):
-    if use_running_average is not None:
-      setattr(self, _FLAG, use_running_average)
-    if base_view is not None:
-      return base_view(self, *args, **kwargs)
-    return None
-
-  set_view.__signature__ = inspect.Signature(params)
-  set_view.__doc__ = (
-    f"Used by ``nnx.view``: ``{_FLAG}=True`` freezes the spectral norm state (eval)."
-  )
-  return set_view
-
-
-def _defines_call(base: type) -> bool:
-  # `base.__call__` of a class without one is the metaclass's (construction).
-  return any("__call__" in vars(k) for k in base.__mro__ if k is not object)
-
-
-def _class_for(base: type[M], specs: dict[str, Any]) -> type[M]:
-  """The cached subclass of ``base`` computing the params in ``specs``."""
-  if not specs:
-    return base
-  items = tuple(sorted(specs.items()))
-  key = (base, items)
-  if key in _CLASS_CACHE:
-    return _CLASS_CACHE[key]
-  spectral = [(n, s) for n, s in items if isinstance(s, _SpectralNorm)]
-  ns: dict[str, Any] = {name: _Normalized(name, spec) for name, spec in items}
-
-  scales_output = _LINEAR_LAYERS.get(base) if set(specs) == {"kernel"} else None
-  if scales_output is not None:
-    ns["bias"] = _Bias()
-  if (spectral or scales_output is not None) and _defines_call(base):
-    base_call = base.__call__
-
-    def call(self, *args, **kwargs):
-      state = _Call(None, {})
-      if spectral and not getattr(self, _FLAG, False):  # training: iterate and store
-        state.scales = {name: spec.update(self, name) for name, spec in spectral}
-      if scales_output is not None and scales_output(self):
-        # The layer reads the bare kernel and a zero bias; the scale and bias
-        # go on its output (unless float16 compute: see _output_scale).
-        state.deferred = _output_scale.for_call(self, args, kwargs)
-      token = _CALLS.set({**_CALLS.get({}), id(self): state})
-      try:
-        y = base_call(self, *args, **kwargs)
-      finally:
-        _CALLS.reset(token)
-      return y if state.deferred is None else state.deferred.finish(y)
-
-    call.__doc__ = base_call.__doc__
-    call.__name__ = "__call__"
-    ns["__call__"] = call
-  if spectral and any(s.added_flag for _, s in spectral):
-    set_view = _set_view_fn(base)
-    if set_view is not None:
-      ns["set_view"] = set_view
-
-  base_set_key, base_pop_key = base._graph_node_set_key, base._graph_node_pop_key
-
-  def _graph_node_set_key(self, key, value):
-    # Update the raw Variable in place (as NNX does) rather than going through
-    # the computed attribute.
-    current = vars(self).get(key)
-    if key in specs and isinstance(current, nnx.Variable) and isinstance(value, nnx.Variable):
-      current.update_from_state(value)
-      return None
-    return base_set_key(self, key, value)
-
-  def _graph_node_pop_key(self, key):
-    if key in specs and key in vars(self):
-      value = vars(self)[key]
-      delattr(self, key)
-      return value
-    return base_pop_key(self, key)
-
-  def reduce_ex(self, protocol):
-    # pickle finds classes by name, which gives the base class: rebuild the
-    # subclass from (base, specs) instead.
-    return (_new_normalized, (base, items), *object.__reduce_ex__(self, protocol)[2:])
-
-  ns["__reduce_ex__"] = reduce_ex
-  ns["_graph_node_set_key"] = _graph_node_set_key
-  ns["_graph_node_pop_key"] = _graph_node_pop_key
-  ns["_flaxnorm_base"] = base
-  ns["_flaxnorm_specs"] = types.MappingProxyType(dict(items))
-  # Keep the names: reprs, error messages and user code see the layer's class.
-  ns["__module__"] = base.__module__
-  ns["__qualname__"] = base.__qualname__
-  wrapped = ", ".join(f"{s.method}({n!r})" for n, s in items)
-  ns["__doc__"] = f"{base.__name__} with {wrapped}.\n\n{base.__doc__ or ''}"
-
-  kwds = {}
-  if getattr(base, "_pytree__is_pytree", None) is not None:
-    kwds["pytree"] = base._pytree__is_pytree  # keep the base's pytree mode
-  cls = types.new_class(base.__name__, (base,), kwds, lambda body: body.update(ns))
-  _CLASS_CACHE[key] = cls
-  return cls
-
-
-def _new_normalized(base: type, items: tuple) -> Any:
-  """Unpickles a normalized module: an empty instance of the cached subclass."""
-  return object.__new__(_class_for(base, dict(items)))
-
-
-def _swap_class(module: nnx.Module, specs: dict[str, Any]) -> None:
-  # object.__setattr__: NNX's __setattr__ would record '__class__' as a field.
-  object.__setattr__(module, "__class__", _class_for(_base_of(module), specs))
 
 
 # --------------------------------------------------------------------------- #
@@ -468,8 +124,8 @@ def _param_names(module: nnx.Module) -> list[str]:
 
 
 def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | None) -> nnx.Param:
-  where = _where(path, module, name)
-  specs = _specs_of(module)
+  where = describe(module, name, path)
+  specs = _subclass.specs_of(type(module))
   if name in specs:
     raise ValueError(
       f"{method}: {where} is already wrapped by {specs[name].method}; a param can be "
@@ -496,27 +152,31 @@ def _check_free(module: nnx.Module, attrs: Sequence[str], method: str, path, nam
   taken = [a for a in attrs if a in vars(module) or hasattr(type(module), a)]
   if taken:
     raise ValueError(
-      f"{method}: cannot wrap {_where(path, module, name)}: {taken} already exist on the "
+      f"{method}: cannot wrap {describe(module, name, path)}: {taken} already exist on the "
       "layer (already wrapped?)."
     )
 
 
 def _plan_weight_norm(
-  module: nnx.Module, path: PathParts | None, names: tuple[str, ...], spec: _WeightNorm
+  module: nnx.Module,
+  path: PathParts | None,
+  names: tuple[str, ...],
+  options: _options.WeightNormOptions,
 ) -> Callable[[], None]:
+  spec = WeightNormSpec(options)
   _check_module(module, "weight_norm")
   new: dict[str, tuple[nnx.Param, nnx.Param]] = {}
   for name in names:
-    where = _where(path, module, name)
+    where = describe(module, name, path)
     var = _check_param(module, name, "weight_norm", path)
     _check_free(module, spec.attrs(name), "weight_norm", path, name)
     w = var[...]
     _checks.check_float_array(w, "the param", where)
-    kept = _checks.normalize_axes(spec.axis, w.ndim, where)
-    g, _ = _math.weight_norm_decompose(w, spec.axis)
+    kept = _checks.normalize_axes(options.axis, w.ndim, where)
+    g, _ = _math.weight_norm_decompose(w, options.axis)
     meta = {}
     sharding = var.get_metadata("out_sharding", None)
-    if sharding is not None and spec.axis is not None:
+    if sharding is not None and options.axis is not None:
       meta["out_sharding"] = tuple(s if i in kept else None for i, s in enumerate(sharding))
     elif sharding is not None:
       meta["out_sharding"] = ()
@@ -524,11 +184,11 @@ def _plan_weight_norm(
     new[name] = (var.copy(g, **meta), var)
 
   def commit() -> None:
-    specs = _specs_of(module)
+    specs = _subclass.specs_of(type(module))
     for name in names:
       delattr(module, name)  # before the swap: the subclass computes `name`
       specs[name] = spec
-    _swap_class(module, specs)
+    swap_class(module, specs)
     for name, (g, v) in new.items():
       g_attr, v_attr = spec.attrs(name)
       setattr(module, g_attr, g)
@@ -559,37 +219,36 @@ def _plan_spectral_norm(
   module: nnx.Module,
   path: PathParts | None,
   names: tuple[str, ...],
-  spec: _SpectralNorm,
-  n_init_iterations: int,
+  options: _options.SpectralNormOptions,
   next_key: Callable[[int], jax.Array],
 ) -> Callable[[], None]:
   _check_module(module, "spectral_norm")
-  has_flag = hasattr(module, _FLAG)
-  others = [s for s in _specs_of(module).values() if isinstance(s, _SpectralNorm)]
+  has_flag = hasattr(module, FLAG)
+  others = [s for s in _subclass.specs_of(type(module)).values() if isinstance(s, SpectralNormSpec)]
   # Every spectral spec of a module records whether flaxnorm owns the flag, so
   # removing the last one knows whether to delete it.
   added = any(s.added_flag for s in others) if others else not has_flag
-  spec = dataclasses.replace(spec, added_flag=added)
+  spec = SpectralNormSpec(options, added_flag=added)
   states = {}
   for i, name in enumerate(names):
-    where = _where(path, module, name)
+    where = describe(module, name, path)
     var = _check_param(module, name, "spectral_norm", path)
     _check_free(module, spec.attrs(name), "spectral_norm", path, name)
     w = var[...]
-    kept = _checks.check_spectral_weight(w, spec.axis, where)
+    kept = _checks.check_spectral_weight(w, options.axis, where)
     states[name] = _math.spectral_state_init(
-      next_key(i), w, axis=kept, n_steps=n_init_iterations, eps=spec.eps
+      next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
     )
 
   def commit() -> None:
-    specs = _specs_of(module)
+    specs = _subclass.specs_of(type(module))
     specs.update(dict.fromkeys(names, spec))
-    _swap_class(module, specs)
+    swap_class(module, specs)
     for name, state in states.items():
       for attr, value in zip(spec.attrs(name), state):
         setattr(module, attr, SpectralStateVar(value))
     if not has_flag:
-      setattr(module, _FLAG, False)  # starts in training mode, like nnx.BatchNorm
+      setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm
 
   return commit
 
@@ -597,13 +256,6 @@ def _plan_spectral_norm(
 # --------------------------------------------------------------------------- #
 # Public API.
 # --------------------------------------------------------------------------- #
-
-
-def _wn_spec(axis: Any, eps: Any) -> _WeightNorm:
-  _checks.check_axis_arg(axis, "weight_norm")
-  return _WeightNorm(
-    axis=tuple(axis) if isinstance(axis, list) else axis, eps=_checks.check_eps(eps, "weight_norm")
-  )
 
 
 def weight_norm(
@@ -657,24 +309,9 @@ def weight_norm(
     (2, 3)
   """
   names = _checks.check_names(name)
-  _plan_weight_norm(module, None, names, _wn_spec(axis, eps))()
+  options = _options.WeightNormOptions(axis=axis, eps=eps)
+  _plan_weight_norm(module, None, names, options)()
   return module
-
-
-def _sn_spec(
-  axis: Any, n_power_iterations: Any, n_init_iterations: Any, eps: Any, mode: Any = "normalize"
-):
-  _checks.check_axis_arg(axis, "spectral_norm", allow_none=False)
-  spec = _SpectralNorm(
-    axis=tuple(axis) if isinstance(axis, list) else axis,
-    n_power_iterations=_checks.check_count(
-      n_power_iterations, "n_power_iterations", 1, "spectral_norm"
-    ),
-    eps=_checks.check_eps(eps, "spectral_norm"),
-    added_flag=False,
-    mode=_checks.check_mode(mode, "spectral_norm"),
-  )
-  return spec, _checks.check_count(n_init_iterations, "n_init_iterations", 0, "spectral_norm")
 
 
 def spectral_norm(
@@ -748,9 +385,15 @@ def spectral_norm(
     >>> y = layer(jnp.ones((2, 4)))  # evaluation: state frozen
   """
   names = _checks.check_names(name)
-  spec, n_init = _sn_spec(axis, n_power_iterations, n_init_iterations, eps, mode)
+  options = _options.SpectralNormOptions(
+    axis=axis,
+    n_power_iterations=n_power_iterations,
+    n_init_iterations=n_init_iterations,
+    eps=eps,
+    mode=mode,
+  )
   keys = _make_key_source(rngs, "spectral_norm")
-  _plan_spectral_norm(module, None, names, spec, n_init, keys)()
+  _plan_spectral_norm(module, None, names, options, keys)()
   return module
 
 
@@ -821,21 +464,20 @@ def wrap_modules(
   modules = _iter_modules(model)
   chosen = [(p, m) for p, m in modules if predicate(p, m)]
   if not chosen:
-    found = [f"{_path_str(p)} ({type(m).__name__})" for p, m in modules]
+    found = [f"{path_str(p)} ({type(m).__name__})" for p, m in modules]
     raise ValueError(
       f"wrap_modules: no submodule matches where={where!r}. The modules are {found}."
     )
   names = _checks.check_names(args["name"])
   if method == "weight_norm":
-    spec = _wn_spec(args["axis"], args["eps"])
-    commits = [_plan_weight_norm(m, p, names, spec) for p, m in chosen]
+    wn = _options.WeightNormOptions(axis=args["axis"], eps=args["eps"])
+    commits = [_plan_weight_norm(m, p, names, wn) for p, m in chosen]
   else:
-    spec, n_init = _sn_spec(
-      args["axis"], args["n_power_iterations"], args["n_init_iterations"], args["eps"], args["mode"]
-    )
+    option_names = ("axis", "n_power_iterations", "n_init_iterations", "eps", "mode")
+    sn = _options.SpectralNormOptions(**{k: args[k] for k in option_names})
     source = _make_key_source(args["rngs"], "spectral_norm")
     commits = [
-      _plan_spectral_norm(m, p, names, spec, n_init, _offset(source, i * len(names)))
+      _plan_spectral_norm(m, p, names, sn, _offset(source, i * len(names)))
       for i, (p, m) in enumerate(chosen)
     ]
   for commit in commits:
@@ -853,8 +495,8 @@ def _remove(module: Any, name: Any, kind: type, method: str) -> None:
   plans = []
   wrapped = []
   for path, m in _iter_modules(module):
-    specs = {n: s for n, s in _specs_of(m).items() if isinstance(s, kind)}
-    wrapped += [f"{_path_str(path)}:{n}" for n in specs]
+    specs = {n: s for n, s in _subclass.specs_of(type(m)).items() if isinstance(s, kind)}
+    wrapped += [f"{path_str(path)}:{n}" for n in specs]
     chosen = {n: s for n, s in specs.items() if wanted is None or n in wanted}
     if chosen:
       plans.append((m, chosen))
@@ -870,18 +512,18 @@ def _remove(module: Any, name: Any, kind: type, method: str) -> None:
     for m, chosen in plans
   ]
   for m, chosen, values in folded:
-    specs = _specs_of(m)
+    specs = _subclass.specs_of(type(m))
     raw = {}
     for n, s in chosen.items():
-      raw[n] = vars(m)[f"{n}_v"] if isinstance(s, _WeightNorm) else vars(m)[n]
+      raw[n] = vars(m)[f"{n}_v"] if isinstance(s, WeightNormSpec) else vars(m)[n]
       for attr in s.attrs(n):
         delattr(m, attr)
       del specs[n]
-    if any(isinstance(s, _SpectralNorm) and s.added_flag for s in chosen.values()) and not any(
-      isinstance(s, _SpectralNorm) for s in specs.values()
+    if any(isinstance(s, SpectralNormSpec) and s.added_flag for s in chosen.values()) and not any(
+      isinstance(s, SpectralNormSpec) for s in specs.values()
     ):
-      delattr(m, _FLAG)
-    _swap_class(m, specs)
+      delattr(m, FLAG)
+    swap_class(m, specs)
     for n, value in values.items():
       if n in vars(m):
         delattr(m, n)
@@ -905,7 +547,7 @@ def remove_weight_norm(module: M, *, name: str | Sequence[str] | None = None) ->
   Raises:
     ValueError: no weight-normalized param was found.
   """
-  _remove(module, name, _WeightNorm, "weight_norm")
+  _remove(module, name, WeightNormSpec, "weight_norm")
   return module
 
 
@@ -926,5 +568,5 @@ def remove_spectral_norm(module: M, *, name: str | Sequence[str] | None = None) 
   Raises:
     ValueError: no spectrally normalized param was found.
   """
-  _remove(module, name, _SpectralNorm, "spectral_norm")
+  _remove(module, name, SpectralNormSpec, "spectral_norm")
   return module

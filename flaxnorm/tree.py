@@ -38,20 +38,24 @@ from typing import Any, NamedTuple
 import jax
 from flax.core import FrozenDict, meta
 
-from flaxnorm import _checks, _math, _tree
+from flaxnorm import _checks, _fold, _math, _options
 from flaxnorm._checks import Axis
 
 __all__ = (
+  "SpectralNormTransform",
   "WeightNormParam",
+  "WeightNormTransform",
+  "spectral_norm",
   "spectral_norm_apply",
   "spectral_norm_init",
+  "weight_norm",
   "weight_norm_apply",
   "weight_norm_init",
 )
 
 Path = tuple[Any, ...]
+#: Which leaves a transform touches: leaf names, or a ``(path, leaf) -> bool`` predicate.
 Selector = str | Sequence[str] | Callable[[Path, Any], bool]
-_SUFFIXES = ("_u", "_v", "_sigma")
 
 
 class WeightNormParam(NamedTuple):
@@ -75,7 +79,7 @@ def _key(k: Any) -> Any:
 
 
 def _path_str(path: Path) -> str:
-  return "/".join(str(p) for p in path) or "<root>"
+  return "/".join(str(p) for p in path) or _fold.TOP
 
 
 def _is_box(x: Any) -> bool:
@@ -110,12 +114,12 @@ def _rebuild(node: Mapping, items: dict) -> Mapping:
 class _Selection:
   """Which leaves ``names`` picks, and the error when some name picks none."""
 
-  def __init__(self, names: Selector, method: str):
-    self.method = method
+  def __init__(self, names: Selector, method: str, argname: str = "name"):
+    self.method, self.argname = method, argname
     if callable(names) and not isinstance(names, str):
       self.predicate, self.names = names, None
     else:
-      self.predicate, self.names = None, _checks.check_names(names, "names")
+      self.predicate, self.names = None, _checks.check_names(names, argname)
     self.hits: list[Path] = []
 
   def __call__(self, path: Path, x: Any) -> bool:
@@ -143,7 +147,7 @@ class _Selection:
     missing = [n for n in self.names if n not in found] if self.names else []
     if self.hits and not missing:
       return
-    what = f"names {missing}" if self.names else "the path predicate"
+    what = f"{self.argname} {missing}" if self.names else "the path predicate"
     paths = [_path_str(p) for p, x in _leaves(params) if _is_array(x) or _is_box(x)]
     hint = ""
     if any(_is_box(x) for _, x in _leaves(params)):
@@ -193,16 +197,19 @@ def _wn_init(node: Any, path: Path, select: _Selection, axis: Axis) -> Any:
   return treedef.unflatten(new)
 
 
-def weight_norm_init(params: Any, *, names: Selector = ("kernel",), axis: Axis = -1) -> Any:
+def weight_norm_init(
+  params: Any, *, name: Selector = "kernel", axis: Axis = -1, names: Selector | None = None
+) -> Any:
   """Splits the selected weights into magnitude and direction: ``w = g * v / ||v||``.
 
   Args:
     params: any pytree of arrays (nested dicts, lists, equinox modules...).
-    names: leaf names (``"kernel"``, ``("kernel", "embedding")``) or a predicate
+    name: leaf names (``"kernel"``, ``("kernel", "embedding")``) or a predicate
       ``(path, leaf) -> bool``; every name must match at least one leaf.
     axis: the kept axis or axes (PyTorch's ``dim``), the same for every selected
       leaf; ``-1`` for Flax kernels ``(in, out)``, ``0`` for PyTorch-layout
       weights ``(out, in)`` (equinox), ``None`` for one whole-tensor norm.
+    names: the former name of ``name``, still accepted.
 
   Returns:
     A tree where each selected leaf ``{name}`` in a dict is replaced by
@@ -226,12 +233,25 @@ def weight_norm_init(params: Any, *, names: Selector = ("kernel",), axis: Axis =
     >>> jax.tree.map(jnp.shape, flaxnorm.tree.weight_norm_apply(wn))
     {'dense': {'bias': (3,), 'kernel': (4, 3)}}
   """
-  _checks.check_axis_arg(axis, "weight_norm_init")
-  axis = tuple(axis) if isinstance(axis, list) else axis
-  select = _Selection(names, "weight_norm_init")
+
+  name, argname = _name_or_names(name, names, "weight_norm_init")
+  options = _options.WeightNormOptions(axis=axis, at="weight_norm_init")
+  return _weight_norm_init(params, _Selection(name, "weight_norm_init", argname), options)
+
+
+def _name_or_names(name: Selector, names: Selector | None, fn: str) -> tuple[Selector, str]:
+  """The selector from ``name=`` or its older spelling ``names=``, and which was used."""
+  if names is None:
+    return name, "name"
+  if name != "kernel":
+    raise TypeError(f"{fn}: pass name= or names= (its older spelling), not both.")
+  return names, "names"
+
+
+def _weight_norm_init(params: Any, select: _Selection, options: _options.WeightNormOptions) -> Any:
   if _is_array(params):
     select((), params)  # a bare array: nowhere to put {name}_g, explained by the check
-  out = _wn_init(params, (), select, axis)
+  out = _wn_init(params, (), select, options.axis)
   select.check_all_found(params)
   return out
 
@@ -241,7 +261,7 @@ def _wn_apply(node: Any, path: Path, eps: float, count: list[int]) -> Any:
     count[0] += 1
     return _math.weight_norm_compose(node.g, node.v, eps)
   if isinstance(node, Mapping):
-    out = _tree.fold_weight_norm_level(
+    out = _fold.fold_weight_norm_level(
       node, eps, path, lambda x, p: _wn_apply(x, p, eps, count), "weight_norm_apply"
     )
     count[0] += len(node) - len(out)  # each folded pair is two keys made one
@@ -292,10 +312,11 @@ def spectral_norm_init(
   params: Any,
   key: jax.Array,
   *,
-  names: Selector = ("kernel",),
+  name: Selector = "kernel",
   axis: Axis = -1,
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
+  names: Selector | None = None,
 ) -> dict:
   """Creates the power-iteration state of the selected weights.
 
@@ -306,12 +327,13 @@ def spectral_norm_init(
   Args:
     params: any pytree of arrays; it is not changed.
     key: a PRNG key; each selected leaf gets its own split of it.
-    names: leaf names or a predicate ``(path, leaf) -> bool``.
+    name: leaf names or a predicate ``(path, leaf) -> bool``.
     axis: the kept (output) axis or axes, rows of the matrix view
       ``moveaxis(w, axis, 0).reshape(m, n)``: ``-1`` for Flax kernels, ``0``
       for PyTorch-layout weights. Pass the same to :func:`spectral_norm_apply`.
     n_init_iterations: iterations to run now (>= 0).
     eps: see :func:`flaxnorm.power_iteration`.
+    names: the former name of ``name``, still accepted.
 
   Returns:
     A nested dict following the selected leaves' paths (keys as strings), with
@@ -332,50 +354,34 @@ def spectral_norm_init(
     {'dense': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
     >>> sn_params, state = flaxnorm.tree.spectral_norm_apply(params, state, update=True)
   """
-  _checks.check_axis_arg(axis, "spectral_norm_init", allow_none=False)
-  axis = tuple(axis) if isinstance(axis, list) else axis
-  n_init = _checks.check_count(n_init_iterations, "n_init_iterations", 0, "spectral_norm_init")
-  eps = _checks.check_eps(eps, "spectral_norm_init")
+  name, argname = _name_or_names(name, names, "spectral_norm_init")
+  options = _options.SpectralNormOptions(
+    axis=axis, n_init_iterations=n_init_iterations, eps=eps, at="spectral_norm_init"
+  )
+  return _spectral_norm_init(params, key, _Selection(name, "spectral_norm_init", argname), options)
+
+
+def _spectral_norm_init(
+  params: Any, key: jax.Array, select: _Selection, options: _options.SpectralNormOptions
+) -> dict:
   if not isinstance(key, jax.Array):
     raise TypeError(
-      f"spectral_norm_init: key must be a PRNG key (jax.random.key(0)), got {type(key).__name__}."
+      f"{options.at}: key must be a PRNG key (jax.random.key(0)), got {type(key).__name__}."
     )
-  select = _Selection(names, "spectral_norm_init")
   chosen = [(p, x) for p, x in _leaves(params) if select(p, x)]
   select.check_all_found(params)
   for p, x in chosen:
-    _checks.check_spectral_weight(x, axis, f"tree path '{_path_str(p)}'")
+    _checks.check_spectral_weight(x, options.axis, f"tree path '{_path_str(p)}'")
   state: dict = {}
   for (p, x), k in zip(chosen, jax.random.split(key, len(chosen))):
     node = state
     for part in p[:-1]:
       node = node.setdefault(str(part), {})
-    s = _math.spectral_state_init(k, x, axis=axis, n_steps=n_init, eps=eps)
-    for suffix, value in zip(_SUFFIXES, s):
-      node[f"{p[-1]}{suffix}"] = value
+    s = _math.spectral_state_init(
+      k, x, axis=options.axis, n_steps=options.n_init_iterations, eps=options.eps
+    )
+    node.update(zip(_options.spectral_keys(str(p[-1])), s))
   return state
-
-
-def _state_entries(state: Mapping, path: Path) -> list[tuple[Path, tuple[Any, Any, Any]]]:
-  """``[(param path, (u, v, sigma))]`` for every ``{x}_u`` in the state tree."""
-  out = []
-  bases = {k[:-2] for k, x in state.items() if k.endswith("_u") and not isinstance(x, Mapping)}
-  for k, x in state.items():
-    if isinstance(x, Mapping):
-      out += _state_entries(x, (*path, k))
-    elif not any(k.endswith(s) and k[: -len(s)] in bases for s in _SUFFIXES):
-      raise ValueError(
-        f"spectral_norm_apply: unexpected state entry '{_path_str((*path, k))}': entries "
-        "are {x}_u, {x}_v and {x}_sigma (from spectral_norm_init)."
-      )
-  for base in sorted(bases):
-    missing = [base + s for s in _SUFFIXES if base + s not in state]
-    if missing:
-      raise ValueError(
-        f"spectral_norm_apply: state at '{_path_str(path)}' has {base}_u but lacks {missing}."
-      )
-    out.append(((*path, base), tuple(state[base + s] for s in _SUFFIXES)))
-  return out
 
 
 def spectral_norm_apply(
@@ -413,47 +419,40 @@ def spectral_norm_apply(
   Raises:
     ValueError: the state names a weight the params lack, or does not fit it.
   """
-  if not isinstance(update, bool):
-    raise TypeError(
-      f"spectral_norm_apply: update must be a Python bool, got {type(update).__name__}."
-    )
-  _checks.check_axis_arg(axis, "spectral_norm_apply", allow_none=False)
-  axis = tuple(axis) if isinstance(axis, list) else axis
-  n_iter = _checks.check_count(n_power_iterations, "n_power_iterations", 1, "spectral_norm_apply")
-  eps = _checks.check_eps(eps, "spectral_norm_apply")
-  mode = _checks.check_mode(mode, "spectral_norm_apply")
+  options = _options.SpectralNormOptions(
+    axis=axis, n_power_iterations=n_power_iterations, eps=eps, mode=mode, at="spectral_norm_apply"
+  )
+  return _spectral_norm_apply(params, state, update, options)
+
+
+def _spectral_norm_apply(
+  params: Any, state: Mapping, update: bool, options: _options.SpectralNormOptions
+) -> tuple[Any, Any]:
+  fn = options.at
+  _checks.check_bool(update, "update", fn)
   if not isinstance(state, Mapping):
     raise TypeError(
-      f"spectral_norm_apply: state must be the dict from spectral_norm_init, got "
-      f"{type(state).__name__}."
+      f"{fn}: state must be the dict from spectral_norm_init, got {type(state).__name__}."
     )
   leaves = {tuple(str(k) for k in p): x for p, x in _leaves(params)}
   normalized: dict[Path, Any] = {}
   new_state: dict[Path, Any] = {}
-  for path, (u, v, sigma) in _state_entries(state, ()):
+  for layer, name, (u, v, sigma) in _fold.spectral_entries(state, fn):
+    path = (*layer, name)
     w = leaves.get(path)
     if w is None:
       raise ValueError(
-        f"spectral_norm_apply: the state has '{_path_str(path)}_u' but params have no leaf "
+        f"{fn}: the state has '{_path_str(path)}_u' but params have no leaf "
         f"'{_path_str(path)}'. The leaves are {[_path_str(p) for p in leaves]}."
       )
-    where = f"tree path '{_path_str(path)}'"
     if not _is_array(w):
-      raise TypeError(f"spectral_norm_apply: the leaf at {where} is a {type(w).__name__}.")
-    _checks.check_spectral_weight(w, axis, where)
-    try:
-      w_sn, s = _math.spectral_normalize(
-        w, u, v, sigma=sigma, axis=axis, n_steps=n_iter if update else 0, eps=eps, mode=mode
-      )
-    except ValueError as e:
-      raise ValueError(
-        f"spectral_norm_apply: the param at {where} of shape {tuple(w.shape)} does not fit "
-        f"its state (u {tuple(u.shape)}, v {tuple(v.shape)}) with axis={axis!r}; pass the "
-        f"axis given to spectral_norm_init. ({e})"
-      ) from None
-    normalized[path] = w_sn
-    new_state[path] = s
-
+      raise TypeError(f"{fn}: the leaf at tree path '{_path_str(path)}' is a {type(w).__name__}.")
+    at = f"{fn}: param '{_path_str(path)}'"
+    kept = _fold.check_spectral_state(w, (u, v, sigma), name, options.axis, at)
+    n_steps = options.n_power_iterations if update else 0
+    normalized[path], new_state[path] = _math.spectral_normalize(
+      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=options.eps, mode=options.mode
+    )
   out = jax.tree_util.tree_map_with_path(
     lambda p, x: normalized.get(tuple(str(_key(k)) for k in p), x), params, is_leaf=_is_box
   )
@@ -468,10 +467,145 @@ def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> dict:
     if isinstance(x, Mapping):
       out[k] = _replace_state(x, (*path, k), new)
       continue
-    for i, suffix in enumerate(_SUFFIXES):
+    for i, suffix in enumerate(_options.SPECTRAL_SUFFIXES):
       if k.endswith(suffix) and (*path, k[: -len(suffix)]) in new:
         out[k] = new[(*path, k[: -len(suffix)])][i]
         break
     else:
       out[k] = x
   return out
+
+
+# --------------------------------------------------------------------------- #
+# Bound forms: the options stated once, optax-style.
+# --------------------------------------------------------------------------- #
+
+
+class WeightNormTransform(NamedTuple):
+  """Weight norm with its options bound, from :func:`weight_norm`.
+
+  Attributes:
+    init: ``params -> wn_params``, as :func:`weight_norm_init`.
+    apply: ``wn_params -> params``, as :func:`weight_norm_apply`.
+  """
+
+  init: Callable[[Any], Any]
+  apply: Callable[[Any], Any]
+
+
+class SpectralNormTransform(NamedTuple):
+  """Spectral norm with its options bound, from :func:`spectral_norm`.
+
+  Attributes:
+    init: ``(params, key) -> state``, as :func:`spectral_norm_init`.
+    apply: ``(params, state, *, update) -> (params, state)``, as
+      :func:`spectral_norm_apply`.
+  """
+
+  init: Callable[[Any, jax.Array], dict]
+  apply: Callable[..., tuple[Any, Any]]
+
+
+def weight_norm(
+  *, name: Selector = "kernel", axis: Axis = -1, eps: float = 1e-12
+) -> WeightNormTransform:
+  """Weight norm on a params pytree, its options checked once (like an optax transform).
+
+  Args:
+    name: leaf names or a predicate ``(path, leaf) -> bool`` (see
+      :func:`weight_norm_init`).
+    axis: the kept axis or axes; ``-1`` for Flax kernels, ``0`` for
+      PyTorch-layout weights, ``None`` for one whole-tensor norm.
+    eps: lower bound on ``||v||``.
+
+  Returns:
+    A :class:`WeightNormTransform` whose ``init`` splits each selected leaf
+    ``w`` into ``{name}_g`` (``w``'s rank, size 1 on the reduced axes) and
+    ``{name}_v`` (``w``'s shape), and whose ``apply`` composes them back.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> wn = flaxnorm.tree.weight_norm(name="kernel")
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> wn_params = wn.init(params)
+    >>> jax.tree.map(jnp.shape, wn_params)
+    {'dense': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+    >>> jax.tree.map(jnp.shape, wn.apply(wn_params))
+    {'dense': {'bias': (3,), 'kernel': (4, 3)}}
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
+  """
+  at = "flaxnorm.tree.weight_norm"
+  options = _options.WeightNormOptions(axis=axis, eps=eps, at=at)
+  _Selection(name, at)  # checks the names now
+
+  def init(params: Any) -> Any:
+    return _weight_norm_init(params, _Selection(name, at), options)
+
+  def apply(wn_params: Any) -> Any:
+    return weight_norm_apply(wn_params, eps=options.eps)
+
+  return WeightNormTransform(init, apply)
+
+
+def spectral_norm(
+  *,
+  name: Selector = "kernel",
+  axis: Axis = -1,
+  n_power_iterations: int = 1,
+  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  eps: float = 1e-12,
+  mode: str = "normalize",
+) -> SpectralNormTransform:
+  """Spectral norm on a params pytree, its options checked once (like an optax transform).
+
+  Args:
+    name: leaf names or a predicate ``(path, leaf) -> bool``.
+    axis: the kept (output) axis or axes, the rows of the matrix view.
+    n_power_iterations: iterations per training apply (>= 1).
+    n_init_iterations: iterations in ``init`` (>= 0).
+    eps: norms at or below it count as zero.
+    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
+
+  Returns:
+    A :class:`SpectralNormTransform`: ``init(params, key)`` gives the state
+    (``{name}_u`` ``(m,)``, ``{name}_v`` ``(n,)``, ``{name}_sigma`` ``()`` per
+    selected leaf, Linen's ``spectral`` layout), and
+    ``apply(params, state, update=...)`` the normalized params and the new state.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> sn = flaxnorm.tree.spectral_norm(n_power_iterations=2)
+    >>> params = {"dense": {"kernel": jnp.eye(3) * 2.0, "bias": jnp.zeros(3)}}
+    >>> state = sn.init(params, jax.random.key(0))
+    >>> sn_params, state = sn.apply(params, state, update=True)   # training
+    >>> sn_params["dense"]["kernel"][0, 0]
+    Array(1., dtype=float32)
+    >>> sn_params, _ = sn.apply(params, state, update=False)      # evaluation
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
+  """
+  at = "flaxnorm.tree.spectral_norm"
+  options = _options.SpectralNormOptions(
+    axis=axis,
+    n_power_iterations=n_power_iterations,
+    n_init_iterations=n_init_iterations,
+    eps=eps,
+    mode=mode,
+    at=at,
+  )
+  _Selection(name, at)  # checks the names now
+
+  def init(params: Any, key: jax.Array) -> dict:
+    return _spectral_norm_init(params, key, _Selection(name, at), options)
+
+  def apply(params: Any, state: Mapping, *, update: bool) -> tuple[Any, Any]:
+    return _spectral_norm_apply(params, state, update, options)
+
+  return SpectralNormTransform(init, apply)

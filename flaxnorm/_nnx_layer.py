@@ -1,0 +1,348 @@
+"""What a normalized NNX layer computes when it reads its param, and its class body.
+
+``flaxnorm.nnx`` switches a layer's class to a subclass (built by
+``flaxnorm._subclass``) whose normalized param is a data descriptor
+(:class:`_Normalized`): reading ``layer.kernel`` asks the spec for the factors
+``(base, scale)`` of the kernel ``base * scale`` from the stored variables. The
+subclass's ``__call__`` first iterates the spectral state (training), and for
+NNX's own linear layers moves the scale and the bias to the output
+(``flaxnorm._output_scale``). Everything reads the specs from the class.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from flaxnorm import _checks, _math, _options, _output_scale, _subclass
+
+#: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
+FLAG = "use_running_average"
+
+
+@dataclasses.dataclass
+class _Call:
+  """What one ``__call__`` hands to the computed params it reads."""
+
+  deferred: _output_scale.OutputScale | None  # the output takes the kernel's scale and the bias
+  scales: dict[str, jax.Array]  # spectral scales of the iterations just run
+
+
+# The modules inside their __call__, by id. A context variable rather than an
+# instance attribute: NNX's graph functions (split, state, lifted transforms)
+# see every instance attribute, and may run on the module during its call.
+_CALLS: contextvars.ContextVar[dict[int, _Call]] = contextvars.ContextVar("flaxnorm_nnx_calls")
+
+
+def _active_call(module: Any) -> _Call | None:
+  return _CALLS.get({}).get(id(module))
+
+
+def describe(module: Any, name: str, path: tuple[Any, ...] | None = None) -> str:
+  """``param 'kernel' of layer 'a/b' (Linear)``, for error messages (no path: unknown)."""
+  owner = type(module).__name__
+  if path is None:
+    return f"param '{name}' of {owner}"
+  return f"param '{name}' of layer '{path_str(path)}' ({owner})"
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  return "/".join(str(p) for p in path) or "<top level>"
+
+
+def _get(module: nnx.Module, attr: str, method: str, name: str) -> Any:
+  var = vars(module).get(attr)
+  if not isinstance(var, nnx.Variable):
+    raise ValueError(
+      f"{method}: {describe(module, name)} needs the variable '{attr}', "
+      f"found {type(var).__name__}. Was it removed (e.g. by nnx.pop) or replaced?"
+    )
+  return var
+
+
+# --------------------------------------------------------------------------- #
+# The specs: what each transform computes from the stored variables.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNormSpec:
+  options: _options.WeightNormOptions
+
+  @property
+  def method(self) -> str:
+    return self.options.method
+
+  def attrs(self, name: str) -> tuple[str, ...]:
+    return _options.weight_norm_keys(name)
+
+  def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
+    """``(v, g / ||v||)``: the kernel is their product."""
+    g, v = (_get(module, a, self.method, name) for a in self.attrs(name))
+    return v[...], _math.weight_norm_scale(g[...], v[...], self.options.eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNormSpec:
+  options: _options.SpectralNormOptions
+  added_flag: bool  # this transform gave the module its train/eval attribute
+
+  @property
+  def method(self) -> str:
+    return self.options.method
+
+  def attrs(self, name: str) -> tuple[str, ...]:
+    return _options.spectral_keys(name)
+
+  def _state(self, module: nnx.Module, name: str) -> tuple[Any, tuple[int, ...], list[Any]]:
+    """The kernel Variable, its kept axes and its checked state Variables."""
+    w = _get(module, name, self.method, name)
+    state = [_get(module, a, self.method, name) for a in self.attrs(name)]
+    at = describe(module, name)
+    kept = _checks.check_spectral_weight(w[...], self.options.axis, at)
+    shapes = [jax.numpy.shape(x[...]) for x in state]
+    _checks.check_state_fits(w[...].shape, kept, shapes, self.attrs(name), at)
+    return w, kept, state
+
+  def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
+    """``(W, 1 / sigma)``: the kernel is their product."""
+    call = _active_call(module)
+    if call is not None and name in call.scales:
+      # In a training __call__: sigma from the iterations just run, as in Linen.
+      return _get(module, name, self.method, name)[...], call.scales[name]
+    # Otherwise sigma = u^T W v from the stored vectors.
+    w, kept, (u, v, _) = self._state(module, name)
+    opts = self.options
+    scale, _ = _math.spectral_scale(
+      w[...], u[...], v[...], axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode
+    )
+    return w[...], scale
+
+  def update(self, module: nnx.Module, name: str) -> jax.Array:
+    """Iterates, stores the new state, and returns this call's (differentiable) scale."""
+    w, kept, (u, v, sigma) = self._state(module, name)
+    opts = self.options
+    scale, new = _math.spectral_scale(
+      w[...],
+      u[...],
+      v[...],
+      sigma=sigma[...],
+      axis=kept,
+      n_steps=opts.n_power_iterations,
+      eps=opts.eps,
+      mode=opts.mode,
+    )
+    u[...], v[...], sigma[...] = new.u, new.v, new.sigma
+    return scale
+
+
+# --------------------------------------------------------------------------- #
+# The class body.
+# --------------------------------------------------------------------------- #
+
+
+class _Normalized:
+  """Data descriptor standing in for the normalized param on the subclass.
+
+  It is a *data* descriptor (it has ``__set__``) so that it wins over the raw
+  ``kernel`` Param that spectral norm keeps in the instance ``__dict__``; NNX's
+  own flatten/unflatten use ``vars()`` and ``object.__setattr__``, which reach
+  that raw Param through ``__set__``.
+  """
+
+  def __init__(self, name: str, spec: Any):
+    self.name, self.spec = name, spec
+
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    base, scale = self.spec.factors(obj, self.name)
+    call = _active_call(obj)
+    deferred = None if call is None else call.deferred
+    if deferred is not None and deferred.take_scale(base, scale):
+      return base  # __call__ scales the output instead
+    return _math.apply_scale(base, scale)
+
+  def __set__(self, obj, value):
+    if isinstance(self.spec, SpectralNormSpec):
+      vars(obj)[self.name] = value  # the unnormalized weight (PyTorch's weight_orig)
+      return
+    g, v = _options.weight_norm_keys(self.name)
+    raise AttributeError(
+      f"weight_norm: '{self.name}' of {type(obj).__name__} is computed from '{g}' and "
+      f"'{v}'; assign to those, or call flaxnorm.nnx.remove_weight_norm first."
+    )
+
+  def __delete__(self, obj):
+    if isinstance(self.spec, SpectralNormSpec) and self.name in vars(obj):
+      del vars(obj)[self.name]
+      return
+    raise AttributeError(
+      f"{self.spec.method}: cannot delete '{self.name}' of {type(obj).__name__}; "
+      f"call flaxnorm.nnx.remove_{self.spec.method} instead."
+    )
+
+
+class _Bias:
+  """Data descriptor for ``bias`` on NNX's linear layers: zeros while the output is scaled.
+
+  Outside such a call it is the plain attribute (kept in the instance
+  ``__dict__``, which NNX's graph functions read).
+  """
+
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    try:
+      value = vars(obj)["bias"]
+    except KeyError:
+      raise AttributeError(f"{type(obj).__name__} has no attribute 'bias'") from None
+    call = _active_call(obj)
+    if call is None or call.deferred is None or value is None:
+      return value
+    return call.deferred.take_bias(value[...])  # the layer adds zeros; __call__ adds the bias
+
+  def __set__(self, obj, value):
+    vars(obj)["bias"] = value
+
+  def __delete__(self, obj):
+    del vars(obj)["bias"]
+
+
+def _linear_layers() -> dict[type, Callable[[Any], bool]]:
+  """NNX's linear layers, each with a check that an instance runs Flax's own ops.
+
+  Their output is linear in the kernel, with the bias added last along the
+  trailing output axes and the kernel's last axis the output features (see
+  ``flaxnorm._output_scale``). A custom dot product (e.g. quantized) may not be
+  linear, so it keeps the normalized kernel.
+  """
+  lax = jax.lax
+  promote = nnx.nn.dtypes.promote_dtype
+
+  def default_promote(m):
+    return getattr(m, "promote_dtype", promote) is promote
+
+  return {
+    nnx.Linear: lambda m: m.dot_general is lax.dot_general and default_promote(m),
+    nnx.LinearGeneral: lambda m: (
+      m.dot_general is None
+      and m.dot_general_cls is None
+      and not m.batch_axis
+      and default_promote(m)
+    ),
+    nnx.Conv: lambda m: m.conv_general_dilated is lax.conv_general_dilated and default_promote(m),
+    nnx.ConvTranspose: default_promote,
+  }
+
+
+_LINEAR_LAYERS = _linear_layers()
+
+
+def _set_view_fn(base: type) -> Callable | None:
+  """``set_view`` for ``nnx.view``: the flag, plus whatever the base accepts."""
+  base_view = getattr(base, "set_view", None)
+  param = inspect.Parameter
+  params = [param("self", param.POSITIONAL_OR_KEYWORD)]
+  if base_view is not None:
+    params = list(inspect.signature(base_view).parameters.values())
+    if FLAG in {p.name for p in params}:
+      return None  # the base already handles the flag
+  # nnx.view matches kwargs against this signature to know which it consumed.
+  flag = param(FLAG, param.KEYWORD_ONLY, default=None, annotation=bool | None)
+  rest = [p for p in params if p.kind is not param.VAR_KEYWORD]
+  params = rest + [flag] + [p for p in params if p.kind is param.VAR_KEYWORD]
+
+  def set_view(self, *args, use_running_average: bool | None = None, **kwargs):
+    if use_running_average is not None:
+      setattr(self, FLAG, use_running_average)
+    if base_view is not None:
+      return base_view(self, *args, **kwargs)
+    return None
+
+  set_view.__signature__ = inspect.Signature(params)
+  set_view.__doc__ = (
+    f"Used by ``nnx.view``: ``{FLAG}=True`` freezes the spectral norm state (eval)."
+  )
+  return set_view
+
+
+def _defines_call(base: type) -> bool:
+  # `base.__call__` of a class without one is the metaclass's (construction).
+  return any("__call__" in vars(k) for k in base.__mro__ if k is not object)
+
+
+def _call(self, *args, **kwargs):
+  """``__call__`` of a normalized layer: iterate (training), then the layer's own call."""
+  cls = type(self)
+  specs = _subclass.specs_of(cls)
+  state = _Call(None, {})
+  if not getattr(self, FLAG, False):  # training: iterate and store
+    state.scales = {
+      name: spec.update(self, name)
+      for name, spec in specs.items()
+      if isinstance(spec, SpectralNormSpec)
+    }
+  scales_output = _LINEAR_LAYERS.get(_subclass.base_of(cls)) if set(specs) == {"kernel"} else None
+  if scales_output is not None and scales_output(self):
+    # The layer reads the bare kernel and a zero bias; the scale and bias go
+    # on its output (unless float16 compute: see _output_scale).
+    state.deferred = _output_scale.for_call(self, args, kwargs)
+  token = _CALLS.set({**_CALLS.get({}), id(self): state})
+  try:
+    y = _subclass.base_of(cls).__call__(self, *args, **kwargs)
+  finally:
+    _CALLS.reset(token)
+  return y if state.deferred is None else state.deferred.finish(y)
+
+
+def _graph_node_set_key(self, key, value):
+  # Update the raw Variable in place (as NNX does) rather than going through
+  # the computed attribute.
+  current = vars(self).get(key)
+  specs = type(self)._flaxnorm_specs
+  if key in specs and isinstance(current, nnx.Variable) and isinstance(value, nnx.Variable):
+    current.update_from_state(value)
+    return None
+  return _subclass.base_of(type(self))._graph_node_set_key(self, key, value)
+
+
+def _graph_node_pop_key(self, key):
+  if key in type(self)._flaxnorm_specs and key in vars(self):
+    value = vars(self)[key]
+    delattr(self, key)
+    return value
+  return _subclass.base_of(type(self))._graph_node_pop_key(self, key)
+
+
+def namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The class body of a normalized NNX class (see ``flaxnorm._subclass``)."""
+  body: dict[str, Any] = {name: _Normalized(name, spec) for name, spec in specs.items()}
+  body.update(_graph_node_set_key=_graph_node_set_key, _graph_node_pop_key=_graph_node_pop_key)
+  spectral = [s for s in specs.values() if isinstance(s, SpectralNormSpec)]
+  scales_output = base in _LINEAR_LAYERS and set(specs) == {"kernel"}
+  if scales_output:
+    body["bias"] = _Bias()
+  if (spectral or scales_output) and _defines_call(base):
+    body["__call__"] = _call
+  if any(s.added_flag for s in spectral):
+    set_view = _set_view_fn(base)
+    if set_view is not None:
+      body["set_view"] = set_view
+  kwds = {}
+  if getattr(base, "_pytree__is_pytree", None) is not None:
+    kwds["pytree"] = base._pytree__is_pytree  # keep the base's pytree mode
+  return body, kwds
+
+
+def swap_class(module: nnx.Module, specs: Mapping[str, Any]) -> None:
+  """Gives ``module`` the normalized class of its base for ``specs`` (its base if none)."""
+  cls = _subclass.normalized_class(_subclass.base_of(type(module)), specs, namespace)
+  # object.__setattr__: NNX's __setattr__ would record '__class__' as a field.
+  object.__setattr__(module, "__class__", cls)

@@ -1,0 +1,106 @@
+"""The options of the two transforms, checked once and shared by every face.
+
+Each face (Linen, NNX, tree) builds one frozen options value from its
+arguments; construction validates and canonicalizes them (a list ``axis``
+becomes a tuple, counts are ints, ...), so the faces never check an option
+themselves and two equal settings compare (and hash, for class caches) equal.
+The names of the variables each transform creates are here too, in one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from flaxnorm import _checks
+from flaxnorm._checks import Axis
+from flaxnorm._math import DEFAULT_N_INIT_ITERATIONS
+
+#: Params that replace a weight-normalized ``{name}``: ``{name}_g``, ``{name}_v``.
+WEIGHT_NORM_SUFFIXES = ("_g", "_v")
+#: Spectral state of a param ``{name}``: ``{name}_u``, ``{name}_v``, ``{name}_sigma``.
+SPECTRAL_SUFFIXES = ("_u", "_v", "_sigma")
+
+
+def weight_norm_keys(name: str) -> tuple[str, str]:
+  """``({name}_g, {name}_v)``."""
+  g, v = WEIGHT_NORM_SUFFIXES
+  return name + g, name + v
+
+
+def spectral_keys(name: str) -> tuple[str, str, str]:
+  """``({name}_u, {name}_v, {name}_sigma)``."""
+  u, v, sigma = SPECTRAL_SUFFIXES
+  return name + u, name + v, name + sigma
+
+
+def _canonical_axis(axis: Axis, at: str, allow_none: bool) -> Axis:
+  _checks.check_axis_arg(axis, at, allow_none=allow_none)
+  return tuple(axis) if isinstance(axis, list) else axis
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNormOptions:
+  """Weight norm's options, validated at construction.
+
+  Attributes:
+    axis: the kept axis or axes (PyTorch's ``dim``), or ``None`` for one norm
+      of the whole tensor.
+    eps: lower bound on ``||v||`` (> 0).
+    recursive: Linen only: also reach the params of the layer's submodules.
+    at: the public function the options came from, for error messages (not
+      part of equality).
+  """
+
+  axis: Axis = -1
+  eps: float = 1e-12
+  recursive: bool = False
+  at: str = dataclasses.field(default="weight_norm", compare=False, repr=False)
+  method: ClassVar[str] = "weight_norm"
+
+  def __post_init__(self):
+    _set(self, "axis", _canonical_axis(self.axis, self.at, allow_none=True))
+    _set(self, "eps", _checks.check_eps(self.eps, self.at))
+    _set(self, "recursive", _checks.check_bool(self.recursive, "recursive", self.at))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNormOptions:
+  """Spectral norm's options, validated at construction.
+
+  Attributes:
+    axis: the kept (output) axis or axes, the rows of the matrix view.
+    n_power_iterations: iterations per training call (>= 1).
+    n_init_iterations: iterations when the state is created (>= 0).
+    eps: norms at or below it count as zero (> 0).
+    collection: the Linen collection (and tree key) holding the state.
+    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
+    recursive: Linen only: also reach the params of the layer's submodules.
+    at: the public function the options came from, for error messages.
+  """
+
+  axis: Axis = -1
+  n_power_iterations: int = 1
+  n_init_iterations: int = DEFAULT_N_INIT_ITERATIONS
+  eps: float = 1e-12
+  collection: str = "spectral"
+  mode: str = "normalize"
+  recursive: bool = False
+  at: str = dataclasses.field(default="spectral_norm", compare=False, repr=False)
+  method: ClassVar[str] = "spectral_norm"
+
+  def __post_init__(self):
+    at = self.at
+    _set(self, "axis", _canonical_axis(self.axis, at, allow_none=False))
+    n = _checks.check_count(self.n_power_iterations, "n_power_iterations", 1, at)
+    _set(self, "n_power_iterations", n)
+    n = _checks.check_count(self.n_init_iterations, "n_init_iterations", 0, at)
+    _set(self, "n_init_iterations", n)
+    _set(self, "eps", _checks.check_eps(self.eps, at))
+    _set(self, "collection", _checks.check_collection(self.collection, at))
+    _set(self, "mode", _checks.check_mode(self.mode, at))
+    _set(self, "recursive", _checks.check_bool(self.recursive, "recursive", at))
+
+
+def _set(options: object, field: str, value: object) -> None:
+  object.__setattr__(options, field, value)  # frozen: canonicalize in place once
