@@ -398,6 +398,10 @@ def spectral_state_init(
     >>> state = flaxnorm.spectral_state_init(jax.random.key(0), jnp.ones((4, 3)))
     >>> round(float(state.sigma), 4)  # the SVD value: sqrt(4 * 3)
     3.4641
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   mat = as_matrix(w, axis)
   m, n = mat.shape

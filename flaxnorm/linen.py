@@ -443,6 +443,10 @@ def weight_norm(
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
     >>> jax.tree.map(jnp.shape, variables)
     {'params': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   names = _checks.check_names(name)
   spec = _WeightNorm(_options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive))
@@ -536,6 +540,10 @@ def spectral_norm(
     {'params': {'bias': (3,), 'kernel': (4, 3)}, 'spectral': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
     >>> y, updates = layer.apply(variables, jnp.ones((1, 4)), mutable=['spectral'])  # train
     >>> y = layer.apply({**variables, **updates}, jnp.ones((1, 4)))  # eval
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   names = _checks.check_names(name)
   options = _options.SpectralNormOptions(
@@ -562,6 +570,16 @@ def remove_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> d
   Returns:
     Variables for the plain (unwrapped) layer; applying it gives the wrapped
     layer's output. Other collections are returned unchanged.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flaxnorm
+    >>> x = jnp.ones((1, 4))
+    >>> variables = flaxnorm.weight_norm(nn.Dense(3)).init(jax.random.key(0), x)
+    >>> plain = flaxnorm.remove_weight_norm(variables)
+    >>> jax.tree.map(jnp.shape, plain)
+    {'params': {'bias': (3,), 'kernel': (4, 3)}}
+    >>> y = nn.Dense(3).apply(plain, x)  # the wrapped layer's output
   """
   return _fold.fold_weight_norm(variables, eps=eps)
 
@@ -590,5 +608,17 @@ def remove_spectral_norm(
 
   Returns:
     Variables for the plain layer, without ``collection``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flaxnorm
+    >>> x = jnp.ones((1, 4))
+    >>> layer = flaxnorm.spectral_norm(nn.Dense(3))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> plain = flaxnorm.remove_spectral_norm(variables)
+    >>> jax.tree.map(jnp.shape, plain)
+    {'params': {'bias': (3,), 'kernel': (4, 3)}}
+    >>> bool(jnp.allclose(nn.Dense(3).apply(plain, x), layer.apply(variables, x)))
+    True
   """
   return _fold.fold_spectral_norm(variables, collection, axis=axis, eps=eps, mode=mode)

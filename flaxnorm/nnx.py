@@ -97,6 +97,13 @@ class SpectralStateVar(nnx.Variable):
   ``{name}_sigma`` (shape ``()``), float32 at least. It is not an
   ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)`` skip
   it, and ``nnx.state(model, SpectralStateVar)`` selects it.
+
+  Examples:
+    >>> from flax import nnx
+    >>> import flaxnorm.nnx
+    >>> layer = flaxnorm.nnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    >>> sorted(nnx.to_pure_dict(nnx.state(layer, flaxnorm.nnx.SpectralStateVar)))
+    ['kernel_sigma', 'kernel_u', 'kernel_v']
   """
 
 
@@ -307,6 +314,10 @@ def weight_norm(
     {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}
     >>> layer(jnp.ones((2, 4))).shape
     (2, 3)
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   names = _checks.check_names(name)
   options = _options.WeightNormOptions(axis=axis, eps=eps)
@@ -383,6 +394,10 @@ def spectral_norm(
     >>> y = layer(jnp.ones((2, 4)))  # training: updates kernel_u/_v/_sigma
     >>> layer.eval()
     >>> y = layer(jnp.ones((2, 4)))  # evaluation: state frozen
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   names = _checks.check_names(name)
   options = _options.SpectralNormOptions(
@@ -546,6 +561,16 @@ def remove_weight_norm(module: M, *, name: str | Sequence[str] | None = None) ->
 
   Raises:
     ValueError: no weight-normalized param was found.
+
+  Examples:
+    >>> from flax import nnx
+    >>> import flaxnorm.nnx
+    >>> layer = flaxnorm.nnx.weight_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    >>> layer = flaxnorm.nnx.remove_weight_norm(layer)
+    >>> sorted(nnx.to_pure_dict(nnx.state(layer)))
+    ['bias', 'kernel']
+    >>> type(layer) is nnx.Linear
+    True
   """
   _remove(module, name, WeightNormSpec, "weight_norm")
   return module
@@ -567,6 +592,19 @@ def remove_spectral_norm(module: M, *, name: str | Sequence[str] | None = None) 
 
   Raises:
     ValueError: no spectrally normalized param was found.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import flaxnorm.nnx
+    >>> layer = flaxnorm.nnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    >>> layer.eval()
+    >>> y = layer(jnp.ones((1, 4)))
+    >>> layer = flaxnorm.nnx.remove_spectral_norm(layer)
+    >>> sorted(nnx.to_pure_dict(nnx.state(layer)))
+    ['bias', 'kernel']
+    >>> bool(jnp.allclose(layer(jnp.ones((1, 4))), y))
+    True
   """
   _remove(module, name, SpectralNormSpec, "spectral_norm")
   return module

@@ -59,7 +59,16 @@ Selector = str | Sequence[str] | Callable[[Path, Any], bool]
 
 
 class WeightNormParam(NamedTuple):
-  """A weight-normalized leaf where there is no dict to hold ``{name}_g``/``{name}_v``."""
+  """A weight-normalized leaf where there is no dict to hold ``{name}_g``/``{name}_v``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> layers = [jnp.ones((4, 3))]  # a list: no dict to add keys to
+    >>> wn = flaxnorm.tree.weight_norm_init(layers, name=lambda path, x: True)
+    >>> jax.tree.map(jnp.shape, wn[0])
+    WeightNormParam(g=(1, 3), v=(4, 3))
+  """
 
   g: Any  # magnitude: the weight's rank with size 1 on the reduced axes.
   v: Any  # direction: the weight's shape.
@@ -232,6 +241,10 @@ def weight_norm_init(
     {'dense': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
     >>> jax.tree.map(jnp.shape, flaxnorm.tree.weight_norm_apply(wn))
     {'dense': {'bias': (3,), 'kernel': (4, 3)}}
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
 
   name, argname = _name_or_names(name, names, "weight_norm_init")
@@ -290,6 +303,18 @@ def weight_norm_apply(params: Any, *, eps: float = 1e-12) -> Any:
 
   Raises:
     ValueError: the tree holds no weight-normalized pair.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> wn = {"dense": {"kernel_g": jnp.array([[10.0]]), "kernel_v": jnp.array([[3.0], [4.0]])}}
+    >>> flaxnorm.tree.weight_norm_apply(wn)["dense"]["kernel"]
+    Array([[6.],
+           [8.]], dtype=float32)
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   eps = _checks.check_eps(eps, "weight_norm_apply")
   count = [0]
@@ -353,6 +378,10 @@ def spectral_norm_init(
     >>> jax.tree.map(jnp.shape, state)
     {'dense': {'kernel_sigma': (), 'kernel_u': (3,), 'kernel_v': (4,)}}
     >>> sn_params, state = flaxnorm.tree.spectral_norm_apply(params, state, update=True)
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   name, argname = _name_or_names(name, names, "spectral_norm_init")
   options = _options.SpectralNormOptions(
@@ -418,6 +447,20 @@ def spectral_norm_apply(
 
   Raises:
     ValueError: the state names a weight the params lack, or does not fit it.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxnorm.tree
+    >>> params = {"dense": {"kernel": jnp.diag(jnp.array([4.0, 1.0]))}}
+    >>> state = flaxnorm.tree.spectral_norm_init(params, jax.random.key(0))
+    >>> sn_params, state = flaxnorm.tree.spectral_norm_apply(params, state, update=True)
+    >>> jnp.round(sn_params["dense"]["kernel"], 4)
+    Array([[1.  , 0.  ],
+           [0.  , 0.25]], dtype=float32)
+
+  References:
+    Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
+    Adversarial Networks", ICLR 2018.
   """
   options = _options.SpectralNormOptions(
     axis=axis, n_power_iterations=n_power_iterations, eps=eps, mode=mode, at="spectral_norm_apply"
@@ -482,11 +525,15 @@ def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> dict:
 
 
 class WeightNormTransform(NamedTuple):
-  """Weight norm with its options bound, from :func:`weight_norm`.
+  """Weight norm with its options bound, from :func:`weight_norm` (see its example).
 
   Attributes:
     init: ``params -> wn_params``, as :func:`weight_norm_init`.
     apply: ``wn_params -> params``, as :func:`weight_norm_apply`.
+
+  Examples:
+    >>> import flaxnorm.tree
+    >>> init, apply = flaxnorm.tree.weight_norm(axis=0)  # a NamedTuple: unpacks
   """
 
   init: Callable[[Any], Any]
@@ -494,12 +541,16 @@ class WeightNormTransform(NamedTuple):
 
 
 class SpectralNormTransform(NamedTuple):
-  """Spectral norm with its options bound, from :func:`spectral_norm`.
+  """Spectral norm with its options bound, from :func:`spectral_norm` (see its example).
 
   Attributes:
     init: ``(params, key) -> state``, as :func:`spectral_norm_init`.
     apply: ``(params, state, *, update) -> (params, state)``, as
       :func:`spectral_norm_apply`.
+
+  Examples:
+    >>> import flaxnorm.tree
+    >>> init, apply = flaxnorm.tree.spectral_norm(mode="clip")  # a NamedTuple: unpacks
   """
 
   init: Callable[[Any, jax.Array], dict]
