@@ -338,11 +338,13 @@ def power_iteration(
   if v is None:
     if n_steps == 0:
       raise ValueError("power_iteration: n_steps=0 needs v.")
-    v = jnp.zeros((n,), w.dtype)
+    v_start = jnp.zeros((n,), w.dtype)
   elif v.shape != (n,):
     raise ValueError(
       f"power_iteration: v must have shape ({n},) for w of shape {w.shape}, got {v.shape}."
     )
+  else:
+    v_start = v
 
   dtype = _compute_dtype(w.dtype)
   w32 = w.astype(dtype)
@@ -357,15 +359,17 @@ def power_iteration(
     u = _normalize_or_keep(wv, u, eps)
     return u, v, _dot(u, wv)  # sigma = u^T W v, from the product just made
 
-  u, v = jax.lax.stop_gradient(u.astype(dtype)), jax.lax.stop_gradient(v.astype(dtype))
+  u_out = jax.lax.stop_gradient(u.astype(dtype))
+  v_out = jax.lax.stop_gradient(v_start.astype(dtype))
   if n_steps:
-    u, v, value = jax.lax.fori_loop(0, n_steps, step, (u, v, jnp.zeros((), dtype)))
+    carry = (u_out, v_out, jnp.zeros((), dtype))
+    u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)
     # The value comes from the loop (no extra pass over W); the gradient is
     # d sigma / dW = u v^T with u, v held fixed.
-    sigma = _bilinear(w32, u, v, value)
+    sigma = _bilinear(w32, u_out, v_out, value)
   else:
-    sigma = _dot(_dot(u, w32, v), v)  # (u^T W) v, vector on the left as above
-  return u, v, sigma
+    sigma = _dot(_dot(u_out, w32, v_out), v_out)  # (u^T W) v, vector on the left as above
+  return u_out, v_out, sigma
 
 
 def spectral_state_init(

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from flaxnorm import _checks, _math, _options, _output_scale, _subclass
 
@@ -224,7 +225,7 @@ def _linear_layers() -> dict[type, Callable[[Any], bool]]:
   linear, so it keeps the normalized kernel.
   """
   lax = jax.lax
-  promote = nnx.nn.dtypes.promote_dtype
+  promote = nnx_dtypes.promote_dtype
 
   def default_promote(m):
     return getattr(m, "promote_dtype", promote) is promote

@@ -27,6 +27,7 @@ from typing import Any, TypeVar, overload
 import flax.linen as nn
 import jax
 from flax.core import meta
+from flax.linen import dtypes as linen_dtypes
 
 from flaxnorm import _checks, _fold, _math, _options, _output_scale, _subclass
 from flaxnorm._checks import Axis
@@ -180,7 +181,7 @@ def _scales_output(module: nn.Module) -> bool:
     return False  # subclasses may override __call__: only Flax's own code
   if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
     return False  # e.g. a quantized dot_general is not linear in the kernel
-  if getattr(module, "promote_dtype", nn.dtypes.promote_dtype) is not nn.dtypes.promote_dtype:
+  if getattr(module, "promote_dtype", linen_dtypes.promote_dtype) is not linen_dtypes.promote_dtype:
     return False
   batch_dims = getattr(module, "batch_dims", ())
   return not isinstance(batch_dims, int) and len(batch_dims) == 0

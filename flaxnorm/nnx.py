@@ -172,7 +172,7 @@ def _plan_weight_norm(
 ) -> Callable[[], None]:
   spec = WeightNormSpec(options)
   _check_module(module, "weight_norm")
-  new: dict[str, tuple[nnx.Param, nnx.Param]] = {}
+  new: dict[str, tuple[nnx.Variable, nnx.Variable]] = {}
   for name in names:
     where = describe(module, name, path)
     var = _check_param(module, name, "weight_norm", path)

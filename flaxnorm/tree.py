@@ -117,7 +117,7 @@ def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
 def _rebuild(node: Mapping, items: dict) -> Mapping:
   if isinstance(node, FrozenDict):
     return FrozenDict(items)
-  return items if type(node) is dict else type(node)(items)
+  return items if type(node) is dict else type(node)(items)  # type: ignore[call-arg]
 
 
 class _Selection:
@@ -141,6 +141,7 @@ class _Selection:
           f"array.{hint}"
         )
     else:
+      assert self.predicate is not None
       hit = _is_array(x) and bool(self.predicate(path, x))
     if hit:
       if not path:
