@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's commands: `./dev.sh demo` runs the main example, `./dev.sh test`
-# runs lint and the whole test suite. Each creates .venv (Python 3.11) on first
-# use and reinstalls when pyproject.toml changes; nothing needs installing by hand.
+# runs lint, the docs build and the whole test suite (`./dev.sh docs` builds the
+# docs into site/). Each creates .venv (Python 3.11) on first use and reinstalls
+# when pyproject.toml changes; nothing needs installing by hand.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,7 +19,7 @@ setup() {
     # CPU torch for the PyTorch parity tests (skipped if it cannot be installed).
     "$BIN/python" -m pip install -q "torch==2.13.0" ||
       echo "torch not installed: the PyTorch parity tests will be skipped" >&2
-    "$BIN/python" -m pip install -q -e ".[test,examples]"
+    "$BIN/python" -m pip install -q -e ".[test,examples,docs]"
     touch "$VENV/.installed"
   fi
 }
@@ -32,17 +33,25 @@ case "${1:-}" in
     setup
     "$BIN/ruff" check flaxnorm tests examples benchmarks
     "$BIN/ruff" format --check flaxnorm tests examples benchmarks
+    # The docs site, warnings as errors (bad docstrings, broken links).
+    docs_tmp=$(mktemp -d) && trap 'rm -rf "$docs_tmp"' EXIT
+    NO_MKDOCS_2_WARNING=1 "$BIN/mkdocs" build --strict --quiet --site-dir "$docs_tmp"
     "$BIN/python" -m pytest -n 2 -m "not slow and not multidevice" flaxnorm tests
     # Multi-device SPMD tests need 8 simulated CPU devices, set before JAX starts.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       "$BIN/python" -m pytest -m multidevice tests
+    ;;
+  docs)
+    setup
+    NO_MKDOCS_2_WARNING=1 "$BIN/mkdocs" build --strict --site-dir site
+    echo "docs built: open site/index.html (or: $BIN/mkdocs serve)"
     ;;
   bench)
     setup
     "$BIN/python" benchmarks/bench_train_step.py "${@:2}"
     ;;
   *)
-    echo "usage: ./dev.sh demo | test | bench" >&2
+    echo "usage: ./dev.sh demo | test | docs | bench" >&2
     exit 2
     ;;
 esac
