@@ -33,6 +33,8 @@ case "${1:-}" in
     setup
     "$BIN/ruff" check flaxnorm tests examples benchmarks
     "$BIN/ruff" format --check flaxnorm tests examples benchmarks
+    # Type check (standard mode; configuration in pyproject.toml).
+    "$BIN/basedpyright"
     # The docs site, warnings as errors (bad docstrings, broken links).
     docs_tmp=$(mktemp -d) && trap 'rm -rf "$docs_tmp"' EXIT
     NO_MKDOCS_2_WARNING=1 "$BIN/mkdocs" build --strict --quiet --site-dir "$docs_tmp"

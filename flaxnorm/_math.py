@@ -37,11 +37,13 @@ from flaxnorm._checks import Axis
 
 Array = jax.Array
 
-#: Power iterations run when the spectral state is created. A 1024x1024
-#: Gaussian kernel needs about 100 for sigma to be within 1% of its SVD value
-#: (PyTorch's 15 leave 3-4%); 200 gives margin across seeds. It runs once, in
-#: a ``fori_loop``, so it adds nothing to compile time.
 DEFAULT_N_INIT_ITERATIONS = 200
+"""Power iterations run when the spectral state is created.
+
+For a 1024x1024 Gaussian kernel, PyTorch's 15 start-up iterations leave sigma
+1.4-2.4% below its SVD value; 100 leave up to 0.25% and 200 up to 0.21% over six
+seeds. They run once, inside a ``fori_loop``, so they add nothing to compile time.
+"""
 
 
 class SpectralState(NamedTuple):

@@ -1,6 +1,6 @@
-"""Every bad input of the README's table: a clear error, or a documented, tested behaviour.
+"""Every bad input of the docs' table: a clear error, or a documented, tested behaviour.
 
-Each row of ``BAD_INPUTS`` is one row of the README table "Bad inputs and what they get".
+Each row of ``BAD_INPUTS`` is one row of ``docs/bad-inputs.md``, "Bad inputs and what they get".
 """
 
 import chex
