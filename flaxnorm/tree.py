@@ -32,13 +32,12 @@ sequence positions). Boxed leaves (``nn.Partitioned``) must be unboxed first
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-from flax.core import FrozenDict, meta
 
-from flaxnorm import _checks, _fold, _math, _options
+from flaxnorm import _checks, _fold, _math, _options, _select
 from flaxnorm._checks import Axis
 
 __all__ = (
@@ -53,9 +52,8 @@ __all__ = (
   "weight_norm_init",
 )
 
-Path = tuple[Any, ...]
-#: Which leaves a transform touches: leaf names, or a ``(path, leaf) -> bool`` predicate.
-Selector = str | Sequence[str] | Callable[[Path, Any], bool]
+Path = _select.Path
+Selector = _select.Selector
 
 
 class WeightNormParam(NamedTuple):
@@ -75,111 +73,18 @@ class WeightNormParam(NamedTuple):
 
 
 # --------------------------------------------------------------------------- #
-# Paths and selection.
-# --------------------------------------------------------------------------- #
-
-
-def _key(k: Any) -> Any:
-  """A jax key-path entry as the plain key: dict key, attribute name or index."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return str(k)
-
-
-def _path_str(path: Path) -> str:
-  return "/".join(str(p) for p in path) or _fold.TOP
-
-
-def _is_box(x: Any) -> bool:
-  return isinstance(x, meta.AxisMetadata)
-
-
-def _is_leaf(x: Any) -> bool:
-  return _is_box(x) or jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
-
-
-def _is_array(x: Any) -> bool:
-  return x is not None and not _is_box(x) and _is_leaf(x) and hasattr(x, "dtype")
-
-
-def _leaves(tree: Any) -> list[tuple[Path, Any]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
-  return [(tuple(_key(k) for k in p), x) for p, x in flat]
-
-
-def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
-  """One level of a pytree node: ``[(key, child)], treedef``."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-  return [(_key(p[0]), x) for p, x in flat], treedef
-
-
-def _rebuild(node: Mapping, items: dict) -> Mapping:
-  if isinstance(node, FrozenDict):
-    return FrozenDict(items)
-  return items if type(node) is dict else type(node)(items)  # type: ignore[call-arg]
-
-
-class _Selection:
-  """Which leaves ``names`` picks, and the error when some name picks none."""
-
-  def __init__(self, names: Selector, method: str, argname: str = "name"):
-    self.method, self.argname = method, argname
-    if callable(names) and not isinstance(names, str):
-      self.predicate, self.names = names, None
-    else:
-      self.predicate, self.names = None, _checks.check_names(names, argname)
-    self.hits: list[Path] = []
-
-  def __call__(self, path: Path, x: Any) -> bool:
-    if self.names is not None:
-      hit = x is not None and bool(path) and isinstance(path[-1], str) and path[-1] in self.names
-      if hit and not _is_array(x):
-        hint = " Unbox it first: flax.core.meta.unbox(params)." if _is_box(x) else ""
-        raise TypeError(
-          f"{self.method}: the leaf at '{_path_str(path)}' is a {type(x).__name__}, not an "
-          f"array.{hint}"
-        )
-    else:
-      assert self.predicate is not None
-      hit = _is_array(x) and bool(self.predicate(path, x))
-    if hit:
-      if not path:
-        raise ValueError(
-          f"{self.method}: params is a single array; put it in a dict (e.g. "
-          "{'kernel': w}) so its state has a name."
-        )
-      self.hits.append(path)
-    return hit
-
-  def check_all_found(self, params: Any) -> None:
-    found = {p[-1] for p in self.hits}
-    missing = [n for n in self.names if n not in found] if self.names else []
-    if self.hits and not missing:
-      return
-    what = f"{self.argname} {missing}" if self.names else "the path predicate"
-    paths = [_path_str(p) for p, x in _leaves(params) if _is_array(x) or _is_box(x)]
-    hint = ""
-    if any(_is_box(x) for _, x in _leaves(params)):
-      hint = " The tree holds boxed leaves: unbox it first (flax.core.meta.unbox)."
-    if self.method == "weight_norm_init" and any(str(p).endswith("_g") for p in paths):
-      hint += " Leaves ending in '_g' exist: was weight_norm_init applied already?"
-    raise ValueError(f"{self.method}: {what} matched no array leaf. The leaves are {paths}.{hint}")
-
-
-# --------------------------------------------------------------------------- #
 # Weight norm.
 # --------------------------------------------------------------------------- #
 
 
 def _decompose(x: Any, axis: Axis, path: Path) -> tuple[Any, Any]:
-  where = f"tree path '{_path_str(path)}'"
+  where = f"tree path '{_select.path_str(path)}'"
   _checks.check_float_array(x, "the param", where)
   _checks.normalize_axes(axis, x.ndim, where)
   return _math.weight_norm_decompose(x, axis)
 
 
-def _wn_init(node: Any, path: Path, select: _Selection, axis: Axis) -> Any:
+def _wn_init(node: Any, path: Path, select: _select.Selection, axis: Axis) -> Any:
   if isinstance(node, Mapping):
     out: dict = {}
     for k, x in node.items():
@@ -188,16 +93,16 @@ def _wn_init(node: Any, path: Path, select: _Selection, axis: Axis) -> Any:
         gk, vk = f"{k}_g", f"{k}_v"
         if gk in node or vk in node:
           raise ValueError(
-            f"weight_norm_init: '{_path_str(p)}' already has a '{gk}' or '{vk}' beside it "
+            f"weight_norm_init: '{_select.path_str(p)}' already has a '{gk}' or '{vk}' beside it "
             "(already weight-normalized?)."
           )
         out[gk], out[vk] = _decompose(x, axis, p)
       else:
         out[k] = _wn_init(x, p, select, axis)
-    return _rebuild(node, out)
-  if _is_leaf(node):
+    return _select.rebuild(node, out)
+  if _select.is_leaf(node):
     return node
-  children, treedef = _children(node)
+  children, treedef = _select.children(node)
   new = []
   for k, x in children:
     p = (*path, k)
@@ -250,7 +155,7 @@ def weight_norm_init(
 
   name, argname = _name_or_names(name, names, "weight_norm_init")
   options = _options.WeightNormOptions(axis=axis, at="weight_norm_init")
-  return _weight_norm_init(params, _Selection(name, "weight_norm_init", argname), options)
+  return _weight_norm_init(params, _select.Selection(name, "weight_norm_init", argname), options)
 
 
 def _name_or_names(name: Selector, names: Selector | None, fn: str) -> tuple[Selector, str]:
@@ -262,8 +167,10 @@ def _name_or_names(name: Selector, names: Selector | None, fn: str) -> tuple[Sel
   return names, "names"
 
 
-def _weight_norm_init(params: Any, select: _Selection, options: _options.WeightNormOptions) -> Any:
-  if _is_array(params):
+def _weight_norm_init(
+  params: Any, select: _select.Selection, options: _options.WeightNormOptions
+) -> Any:
+  if _select.is_array(params):
     select((), params)  # a bare array: nowhere to put {name}_g, explained by the check
   out = _wn_init(params, (), select, options.axis)
   select.check_all_found(params)
@@ -279,10 +186,10 @@ def _wn_apply(node: Any, path: Path, eps: float, count: list[int]) -> Any:
       node, eps, path, lambda x, p: _wn_apply(x, p, eps, count), "weight_norm_apply"
     )
     count[0] += len(node) - len(out)  # each folded pair is two keys made one
-    return _rebuild(node, out)
-  if _is_leaf(node):
+    return _select.rebuild(node, out)
+  if _select.is_leaf(node):
     return node
-  children, treedef = _children(node)
+  children, treedef = _select.children(node)
   return treedef.unflatten([_wn_apply(x, (*path, k), eps, count) for k, x in children])
 
 
@@ -321,7 +228,7 @@ def weight_norm_apply(params: Any, *, eps: float = 1e-12) -> Any:
   count = [0]
   out = _wn_apply(params, (), eps, count)
   if not count[0]:
-    paths = [_path_str(p) for p, _ in _leaves(params)]
+    paths = [_select.path_str(p) for p, _ in _select.leaves(params)]
     raise ValueError(
       "weight_norm_apply: found no {x}_g/{x}_v pair and no WeightNormParam; pass the "
       f"tree from weight_norm_init. The leaves are {paths}."
@@ -388,20 +295,22 @@ def spectral_norm_init(
   options = _options.SpectralNormOptions(
     axis=axis, n_init_iterations=n_init_iterations, eps=eps, at="spectral_norm_init"
   )
-  return _spectral_norm_init(params, key, _Selection(name, "spectral_norm_init", argname), options)
+  return _spectral_norm_init(
+    params, key, _select.Selection(name, "spectral_norm_init", argname), options
+  )
 
 
 def _spectral_norm_init(
-  params: Any, key: jax.Array, select: _Selection, options: _options.SpectralNormOptions
+  params: Any, key: jax.Array, select: _select.Selection, options: _options.SpectralNormOptions
 ) -> dict:
   if not isinstance(key, jax.Array):
     raise TypeError(
       f"{options.at}: key must be a PRNG key (jax.random.key(0)), got {type(key).__name__}."
     )
-  chosen = [(p, x) for p, x in _leaves(params) if select(p, x)]
+  chosen = [(p, x) for p, x in _select.leaves(params) if select(p, x)]
   select.check_all_found(params)
   for p, x in chosen:
-    _checks.check_spectral_weight(x, options.axis, f"tree path '{_path_str(p)}'")
+    _checks.check_spectral_weight(x, options.axis, f"tree path '{_select.path_str(p)}'")
   state: dict = {}
   for (p, x), k in zip(chosen, jax.random.split(key, len(chosen))):
     node = state
@@ -478,7 +387,7 @@ def _spectral_norm_apply(
     raise TypeError(
       f"{fn}: state must be the dict from spectral_norm_init, got {type(state).__name__}."
     )
-  leaves = {tuple(str(k) for k in p): x for p, x in _leaves(params)}
+  leaves = {tuple(str(k) for k in p): x for p, x in _select.leaves(params)}
   normalized: dict[Path, Any] = {}
   new_state: dict[Path, Any] = {}
   for layer, name, (u, v, sigma) in _fold.spectral_entries(state, fn):
@@ -486,19 +395,23 @@ def _spectral_norm_apply(
     w = leaves.get(path)
     if w is None:
       raise ValueError(
-        f"{fn}: the state has '{_path_str(path)}_u' but params have no leaf "
-        f"'{_path_str(path)}'. The leaves are {[_path_str(p) for p in leaves]}."
+        f"{fn}: the state has '{_select.path_str(path)}_u' but params have no leaf "
+        f"'{_select.path_str(path)}'. The leaves are {[_select.path_str(p) for p in leaves]}."
       )
-    if not _is_array(w):
-      raise TypeError(f"{fn}: the leaf at tree path '{_path_str(path)}' is a {type(w).__name__}.")
-    at = f"{fn}: param '{_path_str(path)}'"
+    if not _select.is_array(w):
+      raise TypeError(
+        f"{fn}: the leaf at tree path '{_select.path_str(path)}' is a {type(w).__name__}."
+      )
+    at = f"{fn}: param '{_select.path_str(path)}'"
     kept = _fold.check_spectral_state(w, (u, v, sigma), name, options.axis, at)
     n_steps = options.n_power_iterations if update else 0
     normalized[path], new_state[path] = _math.spectral_normalize(
       w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=options.eps, mode=options.mode
     )
   out = jax.tree_util.tree_map_with_path(
-    lambda p, x: normalized.get(tuple(str(_key(k)) for k in p), x), params, is_leaf=_is_box
+    lambda p, x: normalized.get(tuple(str(_select.key(k)) for k in p), x),
+    params,
+    is_leaf=_select.is_box,
   )
   if not update:
     return out, state
@@ -592,10 +505,10 @@ def weight_norm(
   """
   at = "flaxnorm.tree.weight_norm"
   options = _options.WeightNormOptions(axis=axis, eps=eps, at=at)
-  _Selection(name, at)  # checks the names now
+  _select.Selection(name, at)  # checks the names now
 
   def init(params: Any) -> Any:
-    return _weight_norm_init(params, _Selection(name, at), options)
+    return _weight_norm_init(params, _select.Selection(name, at), options)
 
   def apply(wn_params: Any) -> Any:
     return weight_norm_apply(wn_params, eps=options.eps)
@@ -652,10 +565,10 @@ def spectral_norm(
     mode=mode,
     at=at,
   )
-  _Selection(name, at)  # checks the names now
+  _select.Selection(name, at)  # checks the names now
 
   def init(params: Any, key: jax.Array) -> dict:
-    return _spectral_norm_init(params, key, _Selection(name, at), options)
+    return _spectral_norm_init(params, key, _select.Selection(name, at), options)
 
   def apply(params: Any, state: Mapping, *, update: bool) -> tuple[Any, Any]:
     return _spectral_norm_apply(params, state, update, options)
