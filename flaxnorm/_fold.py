@@ -1,4 +1,8 @@
-"""Folding of nested variable trees, shared by the removal functions of every face.
+"""Removal (folding) of weight norm and spectral norm in nested variable trees.
+
+``remove_weight_norm`` and ``remove_spectral_norm`` (exported by ``flaxnorm``)
+serve Linen variables and the trees of ``flaxnorm.tree``; this module also holds
+the one reader of the spectral state layout, used by ``flaxnorm.tree``.
 
 Trees are nested mappings (``dict``/``FrozenDict``) whose leaves are arrays or
 boxed arrays (``flax.core.meta.AxisMetadata``, e.g. ``nn.Partitioned``).
@@ -71,10 +75,27 @@ def _fold_wn(tree: Mapping[str, Any], eps: float, path: tuple[str, ...]) -> dict
   return fold_weight_norm_level(tree, eps, path, recurse, "remove_weight_norm")
 
 
-def fold_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> dict[str, Any]:
-  """Composes every ``{x}_g``/``{x}_v`` pair of ``variables['params']`` into ``{x}``.
+def remove_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> dict[str, Any]:
+  """Folds every ``{x}_g``/``{x}_v`` param pair back into a plain ``{x}``.
 
-  A tree without a ``'params'`` key is taken as a bare params tree.
+  Args:
+    variables: a Linen variables dict (``{"params": ..., ...}``) or a bare params
+      tree; boxed values (``nn.Partitioned``) keep their metadata.
+    eps: the ``eps`` the layer was wrapped with.
+
+  Returns:
+    Variables for the plain (unwrapped) layer; applying it gives the wrapped
+    layer's output. Other collections are returned unchanged.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flaxnorm
+    >>> x = jnp.ones((1, 4))
+    >>> variables = flaxnorm.weight_norm(nn.Dense(3)).init(jax.random.key(0), x)
+    >>> plain = flaxnorm.remove_weight_norm(variables)
+    >>> jax.tree.map(jnp.shape, plain)
+    {'params': {'bias': (3,), 'kernel': (4, 3)}}
+    >>> y = nn.Dense(3).apply(plain, x)  # the wrapped layer's output
   """
   if isinstance(variables.get("params"), Mapping):
     return {**variables, "params": _fold_wn(variables["params"], eps, ())}
@@ -144,7 +165,7 @@ def spectral_fold_one(
   return raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn
 
 
-def fold_spectral_norm(
+def remove_spectral_norm(
   variables: Mapping[str, Any],
   collection: str = "spectral",
   *,
@@ -152,7 +173,35 @@ def fold_spectral_norm(
   eps: float = 1e-12,
   mode: str = "normalize",
 ) -> dict[str, Any]:
-  """Divides each kernel with spectral state by ``sigma = u^T W v`` and drops the state."""
+  """Divides every spectrally normalized kernel by its sigma and drops the state.
+
+  Sigma is ``u^T W v`` from the stored vectors, as in evaluation, so the plain
+  layer applied to the result gives the wrapped layer's eval output.
+
+  Args:
+    variables: a Linen variables dict with ``params`` and ``collection``.
+    collection: the collection holding the spectral state.
+    axis: the kept axis the layers were wrapped with (``-1`` by default), or a
+      mapping from layer path (``"Block_0/Dense_1"``) to axis; layers missing
+      from it use ``-1``.
+    eps: the ``eps`` the layers were wrapped with.
+    mode: the ``mode`` the layers were wrapped with.
+
+  Returns:
+    Variables for the plain layer, without ``collection``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flaxnorm
+    >>> x = jnp.ones((1, 4))
+    >>> layer = flaxnorm.spectral_norm(nn.Dense(3))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> plain = flaxnorm.remove_spectral_norm(variables)
+    >>> jax.tree.map(jnp.shape, plain)
+    {'params': {'bias': (3,), 'kernel': (4, 3)}}
+    >>> bool(jnp.allclose(nn.Dense(3).apply(plain, x), layer.apply(variables, x)))
+    True
+  """
   fn = "remove_spectral_norm"
   if collection not in variables or "params" not in variables:
     raise ValueError(

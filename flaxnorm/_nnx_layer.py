@@ -73,12 +73,8 @@ def _get(module: nnx.Module, attr: str, method: str, name: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightNormSpec:
+class WeightNormSpec(_subclass.SpecBase):
   options: _options.WeightNormOptions
-
-  @property
-  def method(self) -> str:
-    return self.options.method
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.weight_norm_keys(name)
@@ -90,13 +86,9 @@ class WeightNormSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class SpectralNormSpec:
+class SpectralNormSpec(_subclass.SpecBase):
   options: _options.SpectralNormOptions
   added_flag: bool  # this transform gave the module its train/eval attribute
-
-  @property
-  def method(self) -> str:
-    return self.options.method
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.spectral_keys(name)

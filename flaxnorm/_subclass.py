@@ -29,6 +29,26 @@ class Spec(Protocol):
   def method(self) -> str: ...
 
 
+class SpecBase:
+  """Base of the faces' specs: the transform's options and what they imply.
+
+  A face's spec is a frozen dataclass with an ``options`` field (a
+  ``flaxnorm._options`` value) and the face's own behaviour.
+  """
+
+  options: Any
+
+  @property
+  def method(self) -> str:
+    """The public transform's name, ``"weight_norm"`` or ``"spectral_norm"``."""
+    return self.options.method
+
+  @property
+  def recursive(self) -> bool:
+    """Whether the transform also reaches the params of the layer's submodules (Linen)."""
+    return self.options.recursive
+
+
 _CACHE: dict[tuple[Any, ...], type] = {}
 
 

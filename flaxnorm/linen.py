@@ -29,8 +29,11 @@ import jax
 from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
 
-from flaxnorm import _checks, _fold, _math, _options, _output_scale, _subclass
+from flaxnorm import _checks, _math, _options, _output_scale, _subclass
 from flaxnorm._checks import Axis
+from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
+
+__all__ = ("remove_spectral_norm", "remove_weight_norm", "spectral_norm", "weight_norm")
 
 M = TypeVar("M", bound=nn.Module)
 #: Creates a raw (possibly boxed) param with the layer's initializer, by name.
@@ -64,16 +67,8 @@ def _axis_names(raw: Any) -> tuple | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _WeightNorm:
+class _WeightNorm(_subclass.SpecBase):
   options: _options.WeightNormOptions
-
-  @property
-  def method(self) -> str:
-    return self.options.method
-
-  @property
-  def recursive(self) -> bool:
-    return self.options.recursive
 
   def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
     axis, at = self.options.axis, _describe(module, name)
@@ -96,16 +91,8 @@ class _WeightNorm:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SpectralNorm:
+class _SpectralNorm(_subclass.SpecBase):
   options: _options.SpectralNormOptions
-
-  @property
-  def method(self) -> str:
-    return self.options.method
-
-  @property
-  def recursive(self) -> bool:
-    return self.options.recursive
 
   def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
     opts, at = self.options, _describe(module, name)
@@ -558,68 +545,3 @@ def spectral_norm(
   )
   spec = _SpectralNorm(options)
   return _transform(target, dict.fromkeys(names, spec), "spectral_norm")
-
-
-def remove_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> dict[str, Any]:
-  """Folds every ``{x}_g``/``{x}_v`` param pair back into a plain ``{x}``.
-
-  Args:
-    variables: a Linen variables dict (``{"params": ..., ...}``) or a bare params
-      tree; boxed values (``nn.Partitioned``) keep their metadata.
-    eps: the ``eps`` the layer was wrapped with.
-
-  Returns:
-    Variables for the plain (unwrapped) layer; applying it gives the wrapped
-    layer's output. Other collections are returned unchanged.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> import flaxnorm
-    >>> x = jnp.ones((1, 4))
-    >>> variables = flaxnorm.weight_norm(nn.Dense(3)).init(jax.random.key(0), x)
-    >>> plain = flaxnorm.remove_weight_norm(variables)
-    >>> jax.tree.map(jnp.shape, plain)
-    {'params': {'bias': (3,), 'kernel': (4, 3)}}
-    >>> y = nn.Dense(3).apply(plain, x)  # the wrapped layer's output
-  """
-  return _fold.fold_weight_norm(variables, eps=eps)
-
-
-def remove_spectral_norm(
-  variables: Mapping[str, Any],
-  collection: str = "spectral",
-  *,
-  axis: Axis | Mapping[str, Axis] = -1,
-  eps: float = 1e-12,
-  mode: str = "normalize",
-) -> dict[str, Any]:
-  """Divides every spectrally normalized kernel by its sigma and drops the state.
-
-  Sigma is ``u^T W v`` from the stored vectors, as in evaluation, so the plain
-  layer applied to the result gives the wrapped layer's eval output.
-
-  Args:
-    variables: a Linen variables dict with ``params`` and ``collection``.
-    collection: the collection holding the spectral state.
-    axis: the kept axis the layers were wrapped with (``-1`` by default), or a
-      mapping from layer path (``"Block_0/Dense_1"``) to axis; layers missing
-      from it use ``-1``.
-    eps: the ``eps`` the layers were wrapped with.
-    mode: the ``mode`` the layers were wrapped with.
-
-  Returns:
-    Variables for the plain layer, without ``collection``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> import flaxnorm
-    >>> x = jnp.ones((1, 4))
-    >>> layer = flaxnorm.spectral_norm(nn.Dense(3))
-    >>> variables = layer.init(jax.random.key(0), x)
-    >>> plain = flaxnorm.remove_spectral_norm(variables)
-    >>> jax.tree.map(jnp.shape, plain)
-    {'params': {'bias': (3,), 'kernel': (4, 3)}}
-    >>> bool(jnp.allclose(nn.Dense(3).apply(plain, x), layer.apply(variables, x)))
-    True
-  """
-  return _fold.fold_spectral_norm(variables, collection, axis=axis, eps=eps, mode=mode)

@@ -131,11 +131,11 @@ def _param_names(module: nnx.Module) -> list[str]:
 
 
 def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | None) -> nnx.Param:
-  where = describe(module, name, path)
+  at = describe(module, name, path)
   specs = _subclass.specs_of(type(module))
   if name in specs:
     raise ValueError(
-      f"{method}: {where} is already wrapped by {specs[name].method}; a param can be "
+      f"{method}: {at} is already wrapped by {specs[name].method}; a param can be "
       "normalized only once."
     )
   var = vars(module).get(name)
@@ -144,12 +144,12 @@ def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | N
     if isinstance(module, _FLAX_WRAPPERS):
       hint = " (this is Flax's own wrapper: apply flaxnorm to the plain layer instead)"
     raise ValueError(
-      f"{method}: {where} does not exist. Its params are {_param_names(module)}; pass "
+      f"{method}: {at} does not exist. Its params are {_param_names(module)}; pass "
       f"one of them as name=...{hint}."
     )
   if not isinstance(var, nnx.Param):
     raise TypeError(
-      f"{method}: {where} must be an nnx.Param, got {type(var).__name__}; only "
+      f"{method}: {at} must be an nnx.Param, got {type(var).__name__}; only "
       "trainable params can be normalized."
     )
   return var
@@ -174,12 +174,12 @@ def _plan_weight_norm(
   _check_module(module, "weight_norm")
   new: dict[str, tuple[nnx.Variable, nnx.Variable]] = {}
   for name in names:
-    where = describe(module, name, path)
+    at = describe(module, name, path)
     var = _check_param(module, name, "weight_norm", path)
     _check_free(module, spec.attrs(name), "weight_norm", path, name)
     w = var[...]
-    _checks.check_float_array(w, "the param", where)
-    kept = _checks.normalize_axes(options.axis, w.ndim, where)
+    _checks.check_float_array(w, "the param", at)
+    kept = _checks.normalize_axes(options.axis, w.ndim, at)
     g, _ = _math.weight_norm_decompose(w, options.axis)
     meta = {}
     sharding = var.get_metadata("out_sharding", None)
@@ -238,11 +238,11 @@ def _plan_spectral_norm(
   spec = SpectralNormSpec(options, added_flag=added)
   states = {}
   for i, name in enumerate(names):
-    where = describe(module, name, path)
+    at = describe(module, name, path)
     var = _check_param(module, name, "spectral_norm", path)
     _check_free(module, spec.attrs(name), "spectral_norm", path, name)
     w = var[...]
-    kept = _checks.check_spectral_weight(w, options.axis, where)
+    kept = _checks.check_spectral_weight(w, options.axis, at)
     states[name] = _math.spectral_state_init(
       next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
     )

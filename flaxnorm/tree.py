@@ -78,9 +78,9 @@ class WeightNormParam(NamedTuple):
 
 
 def _decompose(x: Any, axis: Axis, path: Path) -> tuple[Any, Any]:
-  where = f"tree path '{_select.path_str(path)}'"
-  _checks.check_float_array(x, "the param", where)
-  _checks.normalize_axes(axis, x.ndim, where)
+  at = f"tree path '{_select.path_str(path)}'"
+  _checks.check_float_array(x, "the param", at)
+  _checks.normalize_axes(axis, x.ndim, at)
   return _math.weight_norm_decompose(x, axis)
 
 
