@@ -1,0 +1,443 @@
+"""Whole models: a PyTorch state dict into a Flax variables tree, and back.
+
+Keys are grouped by layer prefix, each prefix is mapped to a Flax path
+(``key_map``), and each layer is converted by ``_torch_convert`` and checked
+against the Flax layer it fills: same wrapping, same shapes, same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from flaxnorm._checks import Axis
+from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch, layer_to_numpy
+from flaxnorm._torch_keys import split_key
+from flaxnorm._torch_layouts import (
+  KIND_BY_RANK,
+  LAYOUTS,
+  Kind,
+  flax_from_torch,
+  kept_axis,
+  kind_of,
+  neg_axis,
+  pick_view,
+  spectral_views,
+)
+
+_WHERE = "load_torch_state_dict"
+
+KeyMap = Callable[[str], "str | tuple[str, ...] | None"] | Mapping[str, str] | None
+
+
+class TorchLoadResult(NamedTuple):
+  """What :func:`load_torch_state_dict` did.
+
+  Attributes:
+    variables: the filled Flax variables (a new tree; the input is not changed).
+    layers: PyTorch layer prefix -> :class:`TorchLayer` (``path``, ``kind``,
+      ``method``, ``axis``, ``style``) for every layer loaded; the input of
+      :func:`to_torch_state_dict`.
+    unused_keys: PyTorch key -> why it was not used (no Flax layer, not a
+      supported layer, ...).
+    unmatched_keys: Flax variables (``"params/a/kernel"``) no PyTorch key filled.
+  """
+
+  variables: dict[str, Any]
+  layers: dict[str, TorchLayer]
+  unused_keys: dict[str, str]
+  unmatched_keys: tuple[str, ...]
+
+
+class _Load(NamedTuple):
+  """One ``load_torch_state_dict`` call: its inputs and what it has done so far."""
+
+  state_dict: Mapping[str, Any]
+  out: dict[str, Any]  # the variables being filled (a copy of the input)
+  kinds: dict[str, str]
+  axes: dict[str, Axis]
+  collection: str
+  unused: dict[str, str]  # PyTorch key -> why
+  filled: set[tuple[str, ...]]  # (collection, *path, name)
+
+
+class _Target(NamedTuple):
+  """A PyTorch layer and the Flax layer it fills (dicts of the output tree, filled in place)."""
+
+  prefix: str  # the PyTorch layer prefix, "ups.0"
+  entries: dict[str, str]  # its keys: layer key ("weight_g") -> state-dict key ("ups.0.weight_g")
+  path: tuple[str, ...]  # the Flax path, ("ups_0",)
+  params: dict[str, Any]
+  state: dict[str, Any] | None  # the Flax layer's entries in the spectral collection
+  collection: str
+  where: str  # "load_torch_state_dict: layer 'ups.0' -> 'params/ups_0'"
+
+  @property
+  def fpath(self) -> str:
+    return "/".join(self.path)
+
+
+# --------------------------------------------------------------------------- #
+# Key maps and trees.
+# --------------------------------------------------------------------------- #
+
+
+def linen_path(prefix: str) -> str:
+  """PyTorch module path -> Linen path: ``"blocks.0.convs.1"`` -> ``"blocks_0/convs_1"``."""
+  out: list[str] = []
+  for part in prefix.split(".") if prefix else []:
+    if part.isdigit():
+      # Linen names list submodules "convs_0"; nn.Sequential's "layers_0".
+      out.append(f"{out.pop()}_{part}" if out else f"layers_{part}")
+    else:
+      out.append(part)
+  return "/".join(out)
+
+
+def resolve(key_map: KeyMap, prefix: str) -> tuple[str, ...] | None:
+  """The Flax path ``key_map`` gives PyTorch layer ``prefix``; ``None`` to skip the layer."""
+  if key_map is None:
+    path: object = linen_path(prefix)
+  elif callable(key_map):
+    path = key_map(prefix)
+  elif isinstance(key_map, Mapping):
+    path = _by_prefix(key_map, prefix)
+  else:
+    raise TypeError(
+      f"{_WHERE}: key_map must be a function, a dict of prefixes or None, "
+      f"got {type(key_map).__name__}."
+    )
+  if path is None:
+    return None
+  if isinstance(path, str):
+    return tuple(p for p in path.split("/") if p)
+  if isinstance(path, tuple) and all(isinstance(p, str) for p in path):
+    return path
+  raise TypeError(
+    f"{_WHERE}: key_map gave {path!r} for '{prefix}'; expected a "
+    "'a/b' string, a tuple of names or None."
+  )
+
+
+def _by_prefix(key_map: Mapping[str, str], prefix: str) -> object:
+  """The longest ``.``-bounded prefix in ``key_map`` wins; Linen naming for the rest."""
+  if prefix in key_map:
+    return key_map[prefix]
+  hits = [p for p in key_map if p == "" or prefix.startswith(p + ".")]
+  if not hits:
+    return None
+  best = max(hits, key=len)
+  rest = linen_path(prefix[len(best) + 1 :] if best else prefix)
+  return "/".join(x for x in (key_map[best], rest) if x)
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+  """The sub-mapping at ``path``, or ``None`` when there is none (or it is a leaf)."""
+  for p in path:
+    if not isinstance(tree, Mapping) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree if isinstance(tree, Mapping) else None
+
+
+def _leaves(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+  if isinstance(tree, Mapping):
+    return [q for key, x in tree.items() for q in _leaves(x, (*path, key))]
+  return [path]
+
+
+def _copy(tree: Any) -> Any:
+  return {key: _copy(x) for key, x in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(meta.unbox(x).shape)
+
+
+# --------------------------------------------------------------------------- #
+# Loading.
+# --------------------------------------------------------------------------- #
+
+
+def load(
+  state_dict: Mapping[str, Any],
+  variables: Mapping[str, Any],
+  key_map: KeyMap,
+  kinds: Mapping[str, str] | None,
+  axes: Mapping[str, Axis] | None,
+  strict: bool,
+  collection: str,
+) -> TorchLoadResult:
+  """``load_torch_state_dict``: group the keys by layer, load each, report what is left."""
+  if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+    raise ValueError(f"{_WHERE}: variables need a 'params' collection, got {type(variables)}.")
+  job = _Load(
+    state_dict, _copy(variables), dict(kinds or {}), dict(axes or {}), collection, {}, set()
+  )
+  groups = _group(job)
+  unknown = sorted((set(job.kinds) | set(job.axes)) - set(groups))
+  if unknown:
+    raise ValueError(
+      f"{_WHERE}: kinds/axes name '{unknown[0]}', which is no layer of the state dict."
+    )
+  layers: dict[str, TorchLayer] = {}
+  for prefix, entries in groups.items():
+    target = _target(job, key_map, prefix, entries)
+    layer = None if target is None else _load_layer(job, target)
+    if layer is not None:
+      layers[prefix] = layer
+  out = job.out
+  unmatched = tuple(
+    "/".join(leaf) for col in out for leaf in _leaves(out[col], (col,)) if leaf not in job.filled
+  )
+  if strict and (job.unused or unmatched):
+    raise ValueError(_strict_message(job.unused, unmatched))
+  return TorchLoadResult(out, layers, job.unused, unmatched)
+
+
+def _group(job: _Load) -> dict[str, dict[str, str]]:
+  """Layer prefix -> layer key -> state-dict key; other keys go to ``job.unused``."""
+  groups: dict[str, dict[str, str]] = {}
+  for key in job.state_dict:
+    split = split_key(key)
+    if split is None:
+      job.unused[key] = "not a weight/bias key of a supported layer"
+    else:
+      groups.setdefault(split[0], {})[split[1]] = key
+  return groups
+
+
+def _strict_message(unused: Mapping[str, str], unmatched: tuple[str, ...]) -> str:
+  return (
+    f"{_WHERE}: {len(unused)} PyTorch keys unused, {len(unmatched)} Flax variables "
+    "unmatched (strict=False returns them in the result).\n  unused: "
+    + ("".join(f"\n    {key}: {why}" for key, why in unused.items()) or "none")
+    + "\n  unmatched: "
+    + ("".join(f"\n    {key}" for key in unmatched) or "none")
+  )
+
+
+def _target(job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]) -> _Target | None:
+  """The Flax layer ``prefix`` maps to; ``None`` (its keys marked unused) if there is none."""
+  path = resolve(key_map, prefix)
+  fpath = "/".join(path or ())
+  params = None if path is None else _get(job.out["params"], path)
+  if path is None or params is None:
+    reason = "key_map skips it" if path is None else f"no Flax layer at 'params/{fpath}'"
+    job.unused.update({key: reason for key in entries.values()})
+    return None
+  state = _get(job.out.get(job.collection, {}), path)
+  where = f"{_WHERE}: layer '{prefix}' -> 'params/{fpath}'"
+  return _Target(prefix, entries, path, params, state, job.collection, where)
+
+
+def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
+  """Converts one PyTorch layer, checks it against its target and fills the target.
+
+  Returns:
+    The layer (with its Flax ``path``), or ``None`` when its kind cannot be
+    told (its keys are then marked unused).
+  """
+  entries = t.entries
+  wkey = next((key for s, key in entries.items() if s != "bias"), None)
+  kind = job.kinds.get(t.prefix)
+  if kind is None:
+    ndim = len(job.state_dict[wkey].shape) if wkey is not None else 0
+    kind = (
+      "embedding" if any(x.startswith("embedding") for x in t.params) else KIND_BY_RANK.get(ndim)
+    )
+    if kind is None:
+      reason = f"weight of rank {ndim}: not a linear/conv/embedding layer"
+      job.unused.update({key: reason for key in entries.values()})
+      return None
+  k = kind_of(kind, f"{_WHERE}: kinds['{t.prefix}']")
+  tmethod = _target_method(t, k.param)
+  if t.prefix not in job.kinds and kind.startswith("conv") and wkey is not None:
+    _check_not_transposed(job.state_dict[wkey], t, kind)
+  tensors = {s: job.state_dict[key] for s, key in entries.items()}
+
+  def convert(axis: Axis) -> tuple[TorchLayer, Sources]:
+    return layer_from_torch(tensors, kind, axis, None, job.collection, t.where)
+
+  layer, src = convert(job.axes.get(t.prefix))
+  if t.prefix not in job.axes and layer.method == tmethod == "spectral_norm":
+    view = _target_view(layer, t, k)
+    if view is not None:
+      layer, src = convert(neg_axis(view, k.ndim))
+  _check_wrapping(layer, t, k, tmethod)
+  _fill(job, layer, src, t, k)
+  return layer._replace(path=t.fpath)
+
+
+def _target_method(t: _Target, n: str) -> str | None:
+  """``"weight_norm"``, ``"spectral_norm"``, ``None`` (plain) or ``"missing"`` (no ``n``)."""
+  if f"{n}_g" in t.params:
+    return "weight_norm"
+  if n in t.params and t.state is not None and f"{n}_u" in t.state:
+    return "spectral_norm"
+  return None if n in t.params else "missing"
+
+
+def _check_not_transposed(weight: Any, t: _Target, kind: str) -> None:
+  """Raises if an unnamed conv's weight only fits the target as a ConvTranspose."""
+  tk = t.params.get("kernel", t.params.get("kernel_v"))
+  if tk is None:
+    return
+  tshape, wshape = _shape(tk), tuple(weight.shape)
+  alt = f"conv_transpose{kind[-2:]}"
+  as_conv = flax_from_torch(np.empty(wshape), LAYOUTS[kind]).shape
+  as_transposed = flax_from_torch(np.empty(wshape), LAYOUTS[alt]).shape
+  if as_conv != tshape and as_transposed == tshape:
+    raise ValueError(
+      f"{t.where}: PyTorch weight {wshape} read as {kind} {LAYOUTS[kind].torch_layout} gives "
+      f"{as_conv}, but the Flax kernel is {tshape}, which fits {alt} "
+      f"{LAYOUTS[alt].torch_layout}. If this is a ConvTranspose, pass kinds={{'{t.prefix}': '{alt}'}}."
+    )
+
+
+def _target_view(layer: TorchLayer, t: _Target, k: Kind) -> tuple[int, ...] | None:
+  """The spectral view the target is wrapped with, when it is not the one ``layer`` has.
+
+  Read from the shapes of the target's ``u``/``v``; ``None`` when they fit
+  ``layer``'s view or neither (the shape check then names the mismatch).
+  """
+  kernel = layer.variables["params"][k.param]
+  views = spectral_views(k, k.sn_dim, tuple(kernel.shape))
+  exact = views.exact(layer.style)  # the view layer was converted to (no axes[prefix])
+  state = t.state or {}
+  u, v = (state.get(f"{k.param}_{x}") for x in ("u", "v"))
+  view = pick_view(
+    views,
+    None if u is None else _shape(u),
+    None if v is None else _shape(v),
+    lambda: (
+      f"{t.where}: the Flax layer's u and v both have size {views.m}, so its "
+      f"spectral-norm axis cannot be read from their shapes; pass axes={{'{t.prefix}': A}} "
+      f"with A the axis it is wrapped with: {layer.axis!r} continues PyTorch's "
+      f"{layer.style} power iteration exactly, {neg_axis(views.other(exact), k.ndim)!r} "
+      "evaluates the same."
+    ),
+  )
+  return None if view == exact else view
+
+
+def _check_wrapping(layer: TorchLayer, t: _Target, k: Kind, tmethod: str | None) -> None:
+  """Raises unless the target has ``k.param`` and the same method as PyTorch."""
+  entries = t.entries
+  if tmethod == "missing":
+    raise ValueError(
+      f"{t.where}: the Flax layer has no '{k.param}' nor '{k.param}_g'/'{k.param}_v' "
+      f"(it has {sorted(t.params)}) for PyTorch {sorted(entries.values())}; does "
+      "key_map point at the right layer, and is the kind right?"
+    )
+  if layer.method == tmethod:
+    return
+  names = sorted(t.params) + sorted(f"{t.collection}/{x}" for x in (t.state or {}))
+  hint = {
+    "weight_norm": f"wrap it with flaxnorm.weight_norm(..., axis={layer.axis!r})",
+    "spectral_norm": f"wrap it with flaxnorm.spectral_norm(..., axis={layer.axis!r})",
+    None: "fold the norm in PyTorch first (remove_weight_norm / remove_parametrizations)",
+  }[layer.method]
+  raise ValueError(
+    f"{t.where}: PyTorch has {layer.method or 'a plain weight'} "
+    f"({sorted(entries.values())}) but the Flax layer has "
+    f"{'a plain ' + repr(k.param) if tmethod is None else tmethod} ({names}); {hint}."
+  )
+
+
+def _fill(job: _Load, layer: TorchLayer, src: Sources, t: _Target, k: Kind) -> None:
+  """Writes ``layer``'s arrays into the target, in its dtype and boxing; shapes must match."""
+  pre = f"{t.prefix}." if t.prefix else ""
+  for col, leaves in layer.variables.items():
+    tgt = t.params if col == "params" else (t.state or {})
+    for name, value in leaves.items():
+      torch_key, flax_key = f"{pre}{src[col, name]}", f"{col}/{t.fpath}/{name}"
+      if name not in tgt:
+        raise ValueError(
+          f"{t.where}: PyTorch '{torch_key}' has no Flax counterpart "
+          f"'{flax_key}' (the layer has {sorted(tgt)}); e.g. use_bias=False in Flax "
+          "but a bias in PyTorch?"
+        )
+      raw = tgt[name]
+      tval = meta.unbox(raw)
+      if tuple(tval.shape) != tuple(value.shape):
+        raise _mismatch(
+          layer,
+          t,
+          k,
+          torch=(torch_key, tuple(np.shape(job.state_dict[torch_key]))),
+          flax=(flax_key, tuple(tval.shape), tuple(value.shape)),
+        )
+      arr = jnp.asarray(value, tval.dtype)
+      tgt[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
+      job.filled.add((col, *t.path, name))
+
+
+def _mismatch(
+  layer: TorchLayer,
+  t: _Target,
+  k: Kind,
+  *,
+  torch: tuple[str, tuple[int, ...]],
+  flax: tuple[str, tuple[int, ...], tuple[int, ...]],
+) -> ValueError:
+  """The shape mismatch of PyTorch ``(key, shape)`` and Flax ``(key, shape, converted shape)``.
+
+  For a weight norm's ``g``, it says which axis each side keeps; raises
+  instead if the Flax ``g`` fits no single axis of its ``v``.
+  """
+  (torch_key, torch_shape), (flax_key, flax_shape, converted) = torch, flax
+  msg = (
+    f"{t.where}: shape mismatch for PyTorch '{torch_key}' of shape {torch_shape} "
+    f"({k.name} layout {k.torch_layout}): converted to {converted} "
+    f"({k.flax_layout}), but the Flax '{flax_key}' has shape {flax_shape}."
+  )
+  if not (flax_key.endswith("_g") and layer.method == "weight_norm"):
+    return ValueError(msg)
+  v_key = f"{k.param}_v"
+  v_shape = _shape(t.params[v_key])
+  a = kept_axis(
+    flax_shape,
+    v_shape,
+    lambda: ValueError(
+      f"{msg} The Flax '{k.param}_g' {flax_shape} fits no single axis of '{v_key}' "
+      f"{v_shape}: wrap the layer with flaxnorm.weight_norm(..., axis={layer.axis!r})."
+    ),
+  )
+  return ValueError(
+    f"{msg} The Flax layer keeps axis {None if a is None else a - k.ndim!r}, PyTorch "
+    f"keeps Flax axis {layer.axis!r}: wrap it with "
+    f"flaxnorm.weight_norm(..., axis={layer.axis!r})."
+  )
+
+
+# --------------------------------------------------------------------------- #
+# Saving.
+# --------------------------------------------------------------------------- #
+
+
+def save(
+  variables: Mapping[str, Any],
+  layers: Mapping[str, TorchLayer],
+  style: str | None,
+  collection: str,
+) -> dict[str, np.ndarray]:
+  """``to_torch_state_dict``, with numpy arrays for tensors."""
+  out: dict[str, np.ndarray] = {}
+  for prefix, layer in layers.items():
+    path = tuple(p for p in layer.path.split("/") if p)
+    params = _get(variables["params"], path)
+    if params is None:
+      raise ValueError(
+        f"to_torch_state_dict: no Flax layer at 'params/{layer.path}' for '{prefix}'."
+      )
+    sub = {"params": params, collection: _get(variables.get(collection, {}), path) or {}}
+    st = style or ("parametrizations" if layer.style == "plain" else layer.style)
+    axis = layer.axis if layer.method else None
+    for key, x in layer_to_numpy(sub, layer.kind, st, axis, None, collection).items():
+      out[f"{prefix}.{key}" if prefix else key] = x
+  return out
