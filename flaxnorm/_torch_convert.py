@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from flaxnorm import _checks, _math
+from flaxnorm import _checks, _math, _options
 from flaxnorm import linen as _linen
 from flaxnorm._checks import Axis
 from flaxnorm._torch_keys import check_style, detect, keys_for
@@ -242,9 +242,9 @@ def _weight_norm_from_torch(src: _Torch, axis: Axis) -> _Parts:
       f"axis={axis!r} would compute a different norm. Wrap the Flax layer with "
       "the axis returned here."
     )
-  n = k.param
-  params = {f"{n}_g": flax_from_torch(g, k), f"{n}_v": flax_from_torch(w, k)}
-  return _Parts(params, {}, {("params", f"{n}_g"): gkey, ("params", f"{n}_v"): vkey}, out_axis)
+  g_name, v_name = _options.weight_norm_keys(k.param)
+  params = {g_name: flax_from_torch(g, k), v_name: flax_from_torch(w, k)}
+  return _Parts(params, {}, {("params", g_name): gkey, ("params", v_name): vkey}, out_axis)
 
 
 def _spectral_from_torch(
@@ -273,13 +273,14 @@ def _spectral_from_torch(
   u, v = _vectors_from_torch(src, views, kept)
   _, st = _math.spectral_normalize(jnp.asarray(kernel), u, v, axis=kept, n_steps=0)
   n, swap = k.param, kept != views.out  # transposed: flaxnorm's u is PyTorch's v
+  u_name, v_name, sigma_name = _options.spectral_keys(n)
   sources = {
     ("params", n): src.wkey,
-    (collection, f"{n}_u"): src.roles["sv" if swap else "u"],
-    (collection, f"{n}_v"): src.roles["u" if swap else "sv"],
-    (collection, f"{n}_sigma"): src.wkey,
+    (collection, u_name): src.roles["sv" if swap else "u"],
+    (collection, v_name): src.roles["u" if swap else "sv"],
+    (collection, sigma_name): src.wkey,
   }
-  state = {f"{n}_u": st.u, f"{n}_v": st.v, f"{n}_sigma": st.sigma}
+  state = dict(zip((u_name, v_name, sigma_name), st))
   return _Parts({n: kernel}, state, sources, neg_axis(kept, k.ndim))
 
 
@@ -359,7 +360,7 @@ def layer_to_numpy(
   src = _Flax(k, *_flax_arrays(variables, collection), collection, where)
   method = _flax_method(src)
   keys = keys_for(method, style)
-  wkey = f"{k.param}_v" if method == "weight_norm" else k.param
+  wkey = _options.weight_norm_keys(k.param)[1] if method == "weight_norm" else k.param
   w = src.params[wkey]
   if w.ndim != k.ndim or 0 in w.shape:
     raise ValueError(
@@ -392,16 +393,17 @@ def _flax_arrays(
 def _flax_method(src: _Flax) -> str | None:
   """The method a Flax layer's variables hold; raises on a missing or an extra param."""
   k, params, n = src.k, src.params, src.k.param
-  if f"{n}_g" in params and f"{n}_v" in params:
+  g_name, v_name = _options.weight_norm_keys(n)
+  if g_name in params and v_name in params:
     method = "weight_norm"
   elif n in params:
-    method = "spectral_norm" if f"{n}_u" in src.state else None
+    method = "spectral_norm" if _options.spectral_keys(n)[0] in src.state else None
   else:
     raise ValueError(
       f"{src.where}: params have no '{n}' nor '{n}_g'/'{n}_v' (found {sorted(params)}); "
       f"a {k.name} layer's Flax param is {k.flax_layout}."
     )
-  allowed = {n, f"{n}_g", f"{n}_v", "bias"} if method == "weight_norm" else {n, "bias"}
+  allowed = {n, g_name, v_name, "bias"} if method == "weight_norm" else {n, "bias"}
   extra = sorted(set(params) - allowed)
   if extra or (method == "weight_norm" and n in params):
     raise ValueError(
@@ -414,7 +416,7 @@ def _flax_method(src: _Flax) -> str | None:
 def _weight_norm_to_torch(src: _Flax, keys: Mapping[str, str], axis: Axis) -> dict[str, np.ndarray]:
   """``{name}_g`` and ``{name}_v`` -> PyTorch's ``g`` (size 1 but on ``dim``) and ``v``."""
   k, n, where = src.k, src.k.param, src.where
-  g, w = src.params[f"{n}_g"], src.params[f"{n}_v"]
+  g, w = (src.params[key] for key in _options.weight_norm_keys(n))
   a = kept_axis(
     tuple(g.shape),
     tuple(w.shape),
@@ -439,7 +441,8 @@ def _spectral_to_torch(
 ) -> dict[str, np.ndarray]:
   """``{name}`` and its ``u``/``v`` (either view) -> PyTorch's weight, ``u`` ``(m,)``, ``v`` ``(n,)``."""
   k, n, where = src.k, src.k.param, src.where
-  w, u, v = src.params[n], src.state[f"{n}_u"], src.state.get(f"{n}_v")
+  u_name, v_name, _ = _options.spectral_keys(n)
+  w, u, v = src.params[n], src.state[u_name], src.state.get(v_name)
   if v is None:
     raise ValueError(
       f"{where}: '{src.collection}' has '{n}_u' but no '{n}_v' (found {sorted(src.state)})."

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from flaxnorm import _options
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch, layer_to_numpy
 from flaxnorm._torch_keys import split_key
@@ -275,9 +276,9 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
 
 def _target_method(t: _Target, n: str) -> str | None:
   """``"weight_norm"``, ``"spectral_norm"``, ``None`` (plain) or ``"missing"`` (no ``n``)."""
-  if f"{n}_g" in t.params:
+  if _options.weight_norm_keys(n)[0] in t.params:
     return "weight_norm"
-  if n in t.params and t.state is not None and f"{n}_u" in t.state:
+  if n in t.params and t.state is not None and _options.spectral_keys(n)[0] in t.state:
     return "spectral_norm"
   return None if n in t.params else "missing"
 
@@ -309,7 +310,7 @@ def _target_view(layer: TorchLayer, t: _Target, k: Kind) -> tuple[int, ...] | No
   views = spectral_views(k, k.sn_dim, tuple(kernel.shape))
   exact = views.exact(layer.style)  # the view layer was converted to (no axes[prefix])
   state = t.state or {}
-  u, v = (state.get(f"{k.param}_{x}") for x in ("u", "v"))
+  u, v = (state.get(key) for key in _options.spectral_keys(k.param)[:2])
   view = pick_view(
     views,
     None if u is None else _shape(u),
@@ -396,9 +397,9 @@ def _mismatch(
     f"({k.name} layout {k.torch_layout}): converted to {converted} "
     f"({k.flax_layout}), but the Flax '{flax_key}' has shape {flax_shape}."
   )
-  if not (flax_key.endswith("_g") and layer.method == "weight_norm"):
+  if not (flax_key.endswith(_options.WEIGHT_NORM_SUFFIXES[0]) and layer.method == "weight_norm"):
     return ValueError(msg)
-  v_key = f"{k.param}_v"
+  v_key = _options.weight_norm_keys(k.param)[1]
   v_shape = _shape(t.params[v_key])
   a = kept_axis(
     flax_shape,
