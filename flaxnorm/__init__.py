@@ -14,16 +14,19 @@ from flaxnorm._math import (
   weight_norm_compose,
   weight_norm_decompose,
 )
+from flaxnorm._reports import LipschitzBound, lipschitz_bound, spectral_sigmas
 from flaxnorm.linen import remove_spectral_norm, remove_weight_norm, spectral_norm, weight_norm
 
 __version__ = "0.1.0"
 
 __all__ = (
   "DEFAULT_N_INIT_ITERATIONS",
+  "LipschitzBound",
   "SpectralState",
   "as_matrix",
   "interop",
   "l2_normalize",
+  "lipschitz_bound",
   "nnx",
   "power_iteration",
   "remove_spectral_norm",
@@ -31,6 +34,7 @@ __all__ = (
   "scale_by_sigma",
   "spectral_norm",
   "spectral_normalize",
+  "spectral_sigmas",
   "spectral_state_init",
   "tree",
   "weight_norm",

@@ -182,3 +182,15 @@ def check_state_fits(
     f"stored state of {at} does not fit the param of shape {w_shape}: {detail} "
     "(a checkpoint from a differently sized layer?)."
   )
+
+
+def check_target(target: Any, at: str = "") -> float:
+  """Returns the spectral norm ``target`` as a float, or raises unless it is finite and > 0."""
+  if isinstance(target, bool) or not isinstance(target, (int, float)):
+    raise TypeError(f"target must be a positive float{_at(at)}, got {target!r}.")
+  if not (math.isfinite(target) and target > 0):
+    raise ValueError(
+      f"target must be a positive finite float{_at(at)} (the spectral norm to normalize "
+      f"to), got {target!r}."
+    )
+  return float(target)

@@ -155,13 +155,20 @@ def check_spectral_state(
 
 
 def spectral_fold_one(
-  w: Any, state: tuple[Any, Any, Any], name: str, axis: Axis, eps: float, mode: str, at: str
+  w: Any,
+  state: tuple[Any, Any, Any],
+  name: str,
+  axis: Axis,
+  options: _options.SpectralNormOptions,
+  at: str,
 ) -> Any:
   """``w / sigma`` from the stored vectors (``sigma = u^T W v``); ``w`` may be boxed."""
   raw, w = w, meta.unbox(w)
   kept = check_spectral_state(w, state, name, axis, at)
   u, v, _ = (meta.unbox(x) for x in state)
-  w_sn, _ = _math.spectral_normalize(w, u, v, axis=kept, n_steps=0, eps=eps, mode=mode)
+  w_sn, _ = _math.spectral_normalize(
+    w, u, v, axis=kept, n_steps=0, eps=options.eps, mode=options.mode, target=options.target
+  )
   return raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn
 
 
@@ -172,6 +179,7 @@ def remove_spectral_norm(
   axis: Axis | Mapping[str, Axis] = -1,
   eps: float = 1e-12,
   mode: str = "normalize",
+  target: float = 1.0,
 ) -> dict[str, Any]:
   """Divides every spectrally normalized kernel by its sigma and drops the state.
 
@@ -186,6 +194,7 @@ def remove_spectral_norm(
       from it use ``-1``.
     eps: the ``eps`` the layers were wrapped with.
     mode: the ``mode`` the layers were wrapped with.
+    target: the ``target`` the layers were wrapped with.
 
   Returns:
     Variables for the plain layer, without ``collection``.
@@ -203,6 +212,8 @@ def remove_spectral_norm(
     True
   """
   fn = "remove_spectral_norm"
+  # Checked once (eps, mode, target); the axis may differ per layer.
+  options = _options.SpectralNormOptions(eps=eps, mode=mode, target=target, at=fn)
   if collection not in variables or "params" not in variables:
     raise ValueError(
       f"{fn}: variables need 'params' and '{collection}' collections, found {sorted(variables)}."
@@ -223,7 +234,7 @@ def remove_spectral_norm(
       )
     layer_axis = axis.get("/".join(path), -1) if isinstance(axis, Mapping) else axis
     at = f"{fn}: param {_join(path, name)!r}"
-    node[name] = spectral_fold_one(node[name], state, name, layer_axis, eps, mode, at)
+    node[name] = spectral_fold_one(node[name], state, name, layer_axis, options, at)
   return {
     **{k: x for k, x in variables.items() if k not in (collection, "params")},
     "params": params,

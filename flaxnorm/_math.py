@@ -419,20 +419,24 @@ def spectral_state_init(
   return SpectralState(u, v, jax.lax.stop_gradient(sigma))
 
 
-def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "normalize") -> Array:
-  """Returns ``w / sigma`` (``mode="normalize"``) or ``w / max(sigma, 1)`` (``"clip"``).
+def scale_by_sigma(
+  w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "normalize", target: float = 1.0
+) -> Array:
+  """Returns ``w * target / sigma`` (``"normalize"``) or ``w * min(1, target / sigma)`` (``"clip"``).
 
-  ``"normalize"`` gives the kernel spectral norm 1 (Miyato et al., 2018);
-  ``"clip"`` only shrinks kernels whose spectral norm exceeds 1, as in
-  Lipschitz-constrained networks. In ``"normalize"`` a ``|sigma| <= eps``
-  leaves ``w`` unchanged: a (near-)zero matrix already has a spectral norm below
-  1, and dividing it by a tiny sigma would blow it up, by zero give NaN.
+  ``"normalize"`` gives the kernel spectral norm ``target`` (1 by default,
+  Miyato et al., 2018); ``"clip"`` only shrinks kernels whose spectral norm
+  exceeds ``target``, as in Lipschitz-constrained networks (Gouk et al., 2021).
+  In ``"normalize"`` a ``|sigma| <= eps`` leaves ``w`` unchanged: a (near-)zero
+  matrix already has a tiny spectral norm, and dividing it by a tiny sigma would
+  blow it up, by zero give NaN.
 
   Args:
     w: kernel of any shape.
     sigma: scalar estimate of ``w``'s spectral norm.
     eps: threshold below which no division happens.
     mode: ``"normalize"`` or ``"clip"``.
+    target: the spectral norm to normalize (or clip) to, > 0.
 
   Returns:
     An array of ``w``'s shape and dtype.
@@ -448,23 +452,29 @@ def scale_by_sigma(w: Array, sigma: Array, eps: float = 1e-12, *, mode: str = "n
     Gouk, Frank, Pfahringer & Cree, "Regularisation of Neural Networks by
     Enforcing Lipschitz Continuity", Machine Learning 110, 2021 (``"clip"``).
   """
-  return apply_scale(w, sigma_scale(sigma, eps, mode=mode))
+  return apply_scale(w, sigma_scale(sigma, eps, mode=mode, target=target))
 
 
 def sigma_scale(
-  sigma: Array, eps: float = 1e-12, *, mode: str = "normalize", at: str = "scale_by_sigma"
+  sigma: Array,
+  eps: float = 1e-12,
+  *,
+  mode: str = "normalize",
+  target: float = 1.0,
+  at: str = "scale_by_sigma",
 ) -> Array:
   """The scalar factor :func:`scale_by_sigma` multiplies the kernel by (``at``: the caller)."""
   _checks.check_mode(mode, at)
+  target = _checks.check_target(target, at)
   sigma = jnp.asarray(sigma)
   if mode == "clip":
-    divisor = jnp.maximum(sigma, 1.0)  # NaN propagates
-  else:
-    # |sigma|: a stale state can give sigma < 0, which PyTorch divides by too.
-    # A NaN sigma is not small: the kernel becomes NaN, loudly.
-    small = jnp.abs(sigma) <= eps
-    divisor = jnp.where(small, 1.0, sigma)
-  return 1.0 / divisor
+    # min(1, target / sigma); at sigma = target the gradient is that of the
+    # side jnp.maximum picks. NaN propagates.
+    return target / jnp.maximum(sigma, target)
+  # |sigma|: a stale state can give sigma < 0, which PyTorch divides by too.
+  # A NaN sigma is not small: the kernel becomes NaN, loudly.
+  small = jnp.abs(sigma) <= eps
+  return jnp.where(small, 1.0, target / jnp.where(small, 1.0, sigma))
 
 
 def spectral_normalize(
@@ -477,6 +487,7 @@ def spectral_normalize(
   n_steps: int = 1,
   eps: float = 1e-12,
   mode: str = "normalize",
+  target: float = 1.0,
 ) -> tuple[Array, SpectralState]:
   """Divides a kernel by its spectral norm, estimated by power iteration.
 
@@ -492,11 +503,13 @@ def spectral_normalize(
     n_steps: power iterations to run first; ``0`` (evaluation) uses the
       stored vectors as they are, ``sigma = u^T W v``.
     eps: see :func:`power_iteration` and :func:`scale_by_sigma`.
-    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
+    mode: ``"normalize"`` (``w * target / sigma``) or ``"clip"``
+      (``w * min(1, target / sigma)``).
+    target: the spectral norm to normalize (or clip) to, > 0.
 
   Returns:
-    ``(w / sigma, SpectralState(u, v, sigma))`` (``w / max(sigma, 1)`` in
-    ``"clip"`` mode): the normalized kernel, with
+    ``(w * target / sigma, SpectralState(u, v, sigma))`` (``w * min(1, target /
+    sigma)`` in ``"clip"`` mode): the normalized kernel, with
     ``w``'s shape and dtype and differentiable in ``w`` (through ``sigma`` too),
     and the new state. A non-finite ``w`` gives a NaN kernel and returns the
     stored state unchanged.
@@ -515,7 +528,7 @@ def spectral_normalize(
     Adversarial Networks", ICLR 2018.
   """
   scale, state = spectral_scale(
-    w, u, v, sigma=sigma, axis=axis, n_steps=n_steps, eps=eps, mode=mode
+    w, u, v, sigma=sigma, axis=axis, n_steps=n_steps, eps=eps, mode=mode, target=target
   )
   return apply_scale(w, scale), state
 
@@ -530,6 +543,7 @@ def spectral_scale(
   n_steps: int = 1,
   eps: float = 1e-12,
   mode: str = "normalize",
+  target: float = 1.0,
 ) -> tuple[Array, SpectralState]:
   """:func:`spectral_normalize`'s scalar factor (``1 / sigma``) and new state.
 
@@ -540,6 +554,7 @@ def spectral_scale(
     ``(scale, state)``: ``scale`` of shape ``()``, differentiable in ``w``.
   """
   _checks.check_mode(mode, "spectral_normalize")
+  _checks.check_target(target, "spectral_normalize")
   mat = as_matrix(w, axis)
   new_u, new_v, new_sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
   # A non-finite weight must not poison the state: keep all of the old state
@@ -551,4 +566,5 @@ def spectral_scale(
     jnp.where(ok, new_v, v.astype(new_v.dtype)),
     jax.lax.stop_gradient(jnp.where(ok, new_sigma, old_sigma)),
   )
-  return sigma_scale(new_sigma, eps, mode=mode, at="spectral_normalize"), state
+  scale = sigma_scale(new_sigma, eps, mode=mode, target=target, at="spectral_normalize")
+  return scale, state

@@ -113,7 +113,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     w, kept, (u, v, _) = self._state(module, name)
     opts = self.options
     scale, _ = _math.spectral_scale(
-      w[...], u[...], v[...], axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode
+      w[...], u[...], v[...], axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode, target=opts.target
     )
     return w[...], scale
 
@@ -130,6 +130,7 @@ class SpectralNormSpec(_subclass.SpecBase):
       n_steps=opts.n_power_iterations,
       eps=opts.eps,
       mode=opts.mode,
+      target=opts.target,
     )
     u[...], v[...], sigma[...] = new.u, new.v, new.sigma
     return scale

@@ -74,7 +74,9 @@ class SpectralNormOptions:
     n_init_iterations: iterations when the state is created (>= 0).
     eps: norms at or below it count as zero (> 0).
     collection: the Linen collection (and tree key) holding the state.
-    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
+    mode: ``"normalize"`` (``w * target / sigma``) or ``"clip"``
+      (``w * min(1, target / sigma)``).
+    target: the spectral norm to normalize (or clip) to (> 0, finite).
     recursive: Linen only: also reach the params of the layer's submodules.
     at: the public function the options came from, for error messages.
   """
@@ -85,6 +87,7 @@ class SpectralNormOptions:
   eps: float = 1e-12
   collection: str = "spectral"
   mode: str = "normalize"
+  target: float = 1.0
   recursive: bool = False
   at: str = dataclasses.field(default="spectral_norm", compare=False, repr=False)
   method: ClassVar[str] = "spectral_norm"
@@ -99,6 +102,7 @@ class SpectralNormOptions:
     _set(self, "eps", _checks.check_eps(self.eps, at))
     _set(self, "collection", _checks.check_collection(self.collection, at))
     _set(self, "mode", _checks.check_mode(self.mode, at))
+    _set(self, "target", _checks.check_target(self.target, at))
     _set(self, "recursive", _checks.check_bool(self.recursive, "recursive", at))
 
 

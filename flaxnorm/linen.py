@@ -119,7 +119,15 @@ class _SpectralNorm(_subclass.SpecBase):
       u, v, sigma = self._create_state(module, raw_w, w, kept, keys)
       n_steps = 0  # the state was just converged
     scale, new = _math.spectral_scale(
-      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=opts.eps, mode=opts.mode
+      w,
+      u,
+      v,
+      sigma=sigma,
+      axis=kept,
+      n_steps=n_steps,
+      eps=opts.eps,
+      mode=opts.mode,
+      target=opts.target,
     )
     if n_steps:
       for key, value in zip(keys, new):
@@ -361,7 +369,7 @@ def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
   if type(target).__module__.startswith("flax.nnx"):
     hint = f" For NNX modules use flaxnorm.nnx.{method}."
   raise TypeError(
-    f"{method}: target must be a flax.linen.Module class or instance, got "
+    f"{method}: the module (first argument) must be a flax.linen.Module class or instance, got "
     f"{target!r} of type {type(target).__name__}.{hint}"
   )
 
@@ -373,7 +381,8 @@ def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
 
 @overload
 def weight_norm(
-  target: type[M],
+  module: type[M],
+  /,
   *,
   name: str | Sequence[str] = ...,
   axis: Axis = ...,
@@ -382,7 +391,8 @@ def weight_norm(
 ) -> type[M]: ...
 @overload
 def weight_norm(
-  target: M,
+  module: M,
+  /,
   *,
   name: str | Sequence[str] = ...,
   axis: Axis = ...,
@@ -390,7 +400,8 @@ def weight_norm(
   recursive: bool = ...,
 ) -> M: ...
 def weight_norm(
-  target: type[M] | M,
+  module: type[M] | M,
+  /,
   *,
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
@@ -406,8 +417,8 @@ def weight_norm(
   PyTorch's ``weight_norm``.
 
   Args:
-    target: a Linen Module class (a transformed class is returned) or instance
-      (a module that behaves like it is returned).
+    module: a Linen Module class (a transformed class is returned) or instance
+      (a module that behaves like it is returned); positional.
     name: the param(s) to normalize, e.g. ``"kernel"``, ``"embedding"`` or a
       sequence of names for a module with several kernels.
     axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over all the
@@ -438,12 +449,13 @@ def weight_norm(
   """
   names = _checks.check_names(name)
   spec = _WeightNorm(_options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive))
-  return _transform(target, dict.fromkeys(names, spec), "weight_norm")
+  return _transform(module, dict.fromkeys(names, spec), "weight_norm")
 
 
 @overload
 def spectral_norm(
-  target: type[M],
+  module: type[M],
+  /,
   *,
   name: str | Sequence[str] = ...,
   axis: Axis = ...,
@@ -452,11 +464,13 @@ def spectral_norm(
   eps: float = ...,
   collection: str = ...,
   mode: str = ...,
+  target: float = ...,
   recursive: bool = ...,
 ) -> type[M]: ...
 @overload
 def spectral_norm(
-  target: M,
+  module: M,
+  /,
   *,
   name: str | Sequence[str] = ...,
   axis: Axis = ...,
@@ -465,10 +479,12 @@ def spectral_norm(
   eps: float = ...,
   collection: str = ...,
   mode: str = ...,
+  target: float = ...,
   recursive: bool = ...,
 ) -> M: ...
 def spectral_norm(
-  target: type[M] | M,
+  module: type[M] | M,
+  /,
   *,
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
@@ -477,6 +493,7 @@ def spectral_norm(
   eps: float = 1e-12,
   collection: str = "spectral",
   mode: str = "normalize",
+  target: float = 1.0,
   recursive: bool = False,
 ) -> type[M] | M:
   """Divides a layer's kernel by its spectral norm (Miyato et al., 2018).
@@ -502,7 +519,7 @@ def spectral_norm(
   ``init``, else from ``'params'``.
 
   Args:
-    target: a Linen Module class or instance (see :func:`weight_norm`).
+    module: a Linen Module class or instance (see :func:`weight_norm`); positional.
     name: the param(s) to normalize (at least 2-D each).
     axis: the kept (output) axis or axes, the rows of the matrix view; ``-1``
       for Flax kernels, ``0`` for ``nn.Embed``'s ``embedding``.
@@ -510,9 +527,11 @@ def spectral_norm(
     n_init_iterations: iterations at init (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
     collection: the variable collection holding the state.
-    mode: ``"normalize"`` uses ``w / sigma`` (spectral norm 1); ``"clip"``
-      uses ``w / max(sigma, 1)``, shrinking only kernels whose spectral norm
-      exceeds 1 (a 1-Lipschitz layer that may stay below 1).
+    mode: ``"normalize"`` uses ``w * target / sigma`` (spectral norm
+      ``target``); ``"clip"`` uses ``w * min(1, target / sigma)``, shrinking
+      only kernels whose spectral norm exceeds ``target`` (a ``target``-Lipschitz
+      layer that may stay below it; Gouk et al., 2021).
+    target: the spectral norm to normalize (or clip) to; > 0, finite.
     recursive: also normalize the params named ``name`` of the layer's
       submodules (see :func:`weight_norm`).
 
@@ -541,7 +560,8 @@ def spectral_norm(
     eps=eps,
     collection=collection,
     mode=mode,
+    target=target,
     recursive=recursive,
   )
   spec = _SpectralNorm(options)
-  return _transform(target, dict.fromkeys(names, spec), "spectral_norm")
+  return _transform(module, dict.fromkeys(names, spec), "spectral_norm")

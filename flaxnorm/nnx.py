@@ -76,6 +76,7 @@ __all__ = (
   "remove_spectral_norm",
   "remove_weight_norm",
   "spectral_norm",
+  "spectral_sigmas",
   "weight_norm",
   "wrap_modules",
 )
@@ -267,6 +268,7 @@ def _plan_spectral_norm(
 
 def weight_norm(
   module: M,
+  /,
   *,
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
@@ -327,6 +329,7 @@ def weight_norm(
 
 def spectral_norm(
   module: M,
+  /,
   *,
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
@@ -334,6 +337,7 @@ def spectral_norm(
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   mode: str = "normalize",
+  target: float = 1.0,
   rngs: Rngs = None,
 ) -> M:
   """Divides a layer's param by its spectral norm (Miyato et al., 2018), in place.
@@ -368,8 +372,10 @@ def spectral_norm(
     n_power_iterations: iterations per training call (>= 1).
     n_init_iterations: iterations at wrap time (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
-    mode: ``"normalize"`` uses ``W / sigma``; ``"clip"`` uses
-      ``W / max(sigma, 1)`` (only kernels with spectral norm above 1 shrink).
+    mode: ``"normalize"`` uses ``W * target / sigma``; ``"clip"`` uses
+      ``W * min(1, target / sigma)`` (only kernels with spectral norm above
+      ``target`` shrink; Gouk et al., 2021).
+    target: the spectral norm to normalize (or clip) to; > 0, finite.
     rngs: where the random start comes from: an ``nnx.Rngs`` (its
       ``'spectral'`` stream if it has one, else ``params``), a PRNG key, an int
       seed, or ``None`` (seed 0; after ``n_init_iterations`` the start hardly
@@ -406,6 +412,7 @@ def spectral_norm(
     n_init_iterations=n_init_iterations,
     eps=eps,
     mode=mode,
+    target=target,
   )
   keys = _make_key_source(rngs, "spectral_norm")
   _plan_spectral_norm(module, None, names, options, keys)()
@@ -488,7 +495,7 @@ def wrap_modules(
     wn = _options.WeightNormOptions(axis=args["axis"], eps=args["eps"])
     commits = [_plan_weight_norm(m, p, names, wn) for p, m in chosen]
   else:
-    option_names = ("axis", "n_power_iterations", "n_init_iterations", "eps", "mode")
+    option_names = ("axis", "n_power_iterations", "n_init_iterations", "eps", "mode", "target")
     sn = _options.SpectralNormOptions(**{k: args[k] for k in option_names})
     source = _make_key_source(args["rngs"], "spectral_norm")
     commits = [
@@ -608,3 +615,34 @@ def remove_spectral_norm(module: M, *, name: str | Sequence[str] | None = None) 
   """
   _remove(module, name, SpectralNormSpec, "spectral_norm")
   return module
+
+
+def spectral_sigmas(model: nnx.Module) -> dict[str, jax.Array]:
+  """The stored sigma of every spectrally normalized param of ``model``, keyed by path.
+
+  The NNX counterpart of :func:`flaxnorm.spectral_sigmas`: sigma is the
+  spectral-norm estimate of the unnormalized kernel from the last training call
+  (or from wrapping), for logging.
+
+  Args:
+    model: an ``nnx.Module``; it and all its submodules are searched.
+
+  Returns:
+    ``{"layers/0/kernel": sigma, ...}``, each of shape ``()``.
+
+  Examples:
+    >>> from flax import nnx
+    >>> import flaxnorm.nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> model = flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.spectral_norm, where=nnx.Linear)
+    >>> sorted(flaxnorm.nnx.spectral_sigmas(model))
+    ['layers/0/kernel', 'layers/2/kernel']
+  """
+  _check_module(model, "spectral_sigmas")
+  out = {}
+  for path, m in _iter_modules(model):
+    for name, spec in _subclass.specs_of(type(m)).items():
+      if isinstance(spec, SpectralNormSpec):
+        out["/".join((*map(str, path), name))] = vars(m)[spec.attrs(name)[2]][...]
+  return out

@@ -332,6 +332,7 @@ def spectral_norm_apply(
   axis: Axis = -1,
   eps: float = 1e-12,
   mode: str = "normalize",
+  target: float = 1.0,
 ) -> tuple[Any, Any]:
   """Divides each weight that has spectral state by its spectral norm.
 
@@ -346,7 +347,9 @@ def spectral_norm_apply(
     n_power_iterations: iterations per training call (>= 1).
     axis: the kept axis given to :func:`spectral_norm_init`.
     eps: see :func:`flaxnorm.spectral_normalize`.
-    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
+    mode: ``"normalize"`` (``w * target / sigma``) or ``"clip"``
+      (``w * min(1, target / sigma)``).
+    target: the spectral norm to normalize (or clip) to; > 0.
 
   Returns:
     ``(normalized params, new state)``: params of the same structure with each
@@ -373,7 +376,12 @@ def spectral_norm_apply(
     Adversarial Networks", ICLR 2018.
   """
   options = _options.SpectralNormOptions(
-    axis=axis, n_power_iterations=n_power_iterations, eps=eps, mode=mode, at="spectral_norm_apply"
+    axis=axis,
+    n_power_iterations=n_power_iterations,
+    eps=eps,
+    mode=mode,
+    target=target,
+    at="spectral_norm_apply",
   )
   return _spectral_norm_apply(params, state, update, options)
 
@@ -406,7 +414,15 @@ def _spectral_norm_apply(
     kept = _fold.check_spectral_state(w, (u, v, sigma), name, options.axis, at)
     n_steps = options.n_power_iterations if update else 0
     normalized[path], new_state[path] = _math.spectral_normalize(
-      w, u, v, sigma=sigma, axis=kept, n_steps=n_steps, eps=options.eps, mode=options.mode
+      w,
+      u,
+      v,
+      sigma=sigma,
+      axis=kept,
+      n_steps=n_steps,
+      eps=options.eps,
+      mode=options.mode,
+      target=options.target,
     )
   out = jax.tree_util.tree_map_with_path(
     lambda p, x: normalized.get(tuple(str(_select.key(k)) for k in p), x),
@@ -524,6 +540,7 @@ def spectral_norm(
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   mode: str = "normalize",
+  target: float = 1.0,
 ) -> SpectralNormTransform:
   """Spectral norm on a params pytree, its options checked once (like an optax transform).
 
@@ -533,7 +550,9 @@ def spectral_norm(
     n_power_iterations: iterations per training apply (>= 1).
     n_init_iterations: iterations in ``init`` (>= 0).
     eps: norms at or below it count as zero.
-    mode: ``"normalize"`` (``w / sigma``) or ``"clip"`` (``w / max(sigma, 1)``).
+    mode: ``"normalize"`` (``w * target / sigma``) or ``"clip"``
+      (``w * min(1, target / sigma)``).
+    target: the spectral norm to normalize (or clip) to; > 0.
 
   Returns:
     A :class:`SpectralNormTransform`: ``init(params, key)`` gives the state
@@ -563,6 +582,7 @@ def spectral_norm(
     n_init_iterations=n_init_iterations,
     eps=eps,
     mode=mode,
+    target=target,
     at=at,
   )
   _select.Selection(name, at)  # checks the names now

@@ -116,7 +116,7 @@ BAD_INPUTS = [
     "a non-Flax object as target",
     lambda: flaxnorm.weight_norm(lambda x: x),
     TypeError,
-    r"weight_norm: target must be a flax.linen.Module class or instance",
+    r"weight_norm: the module \(first argument\) must be a flax.linen.Module class or instance",
   ),
   (
     "an NNX module as a Linen target",

@@ -1,0 +1,129 @@
+"""A target sigma in every face, the layer positional-only, and the sigma / Lipschitz reports."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import flaxnorm
+import flaxnorm.nnx as fnx
+import flaxnorm.tree as ft
+
+KEY = jax.random.key(0)
+X = jax.random.normal(jax.random.key(1), (3, 4))
+
+
+def _top_sigma(w):
+  return float(np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)[0])
+
+
+def _effective_kernel(layer, variables):
+  """The kernel the wrapped Dense uses in eval: recovered from its outputs (linear + bias)."""
+  eye = jnp.eye(4)
+  return layer.apply(variables, eye) - layer.apply(variables, jnp.zeros((1, 4)))
+
+
+@pytest.mark.parametrize("target", [0.5, 1.0, 3.0])
+def test_linen_normalize_to_target(target):
+  layer = flaxnorm.spectral_norm(nn.Dense(5), target=target, n_init_iterations=500)
+  variables = layer.init(KEY, X)
+  np.testing.assert_allclose(_top_sigma(_effective_kernel(layer, variables)), target, rtol=1e-4)
+  plain = flaxnorm.remove_spectral_norm(variables, target=target)
+  chex.assert_trees_all_close(nn.Dense(5).apply(plain, X), layer.apply(variables, X), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale, target", [(3.0, 2.0), (0.5, 2.0)])
+def test_clip_shrinks_only_above_target(scale, target):
+  w = jnp.diag(jnp.array([scale, scale / 4, 0.1]))  # sigma = scale
+  st = flaxnorm.spectral_state_init(KEY, w, n_steps=100)
+  w_sn, _ = flaxnorm.spectral_normalize(w, st.u, st.v, n_steps=1, mode="clip", target=target)
+  np.testing.assert_allclose(_top_sigma(w_sn), min(scale, target), rtol=1e-5)
+  # Gradients are right on either side of the clip's kink (away from it).
+  f = lambda w: flaxnorm.spectral_normalize(w, st.u, st.v, n_steps=0, mode="clip", target=target)[0]
+  check_grads(f, (w,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+  jac = jax.jacrev(lambda w: f(w)[0, 0])(w)
+  # Below the target f(W) = W; above it W00 * target / sigma(W) with sigma = W00
+  # and d sigma / dW = e0 e0^T, whose derivative is 0 everywhere.
+  want = jnp.zeros((3, 3)).at[0, 0].set(1.0 if scale <= target else 0.0)
+  chex.assert_trees_all_close(jac, want, atol=1e-5)
+
+
+def test_target_in_every_face_agrees():
+  w = jax.random.normal(KEY, (4, 3))
+  layer = flaxnorm.spectral_norm(nn.Dense(3, use_bias=False), target=2.5, mode="clip")
+  variables = layer.init(KEY, X)
+  variables = {"params": {"kernel": w}, "spectral": variables["spectral"]}
+  y_linen, _ = layer.apply(variables, X, mutable=["spectral"])
+
+  state = variables["spectral"]
+  sn_params, _ = ft.spectral_norm(target=2.5, mode="clip").apply({"kernel": w}, state, update=True)
+  chex.assert_trees_all_close(X @ sn_params["kernel"], y_linen, atol=1e-5)
+
+  linear = nnx.Linear(4, 3, use_bias=False, rngs=nnx.Rngs(0))
+  linear.kernel[...] = w
+  fnx.spectral_norm(linear, target=2.5, mode="clip")
+  for attr in ("kernel_u", "kernel_v", "kernel_sigma"):
+    getattr(linear, attr)[...] = state[attr]
+  chex.assert_trees_all_close(linear(X), y_linen, atol=1e-5)
+
+
+def test_layer_is_positional_only_and_target_a_keyword():
+  cls = flaxnorm.spectral_norm(nn.Dense, target=2.0)
+  assert cls is flaxnorm.spectral_norm(nn.Dense, target=2.0)
+  with pytest.raises(TypeError):
+    flaxnorm.spectral_norm(module=nn.Dense)  # type: ignore[call-arg]
+  with pytest.raises(TypeError):
+    fnx.weight_norm(module=nnx.Linear(2, 2, rngs=nnx.Rngs(0)))  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError),
+                                        (float("nan"), ValueError), (float("inf"), ValueError),
+                                        ("2", TypeError), (True, TypeError)])  # fmt: skip
+def test_bad_target(bad, error):
+  for call in (
+    lambda: flaxnorm.spectral_norm(nn.Dense, target=bad),
+    lambda: fnx.spectral_norm(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), target=bad),
+    lambda: ft.spectral_norm(target=bad),
+    lambda: flaxnorm.remove_spectral_norm({"params": {}, "spectral": {}}, target=bad),
+    lambda: flaxnorm.scale_by_sigma(jnp.ones(2), jnp.array(2.0), target=bad),
+  ):
+    with pytest.raises(error, match="target must be a positive"):
+      call()
+
+
+def test_spectral_sigmas_linen_and_nnx():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = flaxnorm.spectral_norm(nn.Dense(6))(x)
+      return flaxnorm.spectral_norm(nn.Dense(2, name="head"))(nn.relu(x))
+
+  variables = Net().init(KEY, X)
+  sigmas = flaxnorm.spectral_sigmas(variables)
+  assert list(sigmas) == ["Dense_0/kernel", "head/kernel"]
+  for path, sigma in sigmas.items():
+    layer, name = path.split("/")
+    np.testing.assert_allclose(sigma, _top_sigma(variables["params"][layer][name]), rtol=1e-3)
+
+  model = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.Linear(6, 2, rngs=nnx.Rngs(1)))
+  fnx.wrap_modules(model, fnx.spectral_norm, where=nnx.Linear)
+  for i, (path, sigma) in enumerate(fnx.spectral_sigmas(model).items()):
+    assert path == f"layers/{i}/kernel"
+    np.testing.assert_allclose(sigma, _top_sigma(vars(model.layers[i])["kernel"][...]), rtol=1e-3)
+
+
+def test_lipschitz_estimate():
+  model = nn.Sequential([flaxnorm.spectral_norm(nn.Dense(6), mode="clip", target=2.0), nn.relu,
+                         flaxnorm.spectral_norm(nn.Dense(2), mode="clip", target=2.0)])  # fmt: skip
+  variables = model.init(KEY, X)
+  sigmas = flaxnorm.spectral_sigmas(variables)
+  bound = flaxnorm.lipschitz_bound(variables, mode="clip", target=2.0)
+  want = np.prod([min(float(s), 2.0) for s in sigmas.values()])
+  np.testing.assert_allclose(bound.estimate, want, rtol=1e-6)
+  assert bound.certified is None and list(bound.layers) == list(sigmas)
+  with pytest.raises(ValueError, match="mode must be one of"):
+    flaxnorm.lipschitz_bound(variables, mode="x")
