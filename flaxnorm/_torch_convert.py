@@ -56,6 +56,13 @@ class TorchLayer(NamedTuple):
     style: the key style read, ``"legacy"``, ``"parametrizations"`` or
       ``"plain"``; pass it to :func:`to_torch` to write the same keys back.
     path: the Flax path (``"a/b"``) when loaded by :func:`load_torch_state_dict`.
+
+  Examples:
+    >>> import numpy as np
+    >>> from flaxnorm import interop
+    >>> layer = interop.from_torch({"weight": np.ones((3, 4), np.float32)}, "linear")
+    >>> layer.kind, layer.method, layer.style, layer.variables["params"]["kernel"].shape
+    ('linear', None, 'plain', (4, 3))
   """
 
   variables: dict[str, Any]

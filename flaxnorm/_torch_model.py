@@ -46,6 +46,15 @@ class TorchLoadResult(NamedTuple):
     unused_keys: PyTorch key -> why it was not used (no Flax layer, not a
       supported layer, ...).
     unmatched_keys: Flax variables (``"params/a/kernel"``) no PyTorch key filled.
+
+  Examples:
+    >>> import numpy as np
+    >>> from flaxnorm import interop
+    >>> variables = {"params": {"fc": {"kernel": np.zeros((4, 3), np.float32)}}}
+    >>> sd = {"fc.weight": np.ones((3, 4), np.float32), "extra.weight": np.ones((2, 2))}
+    >>> result = interop.load_torch_state_dict(sd, variables, None, strict=False)
+    >>> sorted(result.layers), list(result.unused_keys)
+    (['fc'], ['extra.weight'])
   """
 
   variables: dict[str, Any]
