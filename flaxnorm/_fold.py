@@ -162,13 +162,24 @@ def spectral_fold_one(
   options: _options.SpectralNormOptions,
   at: str,
 ) -> Any:
-  """``w / sigma`` from the stored vectors (``sigma = u^T W v``); ``w`` may be boxed."""
+  """The kernel the layer uses in evaluation; ``w`` may be boxed.
+
+  Kernel mode: ``w / sigma`` with ``sigma = u^T W v`` from the stored vectors.
+  Operator mode (``u`` and ``v`` are examples, with a batch axis): ``w /
+  sigma`` with the stored sigma, as its evaluation does.
+  """
   raw, w = w, meta.unbox(w)
-  kept = check_spectral_state(w, state, name, axis, at)
-  u, v, _ = (meta.unbox(x) for x in state)
-  w_sn, _ = _math.spectral_normalize(
-    w, u, v, axis=kept, n_steps=0, eps=options.eps, mode=options.mode, target=options.target
-  )
+  u, v, sigma = (meta.unbox(x) for x in state)
+  if jnp.ndim(u) >= 2 and jnp.ndim(v) >= 2:  # operator mode: one example each
+    scale = _math.sigma_scale(
+      sigma, options.eps, mode=options.mode, target=options.target, at=options.at
+    )
+    w_sn = _math.apply_scale(w, scale)
+  else:
+    kept = check_spectral_state(w, state, name, axis, at)
+    w_sn, _ = _math.spectral_normalize(
+      w, u, v, axis=kept, n_steps=0, eps=options.eps, mode=options.mode, target=options.target
+    )
   return raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn
 
 

@@ -77,6 +77,8 @@ class SpectralNormOptions:
     mode: ``"normalize"`` (``w * target / sigma``) or ``"clip"``
       (``w * min(1, target / sigma)``).
     target: the spectral norm to normalize (or clip) to (> 0, finite).
+    operator: iterate through the layer's own linear map (its true operator
+      norm, e.g. a convolution's) instead of the kernel's matrix view.
     recursive: Linen only: also reach the params of the layer's submodules.
     at: the public function the options came from, for error messages.
   """
@@ -88,6 +90,7 @@ class SpectralNormOptions:
   collection: str = "spectral"
   mode: str = "normalize"
   target: float = 1.0
+  operator: bool = False
   recursive: bool = False
   at: str = dataclasses.field(default="spectral_norm", compare=False, repr=False)
   method: ClassVar[str] = "spectral_norm"
@@ -103,6 +106,7 @@ class SpectralNormOptions:
     _set(self, "collection", _checks.check_collection(self.collection, at))
     _set(self, "mode", _checks.check_mode(self.mode, at))
     _set(self, "target", _checks.check_target(self.target, at))
+    _set(self, "operator", _checks.check_bool(self.operator, "operator", at))
     _set(self, "recursive", _checks.check_bool(self.recursive, "recursive", at))
 
 

@@ -30,6 +30,7 @@ from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
 
 from flaxnorm import _checks, _math, _options, _output_scale, _subclass
+from flaxnorm import _linen_operator as _operator
 from flaxnorm._checks import Axis
 from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
 
@@ -100,14 +101,20 @@ class _SpectralNorm(_subclass.SpecBase):
     w = meta.unbox(raw_w)
     kept = _checks.check_spectral_weight(w, opts.axis, at)
     keys = _options.spectral_keys(name)
+    layer_map = _operator.LayerMap(module, name, at) if opts.operator else None
     present = [module.has_variable(opts.collection, k) for k in keys]
     if all(present):
-      u, v, sigma = (meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
-      shapes = (u.shape, v.shape, jax.numpy.shape(sigma))
-      _checks.check_state_fits(w.shape, kept, shapes, keys, at)
+      state = _math.SpectralState(
+        *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
+      )
+      if layer_map is None:
+        shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
+        _checks.check_state_fits(w.shape, kept, shapes, keys, at)
+      else:
+        _operator.check_input_shape(state.v.shape, layer_map, keys, at)
       # Training (collection mutable) iterates and stores; evaluation uses the
       # stored vectors and changes nothing.
-      n_steps = opts.n_power_iterations if module.is_mutable_collection(opts.collection) else 0
+      train = module.is_mutable_collection(opts.collection)
     elif any(present) or not module.is_initializing():
       raise ValueError(
         f"spectral_norm: the state of {at} is missing from the "
@@ -116,20 +123,26 @@ class _SpectralNorm(_subclass.SpecBase):
         f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
       )
     else:
-      u, v, sigma = self._create_state(module, raw_w, w, kept, keys)
-      n_steps = 0  # the state was just converged
-    scale, new = _math.spectral_scale(
-      w,
-      u,
-      v,
-      sigma=sigma,
-      axis=kept,
-      n_steps=n_steps,
-      eps=opts.eps,
-      mode=opts.mode,
-      target=opts.target,
-    )
-    if n_steps:
+      state = self._create_state(module, raw_w, w, kept, keys, layer_map, at)
+      train = False  # the state was just converged
+    if layer_map is None:
+      n_steps = opts.n_power_iterations if train else 0
+      scale, new = _math.spectral_scale(
+        w,
+        state.u,
+        state.v,
+        sigma=state.sigma,
+        axis=kept,
+        n_steps=n_steps,
+        eps=opts.eps,
+        mode=opts.mode,
+        target=opts.target,
+      )
+    elif train:
+      scale, new = _operator.iterate(w, state, layer_map, opts)
+    else:
+      scale, new = _operator.eval_scale(state.sigma, opts), state
+    if train:
       for key, value in zip(keys, new):
         raw = module.get_variable(opts.collection, key)
         boxed = raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
@@ -137,20 +150,33 @@ class _SpectralNorm(_subclass.SpecBase):
     return raw_w, w, scale
 
   def _create_state(
-    self, module: nn.Module, raw_w: Any, w: jax.Array, kept: tuple[int, ...], keys: tuple
+    self,
+    module: nn.Module,
+    raw_w: Any,
+    w: jax.Array,
+    kept: tuple[int, ...],
+    keys: tuple,
+    layer_map: _operator.LayerMap | None,
+    at: str,
   ) -> _math.SpectralState:
     """The converged start state, stored boxed like the kernel (sharding metadata)."""
     opts = self.options
-    rng = "spectral" if module.has_rng("spectral") else "params"
-    state = _math.spectral_state_init(
-      module.make_rng(rng), w, axis=kept, n_steps=opts.n_init_iterations, eps=opts.eps
-    )
+    key = module.make_rng("spectral" if module.has_rng("spectral") else "params")
     names = _axis_names(raw_w)
-    # u lies along the kept axis; with several kept axes it has no one name.
-    u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
+    if layer_map is None:
+      state = _math.spectral_state_init(
+        key, w, axis=kept, n_steps=opts.n_init_iterations, eps=opts.eps
+      )
+      # u lies along the kept axis; with several kept axes it has no one name.
+      u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
+    else:
+      layer_map.check_linear(tuple(w.shape), at)
+      state = _operator.init_state(key, w, layer_map, opts)
+      u_names = None if names is None else (None,) * state.u.ndim
+    v_names = None if names is None else (None,) * state.v.ndim
     boxes = (
       _rebox(raw_w, state.u, u_names),
-      _rebox(raw_w, state.v, None if names is None else (None,)),
+      _rebox(raw_w, state.v, v_names),
       _rebox(raw_w, state.sigma, None if names is None else ()),
     )
     for key, box in zip(keys, boxes):
@@ -290,6 +316,7 @@ def _call(self, *args, **kwargs):
   raw_call = cls.__dict__.get("_flaxnorm_raw_call")
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
   self.__dict__["_flaxnorm_output_scale"] = deferred
+  self.__dict__[_operator.INPUTS] = (args, kwargs)
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
       with nn.intercept_methods(_propagate(self)):
@@ -298,6 +325,7 @@ def _call(self, *args, **kwargs):
       out = call(*args, **kwargs)
   finally:
     self.__dict__.pop("_flaxnorm_output_scale", None)
+    self.__dict__.pop(_operator.INPUTS, None)
   _check_layer_saw_names(self)
   return out if deferred is None else deferred.finish(out)
 
@@ -465,6 +493,7 @@ def spectral_norm(
   collection: str = ...,
   mode: str = ...,
   target: float = ...,
+  operator: bool = ...,
   recursive: bool = ...,
 ) -> type[M]: ...
 @overload
@@ -480,6 +509,7 @@ def spectral_norm(
   collection: str = ...,
   mode: str = ...,
   target: float = ...,
+  operator: bool = ...,
   recursive: bool = ...,
 ) -> M: ...
 def spectral_norm(
@@ -494,6 +524,7 @@ def spectral_norm(
   collection: str = "spectral",
   mode: str = "normalize",
   target: float = 1.0,
+  operator: bool = False,
   recursive: bool = False,
 ) -> type[M] | M:
   """Divides a layer's kernel by its spectral norm (Miyato et al., 2018).
@@ -532,6 +563,16 @@ def spectral_norm(
       only kernels whose spectral norm exceeds ``target`` (a ``target``-Lipschitz
       layer that may stay below it; Gouk et al., 2021).
     target: the spectral norm to normalize (or clip) to; > 0, finite.
+    operator: ``False`` (PyTorch's behaviour): sigma is the norm of the
+      kernel's matrix view. ``True``: power iteration runs through the layer's
+      own linear map on one example (``x -> layer(x) - layer(0)`` and its
+      transpose), so sigma is the norm of what the layer computes, e.g. a
+      convolution's true operator norm with its strides, padding, dilation and
+      groups (Farnia et al., 2019; Gouk et al., 2021). Then ``{name}_u`` has
+      the shape of one output example and ``{name}_v`` of one input example
+      (batch 1), fixed at init; sigma is exact for that input size; evaluation
+      uses the stored sigma. The layer must be linear in its input (checked at
+      init).
     recursive: also normalize the params named ``name`` of the layer's
       submodules (see :func:`weight_norm`).
 
@@ -561,6 +602,7 @@ def spectral_norm(
     collection=collection,
     mode=mode,
     target=target,
+    operator=operator,
     recursive=recursive,
   )
   spec = _SpectralNorm(options)

@@ -1,0 +1,170 @@
+"""Operator-mode spectral norm: sigma is the norm of what the layer computes.
+
+References are exact: the largest singular value of the layer's dense Jacobian
+(numpy SVD in float64) and, for circular convolutions, of the FFT-domain blocks.
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxnorm
+
+KEY = jax.random.key(0)
+
+
+def _jacobian_sigma(f, x1):
+  """sigma_max of x -> f(x) - f(0) on one example, from the dense Jacobian."""
+  zero = jnp.zeros_like(x1)
+  jac = jax.jacfwd(lambda x: f(x) - f(zero))(zero)
+  out_size = int(np.prod(jax.eval_shape(f, zero).shape))
+  return np.linalg.svd(np.asarray(jac, np.float64).reshape(out_size, -1), compute_uv=False)[0]
+
+
+CASES = {
+  "conv3x3_same": (lambda: nn.Conv(4, (3, 3)), (6, 6, 3)),
+  "conv3x3_valid": (lambda: nn.Conv(4, (3, 3), padding="VALID"), (6, 6, 3)),
+  "conv_stride2": (lambda: nn.Conv(4, (3, 3), strides=2), (6, 6, 3)),
+  "conv_dilation2": (lambda: nn.Conv(4, (3, 3), kernel_dilation=2), (6, 6, 3)),
+  "conv_grouped": (lambda: nn.Conv(4, (3, 3), feature_group_count=2), (6, 6, 4)),
+  "conv_circular": (lambda: nn.Conv(4, (3, 3), padding="CIRCULAR"), (6, 6, 3)),
+  "conv_transpose_stride2": (lambda: nn.ConvTranspose(3, (3, 3), strides=(2, 2)), (4, 4, 2)),
+  "conv1d": (lambda: nn.Conv(3, (5,)), (10, 2)),
+  "conv3d": (lambda: nn.Conv(2, (2, 2, 2)), (3, 3, 3, 2)),
+  "conv_local": (lambda: nn.ConvLocal(2, (3, 3)), (5, 5, 2)),
+  "dense": (lambda: nn.Dense(5), (7,)),
+  "dense_general": (lambda: nn.DenseGeneral((2, 3), axis=(-2, -1)), (4, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sigma_is_the_jacobian_norm(case):
+  make, example = CASES[case]
+  x = jax.random.normal(jax.random.key(1), (2, *example))
+  layer = flaxnorm.spectral_norm(make(), operator=True, n_init_iterations=500)
+  variables = layer.init(KEY, x)
+  plain = make()
+  sigma = _jacobian_sigma(lambda z: plain.apply({"params": variables["params"]}, z), x[:1])
+  np.testing.assert_allclose(variables["spectral"]["kernel_sigma"], sigma, rtol=1e-3)
+  # After normalization the layer's Jacobian has norm 1.
+  normalized = _jacobian_sigma(lambda z: layer.apply(variables, z), x[:1])
+  np.testing.assert_allclose(normalized, 1.0, atol=2e-3)
+  # The state: one output example and one input example.
+  assert variables["spectral"]["kernel_v"].shape == (1, *example)
+  assert (
+    variables["spectral"]["kernel_u"].shape == jax.eval_shape(layer.apply, variables, x[:1]).shape
+  )
+
+
+def test_circular_sigma_matches_the_fft():
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 8))
+  layer = flaxnorm.spectral_norm(nn.Conv(8, (3, 3), padding="CIRCULAR"), operator=True,
+                                 n_init_iterations=1000)  # fmt: skip
+  variables = layer.init(KEY, x)
+  kernel = np.asarray(variables["params"]["kernel"], np.float64)  # (3, 3, in, out)
+  padded = np.zeros((8, 8, 8, 8))
+  padded[:3, :3] = kernel
+  blocks = np.fft.fft2(padded, axes=(0, 1))  # (8, 8, in, out): one block per frequency
+  fft_sigma = np.linalg.svd(blocks, compute_uv=False).max()
+  np.testing.assert_allclose(variables["spectral"]["kernel_sigma"], fft_sigma, rtol=1e-3)
+  # The reshaped kernel's norm is not the operator norm.
+  assert flaxnorm.spectral_norm(nn.Conv(8, (3, 3))).init(KEY, x)["spectral"]["kernel_sigma"] < 0.9 * fft_sigma  # fmt: skip
+
+
+def test_dense_operator_equals_kernel_mode():
+  x = jax.random.normal(jax.random.key(1), (3, 6))
+  op = flaxnorm.spectral_norm(nn.Dense(4), operator=True, n_init_iterations=500).init(KEY, x)
+  kern = flaxnorm.spectral_norm(nn.Dense(4), n_init_iterations=500).init(KEY, x)
+  np.testing.assert_allclose(op["spectral"]["kernel_sigma"], kern["spectral"]["kernel_sigma"], rtol=1e-5)  # fmt: skip
+
+
+def test_training_updates_evaluation_freezes_and_removal_matches():
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+  layer = flaxnorm.spectral_norm(nn.Conv(4, (3, 3), strides=2), operator=True, n_init_iterations=3)
+  variables = layer.init(KEY, x)
+  y_eval = layer.apply(variables, x)
+  _, updates = layer.apply(variables, x, mutable=["spectral"])
+  assert not np.allclose(updates["spectral"]["kernel_u"], variables["spectral"]["kernel_u"])
+  y_again, changed = layer.apply(variables, x, mutable=[])  # eval: nothing changes
+  chex.assert_trees_all_close(y_again, y_eval)
+  assert not changed
+  plain = flaxnorm.remove_spectral_norm(variables)
+  chex.assert_trees_all_close(nn.Conv(4, (3, 3), strides=2).apply(plain, x), y_eval, atol=1e-6)
+  plain = flaxnorm.remove_spectral_norm({**variables, **updates})
+  chex.assert_trees_all_close(
+    nn.Conv(4, (3, 3), strides=2).apply(plain, x), layer.apply({**variables, **updates}, x),
+    atol=1e-6,
+  )  # fmt: skip
+
+
+def test_gradient_is_that_of_w_over_sigma_of_w():
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 2))
+  conv = nn.Conv(3, (3, 3), use_bias=False)
+  layer = flaxnorm.spectral_norm(conv, operator=True, n_init_iterations=5)
+  variables = layer.init(KEY, x)
+
+  def loss(params):
+    y, upd = layer.apply({"params": params, "spectral": variables["spectral"]}, x, mutable=["spectral"])  # fmt: skip
+    return jnp.sum(y**2), upd["spectral"]
+
+  (_, state), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  u, v = state["kernel_u"], state["kernel_v"]
+
+  def reference(params):  # W / sigma(W), sigma = <u, A_W v> for the final u, v held fixed
+    w = params["kernel"]
+    a_v = conv.apply({"params": {"kernel": w}}, v)
+    return jnp.sum(conv.apply({"params": {"kernel": w / jnp.vdot(u, a_v)}}, x) ** 2)
+
+  chex.assert_trees_all_close(grads, jax.grad(reference)(variables["params"]), rtol=1e-4, atol=1e-6)
+
+
+def test_zero_kernel_is_finite():
+  x = jnp.ones((1, 4, 4, 2))
+  layer = flaxnorm.spectral_norm(
+    nn.Conv(2, (3, 3), kernel_init=nn.initializers.zeros), operator=True
+  )
+  variables = layer.init(KEY, x)
+
+  def loss(params):
+    y, _ = layer.apply({**variables, "params": params}, x, mutable=["spectral"])
+    return jnp.sum(y)
+
+  grads = jax.grad(loss)(variables["params"])
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  chex.assert_trees_all_close(layer.apply(variables, x), jnp.zeros((1, 4, 4, 2)))
+
+
+def test_low_precision_state_is_float32_and_sharding_names_kept():
+  x = jnp.ones((2, 4, 4, 2), jnp.bfloat16)
+  layer = flaxnorm.spectral_norm(
+    nn.Conv(2, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), operator=True
+  )
+  variables = layer.init(KEY, x)
+  assert {x.dtype for x in jax.tree.leaves(variables["spectral"])} == {jnp.dtype(jnp.float32)}
+  assert layer.apply(variables, x).dtype == jnp.bfloat16
+
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, None, "in", "out"))
+  boxed = flaxnorm.spectral_norm(nn.Conv(2, (3, 3), kernel_init=init), operator=True).init(KEY, x.astype(jnp.float32))  # fmt: skip
+  spec = nn.get_partition_spec(boxed)["spectral"]
+  assert tuple(spec["kernel_u"]) == (None,) * 4 and tuple(spec["kernel_sigma"]) == ()
+
+
+class _Tanh(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(x @ self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], 3)))
+
+
+def test_errors():
+  x = jnp.ones((2, 4))
+  with pytest.raises(ValueError, match=r"layer '<top level>' \(_Tanh\).*not linear in its input"):
+    flaxnorm.spectral_norm(_Tanh(), operator=True).init(KEY, x)
+  with pytest.raises(TypeError, match="operator must be a Python bool at spectral_norm"):
+    flaxnorm.spectral_norm(nn.Dense(3), operator=1)
+  layer = flaxnorm.spectral_norm(nn.Conv(2, (3, 3)), operator=True)
+  variables = layer.init(KEY, jnp.ones((1, 6, 6, 2)))
+  with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 2\).*per-example shape \(8, 8, 2\)"):  # fmt: skip
+    layer.apply(variables, jnp.ones((1, 8, 8, 2)))
