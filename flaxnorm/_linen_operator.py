@@ -1,4 +1,4 @@
-"""Operator-mode spectral norm for Linen: power iteration through the layer's own map.
+"""Operator-mode spectral norm for Linen: the layer's own linear map (see ``_operator``).
 
 Kernel mode estimates the norm of the kernel's matrix view; for a convolution
 that is not the norm of what the layer computes (it can be off by up to
@@ -10,11 +10,9 @@ linear in its input works without per-layer code: ``Dense``, ``DenseGeneral``,
 ``ConvTranspose``, ``ConvLocal``. The linear part is taken as a JVP at zero, so
 the bias plays no part.
 
-State: ``{name}_u`` has the shape of one output example and ``{name}_v`` of one
-input example (batch size 1), fixed at init; ``{name}_sigma`` is the scalar
-estimate. Sigma is exact for that input size: with zero padding it grows with
-the size toward the circular value; with circular padding it is the same for
-every size at least the kernel's.
+Sigma is exact for the input size seen at init: with zero padding it grows
+with the size toward the circular value; with circular padding it is the same
+for every size at least the kernel's.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from flaxnorm import _math, _options, _subclass
+from flaxnorm import _math, _operator, _subclass
 
 #: The layer's call arguments, kept on the module during its ``__call__``.
 INPUTS = "_flaxnorm_inputs"
@@ -90,86 +88,13 @@ class LayerMap:
 
     return lambda x: jax.jvp(f, (jnp.zeros_like(x),), (x,))[1]
 
-  def output_example(self, w: jax.Array) -> jax.ShapeDtypeStruct:
-    return jax.eval_shape(self.linear(w), self.example)
-
   def check_linear(self, w_shape: tuple[int, ...], at: str) -> None:
-    """Raises unless the layer is linear in its input: ``f(2x) - f(0) = 2 (f(x) - f(0))``."""
+    """Raises unless the layer is linear in its input (see ``_operator.check_linear``)."""
     with jax.ensure_compile_time_eval():
-      kx, kw = jax.random.split(jax.random.key(0))
-      x = jax.random.normal(kx, self.example.shape)
-      params = self._params(jax.random.normal(kw, w_shape))
-      args, kwargs = self.rest
+      params = self._params(jax.random.normal(jax.random.key(1), w_shape))
+    args, kwargs = self.rest
 
-      def f(x: jax.Array) -> jax.Array:
-        return jnp.asarray(self.plain.apply({"params": params}, x, *args, **kwargs))
+    def f(x: jax.Array) -> jax.Array:
+      return jnp.asarray(self.plain.apply({"params": params}, x, *args, **kwargs))
 
-      zero = f(jnp.zeros_like(x))
-      lhs, rhs = f(2 * x) - zero, 2 * (f(x) - zero)
-      err = float(jnp.max(jnp.abs(lhs - rhs)))
-      scale = float(jnp.max(jnp.abs(rhs)))
-    if not err <= 1e-4 * max(scale, 1e-30):
-      raise ValueError(
-        f"spectral_norm(operator=True): {at}: the layer is not linear in its input "
-        f"(f(2x) - f(0) differs from 2 (f(x) - f(0)) by {err:.3g}, relative "
-        f"{err / max(scale, 1e-30):.3g}); operator mode needs a linear layer (Dense, Conv, ...). "
-        "Use operator=False (the kernel's matrix view) for this layer."
-      )
-
-
-def check_input_shape(v_shape: tuple[int, ...], layer_map: LayerMap, keys: tuple, at: str) -> None:
-  came = tuple(layer_map.example.shape[1:])
-  if tuple(v_shape[1:]) != came:
-    raise ValueError(
-      f"spectral_norm(operator=True): {at} was initialized for inputs of per-example shape "
-      f"{tuple(v_shape[1:])} (its {keys[1]} has shape {tuple(v_shape)}), but this call's "
-      f"inputs have per-example shape {came}. Operator mode's sigma is the norm at that input "
-      "size: re-initialize the layer for the new size."
-    )
-
-
-def init_state(
-  key: jax.Array, w: jax.Array, layer_map: LayerMap, options: _options.SpectralNormOptions
-) -> _math.SpectralState:
-  """Random normalized ``u`` (one output example) and ``v`` (one input example), iterated."""
-  ku, kv = jax.random.split(key)
-  out = layer_map.output_example(w)
-  u = _math.l2_normalize(jax.random.normal(ku, out.shape, jnp.float32), eps=options.eps)
-  v = _math.l2_normalize(jax.random.normal(kv, layer_map.example.shape), eps=options.eps)
-  apply = layer_map.linear(jax.lax.stop_gradient(w))
-  u, v, sigma = _math.operator_power_iteration(
-    apply, u, v, n_steps=options.n_init_iterations, eps=options.eps
-  )
-  return _math.SpectralState(u, v, sigma)
-
-
-def iterate(
-  w: jax.Array,
-  state: _math.SpectralState,
-  layer_map: LayerMap,
-  options: _options.SpectralNormOptions,
-) -> tuple[jax.Array, _math.SpectralState]:
-  """A training step: the differentiable scale and the new state (the old one if not finite)."""
-  apply = layer_map.linear(jax.lax.stop_gradient(w))
-  u, v, _ = _math.operator_power_iteration(
-    apply, state.u, state.v, n_steps=options.n_power_iterations, eps=options.eps
-  )
-  sigma = jnp.vdot(u, layer_map.linear(w)(v))  # differentiable in w
-  ok = jnp.isfinite(sigma)
-  new = _math.SpectralState(
-    jnp.where(ok, u, state.u),
-    jnp.where(ok, v, state.v),
-    jax.lax.stop_gradient(jnp.where(ok, sigma, jnp.asarray(state.sigma, sigma.dtype))),
-  )
-  return _scale(sigma, options), new
-
-
-def _scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:
-  return _math.sigma_scale(
-    sigma, options.eps, mode=options.mode, target=options.target, at="spectral_norm"
-  )
-
-
-def eval_scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:
-  """Evaluation: the stored sigma (a variables tree alone can then remove the norm)."""
-  return _scale(jnp.asarray(sigma), options)
+    _operator.check_linear(f, tuple(self.example.shape), at)

@@ -29,8 +29,7 @@ import jax
 from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
 
-from flaxnorm import _checks, _math, _options, _output_scale, _subclass
-from flaxnorm import _linen_operator as _operator
+from flaxnorm import _checks, _linen_operator, _math, _operator, _options, _output_scale, _subclass
 from flaxnorm._checks import Axis
 from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
 
@@ -101,7 +100,7 @@ class _SpectralNorm(_subclass.SpecBase):
     w = meta.unbox(raw_w)
     kept = _checks.check_spectral_weight(w, opts.axis, at)
     keys = _options.spectral_keys(name)
-    layer_map = _operator.LayerMap(module, name, at) if opts.operator else None
+    layer_map = _linen_operator.LayerMap(module, name, at) if opts.operator else None
     present = [module.has_variable(opts.collection, k) for k in keys]
     if all(present):
       state = _math.SpectralState(
@@ -111,7 +110,7 @@ class _SpectralNorm(_subclass.SpecBase):
         shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
         _checks.check_state_fits(w.shape, kept, shapes, keys, at)
       else:
-        _operator.check_input_shape(state.v.shape, layer_map, keys, at)
+        _operator.check_input_shape(state.v.shape, layer_map.example.shape, keys, at)
       # Training (collection mutable) iterates and stores; evaluation uses the
       # stored vectors and changes nothing.
       train = module.is_mutable_collection(opts.collection)
@@ -139,7 +138,7 @@ class _SpectralNorm(_subclass.SpecBase):
         target=opts.target,
       )
     elif train:
-      scale, new = _operator.iterate(w, state, layer_map, opts)
+      scale, new = _operator.iterate(w, state, layer_map.linear, opts)
     else:
       scale, new = _operator.eval_scale(state.sigma, opts), state
     if train:
@@ -156,7 +155,7 @@ class _SpectralNorm(_subclass.SpecBase):
     w: jax.Array,
     kept: tuple[int, ...],
     keys: tuple,
-    layer_map: _operator.LayerMap | None,
+    layer_map: _linen_operator.LayerMap | None,
     at: str,
   ) -> _math.SpectralState:
     """The converged start state, stored boxed like the kernel (sharding metadata)."""
@@ -171,7 +170,7 @@ class _SpectralNorm(_subclass.SpecBase):
       u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
     else:
       layer_map.check_linear(tuple(w.shape), at)
-      state = _operator.init_state(key, w, layer_map, opts)
+      state = _operator.init_state(key, w, layer_map.linear, layer_map.example.shape, opts)
       u_names = None if names is None else (None,) * state.u.ndim
     v_names = None if names is None else (None,) * state.v.ndim
     boxes = (
@@ -316,7 +315,7 @@ def _call(self, *args, **kwargs):
   raw_call = cls.__dict__.get("_flaxnorm_raw_call")
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
   self.__dict__["_flaxnorm_output_scale"] = deferred
-  self.__dict__[_operator.INPUTS] = (args, kwargs)
+  self.__dict__[_linen_operator.INPUTS] = (args, kwargs)
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
       with nn.intercept_methods(_propagate(self)):
@@ -325,7 +324,7 @@ def _call(self, *args, **kwargs):
       out = call(*args, **kwargs)
   finally:
     self.__dict__.pop("_flaxnorm_output_scale", None)
-    self.__dict__.pop(_operator.INPUTS, None)
+    self.__dict__.pop(_linen_operator.INPUTS, None)
   _check_layer_saw_names(self)
   return out if deferred is None else deferred.finish(out)
 
