@@ -194,3 +194,13 @@ def check_target(target: Any, at: str = "") -> float:
       f"to), got {target!r}."
     )
   return float(target)
+
+
+def check_shape(shape: Any, argname: str, at: str = "") -> tuple[int, ...] | None:
+  """Returns ``shape`` as a tuple of positive ints (``None`` stays ``None``), or raises."""
+  if shape is None:
+    return None
+  items = tuple(shape) if isinstance(shape, (tuple, list)) else None
+  if not items or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in items):
+    raise TypeError(f"{argname} must be a tuple of positive ints{_at(at)}, got {shape!r}.")
+  return items

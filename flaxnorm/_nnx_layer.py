@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from flaxnorm import _checks, _math, _options, _output_scale, _subclass
+from flaxnorm import _checks, _math, _operator, _options, _output_scale, _subclass
 
 #: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
 FLAG = "use_running_average"
@@ -33,6 +33,7 @@ class _Call:
 
   deferred: _output_scale.OutputScale | None  # the output takes the kernel's scale and the bias
   scales: dict[str, jax.Array]  # spectral scales of the iterations just run
+  kernels: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # read as given
 
 
 # The modules inside their __call__, by id. A context variable rather than an
@@ -89,6 +90,7 @@ class WeightNormSpec(_subclass.SpecBase):
 class SpectralNormSpec(_subclass.SpecBase):
   options: _options.SpectralNormOptions
   added_flag: bool  # this transform gave the module its train/eval attribute
+  input_shape: tuple[int, ...] | None = None  # operator mode: one example, no batch axis
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.spectral_keys(name)
@@ -99,8 +101,9 @@ class SpectralNormSpec(_subclass.SpecBase):
     state = [_get(module, a, self.method, name) for a in self.attrs(name)]
     at = describe(module, name)
     kept = _checks.check_spectral_weight(w[...], self.options.axis, at)
-    shapes = [jax.numpy.shape(x[...]) for x in state]
-    _checks.check_state_fits(w[...].shape, kept, shapes, self.attrs(name), at)
+    if not self.options.operator:
+      shapes = [jax.numpy.shape(x[...]) for x in state]
+      _checks.check_state_fits(w[...].shape, kept, shapes, self.attrs(name), at)
     return w, kept, state
 
   def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
@@ -109,18 +112,30 @@ class SpectralNormSpec(_subclass.SpecBase):
     if call is not None and name in call.scales:
       # In a training __call__: sigma from the iterations just run, as in Linen.
       return _get(module, name, self.method, name)[...], call.scales[name]
-    # Otherwise sigma = u^T W v from the stored vectors.
-    w, kept, (u, v, _) = self._state(module, name)
+    w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
+    if opts.operator:  # the stored sigma, as Linen's evaluation
+      return w[...], _operator.eval_scale(sigma[...], opts)
+    # Otherwise sigma = u^T W v from the stored vectors.
     scale, _ = _math.spectral_scale(
       w[...], u[...], v[...], axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode, target=opts.target
     )
     return w[...], scale
 
-  def update(self, module: nnx.Module, name: str) -> jax.Array:
-    """Iterates, stores the new state, and returns this call's (differentiable) scale."""
+  def update(self, module: nnx.Module, name: str, example: tuple[int, ...]) -> jax.Array:
+    """Iterates, stores the new state, and returns this call's (differentiable) scale.
+
+    ``example`` is this call's input shape with a batch of 1 (operator mode).
+    """
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
+    if opts.operator:
+      at = describe(module, name)
+      _operator.check_input_shape(v[...].shape, example, self.attrs(name), at)
+      stored = _math.SpectralState(u[...], v[...], sigma[...])
+      scale, new = _operator.iterate(w[...], stored, operator_map(module, name), opts)
+      u[...], v[...], sigma[...] = new.u, new.v, new.sigma
+      return scale
     scale, new = _math.spectral_scale(
       w[...],
       u[...],
@@ -134,6 +149,28 @@ class SpectralNormSpec(_subclass.SpecBase):
     )
     u[...], v[...], sigma[...] = new.u, new.v, new.sigma
     return scale
+
+
+def operator_map(module: nnx.Module, name: str) -> _operator.Linear:
+  """Operator mode's ``w -> (x -> A_w x)``: the layer's own ``__call__`` with kernel ``w``.
+
+  The layer reads ``w`` for ``name`` (see :class:`_Normalized`); the linear part
+  is the JVP at zero, so the bias plays no part. It computes in the layer's own
+  dtype.
+  """
+  base_call = _subclass.base_of(type(module)).__call__
+
+  def with_kernel(w: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    def f(x: jax.Array) -> jax.Array:
+      token = _CALLS.set({**_CALLS.get({}), id(module): _Call(None, {}, {name: w})})
+      try:
+        return base_call(module, x)
+      finally:
+        _CALLS.reset(token)
+
+    return lambda x: jax.jvp(f, (jax.numpy.zeros_like(x),), (x,))[1]
+
+  return with_kernel
 
 
 # --------------------------------------------------------------------------- #
@@ -156,8 +193,10 @@ class _Normalized:
   def __get__(self, obj, objtype=None):
     if obj is None:
       return self
-    base, scale = self.spec.factors(obj, self.name)
     call = _active_call(obj)
+    if call is not None and self.name in call.kernels:
+      return call.kernels[self.name]  # operator mode's map, for a given kernel
+    base, scale = self.spec.factors(obj, self.name)
     deferred = None if call is None else call.deferred
     if deferred is not None and deferred.take_scale(base, scale):
       return base  # __call__ scales the output instead
@@ -278,8 +317,10 @@ def _call(self, *args, **kwargs):
   specs = _subclass.specs_of(cls)
   state = _Call(None, {})
   if not getattr(self, FLAG, False):  # training: iterate and store
+    inputs = args[0] if args else kwargs.get("inputs")
+    example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
     state.scales = {
-      name: spec.update(self, name)
+      name: spec.update(self, name, example)
       for name, spec in specs.items()
       if isinstance(spec, SpectralNormSpec)
     }

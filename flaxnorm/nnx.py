@@ -60,13 +60,14 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math, _options, _subclass
+from flaxnorm import _checks, _math, _operator, _options, _subclass
 from flaxnorm._checks import Axis
 from flaxnorm._nnx_layer import (
   FLAG,
   SpectralNormSpec,
   WeightNormSpec,
   describe,
+  operator_map,
   path_str,
   swap_class,
 )
@@ -205,6 +206,28 @@ def _plan_weight_norm(
   return commit
 
 
+def _operator_example(
+  module: nnx.Module, input_shape: tuple[int, ...] | None, at: str
+) -> tuple[int, ...]:
+  """One input example's shape ``(1, *input_shape)``, checked: the layer takes it, linearly."""
+  if input_shape is None:
+    raise ValueError(
+      f"spectral_norm(operator=True): {at} needs input_shape=..., the shape of one input "
+      "example without the batch axis (e.g. input_shape=(32, 32, 3) for an nnx.Conv on "
+      "32x32 RGB images): NNX builds layers without inputs."
+    )
+  example = (1, *input_shape)
+  try:
+    jax.eval_shape(module, jax.ShapeDtypeStruct(example, jax.numpy.float32))
+  except Exception as e:  # the layer's own error says what it expected
+    raise ValueError(
+      f"spectral_norm(operator=True): {at} cannot take input_shape={input_shape} "
+      f"(inputs of shape {example}): {type(e).__name__}: {e}"
+    ) from None
+  _operator.check_linear(lambda x: module(x), example, at)
+  return example
+
+
 def _make_key_source(rngs: Rngs, method: str) -> Callable[[int], jax.Array]:
   if isinstance(rngs, nnx.Rngs):
     # Linen draws from a 'spectral' stream when given one, else from 'params'.
@@ -229,6 +252,7 @@ def _plan_spectral_norm(
   names: tuple[str, ...],
   options: _options.SpectralNormOptions,
   next_key: Callable[[int], jax.Array],
+  input_shape: tuple[int, ...] | None = None,
 ) -> Callable[[], None]:
   _check_module(module, "spectral_norm")
   has_flag = hasattr(module, FLAG)
@@ -236,7 +260,7 @@ def _plan_spectral_norm(
   # Every spectral spec of a module records whether flaxnorm owns the flag, so
   # removing the last one knows whether to delete it.
   added = any(s.added_flag for s in others) if others else not has_flag
-  spec = SpectralNormSpec(options, added_flag=added)
+  spec = SpectralNormSpec(options, added_flag=added, input_shape=input_shape)
   states = {}
   for i, name in enumerate(names):
     at = describe(module, name, path)
@@ -244,9 +268,14 @@ def _plan_spectral_norm(
     _check_free(module, spec.attrs(name), "spectral_norm", path, name)
     w = var[...]
     kept = _checks.check_spectral_weight(w, options.axis, at)
-    states[name] = _math.spectral_state_init(
-      next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
-    )
+    if options.operator:
+      example = _operator_example(module, input_shape, at)
+      linear = operator_map(module, name)
+      states[name] = _operator.init_state(next_key(i), w, linear, example, options)
+    else:
+      states[name] = _math.spectral_state_init(
+        next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
+      )
 
   def commit() -> None:
     specs = _subclass.specs_of(type(module))
@@ -338,6 +367,8 @@ def spectral_norm(
   eps: float = 1e-12,
   mode: str = "normalize",
   target: float = 1.0,
+  operator: bool = False,
+  input_shape: Sequence[int] | None = None,
   rngs: Rngs = None,
 ) -> M:
   """Divides a layer's param by its spectral norm (Miyato et al., 2018), in place.
@@ -376,6 +407,15 @@ def spectral_norm(
       ``W * min(1, target / sigma)`` (only kernels with spectral norm above
       ``target`` shrink; Gouk et al., 2021).
     target: the spectral norm to normalize (or clip) to; > 0, finite.
+    operator: ``True``: power iteration runs through the layer's own linear
+      map on one example (its ``__call__`` and, by ``jax.vjp``, its transpose),
+      so sigma is the norm of what the layer computes, e.g. a convolution's
+      true operator norm (see :func:`flaxnorm.spectral_norm`). Needs
+      ``input_shape``. ``{name}_u``/``{name}_v`` then have the shapes of one
+      output/input example; evaluation uses the stored sigma.
+    input_shape: operator mode: the shape of one input example without the
+      batch axis, e.g. ``(32, 32, 3)`` for an ``nnx.Conv`` on 32x32 RGB images
+      (NNX builds layers without inputs, so it must be given).
     rngs: where the random start comes from: an ``nnx.Rngs`` (its
       ``'spectral'`` stream if it has one, else ``params``), a PRNG key, an int
       seed, or ``None`` (seed 0; after ``n_init_iterations`` the start hardly
@@ -413,9 +453,11 @@ def spectral_norm(
     eps=eps,
     mode=mode,
     target=target,
+    operator=operator,
   )
   keys = _make_key_source(rngs, "spectral_norm")
-  _plan_spectral_norm(module, None, names, options, keys)()
+  shape = _checks.check_shape(input_shape, "input_shape", "spectral_norm")
+  _plan_spectral_norm(module, None, names, options, keys, shape)()
   return module
 
 
@@ -495,11 +537,14 @@ def wrap_modules(
     wn = _options.WeightNormOptions(axis=args["axis"], eps=args["eps"])
     commits = [_plan_weight_norm(m, p, names, wn) for p, m in chosen]
   else:
-    option_names = ("axis", "n_power_iterations", "n_init_iterations", "eps", "mode", "target")
+    option_names = (
+      "axis", "n_power_iterations", "n_init_iterations", "eps", "mode", "target", "operator"
+    )  # fmt: skip
     sn = _options.SpectralNormOptions(**{k: args[k] for k in option_names})
     source = _make_key_source(args["rngs"], "spectral_norm")
+    shape = _checks.check_shape(args["input_shape"], "input_shape", "spectral_norm")
     commits = [
-      _plan_spectral_norm(m, p, names, sn, _offset(source, i * len(names)))
+      _plan_spectral_norm(m, p, names, sn, _offset(source, i * len(names)), shape)
       for i, (p, m) in enumerate(chosen)
     ]
   for commit in commits:

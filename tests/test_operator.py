@@ -168,3 +168,80 @@ def test_errors():
   variables = layer.init(KEY, jnp.ones((1, 6, 6, 2)))
   with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 2\).*per-example shape \(8, 8, 2\)"):  # fmt: skip
     layer.apply(variables, jnp.ones((1, 8, 8, 2)))
+
+
+# --------------------------------------------------------------------------- #
+# NNX: the same, with the input shape given at wrap time.
+# --------------------------------------------------------------------------- #
+
+
+def test_nnx_operator_mode_matches_the_jacobian_and_trains():
+  import optax
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  model = nnx.Sequential(
+    nnx.Conv(3, 4, (3, 3), strides=2, rngs=nnx.Rngs(0)),
+    nnx.relu,
+    nnx.Conv(4, 2, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(1)),
+  )
+  fnx.spectral_norm(model.layers[0], operator=True, input_shape=(6, 6, 3), n_init_iterations=500)
+  fnx.spectral_norm(model.layers[2], operator=True, input_shape=(3, 3, 4), n_init_iterations=500)
+  for layer, example in ((model.layers[0], (1, 6, 6, 3)), (model.layers[2], (1, 3, 3, 4))):
+    w = vars(layer)["kernel"][...]
+    plain = nnx.Conv(w.shape[2], w.shape[3], (3, 3), strides=layer.strides, padding=layer.padding,
+                     rngs=nnx.Rngs(0))  # fmt: skip
+    plain.kernel[...] = w
+    sigma = _jacobian_sigma(plain, jnp.zeros(example))
+    np.testing.assert_allclose(layer.kernel_sigma[...], sigma, rtol=1e-3)
+    assert layer.kernel_v[...].shape == example
+
+  x = jax.random.normal(jax.random.key(2), (4, 6, 6, 3))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  # Training iterates and stores: start the first layer from a random u.
+  before = jax.random.normal(jax.random.key(3), model.layers[0].kernel_u[...].shape)
+  model.layers[0].kernel_u[...] = before
+  step(model, optimizer)
+  assert not np.allclose(model.layers[0].kernel_u[...], before)
+  model.eval()
+  y = model(x)
+  state = nnx.to_pure_dict(nnx.state(model, fnx.SpectralStateVar))
+  chex.assert_trees_all_close(model(x), y)
+  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, fnx.SpectralStateVar)), state)
+  fnx.remove_spectral_norm(model)
+  chex.assert_trees_all_close(model(x), y, atol=1e-6)
+
+
+def test_nnx_operator_errors():
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  conv = lambda: nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"needs input_shape=\.\.\..*input_shape=\(32, 32, 3\)"):
+    fnx.spectral_norm(conv(), operator=True)
+  with pytest.raises(ValueError, match=r"cannot take input_shape=\(6, 6, 5\)"):
+    fnx.spectral_norm(conv(), operator=True, input_shape=(6, 6, 5))
+  with pytest.raises(TypeError, match="input_shape must be a tuple of positive ints"):
+    fnx.spectral_norm(conv(), operator=True, input_shape=6)
+  layer = fnx.spectral_norm(conv(), operator=True, input_shape=(6, 6, 3))
+  with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 3\).*per-example shape \(8, 8, 3\)"):  # fmt: skip
+    layer(jnp.ones((1, 8, 8, 3)))
+
+  class Tanh(nnx.Module):
+    def __init__(self):
+      self.kernel = nnx.Param(jnp.ones((3, 2)))
+
+    def __call__(self, x):
+      return jnp.tanh(x @ self.kernel[...])
+
+  with pytest.raises(ValueError, match=r"param 'kernel' of Tanh: the layer is not linear"):
+    fnx.spectral_norm(Tanh(), operator=True, input_shape=(3,))
