@@ -14,6 +14,7 @@ from flaxnorm._math import (
   weight_norm_compose,
   weight_norm_decompose,
 )
+from flaxnorm._operator import operator_power_iteration
 from flaxnorm._reports import LipschitzBound, lipschitz_bound, spectral_sigmas
 from flaxnorm.linen import remove_spectral_norm, remove_weight_norm, spectral_norm, weight_norm
 
@@ -28,6 +29,7 @@ __all__ = (
   "l2_normalize",
   "lipschitz_bound",
   "nnx",
+  "operator_power_iteration",
   "power_iteration",
   "remove_spectral_norm",
   "remove_weight_norm",

@@ -27,7 +27,6 @@ other ``axis`` in ``flaxnorm`` is the axis kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -62,7 +61,7 @@ class SpectralState(NamedTuple):
   sigma: Array  # shape=(), dtype=float32: sigma = u^T W v.
 
 
-def _compute_dtype(dtype) -> jnp.dtype:
+def compute_dtype(dtype) -> jnp.dtype:
   # Accumulate in float32 at least: float16 squares overflow past 256.
   dtype = jnp.dtype(dtype)
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
@@ -80,7 +79,7 @@ def _inv_norm(x: Array, axes: tuple[int, ...] | None, eps: float) -> Array:
   of ``||x||`` there is 0/0 and the chain rule multiplies it by 0. Selecting a
   safe operand *before* the ``rsqrt`` keeps both branches finite.
   """
-  x = x.astype(_compute_dtype(x.dtype))
+  x = x.astype(compute_dtype(x.dtype))
   sumsq = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
   # Written as "small" so that a NaN sum takes the rsqrt branch and stays NaN.
   small = sumsq <= eps * eps
@@ -111,7 +110,7 @@ def l2_normalize(x: Array, axis: Axis = None, eps: float = 1e-12) -> Array:
   _checks.check_float_array(x, "x", "l2_normalize")
   eps = _checks.check_eps(eps, "l2_normalize")
   axes = None if axis is None else _checks.normalize_axes(axis, x.ndim, "l2_normalize")
-  return (x.astype(_compute_dtype(x.dtype)) * _inv_norm(x, axes, eps)).astype(x.dtype)
+  return (x.astype(compute_dtype(x.dtype)) * _inv_norm(x, axes, eps)).astype(x.dtype)
 
 
 def _reduced_axes(kept: tuple[int, ...], ndim: int) -> tuple[int, ...]:
@@ -145,7 +144,7 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
   """
   _checks.check_float_array(w, "w", "weight_norm_decompose")
   kept = _checks.normalize_axes(axis, w.ndim, "weight_norm_decompose")
-  w32 = w.astype(_compute_dtype(w.dtype))
+  w32 = w.astype(compute_dtype(w.dtype))
   if axis is None:
     g = jnp.sqrt(jnp.sum(jnp.square(w32)))
   else:
@@ -210,7 +209,7 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
       f"{tuple(v.shape)}; expected a scalar or v's rank with size 1 on the "
       "reduced axes (what weight_norm_decompose returns)."
     )
-  dtype = wider(_compute_dtype(g.dtype), _compute_dtype(v.dtype))
+  dtype = wider(compute_dtype(g.dtype), compute_dtype(v.dtype))
   # The scale is small ((1, out)): multiplying v by it makes no kernel-sized
   # g * v to keep for the backward pass.
   return g.astype(dtype) * _inv_norm(v, axes, eps).astype(dtype)
@@ -244,7 +243,7 @@ def as_matrix(w: Array, axis: Axis = -1) -> Array:
   return w.reshape(m, -1)
 
 
-def _normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
+def normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
   # A zero product (zero weight) keeps the previous vector: normalizing it
   # would give 0 and the iteration could never leave 0 once the weight grows.
   sumsq = jnp.sum(jnp.square(x))
@@ -349,7 +348,7 @@ def power_iteration(
   else:
     v_start = v
 
-  dtype = _compute_dtype(w.dtype)
+  dtype = compute_dtype(w.dtype)
   w32 = w.astype(dtype)
   w_fixed = jax.lax.stop_gradient(w32)
 
@@ -357,9 +356,9 @@ def power_iteration(
     u, v, _ = carry
     # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
     # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
-    v = _normalize_or_keep(_dot(u, w_fixed, v), v, eps)  # W^T u
+    v = normalize_or_keep(_dot(u, w_fixed, v), v, eps)  # W^T u
     wv = _dot(v, w_fixed.T, u)  # W v
-    u = _normalize_or_keep(wv, u, eps)
+    u = normalize_or_keep(wv, u, eps)
     return u, v, _dot(u, wv)  # sigma = u^T W v, from the product just made
 
   u_out = jax.lax.stop_gradient(u.astype(dtype))
@@ -412,7 +411,7 @@ def spectral_state_init(
   """
   mat = as_matrix(w, axis)
   m, n = mat.shape
-  dtype = _compute_dtype(w.dtype)
+  dtype = compute_dtype(w.dtype)
   ku, kv = jax.random.split(key)
   u = l2_normalize(jax.random.normal(ku, (m,), dtype), eps=eps)
   v = l2_normalize(jax.random.normal(kv, (n,), dtype), eps=eps)
@@ -569,70 +568,3 @@ def spectral_scale(
   )
   scale = sigma_scale(new_sigma, eps, mode=mode, target=target, at="spectral_normalize")
   return scale, state
-
-
-def operator_power_iteration(
-  apply: Callable[[Array], Array],
-  u: Array,
-  v: Array,
-  *,
-  n_steps: int,
-  eps: float = 1e-12,
-) -> tuple[Array, Array, Array]:
-  """Power iteration through a linear map given as a function: operator-mode spectral norm.
-
-  Where :func:`power_iteration` takes a matrix, this takes the map itself, e.g.
-  a convolution on one example, and its transpose from ``jax.vjp``, so the
-  estimate is the norm of what the layer computes (for a convolution, not the
-  norm of its reshaped kernel). Each step is PyTorch's order:
-  ``v = normalize(A^T u)``, then ``u = normalize(A v)``, in a
-  ``jax.lax.fori_loop`` (compile time flat in ``n_steps``).
-
-  Args:
-    apply: ``x -> A x``, linear, for ``x`` of ``v``'s shape; called with
-      float32 (at least) vectors. Close over stopped-gradient weights: the
-      iteration carries no gradient.
-    u: output-shaped estimate (any shape, e.g. ``(1, h, w, out)``).
-    v: input-shaped estimate (e.g. ``(1, h, w, in)``).
-    n_steps: iterations (>= 0).
-    eps: norms at or below ``eps`` count as zero; a zero product keeps the
-      previous vector.
-
-  Returns:
-    ``(u, v, sigma)``: unit vectors of ``u``'s and ``v``'s shapes and
-    ``sigma = <u, A v>`` of shape ``()``, none carrying a gradient. For a
-    gradient of sigma in the weights, compute ``<u, A_w v>`` with the returned
-    vectors.
-
-  Examples:
-    >>> import jax.numpy as jnp, flaxnorm
-    >>> w = jnp.diag(jnp.array([3.0, 1.0]))
-    >>> u, v, sigma = flaxnorm.operator_power_iteration(
-    ...     lambda x: x @ w.T, jnp.ones(2), jnp.ones(2), n_steps=50)
-    >>> round(float(sigma), 4)
-    3.0
-
-  References:
-    Farnia, Zhang & Tse, "Generalizable Adversarial Training via Spectral
-    Normalization", ICLR 2019; Gouk, Frank, Pfahringer & Cree, "Regularisation
-    of Neural Networks by Enforcing Lipschitz Continuity", Machine Learning 110,
-    2021.
-  """
-  eps = _checks.check_eps(eps, "operator_power_iteration")
-  n_steps = _checks.check_count(n_steps, "n_steps", 0, "operator_power_iteration")
-  dtype = _compute_dtype(jnp.result_type(u, v))
-  u = jax.lax.stop_gradient(jnp.asarray(u, dtype))
-  v = jax.lax.stop_gradient(jnp.asarray(v, dtype))
-  _, transpose = jax.vjp(apply, v)
-
-  def step(_, carry):
-    u, v, _ = carry
-    v = _normalize_or_keep(transpose(u)[0].astype(dtype), v, eps)
-    av = apply(v).astype(dtype)
-    u = _normalize_or_keep(av, u, eps)
-    return u, v, jnp.vdot(u, av)
-
-  carry = (u, v, jnp.vdot(u, apply(v).astype(dtype)))
-  if n_steps:
-    carry = jax.lax.fori_loop(0, n_steps, step, carry)
-  return jax.lax.stop_gradient(carry)

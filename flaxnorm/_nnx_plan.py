@@ -1,0 +1,231 @@
+"""Planning the NNX transforms: every check and all the math first, then one commit.
+
+A failing layer leaves every module untouched, also in ``wrap_modules``: each
+``_plan_*`` function checks a module and computes its new variables, and returns
+a ``commit`` that only mutates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from flaxnorm import _checks, _math, _operator, _options, _subclass
+from flaxnorm._nnx_layer import (
+  FLAG,
+  SpectralNormSpec,
+  WeightNormSpec,
+  describe,
+  operator_map,
+  swap_class,
+)
+
+PathParts = tuple[Any, ...]
+Rngs = nnx.Rngs | jax.Array | int | None
+
+# Flax's own (broken) wrappers, named in the error when someone wraps them.
+_FLAX_WRAPPERS = tuple(
+  t for t in (getattr(nnx, "WeightNorm", None), getattr(nnx, "SpectralNorm", None)) if t
+)
+
+
+class SpectralStateVar(nnx.Variable):
+  """Power-iteration state of a spectrally normalized param.
+
+  Holds ``{name}_u`` (shape ``(m,)``), ``{name}_v`` (shape ``(n,)``) and
+  ``{name}_sigma`` (shape ``()``), float32 at least. It is not an
+  ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)`` skip
+  it, and ``nnx.state(model, SpectralStateVar)`` selects it.
+
+  Examples:
+    >>> from flax import nnx
+    >>> import flaxnorm.nnx
+    >>> layer = flaxnorm.nnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    >>> sorted(nnx.to_pure_dict(nnx.state(layer, flaxnorm.nnx.SpectralStateVar)))
+    ['kernel_sigma', 'kernel_u', 'kernel_v']
+  """
+
+
+SpectralStateVar.__module__ = "flaxnorm.nnx"  # its public home: pickles find it there
+
+
+def check_module(module: Any, method: str) -> None:
+  if isinstance(module, nnx.Module):
+    return
+  hint = ""
+  if type(module).__module__.startswith("flax.linen"):
+    hint = f" For Linen modules use flaxnorm.{method}."
+  elif isinstance(module, dict):
+    hint = f" For a params tree use flaxnorm.tree (or flaxnorm.{method} for Linen variables)."
+  raise TypeError(
+    f"{method}: module must be a flax.nnx.Module instance, got {type(module).__name__}.{hint}"
+  )
+
+
+def _param_names(module: nnx.Module) -> list[str]:
+  return sorted(k for k, x in vars(module).items() if isinstance(x, nnx.Param))
+
+
+def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | None) -> nnx.Param:
+  at = describe(module, name, path)
+  specs = _subclass.specs_of(type(module))
+  if name in specs:
+    raise ValueError(
+      f"{method}: {at} is already wrapped by {specs[name].method}; a param can be "
+      "normalized only once."
+    )
+  var = vars(module).get(name)
+  if var is None:
+    hint = " (e.g. name='embedding' for nnx.Embed)" if isinstance(module, nnx.Embed) else ""
+    if isinstance(module, _FLAX_WRAPPERS):
+      hint = " (this is Flax's own wrapper: apply flaxnorm to the plain layer instead)"
+    raise ValueError(
+      f"{method}: {at} does not exist. Its params are {_param_names(module)}; pass "
+      f"one of them as name=...{hint}."
+    )
+  if not isinstance(var, nnx.Param):
+    raise TypeError(
+      f"{method}: {at} must be an nnx.Param, got {type(var).__name__}; only "
+      "trainable params can be normalized."
+    )
+  return var
+
+
+def _check_free(module: nnx.Module, attrs: Sequence[str], method: str, path, name: str) -> None:
+  taken = [a for a in attrs if a in vars(module) or hasattr(type(module), a)]
+  if taken:
+    raise ValueError(
+      f"{method}: cannot wrap {describe(module, name, path)}: {taken} already exist on the "
+      "layer (already wrapped?)."
+    )
+
+
+def plan_weight_norm(
+  module: nnx.Module,
+  path: PathParts | None,
+  names: tuple[str, ...],
+  options: _options.WeightNormOptions,
+) -> Callable[[], None]:
+  spec = WeightNormSpec(options)
+  check_module(module, "weight_norm")
+  new: dict[str, tuple[nnx.Variable, nnx.Variable]] = {}
+  for name in names:
+    at = describe(module, name, path)
+    var = _check_param(module, name, "weight_norm", path)
+    _check_free(module, spec.attrs(name), "weight_norm", path, name)
+    w = var[...]
+    _checks.check_float_array(w, "the param", at)
+    kept = _checks.normalize_axes(options.axis, w.ndim, at)
+    g, _ = _math.weight_norm_decompose(w, options.axis)
+    meta = {}
+    sharding = var.get_metadata("out_sharding", None)
+    if sharding is not None and options.axis is not None:
+      meta["out_sharding"] = tuple(s if i in kept else None for i, s in enumerate(sharding))
+    elif sharding is not None:
+      meta["out_sharding"] = ()
+    # v is the original Param object: same metadata, same identity.
+    new[name] = (var.copy(g, **meta), var)
+
+  def commit() -> None:
+    specs = _subclass.specs_of(type(module))
+    for name in names:
+      delattr(module, name)  # before the swap: the subclass computes `name`
+      specs[name] = spec
+    swap_class(module, specs)
+    for name, (g, v) in new.items():
+      g_attr, v_attr = spec.attrs(name)
+      setattr(module, g_attr, g)
+      setattr(module, v_attr, v)
+
+  return commit
+
+
+def _operator_example(
+  module: nnx.Module, input_shape: tuple[int, ...] | None, at: str
+) -> tuple[int, ...]:
+  """One input example's shape ``(1, *input_shape)``, checked: the layer takes it, linearly."""
+  if input_shape is None:
+    raise ValueError(
+      f"spectral_norm(operator=True): {at} needs input_shape=..., the shape of one input "
+      "example without the batch axis (e.g. input_shape=(32, 32, 3) for an nnx.Conv on "
+      "32x32 RGB images): NNX builds layers without inputs."
+    )
+  example = (1, *input_shape)
+  try:
+    jax.eval_shape(module, jax.ShapeDtypeStruct(example, jax.numpy.float32))
+  except Exception as e:  # the layer's own error says what it expected
+    raise ValueError(
+      f"spectral_norm(operator=True): {at} cannot take input_shape={input_shape} "
+      f"(inputs of shape {example}): {type(e).__name__}: {e}"
+    ) from None
+  _operator.check_linear(lambda x: module(x), example, at)
+  return example
+
+
+def make_key_source(rngs: Rngs, method: str) -> Callable[[int], jax.Array]:
+  if isinstance(rngs, nnx.Rngs):
+    # Linen draws from a 'spectral' stream when given one, else from 'params'.
+    return lambda _: rngs["spectral"]() if "spectral" in rngs else rngs.params()
+  if rngs is None:
+    rngs = 0
+  if isinstance(rngs, int) and not isinstance(rngs, bool):
+    key = jax.random.key(rngs)
+  elif isinstance(rngs, jax.Array):
+    key = rngs
+  else:
+    raise TypeError(
+      f"{method}: rngs must be an nnx.Rngs, a PRNG key, an int seed or None, got "
+      f"{type(rngs).__name__}."
+    )
+  return lambda i: jax.random.fold_in(key, i) if i else key
+
+
+def plan_spectral_norm(
+  module: nnx.Module,
+  path: PathParts | None,
+  names: tuple[str, ...],
+  options: _options.SpectralNormOptions,
+  next_key: Callable[[int], jax.Array],
+  input_shape: tuple[int, ...] | None = None,
+) -> Callable[[], None]:
+  check_module(module, "spectral_norm")
+  has_flag = hasattr(module, FLAG)
+  others = [s for s in _subclass.specs_of(type(module)).values() if isinstance(s, SpectralNormSpec)]
+  # Every spectral spec of a module records whether flaxnorm owns the flag, so
+  # removing the last one knows whether to delete it.
+  added = any(s.added_flag for s in others) if others else not has_flag
+  spec = SpectralNormSpec(options, added_flag=added, input_shape=input_shape)
+  states = {}
+  for i, name in enumerate(names):
+    at = describe(module, name, path)
+    var = _check_param(module, name, "spectral_norm", path)
+    _check_free(module, spec.attrs(name), "spectral_norm", path, name)
+    w = var[...]
+    kept = _checks.check_spectral_weight(w, options.axis, at)
+    if options.operator:
+      example = _operator_example(module, input_shape, at)
+      linear = operator_map(module, name)
+      states[name] = _operator.init_state(next_key(i), w, linear, example, options)
+    else:
+      states[name] = _math.spectral_state_init(
+        next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
+      )
+
+  def commit() -> None:
+    specs = _subclass.specs_of(type(module))
+    specs.update(dict.fromkeys(names, spec))
+    swap_class(module, specs)
+    for name, state in states.items():
+      for attr, value in zip(spec.attrs(name), state):
+        setattr(module, attr, SpectralStateVar(value))
+    if not has_flag:
+      setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm
+
+  return commit
+
+
+def offset(source: Callable[[int], jax.Array], start: int) -> Callable[[int], jax.Array]:
+  return lambda i: source(start + i)
