@@ -68,15 +68,24 @@ class LayerMap:
     self.example = jnp.zeros((1, *jnp.shape(inputs)[1:]), jnp.float32)
     self.rest = (args[1:], {k: x for k, x in kwargs.items() if k != "inputs"})
     self.plain, self.name, self.module = _plain_copy(module), name, module
+    self._others: dict[str, Any] | None = None
 
   def _params(self, w: jax.Array) -> dict[str, Any]:
-    shapes = jax.eval_shape(self.plain.init, jax.random.key(0), self.example, *self.rest[0])
-    others = {k for k in shapes.get("params", {}) if k != self.name}
-    have = {k: meta.unbox(self.module.get_variable("params", k)) for k in others if self.module.has_variable("params", k)}  # fmt: skip
-    if len(have) < len(others):  # at init, params the layer creates after the kernel
-      made = self.plain.init(jax.random.key(0), self.example, *self.rest[0], **self.rest[1])
-      have = {**meta.unbox(made["params"]), **have}
-    return {**{k: have[k] for k in others}, self.name: w}
+    """The plain layer's params with kernel ``w``; the others are the layer's own."""
+    if self._others is None:
+      args, kwargs = self.rest
+      shapes = jax.eval_shape(self.plain.init, jax.random.key(0), self.example, *args, **kwargs)
+      names = [k for k in shapes.get("params", {}) if k != self.name]
+      have = {
+        k: meta.unbox(self.module.get_variable("params", k))
+        for k in names
+        if self.module.has_variable("params", k)
+      }
+      if len(have) < len(names):  # at init: params the layer creates after the kernel
+        made = self.plain.init(jax.random.key(0), self.example, *args, **kwargs)
+        have = {**meta.unbox(made["params"]), **have}
+      self._others = {k: have[k] for k in names}
+    return {**self._others, self.name: w}
 
   def linear(self, w: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """``x -> A_w x`` (the JVP at zero: no bias), float32 at least."""
@@ -90,9 +99,13 @@ class LayerMap:
 
   def check_linear(self, w_shape: tuple[int, ...], at: str) -> None:
     """Raises unless the layer is linear in its input (see ``_operator.check_linear``)."""
-    with jax.ensure_compile_time_eval():
-      params = self._params(jax.random.normal(jax.random.key(1), w_shape))
     args, kwargs = self.rest
+    with jax.ensure_compile_time_eval():  # concrete: the layer's own params may be traced
+      made = self.plain.init(jax.random.key(0), self.example, *args, **kwargs)
+      params = {
+        **meta.unbox(made["params"]),
+        self.name: jax.random.normal(jax.random.key(1), w_shape),
+      }
 
     def f(x: jax.Array) -> jax.Array:
       return jnp.asarray(self.plain.apply({"params": params}, x, *args, **kwargs))

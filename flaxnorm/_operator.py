@@ -92,9 +92,7 @@ def operator_power_iteration(
   return jax.lax.stop_gradient(carry)
 
 
-def check_linear(
-  f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], at: str
-) -> None:
+def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], at: str) -> None:
   """Raises unless ``f`` is linear in its input: ``f(2x) - f(0) = 2 (f(x) - f(0))``.
 
   Runs eagerly on concrete random values (also under ``jit``): the layer's
