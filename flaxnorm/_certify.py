@@ -1,0 +1,575 @@
+"""Certified upper bounds on the spectral norm of Dense and Conv layers, by Gram iteration.
+
+Power iteration's sigma is a *lower* bound of the true spectral norm; a Lipschitz
+certificate needs an *upper* bound. The functions here return a float that is
+guaranteed (in exact arithmetic, and with a rounding margin in floating point,
+see below) to be >= the operator norm of what the layer computes, and that is
+tight: within 1% of it for Gaussian kernels at :data:`DEFAULT_GRAM_STEPS`.
+
+Gram iteration: with ``G_0 = W`` and ``G_{t+1} = G_t G_t^H``, the singular values
+of ``G_t`` are those of ``W`` raised to the power ``2^t`` (``G_t`` is Hermitian
+PSD for ``t >= 1``), so ``sigma_1(W) = sigma_1(G_t)^(1 / 2^t) <=
+||G_t||_F^(1 / 2^t)``, and ``||G_t||_F^(1 / 2^t) = (sum_i sigma_i^(2^(t+1)))^(1 /
+2^(t+1))`` falls to ``sigma_1`` superlinearly. Each step rescales ``G_t`` by a
+power of two, ``G_t = 2^(-f_t) * (G_{t-1} G_{t-1}^H)``, an exact operation, and
+keeps the integer exponent ``s_t`` of ``H_t = 2^(s_t) G_t`` (``H_t`` the unscaled
+Gram matrix), with ``s_{t+1} = 2 s_t + f_t``; the bound is ``(2^(s_T) ||G_T||_F)^(1
+/ 2^T)``, evaluated without overflow as ``2^a * 2^(b / 2^T) * ||G_T||_F^(1 / 2^T)``
+where ``s_T = a 2^T + b``. The matrix is first transposed so that the Gram
+matrices are ``p x p`` with ``p = min(m, n)``. At the last step the bound also
+uses ``sigma_1(G) <= sqrt(||G||_1 ||G||_inf)`` (Schur's test; ``||G||_inf`` for
+Hermitian ``G``) when it is below ``||G||_F``: the Frobenius norm is loosest,
+``r^(1 / 2^(T+1))``, for ``r`` equal singular values, and there the row sums
+are exact for orthogonal and identity-like layers (``G_1 = I``), common in
+Lipschitz networks.
+
+Convolutions: a convolution with circular padding over spatial size ``N`` (per
+axis) is block-diagonalized by the DFT: its singular values are those of the
+``(in, out)`` blocks ``K(w) = sum_x k[x] exp(-2 pi i <w, x> / N)`` over all
+frequencies ``w`` (Sedghi et al. 2019), so its norm is ``max_w sigma_1(K(w))``.
+Gram iteration runs batched over the blocks, each block rescaled by its own
+power of two, and the bound is the max of the per-block bounds (tighter than the
+paper's joint rescaling, which bounds the max by a sum over blocks). Blocks run
+largest Frobenius norm first, and a block whose bound falls below a lower bound
+of another block's sigma (``max(||G_t||_F / sqrt(p), ||G_t c|| / ||c||)`` with
+``c`` a column of ``G_t``) stops early: this changes the cost, not the result's
+validity, since every block keeps a valid bound of its own. A real kernel's
+blocks at ``w`` and ``-w`` are complex conjugates with the same singular values,
+so only half the frequencies of the last axis are computed. See
+:func:`conv_norm_bound` for zero padding and strides.
+
+Floating point: everything runs in numpy float64 (the certificate runs rarely,
+outside training; nothing is jitted). The computed matrices differ from the exact
+Gram matrices by rounding, and the bound carries a relative margin for it. A
+computed product ``C C^H`` (inner size ``q``) is off by ``E`` with ``||E||_F <=
+gamma_q ||C||_F^2`` (``gamma_q = q u / (1 - q u)``, ``u = 2^-53``, for any
+summation order), and ``sigma_1(C C^H) >= ||C||_F^2 / p``, so each step changes
+``sigma_1`` by a relative ``delta <= p gamma_q`` at most; through the ``1 / 2^t``
+roots the steps together change the bound by ``1 / (1 - delta)`` at most. The
+power-of-two rescalings are exact, and the final Frobenius (or row-sum) norm,
+root and ``exp2`` add a few ``u`` (``(p + 2) u`` for the sums). The margin
+used, ``4 (p q + p + q + 16) eps`` (``eps = 2u = 2^-52``: ``3.7e-12`` for 64 x
+64, ``9.3e-10`` for 1024 x 1024), covers these with a factor >= 2, complex
+products included (their bound is ``sqrt(2) gamma_(q+2)``). For convolutions the blocks are computed by an explicit
+DFT (twiddles ``exp(-2 pi i M / P)`` from the exact integer phase ``M``, then one
+matrix product over the ``K`` taps); its error ``||K_computed(w) - K(w)||_2 <=
+(sqrt(2) K + 21) u ||A||_F`` with ``A = sum_x |k[x]|`` is added as an absolute
+term ``2 (K + 16) eps ||A||_F``. Underflow of entries far below the largest one
+is absorbed by the same margins. The analysis assumes IEEE float64, BLAS products
+without Strassen-like algorithms (OpenBLAS, MKL), and ``exp``, ``exp2``, ``cos``,
+``sin`` and ``pow`` within a few ulps (glibc).
+
+References:
+  Delattre, Barthelemy, Araujo, Allauzen. Efficient Bound of Lipschitz Constant
+  for Convolutional Layers by Gram Iteration. ICML 2023.
+
+  Sedghi, Gupta, Long. The Singular Values of Convolutional Layers. ICLR 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.linalg import get_blas_funcs  # scipy: a dependency of jax
+
+from flaxnorm import _checks
+from flaxnorm._checks import Axis
+
+DEFAULT_GRAM_STEPS = 6
+"""Gram steps (squarings) that :func:`matrix_norm_bound` and :func:`conv_norm_bound` run.
+
+Measured bound / sigma_1 (numpy SVD) for Gaussian matrices: 300 draws of shapes
+1..64 per side, at most 1.0026 with 6 steps (1.011 with 5, 1.0009 with 7);
+1024 x 1024: 1.0036 and 1.0053 (two seeds) with 6 steps, 1.0007 with 7. Orthogonal matrices and
+partial isometries are exact (their Gram matrix is ``I``, bounded by its row
+sums); the worst case, ``r < min(m, n)`` equal nonzero singular values with
+delocalized singular vectors, stays near ``r^(1 / 2^(n_steps + 1))``: 1.022 for
+a rank-32 projector in 64 dims at 6 steps. Each step costs one ``p x p x q``
+matrix product.
+"""
+
+_MAX_GRAM_STEPS = 40  # keeps the integer exponent 2^t * (e + log2 q + 2) below 2^53.
+_EPS = float(np.finfo(np.float64).eps)
+_CHUNK_BYTES = 32 * 2**20  # complex blocks handled per batch of frequencies.
+_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "CAUSAL")
+_HERK_MIN = 16  # complex blocks at least this large use BLAS zherk, one call per block
+(_ZHERK,) = get_blas_funcs(("herk",), dtype=np.complex128)
+
+
+def _rel_margin(p: int, q: int) -> float:
+  """Relative rounding margin of Gram iteration on ``p x q`` blocks (module docstring)."""
+  return 4.0 * (p * q + p + q + 16) * _EPS
+
+
+def _rescale(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Scales each block by a power of two (exactly) so its largest entry is in [0.5, 1).
+
+  Args:
+    g: ``(B, p, q)`` float64 or complex128; the largest entry is the largest
+      ``max(|re|, |im|)``.
+
+  Returns:
+    The scaled blocks (C-contiguous) and the exponents ``e`` (int64, ``(B,)``)
+    with ``g = 2^e * scaled``; a zero block keeps ``e = 0``.
+  """
+  parts = np.ascontiguousarray(g).view(np.float64)  # complex: (re, im) interleaved
+  _, e = np.frexp(np.maximum(parts.max(axis=(1, 2)), -parts.min(axis=(1, 2))))
+  e = e.astype(np.int64)
+  if e.min() >= -1000:  # 2^-e is a float: multiplying by it is exact (and faster than ldexp)
+    scaled = parts * np.ldexp(1.0, -e)[:, None, None]
+  else:
+    scaled = np.ldexp(parts, -e[:, None, None])
+  return scaled.view(g.dtype), e
+
+
+def _frobenius(g: np.ndarray) -> np.ndarray:
+  """``||G||_F`` of each block of a C-contiguous ``(B, p, q)`` array."""
+  parts = g.view(np.float64)
+  return np.sqrt(np.einsum("bij,bij->b", parts, parts))
+
+
+def _root(s: np.ndarray, x: np.ndarray, t: int) -> np.ndarray:
+  """``(2^s * x)^(1 / 2^t)`` for int64 ``s`` and ``x >= 0``, without overflow."""
+  two_t = 2**t
+  a, b = np.divmod(s, two_t)  # s = a 2^t + b, 0 <= b < 2^t: b / 2^t is exact.
+  return np.ldexp(np.exp2(b / two_t) * x ** (1.0 / two_t), a)
+
+
+def _gram(g: np.ndarray) -> np.ndarray:
+  """``G G^H`` for each ``p x q`` block of ``g``, conjugated for large complex blocks.
+
+  Large complex blocks use BLAS ``zherk`` (half the flops of a product: one
+  triangle, mirrored; measured 2x faster than ``matmul`` on 256 x 256 blocks),
+  called as ``A^H A`` on the transposed view to avoid a copy; that gives
+  ``conj(G G^H)``, which has the same singular values and is again Hermitian
+  PSD, so the iteration and its bound are unchanged. Every entry is one
+  length-``q`` dot product either way (the same rounding bound). Real blocks
+  use ``matmul`` (numpy's BLAS was faster than scipy's ``dsyrk`` here).
+  """
+  b, p, _ = g.shape
+  if p < _HERK_MIN or not np.iscomplexobj(g):
+    return g @ np.conj(np.swapaxes(g, 1, 2))
+  out = np.empty((b, p, p), dtype=g.dtype)
+  for i in range(b):
+    out[i] = _ZHERK(1.0, g[i].T, trans=2)  # upper triangle of conj(g g^H)
+  lower = np.tril_indices(p, -1)
+  out[:, lower[0], lower[1]] = np.conj(out[:, lower[1], lower[0]])
+  return out
+
+
+def _block_bounds(blocks: np.ndarray, n_steps: int, floor: float = 0.0) -> tuple[np.ndarray, float]:
+  """Upper bounds on ``sigma_1`` of each block of ``blocks``, by Gram iteration.
+
+  Args:
+    blocks: ``(B, a, b)`` float64 or complex128 array.
+    n_steps: Gram steps, ``>= 0`` (``0``: the Frobenius norm).
+    floor: a value known to be <= the largest ``sigma_1`` of the caller's
+      blocks (from earlier batches); blocks whose bound falls below it, or
+      below a lower bound of another block's ``sigma_1``, stop iterating.
+
+  Returns:
+    ``(upper, floor)``: ``upper`` (``(B,)`` float64) holds a valid upper bound
+    of each block's ``sigma_1`` including the rounding margin (fully iterated
+    for the blocks that can hold the max); ``floor`` is the updated lower bound
+    of the largest ``sigma_1``.
+  """
+  if blocks.shape[1] > blocks.shape[2]:
+    blocks = np.conj(np.swapaxes(blocks, 1, 2))
+  _, p, q = blocks.shape
+  grow = 1.0 + _rel_margin(p, q)
+  g, s = _rescale(blocks)
+  idx = np.arange(blocks.shape[0])
+  upper = np.empty(blocks.shape[0])
+  for t in range(n_steps + 1):
+    if t:
+      g, f = _rescale(_gram(g))
+      s = 2 * s + f
+    fro = _frobenius(g)
+    norm = fro
+    if t == n_steps:  # Schur's test, last step only: |G| costs a square root per entry
+      mag = np.abs(g)
+      norm = np.minimum(fro, np.sqrt(mag.sum(axis=1).max(axis=1) * mag.sum(axis=2).max(axis=1)))
+    up = _root(s, norm, t) * grow
+    upper[idx] = up if t == 0 else np.minimum(upper[idx], up)
+    if t == n_steps:
+      break
+    low = fro / math.sqrt(p)  # sigma_1(G) >= ||G||_F / sqrt(rank)
+    if t:  # and >= ||G c|| / ||c|| for any c: c = G e_j, j the largest diagonal entry
+      col = np.argmax(np.real(np.diagonal(g, axis1=1, axis2=2)), axis=1)
+      c = np.take_along_axis(g, col[:, None, None], 2)
+      norm_c = np.linalg.norm(c, axis=(1, 2))
+      ray = np.linalg.norm(g @ c, axis=(1, 2)) / np.where(norm_c > 0, norm_c, 1.0)
+      low = np.maximum(low, ray)
+    floor = max(floor, float(_root(s, low, t).max()) / grow)
+    keep = up >= floor
+    if not keep.any():
+      break  # every block is bounded below another block's sigma_1 already
+    g, s, idx = g[keep], s[keep], idx[keep]
+  return upper, floor
+
+
+def _check_kernel(w: Any, argname: str, at: str) -> np.ndarray:
+  _checks.check_float_array(w, argname, at)
+  if np.iscomplexobj(w):  # pragma: no cover - check_float_array rejects complex already
+    raise TypeError(f"{argname} at {at} must be real, got {w.dtype}.")
+  out = np.asarray(w, dtype=np.float64)
+  if not np.all(np.isfinite(out)):
+    raise ValueError(f"{argname} at {at} must be finite, got NaN or inf entries.")
+  return out
+
+
+def _check_steps(n_steps: Any, at: str) -> int:
+  n_steps = _checks.check_count(n_steps, "n_steps", 1, at)
+  if n_steps > _MAX_GRAM_STEPS:
+    raise ValueError(
+      f"n_steps must be <= {_MAX_GRAM_STEPS} at {at}, got {n_steps} (the bound stops "
+      "improving in float64 long before)."
+    )
+  return n_steps
+
+
+def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_STEPS) -> float:
+  """Certified upper bound on the spectral norm of a kernel's matrix view.
+
+  The matrix is ``flaxnorm.as_matrix(w, axis)``: the kept ``axis`` (or axes) as
+  rows, the rest flattened as columns, so a Dense kernel ``(in, out)`` gives
+  ``(out, in)``. For a 2-D matrix ``axis`` does not change ``sigma_1``; it does
+  for kernels of rank >= 3. For a Dense layer ``x -> x @ w``, this bounds its
+  Lipschitz constant (l2 norm).
+
+  Args:
+    w: real float array with at least 2 dims (numpy or JAX; float16,
+      bfloat16, float32 or float64), finite.
+    axis: the kept (row) axis or axes, as in :func:`flaxnorm.as_matrix`.
+    n_steps: Gram steps, 1 to 40; the bound ``||G_T||_F^(1 / 2^T)`` tightens
+      superlinearly with them (:data:`DEFAULT_GRAM_STEPS`).
+
+  Returns:
+    A Python float ``>= sigma_1`` of the matrix view, exactly (including a
+    floating-point margin of ``4 (m n + m + n + 16) * 2^-52`` relative), and
+    within 1% of it for Gaussian matrices at the default steps. ``0.0`` for a
+    zero matrix.
+
+  Raises:
+    TypeError: ``w`` is not a real float array, or ``n_steps`` not an int.
+    ValueError: ``w`` has fewer than 2 dims or non-finite entries, ``axis`` is
+      out of range or ``None``, or ``n_steps`` is not in ``[1, 40]``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from flaxnorm._certify import matrix_norm_bound
+    >>> w = np.diag([3.0, 1.0])
+    >>> bound = matrix_norm_bound(w)
+    >>> bound >= 3.0, f"{bound:.9f}"
+    (True, '3.000000000')
+    >>> w = np.random.default_rng(0).normal(size=(64, 32))
+    >>> bool(1.0 <= matrix_norm_bound(w) / np.linalg.svd(w, compute_uv=False)[0] < 1.01)
+    True
+
+  References:
+    Delattre, Barthelemy, Araujo, Allauzen. Efficient Bound of Lipschitz
+    Constant for Convolutional Layers by Gram Iteration. ICML 2023.
+  """
+  at = "matrix_norm_bound"
+  w = _check_kernel(w, "w", at)
+  if w.ndim < 2:
+    raise ValueError(f"w at {at} must have at least 2 dims, got shape {w.shape}.")
+  if axis is None:
+    raise ValueError(f"axis at {at} must name the kept (row) axis or axes, got None.")
+  kept = _checks.normalize_axes(axis, w.ndim, at)
+  n_steps = _check_steps(n_steps, at)
+  if w.size == 0:
+    return 0.0
+  w = np.moveaxis(w, kept, tuple(range(len(kept))))
+  mat = w.reshape(math.prod(w.shape[: len(kept)]), -1)
+  upper, _ = _block_bounds(mat[None], n_steps)
+  return float(upper[0])
+
+
+def _per_axis(value: Any, d: int, argname: str, at: str) -> tuple[int, ...]:
+  items = (value,) * d if isinstance(value, (int, np.integer)) else value
+  if (
+    not isinstance(items, Sequence)
+    or len(items) != d
+    or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in items)
+  ):
+    raise ValueError(
+      f"{argname} at {at} must be a positive int or a sequence of {d} positive ints "
+      f"(one per spatial axis), got {value!r}."
+    )
+  return tuple(int(v) for v in items)
+
+
+def _explicit_pads(padding: Any, d: int, at: str) -> list[tuple[int, int]] | None:
+  """Flax's int / sequence padding as ``(lo, hi)`` pairs, or ``None`` if not of that form."""
+  if isinstance(padding, int) and not isinstance(padding, bool):
+    pads = [(padding, padding)] * d
+  elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == d:
+    pads = []
+    for p in padding:
+      if isinstance(p, int) and not isinstance(p, bool):
+        pads.append((p, p))
+      elif isinstance(p, Sequence) and len(p) == 2 and all(isinstance(v, int) for v in p):
+        pads.append((int(p[0]), int(p[1])))
+      else:
+        return None
+  else:
+    return None
+  if any(v < 0 or isinstance(v, bool) for pair in pads for v in pair):
+    raise ValueError(f"padding at {at} must have non-negative (low, high) pairs, got {padding!r}.")
+  return pads
+
+
+def _fft_sizes(
+  input_shape: tuple[int, ...],
+  window: tuple[int, ...],
+  strides: tuple[int, ...],
+  padding: Any,
+  at: str,
+) -> tuple[int, ...]:
+  """The circular size ``N`` per axis whose circular-conv norm bounds the layer's norm.
+
+  ``window`` is the dilated window ``(k - 1) d + 1``. See :func:`conv_norm_bound`.
+  """
+  d = len(input_shape)
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode not in _PADDINGS:
+      raise ValueError(
+        f"padding at {at} must be one of {_PADDINGS}, an int or a sequence of {d} ints or "
+        f"(low, high) pairs, got {padding!r} (REFLECT padding is not supported)."
+      )
+    if mode == "CIRCULAR":
+      return input_shape
+    if mode == "CAUSAL":
+      if d != 1:
+        raise ValueError(f"padding='CAUSAL' at {at} needs a 1-D conv, got {d} spatial dims.")
+      pads = [(window[0] - 1, 0)]
+    elif mode == "VALID":
+      pads = [(0, 0)] * d
+    else:  # lax's SAME: output size ceil(n / s), the odd pixel high (SAME) or low.
+      pads = []
+      for n, k, s in zip(input_shape, window, strides):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        small, big = total // 2, total - total // 2
+        pads.append((small, big) if mode == "SAME" else (big, small))
+  else:
+    found = _explicit_pads(padding, d, at)
+    if found is None:
+      raise ValueError(
+        f"padding at {at} must be one of {_PADDINGS}, an int or a sequence of {d} ints or "
+        f"(low, high) pairs, got {padding!r}."
+      )
+    pads = found
+  sizes = []
+  for i, (n, k, (lo, hi)) in enumerate(zip(input_shape, window, pads)):
+    n_out = n + lo + hi - k + 1  # stride-1 outputs
+    if n_out < 1:
+      raise ValueError(
+        f"input_shape at {at} is smaller than the window along spatial axis {i}: size {n} "
+        f"padded by ({lo}, {hi}) < dilated window {k} (padding={padding!r})."
+      )
+    sizes.append(max(n + lo, n + hi, n_out))
+  return tuple(sizes)
+
+
+def _dft_blocks(
+  kmat: np.ndarray,
+  taps: np.ndarray,
+  freqs: np.ndarray,
+  sizes: tuple[int, ...],
+) -> np.ndarray:
+  """``K(w) = sum_x k[x] exp(-2 pi i sum_j w_j x_j / N_j)`` for each row ``w`` of ``freqs``.
+
+  Args:
+    kmat: ``(K, c)`` float64, the kernel with its ``K`` taps flattened.
+    taps: ``(K, d)`` int64, each tap's (dilated) position.
+    freqs: ``(F, d)`` int64 frequencies.
+    sizes: the ``N_j``.
+
+  Returns:
+    ``(F, c)`` complex128.
+  """
+  period = math.prod(sizes)
+  phase = np.zeros((freqs.shape[0], taps.shape[0]), dtype=np.int64)
+  for j, n in enumerate(sizes):
+    phase += (np.outer(freqs[:, j], taps[:, j]) % n) * (period // n)
+  angle = (-2.0 * np.pi) * ((phase % period) / period)
+  return (np.cos(angle) @ kmat) + 1j * (np.sin(angle) @ kmat)  # both exact: 1j * x, re + i im
+
+
+def conv_norm_bound(
+  kernel: Any,
+  input_shape: Sequence[int],
+  *,
+  strides: int | Sequence[int] = 1,
+  padding: str | int | Sequence[int | tuple[int, int]] = "SAME",
+  feature_group_count: int = 1,
+  kernel_dilation: int | Sequence[int] = 1,
+  n_steps: int = DEFAULT_GRAM_STEPS,
+) -> float:
+  """Certified upper bound on the operator norm of ``flax.linen.Conv`` with this kernel.
+
+  The bound is on the l2 operator norm (Lipschitz constant) of the map from
+  one input ``(*input_shape, in)`` to its output, for ``nn.Conv(out,
+  kernel.shape[:-2], strides=..., padding=..., feature_group_count=...,
+  kernel_dilation=...)`` without bias (a bias does not change the Lipschitz
+  constant); a batch is handled example by example with the same norm.
+
+  How: the norm of a circular convolution over spatial size ``N`` is the max of
+  ``sigma_1`` over its DFT blocks (Sedghi et al. 2019), bounded by Gram
+  iteration (module docstring). The layer is a restriction of a circular
+  convolution, per spatial axis of input size ``n``, dilated window ``k``,
+  padding ``(lo, hi)``:
+
+  * ``CIRCULAR``: Flax's wrap-padded conv is the circular conv on ``N = n`` with
+    its outputs shifted; with strides, a selection of its outputs.
+  * Zero padding (``SAME``, ``SAME_LOWER``, ``VALID``, ``CAUSAL``, explicit
+    pairs): put the input at positions ``0..n-1`` of a zero-filled circular
+    buffer of size ``N = max(n + lo, n + hi, n + lo + hi - k + 1)``. Output
+    ``q`` reads input index ``j = q - lo + x``, ``j`` in ``[-lo, n + hi - 1]``;
+    those outside ``[0, n)`` are padding zeros, and modulo ``N`` they still
+    land on zeros of the buffer (``N - lo >= n`` and ``n + hi <= N``), while
+    the ``n + lo + hi - k + 1`` stride-1 outputs are distinct rows of the
+    circular conv. So the layer is ``S C_N P`` with ``P`` an isometric
+    embedding and ``S`` a row selection, and ``||layer|| <= ||C_N||``. Strides
+    select a subset of the outputs: again a row selection. ``SAME`` at stride
+    1 gives ``N = n + k // 2``, ``VALID`` ``N = n`` (the paper's ``n + k - 1``
+    would be valid too, not smaller).
+  * Feature groups make the layer block-diagonal over groups (group ``i``:
+    inputs ``[i cin_g, (i + 1) cin_g)``, outputs ``[i cout_g, (i + 1)
+    cout_g)``), so its norm is the max over groups; the blocks of every group
+    and frequency are bounded together.
+  * Kernel dilation places tap ``x`` at ``x * dilation`` (a kernel with zeros
+    between the taps, of window ``(k - 1) d + 1``).
+
+  Tightness, measured (bound / norm of the layer's dense Jacobian; 400
+  Gaussian kernels, windows 1 to 3, 1-D and 2-D, spatial 3 to 16, channels 1
+  to 8, default steps): circular stride 1: 1.0 to 1.00005 (the same operator:
+  Gram's slack only); windows > 1 at stride 1: SAME 1.0001 to 1.32 (median
+  1.022), VALID 1.001 to 2.2 (median 1.03; worst when the output is a pixel or
+  two); stride 2, any padding: 1.03 to 2.05 (median 1.24 to 1.37), since
+  striding drops rows that the circular bound keeps. 1x1 kernels are tight as
+  for Dense. The zero-padding gap shrinks as the input grows: for 3x3 2->2
+  kernels, SAME 1.05-1.22 on 4x4, 1.005-1.02 on 16x16, 1.002-1.007 on 24x24.
+
+  Args:
+    kernel: real float array in Flax's layout ``(*window, in // groups, out)``,
+      1 to 3 spatial dims, finite.
+    input_shape: the spatial shape of one input, without batch and channels,
+      e.g. ``(16, 16)``; one positive int per window dim.
+    strides: an int or one int per spatial dim, >= 1.
+    padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"``, ``"CIRCULAR"``,
+      ``"CAUSAL"`` (1-D), an int, or a sequence of ints or ``(low, high)``
+      pairs (non-negative), as in ``flax.linen.Conv``.
+    feature_group_count: an int >= 1 that divides ``out``.
+    kernel_dilation: an int or one int per spatial dim, >= 1.
+    n_steps: Gram steps, 1 to 40.
+
+  Returns:
+    A Python float ``>=`` the layer's operator norm (including floating-point
+    margins, module docstring).
+
+  Raises:
+    TypeError: ``kernel`` is not a real float array, or ``n_steps`` or
+      ``feature_group_count`` not an int, or ``input_shape`` not a sequence.
+    ValueError: ``input_shape`` does not have ``kernel.ndim - 2`` positive
+      entries, the (padded) input is smaller than the dilated window (e.g.
+      ``VALID``), an unknown ``padding``, bad ``strides`` or
+      ``kernel_dilation``, ``feature_group_count`` does not divide ``out``, or
+      ``n_steps`` not in ``[1, 40]``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from flaxnorm._certify import conv_norm_bound
+    >>> identity = np.zeros((3, 3, 4, 4))
+    >>> identity[1, 1] = np.eye(4)  # a 3x3 conv that copies its input
+    >>> f"{conv_norm_bound(identity, (8, 8)):.9f}"
+    '1.000000000'
+    >>> diff = np.array([1.0, -1.0]).reshape(2, 1, 1)  # x[i] - x[i + 1]: norm 2 (circular, even n)
+    >>> f"{conv_norm_bound(diff, (8,), padding='CIRCULAR'):.9f}"
+    '2.000000000'
+    >>> kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 8))
+    >>> # SAME on 8 x 8 is a restriction of the circular conv on 9 x 9 (see above):
+    >>> conv_norm_bound(kernel, (8, 8)) == conv_norm_bound(kernel, (9, 9), padding="CIRCULAR")
+    True
+
+  References:
+    Delattre, Barthelemy, Araujo, Allauzen. Efficient Bound of Lipschitz
+    Constant for Convolutional Layers by Gram Iteration. ICML 2023.
+
+    Sedghi, Gupta, Long. The Singular Values of Convolutional Layers. ICLR 2019.
+  """
+  at = "conv_norm_bound"
+  kernel = _check_kernel(kernel, "kernel", at)
+  d = kernel.ndim - 2
+  if not 1 <= d <= 3:
+    raise ValueError(
+      f"kernel at {at} must have layout (*window, in // groups, out) with 1 to 3 spatial "
+      f"dims, got shape {kernel.shape}."
+    )
+  if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+    raise TypeError(
+      f"input_shape at {at} must be a sequence of ints (spatial dims, e.g. (16, 16)), "
+      f"got {input_shape!r}."
+    )
+  if len(input_shape) != d or any(
+    isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in input_shape
+  ):
+    raise ValueError(
+      f"input_shape at {at} must be {d} positive ints, one per spatial dim of the kernel of "
+      f"shape {kernel.shape} (without batch and channels), got {tuple(input_shape)!r}."
+    )
+  input_shape = tuple(int(n) for n in input_shape)
+  strides = _per_axis(strides, d, "strides", at)
+  dilation = _per_axis(kernel_dilation, d, "kernel_dilation", at)
+  groups = _checks.check_count(feature_group_count, "feature_group_count", 1, at)
+  cin_g, cout = kernel.shape[-2:]
+  if cout % groups:
+    raise ValueError(
+      f"feature_group_count={groups} at {at} must divide the kernel's out features {cout}."
+    )
+  n_steps = _check_steps(n_steps, at)
+  window = kernel.shape[:d]
+  dilated = tuple((k - 1) * r + 1 for k, r in zip(window, dilation))
+  sizes = _fft_sizes(input_shape, dilated, strides, padding, at)
+  if kernel.size == 0:
+    return 0.0
+  if math.prod(sizes) >= 2**52:
+    raise ValueError(f"input_shape at {at} is too large: {input_shape}.")
+
+  kmat = kernel.reshape(-1, cin_g * cout)
+  taps = np.indices(window).reshape(d, -1).T * np.asarray(dilation)
+  half = (*sizes[:-1], sizes[-1] // 2 + 1)  # w and -w: conjugate blocks
+  freqs = np.indices(half).reshape(d, -1).T
+  cout_g = cout // groups
+
+  def blocks(rows: np.ndarray) -> np.ndarray:
+    out = _dft_blocks(kmat, taps, freqs[rows], sizes)
+    out = out.reshape(len(rows), cin_g, groups, cout_g).transpose(0, 2, 1, 3)
+    return out.reshape(len(rows) * groups, cin_g, cout_g)
+
+  chunk = max(1, _CHUNK_BYTES // (16 * cin_g * cout))
+  n_freq = freqs.shape[0]
+  # Pass 1: Frobenius bounds of every block; pass 2: Gram steps, largest first.
+  upper = np.concatenate(
+    [
+      _block_bounds(blocks(np.arange(i, min(i + chunk, n_freq))), 0)[0]
+      for i in range(0, n_freq, chunk)
+    ]
+  ).reshape(n_freq, groups)
+  order = np.argsort(-upper.max(axis=1), kind="stable")
+  floor = 0.0
+  for i in range(0, n_freq, chunk):
+    rows = order[i : i + chunk]
+    rows = rows[upper[rows].max(axis=1) >= floor]
+    if rows.size == 0:
+      break  # sorted: every later block is bounded below the floor already
+    found, floor = _block_bounds(blocks(rows), n_steps, floor)
+    upper[rows] = np.minimum(upper[rows], found.reshape(len(rows), groups))
+  taps_abs = np.abs(kernel).reshape(-1, cin_g * cout).sum(axis=0)
+  dft_error = 2.0 * (kmat.shape[0] + 16) * _EPS * float(np.sqrt(np.sum(taps_abs**2)))
+  return float(upper.max()) + dft_error
