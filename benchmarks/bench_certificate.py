@@ -5,6 +5,7 @@ Run by hand (not a test)::
   python benchmarks/bench_certificate.py              # ~2-4 minutes on 2 CPU cores
   python benchmarks/bench_certificate.py --quick      # smoke run: smaller shapes, 1 repeat
   python benchmarks/bench_certificate.py --fft-svd    # also the exact circular norm by SVD
+  python benchmarks/bench_certificate.py --blas-threads 1   # needs threadpoolctl
 
 (a) ``matrix_norm_bound`` of a 1024 x 1024 Gaussian matrix, next to its SVD
 sigma_1 and flaxnorm's power-iteration sigma (200 steps, float32).
@@ -18,7 +19,10 @@ FFT blocks, by numpy's SVD.
 
 Times are medians over ``--repeats`` runs (default 3) of the whole call,
 argument checks included; numpy float64, nothing jitted. The certificate is
-computed rarely (after training, per checkpoint), not in the train step.
+computed rarely (after training, per checkpoint), not in the train step. On a
+loaded machine OpenBLAS's spinning threads can slow the many per-block calls
+several times over: ``--blas-threads 1`` (or ``OPENBLAS_NUM_THREADS=1``) then
+runs faster; the header prints the load average.
 """
 
 from __future__ import annotations
@@ -72,14 +76,20 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="smaller shapes, 1 repeat")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--fft-svd", action="store_true", help="exact circular norm by SVD")
+  parser.add_argument("--blas-threads", type=int, default=None, help="limit BLAS threads")
   args = parser.parse_args()
+  if args.blas_threads is not None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.blas_threads)
   repeats = 1 if args.quick else args.repeats
   n, channels, spatial = (256, 64, (16, 16)) if args.quick else (1024, 256, (32, 32))
 
   print(
     f"# bench_certificate  {datetime.date.today()}  {platform.machine()}, "
     f"{os.cpu_count()} CPU cores, numpy {np.__version__}, jax {jax.__version__}, "
-    f"n_steps={DEFAULT_GRAM_STEPS}, repeats={repeats}"
+    f"n_steps={DEFAULT_GRAM_STEPS}, repeats={repeats}, blas_threads={args.blas_threads}, "
+    f"load average {os.getloadavg()[0]:.1f}"
   )
   rows = []
 
