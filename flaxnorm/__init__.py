@@ -14,6 +14,7 @@ from flaxnorm._math import (
   weight_norm_compose,
   weight_norm_decompose,
 )
+from flaxnorm._certify import DEFAULT_GRAM_STEPS, conv_norm_bound, matrix_norm_bound
 from flaxnorm._operator import operator_power_iteration
 from flaxnorm._reports import LipschitzBound, lipschitz_bound, spectral_sigmas
 from flaxnorm.linen import remove_spectral_norm, remove_weight_norm, spectral_norm, weight_norm
@@ -21,13 +22,16 @@ from flaxnorm.linen import remove_spectral_norm, remove_weight_norm, spectral_no
 __version__ = "0.1.0"
 
 __all__ = (
+  "DEFAULT_GRAM_STEPS",
   "DEFAULT_N_INIT_ITERATIONS",
   "LipschitzBound",
   "SpectralState",
   "as_matrix",
+  "conv_norm_bound",
   "interop",
   "l2_normalize",
   "lipschitz_bound",
+  "matrix_norm_bound",
   "nnx",
   "operator_power_iteration",
   "power_iteration",

@@ -117,7 +117,7 @@ def lipschitz_bound(
     model: the Linen model the variables belong to, for the certificate.
     inputs: example inputs of ``model.apply`` (shapes matter, not values).
     n_gram_steps: Gram iterations per layer (default
-      ``flaxnorm._certify.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
+      ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
       Gaussian kernels).
 
   Returns:
