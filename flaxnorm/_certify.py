@@ -401,6 +401,29 @@ def _dft_blocks(
   return (np.cos(angle) @ kmat) + 1j * (np.sin(angle) @ kmat)  # both exact: 1j * x, re + i im
 
 
+def _check_conv_input(kernel: np.ndarray, input_shape: Any, at: str) -> tuple[int, ...]:
+  """The spatial input shape as ints, checked against the kernel's ``(*window, in, out)``."""
+  d = kernel.ndim - 2
+  if not 1 <= d <= 3:
+    raise ValueError(
+      f"kernel at {at} must have layout (*window, in // groups, out) with 1 to 3 spatial "
+      f"dims, got shape {kernel.shape}."
+    )
+  if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+    raise TypeError(
+      f"input_shape at {at} must be a sequence of ints (spatial dims, e.g. (16, 16)), "
+      f"got {input_shape!r}."
+    )
+  if len(input_shape) != d or any(
+    isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in input_shape
+  ):
+    raise ValueError(
+      f"input_shape at {at} must be {d} positive ints, one per spatial dim of the kernel of "
+      f"shape {kernel.shape} (without batch and channels), got {tuple(input_shape)!r}."
+    )
+  return tuple(int(n) for n in input_shape)
+
+
 def conv_norm_bound(
   kernel: Any,
   input_shape: Sequence[int],
@@ -506,24 +529,7 @@ def conv_norm_bound(
   at = "conv_norm_bound"
   kernel = _check_kernel(kernel, "kernel", at)
   d = kernel.ndim - 2
-  if not 1 <= d <= 3:
-    raise ValueError(
-      f"kernel at {at} must have layout (*window, in // groups, out) with 1 to 3 spatial "
-      f"dims, got shape {kernel.shape}."
-    )
-  if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-    raise TypeError(
-      f"input_shape at {at} must be a sequence of ints (spatial dims, e.g. (16, 16)), "
-      f"got {input_shape!r}."
-    )
-  if len(input_shape) != d or any(
-    isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in input_shape
-  ):
-    raise ValueError(
-      f"input_shape at {at} must be {d} positive ints, one per spatial dim of the kernel of "
-      f"shape {kernel.shape} (without batch and channels), got {tuple(input_shape)!r}."
-    )
-  input_shape = tuple(int(n) for n in input_shape)
+  input_shape = _check_conv_input(kernel, input_shape, at)
   strides = _per_axis(strides, d, "strides", at)
   dilation = _per_axis(kernel_dilation, d, "kernel_dilation", at)
   groups = _checks.check_count(feature_group_count, "feature_group_count", 1, at)
