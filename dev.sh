@@ -27,7 +27,7 @@ setup() {
 case "${1:-}" in
   demo)
     setup
-    "$BIN/python" examples/digits_weight_norm.py
+    "$BIN/python" examples/sngan_mixture.py
     ;;
   test)
     setup
