@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
@@ -62,12 +62,7 @@ def mlp(features: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Sequential:
 
 def spectral_sigmas(model: nnx.Module) -> dict[str, float]:
   """The stored sigma of every spectral-normed param: ``{"layers/0/kernel": sigma, ...}``."""
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, fnnx.SpectralStateVar)))
-  return {
-    "/".join(map(str, (*k[:-1], k[-1].removesuffix("_sigma")))): float(s)
-    for k, s in flat.items()
-    if k[-1].endswith("_sigma")
-  }
+  return {k: float(s) for k, s in fnnx.spectral_sigmas(model).items()}
 
 
 def mode_stats(samples: np.ndarray) -> tuple[float, int]:

@@ -75,10 +75,7 @@ def sample(g_params, z):
 
 def spectral_sigmas(variables) -> dict[str, float]:
   """The stored sigma of every spectral-normed param: ``{"Dense_0/kernel": sigma, ...}``."""
-  if hasattr(flaxnorm, "spectral_sigmas"):  # a library version of this helper
-    return {k: float(s) for k, s in flaxnorm.spectral_sigmas(variables).items()}
-  flat = traverse_util.flatten_dict(variables.get("spectral", {}), sep="/")
-  return {k.removesuffix("_sigma"): float(s) for k, s in flat.items() if k.endswith("_sigma")}
+  return {k: float(s) for k, s in flaxnorm.spectral_sigmas(variables).items()}
 
 
 def kernel_norms(params) -> dict[str, float]:
