@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 EXAMPLES = {
   "digits_weight_norm.py": ["learning_curves.png"],
+  "lipschitz_classifier.py": ["lipschitz_classifier.png"],
   "sngan_mixture.py": ["samples.png", "sigmas.png"],
   "vocoder_upsampler.py": ["vocoder.png"],
   "nnx_sngan.py": ["nnx_sngan.png"],
