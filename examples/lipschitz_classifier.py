@@ -7,17 +7,19 @@ the constrained one every ``nn.Dense`` is
 it uses ``kernel * min(1, TARGET / sigma)``, sigma being the norm of the layer's
 own linear map from a power iteration whose state lives in the ``spectral``
 collection. The jitted step threads that state (``mutable=["spectral"]``);
-evaluation uses it as stored. tanh is 1-Lipschitz, so the network is at most
-``TARGET ** 4``-Lipschitz: ``flaxnorm.lipschitz_bound(variables, model=...,
-inputs=...)`` certifies a bound from the trained kernels (Gram iteration).
+evaluation uses it as stored. tanh is 1-Lipschitz, so the network is about
+``TARGET ** 4``-Lipschitz at most (``bound.estimate``; the stored sigmas are
+power-iteration estimates), and ``flaxnorm.lipschitz_bound(variables,
+model=..., inputs=...)`` certifies a bound from the trained kernels (Gram
+iteration): ``bound.certified``.
 
 The empirical Lipschitz constant of the logit ``f`` is the largest input-gradient
 norm ``||df/dx||`` found: over the data, and by projected gradient ascent on
 ``||df/dx||^2`` in a box around the data (restarts at random points and at the
 data's worst points). It is a lower bound of the true constant; the certified
 bound is an upper one, so the script exits non-zero if the search ever goes
-above it. The plain MLP has no such bound: its input gradients grow as training
-sharpens the boundary.
+above it. Nothing bounds the plain MLP's input gradients: the logistic loss keeps
+sharpening its boundary.
 
 It prints each model's test accuracy, the bounds, the empirical constants and
 the test accuracy certified at radius ``RADIUS`` (``|f(x)| > L * RADIUS``, so
@@ -49,7 +51,7 @@ from tqdm import tqdm
 import flaxnorm
 
 N_TRAIN, N_TEST, NOISE, RADIUS = 512, 1024, 0.1, 0.1
-FEATURES, TARGET = (64, 64, 64, 1), 2.0  # 4 layers: at most 2**4 = 16-Lipschitz
+FEATURES, TARGET = (64, 64, 64, 1), 2.0  # 4 layers: about 2**4 = 16-Lipschitz at most
 STEPS, BATCH, LR, SEED, LOG_EVERY = 2000, 128, 3e-3, 0, 50
 RESTARTS, ASCENT_STEPS, ASCENT_LR = 32, 200, 0.02  # the adversarial search
 BOX = np.array([[-2.0, -1.5], [3.0, 2.0]], np.float32)  # lower, upper corner: around the moons
