@@ -1,5 +1,16 @@
 """Test configuration shared by every test file."""
 
+import os
+
+# Compiling dominates this suite (tiny shapes, many distinct functions), and
+# LLVM's -O0 halves XLA's CPU compile time; the code it makes is slower, which
+# tiny shapes do not notice. Set before JAX creates its backend; a level given
+# in XLA_FLAGS wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"])
+  )
+
 import jax
 import pytest
 

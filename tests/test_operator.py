@@ -19,7 +19,8 @@ KEY = jax.random.key(0)
 def _jacobian_sigma(f, x1):
   """sigma_max of x -> f(x) - f(0) on one example, from the dense Jacobian."""
   zero = jnp.zeros_like(x1)
-  jac = jax.jacfwd(lambda x: f(x) - f(zero))(zero)
+  # One compile, where eager jacfwd compiles each op of the layer on its own.
+  jac = jax.jit(jax.jacfwd(lambda x: f(x) - f(zero)))(zero)
   out_size = int(np.prod(jax.eval_shape(f, zero).shape))
   return np.linalg.svd(np.asarray(jac, np.float64).reshape(out_size, -1), compute_uv=False)[0]
 
