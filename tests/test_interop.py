@@ -719,7 +719,9 @@ def test_load_conv_transpose_needs_its_kind():
   )
   variables = {"params": {"up": variables["params"]}}
   sd = {"up.weight": arr(3, 2, 4), "up.bias": arr(2)}
-  with pytest.raises(ValueError, match=r"pass kinds=\{'up': 'conv_transpose1d'\}"):
+  with pytest.raises(
+    ValueError, match=r"pass the Flax model .* or kinds=\{'up': 'conv_transpose1d'\}"
+  ):
     interop.load_torch_state_dict(sd, variables, None)
   res = interop.load_torch_state_dict(sd, variables, None, kinds={"up": "conv_transpose1d"})
   np.testing.assert_array_equal(
@@ -739,8 +741,15 @@ def test_load_spectral_view_follows_the_target(target_axis):
   module = flaxnorm.spectral_norm(nn.Dense(3, use_bias=False, name="fc"), axis=target_axis)
   variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4)))
   variables = {k: {"fc": x} for k, x in variables.items()}
-  res = interop.load_torch_state_dict(sd, variables, None)
+  if target_axis == -1:  # the legacy order: refused unless strict=False, then a warning
+    with pytest.raises(ValueError, match=r"'fc'.*axis=-1.*Wrap it with axis=-2"):
+      interop.load_torch_state_dict(sd, variables)
+    with pytest.warns(UserWarning, match=r"next training step would differ"):
+      res = interop.load_torch_state_dict(sd, variables, strict=False)
+  else:
+    res = interop.load_torch_state_dict(sd, variables, None)
   assert res.layers["fc"].axis == target_axis
+  assert res.layers["fc"].continues == ("legacy" if target_axis == -1 else "parametrizations")
   state = res.variables["spectral"]["fc"]
   torch_u = sd[f"fc.{P}0._u"]
   np.testing.assert_array_equal(state["kernel_u" if target_axis == -1 else "kernel_v"], torch_u)
@@ -762,7 +771,10 @@ def test_load_square_spectral_layer_needs_its_axis():
     ValueError, match=r"u and v both have size 3.*pass axes=\{'fc': A\}.*-1 continues"
   ):
     interop.load_torch_state_dict(sd, variables, None)
-  res = interop.load_torch_state_dict(sd, variables, None, axes={"fc": -2})
+  with pytest.raises(ValueError, match=r"runs in the order of PyTorch's parametrizations"):
+    interop.load_torch_state_dict(sd, variables, axes={"fc": -2})
+  with pytest.warns(UserWarning, match=r"Wrap it with axis=-1"):
+    res = interop.load_torch_state_dict(sd, variables, None, axes={"fc": -2}, strict=False)
   assert res.layers["fc"].axis == -2
   # Transposed view of a legacy (v-first) state: flaxnorm's v holds PyTorch's u.
   np.testing.assert_array_equal(res.variables["spectral"]["fc"]["kernel_v"], sd["fc.weight_u"])
@@ -785,7 +797,7 @@ def test_load_recognizes_3d_convolutions():
     nn.ConvTranspose(2, (2, 3, 2), name="up").init, jax.random.key(0), jnp.zeros((1, 3, 5, 4, 3))
   )
   sd = {"up.weight": arr(3, 2, 2, 3, 2), "up.bias": arr(2)}
-  with pytest.raises(ValueError, match=r"pass kinds=\{'up': 'conv_transpose3d'\}"):
+  with pytest.raises(ValueError, match=r"or kinds=\{'up': 'conv_transpose3d'\}"):
     interop.load_torch_state_dict(sd, {"params": {"up": up["params"]}}, None)
   res = interop.load_torch_state_dict(
     sd, {"params": {"up": up["params"]}}, None, kinds={"up": "conv_transpose3d"}
