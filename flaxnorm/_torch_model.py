@@ -502,12 +502,14 @@ def _mismatch(
 
 
 def save(
-  variables: Mapping[str, Any],
+  variables: Mapping[str, Any] | nnx.Module,
   layers: Mapping[str, TorchLayer],
   style: str | None,
   collection: str,
 ) -> dict[str, np.ndarray]:
-  """``to_torch_state_dict``, with numpy arrays for tensors."""
+  """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model)."""
+  if isinstance(variables, nnx.Module):
+    variables = from_nnx(variables, collection)[0].variables
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
     path = tuple(p for p in layer.path.split("/") if p)

@@ -319,7 +319,7 @@ def load_torch_state_dict(
 
 
 def to_torch_state_dict(
-  variables: Mapping[str, Any],
+  variables: Mapping[str, Any] | nnx.Module,
   layers: Mapping[str, TorchLayer],
   *,
   style: str | None = None,
@@ -328,7 +328,8 @@ def to_torch_state_dict(
   """Writes a PyTorch state dict from Flax variables: the inverse of :func:`load_torch_state_dict`.
 
   Args:
-    variables: Flax variables (``{"params": ..., collection: ...}``).
+    variables: Flax variables (``{"params": ..., collection: ...}``), or an NNX
+      model (its ``nnx.Param`` and spectral-state leaves are read).
     layers: PyTorch layer prefix -> :class:`TorchLayer` giving the Flax
       ``path``, ``kind``, ``axis`` and ``style`` (``TorchLoadResult.layers``).
     style: a key style for every layer, or ``None`` for each layer's own.
