@@ -11,6 +11,7 @@ import pathlib
 import sys
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import flaxnorm
-from flaxnorm import interop
+from flaxnorm import _torch_convert, interop
 
 TOL = 1e-5
 STYLES = ("plain", "wn_legacy", "wn_new", "sn_legacy", "sn_new")
@@ -806,3 +807,129 @@ def test_load_recognizes_3d_convolutions():
     res.variables["params"]["up"]["kernel"],
     sd["up.weight"].transpose(2, 3, 4, 0, 1)[::-1, ::-1, ::-1],
   )
+
+
+# --------------------------------------------------------------------------- #
+# Keys that follow the Flax tree; the Flax model as the source of truth.
+# --------------------------------------------------------------------------- #
+
+
+def _dense(n_in, n_out):
+  return {"kernel": arr(n_in, n_out), "bias": arr(n_out)}
+
+
+@pytest.mark.parametrize(
+  ("params", "path"),
+  [
+    ({"ups_0": _dense(4, 3)}, "ups_0"),  # a Linen list made in setup
+    ({"ups": {"layers_0": _dense(4, 3)}}, "ups/layers_0"),  # nn.Sequential
+    ({"ups": {"0": _dense(4, 3)}}, "ups/0"),  # an NNX list
+  ],
+)
+def test_default_key_map_follows_the_tree(params, path):
+  sd = {"ups.0.weight": arr(3, 4), "ups.0.bias": arr(3)}
+  res = interop.load_torch_state_dict(sd, {"params": params})
+  assert res.layers["ups.0"].path == path
+  res = interop.load_torch_state_dict(
+    {f"g.{k}": x for k, x in sd.items()}, {"params": params}, {"g": ""}
+  )
+  assert res.layers["g.ups.0"].path == path
+
+
+def test_key_map_ambiguous_and_missing_list_the_candidates():
+  sd = {"ups.0.weight": arr(3, 4)}
+  both = {"params": {"ups_0": {"kernel": arr(4, 3)}, "ups": {"layers_0": {"kernel": arr(4, 3)}}}}
+  with pytest.raises(
+    ValueError, match=r"'ups.0' matches several Flax layers.*'params/ups_0', 'params/ups/layers_0'"
+  ):
+    interop.load_torch_state_dict(sd, both)
+  none = {"params": {"other": {"kernel": arr(4, 3)}}}
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)1 PyTorch keys unused, 1 Flax variables unmatched.*ups.0.weight: no Flax layer for it; "
+    r"tried 'params/ups_0', 'params/ups/layers_0', 'params/ups/0'.*params/other/kernel",
+  ):
+    interop.load_torch_state_dict(sd, none)
+
+
+class _Up(nn.Module):
+  """A weight-normed ConvTranspose (16 -> 8 channels) and a square spectral Dense."""
+
+  transpose_kernel: bool = False
+
+  def setup(self):
+    up = nn.ConvTranspose(8, (4,), strides=(2,), transpose_kernel=self.transpose_kernel)
+    self.ups = [flaxnorm.weight_norm(up, axis=-2)]
+    self.fc = flaxnorm.spectral_norm(nn.Dense(8, use_bias=False), axis=-2)
+
+  def __call__(self, x):
+    return self.fc(self.ups[0](x))
+
+
+def _up_sd():
+  return {
+    "ups.0.weight_g": arr(16, 1, 1),
+    "ups.0.weight_v": arr(16, 8, 4),
+    "ups.0.bias": arr(8),
+    f"fc.{P}original": arr(8, 8),
+    f"fc.{P}0._u": arr(8) / np.linalg.norm(arr(8)),
+    f"fc.{P}0._v": arr(8) / np.linalg.norm(arr(8)),
+  }
+
+
+def test_load_from_a_linen_model_reads_kinds_and_axes():
+  sd, x = _up_sd(), jax.ShapeDtypeStruct((1, 5, 16), jnp.float32)
+  shapes = jax.eval_shape(_Up().init, jax.random.key(0), x)
+  # From variables alone: the weight-normed ConvTranspose needs its kind, the square layer its axis.
+  with pytest.raises(ValueError, match=r"'ups.0'.*pass the Flax model.*conv_transpose1d"):
+    interop.load_torch_state_dict(sd, shapes, axes={"fc": -2})
+  with pytest.raises(ValueError, match=r"u and v both have size 8.*pass axes=\{'fc': A\}"):
+    interop.load_torch_state_dict(sd, shapes, kinds={"ups.0": "conv_transpose1d"})
+  res = interop.load_torch_state_dict(sd, _Up(), inputs=x)
+  ref = interop.load_torch_state_dict(
+    sd, shapes, kinds={"ups.0": "conv_transpose1d", "fc": None}, axes={"fc": -2}
+  )
+  assert res.layers["ups.0"].kind == "conv_transpose1d" and res.layers["fc"].axis == -2
+  chex.assert_trees_all_equal(res.variables, ref.variables)
+  assert res.summary().splitlines() == [
+    "ups.0 -> ups_0  conv_transpose1d  weight_norm(axis=-2)  legacy keys",
+    "fc    -> fc     linear  spectral_norm(axis=-2)  parametrizations keys  continues parametrizations",
+  ]
+
+
+def test_load_from_a_model_errors():
+  sd, x = _up_sd(), jnp.zeros((1, 5, 16))
+  with pytest.raises(ValueError, match=r"a Linen model needs its example inputs: pass inputs=x"):
+    interop.load_torch_state_dict(sd, _Up())
+  with pytest.raises(ValueError, match=r"inputs= is for a Linen model"):
+    interop.load_torch_state_dict(sd, {"params": {}}, inputs=x)
+  with pytest.raises(ValueError, match=r"variables must be a Linen module .*got list"):
+    interop.load_torch_state_dict(sd, [])
+  with pytest.raises(
+    ValueError, match=r"'ups.0' -> 'params/ups_0': the Flax ConvTranspose: transpose_kernel=True"
+  ):
+    interop.load_torch_state_dict(sd, _Up(transpose_kernel=True), inputs=x)
+
+
+def test_to_torch_bare_params_with_state_and_vector_dtypes():
+  """Bare (tree-face) params carry their spectral state; each PyTorch vector keeps its dtype."""
+  state = {
+    "kernel_u": np.ones(3, np.float32),
+    "kernel_v": np.ones(4, np.float16),
+    "kernel_sigma": 1.0,
+  }
+  bare = {"kernel": arr(4, 3), "spectral": state}
+  sd = interop.to_torch(bare, "linear", "legacy")
+  assert sorted(sd) == ["weight_orig", "weight_u", "weight_v"]
+  assert (
+  )
+  np_sd = _torch_convert.layer_to_numpy(bare, "linear", "legacy", None, None, "spectral")
+  assert np_sd["weight_u"].dtype == np.float32 and np_sd["weight_v"].dtype == np.float16
+  np_sd = _torch_convert.layer_to_numpy(bare, "linear", "parametrizations", -1, None, "spectral")
+  assert np_sd[f"{P}0._u"].dtype == np.float32 and np_sd[f"{P}0._v"].dtype == np.float16
+
+
+def test_pre_1_1_recovery_refuses_a_zero_weight():
+  old = {"weight_orig": arr(5, 3), "weight_u": arr(5), "weight": np.zeros((5, 3), np.float32)}
+  with pytest.raises(ValueError, match=r"cannot recover PyTorch < 1.1's 'weight_v' from 'weight'"):
+    interop.from_torch(old, "linear")
