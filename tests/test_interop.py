@@ -921,8 +921,6 @@ def test_to_torch_bare_params_with_state_and_vector_dtypes():
   bare = {"kernel": arr(4, 3), "spectral": state}
   sd = interop.to_torch(bare, "linear", "legacy")
   assert sorted(sd) == ["weight_orig", "weight_u", "weight_v"]
-  assert (
-  )
   np_sd = _torch_convert.layer_to_numpy(bare, "linear", "legacy", None, None, "spectral")
   assert np_sd["weight_u"].dtype == np.float32 and np_sd["weight_v"].dtype == np.float16
   np_sd = _torch_convert.layer_to_numpy(bare, "linear", "parametrizations", -1, None, "spectral")
