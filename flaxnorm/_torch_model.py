@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 from flax.core import meta
@@ -450,8 +450,8 @@ def _fill(job: _Load, layer: TorchLayer, src: Sources, t: _Target, k: Kind) -> d
           torch=(torch_key, tuple(np.shape(job.state_dict[torch_key]))),
           flax=(flax_key, tuple(tval.shape), tuple(value.shape)),
         )
-      # Cast in numpy: one device transfer per array, no JAX op to compile.
-      arr = jnp.asarray(np.asarray(value).astype(tval.dtype, copy=False))
+      # Cast in numpy, then a plain transfer: jnp.asarray would compile an op per shape.
+      arr = jax.device_put(np.asarray(value).astype(tval.dtype, copy=False))
       tgt[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
       written.setdefault(col, {})[name] = arr
       job.filled.add((col, *t.path, name))

@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -124,7 +124,7 @@ def from_torch(
     tensors, kind, axis, spectral_dim, collection, "from_torch"
   )[0]
   variables = {
-    col: {key: jnp.asarray(x) for key, x in d.items()} for col, d in layer.variables.items()
+    col: {key: jax.device_put(x) for key, x in d.items()} for col, d in layer.variables.items()
   }
   return layer._replace(variables=variables)
 
