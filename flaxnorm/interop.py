@@ -24,7 +24,9 @@ Layouts (``kind`` -> PyTorch weight -> Flax param)::
 
 Which flaxnorm wrapping and ``axis`` reproduce the PyTorch layer is part of the
 checkpoint, so :func:`from_torch` returns it (:class:`TorchLayer`), and
-:func:`load_torch_state_dict` checks it against the Flax model's variables:
+:func:`load_torch_state_dict` checks it against the Flax model (read from the
+model itself, a Linen module traced shape-only or an NNX module, or from its
+variables):
 
 * Weight norm keeps PyTorch's ``dim``, read from ``g``'s shape: ``dim=0`` is the
   output axis for Linear/Conv (Flax ``axis=-1``) but the **input**-channel axis
@@ -37,8 +39,9 @@ checkpoint, so :func:`from_torch` returns it (:class:`TorchLayer`), and
   output one (``axis=-2`` for Dense, ``(-3, -2)`` for a 1-D conv), with
   flaxnorm's ``u``/``v`` holding PyTorch's ``_v``/``_u``. With these axes a
   converted model continues the power iteration exactly where PyTorch left it.
-  The other axis also loads (pass ``axis=``): evaluation is identical, but
-  training steps then iterate in flaxnorm's order.
+  The other axis also loads with ``from_torch(..., axis=)``: evaluation is
+  identical, but training steps then iterate in the other order, so
+  :func:`load_torch_state_dict` refuses it unless ``strict=False``.
 """
 
 from __future__ import annotations
