@@ -931,3 +931,35 @@ def test_pre_1_1_recovery_refuses_a_zero_weight():
   old = {"weight_orig": arr(5, 3), "weight_u": arr(5), "weight": np.zeros((5, 3), np.float32)}
   with pytest.raises(ValueError, match=r"cannot recover PyTorch < 1.1's 'weight_v' from 'weight'"):
     interop.from_torch(old, "linear")
+
+
+class _Pair(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="fc1")(nn.Dense(4, name="fc0")(x))
+
+
+class _RecursiveNet(nn.Module):
+  """A recursive spectral norm over a block of two Dense layers, the first square (4 -> 4)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return flaxnorm.spectral_norm(_Pair(name="block"), recursive=True, axis=-2)(x)
+
+
+def test_load_from_a_model_with_a_recursive_wrapping():
+  """The sublayers of a recursive wrapping take its axis, the square one included."""
+  sd = {}
+  for i, (n_in, n_out) in enumerate([(4, 4), (4, 3)]):
+    sd[f"block.fc{i}.{P}original"] = arr(n_out, n_in)
+    sd[f"block.fc{i}.{P}0._u"], sd[f"block.fc{i}.{P}0._v"] = arr(n_out), arr(n_in)
+    sd[f"block.fc{i}.bias"] = arr(n_out)
+  res = interop.load_torch_state_dict(sd, _RecursiveNet(), inputs=jnp.zeros((1, 4)))
+  assert [layer.path for layer in res.layers.values()] == ["block/fc0", "block/fc1"]
+  assert all(
+    layer.axis == -2 and layer.continues == "parametrizations" for layer in res.layers.values()
+  )
+  # Transposed view: flaxnorm's u holds PyTorch's _v.
+  np.testing.assert_array_equal(
+    res.variables["spectral"]["block"]["fc0"]["kernel_u"], sd[f"block.fc0.{P}0._v"]
+  )
