@@ -32,7 +32,7 @@ from flaxnorm._torch_layouts import (
   pick_view,
   spectral_views,
 )
-from flaxnorm._torch_paths import KeyMap, resolve
+from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
 from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, to_nnx_state
 
 _WHERE = "load_torch_state_dict"
@@ -501,15 +501,62 @@ def _mismatch(
 # --------------------------------------------------------------------------- #
 
 
+def _layers_of_model(
+  model: Mapping[tuple[str, ...], FlaxLayer], variables: Mapping[str, Any]
+) -> dict[str, TorchLayer]:
+  """PyTorch prefix -> layer for each layer of the model that has a PyTorch weight.
+
+  Kind, wrapping and axis come from the model; a spectral layer gets the key
+  style whose power iteration its axis continues, other layers the
+  parametrizations style.
+  """
+  out: dict[str, TorchLayer] = {}
+  for path, info in model.items():
+    params = _get(variables["params"], path)
+    name = "embedding" if info.family == "embedding" else "kernel"
+    leaf = None if params is None else params.get(name, params.get(f"{name}_v"))
+    if info.family is None or leaf is None:
+      continue
+    shape = _shape(leaf)
+    kind = (
+      info.family if info.family in ("linear", "embedding") else f"{info.family}{len(shape) - 2}d"
+    )
+    if kind not in LAYOUTS:
+      continue
+    method, kept = info.wrapped.get(name, (None, ()))
+    style = "parametrizations"
+    if method == "spectral_norm":
+      k = LAYOUTS[kind]
+      style = (
+        "parametrizations" if kept == spectral_views(k, k.sn_dim, shape).transposed else "legacy"
+      )
+    axis = neg_axis(kept, len(shape)) if method and kept else None
+    out[torch_prefix(path)] = TorchLayer({}, kind, method, axis, name, style, "/".join(path))
+  return out
+
+
 def save(
   variables: Mapping[str, Any] | nnx.Module,
-  layers: Mapping[str, TorchLayer],
+  layers: Mapping[str, TorchLayer] | None,
   style: str | None,
   collection: str,
+  model: nn.Module | None = None,
+  inputs: Any = None,
 ) -> dict[str, np.ndarray]:
   """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model)."""
+  info: dict[tuple[str, ...], FlaxLayer] = {}
   if isinstance(variables, nnx.Module):
-    variables = from_nnx(variables, collection)[0].variables
+    tree, info = from_nnx(variables, collection)
+    variables = tree.variables
+  elif model is not None:
+    info = from_linen(model, inputs)[1]
+  if layers is None:
+    if not info:
+      raise ValueError(
+        "to_torch_state_dict: pass layers (TorchLoadResult.layers), or the model: an NNX "
+        "module as variables, or model= and inputs= for a Linen module."
+      )
+    layers = _layers_of_model(info, variables)
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
     path = tuple(p for p in layer.path.split("/") if p)

@@ -9,6 +9,7 @@ exist; more than one is an error that lists them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -131,3 +132,17 @@ def resolve(key_map: KeyMap, prefix: str, params: Mapping[str, Any]) -> Path | s
     f"{_WHERE}: key_map gave {path!r} for '{prefix}'; expected a "
     "'a/b' string, a tuple of names or None."
   )
+
+
+def torch_prefix(path: Path) -> str:
+  """The PyTorch prefix of a Flax path: ``ups_0`` -> ``ups.0``, ``layers_0`` and ``0`` -> ``0``."""
+  out: list[str] = []
+  for part in path:
+    match = re.fullmatch(r"(.+?)_(\d+)", part)
+    if match and match.group(1) == "layers":
+      out.append(match.group(2))
+    elif match:
+      out += [match.group(1), match.group(2)]
+    else:
+      out.append(part)
+  return ".".join(out)

@@ -323,8 +323,10 @@ def load_torch_state_dict(
 
 def to_torch_state_dict(
   variables: Mapping[str, Any] | nnx.Module,
-  layers: Mapping[str, TorchLayer],
+  layers: Mapping[str, TorchLayer] | None = None,
   *,
+  model: nn.Module | None = None,
+  inputs: Any = None,
   style: str | None = None,
   collection: str = "spectral",
 ) -> dict[str, Any]:
@@ -335,6 +337,14 @@ def to_torch_state_dict(
       model (its ``nnx.Param`` and spectral-state leaves are read).
     layers: PyTorch layer prefix -> :class:`TorchLayer` giving the Flax
       ``path``, ``kind``, ``axis`` and ``style`` (``TorchLoadResult.layers``).
+      ``None``: read from the model (an NNX ``variables``, or ``model`` and
+      ``inputs``), every Dense/Conv/ConvTranspose/Embed layer with PyTorch's
+      naming of its path (``ups_0`` and ``ups/layers_0`` -> ``ups.0``); a
+      spectral layer gets the key style whose power iteration its axis
+      continues, other layers the parametrizations style.
+    model: a Linen module to read the layers from (with ``inputs``, its
+      example inputs, as for :func:`load_torch_state_dict`).
+    inputs: the Linen ``model``'s example inputs.
     style: a key style for every layer, or ``None`` for each layer's own.
     collection: the collection holding the spectral state.
 
@@ -342,8 +352,8 @@ def to_torch_state_dict(
     ``{"prefix.key": tensor}`` (torch tensors, or numpy without torch).
 
   Raises:
-    ValueError: a layer whose ``path`` is not in ``variables``, or what
-      :func:`to_torch` raises for one layer.
+    ValueError: a layer whose ``path`` is not in ``variables``; neither
+      ``layers`` nor a model; or what :func:`to_torch` raises for one layer.
 
   Examples:
     >>> import numpy as np
@@ -357,7 +367,7 @@ def to_torch_state_dict(
     >>> sorted(to_torch_state_dict(result.variables, result.layers, style="parametrizations"))
     ['fc.bias', 'fc.parametrizations.weight.original0', 'fc.parametrizations.weight.original1']
   """
-  return _emit(_torch_model.save(variables, layers, style, collection))
+  return _emit(_torch_model.save(variables, layers, style, collection, model, inputs))
 
 
 # --------------------------------------------------------------------------- #

@@ -963,3 +963,8 @@ def test_load_from_a_model_with_a_recursive_wrapping():
   np.testing.assert_array_equal(
     res.variables["spectral"]["block"]["fc0"]["kernel_u"], sd[f"block.fc0.{P}0._v"]
   )
+
+
+def test_to_torch_state_dict_needs_layers_or_a_model():
+  with pytest.raises(ValueError, match=r"pass layers \(TorchLoadResult.layers\), or the model"):
+    interop.to_torch_state_dict({"params": {}})

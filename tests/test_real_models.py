@@ -275,6 +275,7 @@ def test_wav2vec2_positional_conv_linen_and_nnx():
   chex.assert_trees_all_close(model(jnp.asarray(h)), expected, atol=TOL)
   back = interop.to_torch_state_dict(model, res.layers)
   assert set(back) == set(sd)
+  assert set(interop.to_torch_state_dict(model)) == set(sd)  # layers read from the NNX model
   for key, x in sd.items():
     np.testing.assert_array_equal(back[key].numpy(), x.numpy())
 
@@ -408,6 +409,9 @@ def test_sngan_projection_discriminator_continues_pytorch():
   _, updated = model.apply(result.variables, x, y, mutable=["spectral"])
   variables = {**result.variables, **updated}
   back = interop.to_torch_state_dict(variables, result.layers)
+  # Without the layers, from the model: each spectral layer gets the style its axis continues.
+  from_model = interop.to_torch_state_dict(variables, model=model, inputs=(x, y))
+  assert set(from_model) == set(disc.state_dict())
   torch_state = sn_state(disc)
   assert len(torch_state) == 2 * 8
   for key, value in torch_state.items():
