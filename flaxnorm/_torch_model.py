@@ -205,7 +205,7 @@ def load(
     state_dict, _copy(tree), kinds_given, axes_given, collection, {}, set(), model, strict
   )
   groups = _group(job)
-  unknown = sorted((set(job.kinds) | set(job.axes)) - set(groups))
+  unknown = sorted(p for p in {*job.kinds, *job.axes} if not any(_under(g, p) for g in groups))
   if unknown:
     raise ValueError(
       f"{_WHERE}: kinds/axes name '{unknown[0]}', which is no layer of the state dict "
@@ -225,6 +225,17 @@ def load(
     raise ValueError(_strict_message(job.unused, unmatched))
   filled = out if nnx_tree is None else to_nnx_state(nnx_tree, out)
   return TorchLoadResult(filled, layers, job.unused, unmatched)
+
+
+def _under(prefix: str, key: str) -> bool:
+  """Whether PyTorch layer ``prefix`` is ``key`` or below it (``"ups.0"`` is under ``"ups"``)."""
+  return prefix == key or key == "" or prefix.startswith(key + ".")
+
+
+def _lookup(given: Mapping[str, Any], prefix: str) -> Any:
+  """``given``'s entry for ``prefix``: its own, else the longest key it is under; else ``None``."""
+  keys = [key for key in given if _under(prefix, key)]
+  return given[max(keys, key=len)] if keys else None
 
 
 def _group(job: _Load) -> dict[str, dict[str, str]]:
@@ -267,8 +278,9 @@ def _target(job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]) -
 
 def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
   """``kinds[prefix]``, else the Flax model's layer class, else the tree and the weight's rank."""
-  if t.prefix in job.kinds:
-    return job.kinds[t.prefix]
+  given = _lookup(job.kinds, t.prefix)
+  if given is not None:
+    return given
   _, _, roles = detect(list(t.entries), t.where)
   wkey = t.entries[roles["v" if "g" in roles else "w"]]  # weight norm's g is no weight
   ndim = len(np.shape(job.state_dict[wkey]))
@@ -307,9 +319,10 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
   def convert(axis: Axis) -> tuple[TorchLayer, Sources]:
     return layer_from_torch(tensors, kind, axis, None, job.collection, t.where)
 
-  layer, src = convert(job.axes.get(t.prefix))
+  given_axis = _lookup(job.axes, t.prefix)
+  layer, src = convert(given_axis)
   wrapped = info.wrapped.get(k.param) if info is not None else None  # (method, kept axes)
-  if t.prefix in job.axes or layer.method is None:
+  if given_axis is not None or layer.method is None:
     pass
   elif wrapped is not None and wrapped[0] == layer.method:
     # The model's axis: weight norm's is checked against PyTorch's dim, spectral norm's lays

@@ -271,12 +271,14 @@ def load_torch_state_dict(
     inputs: a Linen model's example inputs (an array or
       ``jax.ShapeDtypeStruct``, or a tuple of its ``__call__`` arguments).
     kinds: PyTorch layer prefix -> kind (one of :data:`KINDS`; ``None`` means
-      not given). Without it: the Flax model's layer class; without a model,
+      not given). A prefix covers the layers below it too (``{"ups":
+      "conv_transpose1d"}`` names ``ups.0``, ``ups.1``, ...; the longest
+      wins). Without it: the Flax model's layer class; without a model,
       ``embedding`` when the Flax layer has an ``embedding``, else by rank
       ``linear``, ``conv1d``, ``conv2d``, ``conv3d`` (a ConvTranspose must
       then be named).
     axes: PyTorch layer prefix -> the flaxnorm axis the Flax layer is wrapped
-      with (``None``: not given). Without it: the model's, else read from the
+      with (``None``: not given; prefixes as for ``kinds``). Without it: the model's, else read from the
       shapes of ``u``/``v`` (a square layer without a model needs it).
     strict: raise if any PyTorch key is unused, any Flax variable unfilled,
       or a spectral layer iterates in the other order than PyTorch's. With

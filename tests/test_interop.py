@@ -886,8 +886,9 @@ def test_load_from_a_linen_model_reads_kinds_and_axes():
   with pytest.raises(ValueError, match=r"u and v both have size 8.*pass axes=\{'fc': A\}"):
     interop.load_torch_state_dict(sd, shapes, kinds={"ups.0": "conv_transpose1d"})
   res = interop.load_torch_state_dict(sd, _Up(), inputs=x)
+  # A prefix names the layers below it; None is "not given".
   ref = interop.load_torch_state_dict(
-    sd, shapes, kinds={"ups.0": "conv_transpose1d", "fc": None}, axes={"fc": -2}
+    sd, shapes, kinds={"ups": "conv_transpose1d", "fc": None}, axes={"fc": -2}
   )
   assert res.layers["ups.0"].kind == "conv_transpose1d" and res.layers["fc"].axis == -2
   chex.assert_trees_all_equal(res.variables, ref.variables)
