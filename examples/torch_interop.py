@@ -7,11 +7,11 @@ learns in PyTorch for ``--steps`` Adam steps to turn a low-rate (cos, sin) pair
 into a two-harmonic tone at twice the rate. Its checkpoint is loaded into the
 same model written in Flax with one call::
 
-  interop.load_torch_state_dict(torch_model.state_dict(), variables, KEY_MAP, kinds=KINDS)
+  interop.load_torch_state_dict(torch_model.state_dict(), FlaxVocoder(), KEY_MAP, inputs=x)
 
 where ``KEY_MAP`` renames the top-level PyTorch modules (``"block.convs.0"`` ->
-``"stage/convs_0"``) and ``KINDS`` names the ConvTranspose (its weight alone
-does not tell it from a Conv). The script prints the largest difference
+``"stage/convs_0"``); each layer's kind (the ConvTranspose too), wrapping and
+axis are read from the Flax model, traced shape-only. The script prints the largest difference
 between the two frameworks' outputs, trains on in JAX (a jitted optax step)
 for ``--steps`` more steps, writes the weights back with
 ``interop.to_torch_state_dict`` (``load_state_dict(strict=True)`` takes them)
@@ -169,10 +169,11 @@ class FlaxDiscriminator(nn.Module):
 
 def load_generator(state_dict, length: int = 16) -> interop.TorchLoadResult:
   """Flax variables for FlaxGenerator from a TorchGenerator state dict."""
-  # Shapes only: the values all come from the checkpoint.
-  shapes = jax.eval_shape(FlaxGenerator().init, jax.random.key(0), jnp.zeros((1, length, 8)))
-  # A ConvTranspose cannot be told from a Conv by its weight alone: name it.
-  return interop.load_torch_state_dict(state_dict, shapes, None, kinds={"up": "conv_transpose1d"})
+  # The model is traced shape-only: it tells the ConvTranspose from a Conv; values all come
+  # from the checkpoint.
+  return interop.load_torch_state_dict(
+    state_dict, FlaxGenerator(), inputs=jnp.zeros((1, length, 8))
+  )
 
 
 def load_discriminator(state_dict, length: int = 32) -> interop.TorchLoadResult:
@@ -216,9 +217,8 @@ class FlaxVocoder(nn.Module):
     )
 
 
-# PyTorch module prefix -> Flax path; below a prefix, Linen's naming ("convs.0" -> "convs_0").
+# PyTorch module prefix -> Flax path; below a prefix, the Flax tree decides ("convs.0" -> "convs_0").
 KEY_MAP = {"conv_pre": "pre", "block": "stage", "conv_post": "post"}
-KINDS = {"block.up": "conv_transpose1d"}
 
 
 def make_batch(rng: np.random.Generator, batch: int, length: int):
@@ -300,9 +300,10 @@ def port_and_train(steps: int, out: str) -> dict[str, float]:
   torch_losses = train_torch(torch_model, rng, steps)
   torch_model.eval()
 
-  # Shapes only: every value comes from the checkpoint. One call loads the model.
-  shapes = jax.eval_shape(FlaxVocoder().init, jax.random.key(0), jnp.zeros((1, LENGTH, 2)))
-  result = interop.load_torch_state_dict(torch_model.state_dict(), shapes, KEY_MAP, kinds=KINDS)
+  # One call loads the model: kinds and axes come from the Flax model, every value from the
+  # checkpoint.
+  x = jnp.zeros((1, LENGTH, 2))
+  result = interop.load_torch_state_dict(torch_model.state_dict(), FlaxVocoder(), KEY_MAP, inputs=x)
   print("layers:", {p: (lay.path, lay.style, lay.axis) for p, lay in result.layers.items()})
 
   cond, target = make_batch(np.random.default_rng(SEED + 1), 1, 4 * LENGTH)  # a longer clip

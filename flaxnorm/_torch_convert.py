@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from flaxnorm import _checks, _math, _options
+from flaxnorm import _checks, _options
 from flaxnorm import linen as _linen
 from flaxnorm._checks import Axis
 from flaxnorm._torch_keys import check_style, detect, keys_for
@@ -56,6 +56,10 @@ class TorchLayer(NamedTuple):
     style: the key style read, ``"legacy"``, ``"parametrizations"`` or
       ``"plain"``; pass it to :func:`to_torch` to write the same keys back.
     path: the Flax path (``"a/b"``) when loaded by :func:`load_torch_state_dict`.
+    continues: spectral norm only: the PyTorch API whose power-iteration order
+      the converted state continues with ``axis``, ``"legacy"`` (``v`` first)
+      or ``"parametrizations"`` (``u`` first); training steps match PyTorch's
+      when it equals ``style``. ``None`` for other layers.
 
   Examples:
     >>> import numpy as np
@@ -72,6 +76,7 @@ class TorchLayer(NamedTuple):
   name: str
   style: str
   path: str = ""
+  continues: str | None = None
 
   def wrap(self, target: Any, **kwargs: Any) -> Any:
     """Applies the matching flaxnorm Linen transform to ``target``.
@@ -109,6 +114,7 @@ class _Parts(NamedTuple):
   state: dict[str, Any]  # spectral state, {name}_u/_v/_sigma (empty unless spectral)
   src: Sources
   axis: Axis  # the flaxnorm axis they were laid out for
+  continues: str | None = None  # spectral: the PyTorch API whose iteration order they continue
 
 
 class _Torch(NamedTuple):
@@ -147,6 +153,12 @@ def _to_numpy(x: Any, key: str, where: str) -> np.ndarray:
   )
 
 
+def as_matrix(w: np.ndarray, kept: View) -> np.ndarray:
+  """``flaxnorm.as_matrix`` in numpy: the ``kept`` axes as rows, the rest as columns."""
+  w = np.moveaxis(w, kept, tuple(range(len(kept))))
+  return w.reshape(math.prod(w.shape[: len(kept)]), -1)
+
+
 def _matrix_maps(
   k: Kind, torch_shape: tuple[int, ...], dim: int, kept: View
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -162,14 +174,11 @@ def _matrix_maps(
   """
   moved = (torch_shape[dim], *(s for i, s in enumerate(torch_shape) if i != dim))
   m, n = moved[0], math.prod(moved[1:])
-  if max(m, n) >= 2**24:  # indices travel as float32 through as_matrix
-    raise ValueError(f"a matrix view of shape ({m}, {n}) is too large to convert.")
   rows = np.broadcast_to(np.arange(m).reshape((m,) + (1,) * (len(moved) - 1)), moved)
   cols = np.broadcast_to(np.arange(n).reshape((1, *moved[1:])), moved)
 
   def view(idx: np.ndarray) -> np.ndarray:
-    flax_idx = flax_from_torch(np.moveaxis(idx, 0, dim), k).astype(np.float32)
-    return np.asarray(_math.as_matrix(jnp.asarray(flax_idx), kept)).astype(np.int64)
+    return as_matrix(flax_from_torch(np.moveaxis(idx, 0, dim), k), kept)
 
   return view(rows), view(cols)
 
@@ -209,10 +218,11 @@ def layer_from_torch(
       _bias_from_torch(tensors["bias"], src),
       "bias",
     )
-  variables: dict[str, Any] = {"params": {key: jnp.asarray(x) for key, x in parts.params.items()}}
+  variables: dict[str, Any] = {"params": parts.params}
   if parts.state:
     variables[collection] = parts.state
-  return TorchLayer(variables, kind, method, parts.axis, k.param, style), parts.src
+  layer = TorchLayer(variables, kind, method, parts.axis, k.param, style, "", parts.continues)
+  return layer, parts.src
 
 
 def _plain_from_torch(src: _Torch, axis: Axis) -> _Parts:
@@ -266,19 +276,15 @@ def _spectral_from_torch(
   dim = spectral_dim_of(k, spectral_dim, where)
   kernel = flax_from_torch(w, k)
   views = spectral_views(k, dim, kernel.shape)
+  if "sv" not in src.arrays:  # a PyTorch < 1.1 checkpoint
+    _check_vector(src, "u", views.m, dim)
+    src.arrays["sv"], src.roles["sv"] = _recover_v(src, dim), src.roles["w_sn"]
   for role, size in (("u", views.m), ("sv", views.n)):
-    if src.arrays[role].shape != (size,):
-      raise shape_error(
-        where,
-        src.roles[role],
-        src.arrays[role].shape,
-        f"({size},) for '{src.wkey}' of shape {w.shape} with spectral_dim={dim} "
-        f"(PyTorch's matrix view moves dim {dim} to the rows)",
-        k,
-      )
+    _check_vector(src, role, size, dim)
   kept = _view_from_torch(views, style, axis, where)
   u, v = _vectors_from_torch(src, views, kept)
-  _, st = _math.spectral_normalize(jnp.asarray(kernel), u, v, axis=kept, n_steps=0)
+  # sigma = u^T W v, as PyTorch's evaluation computes it (numpy: no JAX compile per layer).
+  sigma = np.asarray(u.astype(np.float64) @ as_matrix(kernel, kept).astype(np.float64) @ v)
   n, swap = k.param, kept != views.out  # transposed: flaxnorm's u is PyTorch's v
   u_name, v_name, sigma_name = _options.spectral_keys(n)
   sources = {
@@ -287,8 +293,50 @@ def _spectral_from_torch(
     (collection, v_name): src.roles["u" if swap else "sv"],
     (collection, sigma_name): src.wkey,
   }
-  state = dict(zip((u_name, v_name, sigma_name), st))
-  return _Parts({n: kernel}, state, sources, neg_axis(kept, k.ndim))
+  state = dict(zip((u_name, v_name, sigma_name), (u, v, sigma.astype(u.dtype))))
+  continues = "parametrizations" if kept == views.transposed else "legacy"
+  return _Parts({n: kernel}, state, sources, neg_axis(kept, k.ndim), continues)
+
+
+def _check_vector(src: _Torch, role: str, size: int, dim: int) -> None:
+  """Raises unless PyTorch's vector ``role`` (``u`` or ``sv``) has shape ``(size,)``."""
+  x, w = src.arrays[role], src.w
+  if x.shape != (size,):
+    raise shape_error(
+      src.where,
+      src.roles[role],
+      x.shape,
+      f"({size},) for '{src.wkey}' of shape {w.shape} with spectral_dim={dim} "
+      f"(PyTorch's matrix view moves dim {dim} to the rows)",
+      src.k,
+    )
+
+
+def _recover_v(src: _Torch, dim: int) -> np.ndarray:
+  """PyTorch's ``v`` of a checkpoint written before version 1.1, as its load hook finds it.
+
+  Such a checkpoint has ``weight_orig`` ``W``, ``weight_u`` ``u`` and the
+  normalized ``weight`` ``W / sigma``. As PyTorch does, ``sigma`` is the mean
+  ratio of the two weights and ``v`` solves ``W v = u`` (least squares), scaled
+  so that ``u^T W v = sigma``: evaluation gives PyTorch's weight, and a training
+  step recomputes ``v`` from ``u`` first anyway.
+  """
+  w, w_sn = src.w.astype(np.float64), src.arrays["w_sn"].astype(np.float64)
+  key = src.roles["w_sn"]
+  if w_sn.shape != w.shape:
+    raise shape_error(src.where, key, w_sn.shape, f"{w.shape}, the shape of '{src.wkey}'", src.k)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    sigma = float(np.mean((w / w_sn)[w_sn != 0])) if np.any(w_sn != 0) else float("nan")
+  mat = np.moveaxis(w, dim, 0).reshape(w.shape[dim], -1)
+  v = np.linalg.lstsq(mat, src.arrays["u"].astype(np.float64), rcond=None)[0]
+  uwv = float(src.arrays["u"].astype(np.float64) @ mat @ v)
+  if not (np.isfinite(sigma) and sigma > 0 and np.isfinite(uwv) and uwv != 0):
+    raise ValueError(
+      f"{src.where}: cannot recover PyTorch < 1.1's 'weight_v' from '{key}', '{src.wkey}' and "
+      f"'{src.roles['u']}': sigma = mean('{src.wkey}' / '{key}') is {sigma}, u^T W pinv(W) u "
+      f"is {uwv}; expected positive finite numbers."
+    )
+  return (v * (sigma / uwv)).astype(src.w.dtype)
 
 
 def _view_from_torch(views: SpectralViews, style: str, axis: Axis, where: str) -> View:
@@ -308,7 +356,7 @@ def _view_from_torch(views: SpectralViews, style: str, axis: Axis, where: str) -
 
 def _vectors_from_torch(
   src: _Torch, views: SpectralViews, kept: View
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[np.ndarray, np.ndarray]:
   """PyTorch's ``u`` ``(m,)``/``v`` ``(n,)`` as flaxnorm's ``u``/``v`` for view ``kept``, >= float32."""
   rows, cols = _matrix_maps(src.k, tuple(src.w.shape), views.dim, kept)
   tu, tv = src.arrays["u"], src.arrays["sv"]
@@ -317,7 +365,7 @@ def _vectors_from_torch(
   else:  # flaxnorm's rows are PyTorch's columns: u <-> v swap roles.
     u, v = tv[cols[:, 0]], tu[rows[0, :]]
   vec = jnp.promote_types(u.dtype, jnp.float32)
-  return jnp.asarray(u, vec), jnp.asarray(v, vec)
+  return np.asarray(u, vec), np.asarray(v, vec)
 
 
 def _bias_from_torch(bias: Any, src: _Torch) -> np.ndarray:
@@ -388,9 +436,17 @@ def layer_to_numpy(
 def _flax_arrays(
   variables: Mapping[str, Any], collection: str
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(params, spectral state) as unboxed numpy; bare params (no ``"params"`` key) have no state."""
-  params = variables["params"] if isinstance(variables.get("params"), Mapping) else variables
-  state = variables.get(collection, {}) if params is not variables else {}
+  """(params, spectral state) as unboxed numpy.
+
+  Bare params (no ``"params"`` key, the tree face's layout) may hold the
+  layer's state under ``collection`` beside them.
+  """
+  if isinstance(variables.get("params"), Mapping):
+    params, state = variables["params"], variables.get(collection, {})
+  else:  # bare params (the tree face): the layer's state may sit beside them
+    state = variables.get(collection, {})
+    state = state if isinstance(state, Mapping) else {}
+    params = {key: x for key, x in variables.items() if not (key == collection and state)}
   return (
     {key: np.asarray(meta.unbox(x)) for key, x in params.items()},
     {key: np.asarray(meta.unbox(x)) for key, x in state.items()},
@@ -458,10 +514,12 @@ def _spectral_to_torch(
   kept = _flax_view(src, views, tuple(u.shape), tuple(v.shape), axis)
   torch_w = torch_from_flax(w, k)
   rows, cols = _matrix_maps(k, tuple(torch_w.shape), views.dim, kept)
-  tu, tv = np.empty((views.m,), u.dtype), np.empty((views.n,), u.dtype)
+  # Each PyTorch vector keeps the dtype of the flaxnorm vector it comes from.
   if kept == views.out:
+    tu, tv = np.empty((views.m,), u.dtype), np.empty((views.n,), v.dtype)
     tu[rows[:, 0]], tv[cols[0, :]] = u, v
   else:
+    tu, tv = np.empty((views.m,), v.dtype), np.empty((views.n,), u.dtype)
     tv[cols[:, 0]], tu[rows[0, :]] = u, v
   return {keys["w"]: torch_w, keys["u"]: tu, keys["sv"]: tv}
 

@@ -26,6 +26,9 @@ KEYSETS: dict[tuple[str | None, str], dict[str, str]] = {
     "sv": PREFIX + "0._v",
   },
 }
+# PyTorch < 1.1 spectral norm: no ``weight_v``, the normalized weight stored as a buffer
+# (``w_sn``); PyTorch's load hook recovers ``v`` from it (``_torch_convert``).
+PRE_1_1 = {"w": "weight_orig", "u": "weight_u", "w_sn": "weight"}
 _LEGACY = ("weight_g", "weight_v", "weight_orig", "weight_u")
 # Longest first, so that a key's suffix is matched before a shorter one it ends with.
 _WEIGHT_KEYS = tuple(sorted({k for ks in KEYSETS.values() for k in ks.values()}, key=len))[::-1]
@@ -53,7 +56,10 @@ def detect(keys: Collection[str], where: str) -> tuple[str | None, str, dict[str
   Returns:
     ``(method, style, roles)``: ``method`` is ``"weight_norm"``,
     ``"spectral_norm"`` or ``None``; ``style`` is ``"legacy"``,
-    ``"parametrizations"`` or ``"plain"``; ``roles`` maps role -> key.
+    ``"parametrizations"`` or ``"plain"``; ``roles`` maps role -> key. A
+    spectral-norm layer saved by PyTorch < 1.1 (``weight_orig``, ``weight_u``
+    and the normalized ``weight``, no ``weight_v``) is ``"legacy"`` with
+    roles ``w``, ``u`` and ``w_sn``.
 
   Raises:
     ValueError: unknown keys, keys of several styles or of both methods, no
@@ -65,6 +71,8 @@ def detect(keys: Collection[str], where: str) -> tuple[str | None, str, dict[str
       f"{where}: unexpected keys {unknown} (found {sorted(keys)}); a layer has 'bias' "
       f"and the keys of one PyTorch style: {[sorted(ks.values()) for ks in KEYSETS.values()]}."
     )
+  if set(PRE_1_1.values()) <= set(keys) <= {*PRE_1_1.values(), "bias"}:
+    return "spectral_norm", "legacy", dict(PRE_1_1)
   style, found = _style(keys, where)
   method = _method(style, found, where)
   roles = KEYSETS[(method, style)]

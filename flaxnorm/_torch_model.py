@@ -7,17 +7,20 @@ against the Flax layer it fills: same wrapping, same shapes, same view.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
+import flax.linen as nn
+import jax
 import numpy as np
+from flax import nnx
 from flax.core import meta
 
 from flaxnorm import _options
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch, layer_to_numpy
-from flaxnorm._torch_keys import split_key
+from flaxnorm._torch_keys import detect, split_key
 from flaxnorm._torch_layouts import (
   KIND_BY_RANK,
   LAYOUTS,
@@ -29,10 +32,10 @@ from flaxnorm._torch_layouts import (
   pick_view,
   spectral_views,
 )
+from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
+from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, to_nnx_state
 
 _WHERE = "load_torch_state_dict"
-
-KeyMap = Callable[[str], "str | tuple[str, ...] | None"] | Mapping[str, str] | None
 
 
 class TorchLoadResult(NamedTuple):
@@ -57,10 +60,45 @@ class TorchLoadResult(NamedTuple):
     (['fc'], ['extra.weight'])
   """
 
-  variables: dict[str, Any]
+  variables: Any
   layers: dict[str, TorchLayer]
   unused_keys: dict[str, str]
   unmatched_keys: tuple[str, ...]
+
+  def summary(self) -> str:
+    """One line per loaded layer: prefix, Flax path, kind, wrapping, key style, iteration order.
+
+    A spectral layer's line ends with the PyTorch API whose power-iteration
+    order its state continues (``continues legacy`` or ``continues
+    parametrizations``); it differs from its key style only with
+    ``strict=False``. Unused keys and unmatched variables follow.
+
+    Returns:
+      The report, lines joined with ``"\\n"``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from flaxnorm import interop
+      >>> variables = {"params": {"fc": {"kernel": np.zeros((4, 3), np.float32)}}}
+      >>> sd = {"fc.weight": np.ones((3, 4), np.float32)}
+      >>> print(interop.load_torch_state_dict(sd, variables).summary())
+      fc -> fc  linear  plain  plain keys
+    """
+    rows = []
+    for prefix, layer in self.layers.items():
+      how = "plain" if layer.method is None else f"{layer.method}(axis={layer.axis!r})"
+      row = [prefix, "->", layer.path, "", layer.kind, how, f"{layer.style} keys"]
+      if layer.continues is not None:
+        row.append(f"continues {layer.continues}")
+      rows.append(row)
+    width = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+    lines = [
+      " ".join(r[i].ljust(width[i]) if i < 3 else r[i] for i in range(3)) + "  " + "  ".join(r[4:])
+      for r in rows
+    ]
+    lines += [f"unused {key}: {why}" for key, why in self.unused_keys.items()]
+    lines += [f"unmatched {key}" for key in self.unmatched_keys]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 class _Load(NamedTuple):
@@ -73,6 +111,8 @@ class _Load(NamedTuple):
   collection: str
   unused: dict[str, str]  # PyTorch key -> why
   filled: set[tuple[str, ...]]  # (collection, *path, name)
+  model: dict[tuple[str, ...], FlaxLayer]  # what the Flax model says per path ({}: no model)
+  strict: bool
 
 
 class _Target(NamedTuple):
@@ -94,55 +134,6 @@ class _Target(NamedTuple):
 # --------------------------------------------------------------------------- #
 # Key maps and trees.
 # --------------------------------------------------------------------------- #
-
-
-def linen_path(prefix: str) -> str:
-  """PyTorch module path -> Linen path: ``"blocks.0.convs.1"`` -> ``"blocks_0/convs_1"``."""
-  out: list[str] = []
-  for part in prefix.split(".") if prefix else []:
-    if part.isdigit():
-      # Linen names list submodules "convs_0"; nn.Sequential's "layers_0".
-      out.append(f"{out.pop()}_{part}" if out else f"layers_{part}")
-    else:
-      out.append(part)
-  return "/".join(out)
-
-
-def resolve(key_map: KeyMap, prefix: str) -> tuple[str, ...] | None:
-  """The Flax path ``key_map`` gives PyTorch layer ``prefix``; ``None`` to skip the layer."""
-  if key_map is None:
-    path: object = linen_path(prefix)
-  elif callable(key_map):
-    path = key_map(prefix)
-  elif isinstance(key_map, Mapping):
-    path = _by_prefix(key_map, prefix)
-  else:
-    raise TypeError(
-      f"{_WHERE}: key_map must be a function, a dict of prefixes or None, "
-      f"got {type(key_map).__name__}."
-    )
-  if path is None:
-    return None
-  if isinstance(path, str):
-    return tuple(p for p in path.split("/") if p)
-  if isinstance(path, tuple) and all(isinstance(p, str) for p in path):
-    return path
-  raise TypeError(
-    f"{_WHERE}: key_map gave {path!r} for '{prefix}'; expected a "
-    "'a/b' string, a tuple of names or None."
-  )
-
-
-def _by_prefix(key_map: Mapping[str, str], prefix: str) -> object:
-  """The longest ``.``-bounded prefix in ``key_map`` wins; Linen naming for the rest."""
-  if prefix in key_map:
-    return key_map[prefix]
-  hits = [p for p in key_map if p == "" or prefix.startswith(p + ".")]
-  if not hits:
-    return None
-  best = max(hits, key=len)
-  rest = linen_path(prefix[len(best) + 1 :] if best else prefix)
-  return "/".join(x for x in (key_map[best], rest) if x)
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -173,26 +164,52 @@ def _shape(x: Any) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- #
 
 
+def _targets(
+  variables: Any, inputs: Any, collection: str
+) -> tuple[Mapping[str, Any], dict[tuple[str, ...], FlaxLayer], Any]:
+  """The variables to fill, the model's layers, and the NNX tree to write back (or ``None``)."""
+  if isinstance(variables, nn.Module):
+    shapes, model = from_linen(variables, inputs)
+    return shapes, model, None
+  if inputs is not None:
+    raise ValueError(f"{_WHERE}: inputs= is for a Linen model, but variables is a tree.")
+  if isinstance(variables, nnx.Module):
+    tree, model = from_nnx(variables, collection)
+    return tree.variables, model, tree
+  if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+    raise ValueError(
+      f"{_WHERE}: variables must be a Linen module (with inputs=), an NNX module or "
+      f"variables with a 'params' collection, got {type(variables).__name__}."
+    )
+  return variables, {}, None
+
+
 def load(
   state_dict: Mapping[str, Any],
-  variables: Mapping[str, Any],
+  variables: Any,
   key_map: KeyMap,
-  kinds: Mapping[str, str] | None,
-  axes: Mapping[str, Axis] | None,
+  options: tuple[Mapping[str, str | None] | None, Mapping[str, Axis] | None, Any],
   strict: bool,
   collection: str,
 ) -> TorchLoadResult:
-  """``load_torch_state_dict``: group the keys by layer, load each, report what is left."""
-  if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
-    raise ValueError(f"{_WHERE}: variables need a 'params' collection, got {type(variables)}.")
+  """``load_torch_state_dict``: group the keys by layer, load each, report what is left.
+
+  ``options`` is ``(kinds, axes, inputs)``; ``None`` entries of ``kinds`` and
+  ``axes`` mean "not given" (read from the model or the tree).
+  """
+  kinds, axes, inputs = options
+  tree, model, nnx_tree = _targets(variables, inputs, collection)
+  kinds_given: dict[str, str] = {p: x for p, x in (kinds or {}).items() if x is not None}
+  axes_given: dict[str, Axis] = {p: x for p, x in (axes or {}).items() if x is not None}
   job = _Load(
-    state_dict, _copy(variables), dict(kinds or {}), dict(axes or {}), collection, {}, set()
+    state_dict, _copy(tree), kinds_given, axes_given, collection, {}, set(), model, strict
   )
   groups = _group(job)
-  unknown = sorted((set(job.kinds) | set(job.axes)) - set(groups))
+  unknown = sorted(p for p in {*job.kinds, *job.axes} if not any(_under(g, p) for g in groups))
   if unknown:
     raise ValueError(
-      f"{_WHERE}: kinds/axes name '{unknown[0]}', which is no layer of the state dict."
+      f"{_WHERE}: kinds/axes name '{unknown[0]}', which is no layer of the state dict "
+      f"(its layers: {sorted(groups)[:8]}{' ...' if len(groups) > 8 else ''})."
     )
   layers: dict[str, TorchLayer] = {}
   for prefix, entries in groups.items():
@@ -206,7 +223,19 @@ def load(
   )
   if strict and (job.unused or unmatched):
     raise ValueError(_strict_message(job.unused, unmatched))
-  return TorchLoadResult(out, layers, job.unused, unmatched)
+  filled = out if nnx_tree is None else to_nnx_state(nnx_tree, out)
+  return TorchLoadResult(filled, layers, job.unused, unmatched)
+
+
+def _under(prefix: str, key: str) -> bool:
+  """Whether PyTorch layer ``prefix`` is ``key`` or below it (``"ups.0"`` is under ``"ups"``)."""
+  return prefix == key or key == "" or prefix.startswith(key + ".")
+
+
+def _lookup(given: Mapping[str, Any], prefix: str) -> Any:
+  """``given``'s entry for ``prefix``: its own, else the longest key it is under; else ``None``."""
+  keys = [key for key in given if _under(prefix, key)]
+  return given[max(keys, key=len)] if keys else None
 
 
 def _group(job: _Load) -> dict[str, dict[str, str]]:
@@ -233,16 +262,38 @@ def _strict_message(unused: Mapping[str, str], unmatched: tuple[str, ...]) -> st
 
 def _target(job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]) -> _Target | None:
   """The Flax layer ``prefix`` maps to; ``None`` (its keys marked unused) if there is none."""
-  path = resolve(key_map, prefix)
-  fpath = "/".join(path or ())
-  params = None if path is None else _get(job.out["params"], path)
-  if path is None or params is None:
-    reason = "key_map skips it" if path is None else f"no Flax layer at 'params/{fpath}'"
+  path = resolve(key_map, prefix, job.out["params"])
+  params = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
+  if path is None or isinstance(path, str) or params is None:
+    if path is None:
+      reason = "key_map skips it"
+    else:
+      reason = path if isinstance(path, str) else f"no Flax layer at 'params/{'/'.join(path)}'"
     job.unused.update({key: reason for key in entries.values()})
     return None
   state = _get(job.out.get(job.collection, {}), path)
-  where = f"{_WHERE}: layer '{prefix}' -> 'params/{fpath}'"
+  where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'"
   return _Target(prefix, entries, path, params, state, job.collection, where)
+
+
+def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
+  """``kinds[prefix]``, else the Flax model's layer class, else the tree and the weight's rank."""
+  given = _lookup(job.kinds, t.prefix)
+  if given is not None:
+    return given
+  _, _, roles = detect(list(t.entries), t.where)
+  wkey = t.entries[roles["v" if "g" in roles else "w"]]  # weight norm's g is no weight
+  ndim = len(np.shape(job.state_dict[wkey]))
+  if info is not None and info.family is not None:
+    if info.family in ("linear", "embedding"):
+      return info.family
+    return f"{info.family}{ndim - 2}d" if 3 <= ndim <= 5 else None
+  if any(x.startswith("embedding") for x in t.params):
+    return "embedding"
+  kind = KIND_BY_RANK.get(ndim)
+  if kind is not None and kind.startswith("conv"):
+    _check_not_transposed(job.state_dict[wkey], t, kind)
+  return kind
 
 
 def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
@@ -252,35 +303,41 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
     The layer (with its Flax ``path``), or ``None`` when its kind cannot be
     told (its keys are then marked unused).
   """
-  entries = t.entries
-  wkey = next((key for s, key in entries.items() if s != "bias"), None)
-  kind = job.kinds.get(t.prefix)
+  info = job.model.get(t.path)
+  if info is not None and info.unsupported:
+    raise ValueError(f"{t.where}: the Flax {info.cls}: {info.unsupported}.")
+  kind = _kind(job, t, info)
   if kind is None:
-    ndim = len(job.state_dict[wkey].shape) if wkey is not None else 0
-    kind = (
-      "embedding" if any(x.startswith("embedding") for x in t.params) else KIND_BY_RANK.get(ndim)
-    )
-    if kind is None:
-      reason = f"weight of rank {ndim}: not a linear/conv/embedding layer"
-      job.unused.update({key: reason for key in entries.values()})
-      return None
+    why = f"not a linear/conv/embedding layer (the Flax layer is {info.cls})" if info else ""
+    reason = why or "weight of its rank: not a linear/conv/embedding layer"
+    job.unused.update({key: reason for key in t.entries.values()})
+    return None
   k = kind_of(kind, f"{_WHERE}: kinds['{t.prefix}']")
   tmethod = _target_method(t, k.param)
-  if t.prefix not in job.kinds and kind.startswith("conv") and wkey is not None:
-    _check_not_transposed(job.state_dict[wkey], t, kind)
-  tensors = {s: job.state_dict[key] for s, key in entries.items()}
+  tensors = {s: job.state_dict[key] for s, key in t.entries.items()}
 
   def convert(axis: Axis) -> tuple[TorchLayer, Sources]:
     return layer_from_torch(tensors, kind, axis, None, job.collection, t.where)
 
-  layer, src = convert(job.axes.get(t.prefix))
-  if t.prefix not in job.axes and layer.method == tmethod == "spectral_norm":
+  given_axis = _lookup(job.axes, t.prefix)
+  layer, src = convert(given_axis)
+  wrapped = info.wrapped.get(k.param) if info is not None else None  # (method, kept axes)
+  if given_axis is not None or layer.method is None:
+    pass
+  elif wrapped is not None and wrapped[0] == layer.method:
+    # The model's axis: weight norm's is checked against PyTorch's dim, spectral norm's lays
+    # the state out for its view.
+    axis = neg_axis(wrapped[1], k.ndim) if wrapped[1] else None
+    if axis != layer.axis:
+      layer, src = convert(axis)
+  elif wrapped is None and layer.method == tmethod == "spectral_norm":
     view = _target_view(layer, t, k)
     if view is not None:
       layer, src = convert(neg_axis(view, k.ndim))
   _check_wrapping(layer, t, k, tmethod)
-  _fill(job, layer, src, t, k)
-  return layer._replace(path=t.fpath)
+  _check_order(job, layer, t, k)
+  variables = _fill(job, layer, src, t, k)
+  return layer._replace(variables=variables, path="/".join(t.path))
 
 
 def _target_method(t: _Target, n: str) -> str | None:
@@ -305,7 +362,8 @@ def _check_not_transposed(weight: Any, t: _Target, kind: str) -> None:
     raise ValueError(
       f"{t.where}: PyTorch weight {wshape} read as {kind} {LAYOUTS[kind].torch_layout} gives "
       f"{as_conv}, but the Flax kernel is {tshape}, which fits {alt} "
-      f"{LAYOUTS[alt].torch_layout}. If this is a ConvTranspose, pass kinds={{'{t.prefix}': '{alt}'}}."
+      f"{LAYOUTS[alt].torch_layout}. If this is a ConvTranspose, pass the Flax model (it knows its "
+      f"ConvTranspose layers) or kinds={{'{t.prefix}': '{alt}'}}."
     )
 
 
@@ -359,13 +417,36 @@ def _check_wrapping(layer: TorchLayer, t: _Target, k: Kind, tmethod: str | None)
   )
 
 
-def _fill(job: _Load, layer: TorchLayer, src: Sources, t: _Target, k: Kind) -> None:
-  """Writes ``layer``'s arrays into the target, in its dtype and boxing; shapes must match."""
+def _check_order(job: _Load, layer: TorchLayer, t: _Target, k: Kind) -> None:
+  """Refuses (warns with ``strict=False``) a spectral layer iterating in the other order than PyTorch."""
+  if layer.method != "spectral_norm" or layer.continues == layer.style:
+    return
+  kernel = layer.variables["params"][k.param]
+  exact = neg_axis(spectral_views(k, k.sn_dim, tuple(kernel.shape)).exact(layer.style), k.ndim)
+  msg = (
+    f"{t.where}: the Flax layer is wrapped with spectral_norm(..., axis={layer.axis!r}), whose "
+    f"power iteration runs in the order of PyTorch's {layer.continues} spectral norm, not in "
+    f"the order of the {layer.style} checkpoint: evaluation is the same, but the next "
+    f"training step would differ from PyTorch's. Wrap it with axis={exact!r} to continue "
+    "PyTorch's iteration, or pass strict=False to load it anyway (with this warning)."
+  )
+  if job.strict:
+    raise ValueError(msg)
+  warnings.warn(msg, UserWarning, stacklevel=4)
+
+
+def _fill(job: _Load, layer: TorchLayer, src: Sources, t: _Target, k: Kind) -> dict[str, Any]:
+  """Writes ``layer``'s arrays into the target, in its dtype and boxing; shapes must match.
+
+  Returns:
+    The layer's variables as written (jnp arrays in the target's dtypes).
+  """
   pre = f"{t.prefix}." if t.prefix else ""
+  written: dict[str, Any] = {}
   for col, leaves in layer.variables.items():
     tgt = t.params if col == "params" else (t.state or {})
     for name, value in leaves.items():
-      torch_key, flax_key = f"{pre}{src[col, name]}", f"{col}/{t.fpath}/{name}"
+      torch_key, flax_key = f"{pre}{src[col, name]}", f"{col}/{'/'.join(t.path)}/{name}"
       if name not in tgt:
         raise ValueError(
           f"{t.where}: PyTorch '{torch_key}' has no Flax counterpart "
@@ -382,9 +463,12 @@ def _fill(job: _Load, layer: TorchLayer, src: Sources, t: _Target, k: Kind) -> N
           torch=(torch_key, tuple(np.shape(job.state_dict[torch_key]))),
           flax=(flax_key, tuple(tval.shape), tuple(value.shape)),
         )
-      arr = jnp.asarray(value, tval.dtype)
+      # Cast in numpy, then a plain transfer: jnp.asarray would compile an op per shape.
+      arr = jax.device_put(np.asarray(value).astype(tval.dtype, copy=False))
       tgt[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
+      written.setdefault(col, {})[name] = arr
       job.filled.add((col, *t.path, name))
+  return written
 
 
 def _mismatch(
@@ -430,13 +514,62 @@ def _mismatch(
 # --------------------------------------------------------------------------- #
 
 
+def _layers_of_model(
+  model: Mapping[tuple[str, ...], FlaxLayer], variables: Mapping[str, Any]
+) -> dict[str, TorchLayer]:
+  """PyTorch prefix -> layer for each layer of the model that has a PyTorch weight.
+
+  Kind, wrapping and axis come from the model; a spectral layer gets the key
+  style whose power iteration its axis continues, other layers the
+  parametrizations style.
+  """
+  out: dict[str, TorchLayer] = {}
+  for path, info in model.items():
+    params = _get(variables["params"], path)
+    name = "embedding" if info.family == "embedding" else "kernel"
+    leaf = None if params is None else params.get(name, params.get(f"{name}_v"))
+    if info.family is None or leaf is None:
+      continue
+    shape = _shape(leaf)
+    kind = (
+      info.family if info.family in ("linear", "embedding") else f"{info.family}{len(shape) - 2}d"
+    )
+    if kind not in LAYOUTS:
+      continue
+    method, kept = info.wrapped.get(name, (None, ()))
+    style = "parametrizations"
+    if method == "spectral_norm":
+      k = LAYOUTS[kind]
+      style = (
+        "parametrizations" if kept == spectral_views(k, k.sn_dim, shape).transposed else "legacy"
+      )
+    axis = neg_axis(kept, len(shape)) if method and kept else None
+    out[torch_prefix(path)] = TorchLayer({}, kind, method, axis, name, style, "/".join(path))
+  return out
+
+
 def save(
-  variables: Mapping[str, Any],
-  layers: Mapping[str, TorchLayer],
+  variables: Mapping[str, Any] | nnx.Module,
+  layers: Mapping[str, TorchLayer] | None,
   style: str | None,
   collection: str,
+  model: nn.Module | None = None,
+  inputs: Any = None,
 ) -> dict[str, np.ndarray]:
-  """``to_torch_state_dict``, with numpy arrays for tensors."""
+  """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model)."""
+  info: dict[tuple[str, ...], FlaxLayer] = {}
+  if isinstance(variables, nnx.Module):
+    tree, info = from_nnx(variables, collection)
+    variables = tree.variables
+  elif model is not None:
+    info = from_linen(model, inputs)[1]
+  if layers is None:
+    if not info:
+      raise ValueError(
+        "to_torch_state_dict: pass layers (TorchLoadResult.layers), or the model: an NNX "
+        "module as variables, or model= and inputs= for a Linen module."
+      )
+    layers = _layers_of_model(info, variables)
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
     path = tuple(p for p in layer.path.split("/") if p)

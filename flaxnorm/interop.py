@@ -24,7 +24,9 @@ Layouts (``kind`` -> PyTorch weight -> Flax param)::
 
 Which flaxnorm wrapping and ``axis`` reproduce the PyTorch layer is part of the
 checkpoint, so :func:`from_torch` returns it (:class:`TorchLayer`), and
-:func:`load_torch_state_dict` checks it against the Flax model's variables:
+:func:`load_torch_state_dict` checks it against the Flax model (read from the
+model itself, a Linen module traced shape-only or an NNX module, or from its
+variables):
 
 * Weight norm keeps PyTorch's ``dim``, read from ``g``'s shape: ``dim=0`` is the
   output axis for Linear/Conv (Flax ``axis=-1``) but the **input**-channel axis
@@ -37,8 +39,9 @@ checkpoint, so :func:`from_torch` returns it (:class:`TorchLayer`), and
   output one (``axis=-2`` for Dense, ``(-3, -2)`` for a 1-D conv), with
   flaxnorm's ``u``/``v`` holding PyTorch's ``_v``/``_u``. With these axes a
   converted model continues the power iteration exactly where PyTorch left it.
-  The other axis also loads (pass ``axis=``): evaluation is identical, but
-  training steps then iterate in flaxnorm's order.
+  The other axis also loads with ``from_torch(..., axis=)``: evaluation is
+  identical, but training steps then iterate in the other order, so
+  :func:`load_torch_state_dict` refuses it unless ``strict=False``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
 import numpy as np
+from flax import nnx
 
 from flaxnorm import _torch_convert, _torch_layouts, _torch_model
 from flaxnorm._checks import Axis
@@ -117,9 +123,13 @@ def from_torch(
     >>> layer.method, layer.axis, layer.variables["params"]["kernel_g"].shape
     ('weight_norm', -2, (1, 3, 1))
   """
-  return _torch_convert.layer_from_torch(
+  layer = _torch_convert.layer_from_torch(
     tensors, kind, axis, spectral_dim, collection, "from_torch"
   )[0]
+  variables = {
+    col: {key: jax.device_put(x) for key, x in d.items()} for col, d in layer.variables.items()
+  }
+  return layer._replace(variables=variables)
 
 
 def to_torch(
@@ -135,7 +145,7 @@ def to_torch(
 
   Args:
     variables: ``{"params": ..., collection: ...}`` of one layer (or its bare
-      params), plain, weight-normed (``{name}_g``/``{name}_v``) or
+      params, with the spectral state under ``collection`` beside them), plain, weight-normed (``{name}_g``/``{name}_v``) or
       spectral-normed (``{name}`` and ``{name}_u``/``{name}_v`` in
       ``collection``).
     kind: one of :data:`KINDS`.
@@ -214,83 +224,129 @@ def conv_transpose_padding(
 
 def load_torch_state_dict(
   state_dict: Mapping[str, Any],
-  variables: Mapping[str, Any],
-  key_map: KeyMap,
+  variables: Mapping[str, Any] | nn.Module | nnx.Module,
+  key_map: KeyMap = None,
   *,
-  kinds: Mapping[str, str] | None = None,
+  inputs: Any = None,
+  kinds: Mapping[str, str | None] | None = None,
   axes: Mapping[str, Axis] | None = None,
   strict: bool = True,
   collection: str = "spectral",
 ) -> TorchLoadResult:
-  """Fills a Flax variables tree from a full PyTorch state dict.
+  """Fills a Flax model's variables from a full PyTorch state dict, in one call.
 
   Keys are grouped by layer (``"ups.0.weight_g"`` is layer ``"ups.0"``); each
   layer maps to a Flax path through ``key_map`` and is converted with
-  :func:`from_torch`. The Flax tree (from ``model.init``, or
-  ``jax.eval_shape`` of it) fixes the wrapping of every layer, and each layer
-  is checked against it: a plain, weight-normed or spectral-normed target must
-  meet the same in PyTorch, and every shape must match, including ``g``'s (so a
-  weight norm kept on another axis than PyTorch's ``dim`` is refused, e.g. a
-  ConvTranspose that is not wrapped with ``axis=-2``). Spectral state is
-  laid out for the target's axis (read from the shapes of ``u``/``v``; where
-  both layouts fit, the one from :func:`from_torch`, or ``axes[prefix]``).
+  :func:`from_torch`. The Flax side is the source of truth. Given the model
+  (a Linen module with ``inputs``, traced shape-only with ``jax.eval_shape``;
+  or an NNX module), each layer's kind (Dense, Conv, ConvTranspose, Embed),
+  wrapping and ``axis`` are read from it, so ``kinds`` and ``axes`` are only
+  overrides. Given variables (from ``model.init`` or ``jax.eval_shape`` of
+  it), the wrapping is read from the tree and the spectral axis from the
+  shapes of ``u``/``v``. Either way each layer is checked: a plain,
+  weight-normed or spectral-normed target must meet the same in PyTorch, and
+  every shape must match, ``g``'s included (a weight norm kept on another axis
+  than PyTorch's ``dim`` is refused). A spectral layer whose axis iterates in
+  the other order than the checkpoint's API is refused, since its next
+  training step would differ from PyTorch's (``strict=False``: a warning);
+  ``TorchLayer.continues`` reports each layer's order.
 
   Args:
     state_dict: PyTorch ``module.state_dict()`` (tensors or arrays).
-    variables: the Flax variables to fill (``{"params": ..., collection: ...}``);
-      values may be arrays, ``jax.ShapeDtypeStruct`` or boxed (``nn.Partitioned``).
-      Loaded values take the target's dtype.
-    key_map: PyTorch layer prefix -> Flax path. A function returning ``"a/b"``
-      (or a tuple of names, or ``None`` to skip the layer); or a dict of
-      prefixes ``{"generator.ups": "ups", ...}``: the longest key that is the
-      prefix or a ``.``-bounded start of it wins, the rest of the prefix
-      following Linen's naming (``"resblocks.0.convs.1"`` ->
-      ``"resblocks_0/convs_1"``); ``None`` applies that naming to everything.
-    kinds: PyTorch layer prefix -> kind. Layers not named are ``embedding``
-      when the Flax layer has an ``embedding``, else by rank ``linear``,
-      ``conv1d``, ``conv2d``, ``conv3d``: ConvTranspose layers must be named.
-    axes: PyTorch layer prefix -> flaxnorm axis, to settle a spectral layer
-      whose ``u`` and ``v`` have the same size.
-    strict: raise if any PyTorch key is unused or any Flax variable unfilled.
+    variables: the Flax model or the variables to fill. A Linen module (pass
+      ``inputs``); an NNX module (it is not changed: apply the result with
+      ``nnx.update(model, result.variables)``); or variables
+      ``{"params": ..., collection: ...}`` whose values may be arrays,
+      ``jax.ShapeDtypeStruct`` or boxed (``nn.Partitioned``). Loaded values
+      take the target's dtype.
+    key_map: PyTorch layer prefix -> Flax path. ``None`` (the default)
+      follows the Flax tree: a PyTorch index ``ups.0`` becomes whichever of
+      ``ups_0`` (a Linen list made in ``setup``), ``ups/layers_0``
+      (``nn.Sequential``) and ``ups/0`` (an NNX list) exists; several is an
+      error that lists them. A dict of prefixes ``{"generator": "gen", ...}``:
+      the longest key that is the prefix or a ``.``-bounded start of it wins,
+      and the rest of the prefix follows the tree below its value; prefixes
+      matching no key are skipped. A function returning ``"a/b"`` (or a tuple
+      of names, or ``None`` to skip the layer).
+    inputs: a Linen model's example inputs (an array or
+      ``jax.ShapeDtypeStruct``, or a tuple of its ``__call__`` arguments).
+    kinds: PyTorch layer prefix -> kind (one of :data:`KINDS`; ``None`` means
+      not given). A prefix covers the layers below it too (``{"ups":
+      "conv_transpose1d"}`` names ``ups.0``, ``ups.1``, ...; the longest
+      wins). Without it: the Flax model's layer class; without a model,
+      ``embedding`` when the Flax layer has an ``embedding``, else by rank
+      ``linear``, ``conv1d``, ``conv2d``, ``conv3d`` (a ConvTranspose must
+      then be named).
+    axes: PyTorch layer prefix -> the flaxnorm axis the Flax layer is wrapped
+      with (``None``: not given; prefixes as for ``kinds``). Without it: the model's, else read from the
+      shapes of ``u``/``v`` (a square layer without a model needs it).
+    strict: raise if any PyTorch key is unused, any Flax variable unfilled,
+      or a spectral layer iterates in the other order than PyTorch's. With
+      ``False`` they are reported (the order with a ``UserWarning``).
     collection: the collection holding the spectral state.
 
   Returns:
-    A :class:`TorchLoadResult` with the new variables, the converted layers,
-    and the unused PyTorch keys and unmatched Flax variables.
+    A :class:`TorchLoadResult`: the new variables (an ``nnx.State`` for an
+    NNX model), the converted layers, the unused PyTorch keys and unmatched
+    Flax variables; ``result.summary()`` prints one line per layer.
 
   Raises:
-    ValueError: a shape or wrapping mismatch (naming the PyTorch key, the Flax
-      variable, both shapes and the expected layouts); with ``strict``, unused
-      keys or unmatched variables (all listed).
+    ValueError: a shape, kind or wrapping mismatch (naming the PyTorch key,
+      the Flax path, both shapes and the expected layouts); an ambiguous key
+      match; a spectral layer in the other iteration order (with ``strict``);
+      with ``strict``, unused keys or unmatched variables (all listed in one
+      error).
+    TypeError: a ``key_map`` of the wrong type.
 
   Examples:
-    >>> import numpy as np
+    >>> import flax.linen as nn, jax.numpy as jnp, numpy as np
+    >>> import flaxnorm
+    >>> class Net(nn.Module):
+    ...   def setup(self):  # Linen names these "ups_0", "ups_1"
+    ...     self.ups = [flaxnorm.weight_norm(nn.ConvTranspose(2, (4,)), axis=-2) for _ in range(2)]
+    ...   def __call__(self, x):
+    ...     for up in self.ups:
+    ...       x = up(x)
+    ...     return x
     >>> f32 = lambda *shape: np.ones(shape, np.float32)
-    >>> state_dict = {"fc.weight_g": f32(3, 1), "fc.weight_v": f32(3, 4), "fc.bias": f32(3)}
-    >>> variables = {"params": {"fc": {"kernel_g": f32(1, 3), "kernel_v": f32(4, 3),
-    ...                                "bias": f32(3)}}}  # flaxnorm.weight_norm(nn.Dense(3))
-    >>> result = load_torch_state_dict(state_dict, variables, None)
-    >>> result.variables["params"]["fc"]["kernel_v"].shape, result.layers["fc"].axis
-    ((4, 3), -1)
-    >>> result.unused_keys, result.unmatched_keys
-    ({}, ())
+    >>> state_dict = {f"ups.{i}.{key}": x for i in range(2) for key, x in
+    ...               {"weight_g": f32(2, 1, 1), "weight_v": f32(2, 2, 4), "bias": f32(2)}.items()}
+    >>> result = load_torch_state_dict(state_dict, Net(), inputs=jnp.zeros((1, 5, 2)))
+    >>> print(result.summary())
+    ups.0 -> ups_0  conv_transpose1d  weight_norm(axis=-2)  legacy keys
+    ups.1 -> ups_1  conv_transpose1d  weight_norm(axis=-2)  legacy keys
+    >>> result.variables["params"]["ups_0"]["kernel_v"].shape
+    (4, 2, 2)
   """
-  return _torch_model.load(state_dict, variables, key_map, kinds, axes, strict, collection)
+  return _torch_model.load(
+    state_dict, variables, key_map, (kinds, axes, inputs), strict, collection
+  )
 
 
 def to_torch_state_dict(
-  variables: Mapping[str, Any],
-  layers: Mapping[str, TorchLayer],
+  variables: Mapping[str, Any] | nnx.Module,
+  layers: Mapping[str, TorchLayer] | None = None,
   *,
+  model: nn.Module | None = None,
+  inputs: Any = None,
   style: str | None = None,
   collection: str = "spectral",
 ) -> dict[str, Any]:
   """Writes a PyTorch state dict from Flax variables: the inverse of :func:`load_torch_state_dict`.
 
   Args:
-    variables: Flax variables (``{"params": ..., collection: ...}``).
+    variables: Flax variables (``{"params": ..., collection: ...}``), or an NNX
+      model (its ``nnx.Param`` and spectral-state leaves are read).
     layers: PyTorch layer prefix -> :class:`TorchLayer` giving the Flax
       ``path``, ``kind``, ``axis`` and ``style`` (``TorchLoadResult.layers``).
+      ``None``: read from the model (an NNX ``variables``, or ``model`` and
+      ``inputs``), every Dense/Conv/ConvTranspose/Embed layer with PyTorch's
+      naming of its path (``ups_0`` and ``ups/layers_0`` -> ``ups.0``); a
+      spectral layer gets the key style whose power iteration its axis
+      continues, other layers the parametrizations style.
+    model: a Linen module to read the layers from (with ``inputs``, its
+      example inputs, as for :func:`load_torch_state_dict`).
+    inputs: the Linen ``model``'s example inputs.
     style: a key style for every layer, or ``None`` for each layer's own.
     collection: the collection holding the spectral state.
 
@@ -298,8 +354,8 @@ def to_torch_state_dict(
     ``{"prefix.key": tensor}`` (torch tensors, or numpy without torch).
 
   Raises:
-    ValueError: a layer whose ``path`` is not in ``variables``, or what
-      :func:`to_torch` raises for one layer.
+    ValueError: a layer whose ``path`` is not in ``variables``; neither
+      ``layers`` nor a model; or what :func:`to_torch` raises for one layer.
 
   Examples:
     >>> import numpy as np
@@ -313,7 +369,7 @@ def to_torch_state_dict(
     >>> sorted(to_torch_state_dict(result.variables, result.layers, style="parametrizations"))
     ['fc.bias', 'fc.parametrizations.weight.original0', 'fc.parametrizations.weight.original1']
   """
-  return _emit(_torch_model.save(variables, layers, style, collection))
+  return _emit(_torch_model.save(variables, layers, style, collection, model, inputs))
 
 
 # --------------------------------------------------------------------------- #

@@ -11,6 +11,7 @@ import pathlib
 import sys
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import flaxnorm
-from flaxnorm import interop
+from flaxnorm import _torch_convert, interop
 
 TOL = 1e-5
 STYLES = ("plain", "wn_legacy", "wn_new", "sn_legacy", "sn_new")
@@ -719,7 +720,9 @@ def test_load_conv_transpose_needs_its_kind():
   )
   variables = {"params": {"up": variables["params"]}}
   sd = {"up.weight": arr(3, 2, 4), "up.bias": arr(2)}
-  with pytest.raises(ValueError, match=r"pass kinds=\{'up': 'conv_transpose1d'\}"):
+  with pytest.raises(
+    ValueError, match=r"pass the Flax model .* or kinds=\{'up': 'conv_transpose1d'\}"
+  ):
     interop.load_torch_state_dict(sd, variables, None)
   res = interop.load_torch_state_dict(sd, variables, None, kinds={"up": "conv_transpose1d"})
   np.testing.assert_array_equal(
@@ -739,8 +742,15 @@ def test_load_spectral_view_follows_the_target(target_axis):
   module = flaxnorm.spectral_norm(nn.Dense(3, use_bias=False, name="fc"), axis=target_axis)
   variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4)))
   variables = {k: {"fc": x} for k, x in variables.items()}
-  res = interop.load_torch_state_dict(sd, variables, None)
+  if target_axis == -1:  # the legacy order: refused unless strict=False, then a warning
+    with pytest.raises(ValueError, match=r"'fc'.*axis=-1.*Wrap it with axis=-2"):
+      interop.load_torch_state_dict(sd, variables)
+    with pytest.warns(UserWarning, match=r"next training step would differ"):
+      res = interop.load_torch_state_dict(sd, variables, strict=False)
+  else:
+    res = interop.load_torch_state_dict(sd, variables, None)
   assert res.layers["fc"].axis == target_axis
+  assert res.layers["fc"].continues == ("legacy" if target_axis == -1 else "parametrizations")
   state = res.variables["spectral"]["fc"]
   torch_u = sd[f"fc.{P}0._u"]
   np.testing.assert_array_equal(state["kernel_u" if target_axis == -1 else "kernel_v"], torch_u)
@@ -762,7 +772,10 @@ def test_load_square_spectral_layer_needs_its_axis():
     ValueError, match=r"u and v both have size 3.*pass axes=\{'fc': A\}.*-1 continues"
   ):
     interop.load_torch_state_dict(sd, variables, None)
-  res = interop.load_torch_state_dict(sd, variables, None, axes={"fc": -2})
+  with pytest.raises(ValueError, match=r"runs in the order of PyTorch's parametrizations"):
+    interop.load_torch_state_dict(sd, variables, axes={"fc": -2})
+  with pytest.warns(UserWarning, match=r"Wrap it with axis=-1"):
+    res = interop.load_torch_state_dict(sd, variables, None, axes={"fc": -2}, strict=False)
   assert res.layers["fc"].axis == -2
   # Transposed view of a legacy (v-first) state: flaxnorm's v holds PyTorch's u.
   np.testing.assert_array_equal(res.variables["spectral"]["fc"]["kernel_v"], sd["fc.weight_u"])
@@ -785,7 +798,7 @@ def test_load_recognizes_3d_convolutions():
     nn.ConvTranspose(2, (2, 3, 2), name="up").init, jax.random.key(0), jnp.zeros((1, 3, 5, 4, 3))
   )
   sd = {"up.weight": arr(3, 2, 2, 3, 2), "up.bias": arr(2)}
-  with pytest.raises(ValueError, match=r"pass kinds=\{'up': 'conv_transpose3d'\}"):
+  with pytest.raises(ValueError, match=r"or kinds=\{'up': 'conv_transpose3d'\}"):
     interop.load_torch_state_dict(sd, {"params": {"up": up["params"]}}, None)
   res = interop.load_torch_state_dict(
     sd, {"params": {"up": up["params"]}}, None, kinds={"up": "conv_transpose3d"}
@@ -794,3 +807,165 @@ def test_load_recognizes_3d_convolutions():
     res.variables["params"]["up"]["kernel"],
     sd["up.weight"].transpose(2, 3, 4, 0, 1)[::-1, ::-1, ::-1],
   )
+
+
+# --------------------------------------------------------------------------- #
+# Keys that follow the Flax tree; the Flax model as the source of truth.
+# --------------------------------------------------------------------------- #
+
+
+def _dense(n_in, n_out):
+  return {"kernel": arr(n_in, n_out), "bias": arr(n_out)}
+
+
+@pytest.mark.parametrize(
+  ("params", "path"),
+  [
+    ({"ups_0": _dense(4, 3)}, "ups_0"),  # a Linen list made in setup
+    ({"ups": {"layers_0": _dense(4, 3)}}, "ups/layers_0"),  # nn.Sequential
+    ({"ups": {"0": _dense(4, 3)}}, "ups/0"),  # an NNX list
+  ],
+)
+def test_default_key_map_follows_the_tree(params, path):
+  sd = {"ups.0.weight": arr(3, 4), "ups.0.bias": arr(3)}
+  res = interop.load_torch_state_dict(sd, {"params": params})
+  assert res.layers["ups.0"].path == path
+  res = interop.load_torch_state_dict(
+    {f"g.{k}": x for k, x in sd.items()}, {"params": params}, {"g": ""}
+  )
+  assert res.layers["g.ups.0"].path == path
+
+
+def test_key_map_ambiguous_and_missing_list_the_candidates():
+  sd = {"ups.0.weight": arr(3, 4)}
+  both = {"params": {"ups_0": {"kernel": arr(4, 3)}, "ups": {"layers_0": {"kernel": arr(4, 3)}}}}
+  with pytest.raises(
+    ValueError, match=r"'ups.0' matches several Flax layers.*'params/ups_0', 'params/ups/layers_0'"
+  ):
+    interop.load_torch_state_dict(sd, both)
+  none = {"params": {"other": {"kernel": arr(4, 3)}}}
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)1 PyTorch keys unused, 1 Flax variables unmatched.*ups.0.weight: no Flax layer for it; "
+    r"tried 'params/ups_0', 'params/ups/layers_0', 'params/ups/0'.*params/other/kernel",
+  ):
+    interop.load_torch_state_dict(sd, none)
+
+
+class _Up(nn.Module):
+  """A weight-normed ConvTranspose (16 -> 8 channels) and a square spectral Dense."""
+
+  transpose_kernel: bool = False
+
+  def setup(self):
+    up = nn.ConvTranspose(8, (4,), strides=(2,), transpose_kernel=self.transpose_kernel)
+    self.ups = [flaxnorm.weight_norm(up, axis=-2)]
+    self.fc = flaxnorm.spectral_norm(nn.Dense(8, use_bias=False), axis=-2)
+
+  def __call__(self, x):
+    return self.fc(self.ups[0](x))
+
+
+def _up_sd():
+  return {
+    "ups.0.weight_g": arr(16, 1, 1),
+    "ups.0.weight_v": arr(16, 8, 4),
+    "ups.0.bias": arr(8),
+    f"fc.{P}original": arr(8, 8),
+    f"fc.{P}0._u": arr(8) / np.linalg.norm(arr(8)),
+    f"fc.{P}0._v": arr(8) / np.linalg.norm(arr(8)),
+  }
+
+
+def test_load_from_a_linen_model_reads_kinds_and_axes():
+  sd, x = _up_sd(), jax.ShapeDtypeStruct((1, 5, 16), jnp.float32)
+  shapes = jax.eval_shape(_Up().init, jax.random.key(0), x)
+  # From variables alone: the weight-normed ConvTranspose needs its kind, the square layer its axis.
+  with pytest.raises(ValueError, match=r"'ups.0'.*pass the Flax model.*conv_transpose1d"):
+    interop.load_torch_state_dict(sd, shapes, axes={"fc": -2})
+  with pytest.raises(ValueError, match=r"u and v both have size 8.*pass axes=\{'fc': A\}"):
+    interop.load_torch_state_dict(sd, shapes, kinds={"ups.0": "conv_transpose1d"})
+  res = interop.load_torch_state_dict(sd, _Up(), inputs=x)
+  # A prefix names the layers below it; None is "not given".
+  ref = interop.load_torch_state_dict(
+    sd, shapes, kinds={"ups": "conv_transpose1d", "fc": None}, axes={"fc": -2}
+  )
+  assert res.layers["ups.0"].kind == "conv_transpose1d" and res.layers["fc"].axis == -2
+  chex.assert_trees_all_equal(res.variables, ref.variables)
+  assert res.summary().splitlines() == [
+    "ups.0 -> ups_0  conv_transpose1d  weight_norm(axis=-2)  legacy keys",
+    "fc    -> fc     linear  spectral_norm(axis=-2)  parametrizations keys  continues parametrizations",
+  ]
+
+
+def test_load_from_a_model_errors():
+  sd, x = _up_sd(), jnp.zeros((1, 5, 16))
+  with pytest.raises(ValueError, match=r"a Linen model needs its example inputs: pass inputs=x"):
+    interop.load_torch_state_dict(sd, _Up())
+  with pytest.raises(ValueError, match=r"inputs= is for a Linen model"):
+    interop.load_torch_state_dict(sd, {"params": {}}, inputs=x)
+  with pytest.raises(ValueError, match=r"variables must be a Linen module .*got list"):
+    interop.load_torch_state_dict(sd, [])
+  with pytest.raises(
+    ValueError, match=r"'ups.0' -> 'params/ups_0': the Flax ConvTranspose: transpose_kernel=True"
+  ):
+    interop.load_torch_state_dict(sd, _Up(transpose_kernel=True), inputs=x)
+
+
+def test_to_torch_bare_params_with_state_and_vector_dtypes():
+  """Bare (tree-face) params carry their spectral state; each PyTorch vector keeps its dtype."""
+  state = {
+    "kernel_u": np.ones(3, np.float32),
+    "kernel_v": np.ones(4, np.float16),
+    "kernel_sigma": 1.0,
+  }
+  bare = {"kernel": arr(4, 3), "spectral": state}
+  sd = interop.to_torch(bare, "linear", "legacy")
+  assert sorted(sd) == ["weight_orig", "weight_u", "weight_v"]
+  np_sd = _torch_convert.layer_to_numpy(bare, "linear", "legacy", None, None, "spectral")
+  assert np_sd["weight_u"].dtype == np.float32 and np_sd["weight_v"].dtype == np.float16
+  np_sd = _torch_convert.layer_to_numpy(bare, "linear", "parametrizations", -1, None, "spectral")
+  assert np_sd[f"{P}0._u"].dtype == np.float32 and np_sd[f"{P}0._v"].dtype == np.float16
+
+
+def test_pre_1_1_recovery_refuses_a_zero_weight():
+  old = {"weight_orig": arr(5, 3), "weight_u": arr(5), "weight": np.zeros((5, 3), np.float32)}
+  with pytest.raises(ValueError, match=r"cannot recover PyTorch < 1.1's 'weight_v' from 'weight'"):
+    interop.from_torch(old, "linear")
+
+
+class _Pair(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="fc1")(nn.Dense(4, name="fc0")(x))
+
+
+class _RecursiveNet(nn.Module):
+  """A recursive spectral norm over a block of two Dense layers, the first square (4 -> 4)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return flaxnorm.spectral_norm(_Pair(name="block"), recursive=True, axis=-2)(x)
+
+
+def test_load_from_a_model_with_a_recursive_wrapping():
+  """The sublayers of a recursive wrapping take its axis, the square one included."""
+  sd = {}
+  for i, (n_in, n_out) in enumerate([(4, 4), (4, 3)]):
+    sd[f"block.fc{i}.{P}original"] = arr(n_out, n_in)
+    sd[f"block.fc{i}.{P}0._u"], sd[f"block.fc{i}.{P}0._v"] = arr(n_out), arr(n_in)
+    sd[f"block.fc{i}.bias"] = arr(n_out)
+  res = interop.load_torch_state_dict(sd, _RecursiveNet(), inputs=jnp.zeros((1, 4)))
+  assert [layer.path for layer in res.layers.values()] == ["block/fc0", "block/fc1"]
+  assert all(
+    layer.axis == -2 and layer.continues == "parametrizations" for layer in res.layers.values()
+  )
+  # Transposed view: flaxnorm's u holds PyTorch's _v.
+  np.testing.assert_array_equal(
+    res.variables["spectral"]["block"]["fc0"]["kernel_u"], sd[f"block.fc0.{P}0._v"]
+  )
+
+
+def test_to_torch_state_dict_needs_layers_or_a_model():
+  with pytest.raises(ValueError, match=r"pass layers \(TorchLoadResult.layers\), or the model"):
+    interop.to_torch_state_dict({"params": {}})

@@ -1,0 +1,148 @@
+"""PyTorch module paths -> Flax paths, following the Flax tree.
+
+A PyTorch index (``ups.0``) has one spelling in PyTorch but three in Flax: a
+Linen list attribute made in ``setup`` is ``ups_0``, an ``nn.Sequential``'s
+layer is ``ups/layers_0`` and an NNX list's is ``ups/0``. :func:`resolve`
+tries every spelling against the Flax params tree and keeps the ones that
+exist; more than one is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+KeyMap = Callable[[str], "str | tuple[str, ...] | None"] | Mapping[str, str] | None
+
+Path = tuple[str, ...]
+
+_WHERE = "load_torch_state_dict"
+
+
+def spellings(parts: tuple[str, ...], tree: Any = None) -> Iterator[Path]:
+  """The Flax paths PyTorch path ``parts`` may be; only those in ``tree`` unless it is ``None``.
+
+  ``("ups", "0")`` -> ``ups_0``, ``ups/layers_0``, ``ups/0``; a bare index is
+  ``layers_0`` or ``0``; other names are kept.
+  """
+  if not parts:
+    yield ()
+    return
+  head, rest = parts[0], parts[1:]
+  steps: list[tuple[str, tuple[str, ...]]] = []
+  if head.isdigit():
+    steps += [(f"layers_{head}", rest), (head, rest)]
+  else:
+    if rest and rest[0].isdigit():
+      steps.append((f"{head}_{rest[0]}", rest[1:]))
+    steps.append((head, rest))
+  for name, remaining in steps:
+    if tree is None:
+      sub = None
+    else:
+      sub = tree.get(name) if isinstance(tree, Mapping) else None
+      if not isinstance(sub, Mapping):
+        continue
+    for tail in spellings(remaining, sub):
+      yield (name, *tail)
+
+
+def _split(path: str) -> Path:
+  return tuple(p for p in path.split("/") if p)
+
+
+def _get(tree: Any, path: Path) -> Any:
+  for p in path:
+    if not isinstance(tree, Mapping) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree if isinstance(tree, Mapping) else None
+
+
+def _follow(params: Mapping[str, Any], base: Path, rest: str, prefix: str) -> Path | str:
+  """The one Flax path under ``base`` that PyTorch path ``rest`` spells, or why there is none."""
+  node = _get(params, base)
+  shown = "/".join(base) or "the root"
+  if node is None:
+    return f"no Flax layer at 'params/{'/'.join(base)}'"
+  parts = tuple(rest.split(".")) if rest else ()
+  found = list(dict.fromkeys(spellings(parts, node)))
+  if len(found) > 1:
+    raise ValueError(
+      f"{_WHERE}: PyTorch layer '{prefix}' matches several Flax layers under {shown}: "
+      + ", ".join(f"'params/{'/'.join((*base, *p))}'" for p in found)
+      + "; pass key_map={'"
+      + prefix
+      + "': 'flax/path'} to choose one."
+    )
+  if not found:
+    tried = list(dict.fromkeys(spellings(parts)))
+    return (
+      "no Flax layer for it; tried "
+      + ", ".join(f"'params/{'/'.join((*base, *p))}'" for p in tried)
+      + " (key_map maps PyTorch prefixes to Flax paths)"
+    )
+  return (*base, *found[0])
+
+
+def resolve(key_map: KeyMap, prefix: str, params: Mapping[str, Any]) -> Path | str | None:
+  """The Flax path ``key_map`` gives PyTorch layer ``prefix`` in ``params``.
+
+  Args:
+    key_map: ``None`` (follow the tree from its root), a dict of PyTorch
+      prefixes -> Flax paths (the longest ``.``-bounded match wins, the rest
+      follows the tree), or a function of the prefix.
+    prefix: the PyTorch layer, e.g. ``"resblocks.0.convs1.2"``.
+    params: the Flax params tree.
+
+  Returns:
+    The path; ``None`` when ``key_map`` skips the layer; or a string saying
+    why no Flax layer fits (the names tried).
+
+  Raises:
+    ValueError: several Flax layers fit (they are listed).
+    TypeError: a ``key_map`` of the wrong type, or a function giving one.
+  """
+  if key_map is None:
+    return _follow(params, (), prefix, prefix)
+  if isinstance(key_map, Mapping):
+    if prefix in key_map:
+      return _split(key_map[prefix])
+    hits = [p for p in key_map if p == "" or prefix.startswith(p + ".")]
+    if not hits:
+      return None
+    best = max(hits, key=len)
+    return _follow(
+      params, _split(key_map[best]), prefix[len(best) + 1 :] if best else prefix, prefix
+    )
+  if not callable(key_map):
+    raise TypeError(
+      f"{_WHERE}: key_map must be a function, a dict of prefixes or None, "
+      f"got {type(key_map).__name__}."
+    )
+  path = key_map(prefix)
+  if path is None:
+    return None
+  if isinstance(path, str):
+    return _split(path)
+  if isinstance(path, tuple) and all(isinstance(p, str) for p in path):
+    return path
+  raise TypeError(
+    f"{_WHERE}: key_map gave {path!r} for '{prefix}'; expected a "
+    "'a/b' string, a tuple of names or None."
+  )
+
+
+def torch_prefix(path: Path) -> str:
+  """The PyTorch prefix of a Flax path: ``ups_0`` -> ``ups.0``, ``layers_0`` and ``0`` -> ``0``."""
+  out: list[str] = []
+  for part in path:
+    match = re.fullmatch(r"(.+?)_(\d+)", part)
+    if match and match.group(1) == "layers":
+      out.append(match.group(2))
+    elif match:
+      out += [match.group(1), match.group(2)]
+    else:
+      out.append(part)
+  return ".".join(out)

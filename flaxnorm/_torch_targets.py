@@ -1,0 +1,221 @@
+"""What the Flax model says about each layer a PyTorch checkpoint fills.
+
+``load_torch_state_dict`` can take the Flax model instead of (or to produce)
+its variables. The model then tells, per layer path, its kind (Dense, Conv,
+ConvTranspose, Embed), its wrapping (weight norm, spectral norm, plain) and the
+axes the wrapping keeps, so that ``kinds=``/``axes=`` are overrides only:
+
+* Linen: ``jax.eval_shape(model.init, ...)`` under ``nn.intercept_methods``
+  records every module that runs (its ``scope.path`` and class), shape-only.
+* NNX: ``nnx.iter_modules`` walks the module object; its ``Param`` and
+  ``SpectralStateVar`` leaves become a Linen-like ``{"params", collection}``
+  tree, and the loaded tree goes back into an ``nnx.State``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+from flax import nnx
+from flax.core import meta
+
+from flaxnorm import _checks, _subclass
+from flaxnorm._nnx_plan import SpectralStateVar
+
+Path = tuple[str, ...]
+
+
+class FlaxLayer(NamedTuple):
+  """One Flax module as the model declares it.
+
+  Attributes:
+    path: its path in the params tree (NNX integer keys as strings).
+    family: ``"linear"``, ``"conv"``, ``"conv_transpose"`` or ``"embedding"``;
+      ``None`` for a class interop does not map.
+    cls: the plain layer class's name, for messages.
+    wrapped: param name -> ``(method, kept axes)`` for each param a flaxnorm
+      transform normalizes (kept axes non-negative; ``()`` is a whole-tensor
+      weight norm).
+    unsupported: why this layer cannot take a PyTorch weight (``""`` if it can).
+  """
+
+  path: Path
+  family: str | None
+  cls: str
+  wrapped: dict[str, tuple[str, tuple[int, ...]]]
+  unsupported: str = ""
+
+
+def wrapped_axes(module: Any, name: str, ndim: int, spec: Any = None) -> tuple[int, ...]:
+  """The kept axes of param ``name`` (of rank ``ndim``) that ``module``'s wrapping uses.
+
+  The one place interop resolves a transform's ``axis`` option.
+
+  Args:
+    module: the Linen or NNX module.
+    name: the param, e.g. ``"kernel"``.
+    ndim: the param's rank.
+    spec: the spec to read (a recursive Linen wrapping's, from an ancestor);
+      ``None`` for ``module``'s own spec of ``name``.
+
+  Returns:
+    The kept axes, non-negative and sorted (``()`` for ``axis=None``).
+  """
+  spec = _subclass.specs_of(type(module))[name] if spec is None else spec
+  return _checks.normalize_axes(spec.options.axis, ndim, f"'{name}' of {type(module).__name__}")
+
+
+def _family(module: Any) -> tuple[str | None, str]:
+  """The layer family of a module's plain class, and why it cannot load if so."""
+  base = _subclass.base_of(type(module))
+  linen = {
+    nn.ConvTranspose: "conv_transpose",
+    nn.Conv: "conv",
+    nn.Dense: "linear",
+    nn.Embed: "embedding",
+  }
+  faces = {
+    nnx.ConvTranspose: "conv_transpose",
+    nnx.Conv: "conv",
+    nnx.Linear: "linear",
+    nnx.Embed: "embedding",
+  }
+  family = next((f for cls, f in {**linen, **faces}.items() if issubclass(base, cls)), None)
+  why = ""
+  if family == "conv_transpose" and getattr(module, "transpose_kernel", False):
+    why = (
+      "transpose_kernel=True is not mapped: build the ConvTranspose with "
+      "transpose_kernel=False (the default) and padding=interop.conv_transpose_padding(...)"
+    )
+  return family, why
+
+
+def _ndims(params: Any, path: Path) -> dict[str, int]:
+  """Param name -> rank, for the leaves of the params tree at ``path``."""
+  node = params
+  for p in path:
+    node = node.get(p, {}) if isinstance(node, Mapping) else {}
+  if not isinstance(node, Mapping):
+    return {}
+  return {k: len(x.shape) for k, x in node.items() if hasattr(meta.unbox(x), "shape")}
+
+
+def _param_ndim(ndims: dict[str, int], name: str) -> int | None:
+  """The rank of ``name``, or of its weight-norm direction ``{name}_v``."""
+  return ndims.get(name, ndims.get(f"{name}_v"))
+
+
+def describe(
+  modules: Sequence[tuple[Path, Any]], params: Mapping[str, Any]
+) -> dict[Path, FlaxLayer]:
+  """Path -> :class:`FlaxLayer` for each module; recursive Linen wrappings reach descendants."""
+  out: dict[Path, FlaxLayer] = {}
+  inherited: dict[Path, dict[str, tuple[Any, Any]]] = {}  # path -> name -> (owner, spec)
+  for path, module in sorted(modules, key=lambda pm: len(pm[0])):
+    specs = {n: (module, s) for n, s in _subclass.specs_of(type(module)).items()}
+    for anc in (path[:i] for i in range(len(path) - 1, -1, -1)):
+      for n, (owner, s) in inherited.get(anc, {}).items():
+        if s.recursive:
+          specs.setdefault(n, (owner, s))
+    inherited[path] = specs
+    ndims = _ndims(params, path)
+    wrapped = {}
+    for n, (owner, s) in specs.items():
+      ndim = _param_ndim(ndims, n)
+      if ndim is not None:
+        wrapped[n] = (s.method, wrapped_axes(module, n, ndim, s if owner is not module else None))
+    family, why = _family(module)
+    out[path] = FlaxLayer(path, family, _subclass.base_of(type(module)).__name__, wrapped, why)
+  return out
+
+
+# --------------------------------------------------------------------------- #
+# Linen.
+# --------------------------------------------------------------------------- #
+
+
+def from_linen(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[Path, FlaxLayer]]:
+  """Traces ``model.init`` shape-only; returns its variable shapes and its layers.
+
+  Args:
+    model: an unbound Linen module.
+    inputs: the example inputs of ``model.__call__``: one array (or
+      ``jax.ShapeDtypeStruct``) or a tuple of them.
+
+  Returns:
+    ``(variables, layers)``: ``jax.ShapeDtypeStruct`` leaves, and path -> layer.
+  """
+  if inputs is None:
+    raise ValueError(
+      "load_torch_state_dict: a Linen model needs its example inputs: pass "
+      "inputs=x (or a tuple of the arguments of its __call__)."
+    )
+  args = inputs if isinstance(inputs, tuple) else (inputs,)
+  seen: dict[Path, Any] = {}
+
+  def record(next_fun: Callable[..., Any], a: Any, kw: Any, context: Any) -> Any:
+    m = context.module
+    if m.scope is not None:
+      seen.setdefault(tuple(m.scope.path), m)
+    return next_fun(*a, **kw)
+
+  with nn.intercept_methods(record):
+    shapes = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs), *args)
+  variables = dict(shapes)
+  return variables, describe(list(seen.items()), variables.get("params", {}))
+
+
+# --------------------------------------------------------------------------- #
+# NNX.
+# --------------------------------------------------------------------------- #
+
+
+class NnxTree(NamedTuple):
+  """An NNX model's loadable leaves as a Linen-like tree, and the way back."""
+
+  variables: dict[str, Any]  # {"params": ..., collection: ...}, string keys
+  state: Any  # the model's full nnx.State
+  back: dict[tuple[str, ...], tuple[Any, ...]]  # (collection, *str path) -> state path
+
+
+def from_nnx(model: nnx.Module, collection: str) -> tuple[NnxTree, dict[Path, FlaxLayer]]:
+  """The params and spectral state of an NNX model as ``{"params", collection}``, and its layers."""
+  state = nnx.state(model)
+  variables: dict[str, Any] = {"params": {}, collection: {}}
+  back: dict[tuple[str, ...], tuple[Any, ...]] = {}
+  for path, var in nnx.to_flat_state(state):
+    if isinstance(var, nnx.Param):
+      col = "params"
+    elif isinstance(var, SpectralStateVar):
+      col = collection
+    else:  # rng state, batch stats, ...: no PyTorch weight fills them
+      continue
+    spath = tuple(str(p) for p in path)
+    node = variables[col]
+    for p in spath[:-1]:
+      node = node.setdefault(p, {})
+    node[spath[-1]] = var.get_value()
+    back[(col, *spath)] = tuple(path)
+  if not variables[collection]:
+    del variables[collection]
+  seen: set[int] = set()
+  modules = []
+  for path, module in nnx.iter_modules(model):
+    if id(module) not in seen:
+      seen.add(id(module))
+      modules.append((tuple(str(p) for p in path), module))
+  return NnxTree(variables, state, back), describe(modules, variables["params"])
+
+
+def to_nnx_state(tree: NnxTree, variables: Mapping[str, Any]) -> Any:
+  """The model's ``nnx.State`` with the loaded values of ``variables`` in it."""
+  flat = dict(nnx.to_flat_state(tree.state))
+  for key, path in tree.back.items():
+    node: Any = variables
+    for p in key:
+      node = node[p]
+    flat[path] = flat[path].replace(node)
+  return nnx.from_flat_state(flat)
