@@ -119,11 +119,17 @@ def weight_norm(
       It is modified in place. To wrap layers inside a model, pass them
       (``weight_norm(model.encoder)``) or use :func:`wrap_modules`.
     name: the param(s) to normalize: ``"kernel"``, ``"embedding"`` for
-      ``nnx.Embed``, or a sequence of names.
+      ``nnx.Embed``, a sequence of names, a compiled regular expression searched
+      in the param's path joined by ``/``, or a predicate ``(path, param) -> bool``
+      (``param`` its array).
     axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over all the
-      others. ``-1`` is the output-feature axis of Flax kernels; use ``axis=0``
-      with ``name="embedding"`` for a per-row norm of ``nnx.Embed``; ``None``
-      for one norm of the whole tensor (``g`` of shape ``()``).
+      others. ``"auto"`` (default): the layer's output-feature axes (``-1`` for
+      ``Linear``/``Conv``/``ConvTranspose``, the ``out_features`` axes of
+      ``LinearGeneral``, an ``Einsum`` equation's output axes, ``0`` for
+      ``Embed``'s ``embedding``); an int or tuple; ``None`` for one norm of the
+      whole tensor (``g`` of shape ``()``); or a callable
+      ``(module, param_name) -> axis``. Mappings by submodule: see
+      :func:`wrap_modules`.
     eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
       gradients.
 
@@ -197,9 +203,11 @@ def spectral_norm(
   Args:
     module: an ``nnx.Module`` holding ``{name}`` as an ``nnx.Param`` with at
       least 2 dims; modified in place.
-    name: the param(s) to normalize.
-    axis: the kept (output) axis or axes, the rows of the matrix view; ``-1``
-      for Flax kernels, ``0`` for ``nnx.Embed``'s ``embedding``.
+    name: the param(s) to normalize: names, a regex or a predicate, as in
+      :func:`weight_norm`.
+    axis: the kept (output) axis or axes, the rows of the matrix view;
+      ``"auto"`` (default) for the layer's output-feature axes (for which sigma
+      is the layer's own norm), or as in :func:`weight_norm`.
     n_power_iterations: iterations per training call (>= 1).
     n_init_iterations: iterations at wrap time (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
@@ -291,6 +299,10 @@ def wrap_modules(
       combinations, or a callable ``(path, module) -> bool``.
     **kwargs: passed to ``transform`` (``name=``, ``axis=``, ``rngs=`` ...). With
       ``rngs`` a key or seed, each module gets its own key folded in from it.
+      ``axis`` may here also be a mapping from module name (the last part of its
+      path) or path (``"layers/1"``) to axis, the others taking ``"auto"``. With
+      ``name`` a regex or predicate, modules where it matches nothing are left
+      alone.
 
   Returns:
     ``model`` itself, modified in place.
