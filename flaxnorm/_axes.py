@@ -92,9 +92,8 @@ def canonical(axis: Any, at: str, allow_none: bool) -> Any:
   """Checks an ``axis`` argument's type; a list becomes a tuple, a mapping an :class:`AxisMap`."""
   if isinstance(axis, str):
     if axis != AUTO:
-      raise TypeError(
-        f"axis must be an int, a tuple of ints or 'auto'{_checks.at_(at)}, got {axis!r}."
-      )
+      where = f" at {at}" if at else ""
+      raise TypeError(f"axis must be an int, a tuple of ints or 'auto'{where}, got {axis!r}.")
     return axis
   if isinstance(axis, Mapping):
     return AxisMap.of(axis, at)
