@@ -10,10 +10,12 @@ boxed arrays (``flax.core.meta.AxisMetadata``, e.g. ``nn.Partitioned``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 
 from flaxnorm import _checks, _math, _options
@@ -154,11 +156,44 @@ def check_spectral_state(
   return kept
 
 
+def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
+  """The kept axes a stored ``(u, v)`` was iterated with, read from the state itself.
+
+  The candidates are the kernel's leading and trailing axes (``Embed``'s ``0``,
+  ``Dense``'s ``-1``, ``DenseGeneral``'s ``features`` axes) whose sizes fit ``u``
+  and ``v``. When several fit (a square kernel), power iteration leaves ``u``
+  along ``W v`` in its own matrix view only, so the best-aligned view wins;
+  with no clear winner the caller must give ``axis``.
+  """
+  w, u, v = (np.asarray(x, np.float64) for x in (w, u, v))
+  ndim = w.ndim
+  views = [tuple(range(k)) for k in range(1, ndim)] + [
+    tuple(range(k, ndim)) for k in range(1, ndim)
+  ]
+  fits = [a for a in dict.fromkeys(views) if math.prod(w.shape[i] for i in a) == u.size]
+  fits = [a for a in fits if w.size // u.size == v.size]
+  if len(fits) == 1:
+    return fits[0]
+  align = []
+  for kept in fits:
+    wv = np.moveaxis(w, kept, range(len(kept))).reshape(u.size, v.size) @ v.reshape(-1)
+    norm = np.linalg.norm(wv) * np.linalg.norm(u)
+    align.append(abs(float(u.reshape(-1) @ wv)) / norm if norm > 0 else 0.0)
+  ranked = sorted(zip(align, fits), reverse=True)
+  if ranked and ranked[0][0] > 0.9 and (len(ranked) == 1 or ranked[1][0] < 0.5):
+    return ranked[0][1]
+  raise ValueError(
+    f"{at} of shape {tuple(w.shape)}: cannot tell from its stored state "
+    f"({name}_u {tuple(u.shape)}, {name}_v {tuple(v.shape)}) which axis it was wrapped with "
+    f"(candidates {fits or 'none'}); pass axis=... as given to spectral_norm."
+  )
+
+
 def spectral_fold_one(
   w: Any,
   state: tuple[Any, Any, Any],
   name: str,
-  axis: Axis,
+  axis: Axis | Literal["auto"],
   options: _options.SpectralNormOptions,
   at: str,
 ) -> Any:
@@ -176,6 +211,8 @@ def spectral_fold_one(
     )
     w_sn = _math.apply_scale(w, scale)
   else:
+    if axis == "auto":
+      axis = stored_axes(w, u, v, name, at)
     kept = check_spectral_state(w, state, name, axis, at)
     w_sn, _ = _math.spectral_normalize(
       w, u, v, axis=kept, n_steps=0, eps=options.eps, mode=options.mode, target=options.target
@@ -187,7 +224,7 @@ def remove_spectral_norm(
   variables: Mapping[str, Any],
   collection: str = "spectral",
   *,
-  axis: Axis | Mapping[str, Axis] = -1,
+  axis: Axis | Literal["auto"] | Mapping[str, Axis | Literal["auto"]] = "auto",
   eps: float = 1e-12,
   mode: str = "normalize",
   target: float = 1.0,
@@ -200,9 +237,12 @@ def remove_spectral_norm(
   Args:
     variables: a Linen variables dict with ``params`` and ``collection``.
     collection: the collection holding the spectral state.
-    axis: the kept axis the layers were wrapped with (``-1`` by default), or a
-      mapping from layer path (``"Block_0/Dense_1"``) to axis; layers missing
-      from it use ``-1``.
+    axis: the kept axis the layers were wrapped with, or a mapping from layer
+      path (``"Block_0/Dense_1"``) to axis, layers missing from it taking
+      ``"auto"``. ``"auto"`` (default) reads it from the stored state: the
+      leading or trailing kernel axes whose sizes fit ``u`` and ``v`` (for a
+      square view, the one along which ``u`` is aligned with ``W v``), and asks
+      for ``axis`` when that is ambiguous.
     eps: the ``eps`` the layers were wrapped with.
     mode: the ``mode`` the layers were wrapped with.
     target: the ``target`` the layers were wrapped with.
@@ -243,7 +283,7 @@ def remove_spectral_norm(
         f"{fn}: state {_join(path, name + '_u')!r} needs a param {_join(path, name)!r}; "
         f"params here are {sorted(node)}."
       )
-    layer_axis = axis.get("/".join(path), -1) if isinstance(axis, Mapping) else axis
+    layer_axis = axis.get("/".join(path), "auto") if isinstance(axis, Mapping) else axis
     at = f"{fn}: param {_join(path, name)!r}"
     node[name] = spectral_fold_one(node[name], state, name, layer_axis, options, at)
   return {

@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from flaxnorm import _checks, _math, _operator, _options, _output_scale, _subclass
+from flaxnorm import _axes, _checks, _math, _operator, _options, _output_scale, _subclass
 
 #: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
 FLAG = "use_running_average"
@@ -100,7 +100,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     w = _get(module, name, self.method, name)
     state = [_get(module, a, self.method, name) for a in self.attrs(name)]
     at = describe(module, name)
-    kept = _checks.check_spectral_weight(w[...], self.options.axis, at)
+    kept = _checks.check_spectral_weight(w[...], _axes.explicit(self.options.axis, at), at)
     if not self.options.operator:
       shapes = [jax.numpy.shape(x[...]) for x in state]
       _checks.check_state_fits(w[...].shape, kept, shapes, self.attrs(name), at)

@@ -7,23 +7,27 @@ a ``commit`` that only mutates.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math, _operator, _options, _subclass
+from flaxnorm import _axes, _checks, _math, _operator, _options, _select, _subclass
 from flaxnorm._nnx_layer import (
   FLAG,
   SpectralNormSpec,
   WeightNormSpec,
   describe,
   operator_map,
+  path_str,
   swap_class,
 )
 
 PathParts = tuple[Any, ...]
+#: Param names as checked by the face, or a regex / predicate selector.
+Names = tuple[str, ...] | _select.ParamSelector
 Rngs = nnx.Rngs | jax.Array | int | None
 
 # Flax's own (broken) wrappers, named in the error when someone wraps them.
@@ -65,8 +69,33 @@ def check_module(module: Any, method: str) -> None:
   )
 
 
-def _param_names(module: nnx.Module) -> list[str]:
+def param_names(module: nnx.Module) -> list[str]:
   return sorted(k for k, x in vars(module).items() if isinstance(x, nnx.Param))
+
+
+def select_names(
+  module: nnx.Module, path: PathParts | None, names: Names, method: str, required: bool = True
+) -> tuple[str, ...]:
+  """The param names ``names`` picks on ``module``: names as given, or a selector's matches.
+
+  A selector sees each ``nnx.Param`` attribute that flaxnorm did not create, at
+  its path below the wrapped module (``wrap_modules``: below the model).
+  """
+  if not isinstance(names, _select.ParamSelector):
+    return names
+  specs = _subclass.specs_of(type(module))
+  own = {a for n, s in specs.items() for a in s.attrs(n)}
+  params = {k: x for k, x in vars(module).items() if isinstance(x, nnx.Param) and k not in own}
+  prefix = tuple(str(p) for p in path or ())
+  hits = tuple(k for k in sorted(params) if names.matches((*prefix, k), lambda k=k: params[k][...]))
+  if not hits and required:
+    where = type(module).__name__
+    where = where if path is None else f"layer '{path_str(path)}' ({where})"
+    raise ValueError(
+      f"{method}: name={names!r} matched no param of {where}. "
+      f"Its params are {['/'.join((*prefix, k)) for k in sorted(params)]}."
+    )
+  return hits
 
 
 def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | None) -> nnx.Param:
@@ -83,7 +112,7 @@ def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | N
     if isinstance(module, _FLAX_WRAPPERS):
       hint = " (this is Flax's own wrapper: apply flaxnorm to the plain layer instead)"
     raise ValueError(
-      f"{method}: {at} does not exist. Its params are {_param_names(module)}; pass "
+      f"{method}: {at} does not exist. Its params are {param_names(module)}; pass "
       f"one of them as name=...{hint}."
     )
   if not isinstance(var, nnx.Param):
@@ -106,23 +135,25 @@ def _check_free(module: nnx.Module, attrs: Sequence[str], method: str, path, nam
 def plan_weight_norm(
   module: nnx.Module,
   path: PathParts | None,
-  names: tuple[str, ...],
+  names: Names,
   options: _options.WeightNormOptions,
 ) -> Callable[[], None]:
-  spec = WeightNormSpec(options)
   check_module(module, "weight_norm")
   new: dict[str, tuple[nnx.Variable, nnx.Variable]] = {}
-  for name in names:
+  chosen: dict[str, WeightNormSpec] = {}
+  for name in select_names(module, path, names, "weight_norm"):
     at = describe(module, name, path)
     var = _check_param(module, name, "weight_norm", path)
+    axis = _axes.resolve(options.axis, module, name, at)
+    spec = chosen[name] = WeightNormSpec(dataclasses.replace(options, axis=axis))
     _check_free(module, spec.attrs(name), "weight_norm", path, name)
     w = var[...]
     _checks.check_float_array(w, "the param", at)
-    kept = _checks.normalize_axes(options.axis, w.ndim, at)
-    g, _ = _math.weight_norm_decompose(w, options.axis)
+    kept = _checks.normalize_axes(axis, w.ndim, at)
+    g, _ = _math.weight_norm_decompose(w, axis)
     meta = {}
     sharding = var.get_metadata("out_sharding", None)
-    if sharding is not None and options.axis is not None:
+    if sharding is not None and axis is not None:
       meta["out_sharding"] = tuple(s if i in kept else None for i, s in enumerate(sharding))
     elif sharding is not None:
       meta["out_sharding"] = ()
@@ -131,12 +162,12 @@ def plan_weight_norm(
 
   def commit() -> None:
     specs = _subclass.specs_of(type(module))
-    for name in names:
+    for name, spec in chosen.items():
       delattr(module, name)  # before the swap: the subclass computes `name`
       specs[name] = spec
     swap_class(module, specs)
     for name, (g, v) in new.items():
-      g_attr, v_attr = spec.attrs(name)
+      g_attr, v_attr = chosen[name].attrs(name)
       setattr(module, g_attr, g)
       setattr(module, v_attr, v)
 
@@ -186,7 +217,7 @@ def make_key_source(rngs: Rngs, method: str) -> Callable[[int], jax.Array]:
 def plan_spectral_norm(
   module: nnx.Module,
   path: PathParts | None,
-  names: tuple[str, ...],
+  names: Names,
   options: _options.SpectralNormOptions,
   next_key: Callable[[int], jax.Array],
   input_shape: tuple[int, ...] | None = None,
@@ -197,14 +228,16 @@ def plan_spectral_norm(
   # Every spectral spec of a module records whether flaxnorm owns the flag, so
   # removing the last one knows whether to delete it.
   added = any(s.added_flag for s in others) if others else not has_flag
-  spec = SpectralNormSpec(options, added_flag=added, input_shape=input_shape)
-  states = {}
-  for i, name in enumerate(names):
+  states, chosen = {}, {}
+  for i, name in enumerate(select_names(module, path, names, "spectral_norm")):
     at = describe(module, name, path)
     var = _check_param(module, name, "spectral_norm", path)
+    axis = _axes.resolve(options.axis, module, name, at)
+    spec = SpectralNormSpec(dataclasses.replace(options, axis=axis), added, input_shape)
+    chosen[name] = spec
     _check_free(module, spec.attrs(name), "spectral_norm", path, name)
     w = var[...]
-    kept = _checks.check_spectral_weight(w, options.axis, at)
+    kept = _checks.check_spectral_weight(w, axis, at)
     if options.operator:
       example = _operator_example(module, input_shape, at)
       linear = operator_map(module, name)
@@ -216,10 +249,10 @@ def plan_spectral_norm(
 
   def commit() -> None:
     specs = _subclass.specs_of(type(module))
-    specs.update(dict.fromkeys(names, spec))
+    specs.update(chosen)
     swap_class(module, specs)
     for name, state in states.items():
-      for attr, value in zip(spec.attrs(name), state):
+      for attr, value in zip(chosen[name].attrs(name), state):
         setattr(module, attr, SpectralStateVar(value))
     if not has_flag:
       setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from flaxnorm import _checks
-from flaxnorm._checks import Axis
+from flaxnorm import _axes, _checks
+from flaxnorm._axes import AxisOption
 from flaxnorm._math import DEFAULT_N_INIT_ITERATIONS
 
 #: Params that replace a weight-normalized ``{name}``: ``{name}_g``, ``{name}_v``.
@@ -34,32 +34,29 @@ def spectral_keys(name: str) -> tuple[str, str, str]:
   return name + u, name + v, name + sigma
 
 
-def _canonical_axis(axis: Axis, at: str, allow_none: bool) -> Axis:
-  _checks.check_axis_arg(axis, at, allow_none=allow_none)
-  return tuple(axis) if isinstance(axis, list) else axis
-
-
 @dataclasses.dataclass(frozen=True)
 class WeightNormOptions:
   """Weight norm's options, validated at construction.
 
   Attributes:
-    axis: the kept axis or axes (PyTorch's ``dim``), or ``None`` for one norm
-      of the whole tensor.
+    axis: the kept axis or axes (PyTorch's ``dim``), ``None`` for one norm of
+      the whole tensor, ``"auto"`` for the layer's output-feature axes, a
+      callable ``(module, param_name) -> axis``, or (recursive wrapping) an
+      :class:`flaxnorm._axes.AxisMap` by submodule.
     eps: lower bound on ``||v||`` (> 0).
     recursive: Linen only: also reach the params of the layer's submodules.
     at: the public function the options came from, for error messages (not
       part of equality).
   """
 
-  axis: Axis = -1
+  axis: AxisOption = _axes.AUTO
   eps: float = 1e-12
   recursive: bool = False
   at: str = dataclasses.field(default="weight_norm", compare=False, repr=False)
   method: ClassVar[str] = "weight_norm"
 
   def __post_init__(self):
-    _set(self, "axis", _canonical_axis(self.axis, self.at, allow_none=True))
+    _set(self, "axis", _axes.canonical(self.axis, self.at, allow_none=True))
     _set(self, "eps", _checks.check_eps(self.eps, self.at))
     _set(self, "recursive", _checks.check_bool(self.recursive, "recursive", self.at))
 
@@ -69,7 +66,8 @@ class SpectralNormOptions:
   """Spectral norm's options, validated at construction.
 
   Attributes:
-    axis: the kept (output) axis or axes, the rows of the matrix view.
+    axis: the kept (output) axis or axes, the rows of the matrix view;
+      ``"auto"``, a callable or an ``AxisMap`` as for weight norm.
     n_power_iterations: iterations per training call (>= 1).
     n_init_iterations: iterations when the state is created (>= 0).
     eps: norms at or below it count as zero (> 0).
@@ -83,7 +81,7 @@ class SpectralNormOptions:
     at: the public function the options came from, for error messages.
   """
 
-  axis: Axis = -1
+  axis: AxisOption = _axes.AUTO
   n_power_iterations: int = 1
   n_init_iterations: int = DEFAULT_N_INIT_ITERATIONS
   eps: float = 1e-12
@@ -97,7 +95,7 @@ class SpectralNormOptions:
 
   def __post_init__(self):
     at = self.at
-    _set(self, "axis", _canonical_axis(self.axis, at, allow_none=False))
+    _set(self, "axis", _axes.canonical(self.axis, at, allow_none=False))
     n = _checks.check_count(self.n_power_iterations, "n_power_iterations", 1, at)
     _set(self, "n_power_iterations", n)
     n = _checks.check_count(self.n_init_iterations, "n_init_iterations", 0, at)

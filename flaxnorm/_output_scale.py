@@ -1,7 +1,7 @@
 """Applying a kernel's scale to a linear layer's output instead of the kernel.
 
 Both transforms give the layer the kernel ``base * scale``: ``v * (g / ||v||)``
-(weight norm, ``scale`` of shape ``(1, ..., 1, out)``) or ``W * (1 / sigma)``
+(weight norm, ``scale`` of shape ``(1, ..., 1, *out)``) or ``W * (1 / sigma)``
 (spectral norm, a scalar). For a layer linear in its kernel whose bias is
 added last, ``f(x; base * scale) + b = f(x; base) * scale + b``. Multiplying
 the kernel costs kernel-sized passes forward and backward, which dominate a
@@ -62,20 +62,25 @@ def for_call(layer, args: tuple, kwargs: dict) -> OutputScale | None:
   if not _computes_wide(layer.dtype, layer.param_dtype, inputs):
     return None
   # A transposed ConvTranspose kernel holds the output features on axis -2.
-  return OutputScale(per_feature=not getattr(layer, "transpose_kernel", False))
+  features = getattr(layer, "features", getattr(layer, "out_features", 1))
+  n_out = len(features) if isinstance(features, (tuple, list)) else 1  # DenseGeneral's
+  return OutputScale(per_feature=not getattr(layer, "transpose_kernel", False), n_out=n_out)
 
 
 class OutputScale:
   """Collects one call's deferred kernel scale and bias, then applies them.
 
   Args:
-    per_feature: whether the kernel's last axis is the output's last axis
-      (false for a ConvTranspose with ``transpose_kernel=True``), so that a
-      per-output-feature scale can move to the output. A scalar always can.
+    per_feature: whether the kernel's last ``n_out`` axes are the output's last
+      axes (false for a ConvTranspose with ``transpose_kernel=True``), so that
+      a per-output-feature scale can move to the output. A scalar always can.
+    n_out: how many trailing kernel axes are output features (``DenseGeneral``
+      with ``features=(heads, dim)``: 2).
   """
 
-  def __init__(self, per_feature: bool = True):
+  def __init__(self, per_feature: bool = True, n_out: int = 1):
     self.per_feature = per_feature
+    self.n_out = n_out
     self.scale: jax.Array | None = None
     self.bias: jax.Array | None = None
 
@@ -87,10 +92,11 @@ class OutputScale:
       scale: the factor, of shape ``()`` or ``base``'s rank.
     """
     scalar = scale.size == 1 and scale.ndim in (0, base.ndim)
-    ones = (1,) * (base.ndim - 1)
-    last_axis = self.per_feature and scale.ndim == base.ndim and scale.shape[:-1] == ones
-    if scalar or last_axis:
-      self.scale = scale.reshape(()) if scalar else scale.reshape(-1)
+    n = min(self.n_out, base.ndim - 1)
+    ones = (1,) * (base.ndim - n)
+    trailing = self.per_feature and scale.ndim == base.ndim and scale.shape[:-n] == ones
+    if scalar or trailing:
+      self.scale = scale.reshape(()) if scalar else scale.reshape(scale.shape[-n:])
       return True
     return False
 
@@ -113,7 +119,8 @@ class OutputScale:
     dtype = y.dtype
     out = y
     if self.scale is not None:
-      if self.scale.ndim and y.shape[-1] != self.scale.shape[0]:
+      tail = y.shape[y.ndim - self.scale.ndim :]
+      if any(s not in (1, t) for s, t in zip(self.scale.shape, tail)):
         raise AssertionError(f"flaxnorm: output {y.shape} does not fit scale {self.scale.shape}")
       wide = _math.wider(dtype, self.scale.dtype)
       out = out.astype(wide) * self.scale.astype(wide)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from flaxnorm import _certify, _checks, _fold, _math, _operator, _options, _subclass
+from flaxnorm import _axes, _certify, _checks, _fold, _math, _operator, _options, _subclass
 
 
 def spectral_sigmas(
@@ -184,9 +184,13 @@ def _trace_layers(
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == "__call__" and args:
-      for name, spec in _subclass.specs_of(type(module)).items():
-        if spec.method == "spectral_norm" and module.scope is not None:
+    specs = _subclass.specs_of(type(module))
+    if context.method_name == "__call__" and args and module.scope is not None:
+      for key, spec in specs.items():
+        if spec.method != "spectral_norm":
+          continue
+        names = [key] if isinstance(key, str) else _selected(variables, spec, module, specs)
+        for name in names:
           path = "/".join((*map(str, module.scope.path), name))
           seen.setdefault(path, _Seen(module, name, spec.options, tuple(jnp.shape(args[0]))))
     return next_fun(*args, **kwargs)
@@ -197,6 +201,16 @@ def _trace_layers(
 
   jax.eval_shape(run, dict(variables))
   return seen
+
+
+def _selected(variables: Mapping[str, Any], spec: Any, module: nn.Module, specs: dict) -> list:
+  """The params a selector spec normalized on ``module``: those with state not named by others."""
+  node: Any = variables.get(spec.options.collection, {})
+  for part in module.scope.path if module.scope is not None else ():
+    node = node.get(part, {}) if isinstance(node, Mapping) else {}
+  u = _options.SPECTRAL_SUFFIXES[0]
+  names = [k[: -len(u)] for k, x in node.items() if k.endswith(u) and not isinstance(x, Mapping)]
+  return [n for n in names if n not in specs]
 
 
 def _certified(
@@ -217,7 +231,9 @@ def _certified(
   if opts.operator:
     scale = _operator.eval_scale(sigma, opts)
   else:
-    kept = _checks.normalize_axes(opts.axis, w.ndim)
+    # An axis mapping was resolved per submodule: the root's own params take "auto".
+    axis = _axes.AUTO if isinstance(opts.axis, _axes.AxisMap) else opts.axis
+    kept = _checks.normalize_axes(_axes.resolve(axis, seen.module, seen.name, path), w.ndim)
     scale, _ = _math.spectral_scale(
       jnp.asarray(w, jnp.float32), u, v, axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode,
       target=opts.target,

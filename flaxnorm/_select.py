@@ -1,13 +1,18 @@
 """Paths and leaf selection in parameter pytrees, for ``flaxnorm.tree``.
 
 A path is the tuple of keys from the root to a leaf: ``str`` for dict keys and
-attributes, ``int`` for sequence positions. A selector is leaf names or a
-predicate ``(path, leaf) -> bool``; :class:`Selection` applies one and explains,
-when some name matched nothing, which leaves exist.
+attributes, ``int`` for sequence positions. A selector is leaf names, a
+regular expression searched in the path joined by ``/``, or a predicate
+``(path, leaf) -> bool``; :class:`Selection` applies one to a pytree and
+explains, when some name matched nothing, which leaves exist. The Linen and
+NNX faces select a layer's params with :class:`ParamSelector` (a regular
+expression or a predicate) or with plain names.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,8 +22,41 @@ from flax.core import FrozenDict, meta
 from flaxnorm import _checks, _fold
 
 Path = tuple[Any, ...]
-#: Which leaves a transform touches: leaf names, or a ``(path, leaf) -> bool`` predicate.
-Selector = str | Sequence[str] | Callable[[Path, Any], bool]
+#: Which leaves a transform touches: leaf names, a regular expression over the
+#: ``/``-joined path, or a ``(path, leaf) -> bool`` predicate.
+Selector = str | Sequence[str] | re.Pattern[str] | Callable[[Path, Any], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSelector:
+  """Selects params by their path below the wrapped module (hashable: a class key).
+
+  Exactly one of ``pattern`` (searched in the path joined by ``/``, e.g.
+  ``"Dense_0/kernel"``) and ``predicate`` (called as ``predicate(path, param)``
+  with ``param`` an array or ``jax.ShapeDtypeStruct``) is set.
+  """
+
+  pattern: re.Pattern[str] | None = None
+  predicate: Callable[[Path, Any], Any] | None = None
+
+  def matches(self, path: Path, param: Callable[[], Any]) -> bool:
+    """Whether the param at ``path`` is selected; ``param()`` gives it (or its shape)."""
+    if self.pattern is not None:
+      return self.pattern.search("/".join(str(p) for p in path)) is not None
+    assert self.predicate is not None
+    return bool(self.predicate(path, param()))
+
+  def __repr__(self) -> str:
+    return f"re.compile({self.pattern.pattern!r})" if self.pattern else repr(self.predicate)
+
+
+def parse_names(name: Any, argname: str = "name") -> tuple[str, ...] | ParamSelector:
+  """``name`` as a tuple of param names, or a :class:`ParamSelector` for a regex or predicate."""
+  if isinstance(name, re.Pattern):
+    return ParamSelector(pattern=name)
+  if callable(name) and not isinstance(name, str):
+    return ParamSelector(predicate=name)
+  return _checks.check_names(name, argname)
 
 
 def key(k: Any) -> Any:
@@ -67,8 +105,13 @@ class Selection:
 
   def __init__(self, names: Selector, method: str, argname: str = "name"):
     self.method, self.argname = method, argname
-    if callable(names) and not isinstance(names, str):
+    if isinstance(names, re.Pattern):
+      pattern = names
+      self.predicate, self.names = (lambda p, _: pattern.search(path_str(p)) is not None), None
+      self.kind = f"the path pattern {pattern.pattern!r}"
+    elif callable(names) and not isinstance(names, str):
       self.predicate, self.names = names, None
+      self.kind = "the path predicate"
     else:
       self.predicate, self.names = None, _checks.check_names(names, argname)
     self.hits: list[Path] = []
@@ -99,7 +142,7 @@ class Selection:
     missing = [n for n in self.names if n not in found] if self.names else []
     if self.hits and not missing:
       return
-    what = f"{self.argname} {missing}" if self.names else "the path predicate"
+    what = f"{self.argname} {missing}" if self.names else self.kind
     paths = [path_str(p) for p, x in leaves(params) if is_array(x) or is_box(x)]
     hint = ""
     if any(is_box(x) for _, x in leaves(params)):

@@ -58,7 +58,7 @@ def base_of(cls: type) -> type:
 
 
 def specs_of(cls: type) -> dict[str, Any]:
-  """The specs a (normalized) class carries, by param name; empty if plain."""
+  """The specs a (normalized) class carries, by param name (or selector); empty if plain."""
   return dict(getattr(cls, "_flaxnorm_specs", {}))
 
 
@@ -90,7 +90,7 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
   """
   if not specs:
     return base
-  items = tuple(sorted(specs.items()))
+  items = tuple(sorted(specs.items(), key=lambda kv: repr(kv[0])))
   key = (base, items, namespace)
   if key in _CACHE:
     return _CACHE[key]
@@ -114,7 +114,7 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
 
 def _reduce_ex(self: Any, protocol: Any) -> tuple[Any, ...]:
   cls = type(self)
-  args = (cls._flaxnorm_base, tuple(sorted(cls._flaxnorm_specs.items())), cls._flaxnorm_namespace)
+  args = (cls._flaxnorm_base, tuple(cls._flaxnorm_specs.items()), cls._flaxnorm_namespace)
   return (_unpickle, args, *object.__reduce_ex__(self, protocol)[2:])
 
 

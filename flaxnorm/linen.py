@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
@@ -29,13 +30,25 @@ import jax
 from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
 
-from flaxnorm import _checks, _linen_operator, _math, _operator, _options, _output_scale, _subclass
-from flaxnorm._checks import Axis
+from flaxnorm import (
+  _axes,
+  _checks,
+  _linen_operator,
+  _math,
+  _operator,
+  _options,
+  _output_scale,
+  _select,
+  _subclass,
+)
+from flaxnorm._axes import AxisOption
 from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
 
 __all__ = ("remove_spectral_norm", "remove_weight_norm", "spectral_norm", "weight_norm")
 
 M = TypeVar("M", bound=nn.Module)
+#: What ``name`` accepts: param names, or a regex / ``(path, param) -> bool`` over their paths.
+Names = str | Sequence[str] | re.Pattern[str] | Callable[[tuple[str, ...], Any], bool]
 #: Creates a raw (possibly boxed) param with the layer's initializer, by name.
 _Create = Callable[[str], Any]
 #: ``(raw param, base, scale)``: the layer's kernel is ``base * scale``.
@@ -55,6 +68,16 @@ def _describe(module: nn.Module, name: str) -> str:
   return f"param '{name}' of layer '{path or '<top level>'}' ({type(module).__name__})"
 
 
+def _kept_axis(options: Any, module: nn.Module, name: str, at: str) -> _checks.Axis:
+  """The explicit axis the options' ``axis`` means for ``module``'s param ``name``."""
+  args, kwargs = module.__dict__.get(_linen_operator.INPUTS, ((), {}))
+  # nn.Einsum takes its equation as the call's second argument, too.
+  call = {"einsum_str": kwargs.get("einsum_str", args[1] if len(args) > 1 else None)}
+  # An axis mapping was resolved for each submodule; the root's own params take the default.
+  axis = _axes.AUTO if isinstance(options.axis, _axes.AxisMap) else options.axis
+  return _axes.resolve(axis, module, name, at, call)
+
+
 def _rebox(raw: Any, value: Any, names: tuple | None) -> Any:
   """Boxes ``value`` like ``raw`` (e.g. ``nn.Partitioned``) with new axis names."""
   if names is not None and isinstance(raw, meta.Partitioned):
@@ -71,7 +94,8 @@ class _WeightNorm(_subclass.SpecBase):
   options: _options.WeightNormOptions
 
   def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
-    axis, at = self.options.axis, _describe(module, name)
+    at = _describe(module, name)
+    axis = _kept_axis(self.options, module, name, at)
     g_key, v_key = _options.weight_norm_keys(name)
     raw_v = create_param(v_key)
     v = meta.unbox(raw_v)
@@ -98,7 +122,7 @@ class _SpectralNorm(_subclass.SpecBase):
     opts, at = self.options, _describe(module, name)
     raw_w = create_param(name)
     w = meta.unbox(raw_w)
-    kept = _checks.check_spectral_weight(w, opts.axis, at)
+    kept = _checks.check_spectral_weight(w, _kept_axis(opts, module, name, at), at)
     keys = _options.spectral_keys(name)
     layer_map = _linen_operator.LayerMap(module, name, at) if opts.operator else None
     present = [module.has_variable(opts.collection, k) for k in keys]
@@ -197,7 +221,7 @@ _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_g
 def _scales_output(module: nn.Module) -> bool:
   """Whether ``module`` is one of Flax's linear layers, run by Flax's own code."""
   cls = type(module)
-  if _subclass.base_of(cls) not in _LINEAR_LAYERS or set(_subclass.specs_of(cls)) != {"kernel"}:
+  if _subclass.base_of(cls) not in _LINEAR_LAYERS:
     return False  # subclasses may override __call__: only Flax's own code
   if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
     return False  # e.g. a quantized dot_general is not linear in the kernel
@@ -219,20 +243,47 @@ def _is_descendant(module: nn.Module, root: nn.Module) -> bool:
   return len(path) > len(root_path) and path[: len(root_path)] == root_path
 
 
+class _Tracker:
+  """What a wrapped module and its recursive clones saw in one call, for its checks."""
+
+  def __init__(self) -> None:
+    self.hits: set[Any] = set()  # spec keys (names, selectors) that reached a param
+    self.params: list[str] = []  # paths of the params asked for, below the root
+    self.submodules: list[str] = []  # paths of the submodules reached
+    self.axis_keys: set[str] = set()  # axis-mapping keys that matched a submodule
+
+
+def _tracker(module: nn.Module) -> _Tracker:
+  return module.__dict__.setdefault("_flaxnorm_tracker", _Tracker())
+
+
+def _descendant_specs(root_specs: Mapping[Any, Any], rel: tuple[str, ...], seen: _Tracker) -> dict:
+  """The root's specs for a submodule at ``rel`` below it: not recursive, axis mapped."""
+  specs = {}
+  for key, spec in root_specs.items():
+    options = dataclasses.replace(spec.options, recursive=False)
+    if isinstance(options.axis, _axes.AxisMap):
+      matched, axis = options.axis.lookup(rel)
+      if matched is not None:
+        seen.axis_keys.add(matched)
+      options = dataclasses.replace(options, axis=axis)
+    specs[key] = type(spec)(options)
+  return specs
+
+
 def _propagate(root: nn.Module):
   """An interceptor that runs ``root``'s descendants as normalized clones.
 
   With ``recursive=True`` the transform reaches params that child modules
   create (the ``Dense`` layers inside ``nn.LSTMCell``): each method call on a
   descendant made during ``root``'s call runs on a clone of it with the same
-  fields, in the same scope, whose class normalizes the same names. The
-  original's ``setup`` is skipped, since only the clone is used.
+  fields, in the same scope, whose class normalizes the same names (with the
+  axis an axis mapping gives its path). The original's ``setup`` is skipped,
+  since only the clone is used.
   """
-  specs = {
-    n: type(s)(dataclasses.replace(s.options, recursive=False))
-    for n, s in _subclass.specs_of(type(root)).items()
-  }
-  seen = root.__dict__.setdefault("_flaxnorm_seen", set())
+  root_specs = _subclass.specs_of(type(root))
+  seen = _tracker(root)
+  root_path = tuple(root.scope.path) if root.scope is not None else ()
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -247,21 +298,30 @@ def _propagate(root: nn.Module):
       return next_fun(*args, **kwargs)
     if context.method_name == "setup":
       return None
-    clone = _transform(module, specs, "recursive")
-    clone.__dict__["_flaxnorm_seen"] = seen  # the names count for root's check
-    clone.__dict__["_flaxnorm_propagated"] = True
+    rel = tuple(str(p) for p in module.scope.path)[len(root_path) :]
+    seen.submodules.append("/".join(rel))
+    clone = _transform(module, _descendant_specs(root_specs, rel, seen), "recursive")
+    # The clone's hits count for root's checks; its params' paths start at root.
+    clone.__dict__.update(_flaxnorm_tracker=seen, _flaxnorm_rel=rel, _flaxnorm_propagated=True)
     return getattr(clone, context.method_name)(*args, **kwargs)
 
   return interceptor
 
 
 def _check_layer_saw_names(module: nn.Module) -> None:
+  """After a call: every wrapped name, selector and axis-mapping key found something."""
   if module.__dict__.get("_flaxnorm_propagated"):
     return
-  seen = module.__dict__.get("_flaxnorm_seen", set())
-  for name, spec in _subclass.specs_of(type(module)).items():
-    if name in seen:
+  seen = _tracker(module)
+  for key, spec in _subclass.specs_of(type(module)).items():
+    if key in seen.hits:
       continue
+    if isinstance(key, _select.ParamSelector):
+      raise ValueError(
+        f"{spec.method}: name={key!r} matched no param of layer {_path(module)!r} "
+        f"({type(module).__name__}){' or its submodules' if spec.recursive else ''}. "
+        f"The params are {sorted(set(seen.params))}."
+      )
     params = module.variables.get("params", {}) if module.scope is not None else {}
     found = sorted(k for k, x in params.items() if not isinstance(x, Mapping))
     children = sorted(k for k, x in params.items() if isinstance(x, Mapping))
@@ -271,10 +331,29 @@ def _check_layer_saw_names(module: nn.Module) -> None:
       else ""
     )
     raise ValueError(
-      f"{spec.method}: {_describe(module, name)} does not exist: the layer never "
+      f"{spec.method}: {_describe(module, key)} does not exist: the layer never "
       f"asked for it. Its params are {found}; pass one of them as name=... "
       f"(e.g. name='embedding' for nn.Embed).{hint}"
     )
+  _check_axis_keys(module, seen)
+
+
+def _check_axis_keys(module: nn.Module, seen: _Tracker) -> None:
+  for spec in _subclass.specs_of(type(module)).values():
+    axis = spec.options.axis
+    keys = axis.names() if isinstance(axis, _axes.AxisMap) else []
+    unused = [k for k in keys if k not in seen.axis_keys]
+    if unused:
+      raise ValueError(
+        f"{spec.method}: the axis mapping names {unused}, which match no submodule of layer "
+        f"{_path(module)!r} ({type(module).__name__}). Its submodules are "
+        f"{sorted(set(seen.submodules))}; a key is a submodule name or a path below the layer."
+      )
+
+
+def _path(module: nn.Module) -> str:
+  path = "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
+  return path or "<top level>"
 
 
 # --------------------------------------------------------------------------- #
@@ -282,27 +361,56 @@ def _check_layer_saw_names(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- #
 
 
+def _spec_for(module: nn.Module, name: str, param: Callable[[], Any]) -> Any:
+  """The spec that normalizes ``module``'s param ``name`` (by name or selector), or None."""
+  specs = _subclass.specs_of(type(module))
+  seen = _tracker(module)
+  path = (*module.__dict__.get("_flaxnorm_rel", ()), name)
+  seen.params.append("/".join(path))
+  hits = [
+    (key, spec)
+    for key, spec in specs.items()
+    if key == name or (isinstance(key, _select.ParamSelector) and key.matches(path, param))
+  ]
+  if len(hits) > 1:
+    raise ValueError(
+      f"{_describe(module, name)} is selected by {[k for k, _ in hits]}: a param can be "
+      "normalized only once."
+    )
+  if not hits:
+    return None
+  seen.hits.add(hits[0][0])
+  return hits[0][1]
+
+
 @nn.nowrap
 def _param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
   """``Module.param``, returning the normalized kernel for the wrapped names."""
-  spec = _subclass.specs_of(type(self)).get(name)
+
+  def shape() -> Any:  # what a predicate selector sees: the param's shape and dtype
+    return jax.eval_shape(lambda: meta.unbox(init_fn(jax.random.key(0), *init_args, **init_kwargs)))
+
+  spec = _spec_for(self, name, shape)
   deferred = self.__dict__.get("_flaxnorm_output_scale")
   base_param = _subclass.base_of(type(self)).param
   if spec is None:
     value = base_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
-    if deferred is None or name != "bias":
-      return value
-    zeros = deferred.take_bias(meta.unbox(value))
-    return value.replace_boxed(zeros) if isinstance(value, meta.AxisMetadata) else zeros
-  self.__dict__.setdefault("_flaxnorm_seen", set()).add(name)
+    return value if deferred is None or name != "bias" else _defer_bias(deferred, value)
 
   def create(param_name: str) -> Any:
     return base_param(self, param_name, init_fn, *init_args, unbox=False, **init_kwargs)
 
   raw, base, scale = spec(self, name, create)
-  if deferred is None or not deferred.take_scale(base, scale):
+  if deferred is None or name != "kernel" or not deferred.take_scale(base, scale):
     base = _math.apply_scale(base, scale)
-  return base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
+  value = base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
+  # A (normalized) bias of an output-scaled layer is added after the scaling.
+  return value if deferred is None or name != "bias" else _defer_bias(deferred, value)
+
+
+def _defer_bias(deferred: _output_scale.OutputScale, value: Any) -> Any:
+  zeros = deferred.take_bias(meta.unbox(value))
+  return value.replace_boxed(zeros) if isinstance(value, meta.AxisMetadata) else zeros
 
 
 def _call(self, *args, **kwargs):
@@ -401,6 +509,18 @@ def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
   )
 
 
+def _specs(name: Any, spec: _WeightNorm | _SpectralNorm) -> dict[Any, Any]:
+  """``{name or selector: spec}`` for a public call, checking ``name`` and the axis mapping."""
+  opts = spec.options
+  if isinstance(opts.axis, _axes.AxisMap) and not opts.recursive:
+    raise ValueError(
+      f"{opts.method}: axis={dict(opts.axis.items)!r} maps submodules to axes, which needs "
+      "recursive=True (the submodules' params are then normalized too)."
+    )
+  names = _select.parse_names(name)
+  return {names: spec} if isinstance(names, _select.ParamSelector) else dict.fromkeys(names, spec)
+
+
 # --------------------------------------------------------------------------- #
 # Public API.
 # --------------------------------------------------------------------------- #
@@ -411,8 +531,8 @@ def weight_norm(
   module: type[M],
   /,
   *,
-  name: str | Sequence[str] = ...,
-  axis: Axis = ...,
+  name: Names = ...,
+  axis: AxisOption = ...,
   eps: float = ...,
   recursive: bool = ...,
 ) -> type[M]: ...
@@ -421,8 +541,8 @@ def weight_norm(
   module: M,
   /,
   *,
-  name: str | Sequence[str] = ...,
-  axis: Axis = ...,
+  name: Names = ...,
+  axis: AxisOption = ...,
   eps: float = ...,
   recursive: bool = ...,
 ) -> M: ...
@@ -430,8 +550,8 @@ def weight_norm(
   module: type[M] | M,
   /,
   *,
-  name: str | Sequence[str] = "kernel",
-  axis: Axis = -1,
+  name: Names = "kernel",
+  axis: AxisOption = "auto",
   eps: float = 1e-12,
   recursive: bool = False,
 ) -> type[M] | M:
@@ -446,13 +566,23 @@ def weight_norm(
   Args:
     module: a Linen Module class (a transformed class is returned) or instance
       (a module that behaves like it is returned); positional.
-    name: the param(s) to normalize, e.g. ``"kernel"``, ``"embedding"`` or a
-      sequence of names for a module with several kernels.
+    name: the param(s) to normalize: a name (``"kernel"``, ``"embedding"``), a
+      sequence of names, a compiled regular expression searched in each param's
+      path below the wrapped module joined by ``/`` (``re.compile("kernel$")``),
+      or a predicate ``(path, param) -> bool`` (``param`` a
+      ``jax.ShapeDtypeStruct``; e.g. ``lambda path, p: p.ndim >= 2``, Flax's
+      default), to wrap a whole block with ``recursive=True`` and leave its
+      biases and norm scales alone.
     axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over all the
-      others. ``-1`` is the output-feature axis of Flax kernels (``Dense``
-      ``(in, out)``, ``Conv`` ``(*window, in, out)``); use ``axis=0`` with
-      ``name="embedding"`` for ``nn.Embed``'s per-row norm; ``None`` for a
-      single norm of the whole tensor (``g`` of shape ``()``).
+      others. ``"auto"`` (default): the layer's output-feature axes (``-1`` for
+      ``Dense``/``Conv``/``ConvTranspose`` kernels ``(*window, in, out)``, the
+      ``features`` axes of ``DenseGeneral``, the output axes of an ``Einsum``
+      equation, ``0`` for ``nn.Embed``'s ``embedding``; see
+      the table in the docs' "Differences" page); an int or tuple of ints; ``None`` for
+      a single norm of the whole tensor (``g`` of shape ``()``); a callable
+      ``(module, param_name) -> axis``; or, with ``recursive=True``, a mapping
+      from submodule name or path to axis (``{"query": (-2, -1), "out": -1}``),
+      the others taking ``"auto"``.
     eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
       gradients.
     recursive: also normalize the params named ``name`` that the layer's
@@ -474,9 +604,8 @@ def weight_norm(
     Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
     Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
-  names = _checks.check_names(name)
-  spec = _WeightNorm(_options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive))
-  return _transform(module, dict.fromkeys(names, spec), "weight_norm")
+  options = _options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive)
+  return _transform(module, _specs(name, _WeightNorm(options)), "weight_norm")
 
 
 @overload
@@ -484,8 +613,8 @@ def spectral_norm(
   module: type[M],
   /,
   *,
-  name: str | Sequence[str] = ...,
-  axis: Axis = ...,
+  name: Names = ...,
+  axis: AxisOption = ...,
   n_power_iterations: int = ...,
   n_init_iterations: int = ...,
   eps: float = ...,
@@ -500,8 +629,8 @@ def spectral_norm(
   module: M,
   /,
   *,
-  name: str | Sequence[str] = ...,
-  axis: Axis = ...,
+  name: Names = ...,
+  axis: AxisOption = ...,
   n_power_iterations: int = ...,
   n_init_iterations: int = ...,
   eps: float = ...,
@@ -515,8 +644,8 @@ def spectral_norm(
   module: type[M] | M,
   /,
   *,
-  name: str | Sequence[str] = "kernel",
-  axis: Axis = -1,
+  name: Names = "kernel",
+  axis: AxisOption = "auto",
   n_power_iterations: int = 1,
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
@@ -550,9 +679,14 @@ def spectral_norm(
 
   Args:
     module: a Linen Module class or instance (see :func:`weight_norm`); positional.
-    name: the param(s) to normalize (at least 2-D each).
-    axis: the kept (output) axis or axes, the rows of the matrix view; ``-1``
-      for Flax kernels, ``0`` for ``nn.Embed``'s ``embedding``.
+    name: the param(s) to normalize (at least 2-D each): names, a regex or a
+      predicate, as in :func:`weight_norm`.
+    axis: the kept (output) axis or axes, the rows of the matrix view
+      (product of the kept axes) x (product of the others). ``"auto"``
+      (default): the layer's output-feature axes, as in :func:`weight_norm`, for
+      which sigma is the layer's own norm (``DenseGeneral``, ``Einsum`` and
+      attention projections included); an explicit axis, a callable or (with
+      ``recursive=True``) a mapping as in :func:`weight_norm`.
     n_power_iterations: iterations per training call (>= 1).
     n_init_iterations: iterations at init (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
@@ -592,7 +726,6 @@ def spectral_norm(
     Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
     Adversarial Networks", ICLR 2018.
   """
-  names = _checks.check_names(name)
   options = _options.SpectralNormOptions(
     axis=axis,
     n_power_iterations=n_power_iterations,
@@ -604,5 +737,4 @@ def spectral_norm(
     operator=operator,
     recursive=recursive,
   )
-  spec = _SpectralNorm(options)
-  return _transform(module, dict.fromkeys(names, spec), "spectral_norm")
+  return _transform(module, _specs(name, _SpectralNorm(options)), "spectral_norm")

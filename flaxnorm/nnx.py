@@ -53,15 +53,17 @@ is an array, not a Variable. Only ``__call__`` iterates the spectral state.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math, _nnx_plan, _options, _subclass
-from flaxnorm._checks import Axis
+from flaxnorm import _axes, _checks, _math, _nnx_plan, _options, _select, _subclass
+from flaxnorm._axes import AxisOption
 from flaxnorm._nnx_layer import (
   FLAG,
   SpectralNormSpec,
@@ -81,6 +83,8 @@ __all__ = (
 )
 
 M = TypeVar("M", bound=nnx.Module)
+#: What ``name`` accepts: param names, or a regex / ``(path, param) -> bool`` over their paths.
+Names = str | Sequence[str] | re.Pattern[str] | Callable[[tuple[str, ...], Any], bool]
 PathParts = _nnx_plan.PathParts
 Rngs = _nnx_plan.Rngs
 SpectralStateVar = _nnx_plan.SpectralStateVar
@@ -95,8 +99,8 @@ def weight_norm(
   module: M,
   /,
   *,
-  name: str | Sequence[str] = "kernel",
-  axis: Axis = -1,
+  name: Names = "kernel",
+  axis: AxisOption = "auto",
   eps: float = 1e-12,
 ) -> M:
   """Reparametrizes a layer's param as ``w = g * v / ||v||`` (Salimans & Kingma, 2016), in place.
@@ -115,11 +119,17 @@ def weight_norm(
       It is modified in place. To wrap layers inside a model, pass them
       (``weight_norm(model.encoder)``) or use :func:`wrap_modules`.
     name: the param(s) to normalize: ``"kernel"``, ``"embedding"`` for
-      ``nnx.Embed``, or a sequence of names.
+      ``nnx.Embed``, a sequence of names, a compiled regular expression searched
+      in the param's path joined by ``/``, or a predicate ``(path, param) -> bool``
+      (``param`` its array).
     axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over all the
-      others. ``-1`` is the output-feature axis of Flax kernels; use ``axis=0``
-      with ``name="embedding"`` for a per-row norm of ``nnx.Embed``; ``None``
-      for one norm of the whole tensor (``g`` of shape ``()``).
+      others. ``"auto"`` (default): the layer's output-feature axes (``-1`` for
+      ``Linear``/``Conv``/``ConvTranspose``, the ``out_features`` axes of
+      ``LinearGeneral``, an ``Einsum`` equation's output axes, ``0`` for
+      ``Embed``'s ``embedding``); an int or tuple; ``None`` for one norm of the
+      whole tensor (``g`` of shape ``()``); or a callable
+      ``(module, param_name) -> axis``. Mappings by submodule: see
+      :func:`wrap_modules`.
     eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
       gradients.
 
@@ -146,7 +156,7 @@ def weight_norm(
     Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
     Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
-  names = _checks.check_names(name)
+  names = _select.parse_names(name)
   options = _options.WeightNormOptions(axis=axis, eps=eps)
   _nnx_plan.plan_weight_norm(module, None, names, options)()
   return module
@@ -156,8 +166,8 @@ def spectral_norm(
   module: M,
   /,
   *,
-  name: str | Sequence[str] = "kernel",
-  axis: Axis = -1,
+  name: Names = "kernel",
+  axis: AxisOption = "auto",
   n_power_iterations: int = 1,
   n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
@@ -193,9 +203,11 @@ def spectral_norm(
   Args:
     module: an ``nnx.Module`` holding ``{name}`` as an ``nnx.Param`` with at
       least 2 dims; modified in place.
-    name: the param(s) to normalize.
-    axis: the kept (output) axis or axes, the rows of the matrix view; ``-1``
-      for Flax kernels, ``0`` for ``nnx.Embed``'s ``embedding``.
+    name: the param(s) to normalize: names, a regex or a predicate, as in
+      :func:`weight_norm`.
+    axis: the kept (output) axis or axes, the rows of the matrix view;
+      ``"auto"`` (default) for the layer's output-feature axes (for which sigma
+      is the layer's own norm), or as in :func:`weight_norm`.
     n_power_iterations: iterations per training call (>= 1).
     n_init_iterations: iterations at wrap time (>= 0).
     eps: norms at or below ``eps`` count as zero; a zero kernel stays zero.
@@ -241,7 +253,7 @@ def spectral_norm(
     Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
     Adversarial Networks", ICLR 2018.
   """
-  names = _checks.check_names(name)
+  names = _select.parse_names(name)
   options = _options.SpectralNormOptions(
     axis=axis,
     n_power_iterations=n_power_iterations,
@@ -287,6 +299,10 @@ def wrap_modules(
       combinations, or a callable ``(path, module) -> bool``.
     **kwargs: passed to ``transform`` (``name=``, ``axis=``, ``rngs=`` ...). With
       ``rngs`` a key or seed, each module gets its own key folded in from it.
+      ``axis`` may here also be a mapping from module name (the last part of its
+      path) or path (``"layers/1"``) to axis, the others taking ``"auto"``. With
+      ``name`` a regex or predicate, modules where it matches nothing are left
+      alone.
 
   Returns:
     ``model`` itself, modified in place.
@@ -328,24 +344,57 @@ def wrap_modules(
     raise ValueError(
       f"wrap_modules: no submodule matches where={where!r}. The modules are {found}."
     )
-  names = _checks.check_names(args["name"])
+  names = _select.parse_names(args["name"])
+  if isinstance(names, _select.ParamSelector):  # modules it picks nothing of are left alone
+    picked = [(p, m, _nnx_plan.select_names(m, p, names, method, False)) for p, m in chosen]
+    picked = [(p, m, n) for p, m, n in picked if n]
+    if not picked:
+      params = [path_str((*p, k)) for p, m in chosen for k in _nnx_plan.param_names(m)]
+      raise ValueError(
+        f"wrap_modules: name={names!r} matched no param of the chosen modules. Their params "
+        f"are {params}."
+      )
+  else:
+    picked = [(p, m, names) for p, m in chosen]
   if method == "weight_norm":
     wn = _options.WeightNormOptions(axis=args["axis"], eps=args["eps"])
-    commits = [_nnx_plan.plan_weight_norm(m, p, names, wn) for p, m in chosen]
+    axes = _module_axes(wn, picked)
+    commits = [
+      _nnx_plan.plan_weight_norm(m, p, n, dataclasses.replace(wn, axis=a))
+      for (p, m, n), a in zip(picked, axes)
+    ]
   else:
     option_names = (
       "axis", "n_power_iterations", "n_init_iterations", "eps", "mode", "target", "operator"
     )  # fmt: skip
     sn = _options.SpectralNormOptions(**{k: args[k] for k in option_names})
+    axes = _module_axes(sn, picked)
     source = _nnx_plan.make_key_source(args["rngs"], "spectral_norm")
     shape = _checks.check_shape(args["input_shape"], "input_shape", "spectral_norm")
-    commits = [
-      _nnx_plan.plan_spectral_norm(m, p, names, sn, _nnx_plan.offset(source, i * len(names)), shape)
-      for i, (p, m) in enumerate(chosen)
-    ]
+    commits = []
+    for i, ((p, m, n), a) in enumerate(zip(picked, axes)):
+      keys = _nnx_plan.offset(source, i * len(n))
+      opts = dataclasses.replace(sn, axis=a)
+      commits.append(_nnx_plan.plan_spectral_norm(m, p, n, opts, keys, shape))
   for commit in commits:
     commit()
   return model
+
+
+def _module_axes(options: Any, picked: Sequence[tuple[PathParts, Any, Any]]) -> list[Any]:
+  """Each picked module's ``axis``: an axis mapping looked up by its path, else as given."""
+  axis = options.axis
+  if not isinstance(axis, _axes.AxisMap):
+    return [axis] * len(picked)
+  found = [axis.lookup(tuple(str(x) for x in p)) for p, _, _ in picked]
+  unused = [k for k in axis.names() if k not in {key for key, _ in found}]
+  if unused:
+    raise ValueError(
+      f"wrap_modules: the axis mapping names {unused}, which match no chosen module. The "
+      f"chosen modules are {[path_str(p) for p, _, _ in picked]}; a key is a module name "
+      "(the last part of its path) or a path."
+    )
+  return [a for _, a in found]
 
 
 def _remove(module: Any, name: Any, kind: type, method: str) -> None:

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from flaxnorm import _checks, _fold, _math, _options, _select
+from flaxnorm import _axes, _checks, _fold, _math, _options, _select
 from flaxnorm._checks import Axis
 
 __all__ = (
@@ -172,7 +172,7 @@ def _weight_norm_init(
 ) -> Any:
   if _select.is_array(params):
     select((), params)  # a bare array: nowhere to put {name}_g, explained by the check
-  out = _wn_init(params, (), select, options.axis)
+  out = _wn_init(params, (), select, _axes.explicit(options.axis, options.at))
   select.check_all_found(params)
   return out
 
@@ -310,14 +310,20 @@ def _spectral_norm_init(
   chosen = [(p, x) for p, x in _select.leaves(params) if select(p, x)]
   select.check_all_found(params)
   for p, x in chosen:
-    _checks.check_spectral_weight(x, options.axis, f"tree path '{_select.path_str(p)}'")
+    _checks.check_spectral_weight(
+      x, _axes.explicit(options.axis, options.at), f"tree path '{_select.path_str(p)}'"
+    )
   state: dict = {}
   for (p, x), k in zip(chosen, jax.random.split(key, len(chosen))):
     node = state
     for part in p[:-1]:
       node = node.setdefault(str(part), {})
     s = _math.spectral_state_init(
-      k, x, axis=options.axis, n_steps=options.n_init_iterations, eps=options.eps
+      k,
+      x,
+      axis=_axes.explicit(options.axis, options.at),
+      n_steps=options.n_init_iterations,
+      eps=options.eps,
     )
     node.update(zip(_options.spectral_keys(str(p[-1])), s))
   return state
@@ -411,7 +417,7 @@ def _spectral_norm_apply(
         f"{fn}: the leaf at tree path '{_select.path_str(path)}' is a {type(w).__name__}."
       )
     at = f"{fn}: param '{_select.path_str(path)}'"
-    kept = _fold.check_spectral_state(w, (u, v, sigma), name, options.axis, at)
+    kept = _fold.check_spectral_state(w, (u, v, sigma), name, _axes.explicit(options.axis, at), at)
     n_steps = options.n_power_iterations if update else 0
     normalized[path], new_state[path] = _math.spectral_normalize(
       w,
