@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 from flax.core import meta
 
-from flaxnorm import _checks, _subclass
+from flaxnorm import _axes, _checks, _subclass
 from flaxnorm._nnx_plan import SpectralStateVar
 
 Path = tuple[str, ...]
@@ -49,10 +49,13 @@ class FlaxLayer(NamedTuple):
   unsupported: str = ""
 
 
-def wrapped_axes(module: Any, name: str, ndim: int, spec: Any = None) -> tuple[int, ...]:
+def wrapped_axes(
+  module: Any, name: str, ndim: int, spec: Any = None, rel: Path = ()
+) -> tuple[int, ...]:
   """The kept axes of param ``name`` (of rank ``ndim``) that ``module``'s wrapping uses.
 
-  The one place interop resolves a transform's ``axis`` option.
+  The one place interop resolves a transform's ``axis`` option (``"auto"``,
+  a callable or an axis mapping, as the wrapped layer itself does).
 
   Args:
     module: the Linen or NNX module.
@@ -60,12 +63,40 @@ def wrapped_axes(module: Any, name: str, ndim: int, spec: Any = None) -> tuple[i
     ndim: the param's rank.
     spec: the spec to read (a recursive Linen wrapping's, from an ancestor);
       ``None`` for ``module``'s own spec of ``name``.
+    rel: ``module``'s path below the wrapping ancestor (an axis mapping's key).
 
   Returns:
     The kept axes, non-negative and sorted (``()`` for ``axis=None``).
   """
   spec = _subclass.specs_of(type(module))[name] if spec is None else spec
-  return _checks.normalize_axes(spec.options.axis, ndim, f"'{name}' of {type(module).__name__}")
+  at = f"'{name}' of {type(module).__name__}"
+  axis = spec.options.axis
+  if isinstance(axis, _axes.AxisMap):
+    axis = axis.lookup(tuple(str(p) for p in rel))[1] if rel else _axes.AUTO
+  return _checks.normalize_axes(_axes.resolve(axis, module, name, at), ndim, at)
+
+
+def _selected(key: Any, params: Any, path: Path, rel: Path) -> list[str]:
+  """The params at ``path`` that a selector ``key`` (a regex or predicate) picks."""
+  node = params
+  for p in path:
+    node = node.get(p, {}) if isinstance(node, Mapping) else {}
+  if not isinstance(node, Mapping):
+    return []
+  cands = {}  # param name as the layer asked for it (weight norm's g/v folded) -> array
+  for k, x in node.items():
+    if k.endswith("_g") and f"{k[:-2]}_v" in node:
+      continue
+    cands[k[:-2] if k.endswith("_v") and f"{k[:-2]}_g" in node else k] = meta.unbox(x)
+
+  def shape(x: Any) -> Any:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  return [
+    k
+    for k, x in cands.items()
+    if hasattr(x, "shape") and key.matches((*map(str, rel), k), lambda x=x: shape(x))
+  ]
 
 
 def _family(module: Any) -> tuple[str | None, str]:
@@ -113,9 +144,9 @@ def describe(
 ) -> dict[Path, FlaxLayer]:
   """Path -> :class:`FlaxLayer` for each module; recursive Linen wrappings reach descendants."""
   out: dict[Path, FlaxLayer] = {}
-  inherited: dict[Path, dict[str, tuple[Any, Any]]] = {}  # path -> name -> (owner, spec)
+  inherited: dict[Path, dict[Any, tuple[Path, Any]]] = {}  # path -> key -> (owner path, spec)
   for path, module in sorted(modules, key=lambda pm: len(pm[0])):
-    specs = {n: (module, s) for n, s in _subclass.specs_of(type(module)).items()}
+    specs = {n: (path, s) for n, s in _subclass.specs_of(type(module)).items()}
     for anc in (path[:i] for i in range(len(path) - 1, -1, -1)):
       for n, (owner, s) in inherited.get(anc, {}).items():
         if s.recursive:
@@ -123,10 +154,13 @@ def describe(
     inherited[path] = specs
     ndims = _ndims(params, path)
     wrapped = {}
-    for n, (owner, s) in specs.items():
-      ndim = _param_ndim(ndims, n)
-      if ndim is not None:
-        wrapped[n] = (s.method, wrapped_axes(module, n, ndim, s if owner is not module else None))
+    for key, (owner, s) in specs.items():
+      rel = path[len(owner) :]
+      names = [key] if isinstance(key, str) else _selected(key, params, path, rel)
+      for n in names:
+        ndim = _param_ndim(ndims, n)
+        if ndim is not None:
+          wrapped[n] = (s.method, wrapped_axes(module, n, ndim, s, rel))
     family, why = _family(module)
     out[path] = FlaxLayer(path, family, _subclass.base_of(type(module)).__name__, wrapped, why)
   return out
