@@ -29,7 +29,16 @@ import jax
 from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
 
-from flaxnorm import _checks, _linen_operator, _math, _operator, _options, _output_scale, _subclass
+from flaxnorm import (
+  _checks,
+  _data_init,
+  _linen_operator,
+  _math,
+  _operator,
+  _options,
+  _output_scale,
+  _subclass,
+)
 from flaxnorm._checks import Axis
 from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
 
@@ -86,8 +95,119 @@ class _WeightNorm(_subclass.SpecBase):
       g_names = () if axis is None else tuple(n if i in kept else None for i, n in enumerate(names))
       return _rebox(raw_v, g, g_names)
 
+    initialize = (
+      self.options.data_init
+      and module.is_initializing()
+      and not module.has_variable("params", g_key)  # a shared layer's later calls: as set
+    )
     g = module.variable("params", g_key, init_g).value
+    if initialize:
+      # The layer gets the unit-norm direction; _call then sets g from its output.
+      g_shape = meta.unbox(g).shape
+      return raw_v, v, _start_data_init(module, name, kept, v, g_shape, self.options.eps)
     return raw_v, v, _math.weight_norm_scale(g, v, self.options.eps)
+
+
+# --------------------------------------------------------------------------- #
+# Weight norm's data-dependent init (flaxnorm._data_init): during init, the
+# layer runs with the unit-norm kernel and a zero bias; its output t then sets
+# g and the bias, and the layer returns g * t + b.
+# --------------------------------------------------------------------------- #
+
+_DATA_INIT_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
+
+
+class _DataInit:
+  """One layer call's data-dependent init: takes the place of its ``OutputScale``.
+
+  Args:
+    init_scale: the std per output feature to reach.
+    n_features: how many of the kernel's axes are output features.
+    offset: how many kernel axes follow them (1 for a transposed
+      ``ConvTranspose`` kernel ``(*window, out, in)``, else 0).
+  """
+
+  def __init__(self, init_scale: float, n_features: int, offset: int):
+    self.init_scale, self.n_features, self.offset = init_scale, n_features, offset
+    self.bias: jax.Array | None = None
+    self.g: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None  # key, out axes, shape
+
+  def features(self, ndim: int) -> dict[int, int]:
+    """Kernel axis -> output axis (negative) of each output feature axis."""
+    first = ndim - self.offset - self.n_features
+    return {first + i: i - self.n_features for i in range(self.n_features)}
+
+  def take_scale(self, base: jax.Array, scale: jax.Array) -> bool:
+    del base, scale
+    return False  # the layer gets the unit-norm kernel itself
+
+  def take_bias(self, bias: jax.Array) -> jax.Array:
+    self.bias = bias
+    return jax.numpy.zeros_like(bias)
+
+
+def _data_init_for(module: nn.Module) -> _DataInit | None:
+  """The layer's :class:`_DataInit` if this call should initialize its ``g`` from data."""
+  specs = _subclass.specs_of(type(module)).values()
+  wanted = [s.options for s in specs if isinstance(s, _WeightNorm) and s.options.data_init]
+  base = _subclass.base_of(type(module))
+  if not wanted or not module.is_initializing() or base not in _DATA_INIT_LAYERS:
+    return None
+  if not _scales_output(module):  # custom ops or batch_dims: not y = g * t + b
+    return None
+  if base is nn.DenseGeneral:
+    features = module.features
+    n_features = 1 if isinstance(features, int) else len(features)
+  else:
+    n_features = 1
+  offset = 1 if getattr(module, "transpose_kernel", False) else 0
+  return _DataInit(wanted[0].init_scale, n_features, offset)
+
+
+def _start_data_init(
+  module: nn.Module,
+  name: str,
+  kept: tuple[int, ...],
+  v: jax.Array,
+  g_shape: tuple[int, ...],
+  eps: float,
+) -> jax.Array:
+  """Records what :func:`_finish_data_init` needs; returns the scale ``1 / ||v||``."""
+  at = _describe(module, name)
+  init = module.__dict__.get("_flaxnorm_output_scale")
+  if not isinstance(init, _DataInit):
+    supported = ", ".join(f"nn.{c.__name__}" for c in _DATA_INIT_LAYERS)
+    raise ValueError(
+      f"weight_norm: data_init=True supports {supported} running Flax's own ops "
+      f"(default dot_general/conv, no batch_dims, only 'kernel' wrapped), not {at}. "
+      f"Wrap this layer with data_init=False."
+    )
+  axes = _data_init.feature_axes(kept, v.ndim, init.features(v.ndim), at)
+  init.g = (_options.weight_norm_keys(name)[0], axes, g_shape)
+  ones = jax.numpy.ones(g_shape, v.dtype)
+  return _math.weight_norm_scale(ones, v, eps)
+
+
+def _put_param(module: nn.Module, key: str, value: jax.Array) -> None:
+  """Overwrites a param created in this init, keeping its box (e.g. ``nn.Partitioned``)."""
+  raw = module.get_variable("params", key)
+  value = value.astype(meta.unbox(raw).dtype)
+  module.put_variable(
+    "params", key, raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
+  )
+
+
+def _finish_data_init(module: nn.Module, init: _DataInit, t: jax.Array) -> jax.Array:
+  """Sets ``g`` (and the bias) from the output ``t`` of the unit-norm layer; returns ``g * t + b``."""
+  if init.g is None:
+    return t  # the layer never asked for its kernel
+  g_key, axes, g_shape = init.g
+  bias_shape = None if init.bias is None else tuple(init.bias.shape)
+  g, b, y = _data_init.normalize(t, axes, init.init_scale, g_shape, bias_shape)
+  _put_param(module, g_key, g)
+  if b is not None:
+    _put_param(module, "bias", b)
+  return y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +428,8 @@ def _param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
 def _call(self, *args, **kwargs):
   """The layer's ``__call__``, with output scaling and the recursive interceptor."""
   cls = type(self)
-  deferred = _output_scale.for_call(self, args, kwargs) if _scales_output(self) else None
+  init = _data_init_for(self)
+  deferred = init or (_output_scale.for_call(self, args, kwargs) if _scales_output(self) else None)
   # Flax's own layers run their unwrapped code in this (compact) call, so that
   # interceptors and capture_intermediates see one call, with the final
   # output; other layers run their own wrapped method.
@@ -326,6 +447,8 @@ def _call(self, *args, **kwargs):
     self.__dict__.pop("_flaxnorm_output_scale", None)
     self.__dict__.pop(_linen_operator.INPUTS, None)
   _check_layer_saw_names(self)
+  if init is not None:
+    return _finish_data_init(self, init, out)
   return out if deferred is None else deferred.finish(out)
 
 
@@ -415,6 +538,8 @@ def weight_norm(
   axis: Axis = ...,
   eps: float = ...,
   recursive: bool = ...,
+  data_init: bool = ...,
+  init_scale: float = ...,
 ) -> type[M]: ...
 @overload
 def weight_norm(
@@ -425,6 +550,8 @@ def weight_norm(
   axis: Axis = ...,
   eps: float = ...,
   recursive: bool = ...,
+  data_init: bool = ...,
+  init_scale: float = ...,
 ) -> M: ...
 def weight_norm(
   module: type[M] | M,
@@ -434,6 +561,8 @@ def weight_norm(
   axis: Axis = -1,
   eps: float = 1e-12,
   recursive: bool = False,
+  data_init: bool = False,
+  init_scale: float = 1.0,
 ) -> type[M] | M:
   """Reparametrizes a layer's kernel as ``w = g * v / ||v||`` (Salimans & Kingma, 2016).
 
@@ -458,9 +587,25 @@ def weight_norm(
     recursive: also normalize the params named ``name`` that the layer's
       submodules create (e.g. every ``kernel`` of the ``Dense`` layers inside
       ``nn.LSTMCell``), each at its own path.
+    data_init: data-dependent init (Salimans & Kingma, 2016, §3.3): during
+      ``model.init(key, batch)`` the layer computes ``t = layer(x; v/||v||)``
+      without bias, the mean ``mu`` and std ``s`` of each output feature over
+      all other axes, and sets ``g = init_scale / s`` and
+      ``bias = -mu * init_scale / s``; it returns ``g * t + bias``, so the next
+      layer of the same ``init`` sees the normalized output. Statistics are in
+      float32; a feature constant on the batch gets ``s = 1``. A layer without
+      bias sets only ``g``. For ``nn.Dense``, ``nn.DenseGeneral``,
+      ``nn.Conv`` and ``nn.ConvTranspose`` with Flax's own ops, and the kept
+      axes must be output-feature axes; ``apply`` never re-initializes.
+    init_scale: the std of each output feature on the init batch with
+      ``data_init`` (> 0, finite).
 
   Returns:
     The transformed class or module.
+
+  Raises:
+    ValueError: at ``init``, with ``data_init=True`` on another layer or with
+      kept axes that are not its output features; ``init_scale`` not > 0.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -469,13 +614,22 @@ def weight_norm(
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
     >>> jax.tree.map(jnp.shape, variables)
     {'params': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+    >>> layer = flaxnorm.weight_norm(nn.Dense(3), data_init=True)
+    >>> x = jax.random.normal(jax.random.key(1), (64, 4))
+    >>> y, variables = layer.init_with_output(jax.random.key(0), x)
+    >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5) and jnp.allclose(y.std(0), 1, atol=1e-4))
+    True
 
   References:
     Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
-    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016 (§3.3: the
+    data-dependent init).
   """
   names = _checks.check_names(name)
-  spec = _WeightNorm(_options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive))
+  options = _options.WeightNormOptions(
+    axis=axis, eps=eps, recursive=recursive, data_init=data_init, init_scale=init_scale
+  )
+  spec = _WeightNorm(options)
   return _transform(module, dict.fromkeys(names, spec), "weight_norm")
 
 
