@@ -429,13 +429,15 @@ def _call(self, *args, **kwargs):
   """The layer's ``__call__``, with output scaling and the recursive interceptor."""
   cls = type(self)
   init = _data_init_for(self)
-  deferred = init or (_output_scale.for_call(self, args, kwargs) if _scales_output(self) else None)
+  deferred = None
+  if init is None and _scales_output(self):
+    deferred = _output_scale.for_call(self, args, kwargs)
   # Flax's own layers run their unwrapped code in this (compact) call, so that
   # interceptors and capture_intermediates see one call, with the final
   # output; other layers run their own wrapped method.
   raw_call = cls.__dict__.get("_flaxnorm_raw_call")
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
-  self.__dict__["_flaxnorm_output_scale"] = deferred
+  self.__dict__["_flaxnorm_output_scale"] = init or deferred  # what _param hands scale and bias
   self.__dict__[_linen_operator.INPUTS] = (args, kwargs)
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
