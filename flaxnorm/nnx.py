@@ -364,8 +364,8 @@ def data_init(model: nnx.Module, /, *args: Any, init_scale: float = 1.0, **kwarg
   sets only ``g`` (its output keeps a mean of ``mu * g``). Layers the call does
   not reach keep their ``g``; a layer called twice is set at its first call.
   The call itself is the model's (spectral norm iterates, BatchNorm updates in
-  training mode). Call it before creating the ``nnx.Optimizer``, or reinit the
-  optimizer state after. On an error the model's state is restored.
+  training mode). Call it once, before training (before creating the
+  ``nnx.Optimizer``). On an error the model's state is restored.
 
   Args:
     model: an ``nnx.Module`` with at least one weight-normed ``nnx.Linear``,
