@@ -31,7 +31,7 @@ from flax.linen import dtypes as linen_dtypes
 
 from flaxnorm import (
   _checks,
-  _data_init,
+  _linen_data_init,
   _linen_operator,
   _math,
   _operator,
@@ -103,111 +103,10 @@ class _WeightNorm(_subclass.SpecBase):
     g = module.variable("params", g_key, init_g).value
     if initialize:
       # The layer gets the unit-norm direction; _call then sets g from its output.
+      init = module.__dict__.get("_flaxnorm_output_scale")
       g_shape = meta.unbox(g).shape
-      return raw_v, v, _start_data_init(module, name, kept, v, g_shape, self.options.eps)
+      return raw_v, v, _linen_data_init.start(init, at, g_key, kept, v, g_shape, self.options.eps)
     return raw_v, v, _math.weight_norm_scale(g, v, self.options.eps)
-
-
-# --------------------------------------------------------------------------- #
-# Weight norm's data-dependent init (flaxnorm._data_init): during init, the
-# layer runs with the unit-norm kernel and a zero bias; its output t then sets
-# g and the bias, and the layer returns g * t + b.
-# --------------------------------------------------------------------------- #
-
-_DATA_INIT_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
-
-
-class _DataInit:
-  """One layer call's data-dependent init: takes the place of its ``OutputScale``.
-
-  Args:
-    init_scale: the std per output feature to reach.
-    n_features: how many of the kernel's axes are output features.
-    offset: how many kernel axes follow them (1 for a transposed
-      ``ConvTranspose`` kernel ``(*window, out, in)``, else 0).
-  """
-
-  def __init__(self, init_scale: float, n_features: int, offset: int):
-    self.init_scale, self.n_features, self.offset = init_scale, n_features, offset
-    self.bias: jax.Array | None = None
-    self.g: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None  # key, out axes, shape
-
-  def features(self, ndim: int) -> dict[int, int]:
-    """Kernel axis -> output axis (negative) of each output feature axis."""
-    first = ndim - self.offset - self.n_features
-    return {first + i: i - self.n_features for i in range(self.n_features)}
-
-  def take_scale(self, base: jax.Array, scale: jax.Array) -> bool:
-    del base, scale
-    return False  # the layer gets the unit-norm kernel itself
-
-  def take_bias(self, bias: jax.Array) -> jax.Array:
-    self.bias = bias
-    return jax.numpy.zeros_like(bias)
-
-
-def _data_init_for(module: nn.Module) -> _DataInit | None:
-  """The layer's :class:`_DataInit` if this call should initialize its ``g`` from data."""
-  specs = _subclass.specs_of(type(module)).values()
-  wanted = [s.options for s in specs if isinstance(s, _WeightNorm) and s.options.data_init]
-  base = _subclass.base_of(type(module))
-  if not wanted or not module.is_initializing() or base not in _DATA_INIT_LAYERS:
-    return None
-  if not _scales_output(module):  # custom ops or batch_dims: not y = g * t + b
-    return None
-  if base is nn.DenseGeneral:
-    features = module.features
-    n_features = 1 if isinstance(features, int) else len(features)
-  else:
-    n_features = 1
-  offset = 1 if getattr(module, "transpose_kernel", False) else 0
-  return _DataInit(wanted[0].init_scale, n_features, offset)
-
-
-def _start_data_init(
-  module: nn.Module,
-  name: str,
-  kept: tuple[int, ...],
-  v: jax.Array,
-  g_shape: tuple[int, ...],
-  eps: float,
-) -> jax.Array:
-  """Records what :func:`_finish_data_init` needs; returns the scale ``1 / ||v||``."""
-  at = _describe(module, name)
-  init = module.__dict__.get("_flaxnorm_output_scale")
-  if not isinstance(init, _DataInit):
-    supported = ", ".join(f"nn.{c.__name__}" for c in _DATA_INIT_LAYERS)
-    raise ValueError(
-      f"weight_norm: data_init=True supports {supported} running Flax's own ops "
-      f"(default dot_general/conv, no batch_dims, only 'kernel' wrapped), not {at}. "
-      f"Wrap this layer with data_init=False."
-    )
-  axes = _data_init.feature_axes(kept, v.ndim, init.features(v.ndim), at)
-  init.g = (_options.weight_norm_keys(name)[0], axes, g_shape)
-  ones = jax.numpy.ones(g_shape, v.dtype)
-  return _math.weight_norm_scale(ones, v, eps)
-
-
-def _put_param(module: nn.Module, key: str, value: jax.Array) -> None:
-  """Overwrites a param created in this init, keeping its box (e.g. ``nn.Partitioned``)."""
-  raw = module.get_variable("params", key)
-  value = value.astype(meta.unbox(raw).dtype)
-  module.put_variable(
-    "params", key, raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
-  )
-
-
-def _finish_data_init(module: nn.Module, init: _DataInit, t: jax.Array) -> jax.Array:
-  """Sets ``g`` (and the bias) from the output ``t`` of the unit-norm layer; returns ``g * t + b``."""
-  if init.g is None:
-    return t  # the layer never asked for its kernel
-  g_key, axes, g_shape = init.g
-  bias_shape = None if init.bias is None else tuple(init.bias.shape)
-  g, b, y = _data_init.normalize(t, axes, init.init_scale, g_shape, bias_shape)
-  _put_param(module, g_key, g)
-  if b is not None:
-    _put_param(module, "bias", b)
-  return y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +211,14 @@ class _SpectralNorm(_subclass.SpecBase):
 # (except a transposed ConvTranspose kernel's): see flaxnorm._output_scale.
 _LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTranspose)
 _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
+
+
+def _data_init_scale(module: nn.Module) -> float | None:
+  """The ``init_scale`` of the layer's ``data_init=True`` weight norm, if it has one."""
+  for spec in _subclass.specs_of(type(module)).values():
+    if isinstance(spec, _WeightNorm) and spec.options.data_init:
+      return spec.options.init_scale
+  return None
 
 
 def _scales_output(module: nn.Module) -> bool:
@@ -428,10 +335,9 @@ def _param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
 def _call(self, *args, **kwargs):
   """The layer's ``__call__``, with output scaling and the recursive interceptor."""
   cls = type(self)
-  init = _data_init_for(self)
-  deferred = None
-  if init is None and _scales_output(self):
-    deferred = _output_scale.for_call(self, args, kwargs)
+  linear = _scales_output(self)
+  init = _linen_data_init.for_call(self, _data_init_scale(self), linear)
+  deferred = _output_scale.for_call(self, args, kwargs) if linear and init is None else None
   # Flax's own layers run their unwrapped code in this (compact) call, so that
   # interceptors and capture_intermediates see one call, with the final
   # output; other layers run their own wrapped method.
@@ -450,7 +356,7 @@ def _call(self, *args, **kwargs):
     self.__dict__.pop(_linen_operator.INPUTS, None)
   _check_layer_saw_names(self)
   if init is not None:
-    return _finish_data_init(self, init, out)
+    return _linen_data_init.finish(self, init, out)
   return out if deferred is None else deferred.finish(out)
 
 
@@ -591,14 +497,12 @@ def weight_norm(
       ``nn.LSTMCell``), each at its own path.
     data_init: data-dependent init (Salimans & Kingma, 2016, §3.3): during
       ``model.init(key, batch)`` the layer computes ``t = layer(x; v/||v||)``
-      without bias, the mean ``mu`` and std ``s`` of each output feature over
-      all other axes, and sets ``g = init_scale / s`` and
-      ``bias = -mu * init_scale / s``; it returns ``g * t + bias``, so the next
-      layer of the same ``init`` sees the normalized output. Statistics are in
-      float32; a feature constant on the batch gets ``s = 1``. A layer without
-      bias sets only ``g``. For ``nn.Dense``, ``nn.DenseGeneral``,
-      ``nn.Conv`` and ``nn.ConvTranspose`` with Flax's own ops, and the kept
-      axes must be output-feature axes; ``apply`` never re-initializes.
+      without bias, sets ``g = init_scale / s`` and ``bias = -mu * init_scale / s``
+      from the mean ``mu`` and std ``s`` (float32) of each output feature over
+      the other axes, and returns ``g * t + bias`` to the next layer. A layer
+      without bias sets only ``g``; a constant feature gets ``s = 1``. For
+      ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.ConvTranspose``
+      whose kept axes are output features; ``apply`` never re-initializes.
     init_scale: the std of each output feature on the init batch with
       ``data_init`` (> 0, finite).
 
