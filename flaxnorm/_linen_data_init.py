@@ -113,8 +113,11 @@ def _put_param(module: nn.Module, key: str, value: jax.Array) -> None:
 
 def finish(module: nn.Module, init: DataInit, t: jax.Array) -> jax.Array:
   """Sets ``g`` (and the bias) from the unit-norm layer's output ``t``; returns ``g * t + b``."""
-  if init.g is None:
-    return t  # the layer never asked for its kernel
+  if init.g is None:  # the layer never asked for its kernel: just add the bias back
+    if init.bias is None:
+      return t
+    bias = init.bias.reshape((1,) * (t.ndim - init.bias.ndim) + init.bias.shape)
+    return (t + bias.astype(t.dtype)).astype(t.dtype)
   g_key, axes, g_shape = init.g
   bias_shape = None if init.bias is None else tuple(init.bias.shape)
   g, b, y = _data_init.normalize(t, axes, init.init_scale, g_shape, bias_shape)

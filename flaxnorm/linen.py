@@ -214,9 +214,14 @@ _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_g
 
 
 def _data_init_scale(module: nn.Module) -> float | None:
-  """The ``init_scale`` of the layer's ``data_init=True`` weight norm, if it has one."""
-  for spec in _subclass.specs_of(type(module)).values():
-    if isinstance(spec, _WeightNorm) and spec.options.data_init:
+  """The ``init_scale`` of the layer's ``data_init=True`` weight norm whose ``g`` is still to set."""
+  for name, spec in _subclass.specs_of(type(module)).items():
+    g_key = _options.weight_norm_keys(name)[0]
+    if (
+      isinstance(spec, _WeightNorm)
+      and spec.options.data_init
+      and not module.has_variable("params", g_key)  # a shared layer's later calls: as set
+    ):
       return spec.options.init_scale
   return None
 

@@ -131,6 +131,21 @@ def test_linen_recursive_wraps_each_dense():
     _check_stats(out, (-1,), 1.0)
 
 
+def test_linen_shared_layer_is_set_at_its_first_call():
+  class Twice(nn.Module):
+    def setup(self):
+      self.dense = flaxnorm.weight_norm(nn.Dense(4, **K), data_init=True)
+
+    def __call__(self, x):
+      first = self.dense(x)
+      return first, self.dense(2.0 * first)
+
+  x = _normal((32, 4), shift=1.0)
+  (first, second), variables = Twice().init_with_output(KEY, x)
+  _check_stats(first, (-1,), 1.0)
+  chex.assert_trees_all_close(Twice().apply(variables, x), (first, second), atol=1e-5)
+
+
 def test_data_init_false_is_unchanged():
   x = _normal((16, 4), seed=1, shift=2.0)
   plain = nn.Dense(3, **K).init(KEY, x)["params"]
