@@ -196,6 +196,18 @@ def check_target(target: Any, at: str = "") -> float:
   return float(target)
 
 
+def check_init_scale(init_scale: Any, at: str = "") -> float:
+  """Returns weight norm's data-init ``init_scale`` as a float, or raises unless finite and > 0."""
+  if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)):
+    raise TypeError(f"init_scale must be a positive float{_at(at)}, got {init_scale!r}.")
+  if not (math.isfinite(init_scale) and init_scale > 0):
+    raise ValueError(
+      f"init_scale must be a positive finite float{_at(at)} (the std per output feature "
+      f"after data_init), got {init_scale!r}."
+    )
+  return float(init_scale)
+
+
 def check_shape(shape: Any, argname: str, at: str = "") -> tuple[int, ...] | None:
   """Returns ``shape`` as a tuple of positive ints (``None`` stays ``None``), or raises."""
   if shape is None:

@@ -21,7 +21,16 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from flaxnorm import _axes, _checks, _math, _operator, _options, _output_scale, _subclass
+from flaxnorm import (
+  _axes,
+  _checks,
+  _data_init,
+  _math,
+  _operator,
+  _options,
+  _output_scale,
+  _subclass,
+)
 
 #: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
 FLAG = "use_running_average"
@@ -311,6 +320,99 @@ def _defines_call(base: type) -> bool:
   return any("__call__" in vars(k) for k in base.__mro__ if k is not object)
 
 
+# --------------------------------------------------------------------------- #
+# Weight norm's data-dependent init (flaxnorm._data_init), for nnx.data_init:
+# while a run is active, each weight-normed linear layer's first call gets the
+# unit-norm kernel and a zero bias, sets g and the bias from its output t, and
+# returns g * t + b.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class DataInitRun:
+  """One ``flaxnorm.nnx.data_init`` run: the layers still to initialize, by id."""
+
+  init_scale: float
+  pending: dict[int, tuple[int, ...]]  # layer id -> its output feature axes
+
+
+DATA_INIT: contextvars.ContextVar[DataInitRun | None] = contextvars.ContextVar(
+  "flaxnorm_nnx_data_init", default=None
+)
+
+
+class _BiasTaker:
+  """Stands in for the ``OutputScale`` during data init: the layer adds a zero bias."""
+
+  bias: jax.Array | None = None
+
+  def take_scale(self, base: jax.Array, scale: jax.Array) -> bool:
+    del base, scale
+    return False
+
+  def take_bias(self, bias: jax.Array) -> jax.Array:
+    self.bias = bias
+    return jax.numpy.zeros_like(bias)
+
+
+def data_init_axes(module: nnx.Module, at: str) -> tuple[int, ...]:
+  """The output feature axes of a weight-normed layer that data init supports, or raises.
+
+  Args:
+    module: a module whose class carries flaxnorm specs.
+    at: its path, for the error message.
+  """
+  base = _subclass.base_of(type(module))
+  specs = _subclass.specs_of(type(module))
+  spec = specs.get("kernel")
+  runs_own_ops = _LINEAR_LAYERS.get(base)
+  if (
+    set(specs) != {"kernel"}
+    or not isinstance(spec, WeightNormSpec)
+    or runs_own_ops is None
+    or not runs_own_ops(module)
+  ):
+    raise ValueError(
+      f"data_init: layer '{at}' ({base.__name__}) is weight-normed but data_init supports "
+      f"only nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv and nnx.ConvTranspose "
+      f"with Flax's own ops and only 'kernel' wrapped (found {sorted(specs)})."
+    )
+  ndim = vars(module)["kernel_v"][...].ndim
+  n = len(module.out_features) if isinstance(module, nnx.LinearGeneral) else 1
+  first = ndim - n - (1 if getattr(module, "transpose_kernel", False) else 0)
+  features = {first + i: i - n for i in range(n)}
+  kept = _checks.normalize_axes(_axes.explicit(spec.options.axis, at), ndim, at)
+  return _data_init.feature_axes(kept, ndim, features, f"layer '{at}' ({base.__name__})")
+
+
+def _start_data_init(module: nnx.Module, state: _Call) -> tuple[int, ...] | None:
+  """In a data-init run, prepares the layer's first call; returns its feature axes."""
+  run = DATA_INIT.get()
+  if run is None or id(module) not in run.pending:
+    return None
+  spec = _subclass.specs_of(type(module))["kernel"]
+  g, v = (_get(module, a, "data_init", "kernel") for a in spec.attrs("kernel"))
+  scale = _math.weight_norm_scale(jax.numpy.ones_like(g[...]), v[...], spec.options.eps)
+  state.kernels = {"kernel": _math.apply_scale(v[...], scale)}
+  state.deferred = _BiasTaker()  # type: ignore[assignment]  # duck-typed OutputScale
+  return run.pending.pop(id(module))
+
+
+def _finish_data_init(
+  module: nnx.Module, axes: tuple[int, ...], bias: jax.Array | None, t: jax.Array
+) -> jax.Array:
+  """Sets ``g`` (and the bias) from the unit-norm layer's output ``t``; returns ``g * t + b``."""
+  run = DATA_INIT.get()
+  assert run is not None
+  g_var = vars(module)["kernel_g"]
+  shape = None if bias is None else tuple(bias.shape)
+  g, b, y = _data_init.normalize(t, axes, run.init_scale, g_var[...].shape, shape)
+  g_var[...] = g.astype(g_var[...].dtype)
+  if b is not None and bias is not None:
+    vars(module)["bias"][...] = b.astype(bias.dtype)
+  return y
+
+
 def _call(self, *args, **kwargs):
   """``__call__`` of a normalized layer: iterate (training), then the layer's own call."""
   cls = type(self)
@@ -329,11 +431,14 @@ def _call(self, *args, **kwargs):
     # The layer reads the bare kernel and a zero bias; the scale and bias go
     # on its output (unless float16 compute: see _output_scale).
     state.deferred = _output_scale.for_call(self, args, kwargs)
+  init_axes = _start_data_init(self, state)
   token = _CALLS.set({**_CALLS.get({}), id(self): state})
   try:
     y = _subclass.base_of(cls).__call__(self, *args, **kwargs)
   finally:
     _CALLS.reset(token)
+  if init_axes is not None:
+    return _finish_data_init(self, init_axes, getattr(state.deferred, "bias", None), y)
   return y if state.deferred is None else state.deferred.finish(y)
 
 

@@ -45,6 +45,9 @@ class WeightNormOptions:
       :class:`flaxnorm._axes.AxisMap` by submodule.
     eps: lower bound on ``||v||`` (> 0).
     recursive: Linen only: also reach the params of the layer's submodules.
+    data_init: Linen only: set ``g`` and the bias from the init batch at
+      ``init`` (Salimans & Kingma, 2016, §3.3; see ``flaxnorm._data_init``).
+    init_scale: the std per output feature that ``data_init`` gives (> 0, finite).
     at: the public function the options came from, for error messages (not
       part of equality).
   """
@@ -52,6 +55,8 @@ class WeightNormOptions:
   axis: AxisOption = _axes.AUTO
   eps: float = 1e-12
   recursive: bool = False
+  data_init: bool = False
+  init_scale: float = 1.0
   at: str = dataclasses.field(default="weight_norm", compare=False, repr=False)
   method: ClassVar[str] = "weight_norm"
 
@@ -59,6 +64,8 @@ class WeightNormOptions:
     _set(self, "axis", _axes.canonical(self.axis, self.at, allow_none=True))
     _set(self, "eps", _checks.check_eps(self.eps, self.at))
     _set(self, "recursive", _checks.check_bool(self.recursive, "recursive", self.at))
+    _set(self, "data_init", _checks.check_bool(self.data_init, "data_init", self.at))
+    _set(self, "init_scale", _checks.check_init_scale(self.init_scale, self.at))
 
 
 @dataclasses.dataclass(frozen=True)

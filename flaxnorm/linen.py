@@ -33,6 +33,7 @@ from flax.linen import dtypes as linen_dtypes
 from flaxnorm import (
   _axes,
   _checks,
+  _linen_data_init,
   _linen_operator,
   _math,
   _operator,
@@ -110,7 +111,17 @@ class _WeightNorm(_subclass.SpecBase):
       g_names = () if axis is None else tuple(n if i in kept else None for i, n in enumerate(names))
       return _rebox(raw_v, g, g_names)
 
+    initialize = (
+      self.options.data_init
+      and module.is_initializing()
+      and not module.has_variable("params", g_key)  # a shared layer's later calls: as set
+    )
     g = module.variable("params", g_key, init_g).value
+    if initialize:
+      # The layer gets the unit-norm direction; _call then sets g from its output.
+      init = module.__dict__.get("_flaxnorm_output_scale")
+      g_shape = meta.unbox(g).shape
+      return raw_v, v, _linen_data_init.start(init, at, g_key, kept, v, g_shape, self.options.eps)
     return raw_v, v, _math.weight_norm_scale(g, v, self.options.eps)
 
 
@@ -216,6 +227,19 @@ class _SpectralNorm(_subclass.SpecBase):
 # (except a transposed ConvTranspose kernel's): see flaxnorm._output_scale.
 _LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTranspose)
 _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
+
+
+def _data_init_scale(module: nn.Module) -> float | None:
+  """The ``init_scale`` of the layer's ``data_init=True`` weight norm whose ``g`` is still to set."""
+  for name, spec in _subclass.specs_of(type(module)).items():
+    g_key = _options.weight_norm_keys(name)[0]
+    if (
+      isinstance(spec, _WeightNorm)
+      and spec.options.data_init
+      and not module.has_variable("params", g_key)  # a shared layer's later calls: as set
+    ):
+      return spec.options.init_scale
+  return None
 
 
 def _scales_output(module: nn.Module) -> bool:
@@ -416,13 +440,15 @@ def _defer_bias(deferred: _output_scale.OutputScale, value: Any) -> Any:
 def _call(self, *args, **kwargs):
   """The layer's ``__call__``, with output scaling and the recursive interceptor."""
   cls = type(self)
-  deferred = _output_scale.for_call(self, args, kwargs) if _scales_output(self) else None
+  linear = _scales_output(self)
+  init = _linen_data_init.for_call(self, _data_init_scale(self), linear)
+  deferred = _output_scale.for_call(self, args, kwargs) if linear and init is None else None
   # Flax's own layers run their unwrapped code in this (compact) call, so that
   # interceptors and capture_intermediates see one call, with the final
   # output; other layers run their own wrapped method.
   raw_call = cls.__dict__.get("_flaxnorm_raw_call")
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
-  self.__dict__["_flaxnorm_output_scale"] = deferred
+  self.__dict__["_flaxnorm_output_scale"] = init or deferred  # what _param hands scale and bias
   self.__dict__[_linen_operator.INPUTS] = (args, kwargs)
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
@@ -434,6 +460,8 @@ def _call(self, *args, **kwargs):
     self.__dict__.pop("_flaxnorm_output_scale", None)
     self.__dict__.pop(_linen_operator.INPUTS, None)
   _check_layer_saw_names(self)
+  if init is not None:
+    return _linen_data_init.finish(self, init, out)
   return out if deferred is None else deferred.finish(out)
 
 
@@ -535,6 +563,8 @@ def weight_norm(
   axis: AxisOption = ...,
   eps: float = ...,
   recursive: bool = ...,
+  data_init: bool = ...,
+  init_scale: float = ...,
 ) -> type[M]: ...
 @overload
 def weight_norm(
@@ -545,6 +575,8 @@ def weight_norm(
   axis: AxisOption = ...,
   eps: float = ...,
   recursive: bool = ...,
+  data_init: bool = ...,
+  init_scale: float = ...,
 ) -> M: ...
 def weight_norm(
   module: type[M] | M,
@@ -554,6 +586,8 @@ def weight_norm(
   axis: AxisOption = "auto",
   eps: float = 1e-12,
   recursive: bool = False,
+  data_init: bool = False,
+  init_scale: float = 1.0,
 ) -> type[M] | M:
   """Reparametrizes a layer's kernel as ``w = g * v / ||v||`` (Salimans & Kingma, 2016).
 
@@ -588,9 +622,23 @@ def weight_norm(
     recursive: also normalize the params named ``name`` that the layer's
       submodules create (e.g. every ``kernel`` of the ``Dense`` layers inside
       ``nn.LSTMCell``), each at its own path.
+    data_init: data-dependent init (Salimans & Kingma, 2016, §3.3): during
+      ``model.init(key, batch)`` the layer computes ``t = layer(x; v/||v||)``
+      without bias, sets ``g = init_scale / s`` and ``bias = -mu * init_scale / s``
+      from the mean ``mu`` and std ``s`` (float32) of each output feature over
+      the other axes, and returns ``g * t + bias`` to the next layer. A layer
+      without bias sets only ``g``; a constant feature gets ``s = 1``. For
+      ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.ConvTranspose``
+      whose kept axes are output features; ``apply`` never re-initializes.
+    init_scale: the std of each output feature on the init batch with
+      ``data_init`` (> 0, finite).
 
   Returns:
     The transformed class or module.
+
+  Raises:
+    ValueError: at ``init``, with ``data_init=True`` on another layer or with
+      kept axes that are not its output features; ``init_scale`` not > 0.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -599,12 +647,20 @@ def weight_norm(
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
     >>> jax.tree.map(jnp.shape, variables)
     {'params': {'bias': (3,), 'kernel_g': (1, 3), 'kernel_v': (4, 3)}}
+    >>> layer = flaxnorm.weight_norm(nn.Dense(3), data_init=True)
+    >>> x = jax.random.normal(jax.random.key(1), (64, 4))
+    >>> y, variables = layer.init_with_output(jax.random.key(0), x)
+    >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5) and jnp.allclose(y.std(0), 1, atol=1e-4))
+    True
 
   References:
     Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
-    Accelerate Training of Deep Neural Networks", NeurIPS 2016.
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016 (§3.3: the
+    data-dependent init).
   """
-  options = _options.WeightNormOptions(axis=axis, eps=eps, recursive=recursive)
+  options = _options.WeightNormOptions(
+    axis=axis, eps=eps, recursive=recursive, data_init=data_init, init_scale=init_scale
+  )
   return _transform(module, _specs(name, _WeightNorm(options)), "weight_norm")
 
 

@@ -62,10 +62,11 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from flaxnorm import _axes, _checks, _math, _nnx_plan, _options, _select, _subclass
+from flaxnorm import _axes, _checks, _math, _nnx_layer, _nnx_plan, _options, _select, _subclass
 from flaxnorm._axes import AxisOption
 from flaxnorm._nnx_layer import (
   FLAG,
+  DataInitRun,
   SpectralNormSpec,
   WeightNormSpec,
   path_str,
@@ -74,6 +75,7 @@ from flaxnorm._nnx_layer import (
 
 __all__ = (
   "SpectralStateVar",
+  "data_init",
   "remove_spectral_norm",
   "remove_weight_norm",
   "spectral_norm",
@@ -395,6 +397,83 @@ def _module_axes(options: Any, picked: Sequence[tuple[PathParts, Any, Any]]) -> 
       "(the last part of its path) or a path."
     )
   return [a for _, a in found]
+
+
+def data_init(model: nnx.Module, /, *args: Any, init_scale: float = 1.0, **kwargs: Any) -> Any:
+  """Weight norm's data-dependent init (Salimans & Kingma, 2016, §3.3): one call on a batch.
+
+  Runs ``model(*args, **kwargs)`` once. Each layer wrapped by
+  :func:`weight_norm` computes, at its first call, ``t = layer(x; v/||v||)``
+  without bias, the mean ``mu`` and std ``s`` of each output feature over all
+  the other axes, sets ``g = init_scale / s`` and ``bias = -mu * init_scale / s``
+  (in place), and returns ``g * t + bias``: layer by layer, each sees the
+  previous one's normalized output, so every weight-normed layer's output on
+  the batch has mean 0 and std ``init_scale`` per feature. Statistics are in
+  float32; a feature constant on the batch gets ``s = 1``. A layer without bias
+  sets only ``g`` (its output keeps a mean of ``mu * g``). Layers the call does
+  not reach keep their ``g``; a layer called twice is set at its first call.
+  The call itself is the model's (spectral norm iterates, BatchNorm updates in
+  training mode). Call it once, before training (before creating the
+  ``nnx.Optimizer``). On an error the model's state is restored.
+
+  Args:
+    model: an ``nnx.Module`` with at least one weight-normed ``nnx.Linear``,
+      ``nnx.LinearGeneral`` (no ``batch_axis``), ``nnx.Conv`` or
+      ``nnx.ConvTranspose`` (Flax's own ops), whose kept axes are output
+      features (the default ``axis=-1``). Modified in place.
+    *args: the model's positional inputs, e.g. a batch of shape ``(batch, ...)``.
+    init_scale: the std of each output feature on the batch (> 0, finite).
+    **kwargs: the model's keyword arguments.
+
+  Returns:
+    The model's output on the batch, as computed with the new ``g`` and bias.
+
+  Raises:
+    ValueError: no weight-normed layer in ``model``; a weight-normed layer of
+      another kind, or kept axes that are not its output features (the message
+      names its path); ``init_scale`` not > 0.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import flaxnorm.nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> model = flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.weight_norm, where=nnx.Linear)
+    >>> x = jax.random.normal(jax.random.key(0), (64, 4))
+    >>> y = flaxnorm.nnx.data_init(model, x)
+    >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5) and jnp.allclose(y.std(0), 1, atol=1e-4))
+    True
+
+  References:
+    Salimans & Kingma, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", NeurIPS 2016, §3.3.
+  """
+  _nnx_plan.check_module(model, "data_init")
+  init_scale = _checks.check_init_scale(init_scale, "data_init")
+  pending = {}
+  for path, m in _iter_modules(model):
+    if any(isinstance(s, WeightNormSpec) for s in _subclass.specs_of(type(m)).values()):
+      pending[id(m)] = _nnx_layer.data_init_axes(m, path_str(path))
+  if not pending:
+    found = [f"{path_str(p)} ({type(m).__name__})" for p, m in _iter_modules(model)]
+    raise ValueError(
+      f"data_init: {type(model).__name__} has no layer wrapped by flaxnorm.nnx.weight_norm "
+      f"(its modules are {found}). Wrap them first, e.g. "
+      f"flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.weight_norm, where=nnx.Linear)."
+    )
+  # The arrays, not the Variables (which the call updates in place).
+  before = nnx.to_pure_dict(nnx.state(model))
+  token = _nnx_layer.DATA_INIT.set(DataInitRun(init_scale, pending))
+  try:
+    return model(*args, **kwargs)
+  except BaseException:
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, before)
+    nnx.update(model, state)
+    raise
+  finally:
+    _nnx_layer.DATA_INIT.reset(token)
 
 
 def _remove(module: Any, name: Any, kind: type, method: str) -> None:
