@@ -231,8 +231,9 @@ _CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_g
 
 def _data_init_scale(module: nn.Module) -> float | None:
   """The ``init_scale`` of the layer's ``data_init=True`` weight norm whose ``g`` is still to set."""
-  for name, spec in _subclass.specs_of(type(module)).items():
-    g_key = _options.weight_norm_keys(name)[0]
+  for key, spec in _subclass.specs_of(type(module)).items():
+    # data_init runs on a linear layer's kernel, which a selector may pick too.
+    g_key = _options.weight_norm_keys(key if isinstance(key, str) else "kernel")[0]
     if (
       isinstance(spec, _WeightNorm)
       and spec.options.data_init
