@@ -306,6 +306,11 @@ def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
   return jnp.matmul(a, b, out_sharding=spec)
 
 
+def _u_w_v(u: Array, w: Array, v: Array) -> Array:
+  """``Re(u^H w v)`` computed as ``(u^H w) v``: vectors on the left (see ``power_iteration``)."""
+  return jnp.real(_dot(_dot(jnp.conj(u), w, v), v))
+
+
 @jax.custom_jvp
 def _bilinear(w: Array, u: Array, v: Array, value: Array) -> Array:
   """``Re(u^H w v)`` (``u^T w v`` when real), whose value the caller has already computed."""
@@ -318,7 +323,7 @@ def _bilinear_jvp(primals, tangents):
   _, u, v, value = primals
   dw = tangents[0]
   # u and v carry no gradient (power iteration is outside the graph).
-  return value, jnp.real(_dot(_dot(jnp.conj(u), dw, v), v))
+  return value, _u_w_v(u, dw, v)
 
 
 def power_iteration(
@@ -340,7 +345,7 @@ def power_iteration(
     w: matrix of shape ``(m, n)``, float or complex.
     u: left vector estimate, shape ``(m,)``.
     v: right vector estimate, shape ``(n,)``; needed when ``n_steps == 0``, and
-      kept if ``w^T u`` is zero (a zero weight).
+      kept if ``w^H u`` is zero (a zero weight).
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
@@ -403,10 +408,10 @@ def power_iteration(
     carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))
     u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)
     # The value comes from the loop (no extra pass over W); the gradient is
-    # d sigma / dW = u v^T with u, v held fixed.
+    # d sigma / dW = u v^T with u, v held fixed (conj(u) v^T in JAX's complex convention).
     sigma = _bilinear(w32, u_out, v_out, value)
   else:
-    sigma = jnp.real(_dot(_dot(jnp.conj(u_out), w32, v_out), v_out))  # (u^H W) v, as above
+    sigma = _u_w_v(u_out, w32, v_out)
   return u_out, v_out, sigma
 
 
