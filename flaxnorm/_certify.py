@@ -212,9 +212,7 @@ def _block_bounds(blocks: np.ndarray, n_steps: int, floor: float = 0.0) -> tuple
 
 
 def _check_kernel(w: Any, argname: str, at: str) -> np.ndarray:
-  _checks.check_float_array(w, argname, at)
-  if np.iscomplexobj(w):  # pragma: no cover - check_float_array rejects complex already
-    raise TypeError(f"{argname} at {at} must be real, got {w.dtype}.")
+  _checks.check_float_array(w, argname, at, complex_ok=False)
   out = np.asarray(w, dtype=np.float64)
   if not np.all(np.isfinite(out)):
     raise ValueError(f"{argname} at {at} must be finite, got NaN or inf entries.")

@@ -90,15 +90,27 @@ def normalize_axes(axis: Axis, ndim: int, at: str = "") -> tuple[int, ...]:
   return axes
 
 
-def check_float_array(x: Any, argname: str, at: str = "") -> None:
-  """Raises ``TypeError`` unless ``x`` is an array with a floating dtype."""
+def check_float_array(x: Any, argname: str, at: str = "", *, complex_ok: bool = True) -> None:
+  """Raises ``TypeError`` unless ``x`` is an array with a floating (or complex) dtype.
+
+  Args:
+    x: the value to check.
+    argname: its name, for the message.
+    at: where it was found, for the message.
+    complex_ok: whether complex64/complex128 are accepted (weight norm and
+      kernel-mode spectral norm support them; Lipschitz certificates,
+      operator mode and PyTorch interop do not).
+  """
   dtype = getattr(x, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+  kinds = (jnp.floating, jnp.complexfloating) if complex_ok else (jnp.floating,)
+  if dtype is None or not any(jnp.issubdtype(dtype, k) for k in kinds):
     found = dtype if dtype is not None else type(x).__name__
-    raise TypeError(
-      f"{argname}{_at(at)} must be a floating-point array (float16, bfloat16, "
-      f"float32 or float64), got {found}."
+    dtypes = (
+      "float16, bfloat16, float32, float64, complex64 or complex128"
+      if complex_ok
+      else "float16, bfloat16, float32 or float64; complex is not supported here"
     )
+    raise TypeError(f"{argname}{_at(at)} must be a floating-point array ({dtypes}), got {found}.")
 
 
 def check_spectral_weight(w: Any, axis: Axis, at: str = "") -> tuple[int, ...]:

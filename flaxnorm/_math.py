@@ -16,6 +16,12 @@ Numerics: norms and power iteration run in (at least) float32 whatever the
 param dtype, and a zero weight gives a zero, finite result with finite
 gradients.
 
+Complex kernels (``complex64``, ``complex128``): every norm is over ``|x|^2``,
+weight norm's ``g`` is real (of the kernel's real dtype: float32 for
+complex64), and power iteration uses the conjugate transpose: ``u`` and ``v``
+are complex, ``sigma = Re(u^H W v)`` is real. Scales are real throughout, so
+one formula serves both.
+
 Names: the functions here take ``n_steps``, the number of iterations *this
 call* runs (``0`` is allowed: evaluation from the stored vectors). The faces'
 ``n_power_iterations`` (per training call, >= 1) and ``n_init_iterations`` (at
@@ -56,20 +62,45 @@ class SpectralState(NamedTuple):
     SpectralState(u=(3,), v=(4,), sigma=())
   """
 
-  u: Array  # shape=(m,), dtype=float32: left singular vector estimate (rows).
-  v: Array  # shape=(n,), dtype=float32: right singular vector estimate.
-  sigma: Array  # shape=(), dtype=float32: sigma = u^T W v.
+  u: Array  # shape=(m,), dtype=float32 (the kernel's complex dtype if complex): left vector.
+  v: Array  # shape=(n,), dtype=float32 (the kernel's complex dtype if complex): right vector.
+  sigma: Array  # shape=(), dtype=float32 (real also for complex kernels): sigma = Re(u^H W v).
 
 
 def compute_dtype(dtype) -> jnp.dtype:
   # Accumulate in float32 at least: float16 squares overflow past 256.
+  # complex64 and complex128 (itemsize 8, 16) are kept.
   dtype = jnp.dtype(dtype)
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def real_dtype(dtype) -> jnp.dtype:
+  """:func:`compute_dtype`'s real part: float32 for complex64, float64 for complex128."""
+  return jnp.dtype(jnp.finfo(compute_dtype(dtype)).dtype)
+
+
+def _is_complex(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
 def wider(a, b) -> jnp.dtype:
   # Explicit, so that strict dtype promotion accepts mixed float widths.
-  return max(jnp.dtype(a), jnp.dtype(b), key=lambda d: d.itemsize)
+  a, b = jnp.dtype(a), jnp.dtype(b)
+  if _is_complex(a) or _is_complex(b):
+    # A complex kernel times a real scale: complex, with the wider real part.
+    return jnp.dtype(jnp.promote_types(a, b))
+  return max(a, b, key=lambda d: d.itemsize)
+
+
+def _sumsq(x: Array, axes: tuple[int, ...] | None, keepdims: bool = False) -> Array:
+  """``sum |x|^2`` over ``axes``, real; ``re^2 + im^2`` for complex (finite gradients at 0)."""
+  sq = jnp.square(x.real) + jnp.square(x.imag) if _is_complex(x.dtype) else jnp.square(x)
+  return jnp.sum(sq, axis=axes, keepdims=keepdims)
+
+
+def _vdot(u: Array, x: Array) -> Array:
+  """``Re(u^H x)`` (``u^T x`` when real), vectors on the left (see :func:`_dot`)."""
+  return jnp.real(_dot(jnp.conj(u), x))
 
 
 def _inv_norm(x: Array, axes: tuple[int, ...] | None, eps: float) -> Array:
@@ -80,7 +111,7 @@ def _inv_norm(x: Array, axes: tuple[int, ...] | None, eps: float) -> Array:
   safe operand *before* the ``rsqrt`` keeps both branches finite.
   """
   x = x.astype(compute_dtype(x.dtype))
-  sumsq = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
+  sumsq = _sumsq(x, axes, keepdims=True)
   # Written as "small" so that a NaN sum takes the rsqrt branch and stays NaN.
   small = sumsq <= eps * eps
   return jnp.where(small, 1.0 / eps, jax.lax.rsqrt(jnp.where(small, 1.0, sumsq)))
@@ -90,7 +121,7 @@ def l2_normalize(x: Array, axis: Axis = None, eps: float = 1e-12) -> Array:
   """Divides ``x`` by its L2 norm over ``axis``: ``x / max(||x||, eps)``.
 
   Args:
-    x: float array of any shape.
+    x: float or complex array of any shape.
     axis: the axes the norm runs over (int, tuple of ints, or ``None`` for the
       whole array). Note: unlike the weight-norm functions, these are the
       *reduced* axes, as in ``jnp.linalg.norm``.
@@ -110,7 +141,7 @@ def l2_normalize(x: Array, axis: Axis = None, eps: float = 1e-12) -> Array:
   _checks.check_float_array(x, "x", "l2_normalize")
   eps = _checks.check_eps(eps, "l2_normalize")
   axes = None if axis is None else _checks.normalize_axes(axis, x.ndim, "l2_normalize")
-  return (x.astype(compute_dtype(x.dtype)) * _inv_norm(x, axes, eps)).astype(x.dtype)
+  return apply_scale(x.astype(compute_dtype(x.dtype)), _inv_norm(x, axes, eps)).astype(x.dtype)
 
 
 def _reduced_axes(kept: tuple[int, ...], ndim: int) -> tuple[int, ...]:
@@ -121,7 +152,7 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
   """Splits a weight into magnitude ``g`` and direction ``v``: ``w = g * v / ||v||``.
 
   Args:
-    w: float weight of any rank, e.g. a Flax ``Dense`` kernel ``(in, out)``.
+    w: float or complex weight of any rank, e.g. a Flax ``Dense`` kernel ``(in, out)``.
     axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over every
       other axis. ``None`` takes the norm of the whole tensor.
 
@@ -130,7 +161,8 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
     for a Dense kernel), or shape ``()`` when ``axis`` is ``None``; ``v = w``.
     ``v`` has ``w``'s dtype; ``g`` is float32 at least, since the norm of a
     float16 weight easily exceeds float16's range (1000 entries of 3000 give
-    94868 > 65504, where PyTorch's weight norm gives inf).
+    94868 > 65504, where PyTorch's weight norm gives inf). For a complex ``w``,
+    ``g`` is real, of ``w``'s real dtype (float32 for complex64).
 
   Examples:
     >>> import jax.numpy as jnp, flaxnorm
@@ -146,9 +178,9 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
   kept = _checks.normalize_axes(axis, w.ndim, "weight_norm_decompose")
   w32 = w.astype(compute_dtype(w.dtype))
   if axis is None:
-    g = jnp.sqrt(jnp.sum(jnp.square(w32)))
+    g = jnp.sqrt(_sumsq(w32, None))
   else:
-    g = jnp.sqrt(jnp.sum(jnp.square(w32), axis=_reduced_axes(kept, w.ndim), keepdims=True))
+    g = jnp.sqrt(_sumsq(w32, _reduced_axes(kept, w.ndim), keepdims=True))
   return g, w
 
 
@@ -159,9 +191,9 @@ def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:
   scalar), so the layout of :func:`weight_norm_decompose` needs no ``axis``.
 
   Args:
-    g: magnitude, the rank of ``v`` with size 1 on the reduced axes (e.g.
+    g: magnitude, real, the rank of ``v`` with size 1 on the reduced axes (e.g.
       ``(1, out)``), or shape ``()`` for a whole-tensor norm.
-    v: direction, any float array (e.g. a Dense kernel ``(in, out)``).
+    v: direction, any float or complex array (e.g. a Dense kernel ``(in, out)``).
     eps: lower bound on ``||v||``. A zero ``v`` gives ``w = 0`` and finite
       gradients (PyTorch gives NaN).
 
@@ -194,9 +226,9 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
     eps: lower bound on ``||v||``.
 
   Returns:
-    The factor, of ``g``'s shape, float32 at least.
+    The factor, real, of ``g``'s shape, float32 at least (float64 for complex128).
   """
-  _checks.check_float_array(g, "g", "weight_norm_compose")
+  _checks.check_float_array(g, "g", "weight_norm_compose", complex_ok=False)
   _checks.check_float_array(v, "v", "weight_norm_compose")
   eps = _checks.check_eps(eps, "weight_norm_compose")
   if g.ndim == 0:
@@ -209,7 +241,7 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
       f"{tuple(v.shape)}; expected a scalar or v's rank with size 1 on the "
       "reduced axes (what weight_norm_decompose returns)."
     )
-  dtype = wider(compute_dtype(g.dtype), compute_dtype(v.dtype))
+  dtype = wider(real_dtype(g.dtype), real_dtype(v.dtype))
   # The scale is small ((1, out)): multiplying v by it makes no kernel-sized
   # g * v to keep for the backward pass.
   return g.astype(dtype) * _inv_norm(v, axes, eps).astype(dtype)
@@ -246,9 +278,9 @@ def as_matrix(w: Array, axis: Axis = -1) -> Array:
 def normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
   # A zero product (zero weight) keeps the previous vector: normalizing it
   # would give 0 and the iteration could never leave 0 once the weight grows.
-  sumsq = jnp.sum(jnp.square(x))
+  sumsq = _sumsq(x, None)
   small = sumsq <= eps * eps  # NaN is not small: it propagates
-  return jnp.where(small, previous, x * jax.lax.rsqrt(jnp.where(small, 1.0, sumsq)))
+  return jnp.where(small, previous, apply_scale(x, jax.lax.rsqrt(jnp.where(small, 1.0, sumsq))))
 
 
 # Explicit sharding (jax.make_mesh's default axis type) exists in newer JAX only.
@@ -274,9 +306,14 @@ def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
   return jnp.matmul(a, b, out_sharding=spec)
 
 
+def _u_w_v(u: Array, w: Array, v: Array) -> Array:
+  """``Re(u^H w v)`` computed as ``(u^H w) v``: vectors on the left (see ``power_iteration``)."""
+  return jnp.real(_dot(_dot(jnp.conj(u), w, v), v))
+
+
 @jax.custom_jvp
 def _bilinear(w: Array, u: Array, v: Array, value: Array) -> Array:
-  """``u^T w v``, whose value ``value`` the caller has already computed."""
+  """``Re(u^H w v)`` (``u^T w v`` when real), whose value the caller has already computed."""
   del w, u, v
   return value
 
@@ -286,7 +323,7 @@ def _bilinear_jvp(primals, tangents):
   _, u, v, value = primals
   dw = tangents[0]
   # u and v carry no gradient (power iteration is outside the graph).
-  return value, _dot(_dot(u, dw, v), v)
+  return value, _u_w_v(u, dw, v)
 
 
 def power_iteration(
@@ -299,22 +336,24 @@ def power_iteration(
 ) -> tuple[Array, Array, Array]:
   """Estimates the top singular vectors and value of a matrix by power iteration.
 
-  Each step follows ``torch.nn.utils.spectral_norm``: ``v = normalize(w^T u)``,
-  then ``u = normalize(w v)``. The steps run in a ``jax.lax.fori_loop``, so
-  compile time does not grow with ``n_steps``.
+  Each step follows ``torch.nn.utils.spectral_norm``: ``v = normalize(w^H u)``,
+  then ``u = normalize(w v)`` (``w^H`` the conjugate transpose, ``w^T`` when
+  real). The steps run in a ``jax.lax.fori_loop``, so compile time does not
+  grow with ``n_steps``.
 
   Args:
-    w: matrix of shape ``(m, n)``.
+    w: matrix of shape ``(m, n)``, float or complex.
     u: left vector estimate, shape ``(m,)``.
     v: right vector estimate, shape ``(n,)``; needed when ``n_steps == 0``, and
-      kept if ``w^T u`` is zero (a zero weight).
+      kept if ``w^H u`` is zero (a zero weight).
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
   Returns:
     ``(u, v, sigma)``: unit vectors of shapes ``(m,)`` and ``(n,)`` (float32 at
-    least) carrying no gradient, and ``sigma = u^T w v`` (shape ``()``), which
-    is differentiable with respect to ``w`` (Miyato et al., 2018).
+    least; complex for a complex ``w``) carrying no gradient, and the real
+    ``sigma = Re(u^H w v)`` (shape ``()``), which is differentiable with respect
+    to ``w`` (Miyato et al., 2018).
 
   Examples:
     >>> import jax.numpy as jnp, flaxnorm
@@ -348,6 +387,7 @@ def power_iteration(
   else:
     v_start = v
 
+  _check_vectors_fit(w, u, v)
   dtype = compute_dtype(w.dtype)
   w32 = w.astype(dtype)
   w_fixed = jax.lax.stop_gradient(w32)
@@ -356,22 +396,33 @@ def power_iteration(
     u, v, _ = carry
     # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
     # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
-    v = normalize_or_keep(_dot(u, w_fixed, v), v, eps)  # W^T u
+    # W^H u = conj(conj(u) @ W): two vector conjugations, no conjugated W.
+    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w_fixed, v)), v, eps)  # W^H u
     wv = _dot(v, w_fixed.T, u)  # W v
     u = normalize_or_keep(wv, u, eps)
-    return u, v, _dot(u, wv)  # sigma = u^T W v, from the product just made
+    return u, v, _vdot(u, wv)  # sigma = Re(u^H W v), from the product just made
 
   u_out = jax.lax.stop_gradient(u.astype(dtype))
   v_out = jax.lax.stop_gradient(v_start.astype(dtype))
   if n_steps:
-    carry = (u_out, v_out, jnp.zeros((), dtype))
+    carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))
     u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)
     # The value comes from the loop (no extra pass over W); the gradient is
-    # d sigma / dW = u v^T with u, v held fixed.
+    # d sigma / dW = u v^T with u, v held fixed (conj(u) v^T in JAX's complex convention).
     sigma = _bilinear(w32, u_out, v_out, value)
   else:
-    sigma = _dot(_dot(u_out, w32, v_out), v_out)  # (u^T W) v, vector on the left as above
+    sigma = _u_w_v(u_out, w32, v_out)
   return u_out, v_out, sigma
+
+
+def _check_vectors_fit(w: Array, u: Array, v: Array | None) -> None:
+  # A complex vector cast to a real w's dtype would lose its imaginary part.
+  for name, x in (("u", u), ("v", v)):
+    if x is not None and _is_complex(x.dtype) and not _is_complex(w.dtype):
+      raise TypeError(
+        f"power_iteration: {name} is {x.dtype} but w is {w.dtype}: complex vectors need a "
+        "complex w (a state made for a complex kernel?)."
+      )
 
 
 def spectral_state_init(
@@ -385,8 +436,8 @@ def spectral_state_init(
   """Creates the power-iteration state of a kernel, as PyTorch does, but converged.
 
   ``u`` and ``v`` start as normalized standard normal vectors (PyTorch's
-  start), then ``n_steps`` iterations run so that ``sigma`` is accurate from
-  the first training step.
+  start; complex normal for a complex kernel), then ``n_steps`` iterations run
+  so that ``sigma`` is accurate from the first training step.
 
   Args:
     key: a PRNG key.
@@ -397,7 +448,8 @@ def spectral_state_init(
 
   Returns:
     A :class:`SpectralState` with ``u`` of shape ``(m,)``, ``v`` of ``(n,)`` and
-    ``sigma`` of ``()``, all float32 at least.
+    ``sigma`` of ``()``, all float32 at least; ``u`` and ``v`` of the kernel's
+    complex dtype for a complex kernel, ``sigma`` real.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxnorm

@@ -239,6 +239,7 @@ def plan_spectral_norm(
     w = var[...]
     kept = _checks.check_spectral_weight(w, axis, at)
     if options.operator:
+      _operator.check_real_kernel(w, at)
       example = _operator_example(module, input_shape, at)
       linear = operator_map(module, name)
       states[name] = _operator.init_state(next_key(i), w, linear, example, options)

@@ -113,6 +113,19 @@ def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], 
     )
 
 
+def check_real_kernel(w: jax.Array, at: str) -> None:
+  """Raises ``TypeError`` for a complex kernel: operator mode supports real layers only.
+
+  Its transpose comes from ``jax.vjp`` (``A^T``, not ``A^H``) and its example
+  inputs are real, so a complex layer's norm would come out wrong.
+  """
+  if jnp.issubdtype(w.dtype, jnp.complexfloating):
+    raise TypeError(
+      f"spectral_norm(operator=True): {at} is {w.dtype}; operator mode supports real kernels "
+      "only. Use operator=False (the kernel's matrix view, which supports complex kernels)."
+    )
+
+
 def check_input_shape(
   v_shape: tuple[int, ...], example: tuple[int, ...], keys: tuple, at: str
 ) -> None:

@@ -222,7 +222,10 @@ def _certified(
   state = variables[collection]
   for part in parts[:-1]:
     w, state = w[part], state[part]
-  w = np.asarray(meta.unbox(w[parts[-1]]), np.float64)
+  w = meta.unbox(w[parts[-1]])
+  # A certificate for a complex kernel is not implemented: refuse, never drop its imaginary part.
+  _checks.check_float_array(w, f"param '{path}'", "lipschitz_bound", complex_ok=False)
+  w = np.asarray(w, np.float64)
   bound = _kernel_bound(seen, w, n_steps)
   if bound is None:
     return None

@@ -206,7 +206,7 @@ def layer_from_torch(
   src = _Torch(k, roles, arrays, "v" if method == "weight_norm" else "w", where)
   if src.w.ndim != k.ndim or 0 in src.w.shape:
     raise shape_error(where, src.wkey, src.w.shape, f"{k.ndim} non-empty dims {k.torch_layout}", k)
-  _checks.check_float_array(src.w, f"'{src.wkey}'", where)
+  _checks.check_float_array(src.w, f"'{src.wkey}'", where, complex_ok=False)
   if method is None:
     parts = _plain_from_torch(src, axis)
   elif method == "weight_norm":
@@ -417,6 +417,7 @@ def layer_to_numpy(
   keys = keys_for(method, style)
   wkey = _options.weight_norm_keys(k.param)[1] if method == "weight_norm" else k.param
   w = src.params[wkey]
+  _checks.check_float_array(w, f"param '{wkey}'", where, complex_ok=False)
   if w.ndim != k.ndim or 0 in w.shape:
     raise ValueError(
       f"{where}: param '{wkey}' has shape {w.shape}, which fits no {k.name} layout: "

@@ -204,6 +204,7 @@ class _SpectralNorm(_subclass.SpecBase):
       # u lies along the kept axis; with several kept axes it has no one name.
       u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
     else:
+      _operator.check_real_kernel(w, at)
       layer_map.check_linear(tuple(w.shape), at)
       state = _operator.init_state(key, w, layer_map.linear, layer_map.example.shape, opts)
       u_names = None if names is None else (None,) * state.u.ndim
