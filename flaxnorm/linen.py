@@ -29,7 +29,16 @@ import jax
 from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
 
-from flaxnorm import _checks, _linen_operator, _math, _operator, _options, _output_scale, _subclass
+from flaxnorm import (
+  _checks,
+  _linen_operator,
+  _linen_scan,
+  _math,
+  _operator,
+  _options,
+  _output_scale,
+  _subclass,
+)
 from flaxnorm._checks import Axis
 from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
 
@@ -101,29 +110,12 @@ class _SpectralNorm(_subclass.SpecBase):
     kept = _checks.check_spectral_weight(w, opts.axis, at)
     keys = _options.spectral_keys(name)
     layer_map = _linen_operator.LayerMap(module, name, at) if opts.operator else None
-    present = [module.has_variable(opts.collection, k) for k in keys]
-    if all(present):
-      state = _math.SpectralState(
-        *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
-      )
-      if layer_map is None:
-        shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
-        _checks.check_state_fits(w.shape, kept, shapes, keys, at)
-      else:
-        _operator.check_input_shape(state.v.shape, layer_map.example.shape, keys, at)
-      # Training (collection mutable) iterates and stores; evaluation uses the
-      # stored vectors and changes nothing.
-      train = module.is_mutable_collection(opts.collection)
-    elif any(present) or not module.is_initializing():
-      raise ValueError(
-        f"spectral_norm: the state of {at} is missing from the "
-        f"'{opts.collection}' collection (found {[k for k, p in zip(keys, present) if p]}, "
-        f"need {list(keys)}). Pass the full variables from init(), "
-        f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
-      )
-    else:
+    stored = self._stored_state(module, w, kept, keys, layer_map, at)
+    if stored is None:
       state = self._create_state(module, raw_w, w, kept, keys, layer_map, at)
-      train = False  # the state was just converged
+      train = fresh = False  # the state was just converged
+    else:
+      state, train, fresh = stored
     if layer_map is None:
       n_steps = opts.n_power_iterations if train else 0
       scale, new = _math.spectral_scale(
@@ -139,6 +131,9 @@ class _SpectralNorm(_subclass.SpecBase):
       )
     elif train:
       scale, new = _operator.iterate(w, state, layer_map.linear, opts)
+    elif fresh:  # sigma of this apply's step, differentiable
+      sigma = jax.numpy.vdot(state.u, layer_map.linear(w)(state.v))
+      scale, new = _operator.eval_scale(sigma, opts), state
     else:
       scale, new = _operator.eval_scale(state.sigma, opts), state
     if train:
@@ -146,7 +141,49 @@ class _SpectralNorm(_subclass.SpecBase):
         raw = module.get_variable(opts.collection, key)
         boxed = raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
         module.put_variable(opts.collection, key, boxed)
+      _linen_scan.mark_fresh(module, new.u)
     return raw_w, w, scale
+
+  def _stored_state(
+    self,
+    module: nn.Module,
+    w: jax.Array,
+    kept: tuple[int, ...],
+    keys: tuple,
+    layer_map: _linen_operator.LayerMap | None,
+    at: str,
+  ) -> tuple[_math.SpectralState, bool, bool] | None:
+    """``(checked stored state, train, fresh)``, or ``None`` at init (to create it).
+
+    ``fresh``: a scan's loop reading the state its first trace stored, used as
+    it is (see flaxnorm._linen_scan).
+    """
+    opts = self.options
+    present = [module.has_variable(opts.collection, k) for k in keys]
+    if all(present):
+      state = _math.SpectralState(
+        *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
+      )
+      if layer_map is None:
+        shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
+        _checks.check_state_fits(w.shape, kept, shapes, keys, at)
+      else:
+        _operator.check_input_shape(state.v.shape, layer_map.example.shape, keys, at)
+      # Training (collection mutable) iterates and stores; evaluation uses the
+      # stored vectors and changes nothing.
+      fresh = _linen_scan.take_fresh(module, state.u)
+      return state, module.is_mutable_collection(opts.collection) and not fresh, fresh
+    lift = _linen_scan.lifted_by(module)
+    if not any(present) and lift is not None and not module.is_mutable_collection(opts.collection):
+      raise _linen_scan.not_lifted_error(self.method, at, opts.collection, lift)
+    if any(present) or not module.is_initializing():
+      raise ValueError(
+        f"spectral_norm: the state of {at} is missing from the "
+        f"'{opts.collection}' collection (found {[k for k, p in zip(keys, present) if p]}, "
+        f"need {list(keys)}). Pass the full variables from init(), "
+        f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
+      )
+    return None
 
   def _create_state(
     self,
@@ -180,6 +217,7 @@ class _SpectralNorm(_subclass.SpecBase):
     )
     for key, box in zip(keys, boxes):
       module.variable(opts.collection, key, lambda b=box: b)
+    _linen_scan.mark_fresh(module, state.u)
     return state
 
 
@@ -316,6 +354,7 @@ def _call(self, *args, **kwargs):
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
   self.__dict__["_flaxnorm_output_scale"] = deferred
   self.__dict__[_linen_operator.INPUTS] = (args, kwargs)
+  _linen_scan.broadcast_into(self, _spectral_collections(cls))  # a wrapped nn.RNN
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
       with nn.intercept_methods(_propagate(self)):
@@ -333,6 +372,19 @@ def _compact_call(self, *args, **kwargs):
   return _call(self, *args, **kwargs)
 
 
+def _spectral_collections(cls: type) -> set[str]:
+  specs = _subclass.specs_of(cls).values()
+  return {s.options.collection for s in specs if isinstance(s, _SpectralNorm)}
+
+
+def _post_init(self) -> None:
+  """``__post_init__``: a spectrally normed cell adopted by an ``nn.RNN`` gets its state lifted."""
+  # The normalized class's base: type(self) may be a subclass (nn.vmap's lifted class).
+  normalized = next(k for k in type(self).__mro__ if "_flaxnorm_base" in vars(k))
+  normalized._flaxnorm_base.__post_init__(self)
+  _linen_scan.broadcast_into(self.parent, _spectral_collections(type(self)))
+
+
 # Flax names module methods by __name__ (capture_intermediates looks for
 # '__call__'); nn.compact marks the function itself, hence a separate one.
 _call.__name__ = _compact_call.__name__ = "__call__"
@@ -345,7 +397,7 @@ def _namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], di
   raw_call = None
   if base in _LINEAR_LAYERS:
     raw_call = getattr(base.__call__, "__wrapped__", None)  # before Module's wrapping
-  body: dict[str, Any] = {"param": _param}
+  body: dict[str, Any] = {"param": _param, "__post_init__": _post_init}
   if raw_call is not None:
     body.update(__call__=_compact_call, _flaxnorm_raw_call=staticmethod(raw_call))
   else:
