@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from flaxnorm import _checks, _math, _operator, _options, _output_scale, _subclass
+from flaxnorm import _checks, _math, _nnx_ensemble, _operator, _options, _output_scale, _subclass
 
 #: The attribute ``model.train()``/``model.eval()`` set to ``False``/``True``.
 FLAG = "use_running_average"
@@ -76,6 +76,7 @@ def _get(module: nnx.Module, attr: str, method: str, name: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class WeightNormSpec(_subclass.SpecBase):
   options: _options.WeightNormOptions
+  member_ndim: int | None = None  # an nnx.vmap ensemble: one member's rank (flaxnorm._nnx_ensemble)
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.weight_norm_keys(name)
@@ -83,6 +84,8 @@ class WeightNormSpec(_subclass.SpecBase):
   def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
     """``(v, g / ||v||)``: the kernel is their product."""
     g, v = (_get(module, a, self.method, name) for a in self.attrs(name))
+    if _nnx_ensemble.is_stacked(self, v[...]):
+      return _nnx_ensemble.stacked_factors(self, v[...], g[...], v[...])
     return v[...], _math.weight_norm_scale(g[...], v[...], self.options.eps)
 
 
@@ -91,6 +94,7 @@ class SpectralNormSpec(_subclass.SpecBase):
   options: _options.SpectralNormOptions
   added_flag: bool  # this transform gave the module its train/eval attribute
   input_shape: tuple[int, ...] | None = None  # operator mode: one example, no batch axis
+  member_ndim: int | None = None  # an nnx.vmap ensemble: one member's rank (flaxnorm._nnx_ensemble)
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.spectral_keys(name)
@@ -112,6 +116,10 @@ class SpectralNormSpec(_subclass.SpecBase):
     if call is not None and name in call.scales:
       # In a training __call__: sigma from the iterations just run, as in Linen.
       return _get(module, name, self.method, name)[...], call.scales[name]
+    w = _get(module, name, self.method, name)[...]
+    if _nnx_ensemble.is_stacked(self, w):  # outside nnx.vmap: every member's kernel
+      u, v = (_get(module, a, self.method, name)[...] for a in self.attrs(name)[:2])
+      return _nnx_ensemble.stacked_factors(self, w, u, v)
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
     if opts.operator:  # the stored sigma, as Linen's evaluation
@@ -127,6 +135,8 @@ class SpectralNormSpec(_subclass.SpecBase):
 
     ``example`` is this call's input shape with a batch of 1 (operator mode).
     """
+    if _nnx_ensemble.is_stacked(self, _get(module, name, self.method, name)[...]):
+      raise _nnx_ensemble.not_under_vmap_error(self.method, describe(module, name))
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
     if opts.operator:

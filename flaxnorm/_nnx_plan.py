@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math, _operator, _options, _subclass
+from flaxnorm import _checks, _math, _nnx_ensemble, _operator, _options, _subclass
 from flaxnorm._nnx_layer import (
   FLAG,
   SpectralNormSpec,
@@ -108,18 +108,25 @@ def plan_weight_norm(
   path: PathParts | None,
   names: tuple[str, ...],
   options: _options.WeightNormOptions,
+  ensemble_axis: int | None = None,
 ) -> Callable[[], None]:
-  spec = WeightNormSpec(options)
   check_module(module, "weight_norm")
   new: dict[str, tuple[nnx.Variable, nnx.Variable]] = {}
+  specs: dict[str, WeightNormSpec] = {}
   for name in names:
     at = describe(module, name, path)
     var = _check_param(module, name, "weight_norm", path)
-    _check_free(module, spec.attrs(name), "weight_norm", path, name)
     w = var[...]
     _checks.check_float_array(w, "the param", at)
-    kept = _checks.normalize_axes(options.axis, w.ndim, at)
-    g, _ = _math.weight_norm_decompose(w, options.axis)
+    _nnx_ensemble.check_stacking(module, name, w, ensemble_axis, "weight_norm", at)
+    spec = specs[name] = WeightNormSpec(options, None if ensemble_axis is None else w.ndim - 1)
+    _check_free(module, spec.attrs(name), "weight_norm", path, name)
+    if ensemble_axis is None:
+      kept = _checks.normalize_axes(options.axis, w.ndim, at)
+      g, _ = _math.weight_norm_decompose(w, options.axis)
+    else:  # each member its own g; its axes count after the ensemble axis
+      kept = (0, *(k + 1 for k in _nnx_ensemble.member_axes(options.axis, w, at, False)))
+      g = _nnx_ensemble.weight_norm_g(w, options)
     meta = {}
     sharding = var.get_metadata("out_sharding", None)
     if sharding is not None and options.axis is not None:
@@ -130,13 +137,13 @@ def plan_weight_norm(
     new[name] = (var.copy(g, **meta), var)
 
   def commit() -> None:
-    specs = _subclass.specs_of(type(module))
+    all_specs = _subclass.specs_of(type(module))
     for name in names:
       delattr(module, name)  # before the swap: the subclass computes `name`
-      specs[name] = spec
-    swap_class(module, specs)
+      all_specs[name] = specs[name]
+    swap_class(module, all_specs)
     for name, (g, v) in new.items():
-      g_attr, v_attr = spec.attrs(name)
+      g_attr, v_attr = specs[name].attrs(name)
       setattr(module, g_attr, g)
       setattr(module, v_attr, v)
 
@@ -190,6 +197,7 @@ def plan_spectral_norm(
   options: _options.SpectralNormOptions,
   next_key: Callable[[int], jax.Array],
   input_shape: tuple[int, ...] | None = None,
+  ensemble_axis: int | None = None,
 ) -> Callable[[], None]:
   check_module(module, "spectral_norm")
   has_flag = hasattr(module, FLAG)
@@ -197,13 +205,25 @@ def plan_spectral_norm(
   # Every spectral spec of a module records whether flaxnorm owns the flag, so
   # removing the last one knows whether to delete it.
   added = any(s.added_flag for s in others) if others else not has_flag
-  spec = SpectralNormSpec(options, added_flag=added, input_shape=input_shape)
-  states = {}
+  states, specs = {}, {}
   for i, name in enumerate(names):
     at = describe(module, name, path)
     var = _check_param(module, name, "spectral_norm", path)
-    _check_free(module, spec.attrs(name), "spectral_norm", path, name)
     w = var[...]
+    _checks.check_float_array(w, "the param", at)
+    _nnx_ensemble.check_stacking(module, name, w, ensemble_axis, "spectral_norm", at)
+    member_ndim = None if ensemble_axis is None else w.ndim - 1
+    spec = specs[name] = SpectralNormSpec(options, added, input_shape, member_ndim)
+    _check_free(module, spec.attrs(name), "spectral_norm", path, name)
+    if ensemble_axis is not None:
+      if options.operator:
+        raise ValueError(
+          f"spectral_norm: operator=True does not support ensemble_axis (at {at}); wrap "
+          "each member inside the vmapped constructor instead."
+        )
+      kept = _nnx_ensemble.member_axes(options.axis, w, at, True)
+      states[name] = _nnx_ensemble.spectral_state_init(next_key(i), w, kept, options)
+      continue
     kept = _checks.check_spectral_weight(w, options.axis, at)
     if options.operator:
       example = _operator_example(module, input_shape, at)
@@ -215,11 +235,11 @@ def plan_spectral_norm(
       )
 
   def commit() -> None:
-    specs = _subclass.specs_of(type(module))
-    specs.update(dict.fromkeys(names, spec))
-    swap_class(module, specs)
+    all_specs = _subclass.specs_of(type(module))
+    all_specs.update(specs)
+    swap_class(module, all_specs)
     for name, state in states.items():
-      for attr, value in zip(spec.attrs(name), state):
+      for attr, value in zip(specs[name].attrs(name), state):
         setattr(module, attr, SpectralStateVar(value))
     if not has_flag:
       setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm

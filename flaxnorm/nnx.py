@@ -98,6 +98,7 @@ def weight_norm(
   name: str | Sequence[str] = "kernel",
   axis: Axis = -1,
   eps: float = 1e-12,
+  ensemble_axis: int | None = None,
 ) -> M:
   """Reparametrizes a layer's param as ``w = g * v / ||v||`` (Salimans & Kingma, 2016), in place.
 
@@ -122,6 +123,12 @@ def weight_norm(
       for one norm of the whole tensor (``g`` of shape ``()``).
     eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
       gradients.
+    ensemble_axis: ``0`` for a module stacked by ``nnx.vmap`` (an ensemble,
+      params with a leading ensemble axis): each member gets its own ``g``
+      (shape ``(E, *member g)``), as if wrapped alone, and ``axis`` counts in one
+      member's param. Call it under ``nnx.vmap`` (see :func:`spectral_norm`).
+      ``None`` (default): an unstacked module; NNX's own layers with one axis
+      too many are refused, so the stack cannot get a single norm by accident.
 
   Returns:
     ``module`` itself, now an instance of a subclass of its class.
@@ -148,7 +155,8 @@ def weight_norm(
   """
   names = _checks.check_names(name)
   options = _options.WeightNormOptions(axis=axis, eps=eps)
-  _nnx_plan.plan_weight_norm(module, None, names, options)()
+  ensemble = _checks.check_ensemble_axis(ensemble_axis, "weight_norm")
+  _nnx_plan.plan_weight_norm(module, None, names, options, ensemble)()
   return module
 
 
@@ -166,6 +174,7 @@ def spectral_norm(
   operator: bool = False,
   input_shape: Sequence[int] | None = None,
   rngs: Rngs = None,
+  ensemble_axis: int | None = None,
 ) -> M:
   """Divides a layer's param by its spectral norm (Miyato et al., 2018), in place.
 
@@ -216,6 +225,15 @@ def spectral_norm(
       ``'spectral'`` stream if it has one, else ``params``), a PRNG key, an int
       seed, or ``None`` (seed 0; after ``n_init_iterations`` the start hardly
       matters).
+    ensemble_axis: ``0`` for a module stacked by ``nnx.vmap`` (an ensemble or
+      a layer stack for ``nnx.scan``, params with a leading axis of size
+      ``E``): each member gets its own state (``{name}_u`` ``(E, m)``,
+      ``{name}_v`` ``(E, n)``, ``{name}_sigma`` ``(E,)``), computed as if it
+      were wrapped alone; ``axis`` counts in one member's param. Call the
+      members under ``nnx.vmap`` (or ``nnx.scan``) with ``in_axes=0``, e.g. an
+      ``nnx.vmap``-ed training step. Not with ``operator=True``. ``None``
+      (default): an unstacked module; NNX's own layers with one axis too many
+      are refused, so the stack cannot get a single sigma by accident.
 
   Returns:
     ``module`` itself, now an instance of a subclass of its class, with a
@@ -253,7 +271,8 @@ def spectral_norm(
   )
   keys = _nnx_plan.make_key_source(rngs, "spectral_norm")
   shape = _checks.check_shape(input_shape, "input_shape", "spectral_norm")
-  _nnx_plan.plan_spectral_norm(module, None, names, options, keys, shape)()
+  ensemble = _checks.check_ensemble_axis(ensemble_axis, "spectral_norm")
+  _nnx_plan.plan_spectral_norm(module, None, names, options, keys, shape, ensemble)()
   return module
 
 
@@ -329,9 +348,10 @@ def wrap_modules(
       f"wrap_modules: no submodule matches where={where!r}. The modules are {found}."
     )
   names = _checks.check_names(args["name"])
+  ensemble = _checks.check_ensemble_axis(args["ensemble_axis"], method)
   if method == "weight_norm":
     wn = _options.WeightNormOptions(axis=args["axis"], eps=args["eps"])
-    commits = [_nnx_plan.plan_weight_norm(m, p, names, wn) for p, m in chosen]
+    commits = [_nnx_plan.plan_weight_norm(m, p, names, wn, ensemble) for p, m in chosen]
   else:
     option_names = (
       "axis", "n_power_iterations", "n_init_iterations", "eps", "mode", "target", "operator"
@@ -340,7 +360,9 @@ def wrap_modules(
     source = _nnx_plan.make_key_source(args["rngs"], "spectral_norm")
     shape = _checks.check_shape(args["input_shape"], "input_shape", "spectral_norm")
     commits = [
-      _nnx_plan.plan_spectral_norm(m, p, names, sn, _nnx_plan.offset(source, i * len(names)), shape)
+      _nnx_plan.plan_spectral_norm(
+        m, p, names, sn, _nnx_plan.offset(source, i * len(names)), shape, ensemble
+      )
       for i, (p, m) in enumerate(chosen)
     ]
   for commit in commits:

@@ -11,9 +11,12 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 import flaxnorm
+import flaxnorm.nnx
 
 KEY = jax.random.key(0)
 B, T, F, H = 2, 3, 3, 4  # batch, time, input features, hidden features
@@ -217,3 +220,108 @@ def test_linen_vmap_ensemble(transform):
   if transform is flaxnorm.spectral_norm:  # each member its own state
     sigmas = variables["spectral"]["kernel_sigma"]
     assert sigmas.shape == (L,) and len(set(sigmas.tolist())) == L
+
+
+# --------------------------------------------------------------------------- #
+# NNX: ensembles stacked by nnx.vmap, and layer stacks under nnx.scan.
+# --------------------------------------------------------------------------- #
+
+NNX_TRANSFORMS = [flaxnorm.nnx.spectral_norm, flaxnorm.nnx.weight_norm]
+
+
+def _nnx_stack():
+  @nnx.split_rngs(splits=L)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return nnx.Linear(F, F, rngs=rngs)
+
+  return make(nnx.Rngs(0))
+
+
+def _nnx_members(stacked, transform):
+  """Each member of the wrapped stack as its own wrapped layer, with the same variables."""
+  members = []
+  for i in range(L):
+    layer = transform(nnx.Linear(F, F, rngs=nnx.Rngs(0)))
+    nnx.update(layer, _member(nnx.state(stacked), i))
+    members.append(layer)
+  return members
+
+
+def _pure(tree):
+  return nnx.to_pure_dict(tree)
+
+
+@pytest.mark.parametrize("transform", NNX_TRANSFORMS)
+def test_nnx_vmap_ensemble_matches_members(transform):
+  ensemble = transform(_nnx_stack(), ensemble_axis=0)
+  members = _nnx_members(ensemble, transform)
+  if transform is flaxnorm.nnx.spectral_norm:  # each member its own sigma, at wrap time
+    sigmas = [np.linalg.norm(np.asarray(vars(m)["kernel"][...]), 2) for m in members]
+    chex.assert_trees_all_close(ensemble.kernel_sigma[...], jnp.array(sigmas), rtol=1e-4)
+  else:
+    for i, m in enumerate(members):
+      g = jnp.linalg.norm(m.kernel_v[...], axis=0, keepdims=True)
+      chex.assert_trees_all_close(ensemble.kernel_g[i], g, **TOL)
+  x = XS[:, 0]
+
+  def loss(layer):
+    return jnp.sum(jnp.sin(layer(x)))
+
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def step(layer):
+    return nnx.grad(loss)(layer)
+
+  grads = step(ensemble)  # a training step: each member's state advances
+  for i, m in enumerate(members):
+    chex.assert_trees_all_close(_member(_pure(grads), i), _pure(nnx.grad(loss)(m)), **TOL)
+    chex.assert_trees_all_close(_member(_pure(nnx.state(ensemble)), i), _pure(nnx.state(m)), **TOL)
+  # Outside nnx.vmap, the stacked kernel is every member's normalized kernel.
+  chex.assert_trees_all_close(ensemble.kernel, jnp.stack([m.kernel for m in members]), **TOL)
+
+
+@pytest.mark.parametrize("transform", NNX_TRANSFORMS)
+def test_nnx_scan_over_stacked_layers(transform):
+  stack = transform(_nnx_stack(), ensemble_axis=0)
+  members = _nnx_members(stack, transform)
+  h0 = XS[:, 0]
+
+  def run(model):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(layer, h):
+      return jnp.tanh(layer(h))
+
+    return jnp.sum(jnp.sin(body(model, h0)))
+
+  def run_members(ms):
+    h = h0
+    for m in ms:
+      h = jnp.tanh(m(h))
+    return jnp.sum(jnp.sin(h))
+
+  loss, grads = nnx.value_and_grad(run)(stack)
+  loss_ref, grads_ref = nnx.value_and_grad(run_members)(nnx.List(members))
+  chex.assert_trees_all_close(loss, loss_ref, **TOL)
+  for i in range(L):
+    chex.assert_trees_all_close(_member(_pure(grads), i), _pure(grads_ref)[i], **TOL)
+    chex.assert_trees_all_close(
+      _member(_pure(nnx.state(stack)), i), _pure(nnx.state(members[i])), **TOL
+    )
+
+
+@pytest.mark.parametrize("transform", NNX_TRANSFORMS)
+def test_nnx_stacked_module_without_ensemble_axis_says_how(transform):
+  with pytest.raises(ValueError, match=r"one axis more.*ensemble_axis=0.*nnx\.vmap\(lambda key"):
+    transform(_nnx_stack())
+  with pytest.raises(ValueError, match=r"ensemble_axis=0 needs .* stacked"):
+    transform(nnx.Linear(F, F, rngs=nnx.Rngs(0)), ensemble_axis=0)
+  with pytest.raises(ValueError, match="ensemble_axis must be None or 0"):
+    transform(_nnx_stack(), ensemble_axis=1)
+  with pytest.raises(TypeError, match="ensemble_axis must be None or 0"):
+    transform(_nnx_stack(), ensemble_axis="0")
+
+
+def test_nnx_ensemble_called_outside_vmap_says_how():
+  ensemble = flaxnorm.nnx.spectral_norm(_nnx_stack(), ensemble_axis=0)
+  with pytest.raises(ValueError, match=r"outside nnx\.vmap.*nnx\.vmap\(lambda layer"):
+    ensemble(XS[:, 0])
