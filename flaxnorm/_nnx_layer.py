@@ -42,6 +42,11 @@ class _Call:
 _CALLS: contextvars.ContextVar[dict[int, _Call]] = contextvars.ContextVar("flaxnorm_nnx_calls")
 
 
+#: True inside an ``nnx.RNN``'s time loop whose step already ran (``flaxnorm._nnx_scan``):
+#: spectrally normed layers use their stored state as it is.
+FROZEN: contextvars.ContextVar[bool] = contextvars.ContextVar("flaxnorm_nnx_frozen", default=False)
+
+
 def _active_call(module: Any) -> _Call | None:
   return _CALLS.get({}).get(id(module))
 
@@ -326,7 +331,7 @@ def _call(self, *args, **kwargs):
   cls = type(self)
   specs = _subclass.specs_of(cls)
   state = _Call(None, {})
-  if not getattr(self, FLAG, False):  # training: iterate and store
+  if not getattr(self, FLAG, False) and not FROZEN.get():  # training: iterate and store
     inputs = args[0] if args else kwargs.get("inputs")
     example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
     state.scales = {

@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from flaxnorm import _checks, _math, _nnx_plan, _options, _subclass
+from flaxnorm import _checks, _math, _nnx_plan, _nnx_scan, _options, _subclass
 from flaxnorm._checks import Axis
 from flaxnorm._nnx_layer import (
   FLAG,
@@ -367,6 +367,7 @@ def wrap_modules(
     ]
   for commit in commits:
     commit()
+  _nnx_scan.adopt_rnns(model)  # an nnx.RNN's cell iterates once per call, not per time step
   return model
 
 

@@ -325,3 +325,50 @@ def test_nnx_ensemble_called_outside_vmap_says_how():
   ensemble = flaxnorm.nnx.spectral_norm(_nnx_stack(), ensemble_axis=0)
   with pytest.raises(ValueError, match=r"outside nnx\.vmap.*nnx\.vmap\(lambda layer"):
     ensemble(XS[:, 0])
+
+
+# --------------------------------------------------------------------------- #
+# NNX: nnx.RNN over time.
+# --------------------------------------------------------------------------- #
+
+
+def _nnx_rnn(transform):
+  rnn = nnx.RNN(nnx.SimpleCell(F, H, rngs=nnx.Rngs(0)))
+  flaxnorm.nnx.wrap_modules(rnn, transform, where=nnx.Linear)
+  for _, m in nnx.iter_modules(rnn.cell):  # params far from the converged state
+    for p in ("kernel", "kernel_v"):
+      if isinstance(vars(m).get(p), nnx.Param):
+        vars(m)[p][...] = _perturbed(vars(m)[p][...])
+  return rnn
+
+
+def _nnx_unrolled(cell):
+  carry, ys = jnp.zeros((B, H)), []
+  for t in range(T):
+    carry, y = cell(carry, XS[:, t])
+    ys.append(y)
+  return jnp.stack(ys, axis=1)
+
+
+@pytest.mark.parametrize("transform", NNX_TRANSFORMS)
+def test_nnx_rnn_matches_unrolled_loop(transform):
+  rnn = _nnx_rnn(transform)
+  ref = nnx.clone(rnn.cell)
+  if transform is flaxnorm.nnx.spectral_norm:
+    ref(jnp.zeros((B, H)), XS[:, 0])  # the one training step, then evaluation
+    ref.eval()
+
+  def loss(model):
+    y = model(XS) if isinstance(model, nnx.RNN) else _nnx_unrolled(model)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(rnn)
+  (_, y_ref), grads_ref = nnx.value_and_grad(loss, has_aux=True)(ref)
+  chex.assert_trees_all_close(y, y_ref, **TOL)
+  chex.assert_trees_all_close(_pure(grads)["cell"], _pure(grads_ref), **TOL)
+  chex.assert_trees_all_close(_pure(nnx.state(rnn.cell)), _pure(nnx.state(ref)), **TOL)
+
+  rnn.eval()  # evaluation: the same loop, and nothing changes
+  before = _pure(nnx.state(rnn.cell))
+  chex.assert_trees_all_close(rnn(XS), _nnx_unrolled(ref), **TOL)
+  chex.assert_trees_all_equal(_pure(nnx.state(rnn.cell)), before)
