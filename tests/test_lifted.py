@@ -132,6 +132,17 @@ def test_linen_scan_without_the_collection_says_how():
   carry = nn.SimpleCell(H).initialize_carry(jax.random.key(0), (B, F))
   with pytest.raises(ValueError, match=r"nn\.scan.*variable_broadcast=\['params', 'spectral'\]"):
     cell(H).init(KEY, carry, XS)
+  ensemble = nn.vmap(
+    flaxnorm.spectral_norm(nn.Dense),
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=None,
+    axis_size=2,
+  )
+  with pytest.raises(
+    ValueError, match=r"\(Dense\).*nn\.vmap.*variable_axes=\{'params': 0, 'spectral': 0\}"
+  ):
+    ensemble(F).init(KEY, XS[:, 0])
 
 
 # --------------------------------------------------------------------------- #
