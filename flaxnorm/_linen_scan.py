@@ -35,6 +35,8 @@ from typing import Any
 import flax.linen as nn
 from flax.core import scope as core_scope
 
+from flaxnorm import _subclass
+
 # The state vectors ``u`` stored by a training step (or created) in this
 # apply, by id; weak, so an id is never that of a dead array.
 _FRESH: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -87,6 +89,20 @@ def broadcast_into(rnn: Any, collections: Iterable[str]) -> None:
   if missing:
     widened = core_scope.union_filters(rnn.variable_broadcast, missing)
     object.__setattr__(rnn, "variable_broadcast", widened)  # frozen dataclass
+
+
+def spectral_collections(cls: type) -> set[str]:
+  """The collections holding the spectral state of a normalized class's params."""
+  specs = _subclass.specs_of(cls).values()
+  return {s.options.collection for s in specs if s.method == "spectral_norm"}
+
+
+def post_init(self: nn.Module) -> None:
+  """``__post_init__`` of a normalized Linen class: an ``nn.RNN`` adopting it lifts its state."""
+  # The normalized class's base: type(self) may be a subclass (nn.vmap's lifted class).
+  normalized = next(k for k in type(self).__mro__ if "_flaxnorm_base" in vars(k))
+  normalized._flaxnorm_base.__post_init__(self)
+  broadcast_into(self.parent, spectral_collections(type(self)))
 
 
 def not_lifted_error(method: str, at: str, collection: str, lift: str) -> ValueError:

@@ -354,7 +354,7 @@ def _call(self, *args, **kwargs):
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
   self.__dict__["_flaxnorm_output_scale"] = deferred
   self.__dict__[_linen_operator.INPUTS] = (args, kwargs)
-  _linen_scan.broadcast_into(self, _spectral_collections(cls))  # a wrapped nn.RNN
+  _linen_scan.broadcast_into(self, _linen_scan.spectral_collections(cls))  # a wrapped nn.RNN
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
       with nn.intercept_methods(_propagate(self)):
@@ -372,19 +372,6 @@ def _compact_call(self, *args, **kwargs):
   return _call(self, *args, **kwargs)
 
 
-def _spectral_collections(cls: type) -> set[str]:
-  specs = _subclass.specs_of(cls).values()
-  return {s.options.collection for s in specs if isinstance(s, _SpectralNorm)}
-
-
-def _post_init(self) -> None:
-  """``__post_init__``: a spectrally normed cell adopted by an ``nn.RNN`` gets its state lifted."""
-  # The normalized class's base: type(self) may be a subclass (nn.vmap's lifted class).
-  normalized = next(k for k in type(self).__mro__ if "_flaxnorm_base" in vars(k))
-  normalized._flaxnorm_base.__post_init__(self)
-  _linen_scan.broadcast_into(self.parent, _spectral_collections(type(self)))
-
-
 # Flax names module methods by __name__ (capture_intermediates looks for
 # '__call__'); nn.compact marks the function itself, hence a separate one.
 _call.__name__ = _compact_call.__name__ = "__call__"
@@ -397,7 +384,7 @@ def _namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], di
   raw_call = None
   if base in _LINEAR_LAYERS:
     raw_call = getattr(base.__call__, "__wrapped__", None)  # before Module's wrapping
-  body: dict[str, Any] = {"param": _param, "__post_init__": _post_init}
+  body: dict[str, Any] = {"param": _param, "__post_init__": _linen_scan.post_init}
   if raw_call is not None:
     body.update(__call__=_compact_call, _flaxnorm_raw_call=staticmethod(raw_call))
   else:
