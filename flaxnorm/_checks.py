@@ -53,6 +53,24 @@ def check_names(name: str | Sequence[str], argname: str = "name") -> tuple[str, 
   return names
 
 
+def check_ensemble_axis(value: Any, at: str = "") -> int | None:
+  """Returns ``ensemble_axis`` (``None`` or ``0``), or raises.
+
+  Only the leading axis: ``nnx.vmap`` slices every variable of a stacked module
+  on the same axis, and a member's sigma (shape ``()``) has no other.
+  """
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(f"ensemble_axis must be None or 0{_at(at)}, got {value!r}.")
+  if value != 0:
+    raise ValueError(
+      f"ensemble_axis must be None or 0{_at(at)}, got {value}: stack the members on the "
+      "leading axis (nnx.vmap(..., in_axes=0, out_axes=0)), which every variable shares."
+    )
+  return value
+
+
 def check_axis_arg(axis: Any, at: str = "", allow_none: bool = True) -> None:
   """Checks the *type* of an ``axis`` argument before any array is seen."""
   if axis is None and allow_none:

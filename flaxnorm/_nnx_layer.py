@@ -26,6 +26,7 @@ from flaxnorm import (
   _checks,
   _data_init,
   _math,
+  _nnx_ensemble,
   _operator,
   _options,
   _output_scale,
@@ -49,6 +50,11 @@ class _Call:
 # instance attribute: NNX's graph functions (split, state, lifted transforms)
 # see every instance attribute, and may run on the module during its call.
 _CALLS: contextvars.ContextVar[dict[int, _Call]] = contextvars.ContextVar("flaxnorm_nnx_calls")
+
+
+#: True inside an ``nnx.RNN``'s time loop whose step already ran (``flaxnorm._nnx_scan``):
+#: spectrally normed layers use their stored state as it is.
+FROZEN: contextvars.ContextVar[bool] = contextvars.ContextVar("flaxnorm_nnx_frozen", default=False)
 
 
 def _active_call(module: Any) -> _Call | None:
@@ -85,6 +91,7 @@ def _get(module: nnx.Module, attr: str, method: str, name: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class WeightNormSpec(_subclass.SpecBase):
   options: _options.WeightNormOptions
+  member_ndim: int | None = None  # an nnx.vmap ensemble: one member's rank (flaxnorm._nnx_ensemble)
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.weight_norm_keys(name)
@@ -92,6 +99,8 @@ class WeightNormSpec(_subclass.SpecBase):
   def factors(self, module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array]:
     """``(v, g / ||v||)``: the kernel is their product."""
     g, v = (_get(module, a, self.method, name) for a in self.attrs(name))
+    if _nnx_ensemble.is_stacked(self, v[...]):
+      return _nnx_ensemble.stacked_factors(self, v[...], g[...], v[...])
     return v[...], _math.weight_norm_scale(g[...], v[...], self.options.eps)
 
 
@@ -100,6 +109,7 @@ class SpectralNormSpec(_subclass.SpecBase):
   options: _options.SpectralNormOptions
   added_flag: bool  # this transform gave the module its train/eval attribute
   input_shape: tuple[int, ...] | None = None  # operator mode: one example, no batch axis
+  member_ndim: int | None = None  # an nnx.vmap ensemble: one member's rank (flaxnorm._nnx_ensemble)
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.spectral_keys(name)
@@ -121,6 +131,10 @@ class SpectralNormSpec(_subclass.SpecBase):
     if call is not None and name in call.scales:
       # In a training __call__: sigma from the iterations just run, as in Linen.
       return _get(module, name, self.method, name)[...], call.scales[name]
+    w = _get(module, name, self.method, name)[...]
+    if _nnx_ensemble.is_stacked(self, w):  # outside nnx.vmap: every member's kernel
+      u, v = (_get(module, a, self.method, name)[...] for a in self.attrs(name)[:2])
+      return _nnx_ensemble.stacked_factors(self, w, u, v)
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
     if opts.operator:  # the stored sigma, as Linen's evaluation
@@ -136,6 +150,8 @@ class SpectralNormSpec(_subclass.SpecBase):
 
     ``example`` is this call's input shape with a batch of 1 (operator mode).
     """
+    if _nnx_ensemble.is_stacked(self, _get(module, name, self.method, name)[...]):
+      raise _nnx_ensemble.not_under_vmap_error(self.method, describe(module, name))
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
     if opts.operator:
@@ -418,7 +434,7 @@ def _call(self, *args, **kwargs):
   cls = type(self)
   specs = _subclass.specs_of(cls)
   state = _Call(None, {})
-  if not getattr(self, FLAG, False):  # training: iterate and store
+  if not getattr(self, FLAG, False) and not FROZEN.get():  # training: iterate and store
     inputs = args[0] if args else kwargs.get("inputs")
     example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
     state.scales = {

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flaxnorm import _axes, _checks, _math, _operator, _options, _select, _subclass
+from flaxnorm import _axes, _checks, _math, _nnx_ensemble, _operator, _options, _select, _subclass
 from flaxnorm._nnx_layer import (
   FLAG,
   SpectralNormSpec,
@@ -137,20 +137,27 @@ def plan_weight_norm(
   path: PathParts | None,
   names: Names,
   options: _options.WeightNormOptions,
+  ensemble_axis: int | None = None,
 ) -> Callable[[], None]:
   check_module(module, "weight_norm")
   new: dict[str, tuple[nnx.Variable, nnx.Variable]] = {}
-  chosen: dict[str, WeightNormSpec] = {}
+  specs: dict[str, WeightNormSpec] = {}
   for name in select_names(module, path, names, "weight_norm"):
     at = describe(module, name, path)
     var = _check_param(module, name, "weight_norm", path)
-    axis = _axes.resolve(options.axis, module, name, at)
-    spec = chosen[name] = WeightNormSpec(dataclasses.replace(options, axis=axis))
-    _check_free(module, spec.attrs(name), "weight_norm", path, name)
     w = var[...]
     _checks.check_float_array(w, "the param", at)
-    kept = _checks.normalize_axes(axis, w.ndim, at)
-    g, _ = _math.weight_norm_decompose(w, axis)
+    _nnx_ensemble.check_stacking(module, name, w, ensemble_axis, "weight_norm", at)
+    axis = _axes.resolve(options.axis, module, name, at)
+    opts = dataclasses.replace(options, axis=axis)
+    spec = specs[name] = WeightNormSpec(opts, None if ensemble_axis is None else w.ndim - 1)
+    _check_free(module, spec.attrs(name), "weight_norm", path, name)
+    if ensemble_axis is None:
+      kept = _checks.normalize_axes(axis, w.ndim, at)
+      g, _ = _math.weight_norm_decompose(w, axis)
+    else:  # each member its own g; its axes count after the ensemble axis
+      kept = (0, *(k + 1 for k in _nnx_ensemble.member_axes(axis, w, at, False)))
+      g = _nnx_ensemble.weight_norm_g(w, opts)
     meta = {}
     sharding = var.get_metadata("out_sharding", None)
     if sharding is not None and axis is not None:
@@ -161,13 +168,13 @@ def plan_weight_norm(
     new[name] = (var.copy(g, **meta), var)
 
   def commit() -> None:
-    specs = _subclass.specs_of(type(module))
-    for name, spec in chosen.items():
+    all_specs = _subclass.specs_of(type(module))
+    for name in specs:
       delattr(module, name)  # before the swap: the subclass computes `name`
-      specs[name] = spec
-    swap_class(module, specs)
+      all_specs[name] = specs[name]
+    swap_class(module, all_specs)
     for name, (g, v) in new.items():
-      g_attr, v_attr = chosen[name].attrs(name)
+      g_attr, v_attr = specs[name].attrs(name)
       setattr(module, g_attr, g)
       setattr(module, v_attr, v)
 
@@ -221,6 +228,7 @@ def plan_spectral_norm(
   options: _options.SpectralNormOptions,
   next_key: Callable[[int], jax.Array],
   input_shape: tuple[int, ...] | None = None,
+  ensemble_axis: int | None = None,
 ) -> Callable[[], None]:
   check_module(module, "spectral_norm")
   has_flag = hasattr(module, FLAG)
@@ -228,15 +236,27 @@ def plan_spectral_norm(
   # Every spectral spec of a module records whether flaxnorm owns the flag, so
   # removing the last one knows whether to delete it.
   added = any(s.added_flag for s in others) if others else not has_flag
-  states, chosen = {}, {}
+  states, specs = {}, {}
   for i, name in enumerate(select_names(module, path, names, "spectral_norm")):
     at = describe(module, name, path)
     var = _check_param(module, name, "spectral_norm", path)
-    axis = _axes.resolve(options.axis, module, name, at)
-    spec = SpectralNormSpec(dataclasses.replace(options, axis=axis), added, input_shape)
-    chosen[name] = spec
-    _check_free(module, spec.attrs(name), "spectral_norm", path, name)
     w = var[...]
+    _checks.check_float_array(w, "the param", at)
+    _nnx_ensemble.check_stacking(module, name, w, ensemble_axis, "spectral_norm", at)
+    member_ndim = None if ensemble_axis is None else w.ndim - 1
+    axis = _axes.resolve(options.axis, module, name, at)
+    opts = dataclasses.replace(options, axis=axis)
+    spec = specs[name] = SpectralNormSpec(opts, added, input_shape, member_ndim)
+    _check_free(module, spec.attrs(name), "spectral_norm", path, name)
+    if ensemble_axis is not None:
+      if options.operator:
+        raise ValueError(
+          f"spectral_norm: operator=True does not support ensemble_axis (at {at}); wrap "
+          "each member inside the vmapped constructor instead."
+        )
+      kept = _nnx_ensemble.member_axes(axis, w, at, True)
+      states[name] = _nnx_ensemble.spectral_state_init(next_key(i), w, kept, opts)
+      continue
     kept = _checks.check_spectral_weight(w, axis, at)
     if options.operator:
       _operator.check_real_kernel(w, at)
@@ -249,11 +269,11 @@ def plan_spectral_norm(
       )
 
   def commit() -> None:
-    specs = _subclass.specs_of(type(module))
-    specs.update(chosen)
-    swap_class(module, specs)
+    all_specs = _subclass.specs_of(type(module))
+    all_specs.update(specs)
+    swap_class(module, all_specs)
     for name, state in states.items():
-      for attr, value in zip(chosen[name].attrs(name), state):
+      for attr, value in zip(specs[name].attrs(name), state):
         setattr(module, attr, SpectralStateVar(value))
     if not has_flag:
       setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm

@@ -35,6 +35,7 @@ from flaxnorm import (
   _checks,
   _linen_data_init,
   _linen_operator,
+  _linen_scan,
   _math,
   _operator,
   _options,
@@ -136,29 +137,12 @@ class _SpectralNorm(_subclass.SpecBase):
     kept = _checks.check_spectral_weight(w, _kept_axis(opts, module, name, at), at)
     keys = _options.spectral_keys(name)
     layer_map = _linen_operator.LayerMap(module, name, at) if opts.operator else None
-    present = [module.has_variable(opts.collection, k) for k in keys]
-    if all(present):
-      state = _math.SpectralState(
-        *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
-      )
-      if layer_map is None:
-        shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
-        _checks.check_state_fits(w.shape, kept, shapes, keys, at)
-      else:
-        _operator.check_input_shape(state.v.shape, layer_map.example.shape, keys, at)
-      # Training (collection mutable) iterates and stores; evaluation uses the
-      # stored vectors and changes nothing.
-      train = module.is_mutable_collection(opts.collection)
-    elif any(present) or not module.is_initializing():
-      raise ValueError(
-        f"spectral_norm: the state of {at} is missing from the "
-        f"'{opts.collection}' collection (found {[k for k, p in zip(keys, present) if p]}, "
-        f"need {list(keys)}). Pass the full variables from init(), "
-        f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
-      )
-    else:
+    stored = self._stored_state(module, w, kept, keys, layer_map, at)
+    if stored is None:
       state = self._create_state(module, raw_w, w, kept, keys, layer_map, at)
-      train = False  # the state was just converged
+      train = fresh = False  # the state was just converged
+    else:
+      state, train, fresh = stored
     if layer_map is None:
       n_steps = opts.n_power_iterations if train else 0
       scale, new = _math.spectral_scale(
@@ -174,6 +158,9 @@ class _SpectralNorm(_subclass.SpecBase):
       )
     elif train:
       scale, new = _operator.iterate(w, state, layer_map.linear, opts)
+    elif fresh:  # sigma of this apply's step, differentiable
+      sigma = jax.numpy.vdot(state.u, layer_map.linear(w)(state.v))
+      scale, new = _operator.eval_scale(sigma, opts), state
     else:
       scale, new = _operator.eval_scale(state.sigma, opts), state
     if train:
@@ -181,7 +168,49 @@ class _SpectralNorm(_subclass.SpecBase):
         raw = module.get_variable(opts.collection, key)
         boxed = raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
         module.put_variable(opts.collection, key, boxed)
+      _linen_scan.mark_fresh(module, new.u)
     return raw_w, w, scale
+
+  def _stored_state(
+    self,
+    module: nn.Module,
+    w: jax.Array,
+    kept: tuple[int, ...],
+    keys: tuple,
+    layer_map: _linen_operator.LayerMap | None,
+    at: str,
+  ) -> tuple[_math.SpectralState, bool, bool] | None:
+    """``(checked stored state, train, fresh)``, or ``None`` at init (to create it).
+
+    ``fresh``: a scan's loop reading the state its first trace stored, used as
+    it is (see flaxnorm._linen_scan).
+    """
+    opts = self.options
+    present = [module.has_variable(opts.collection, k) for k in keys]
+    if all(present):
+      state = _math.SpectralState(
+        *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
+      )
+      if layer_map is None:
+        shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
+        _checks.check_state_fits(w.shape, kept, shapes, keys, at)
+      else:
+        _operator.check_input_shape(state.v.shape, layer_map.example.shape, keys, at)
+      # Training (collection mutable) iterates and stores; evaluation uses the
+      # stored vectors and changes nothing.
+      fresh = _linen_scan.take_fresh(module, state.u)
+      return state, module.is_mutable_collection(opts.collection) and not fresh, fresh
+    lift = _linen_scan.lifted_by(module)
+    if not any(present) and lift is not None and not module.is_mutable_collection(opts.collection):
+      raise _linen_scan.not_lifted_error(self.method, at, opts.collection, lift)
+    if any(present) or not module.is_initializing():
+      raise ValueError(
+        f"spectral_norm: the state of {at} is missing from the "
+        f"'{opts.collection}' collection (found {[k for k, p in zip(keys, present) if p]}, "
+        f"need {list(keys)}). Pass the full variables from init(), "
+        f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
+      )
+    return None
 
   def _create_state(
     self,
@@ -216,6 +245,7 @@ class _SpectralNorm(_subclass.SpecBase):
     )
     for key, box in zip(keys, boxes):
       module.variable(opts.collection, key, lambda b=box: b)
+    _linen_scan.mark_fresh(module, state.u)
     return state
 
 
@@ -452,6 +482,7 @@ def _call(self, *args, **kwargs):
   call = functools.partial(raw_call or _subclass.base_of(cls).__call__, self)
   self.__dict__["_flaxnorm_output_scale"] = init or deferred  # what _param hands scale and bias
   self.__dict__[_linen_operator.INPUTS] = (args, kwargs)
+  _linen_scan.broadcast_into(self, _linen_scan.spectral_collections(cls))  # a wrapped nn.RNN
   try:
     if any(s.recursive for s in _subclass.specs_of(cls).values()):
       with nn.intercept_methods(_propagate(self)):
@@ -483,7 +514,7 @@ def _namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], di
   raw_call = None
   if base in _LINEAR_LAYERS:
     raw_call = getattr(base.__call__, "__wrapped__", None)  # before Module's wrapping
-  body: dict[str, Any] = {"param": _param}
+  body: dict[str, Any] = {"param": _param, "__post_init__": _linen_scan.post_init}
   if raw_call is not None:
     body.update(__call__=_compact_call, _flaxnorm_raw_call=staticmethod(raw_call))
   else:

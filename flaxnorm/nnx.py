@@ -62,7 +62,17 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from flaxnorm import _axes, _checks, _math, _nnx_layer, _nnx_plan, _options, _select, _subclass
+from flaxnorm import (
+  _axes,
+  _checks,
+  _math,
+  _nnx_layer,
+  _nnx_plan,
+  _nnx_scan,
+  _options,
+  _select,
+  _subclass,
+)
 from flaxnorm._axes import AxisOption
 from flaxnorm._nnx_layer import (
   FLAG,
@@ -104,6 +114,7 @@ def weight_norm(
   name: Names = "kernel",
   axis: AxisOption = "auto",
   eps: float = 1e-12,
+  ensemble_axis: int | None = None,
 ) -> M:
   """Reparametrizes a layer's param as ``w = g * v / ||v||`` (Salimans & Kingma, 2016), in place.
 
@@ -134,6 +145,12 @@ def weight_norm(
       :func:`wrap_modules`.
     eps: lower bound on ``||v||``; a zero ``v`` gives a zero kernel with finite
       gradients.
+    ensemble_axis: ``0`` for a module stacked by ``nnx.vmap`` (an ensemble,
+      params with a leading ensemble axis): each member gets its own ``g``
+      (shape ``(E, *member g)``), as if wrapped alone, and ``axis`` counts in one
+      member's param. Call it under ``nnx.vmap`` (see :func:`spectral_norm`).
+      ``None`` (default): an unstacked module; NNX's own layers with one axis
+      too many are refused, so the stack cannot get a single norm by accident.
 
   Returns:
     ``module`` itself, now an instance of a subclass of its class.
@@ -160,7 +177,8 @@ def weight_norm(
   """
   names = _select.parse_names(name)
   options = _options.WeightNormOptions(axis=axis, eps=eps)
-  _nnx_plan.plan_weight_norm(module, None, names, options)()
+  ensemble = _checks.check_ensemble_axis(ensemble_axis, "weight_norm")
+  _nnx_plan.plan_weight_norm(module, None, names, options, ensemble)()
   return module
 
 
@@ -178,6 +196,7 @@ def spectral_norm(
   operator: bool = False,
   input_shape: Sequence[int] | None = None,
   rngs: Rngs = None,
+  ensemble_axis: int | None = None,
 ) -> M:
   """Divides a layer's param by its spectral norm (Miyato et al., 2018), in place.
 
@@ -230,6 +249,15 @@ def spectral_norm(
       ``'spectral'`` stream if it has one, else ``params``), a PRNG key, an int
       seed, or ``None`` (seed 0; after ``n_init_iterations`` the start hardly
       matters).
+    ensemble_axis: ``0`` for a module stacked by ``nnx.vmap`` (an ensemble or
+      a layer stack for ``nnx.scan``, params with a leading axis of size
+      ``E``): each member gets its own state (``{name}_u`` ``(E, m)``,
+      ``{name}_v`` ``(E, n)``, ``{name}_sigma`` ``(E,)``), computed as if it
+      were wrapped alone; ``axis`` counts in one member's param. Call the
+      members under ``nnx.vmap`` (or ``nnx.scan``) with ``in_axes=0``, e.g. an
+      ``nnx.vmap``-ed training step. Not with ``operator=True``. ``None``
+      (default): an unstacked module; NNX's own layers with one axis too many
+      are refused, so the stack cannot get a single sigma by accident.
 
   Returns:
     ``module`` itself, now an instance of a subclass of its class, with a
@@ -267,7 +295,8 @@ def spectral_norm(
   )
   keys = _nnx_plan.make_key_source(rngs, "spectral_norm")
   shape = _checks.check_shape(input_shape, "input_shape", "spectral_norm")
-  _nnx_plan.plan_spectral_norm(module, None, names, options, keys, shape)()
+  ensemble = _checks.check_ensemble_axis(ensemble_axis, "spectral_norm")
+  _nnx_plan.plan_spectral_norm(module, None, names, options, keys, shape, ensemble)()
   return module
 
 
@@ -347,6 +376,7 @@ def wrap_modules(
       f"wrap_modules: no submodule matches where={where!r}. The modules are {found}."
     )
   names = _select.parse_names(args["name"])
+  ensemble = _checks.check_ensemble_axis(args["ensemble_axis"], method)
   if isinstance(names, _select.ParamSelector):  # modules it picks nothing of are left alone
     picked = [(p, m, _nnx_plan.select_names(m, p, names, method, False)) for p, m in chosen]
     picked = [(p, m, n) for p, m, n in picked if n]
@@ -362,7 +392,7 @@ def wrap_modules(
     wn = _options.WeightNormOptions(axis=args["axis"], eps=args["eps"])
     axes = _module_axes(wn, picked)
     commits = [
-      _nnx_plan.plan_weight_norm(m, p, n, dataclasses.replace(wn, axis=a))
+      _nnx_plan.plan_weight_norm(m, p, n, dataclasses.replace(wn, axis=a), ensemble)
       for (p, m, n), a in zip(picked, axes)
     ]
   else:
@@ -377,9 +407,10 @@ def wrap_modules(
     for i, ((p, m, n), a) in enumerate(zip(picked, axes)):
       keys = _nnx_plan.offset(source, i * len(n))
       opts = dataclasses.replace(sn, axis=a)
-      commits.append(_nnx_plan.plan_spectral_norm(m, p, n, opts, keys, shape))
+      commits.append(_nnx_plan.plan_spectral_norm(m, p, n, opts, keys, shape, ensemble))
   for commit in commits:
     commit()
+  _nnx_scan.adopt_rnns(model)  # an nnx.RNN's cell iterates once per call, not per time step
   return model
 
 

@@ -1,0 +1,117 @@
+"""Spectral norm inside Flax Linen's lifted transforms: ``nn.RNN``, ``nn.scan``, ``nn.vmap``.
+
+Over time (``nn.RNN``, or ``nn.scan`` with the spectral collection in
+``variable_broadcast``) the semantics are PyTorch's ``nn.LSTM`` with a
+spectrally normed weight: the power iteration advances **once per apply** and
+every time step uses the same normalized kernel; evaluation changes nothing.
+
+How: Flax's lifted ``scan`` traces its body twice when a collection is
+broadcast (``flax.core.axes_scan.scan``). The first trace computes the
+broadcast variables' new values (the carry and the scanned inputs unknown, so
+only loop-invariant work: a power-iteration step is loop-invariant, since it
+depends on the kernel and the stored state only); the loop then reads those
+values as closed-over constants, and its own writes to broadcast variables are
+dropped. So the first trace runs the training step from the stored state and
+stores the result; the loop finds exactly the arrays that step stored (the
+same objects, :func:`take_fresh`) and uses them as they are, without iterating:
+``sigma = u^T W v`` from the new vectors, which is the sigma the step computed.
+
+With ``variable_axes`` (stacked layers, ensembles) each layer or member reads
+its own slice, never a value stored in this apply, and trains as usual.
+
+``nn.RNN`` lifts only ``params`` by default: a spectrally normed cell in it, or
+an ``nn.RNN`` wrapped with ``recursive=True``, adds the spectral collection to
+the RNN's ``variable_broadcast`` (:func:`broadcast_into`), unless the user
+lifts it already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+from flax.core import scope as core_scope
+
+from flaxnorm import _subclass
+
+# The state vectors ``u`` stored by a training step (or created) in this
+# apply, by id; weak, so an id is never that of a dead array.
+_FRESH: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def lifted_by(module: nn.Module) -> str | None:
+  """The innermost Flax lift the module runs in (``"scan"``, ``"vmap"``, ...), or ``None``.
+
+  Flax names a lifted scope ``name(child)`` in its debug path (``flax.core.lift``).
+  """
+  path = module.scope.debug_path if module.scope is not None else ()
+  lifts = [str(p).split("(", 1)[0] for p in path if "(" in str(p)]
+  return lifts[-1] if lifts else None
+
+
+def mark_fresh(module: nn.Module, u: Any) -> None:
+  """Records ``u``, just stored by ``module`` inside a lifted scan (see the module docstring)."""
+  if lifted_by(module) == "scan":
+    with contextlib.suppress(TypeError):  # not weakly referenceable: never fresh
+      _FRESH[id(u)] = u
+
+
+def take_fresh(module: nn.Module, u: Any) -> bool:
+  """Whether the stored ``u`` is the one stored by this scan's first trace; forgets it.
+
+  Forgetting it when the loop reads it keeps it from counting as fresh in a
+  later apply that is given the same arrays. Outside scans nothing is fresh: a
+  layer called twice in one apply iterates twice, as it always has.
+  """
+  if lifted_by(module) != "scan" or _FRESH.get(id(u)) is not u:
+    return False
+  del _FRESH[id(u)]
+  return True
+
+
+def _lifts(rnn: nn.RNN, collection: str) -> bool:
+  filters = [rnn.variable_broadcast, rnn.variable_carry, *rnn.variable_axes]
+  return any(core_scope.in_filter(f, collection) for f in filters)
+
+
+def broadcast_into(rnn: Any, collections: Iterable[str]) -> None:
+  """Adds ``collections`` to ``rnn``'s ``variable_broadcast`` (if an ``nn.RNN`` lifting none of them).
+
+  ``rnn`` is a bound instance (a clone made for this init/apply), so the
+  change does not outlive the call.
+  """
+  if not isinstance(rnn, nn.RNN):
+    return
+  missing = sorted({c for c in collections if not _lifts(rnn, c)})
+  if missing:
+    widened = core_scope.union_filters(rnn.variable_broadcast, missing)
+    object.__setattr__(rnn, "variable_broadcast", widened)  # frozen dataclass
+
+
+def spectral_collections(cls: type) -> set[str]:
+  """The collections holding the spectral state of a normalized class's params."""
+  specs = _subclass.specs_of(cls).values()
+  return {s.options.collection for s in specs if s.method == "spectral_norm"}
+
+
+def post_init(self: nn.Module) -> None:
+  """``__post_init__`` of a normalized Linen class: an ``nn.RNN`` adopting it lifts its state."""
+  # The normalized class's base: type(self) may be a subclass (nn.vmap's lifted class).
+  normalized = next(k for k in type(self).__mro__ if "_flaxnorm_base" in vars(k))
+  normalized._flaxnorm_base.__post_init__(self)
+  broadcast_into(self.parent, spectral_collections(type(self)))
+
+
+def not_lifted_error(method: str, at: str, collection: str, lift: str) -> ValueError:
+  """The error for a spectral state that a Flax lift does not carry into its body."""
+  return ValueError(
+    f"{method}: {at} runs inside a Flax nn.{lift} that does not lift the '{collection}' "
+    f"collection, so its power-iteration state cannot be stored. Lift it with the params: "
+    f"over time (one shared kernel, the state advancing once per apply) "
+    f"variable_broadcast=['params', '{collection}']; for stacked layers or an ensemble "
+    f"(each its own state) variable_axes={{'params': 0, '{collection}': 0}} with "
+    f"split_rngs={{'params': True, '{collection}': True}}. nn.RNN does the former itself."
+  )
