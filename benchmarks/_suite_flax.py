@@ -254,5 +254,5 @@ def build_nnx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> 
 
   run = Run(step, state, x, y, sigmas=sigmas if "SN" in variant else None)
   if variant != "plain":
-    run.normalized_bytes = kernel_bytes(nnx.state(net, nnx.Param))
+    run.normalized_bytes = kernel_bytes(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
   return run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from _suite_common import MODELS, TITLES
+from _suite_shapes import MODELS, TITLES
 
 TARGET_CONV = 1.03  # flaxnorm WN and SN on the conv models, x plain
 
@@ -24,14 +24,18 @@ def _keys(steps: dict, skip_floor=True) -> list[str]:
 
 
 def _is_peer(key: str) -> bool:
-  return "flaxnorm" not in key and not key.endswith("plain")
+  return "flaxnorm" not in key and not key.endswith("plain") and not key.startswith("floor:")
 
 
 def verdicts(table: dict, model: str) -> list[str]:
   """flaxnorm's targets on one model: <= 1.03 x plain on the conv models, below every peer."""
   out = []
   for kind in ("WN", "SN"):
-    mine = {k: e["ratio"] for k, e in table.items() if k.endswith(f"flaxnorm {kind}")}
+    mine = {
+      k: e["ratio"]
+      for k, e in table.items()
+      if k in (f"Linen: flaxnorm {kind}", f"NNX: flaxnorm {kind}")
+    }
     peers = [e["ratio"] for k, e in table.items() if _is_peer(k) and f" {kind}" in k]
     peers += [e["ratio"] for k, e in table.items() if kind == "SN" and "SNParamsTree" in k]
     peers = [p for p in peers if p is not None]
@@ -171,6 +175,7 @@ def torch_table(res: dict) -> list[str]:
 
 def markdown(res: dict) -> str:
   cfg = res["cfg"]
+  res = {"compile": {}, "sigma": {}, "notes": [], "total_s": float("nan"), **res}
   head = (
     f"{res['date']}; {res['machine']}; {res['versions']}. "
     f"Interleaved paired rounds (up to {cfg['rounds']}, at least {cfg['min_rounds']}, "
@@ -193,6 +198,17 @@ def markdown(res: dict) -> str:
     if section:
       parts += [*section, ""]
   return "\n".join(parts)
+
+
+def main(argv: list[str]) -> None:
+  """``python _suite_report.py results.json [chart.png]``: the tables (no JAX needed)."""
+  import json
+
+  with open(argv[0]) as f:
+    res = json.load(f)
+  print(markdown(res))
+  if len(argv) > 1:
+    chart(res, argv[1])
 
 
 def chart(res: dict, path: str) -> None:
@@ -221,3 +237,9 @@ def chart(res: dict, path: str) -> None:
   )
   fig.tight_layout()
   fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+  import sys
+
+  main(sys.argv[1:])

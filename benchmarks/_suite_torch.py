@@ -24,7 +24,7 @@ from torch.nn.utils import parametrizations
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _suite_common import (  # the shapes only: no JAX work here
+from _suite_shapes import (
   DISC_CHANNELS,
   GEN_CHANNELS,
   GEN_DILATIONS,

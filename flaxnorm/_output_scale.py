@@ -96,6 +96,32 @@ def _output_positions(layer, inputs) -> int | None:
   return math.prod(shape[: -1 - n_spatial]) * math.prod(out)
 
 
+def for_call(layer, args: tuple, kwargs: dict) -> OutputScale | None:
+  """The :class:`OutputScale` for one call of a linear layer, or None to scale the kernel.
+
+  The face (Linen, NNX) has already checked that ``layer`` is one of Flax's
+  linear layers running Flax's own ops; this adds what both faces share.
+
+  Args:
+    layer: the layer, with Flax's ``dtype`` and ``param_dtype`` fields (and
+      ``transpose_kernel`` for a ConvTranspose).
+    args: the call's positional arguments, the inputs first.
+    kwargs: its keyword arguments (``inputs=`` if passed by name).
+
+  Returns:
+    None for float16 compute (the unscaled output could overflow), else an
+    empty :class:`OutputScale` that knows the call's output size.
+  """
+  inputs = args[0] if args else kwargs.get("inputs")
+  if not _computes_wide(layer.dtype, layer.param_dtype, inputs):
+    return None
+  # A transposed ConvTranspose kernel holds the output features on axis -2.
+  return OutputScale(
+    per_feature=not getattr(layer, "transpose_kernel", False),
+    positions=_output_positions(layer, inputs),
+  )
+
+
 class OutputScale:
   """Collects one call's deferred kernel scale and bias, then applies them.
 
