@@ -95,6 +95,8 @@ def floor_table(res: dict) -> list[str]:
 
 
 def compile_table(res: dict) -> list[str]:
+  if not res["compile"]:
+    return []
   rows: dict[str, dict[int, float]] = {}
   for key, seconds in res["compile"].items():
     name, n = key.rsplit(" | ", 1)
@@ -112,6 +114,8 @@ def compile_table(res: dict) -> list[str]:
 
 
 def sigma_table(res: dict) -> list[str]:
+  if not res["sigma"]:
+    return []
   rows: dict[str, dict[int, float]] = {}
   for key, err in res["sigma"].items():
     name, k = key.rsplit(" | ", 1)
@@ -182,7 +186,9 @@ def markdown(res: dict) -> str:
     f"{cfg['steps']} steps each); ratios are medians of per-round ratios to the same face's plain "
     f"step.{' QUICK RUN.' if res['quick'] else ''} Total {res['total_s']:.0f} s."
   )
-  parts = [head, "", *[f"{m}: {TITLES[m]}" for m in MODELS], ""]
+  rounds = {k: next(iter(t.values()))["rounds"] for k, t in res["steps"].items() if t}
+  head += " Rounds run: " + ", ".join(f"{k} {n}" for k, n in rounds.items()) + "."
+  parts = [head, "", *[f"- {m}: {TITLES[m]}" for m in MODELS], ""]
   for section in (
     step_table(res, "float32"),
     ["bfloat16 params and inputs:", "", *step_table(res, "bfloat16")]
