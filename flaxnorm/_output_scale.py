@@ -53,8 +53,9 @@ def _computes_wide(layer_dtype, param_dtype, inputs) -> bool:
 # The output side's extra work (a multiply forward; a multiply and a reduction
 # backward, often fused into the bias add and its gradient) is cheaper per
 # element than the kernel side's (a separate kernel-sized product forward and
-# its backward): the kernel side wins only for outputs this many times larger
-# than the kernel (measured: benchmarks/bench_suite.py, docs/benchmarks.md).
+# its backward), so the kernel side is taken only for outputs this many times
+# larger than the kernel. A judgement, not a per-layer measurement: the suite's
+# forced-side rows (benchmarks/bench_suite.py) measure whole models.
 KERNEL_SIDE_RATIO = 4
 
 
