@@ -50,7 +50,8 @@ case "${1:-}" in
     ;;
   bench)
     setup
-    "$BIN/python" benchmarks/bench_train_step.py "${@:2}"
+    # The suite (peers not installed are skipped: pip install -e ".[bench]").
+    "$BIN/python" benchmarks/bench_suite.py "${@:2}"
     ;;
   *)
     echo "usage: ./dev.sh demo | test | docs | bench" >&2

@@ -1,0 +1,89 @@
+"""What every face of the benchmark suite shares: the models' shapes, the data, the loss, a run.
+
+A *run* is one variant (a library's normalization, or none) of one model,
+reduced to a pure train step ``step(state, x, y) -> (state, loss)`` over a
+pytree ``state`` (params, optimizer state, normalization state), so that the
+runner can compile, time and inspect every library the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _suite_shapes import (  # noqa: F401 (re-exported for the faces)
+  DISC_CHANNELS,
+  GEN_CHANNELS,
+  GEN_DILATIONS,
+  GEN_FRAMES,
+  GEN_IN,
+  GEN_UPS,
+  LR,
+  MLP_SIZES,
+  MODELS,
+  TITLES,
+)
+
+
+def data(model: str, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """Inputs (channels last) and regression targets of one model's batch."""
+  arch, batch = MODELS[model]
+  kx, ky = jax.random.split(jax.random.key(1))
+  shapes = {
+    "mlp": ((batch, MLP_SIZES[0]), (batch, MLP_SIZES[-1])),
+    "disc": ((batch, 32, 32, 3), (batch, 1)),
+    "gen": ((batch, GEN_FRAMES, GEN_IN), (batch, GEN_FRAMES * 256, 1)),
+  }[arch]
+  x = jax.random.normal(kx, shapes[0], dtype)
+  y = jax.random.normal(ky, shapes[1], jnp.float32)
+  return x, y
+
+
+def mse(out: jax.Array, y: jax.Array) -> jax.Array:
+  """The loss of every model (float32, whatever the compute dtype)."""
+  return jnp.mean((out.astype(jnp.float32) - y) ** 2)
+
+
+@dataclasses.dataclass
+class Run:
+  """One variant of one model, ready to compile.
+
+  Attributes:
+    step: the pure train step ``(state, x, y) -> (state, loss)``.
+    state: its initial state.
+    x, y: the batch.
+    sigmas: ``state -> [(sigma_hat, W as a matrix), ...]`` for spectral norm (the stored
+      estimate an eval call divides by, and the raw weight it estimates), else None.
+    trace: a context manager factory entered while the step is traced (e.g. to force a side).
+    donate: whether the step donates its state.
+    normalized_bytes: bytes of the normalized weights (the memory target's allowance).
+  """
+
+  step: Callable
+  state: Any
+  x: jax.Array
+  y: jax.Array
+  sigmas: Callable | None = None
+  trace: Callable | None = None
+  donate: bool = False
+  normalized_bytes: int = 0
+
+
+def as_matrix(w, out_axis: int = -1) -> np.ndarray:
+  """A weight as a matrix (out, rest), float64, for the SVD."""
+  w = np.asarray(w, np.float64)
+  return np.moveaxis(w, out_axis, 0).reshape(w.shape[out_axis], -1)
+
+
+def kernel_bytes(params, names=("kernel", "kernel_v", "w", "weight")) -> int:
+  """Bytes of the weights named like kernels in a params pytree."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+    if name in names and getattr(leaf, "ndim", 0) >= 2:
+      total += leaf.size * leaf.dtype.itemsize
+  return total

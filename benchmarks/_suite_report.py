@@ -1,0 +1,251 @@
+"""The suite's markdown tables and PNG chart, from its results dict (also its --json)."""
+
+from __future__ import annotations
+
+from _suite_shapes import MODELS, TITLES
+
+TARGET_CONV = 1.03  # flaxnorm WN and SN on the conv models, x plain
+
+
+def _cell(entry: dict | None, gpu: bool) -> str:
+  if entry is None:
+    return ""
+  ratio = "" if entry["ratio"] is None else f"{entry['ratio']:.2f}"
+  return f"{ratio} ({entry['ms']:.2f} ms)" if gpu or not ratio else ratio
+
+
+def _keys(steps: dict, skip_floor=True) -> list[str]:
+  seen = []
+  for table in steps.values():
+    for key in table:
+      if key not in seen and not (skip_floor and key.startswith("floor:")):
+        seen.append(key)
+  return seen
+
+
+def _is_peer(key: str) -> bool:
+  return "flaxnorm" not in key and not key.endswith("plain") and not key.startswith("floor:")
+
+
+def verdicts(table: dict, model: str) -> list[str]:
+  """flaxnorm's targets on one model: <= 1.03 x plain on the conv models, below every peer."""
+  out = []
+  for kind in ("WN", "SN"):
+    mine = {
+      k: e["ratio"]
+      for k, e in table.items()
+      if k in (f"Linen: flaxnorm {kind}", f"NNX: flaxnorm {kind}")
+    }
+    peers = [e["ratio"] for k, e in table.items() if _is_peer(k) and f" {kind}" in k]
+    peers += [e["ratio"] for k, e in table.items() if kind == "SN" and "SNParamsTree" in k]
+    peers = [p for p in peers if p is not None]
+    for key, ratio in mine.items():
+      if ratio is None:
+        continue
+      checks = []
+      if MODELS[model][0] != "mlp":
+        checks.append(f"≤ {TARGET_CONV}: {'PASS' if ratio <= TARGET_CONV else 'MISS'}")
+      if peers:
+        checks.append(
+          f"below every peer ({min(peers):.2f}): {'PASS' if ratio < min(peers) else 'MISS'}"
+        )
+      out.append(f"{key} {ratio:.2f}: " + ", ".join(checks))
+  return out
+
+
+def step_table(res: dict, dtype: str) -> list[str]:
+  steps = {k.rsplit(" ", 1)[0]: t for k, t in res["steps"].items() if k.endswith(dtype)}
+  if not steps:
+    return []
+  gpu = res["gpu"]
+  models = list(steps)
+  lines = [
+    "| train step, ratio to the face's plain"
+    + (" (ms/step)" if gpu else "")
+    + " | "
+    + " | ".join(models)
+    + " |",
+    "|---|" + "---:|" * len(models),
+  ]
+  for key in _keys(steps):
+    lines.append(f"| {key} | " + " | ".join(_cell(steps[m].get(key), gpu) for m in models) + " |")
+  plain = [
+    f"{m} {steps[m]['Linen: plain']['ms']:.1f} ms" for m in models if "Linen: plain" in steps[m]
+  ]
+  lines.append("")
+  lines.append("Linen plain step: " + ", ".join(plain) + ".")
+  checks = [f"- {m}: {v}" for m in models for v in verdicts(steps[m], m)]
+  return [*lines, "", *checks] if checks else lines
+
+
+def floor_table(res: dict) -> list[str]:
+  table = res["steps"].get("mlp128 float32", {})
+  rows = [
+    (k, e)
+    for k, e in table.items()
+    if k.startswith("floor:") or k in ("Linen: plain", "Linen: flaxnorm WN")
+  ]
+  if not rows:
+    return []
+  lines = ["| MLP batch 128, weight-norm floor | ms/step | ratio |", "|---|---:|---:|"]
+  for key, e in rows:
+    ratio = "" if e["ratio"] is None else f"{e['ratio']:.2f}"
+    lines.append(f"| {key.removeprefix('floor: ')} | {e['ms']:.2f} | {ratio} |")
+  return lines
+
+
+def compile_table(res: dict) -> list[str]:
+  if not res["compile"]:
+    return []
+  rows: dict[str, dict[int, float]] = {}
+  for key, seconds in res["compile"].items():
+    name, n = key.rsplit(" | ", 1)
+    rows.setdefault(name, {})[int(n)] = seconds
+  ns = sorted({n for r in rows.values() for n in r})
+  lines = [
+    "| SN step (MLP), lower + compile | " + " | ".join(f"n={n}" for n in ns) + " | n=50 / n=1 |",
+    "|---|" + "---:|" * (len(ns) + 1),
+  ]
+  for name, r in rows.items():
+    cells = [f"{r[n]:.2f} s" if n in r else "unrolled: skipped" for n in ns]
+    growth = f"{r[50] / r[1]:.2f}" if 1 in r and 50 in r else ""
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {growth} |")
+  return lines
+
+
+def sigma_table(res: dict) -> list[str]:
+  if not res["sigma"]:
+    return []
+  rows: dict[str, dict[int, float]] = {}
+  for key, err in res["sigma"].items():
+    name, k = key.rsplit(" | ", 1)
+    rows.setdefault(name, {})[int(k)] = err
+  ks = sorted({k for r in rows.values() for k in r})
+  lines = [
+    "| max over layers of abs(σ̂ / σ_SVD − 1), MLP | "
+    + " | ".join("init" if k == 0 else f"after {k}" for k in ks)
+    + " |",
+    "|---|" + "---:|" * len(ks),
+  ]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1e}" for k in ks) + " |")
+  return lines
+
+
+def memory_table(res: dict) -> list[str]:
+  models = [k for k in res["steps"] if k.endswith("float32")]
+  lines = [
+    "| peak memory (MB), excess over plain / normalized weights | "
+    + " | ".join(m.removesuffix(" float32") for m in models)
+    + " |",
+    "|---|" + "---:|" * len(models),
+  ]
+  keys = [k for k in _keys({m: res["steps"][m] for m in models}) if not k.endswith("plain")]
+  for key in ["Linen: plain", *keys]:
+    cells = []
+    for m in models:
+      e, base = res["steps"][m].get(key), res["steps"][m].get(_face_plain(key))
+      if e is None or e["peak"] is None:
+        cells.append("")
+        continue
+      cell = f"{e['peak'] / 2**20:.1f}"
+      if base is not None and e["normalized_bytes"]:
+        excess = (e["peak"] - base["peak"]) / e["normalized_bytes"]
+        cell += f" ({excess:+.2f}{'' if excess <= 1 else ' MISS'})"
+      cells.append(cell)
+    lines.append(f"| {key} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _face_plain(key: str) -> str:
+  face = key.split(": ", 1)[0]
+  return "Linen: plain" if face == "floor" else f"{face}: plain"
+
+
+def torch_table(res: dict) -> list[str]:
+  rows = res.get("torch") or {}
+  if not rows:
+    return []
+  models = list(rows)
+  names = list(next(iter(rows.values())))
+  lines = ["| PyTorch CPU (own process), ratio to plain | " + " | ".join(models) + " |"]
+  lines.append("|---|" + "---:|" * len(models))
+  for name in names:
+    cells = [f"{rows[m][name]['ratio']:.2f}" if name in rows[m] else "" for m in models]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  plain = ", ".join(f"{m} {rows[m]['plain']['ms']:.1f} ms" for m in models if "plain" in rows[m])
+  return [*lines, "", f"PyTorch plain step: {plain}."]
+
+
+def markdown(res: dict) -> str:
+  cfg = res["cfg"]
+  res = {"compile": {}, "sigma": {}, "notes": [], "total_s": float("nan"), **res}
+  head = (
+    f"{res['date']}; {res['machine']}; {res['versions']}. "
+    f"Interleaved paired rounds (up to {cfg['rounds']}, at least {cfg['min_rounds']}, "
+    f"{cfg['steps']} steps each); ratios are medians of per-round ratios to the same face's plain "
+    f"step.{' QUICK RUN.' if res['quick'] else ''} Total {res['total_s']:.0f} s."
+  )
+  rounds = {k: next(iter(t.values()))["rounds"] for k, t in res["steps"].items() if t}
+  head += " Rounds run: " + ", ".join(f"{k} {n}" for k, n in rounds.items()) + "."
+  parts = [head, "", *[f"- {m}: {TITLES[m]}" for m in MODELS], ""]
+  for section in (
+    step_table(res, "float32"),
+    ["bfloat16 params and inputs:", "", *step_table(res, "bfloat16")]
+    if step_table(res, "bfloat16")
+    else [],
+    floor_table(res),
+    compile_table(res),
+    sigma_table(res),
+    memory_table(res),
+    torch_table(res),
+    [f"- note: {n}" for n in res["notes"]],
+  ):
+    if section:
+      parts += [*section, ""]
+  return "\n".join(parts)
+
+
+def main(argv: list[str]) -> None:
+  """``python _suite_report.py results.json [chart.png]``: the tables (no JAX needed)."""
+  import json
+
+  with open(argv[0]) as f:
+    res = json.load(f)
+  print(markdown(res))
+  if len(argv) > 1:
+    chart(res, argv[1])
+
+
+def chart(res: dict, path: str) -> None:
+  """Horizontal bars of every variant's ratio to its plain, one panel per model (float32)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tables = {k: t for k, t in res["steps"].items() if k.endswith("float32")}
+  fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 6), sharey=True)
+  axes = [axes] if len(tables) == 1 else axes
+  keys = [k for k in _keys(tables) if not k.endswith("plain") and "side]" not in k]
+  for ax, (model, table) in zip(axes, tables.items()):
+    ratios = [table[k]["ratio"] if k in table and table[k]["ratio"] else 0 for k in keys]
+    colors = ["tab:blue" if "flaxnorm" in k else "tab:gray" for k in keys]
+    ax.barh(range(len(keys)), ratios, color=colors)
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xlim(0.8, max(1.6, max(ratios) + 0.05))
+    ax.set_title(model.removesuffix(" float32"))
+    ax.set_xlabel("train step / plain")
+  axes[0].set_yticks(range(len(keys)), keys, fontsize=8)
+  axes[0].invert_yaxis()
+  fig.suptitle(
+    f"flaxnorm (blue) and peers, {res['date']}, {res['machine'].split(',')[0]}", fontsize=9
+  )
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+  import sys
+
+  main(sys.argv[1:])

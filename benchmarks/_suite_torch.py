@@ -1,0 +1,141 @@
+"""The suite's PyTorch CPU rows, in their own process (run by ``bench_suite.py``).
+
+The same three models in PyTorch (channels first), plain, with
+``torch.nn.utils.parametrizations.weight_norm`` and with
+``parametrizations.spectral_norm`` (1 power iteration) on every layer; an Adam
+step on an MSE loss; interleaved paired rounds as in the JAX suite. Prints
+progress on stderr and one JSON line on stdout:
+``{model: {variant: {"ms": ..., "ratio": ...}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _suite_shapes import (
+  DISC_CHANNELS,
+  GEN_CHANNELS,
+  GEN_DILATIONS,
+  GEN_FRAMES,
+  GEN_IN,
+  GEN_UPS,
+  LR,
+  MLP_SIZES,
+  MODELS,
+)
+
+VARIANTS = ("plain", "torch weight_norm", "torch spectral_norm")
+
+
+class Gen(nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.pre = nn.Conv1d(GEN_IN, GEN_CHANNELS, 7, padding=3)
+    ups, blocks, c_in = [], [], GEN_CHANNELS
+    for ch, k, s in GEN_UPS:
+      ups.append(nn.ConvTranspose1d(c_in, ch, k, stride=s, padding=(k - s) // 2))
+      for d in GEN_DILATIONS:
+        blocks += [nn.Conv1d(ch, ch, 3, dilation=d, padding=d), nn.Conv1d(ch, ch, 3, padding=1)]
+      c_in = ch
+    self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
+    self.post = nn.Conv1d(c_in, 1, 7, padding=3)
+
+  def forward(self, x):
+    act = nn.functional.leaky_relu
+    x, blocks = self.pre(x), iter(self.blocks)
+    for up in self.ups:
+      x = up(act(x, 0.1))
+      for _ in GEN_DILATIONS:
+        t = next(blocks)(act(x, 0.1))
+        x = x + next(blocks)(act(t, 0.1))
+    return torch.tanh(self.post(act(x, 0.1)))
+
+
+def make(arch: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+  batch = {"mlp": None, "disc": 64, "gen": 4}[arch]
+  if arch == "mlp":
+    layers = []
+    for a, b in itertools.pairwise(MLP_SIZES):
+      layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]), None, None
+  if arch == "disc":
+    layers, c_in = [], 3
+    for c in DISC_CHANNELS:
+      layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+      c_in = c
+    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 4 * c_in, 1))
+    return net, torch.randn(batch, 3, 32, 32), torch.randn(batch, 1)
+  return Gen(), torch.randn(batch, GEN_IN, GEN_FRAMES), torch.randn(batch, 1, GEN_FRAMES * 256)
+
+
+def build(model: str, variant: str):
+  torch.manual_seed(0)
+  arch, batch = MODELS[model]
+  net, x, y = make(arch)
+  if arch == "mlp":
+    x, y = torch.randn(batch, MLP_SIZES[0]), torch.randn(batch, MLP_SIZES[-1])
+  for m in list(net.modules()):
+    if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d):
+      if variant == "torch weight_norm":
+        parametrizations.weight_norm(m)
+      elif variant == "torch spectral_norm":
+        parametrizations.spectral_norm(m, n_power_iterations=1)
+  opt = torch.optim.Adam(net.parameters(), lr=LR)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = torch.mean((net(x) - y) ** 2)
+    loss.backward()
+    opt.step()
+    return loss
+
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true")
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count() or 1)
+  rounds, budget = (2, 5) if args.quick else (25, 30)
+  out = {}
+  for model in MODELS:
+    print(f"torch {model} ...", file=sys.stderr, flush=True)
+    steps = {v: build(model, v) for v in VARIANTS}
+    n = 2 if MODELS[model][0] == "mlp" else 1
+    for step in steps.values():
+      step()
+    times = {v: [] for v in VARIANTS}
+    deadline = time.perf_counter() + budget
+    for r in range(rounds):
+      for v, step in steps.items():
+        t = time.perf_counter()
+        for _ in range(n):
+          step()
+        times[v].append((time.perf_counter() - t) / n * 1e3)
+      if r >= 4 and time.perf_counter() > deadline:
+        break
+    out[model] = {
+      v: {
+        "ms": statistics.median(t),
+        "ratio": statistics.median(a / b for a, b in zip(t, times["plain"])),
+      }
+      for v, t in times.items()
+    }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

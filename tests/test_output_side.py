@@ -1,0 +1,92 @@
+"""Output scaling's per-call choice of side: the output when it is small, the kernel when not."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import flaxnorm
+import flaxnorm.nnx as fnx
+from flaxnorm import _output_scale
+
+KEY = jax.random.key(0)
+
+
+class SubConv(nn.Conv):
+  """A subclass always gets the normalized kernel: the kernel-scaling twin."""
+
+
+def _kernel_sized_muls(fn, arg, shape):
+  jaxpr = jax.make_jaxpr(fn)(arg)
+  return [e for e in jaxpr.eqns if e.primitive.name == "mul" and e.outvars[0].aval.shape == shape]
+
+
+@pytest.mark.parametrize(
+  "layer, x_shape, positions",
+  [
+    (nn.Dense(5), (3, 2, 4), 6),
+    (nn.Conv(4, (3, 3), strides=2), (2, 9, 8, 3), 2 * 5 * 4),
+    (nn.ConvTranspose(4, (16,), strides=(8,)), (2, 5, 3), 2 * 40),
+    (nn.Conv(4, (3,)), (7, 3), 7),  # unbatched
+  ],
+)
+def test_output_positions_match_the_output(layer, x_shape, positions):
+  """The estimate is the output's size over its feature axis (SAME padding)."""
+  x = jnp.ones(x_shape)
+  y = layer.apply(layer.init(KEY, x), x)
+  assert _output_scale._output_positions(layer, x) == positions == y.size // y.shape[-1]
+
+
+def test_output_positions_unknown():
+  """Several contracted or feature axes: unknown (None), and the output side is kept."""
+  x = jnp.ones((2, 3, 4))
+  assert _output_scale._output_positions(nn.DenseGeneral((2, 5)), x) is None
+  assert _output_scale._output_positions(nn.DenseGeneral(5, axis=(-2, -1)), x) is None
+  assert _output_scale._output_positions(nn.Dense(5), None) is None
+
+
+@pytest.mark.parametrize(
+  "wrap", [flaxnorm.weight_norm, lambda m: flaxnorm.spectral_norm(m, n_power_iterations=2)]
+)
+def test_linen_long_conv_scales_its_kernel(wrap):
+  """A 3-tap conv over 64 steps (output 14x its kernel) scales the kernel, exactly as the twin."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(KEY, (2, 64, 3), jnp.float64)
+    fast = wrap(nn.Conv(4, (3,), param_dtype=jnp.float64))
+    twin = wrap(SubConv(4, (3,), param_dtype=jnp.float64))
+    variables = jax.tree.map(lambda a: a * 1.3 + 0.1, fast.init(KEY, x))
+
+    def loss(params, layer):
+      y, updates = layer.apply({**variables, "params": params}, x, mutable=True)
+      return jnp.sum(jnp.sin(y)), (y, updates)
+
+    got = jax.grad(loss, has_aux=True)(variables["params"], fast)
+    want = jax.grad(loss, has_aux=True)(variables["params"], twin)
+    chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+    apply = lambda v: fast.apply(v, x, mutable=True)
+    assert len(_kernel_sized_muls(apply, variables, (3, 3, 4))) == 1
+    # The same conv over 2 steps (output smaller than the kernel) scales its output.
+    short = x[:, :2]
+    apply = lambda v: fast.apply(v, short, mutable=True)
+    assert not _kernel_sized_muls(apply, variables, (3, 3, 4))
+
+
+def test_nnx_long_conv_scales_its_kernel():
+  """NNX: the same choice, the same numbers as the layer scaling its kernel."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(KEY, (2, 64, 3), jnp.float64)
+    layer = fnx.weight_norm(nnx.Conv(3, 4, (3,), param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+    layer.kernel_g[...] = layer.kernel_g[...] * 1.7
+    layer.bias[...] = jnp.linspace(-1.0, 1.0, 4)
+    graphdef, state = nnx.split(layer)
+    call = lambda s, x: nnx.merge(graphdef, s)(x)
+    assert len(_kernel_sized_muls(lambda s: call(s, x), state, (3, 3, 4))) == 1
+    assert not _kernel_sized_muls(lambda s: call(s, x[:, :2]), state, (3, 3, 4))
+    v, g = layer.kernel_v[...], layer.kernel_g[...]
+    kernel = v * g / jnp.sqrt(jnp.sum(v * v, axis=(0, 1), keepdims=True))
+    want = jax.lax.conv_general_dilated(
+      x, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    chex.assert_trees_all_close(call(state, x), want + layer.bias[...], atol=1e-12)
