@@ -32,12 +32,10 @@ from flax.linen import dtypes as linen_dtypes
 
 from flaxnorm import (
   _axes,
-  _checks,
   _linen_data_init,
   _linen_operator,
   _linen_scan,
   _math,
-  _operator,
   _options,
   _output_scale,
   _select,
@@ -45,209 +43,15 @@ from flaxnorm import (
 )
 from flaxnorm._axes import AxisOption
 from flaxnorm._fold import remove_spectral_norm, remove_weight_norm
+from flaxnorm._linen_specs import SpectralNormSpec as _SpectralNorm
+from flaxnorm._linen_specs import WeightNormSpec as _WeightNorm
+from flaxnorm._linen_specs import describe as _describe
 
 __all__ = ("remove_spectral_norm", "remove_weight_norm", "spectral_norm", "weight_norm")
 
 M = TypeVar("M", bound=nn.Module)
 #: What ``name`` accepts: param names, or a regex / ``(path, param) -> bool`` over their paths.
 Names = str | Sequence[str] | re.Pattern[str] | Callable[[tuple[str, ...], Any], bool]
-#: Creates a raw (possibly boxed) param with the layer's initializer, by name.
-_Create = Callable[[str], Any]
-#: ``(raw param, base, scale)``: the layer's kernel is ``base * scale``.
-_Factors = tuple[Any, jax.Array, jax.Array]
-
-
-# --------------------------------------------------------------------------- #
-# What each transform does when the layer asks for one of its params: it
-# returns (raw param, base, scale), the kernel the layer uses being
-# base * scale, with scale a scalar (spectral norm) or of shape (1, ..., out)
-# (weight norm).
-# --------------------------------------------------------------------------- #
-
-
-def _describe(module: nn.Module, name: str) -> str:
-  path = "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
-  return f"param '{name}' of layer '{path or '<top level>'}' ({type(module).__name__})"
-
-
-def _kept_axis(options: Any, module: nn.Module, name: str, at: str) -> _checks.Axis:
-  """The explicit axis the options' ``axis`` means for ``module``'s param ``name``."""
-  args, kwargs = module.__dict__.get(_linen_operator.INPUTS, ((), {}))
-  # nn.Einsum takes its equation as the call's second argument, too.
-  call = {"einsum_str": kwargs.get("einsum_str", args[1] if len(args) > 1 else None)}
-  # An axis mapping was resolved for each submodule; the root's own params take the default.
-  axis = _axes.AUTO if isinstance(options.axis, _axes.AxisMap) else options.axis
-  return _axes.resolve(axis, module, name, at, call)
-
-
-def _rebox(raw: Any, value: Any, names: tuple | None) -> Any:
-  """Boxes ``value`` like ``raw`` (e.g. ``nn.Partitioned``) with new axis names."""
-  if names is not None and isinstance(raw, meta.Partitioned):
-    return dataclasses.replace(raw, value=value, names=names)
-  return value
-
-
-def _axis_names(raw: Any) -> tuple | None:
-  return tuple(raw.names) if isinstance(raw, meta.Partitioned) else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _WeightNorm(_subclass.SpecBase):
-  options: _options.WeightNormOptions
-
-  def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
-    at = _describe(module, name)
-    axis = _kept_axis(self.options, module, name, at)
-    g_key, v_key = _options.weight_norm_keys(name)
-    raw_v = create_param(v_key)
-    v = meta.unbox(raw_v)
-    _checks.check_float_array(v, "the param", at)
-    kept = _checks.normalize_axes(axis, v.ndim, at)
-    names = _axis_names(raw_v)
-
-    def init_g():
-      g, _ = _math.weight_norm_decompose(v, axis)
-      if names is None:
-        return g
-      g_names = () if axis is None else tuple(n if i in kept else None for i, n in enumerate(names))
-      return _rebox(raw_v, g, g_names)
-
-    initialize = (
-      self.options.data_init
-      and module.is_initializing()
-      and not module.has_variable("params", g_key)  # a shared layer's later calls: as set
-    )
-    g = module.variable("params", g_key, init_g).value
-    if initialize:
-      # The layer gets the unit-norm direction; _call then sets g from its output.
-      init = module.__dict__.get("_flaxnorm_output_scale")
-      g_shape = meta.unbox(g).shape
-      return raw_v, v, _linen_data_init.start(init, at, g_key, kept, v, g_shape, self.options.eps)
-    return raw_v, v, _math.weight_norm_scale(g, v, self.options.eps)
-
-
-@dataclasses.dataclass(frozen=True)
-class _SpectralNorm(_subclass.SpecBase):
-  options: _options.SpectralNormOptions
-
-  def __call__(self, module: nn.Module, name: str, create_param: _Create) -> _Factors:
-    opts, at = self.options, _describe(module, name)
-    raw_w = create_param(name)
-    w = meta.unbox(raw_w)
-    kept = _checks.check_spectral_weight(w, _kept_axis(opts, module, name, at), at)
-    keys = _options.spectral_keys(name)
-    layer_map = _linen_operator.LayerMap(module, name, at) if opts.operator else None
-    stored = self._stored_state(module, w, kept, keys, layer_map, at)
-    if stored is None:
-      state = self._create_state(module, raw_w, w, kept, keys, layer_map, at)
-      train = fresh = False  # the state was just converged
-    else:
-      state, train, fresh = stored
-    if layer_map is None:
-      n_steps = opts.n_power_iterations if train else 0
-      scale, new = _math.spectral_scale(
-        w,
-        state.u,
-        state.v,
-        sigma=state.sigma,
-        axis=kept,
-        n_steps=n_steps,
-        eps=opts.eps,
-        mode=opts.mode,
-        target=opts.target,
-      )
-    elif train:
-      scale, new = _operator.iterate(w, state, layer_map.linear, opts)
-    elif fresh:  # sigma of this apply's step, differentiable
-      sigma = jax.numpy.vdot(state.u, layer_map.linear(w)(state.v))
-      scale, new = _operator.eval_scale(sigma, opts), state
-    else:
-      scale, new = _operator.eval_scale(state.sigma, opts), state
-    if train:
-      for key, value in zip(keys, new):
-        raw = module.get_variable(opts.collection, key)
-        boxed = raw.replace_boxed(value) if isinstance(raw, meta.AxisMetadata) else value
-        module.put_variable(opts.collection, key, boxed)
-      _linen_scan.mark_fresh(module, new.u)
-    return raw_w, w, scale
-
-  def _stored_state(
-    self,
-    module: nn.Module,
-    w: jax.Array,
-    kept: tuple[int, ...],
-    keys: tuple,
-    layer_map: _linen_operator.LayerMap | None,
-    at: str,
-  ) -> tuple[_math.SpectralState, bool, bool] | None:
-    """``(checked stored state, train, fresh)``, or ``None`` at init (to create it).
-
-    ``fresh``: a scan's loop reading the state its first trace stored, used as
-    it is (see flaxnorm._linen_scan).
-    """
-    opts = self.options
-    present = [module.has_variable(opts.collection, k) for k in keys]
-    if all(present):
-      state = _math.SpectralState(
-        *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
-      )
-      if layer_map is None:
-        shapes = (state.u.shape, state.v.shape, jax.numpy.shape(state.sigma))
-        _checks.check_state_fits(w.shape, kept, shapes, keys, at)
-      else:
-        _operator.check_input_shape(state.v.shape, layer_map.example.shape, keys, at)
-      # Training (collection mutable) iterates and stores; evaluation uses the
-      # stored vectors and changes nothing.
-      fresh = _linen_scan.take_fresh(module, state.u)
-      return state, module.is_mutable_collection(opts.collection) and not fresh, fresh
-    lift = _linen_scan.lifted_by(module)
-    if not any(present) and lift is not None and not module.is_mutable_collection(opts.collection):
-      raise _linen_scan.not_lifted_error(self.method, at, opts.collection, lift)
-    if any(present) or not module.is_initializing():
-      raise ValueError(
-        f"spectral_norm: the state of {at} is missing from the "
-        f"'{opts.collection}' collection (found {[k for k, p in zip(keys, present) if p]}, "
-        f"need {list(keys)}). Pass the full variables from init(), "
-        f"e.g. apply({{'params': ..., '{opts.collection}': ...}}, ...)."
-      )
-    return None
-
-  def _create_state(
-    self,
-    module: nn.Module,
-    raw_w: Any,
-    w: jax.Array,
-    kept: tuple[int, ...],
-    keys: tuple,
-    layer_map: _linen_operator.LayerMap | None,
-    at: str,
-  ) -> _math.SpectralState:
-    """The converged start state, stored boxed like the kernel (sharding metadata)."""
-    opts = self.options
-    key = module.make_rng("spectral" if module.has_rng("spectral") else "params")
-    names = _axis_names(raw_w)
-    if layer_map is None:
-      state = _math.spectral_state_init(
-        key, w, axis=kept, n_steps=opts.n_init_iterations, eps=opts.eps
-      )
-      # u lies along the kept axis; with several kept axes it has no one name.
-      u_names = None if names is None else ((names[kept[0]],) if len(kept) == 1 else (None,))
-    else:
-      _operator.check_real_kernel(w, at)
-      layer_map.check_linear(tuple(w.shape), at)
-      state = _operator.init_state(key, w, layer_map.linear, layer_map.example.shape, opts)
-      u_names = None if names is None else (None,) * state.u.ndim
-    v_names = None if names is None else (None,) * state.v.ndim
-    boxes = (
-      _rebox(raw_w, state.u, u_names),
-      _rebox(raw_w, state.v, v_names),
-      _rebox(raw_w, state.sigma, None if names is None else ()),
-    )
-    for key, box in zip(keys, boxes):
-      module.variable(opts.collection, key, lambda b=box: b)
-    _linen_scan.mark_fresh(module, state.u)
-    return state
-
 
 # --------------------------------------------------------------------------- #
 # Output scaling for Flax's linear layers.
