@@ -173,6 +173,12 @@ def _paired_ratio(times: dict, key: str) -> float | None:
   return float(statistics.median(np.divide(times[key], base)))
 
 
+def _fresh_compile(run: Run) -> float:
+  """Lower + compile seconds with JAX's in-memory caches cleared (a repeat would hit them)."""
+  jax.clear_caches()
+  return compile_run(run)[1]
+
+
 def compile_sweep(ns, reps, notes) -> dict:
   """Lower + compile seconds of each spectral-norm MLP step against n (unrolled peers: n <= 50)."""
   out = {}
@@ -184,7 +190,7 @@ def compile_sweep(ns, reps, notes) -> dict:
         continue
       try:
         run = build(face, variant, "mlp128", jnp.float32, n_power=n)
-        out[f"{face}: {variant}", n] = statistics.median(compile_run(run)[1] for _ in range(reps))
+        out[f"{face}: {variant}", n] = statistics.median(_fresh_compile(run) for _ in range(reps))
       except Exception as e:
         notes.append(f"compile {face}: {variant} n={n} skipped ({type(e).__name__}: {e})"[:300])
   return out
