@@ -5,7 +5,7 @@ that is not the norm of what the layer computes (it can be off by up to
 ``sqrt(kh * kw)``). Operator mode iterates through the layer itself: a plain
 copy of the layer (same class and fields, computing in float32 at least) is
 applied to one example, and its transpose comes from ``jax.vjp``. Any layer
-linear in its input works without per-layer code: ``Dense``, ``DenseGeneral``,
+linear in its input and its kernel works without per-layer code: ``Dense``, ``DenseGeneral``,
 ``Conv`` with any strides, padding (``CIRCULAR`` too), dilation and groups,
 ``ConvTranspose``, ``ConvLocal``. The linear part is taken as a JVP at zero, so
 the bias plays no part.
@@ -89,7 +89,9 @@ class LayerMap:
 
   def linear(self, w: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """``x -> A_w x`` (the JVP at zero: no bias), float32 at least."""
-    params = self._params(w.astype(_math.wider(w.dtype, jnp.float32)))
+    return self._linear_with(self._params(w.astype(_math.wider(w.dtype, jnp.float32))))
+
+  def _linear_with(self, params: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
     args, kwargs = self.rest
 
     def f(x):
@@ -98,16 +100,18 @@ class LayerMap:
     return lambda x: jax.jvp(f, (jnp.zeros_like(x),), (x,))[1]
 
   def check_linear(self, w_shape: tuple[int, ...], at: str) -> None:
-    """Raises unless the layer is linear in its input (see ``_operator.check_linear``)."""
+    """Raises unless the layer is linear in its input and its kernel (see ``_operator``)."""
     args, kwargs = self.rest
     with jax.ensure_compile_time_eval():  # concrete: the layer's own params may be traced
       made = self.plain.init(jax.random.key(0), self.example, *args, **kwargs)
-      params = {
-        **meta.unbox(made["params"]),
-        self.name: jax.random.normal(jax.random.key(1), w_shape),
-      }
+      others = meta.unbox(made["params"])
+      params = {**others, self.name: jax.random.normal(jax.random.key(1), w_shape)}
 
     def f(x: jax.Array) -> jax.Array:
       return jnp.asarray(self.plain.apply({"params": params}, x, *args, **kwargs))
 
-    _operator.check_linear(f, tuple(self.example.shape), at)
+    example = tuple(self.example.shape)
+    _operator.check_linear(f, example, at)
+    _operator.check_kernel_linear(
+      lambda w: self._linear_with({**others, self.name: w}), w_shape, example, at
+    )

@@ -203,6 +203,21 @@ def _operator_example(
   return example
 
 
+def _copy_map(module: nnx.Module, name: str) -> _operator.Linear:
+  """``w -> (x -> A_w x)`` through a copy of the not yet wrapped layer given kernel ``w``.
+
+  For the init-time check that the layer is linear in its kernel (the wrapped
+  layer's :func:`operator_map` reads ``w`` only once the class is swapped).
+  """
+
+  def with_kernel(w: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    copy = nnx.clone(module)
+    vars(copy)[name][...] = w
+    return lambda x: jax.jvp(lambda z: copy(z), (jax.numpy.zeros_like(x),), (x,))[1]
+
+  return with_kernel
+
+
 def make_key_source(rngs: Rngs, method: str) -> Callable[[int], jax.Array]:
   if isinstance(rngs, nnx.Rngs):
     # Linen draws from a 'spectral' stream when given one, else from 'params'.
@@ -261,6 +276,7 @@ def plan_spectral_norm(
     if options.operator:
       _operator.check_real_kernel(w, at)
       example = _operator_example(module, input_shape, at)
+      _operator.check_kernel_linear(_copy_map(module, name), tuple(w.shape), example, at)
       linear = operator_map(module, name)
       states[name] = _operator.init_state(next_key(i), w, linear, example, options)
     else:

@@ -101,15 +101,39 @@ def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], 
   with jax.ensure_compile_time_eval():
     x = jax.random.normal(jax.random.key(0), example)
     zero = f(jnp.zeros_like(x))
-    lhs, rhs = f(2 * x) - zero, 2 * (f(x) - zero)
-    err = float(jnp.max(jnp.abs(lhs - rhs)))
-    scale = max(float(jnp.max(jnp.abs(rhs))), 1e-30)
+    _check_close(f(2 * x) - zero, 2 * (f(x) - zero), at, "input")
+
+
+def check_kernel_linear(
+  linear: Linear, w_shape: tuple[int, ...], example: tuple[int, ...], at: str
+):
+  """Raises unless the layer's map is linear in its kernel: ``A_{2w} x = 2 A_w x``.
+
+  :func:`iterate` computes sigma as ``<w, d sigma / d w>``, which is
+  ``<u, A_w v>`` exactly when ``A_w`` is linear in ``w`` (every Flax linear
+  layer). Runs eagerly on a random kernel and input; ``linear`` must close over
+  concrete values.
+  """
+  with jax.ensure_compile_time_eval():
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    x = jax.random.normal(jax.random.key(0), example)
+    _check_close(linear(2 * w)(x), 2 * linear(w)(x), at, "kernel")
+
+
+def _check_close(lhs: jax.Array, rhs: jax.Array, at: str, what: str) -> None:
+  err = float(jnp.max(jnp.abs(lhs - rhs)))
+  scale = max(float(jnp.max(jnp.abs(rhs))), 1e-30)
   if not err <= 1e-4 * scale:
+    doubled = (
+      "f(2x) - f(0) differs from 2 (f(x) - f(0))"
+      if what == "input"
+      else "A_2w x differs from 2 A_w x"
+    )
     raise ValueError(
-      f"spectral_norm(operator=True): {at}: the layer is not linear in its input "
-      f"(f(2x) - f(0) differs from 2 (f(x) - f(0)) by {err:.3g}, relative {err / scale:.3g}); "
-      "operator mode needs a linear layer (Dense, Conv, ...). Use operator=False (the "
-      "kernel's matrix view) for this layer."
+      f"spectral_norm(operator=True): {at}: the layer is not linear in its {what} "
+      f"({doubled} by {err:.3g}, relative {err / scale:.3g}); "
+      "operator mode needs a layer linear in its input and its kernel (Dense, Conv, ...). "
+      "Use operator=False (the kernel's matrix view) for this layer."
     )
 
 
@@ -170,7 +194,13 @@ def iterate(
   u, v, _ = operator_power_iteration(
     apply, state.u, state.v, n_steps=options.n_power_iterations, eps=options.eps
   )
-  sigma = jnp.vdot(u, linear(w)(v))  # differentiable in w
+  # sigma = <u, A_w v> = <w, G> with G = d sigma / d w (A_w is linear in w): one
+  # kernel-gradient product on one example gives both the value and the gradient,
+  # with no forward pass of w through the layer and no kernel-sized backward.
+  w_c = jax.lax.stop_gradient(w).astype(_math.wider(w.dtype, jnp.float32))
+  out, pull = jax.vjp(lambda k: linear(k)(v), w_c)
+  g = jax.lax.stop_gradient(pull(u.astype(out.dtype))[0])
+  sigma = jnp.vdot(w.astype(g.dtype), g)  # differentiable in w: its gradient is g
   ok = jnp.isfinite(sigma)
   new = _math.SpectralState(
     jnp.where(ok, u, state.u),

@@ -159,10 +159,21 @@ class _Tanh(nn.Module):
     return jnp.tanh(x @ self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], 3)))
 
 
+class _Squared(nn.Module):
+  """Linear in its input, not in its kernel."""
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], 3))
+    return x @ (k * k)
+
+
 def test_errors():
   x = jnp.ones((2, 4))
   with pytest.raises(ValueError, match=r"layer '<top level>' \(_Tanh\).*not linear in its input"):
     flaxnorm.spectral_norm(_Tanh(), operator=True).init(KEY, x)
+  with pytest.raises(ValueError, match=r"\(_Squared\).*not linear in its kernel.*operator=False"):
+    flaxnorm.spectral_norm(_Squared(), operator=True).init(KEY, x)
   with pytest.raises(TypeError, match="operator must be a Python bool at spectral_norm"):
     flaxnorm.spectral_norm(nn.Dense(3), operator=1)
   layer = flaxnorm.spectral_norm(nn.Conv(2, (3, 3)), operator=True)
@@ -246,3 +257,10 @@ def test_nnx_operator_errors():
 
   with pytest.raises(ValueError, match=r"param 'kernel' of Tanh: the layer is not linear"):
     fnx.spectral_norm(Tanh(), operator=True, input_shape=(3,))
+
+  class Squared(Tanh):
+    def __call__(self, x):
+      return x @ (self.kernel[...] ** 2)
+
+  with pytest.raises(ValueError, match=r"param 'kernel' of Squared: .*not linear in its kernel"):
+    fnx.spectral_norm(Squared(), operator=True, input_shape=(3,))
