@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _suite_stats as stats
 from _suite_shapes import MODELS, TITLES
 
 TARGET_CONV = 1.03  # flaxnorm WN and SN on the conv models, x plain
@@ -10,8 +11,13 @@ TARGET_CONV = 1.03  # flaxnorm WN and SN on the conv models, x plain
 def _cell(entry: dict | None, gpu: bool) -> str:
   if entry is None:
     return ""
-  ratio = "" if entry["ratio"] is None else f"{entry['ratio']:.2f}"
-  return f"{ratio} ({entry['ms']:.2f} ms)" if gpu or not ratio else ratio
+  if entry["ratio"] is None:
+    return f"{entry['ms']:.2f} ms"
+  ratio = f"{entry['ratio']:.2f}"
+  ci = entry.get("ci")
+  if ci and ci[0] != ci[1]:  # a plain step's ratio to itself has no interval
+    ratio += f" ({ci[0]:.2f}–{ci[1]:.2f})"
+  return f"{ratio}, {entry['ms']:.2f} ms" if gpu else ratio
 
 
 def _keys(steps: dict, skip_floor=True) -> list[str]:
@@ -27,30 +33,54 @@ def _is_peer(key: str) -> bool:
   return "flaxnorm" not in key and not key.endswith("plain") and not key.startswith("floor:")
 
 
+def _peers(table: dict, kind: str) -> list[str]:
+  """The peers' rows of one kind (WN or SN; Haiku's SNParamsTree counts as SN)."""
+  return [
+    k for k in table if _is_peer(k) and (f" {kind}" in k or (kind == "SN" and "SNParamsTree" in k))
+  ]
+
+
 def verdicts(table: dict, model: str) -> list[str]:
-  """flaxnorm's targets on one model: <= 1.03 x plain on the conv models, below every peer."""
+  """flaxnorm's targets on one model: <= 1.03 x plain on the conv models, below every peer.
+
+  Each is decided from its 95% interval (``_suite_stats.verdict``): PASS when the
+  whole interval meets the target, MISS when none of it does, else "within noise".
+  Against a peer the measure is flaxnorm's overhead over the peer's, each over its
+  own face's plain step, per round.
+  """
   out = []
   for kind in ("WN", "SN"):
-    mine = {
-      k: e["ratio"]
-      for k, e in table.items()
-      if k in (f"Linen: flaxnorm {kind}", f"NNX: flaxnorm {kind}")
-    }
-    peers = [e["ratio"] for k, e in table.items() if _is_peer(k) and f" {kind}" in k]
-    peers += [e["ratio"] for k, e in table.items() if kind == "SN" and "SNParamsTree" in k]
-    peers = [p for p in peers if p is not None]
-    for key, ratio in mine.items():
-      if ratio is None:
+    peers = [p for p in _peers(table, kind) if table[p]["ratio"] is not None]
+    for key in (f"Linen: flaxnorm {kind}", f"NNX: flaxnorm {kind}"):
+      e = table.get(key)
+      if e is None or e["ratio"] is None:
         continue
       checks = []
       if MODELS[model][0] != "mlp":
-        checks.append(f"≤ {TARGET_CONV}: {'PASS' if ratio <= TARGET_CONV else 'MISS'}")
-      if peers:
+        r = stats.Ratio(e["ratio"], *e.get("ci") or (e["ratio"], e["ratio"]))
+        checks.append(f"≤ {TARGET_CONV}: {stats.verdict(r, TARGET_CONV)}")
+      for peer in peers:
+        rel = _against(table, key, peer)
         checks.append(
-          f"below every peer ({min(peers):.2f}): {'PASS' if ratio < min(peers) else 'MISS'}"
+          f"vs {peer.split(': ', 1)[1]} {rel.median:.2f} ({rel.lo:.2f}–{rel.hi:.2f}): "
+          f"{stats.verdict(rel, 1.0).replace('PASS', 'below').replace('MISS', 'above')}"
         )
-      out.append(f"{key} {ratio:.2f}: " + ", ".join(checks))
+      out.append(f"{key} {e['ratio']:.2f}: " + "; ".join(checks))
   return out
+
+
+def _against(table: dict, key: str, peer: str) -> stats.Ratio:
+  """flaxnorm's ratio to its plain over the peer's ratio to its plain, paired per round."""
+  mine, theirs = table[key], table[peer]
+  if "times" not in mine:  # results saved before per-round times were kept
+    value = mine["ratio"] / theirs["ratio"]
+    return stats.Ratio(value, value, value)
+  return stats.relative(
+    mine["times"],
+    table[_face_plain(key)]["times"],
+    theirs["times"],
+    table[_face_plain(peer)]["times"],
+  )
 
 
 def step_table(res: dict, dtype: str) -> list[str]:
@@ -87,10 +117,20 @@ def floor_table(res: dict) -> list[str]:
   ]
   if not rows:
     return []
-  lines = ["| MLP batch 128, weight-norm floor | ms/step | ratio |", "|---|---:|---:|"]
+  lines = [
+    "| MLP batch 128, weight-norm floor | ms/step | ratio to its base | time / flaxnorm WN's |",
+    "|---|---:|---:|---:|",
+  ]
+  mine = table.get("Linen: flaxnorm WN", {}).get("times")
   for key, e in rows:
     ratio = "" if e["ratio"] is None else f"{e['ratio']:.2f}"
-    lines.append(f"| {key.removeprefix('floor: ')} | {e['ms']:.2f} | {ratio} |")
+    if e.get("ci") and e["ci"][0] != e["ci"][1]:
+      ratio += f" ({e['ci'][0]:.2f}–{e['ci'][1]:.2f})"
+    direct = ""
+    if mine and "times" in e and key != "Linen: flaxnorm WN":
+      r = stats.paired(e["times"], mine)
+      direct = f"{r.median:.2f} ({r.lo:.2f}–{r.hi:.2f})"
+    lines.append(f"| {key.removeprefix('floor: ')} | {e['ms']:.2f} | {ratio} | {direct} |")
   return lines
 
 
@@ -171,10 +211,17 @@ def torch_table(res: dict) -> list[str]:
   lines = ["| PyTorch CPU (own process), ratio to plain | " + " | ".join(models) + " |"]
   lines.append("|---|" + "---:|" * len(models))
   for name in names:
-    cells = [f"{rows[m][name]['ratio']:.2f}" if name in rows[m] else "" for m in models]
+    cells = [_torch_cell(rows[m].get(name)) for m in models]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   plain = ", ".join(f"{m} {rows[m]['plain']['ms']:.1f} ms" for m in models if "plain" in rows[m])
   return [*lines, "", f"PyTorch plain step: {plain}."]
+
+
+def _torch_cell(e: dict | None) -> str:
+  if e is None:
+    return ""
+  ci = e.get("ci")
+  return f"{e['ratio']:.2f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci and ci[0] != ci[1] else "")
 
 
 def markdown(res: dict) -> str:
@@ -183,8 +230,9 @@ def markdown(res: dict) -> str:
   head = (
     f"{res['date']}; {res['machine']}; {res['versions']}. "
     f"Interleaved paired rounds (up to {cfg['rounds']}, at least {cfg['min_rounds']}, "
-    f"{cfg['steps']} steps each); ratios are medians of per-round ratios to the same face's plain "
-    f"step.{' QUICK RUN.' if res['quick'] else ''} Total {res['total_s']:.0f} s."
+    f"{cfg['steps']} steps each, the fastest kept, order shuffled per round); ratios are "
+    "medians of per-round ratios to the same face's plain step, with 95% bootstrap intervals."
+    f"{' QUICK RUN.' if res['quick'] else ''} Total {res['total_s']:.0f} s."
   )
   rounds = {k: next(iter(t.values()))["rounds"] for k, t in res["steps"].items() if t}
   head += " Rounds run: " + ", ".join(f"{k} {n}" for k, n in rounds.items()) + "."

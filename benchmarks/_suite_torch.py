@@ -3,9 +3,9 @@
 The same three models in PyTorch (channels first), plain, with
 ``torch.nn.utils.parametrizations.weight_norm`` and with
 ``parametrizations.spectral_norm`` (1 power iteration) on every layer; an Adam
-step on an MSE loss; interleaved paired rounds as in the JAX suite. Prints
+step on an MSE loss; interleaved paired rounds as in the JAX suite (``_suite_stats``). Prints
 progress on stderr and one JSON line on stdout:
-``{model: {variant: {"ms": ..., "ratio": ...}}}``.
+``{model: {variant: {"ms": ..., "ratio": ..., "ci": [lo, hi]}}}``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from torch.nn.utils import parametrizations
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _suite_stats as stats
 from _suite_shapes import (
   DISC_CHANNELS,
   GEN_CHANNELS,
@@ -104,36 +104,31 @@ def build(model: str, variant: str):
   return step
 
 
+def _row(times: list[float], plain: list[float]) -> dict:
+  r = stats.paired(times, plain)
+  return {"ms": statistics.median(times), "ratio": r.median, "ci": [r.lo, r.hi]}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
-  rounds, budget = (2, 5) if args.quick else (25, 30)
+  rounds, min_rounds, budget = (2, 2, 5) if args.quick else (40, 15, 60)
   out = {}
   for model in MODELS:
     print(f"torch {model} ...", file=sys.stderr, flush=True)
     steps = {v: build(model, v) for v in VARIANTS}
-    n = 2 if MODELS[model][0] == "mlp" else 1
     for step in steps.values():
       step()
-    times = {v: [] for v in VARIANTS}
-    deadline = time.perf_counter() + budget
-    for r in range(rounds):
-      for v, step in steps.items():
-        t = time.perf_counter()
-        for _ in range(n):
-          step()
-        times[v].append((time.perf_counter() - t) / n * 1e3)
-      if r >= 4 and time.perf_counter() > deadline:
-        break
-    out[model] = {
-      v: {
-        "ms": statistics.median(t),
-        "ratio": statistics.median(a / b for a, b in zip(t, times["plain"])),
-      }
-      for v, t in times.items()
-    }
+    times = stats.interleaved(
+      steps,
+      n=3 if MODELS[model][0] == "mlp" else 2,
+      rounds=rounds,
+      min_rounds=min_rounds,
+      budget_s=budget,
+    )
+    out[model] = {v: _row(t, times["plain"]) for v, t in times.items()}
   print(json.dumps(out))
 
 

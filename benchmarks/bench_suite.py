@@ -17,9 +17,10 @@ Haiku ``SNParamsTree``; PyTorch CPU in its own process (``_suite_torch.py``).
 Every step is an Adam train step on an MSE loss, compiled ahead of time
 (``jit(...).lower(...).compile()``, which also gives the compile time and the
 memory analysis). Within a model, each round runs a few steps of every
-variant in turn, so drifts in a shared machine's load hit all alike; a
-variant's ratio is the median over rounds of its time over its own face's
-plain step in the same round. Also: compile time of the spectral-norm step
+variant in a shuffled order and keeps each one's fastest step
+(``_suite_stats``); a variant's ratio is the median over rounds of its time
+over its own face's plain step in the same round, with a 95% bootstrap
+interval, and flaxnorm is compared with each peer the same way. Also: compile time of the spectral-norm step
 against n = 1, 2, 50, 1000; sigma accuracy against an SVD after 0, 1, 10 and 100
 training applies; peak memory; the ratios again in bfloat16. Nothing is asserted.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -40,6 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _suite_report as report
+import _suite_stats as stats
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,31 +135,35 @@ def time_model(model: str, dtype, cfg, forced: bool, floor: bool, notes: list) -
       peak=peak_bytes(compiled),
       normalized_bytes=run.normalized_bytes,
     )
-  steps = cfg["steps"][MODELS[model][0]]
-  times = {key: [] for key in runs}
-  deadline = time.perf_counter() + cfg["model_budget_s"]
-  for r in range(cfg["rounds"]):
-    for key, entry in runs.items():
-      state = entry["state"]
-      t = time.perf_counter()
-      for _ in range(steps):
-        state, loss = entry["compiled"](state, entry["run"].x, entry["run"].y)
-      jax.block_until_ready((state, loss))
-      times[key].append((time.perf_counter() - t) / steps * 1e3)
-      entry["state"] = state
-    if r + 1 >= cfg["min_rounds"] and time.perf_counter() > deadline:
-      break
-  return {
-    key: dict(
+  times = stats.interleaved(
+    {key: functools.partial(_one_step, entry) for key, entry in runs.items()},
+    n=cfg["steps"][MODELS[model][0]],
+    rounds=cfg["rounds"],
+    min_rounds=cfg["min_rounds"],
+    budget_s=cfg["model_budget_s"],
+  )
+  out = {}
+  for key, e in runs.items():
+    base = times.get(_base_of(key))
+    ratio = stats.paired(times[key], base) if base else None
+    out[key] = dict(
       ms=statistics.median(times[key]),
-      ratio=_paired_ratio(times, key),
+      ratio=None if ratio is None else ratio.median,
+      ci=None if ratio is None else [ratio.lo, ratio.hi],
+      times=times[key],
       rounds=len(times[key]),
       compile_s=e["compile_s"],
       peak=e["peak"],
       normalized_bytes=e["normalized_bytes"],
     )
-    for key, e in runs.items()
-  }
+  return out
+
+
+def _one_step(entry: dict) -> None:
+  """One train step of a compiled run, blocking; the run's state moves on."""
+  state, loss = entry["compiled"](entry["state"], entry["run"].x, entry["run"].y)
+  jax.block_until_ready((state, loss))
+  entry["state"] = state
 
 
 def _base_of(key: str) -> str:
@@ -164,13 +171,6 @@ def _base_of(key: str) -> str:
   if face == "floor":
     return f"floor: {FLOOR_BASE[variant]}" if variant in FLOOR_BASE else "Linen: plain"
   return f"{face}: plain"
-
-
-def _paired_ratio(times: dict, key: str) -> float | None:
-  base = times.get(_base_of(key))
-  if not base:
-    return None
-  return float(statistics.median(np.divide(times[key], base)))
 
 
 def _fresh_compile(run: Run) -> float:
@@ -287,6 +287,11 @@ def main():
   parser.add_argument(
     "--bf16-only", help="comma-separated models for the bfloat16 ratios (default all)"
   )
+  parser.add_argument("--rounds", type=int, default=40, help="at most this many rounds a model")
+  parser.add_argument("--min-rounds", type=int, default=15, help="at least this many rounds")
+  parser.add_argument(
+    "--model-budget", type=float, default=90, help="seconds after which no new round starts"
+  )
   parser.add_argument("--compile-reps", type=int, default=3, help="median of this many compiles")
   parser.add_argument("--json", help="write the results here")
   parser.add_argument("--chart", help="write the PNG bar chart of the ratios here")
@@ -303,19 +308,17 @@ def main():
     sys.exit("--gpu: no GPU backend (jax.devices() is CPU)")
   cfg = dict(
     warmup=1 if args.quick else 3,
-    rounds=2 if args.quick else 25,
-    min_rounds=2 if args.quick else 5,
-    model_budget_s=5 if args.quick else 25,
+    rounds=2 if args.quick else args.rounds,
+    min_rounds=2 if args.quick else args.min_rounds,
+    model_budget_s=5 if args.quick else args.model_budget,
     steps={
       "mlp": 2 if args.quick else 5,
-      "disc": 1 if args.quick else 2,
-      "gen": 1 if args.quick else 2,
+      "disc": 1 if args.quick else 3,
+      "gen": 1 if args.quick else 3,
     },
   )
   if args.gpu:
-    cfg.update(
-      rounds=30, min_rounds=10, model_budget_s=20, steps={"mlp": 20, "disc": 10, "gen": 10}
-    )
+    cfg.update(steps={"mlp": 20, "disc": 10, "gen": 10})
   models = [m for m in args.only.split(",") if m]
   notes: list[str] = []
   if not HAVE_EQX:
