@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from _suite_shapes import (  # noqa: F401 (re-exported for the faces)
   DISC_CHANNELS,
   GEN_CHANNELS,
@@ -71,6 +72,16 @@ class Run:
   trace: Callable | None = None
   donate: bool = False
   normalized_bytes: int = 0
+
+
+def adam_step(loss_fn: Callable, tx, params, opt_state):
+  """One optimizer step of ``loss_fn(params) -> (loss, aux)``: ``((params, opt_state, aux), loss)``.
+
+  ``aux`` is what ``loss_fn`` returns beside the loss (e.g. the new normalization state).
+  """
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return (optax.apply_updates(params, updates), opt_state, aux), loss
 
 
 def as_matrix(w, out_axis: int = -1) -> np.ndarray:

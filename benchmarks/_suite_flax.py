@@ -27,6 +27,7 @@ from _suite_common import (
   MLP_SIZES,
   MODELS,
   Run,
+  adam_step,
   as_matrix,
   data,
   kernel_bytes,
@@ -139,9 +140,8 @@ def linen_run(net: nn.Module, variables, x, y, tx) -> Run:
       out, new = net.apply({"params": params, **stats}, x, mutable=mutable)
       return mse(out, y), new
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, dict(stats)), loss
+    (params, opt_state, new), loss = adam_step(loss_fn, tx, params, opt_state)
+    return (params, opt_state, dict(new)), loss
 
   return Run(step, (params, tx.init(params), stats), x, y)
 

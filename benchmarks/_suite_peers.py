@@ -24,6 +24,7 @@ from _suite_common import (
   MLP_SIZES,
   MODELS,
   Run,
+  adam_step,
   as_matrix,
   data,
   kernel_bytes,
@@ -129,9 +130,7 @@ def build_eqx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> 
       out, new_state = fwd(x, sn_state)
       return mse(out, y), new_state
 
-    (loss, sn_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, sn_state), loss
+    return adam_step(loss_fn, tx, params, opt_state)
 
   def sigmas(state):
     params, _, sn_state = state
@@ -198,9 +197,7 @@ def build_haiku(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -
         params, new = sn.apply(None, sn_state, params)
       return mse(net.apply(params, x), y), new
 
-    (loss, sn_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, sn_state), loss
+    return adam_step(loss_fn, tx, params, opt_state)
 
   def sigmas(state):
     params, _, sn_state = state

@@ -134,14 +134,19 @@ def floor_table(res: dict) -> list[str]:
   return lines
 
 
+def _by_column(flat: dict[str, float]) -> tuple[dict[str, dict[int, float]], list[int]]:
+  """``{"row | 3": x}`` -> ``({row: {3: x}}, sorted columns)``."""
+  rows: dict[str, dict[int, float]] = {}
+  for key, value in flat.items():
+    name, col = key.rsplit(" | ", 1)
+    rows.setdefault(name, {})[int(col)] = value
+  return rows, sorted({c for r in rows.values() for c in r})
+
+
 def compile_table(res: dict) -> list[str]:
   if not res["compile"]:
     return []
-  rows: dict[str, dict[int, float]] = {}
-  for key, seconds in res["compile"].items():
-    name, n = key.rsplit(" | ", 1)
-    rows.setdefault(name, {})[int(n)] = seconds
-  ns = sorted({n for r in rows.values() for n in r})
+  rows, ns = _by_column(res["compile"])
   lines = [
     "| SN step (MLP), lower + compile | " + " | ".join(f"n={n}" for n in ns) + " | n=50 / n=1 |",
     "|---|" + "---:|" * (len(ns) + 1),
@@ -156,11 +161,7 @@ def compile_table(res: dict) -> list[str]:
 def sigma_table(res: dict) -> list[str]:
   if not res["sigma"]:
     return []
-  rows: dict[str, dict[int, float]] = {}
-  for key, err in res["sigma"].items():
-    name, k = key.rsplit(" | ", 1)
-    rows.setdefault(name, {})[int(k)] = err
-  ks = sorted({k for r in rows.values() for k in r})
+  rows, ks = _by_column(res["sigma"])
   lines = [
     "| max over layers of abs(σ̂ / σ_SVD − 1), MLP | "
     + " | ".join("init" if k == 0 else f"after {k}" for k in ks)

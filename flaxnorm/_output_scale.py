@@ -50,13 +50,13 @@ def _computes_wide(layer_dtype, param_dtype, inputs) -> bool:
   return any(wide_range(d) for d in dtypes) or not dtypes
 
 
-# The output side's extra work (a multiply forward; a multiply and a reduction
-# backward, often fused into the bias add and its gradient) is cheaper per
-# element than the kernel side's (a separate kernel-sized product forward and
-# its backward), so the kernel side is taken only for outputs this many times
-# larger than the kernel. A judgement, not a per-layer measurement: the suite's
-# forced-side rows (benchmarks/bench_suite.py) measure whole models.
-KERNEL_SIDE_RATIO = 4
+# The kernel side is taken for outputs more than this many times the kernel.
+# Measured layer by layer (benchmarks/bench_side.py, docs/benchmarks.md): an
+# Adam step of a weight- or spectral-normed Dense is 3-4% slower on the kernel
+# side at output/kernel = 1 and 2, 2-3% faster at 4 and 10% at 16; a 3x3 Conv's
+# sides differ by at most a few percent either way from 0.44 to 28; a 3-tap
+# Conv1d's kernel side is 25% faster (weight norm) at 5.3.
+KERNEL_SIDE_RATIO = 3
 
 
 def _output_positions(layer, inputs) -> int | None:
