@@ -80,12 +80,15 @@ def forced_side(ratio: float):
   ``inf``: always scale the output (flaxnorm before the per-call choice);
   ``0``: always scale the kernel.
   """
-  saved = _output_scale.KERNEL_SIDE_RATIO
-  _output_scale.KERNEL_SIDE_RATIO = ratio
+  names = ("KERNEL_SIDE_RATIO", "CONV_KERNEL_SIDE_RATIO")
+  saved = [getattr(_output_scale, n) for n in names]
+  for n in names:
+    setattr(_output_scale, n, ratio)
   try:
     yield
   finally:
-    _output_scale.KERNEL_SIDE_RATIO = saved
+    for n, value in zip(names, saved):
+      setattr(_output_scale, n, value)
 
 
 def linen_wraps(n_power: int) -> dict[str, Callable]:

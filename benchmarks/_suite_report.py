@@ -279,8 +279,13 @@ def chart(res: dict, path: str) -> None:
   keys = [k for k in _keys(tables) if not k.endswith("plain") and "side]" not in k]
   for ax, (model, table) in zip(axes, tables.items()):
     ratios = [table[k]["ratio"] if k in table and table[k]["ratio"] else 0 for k in keys]
+    cis = [table[k].get("ci") if k in table and table[k]["ratio"] else None for k in keys]
+    err = [
+      [r - ci[0] if ci else 0 for r, ci in zip(ratios, cis)],
+      [ci[1] - r if ci else 0 for r, ci in zip(ratios, cis)],
+    ]
     colors = ["tab:blue" if "flaxnorm" in k else "tab:gray" for k in keys]
-    ax.barh(range(len(keys)), ratios, color=colors)
+    ax.barh(range(len(keys)), ratios, color=colors, xerr=err, error_kw={"lw": 0.8})
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xlim(0.8, max(1.6, max(ratios) + 0.05))
     ax.set_title(model.removesuffix(" float32"))
@@ -288,7 +293,8 @@ def chart(res: dict, path: str) -> None:
   axes[0].set_yticks(range(len(keys)), keys, fontsize=8)
   axes[0].invert_yaxis()
   fig.suptitle(
-    f"flaxnorm (blue) and peers, {res['date']}, {res['machine'].split(',')[0]}", fontsize=9
+    f"flaxnorm (blue) and peers (95% intervals), {res['date']}, {res['machine'].split(',')[0]}",
+    fontsize=9,
   )
   fig.tight_layout()
   fig.savefig(path, dpi=90)

@@ -50,13 +50,18 @@ def _computes_wide(layer_dtype, param_dtype, inputs) -> bool:
   return any(wide_range(d) for d in dtypes) or not dtypes
 
 
-# The kernel side is taken for outputs more than this many times the kernel.
-# Measured layer by layer (benchmarks/bench_side.py, docs/benchmarks.md): an
-# Adam step of a weight- or spectral-normed Dense is 3-4% slower on the kernel
-# side at output/kernel = 1 and 2, 2-3% faster at 4 and 10% at 16; a 3x3 Conv's
-# sides differ by at most a few percent either way from 0.44 to 28; a 3-tap
-# Conv1d's kernel side is 25% faster (weight norm) at 5.3.
+# The kernel side is taken for outputs more than this many times the kernel:
+# KERNEL_SIDE_RATIO for a kernel with no spatial axes (Dense, DenseGeneral),
+# CONV_KERNEL_SIDE_RATIO for a convolution's. Measured layer by layer
+# (benchmarks/bench_side.py, docs/benchmarks.md): an Adam step of a weight- or
+# spectral-normed Dense is 3-4% slower on the kernel side at output/kernel = 1
+# and 2, 2-3% faster at 4 and 10% at 16. A convolution's sides differ by a few
+# percent at most from 0.89 up, and the kernel side is the cheaper one at 0.89
+# inside the suite's discriminator (2-5% on its step in float32 and bfloat16):
+# XLA:CPU copies a conv's kernel into its own layout on every call anyway, and
+# the scale fuses into that copy, where a dot reads its kernel in place.
 KERNEL_SIDE_RATIO = 3
+CONV_KERNEL_SIDE_RATIO = 0.5
 
 
 def _output_positions(layer, inputs) -> int | None:
@@ -123,6 +128,7 @@ def for_call(layer, args: tuple, kwargs: dict) -> OutputScale | None:
     per_feature=not getattr(layer, "transpose_kernel", False),
     positions=_output_positions(layer, inputs),
     n_out=n_out,
+    conv=getattr(layer, "kernel_size", None) is not None,
   )
 
 
@@ -137,12 +143,21 @@ class OutputScale:
       None if unknown: then the scale moves to the output whenever it can.
     n_out: how many trailing kernel axes are output features (``DenseGeneral``
       with ``features=(heads, dim)``: 2).
+    conv: whether the layer is a convolution (its threshold is
+      ``CONV_KERNEL_SIDE_RATIO``, a Dense's ``KERNEL_SIDE_RATIO``).
   """
 
-  def __init__(self, per_feature: bool = True, positions: int | None = None, n_out: int = 1):
+  def __init__(
+    self,
+    per_feature: bool = True,
+    positions: int | None = None,
+    n_out: int = 1,
+    conv: bool = False,
+  ):
     self.per_feature = per_feature
     self.positions = positions
     self.n_out = n_out
+    self.conv = conv
     self.scale: jax.Array | None = None
     self.bias: jax.Array | None = None
 
@@ -158,7 +173,8 @@ class OutputScale:
     """
     if self.positions is not None:
       out_features = base.shape[-1 if self.per_feature else -2]
-      if self.positions * out_features > KERNEL_SIDE_RATIO * base.size:
+      ratio = CONV_KERNEL_SIDE_RATIO if self.conv else KERNEL_SIDE_RATIO
+      if self.positions * out_features > ratio * base.size:
         return False  # output-sized work would exceed kernel-sized work
     scalar = scale.size == 1 and scale.ndim in (0, base.ndim)
     n = min(self.n_out, base.ndim - 1)

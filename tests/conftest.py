@@ -23,3 +23,16 @@ def strict_promotion():
   """
   with jax.numpy_dtype_promotion("strict"):
     yield
+
+
+@pytest.fixture
+def output_side(monkeypatch):
+  """Flax's linear layers scale their output whatever its size (the per-call side choice off).
+
+  For tests of the output path itself on shapes where the choice would take the
+  kernel side (``tests/test_output_side.py`` tests the choice).
+  """
+  from flaxnorm import _output_scale
+
+  monkeypatch.setattr(_output_scale, "KERNEL_SIDE_RATIO", float("inf"))
+  monkeypatch.setattr(_output_scale, "CONV_KERNEL_SIDE_RATIO", float("inf"))

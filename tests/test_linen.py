@@ -711,7 +711,7 @@ def _kernel_sized_muls(layer, variables, x):
 
 @pytest.mark.parametrize("wrap", list(WRAPS))
 @pytest.mark.parametrize("case", list(SCALED))
-def test_output_scaling_is_exact(case, wrap):
+def test_output_scaling_is_exact(case, wrap, output_side):
   """Same outputs, gradients and state as scaling the kernel, to float64 rounding."""
   fast_cls, slow_cls, fields, shape = SCALED[case]
   with jax.enable_x64(True):

@@ -591,7 +591,7 @@ def _kernel_sized_muls(layer, x, kernel_shape):
 
 @pytest.mark.parametrize("wrap", list(SCALED_WRAPS))
 @pytest.mark.parametrize("case", list(SCALED))
-def test_output_scaling_is_exact(case, wrap):
+def test_output_scaling_is_exact(case, wrap, output_side):
   """Same outputs, gradients and state as reading the normalized kernel (float64)."""
   fast_cls, slow_cls, args, kwargs, shape = SCALED[case]
   with jax.enable_x64(True):

@@ -90,3 +90,22 @@ def test_nnx_long_conv_scales_its_kernel():
       x, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
     )
     chex.assert_trees_all_close(call(state, x), want + layer.bias[...], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "layer, x_shape, kernel_side",
+  [
+    (nn.Dense(4), (8, 4), False),  # output 2x the kernel: a Dense keeps the output side
+    (nn.Dense(4), (16, 4), True),  # 4x: past KERNEL_SIDE_RATIO
+    (nn.Conv(4, (3,)), (1, 4, 3), False),  # output 0.44x the kernel
+    (nn.Conv(4, (3,)), (1, 7, 3), True),  # 0.78x: past CONV_KERNEL_SIDE_RATIO
+  ],
+)
+def test_threshold_per_layer_kind(layer, x_shape, kernel_side):
+  """A Dense takes the kernel side past 3x its kernel, a convolution past 0.5x."""
+  x = jnp.ones(x_shape)
+  wrapped = flaxnorm.weight_norm(layer)
+  variables = wrapped.init(KEY, x)
+  shape = variables["params"]["kernel_v"].shape
+  muls = _kernel_sized_muls(lambda v: wrapped.apply(v, x), variables, shape)
+  assert len(muls) == int(kernel_side)
