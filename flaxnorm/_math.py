@@ -32,8 +32,9 @@ other ``axis`` in ``flaxnorm`` is the axis kept.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -248,8 +249,20 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
 
 
 def apply_scale(w: Array, scale: Array) -> Array:
-  """``w * scale`` computed in the wider of the two dtypes, returned in ``w``'s dtype."""
+  """``w * scale`` computed in the wider of the two dtypes, returned in ``w``'s dtype.
+
+  When ``w`` is narrower (bfloat16 with a float32 scale), the product is
+  rematerialized in the backward pass (``jax.checkpoint``), so that its
+  residual is ``w`` itself, not a float32 copy of it.
+  """
   dtype = wider(w.dtype, scale.dtype)
+  if dtype == w.dtype:
+    return w * scale.astype(dtype)
+  return _widened_product(w, scale, dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _widened_product(w: Array, scale: Array, dtype: Any) -> Array:
   return (w.astype(dtype) * scale.astype(dtype)).astype(w.dtype)
 
 

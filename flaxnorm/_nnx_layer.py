@@ -446,7 +446,8 @@ def _call(self, *args, **kwargs):
   if scales_output is not None and scales_output(self):
     # The layer reads the bare kernel and a zero bias; the scale and bias go
     # on its output (unless float16 compute: see _output_scale).
-    state.deferred = _output_scale.for_call(self, args, kwargs)
+    operator = any(isinstance(s, SpectralNormSpec) and s.options.operator for s in specs.values())
+    state.deferred = _output_scale.for_call(self, args, kwargs, operator)
   init_axes = _start_data_init(self, state)
   token = _CALLS.set({**_CALLS.get({}), id(self): state})
   try:

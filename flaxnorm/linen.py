@@ -278,7 +278,11 @@ def _call(self, *args, **kwargs):
   cls = type(self)
   linear = _scales_output(self)
   init = _linen_data_init.for_call(self, _data_init_scale(self), linear)
-  deferred = _output_scale.for_call(self, args, kwargs) if linear and init is None else None
+  specs = _subclass.specs_of(cls).values()
+  operator = any(isinstance(s, _SpectralNorm) and s.options.operator for s in specs)
+  deferred = (
+    _output_scale.for_call(self, args, kwargs, operator) if linear and init is None else None
+  )
   # Flax's own layers run their unwrapped code in this (compact) call, so that
   # interceptors and capture_intermediates see one call, with the final
   # output; other layers run their own wrapped method.

@@ -109,3 +109,18 @@ def test_threshold_per_layer_kind(layer, x_shape, kernel_side):
   shape = variables["params"]["kernel_v"].shape
   muls = _kernel_sized_muls(lambda v: wrapped.apply(v, x), variables, shape)
   assert len(muls) == int(kernel_side)
+
+
+def test_operator_mode_keeps_the_output_side():
+  """Operator mode runs the layer on the raw kernel: its scale stays on the output."""
+  x = jnp.ones((2, 64, 3))  # output 14x the kernel: kernel mode takes the kernel side
+  for operator, kernel_side in ((False, True), (True, False)):
+    layer = flaxnorm.spectral_norm(nn.Conv(4, (3,)), operator=operator)
+    variables = layer.init(KEY, x)
+    apply = lambda v: layer.apply(v, x, mutable=True)
+    assert len(_kernel_sized_muls(apply, variables, (3, 3, 4))) == int(kernel_side)
+  model = fnx.spectral_norm(
+    nnx.Conv(3, 4, (3,), rngs=nnx.Rngs(0)), operator=True, input_shape=(64, 3)
+  )
+  graphdef, state = nnx.split(model)
+  assert not _kernel_sized_muls(lambda s: nnx.merge(graphdef, s)(x), state, (3, 3, 4))
