@@ -174,10 +174,10 @@ def sigma_table(res: dict) -> list[str]:
 
 
 def memory_table(res: dict) -> list[str]:
-  models = [k for k in res["steps"] if k.endswith("float32")]
+  models = sorted(res["steps"], key=lambda k: not k.endswith("float32"))  # float32 first
   lines = [
     "| peak memory (MB), excess over plain / normalized weights | "
-    + " | ".join(m.removesuffix(" float32") for m in models)
+    + " | ".join(m.removesuffix(" float32").replace(" bfloat16", " bf16") for m in models)
     + " |",
     "|---|" + "---:|" * len(models),
   ]
