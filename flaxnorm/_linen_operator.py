@@ -5,8 +5,8 @@ that is not the norm of what the layer computes (it can be off by up to
 ``sqrt(kh * kw)``). Operator mode iterates through the layer itself: a plain
 copy of the layer (same class and fields, computing in float32 at least) is
 applied to one example, and its transpose comes from ``jax.vjp``. Any layer
-linear in its input and its kernel works without per-layer code: ``Dense``, ``DenseGeneral``,
-``Conv`` with any strides, padding (``CIRCULAR`` too), dilation and groups,
+linear in its input and its kernel works without per-layer code: ``Dense``,
+``DenseGeneral``, ``Conv`` with any strides, padding (``CIRCULAR`` too), dilation and groups,
 ``ConvTranspose``, ``ConvLocal``. The linear part is taken as a JVP at zero, so
 the bias plays no part.
 

@@ -106,7 +106,7 @@ def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], 
 
 def check_kernel_linear(
   linear: Linear, w_shape: tuple[int, ...], example: tuple[int, ...], at: str
-):
+) -> None:
   """Raises unless the layer's map is linear in its kernel: ``A_{2w} x = 2 A_w x``.
 
   :func:`iterate` computes sigma as ``<w, d sigma / d w>``, which is

@@ -40,13 +40,18 @@ def wide_range(dtype) -> bool:
   return not jnp.issubdtype(dtype, jnp.inexact) or jnp.finfo(dtype).maxexp >= 128
 
 
+def _compute_dtypes(layer_dtype, param_dtype, inputs) -> list:
+  """The dtypes a layer computes in: its ``dtype`` if set, else its params' and inputs'."""
+  if layer_dtype is not None:
+    return [layer_dtype]
+  return [d for d in (param_dtype, getattr(inputs, "dtype", None)) if d is not None]
+
+
 def _computes_wide(layer_dtype, param_dtype, inputs) -> bool:
   """Whether the layer computes in a wide-range dtype (see :func:`wide_range`)."""
-  if layer_dtype is not None:
-    return wide_range(layer_dtype)
   # Promotion of a narrow and a wide dtype (float16 with float32 or bfloat16)
   # is wide; of two narrow ones, narrow.
-  dtypes = [d for d in (param_dtype, getattr(inputs, "dtype", None)) if d is not None]
+  dtypes = _compute_dtypes(layer_dtype, param_dtype, inputs)
   return any(wide_range(d) for d in dtypes) or not dtypes
 
 
@@ -103,12 +108,9 @@ def _output_positions(layer, inputs) -> int | None:
 
 
 def _computes_32(layer, inputs) -> bool:
-  """Whether the layer computes in float32 or wider (its dtype, else its params' and inputs')."""
-  dtype = layer.dtype
-  if dtype is None:
-    dtypes = [d for d in (layer.param_dtype, getattr(inputs, "dtype", None)) if d is not None]
-    dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
-  return jnp.dtype(dtype).itemsize >= 4
+  """Whether the layer computes in float32 or wider."""
+  dtypes = _compute_dtypes(layer.dtype, layer.param_dtype, inputs)
+  return jnp.dtype(jnp.result_type(*dtypes) if dtypes else jnp.float32).itemsize >= 4
 
 
 def for_call(layer, args: tuple, kwargs: dict, operator: bool = False) -> OutputScale | None:
@@ -223,19 +225,12 @@ class OutputScale:
       tail = y.shape[y.ndim - self.scale.ndim :]
       if any(s not in (1, t) for s, t in zip(self.scale.shape, tail)):
         raise AssertionError(f"flaxnorm: output {y.shape} does not fit scale {self.scale.shape}")
-    if self.scale is not None and _math.wider(y.dtype, self.scale.dtype) != y.dtype:
-      # Rematerialized in the backward pass: its residual is the narrow output,
-      # not a float32 copy of it.
-      return jax.checkpoint(_scale_and_shift)(y, self.scale, self.bias)
-    return _scale_and_shift(y, self.scale, self.bias)
-
-
-def _scale_and_shift(y: jax.Array, scale: jax.Array | None, bias: jax.Array | None) -> jax.Array:
-  """``y * scale + bias`` in the wider dtype (bias over the trailing axes), in ``y``'s dtype."""
-  dtype, out = y.dtype, y
-  if scale is not None:
-    wide = _math.wider(dtype, scale.dtype)
-    out = out.astype(wide) * scale.astype(wide)
-  if bias is not None:
-    out = out + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape).astype(out.dtype)
-  return out.astype(dtype)
+    dtype = y.dtype
+    out = y
+    if self.scale is not None:
+      wide = _math.wider(dtype, self.scale.dtype)
+      out = out.astype(wide) * self.scale.astype(wide)
+    if self.bias is not None:
+      bias = self.bias.reshape((1,) * (y.ndim - self.bias.ndim) + self.bias.shape)
+      out = out + bias.astype(out.dtype)
+    return out.astype(dtype)
