@@ -252,18 +252,27 @@ def apply_scale(w: Array, scale: Array) -> Array:
   """``w * scale`` computed in the wider of the two dtypes, returned in ``w``'s dtype.
 
   When ``w`` is narrower (bfloat16 with a float32 scale), the product is
-  rematerialized in the backward pass (``jax.checkpoint``), so that its
+  rematerialized in the backward pass (:func:`widened_product`), so that its
   residual is ``w`` itself, not a float32 copy of it.
   """
   dtype = wider(w.dtype, scale.dtype)
   if dtype == w.dtype:
     return w * scale.astype(dtype)
-  return _widened_product(w, scale, dtype)
+  return widened_product(w, scale, dtype, w.dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _widened_product(w: Array, scale: Array, dtype: Any) -> Array:
-  return (w.astype(dtype) * scale.astype(dtype)).astype(w.dtype)
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def widened_product(x: Array, scale: Array, dtype: Any, out_dtype: Any) -> Array:
+  """``x * scale`` computed in ``dtype``, returned in ``out_dtype`` (None: ``dtype``).
+
+  The residual of a product for the gradient of ``scale`` is the other
+  factor; kept as it is computed here, that would be a ``dtype`` copy of a
+  narrower ``x`` (a float32 copy of a bfloat16 kernel or output), live from
+  the forward pass to the backward. Recomputed in the backward pass
+  (``jax.checkpoint``), the residual is ``x``.
+  """
+  out = x.astype(dtype) * scale.astype(dtype)
+  return out if out_dtype is None else out.astype(out_dtype)
 
 
 def as_matrix(w: Array, axis: Axis = -1) -> Array:

@@ -14,6 +14,7 @@ the stored sigma, so that a variables tree alone can remove the norm.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -194,13 +195,7 @@ def iterate(
   u, v, _ = operator_power_iteration(
     apply, state.u, state.v, n_steps=options.n_power_iterations, eps=options.eps
   )
-  # sigma = <u, A_w v> = <w, G> with G = d sigma / d w (A_w is linear in w): one
-  # kernel-gradient product on one example gives both the value and the gradient,
-  # with no forward pass of w through the layer and no kernel-sized backward.
-  w_c = jax.lax.stop_gradient(w).astype(_math.wider(w.dtype, jnp.float32))
-  out, pull = jax.vjp(lambda k: linear(k)(v), w_c)
-  g = jax.lax.stop_gradient(pull(u.astype(out.dtype))[0])
-  sigma = jnp.vdot(w.astype(g.dtype), g)  # differentiable in w: its gradient is g
+  sigma = _sigma(w, u, v, linear)
   ok = jnp.isfinite(sigma)
   new = _math.SpectralState(
     jnp.where(ok, u, state.u),
@@ -208,6 +203,56 @@ def iterate(
     jax.lax.stop_gradient(jnp.where(ok, sigma, jnp.asarray(state.sigma, sigma.dtype))),
   )
   return _scale(sigma, options), new
+
+
+def _sigma(w: jax.Array, u: jax.Array, v: jax.Array, linear: Linear) -> jax.Array:
+  """``sigma = <u, A_w v> = <w, G>``, differentiable in ``w`` only (its gradient is ``G``).
+
+  ``G = d<u, A_w v>/dw`` (``A_w`` is linear in ``w``): one kernel-gradient
+  product on one example gives both the value and the gradient, with no
+  forward pass of ``w`` through the layer and no kernel-sized backward. ``G``
+  is computed again in the backward pass rather than kept from the forward (a
+  kernel-sized float32 buffer per layer, 2x a bfloat16 kernel's bytes, live
+  across the whole step; one more single-example product instead).
+
+  Args:
+    w: the kernel.
+    u: the left singular vector, of the layer's output shape for one example.
+    v: the right singular vector, of its input shape for one example.
+    linear: ``k -> (x -> A_k x)``.
+  """
+
+  def g_of(w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+    w_c = w.astype(_math.wider(w.dtype, jnp.float32))
+    out, pull = jax.vjp(lambda k: linear(k)(v), w_c)
+    return pull(u.astype(out.dtype))[0]
+
+  u, v = jax.lax.stop_gradient((u, v))
+  # The layer's other params (closed over by `linear`) become explicit inputs.
+  g_fn, consts = jax.closure_convert(g_of, w, u, v)
+  return _inner(g_fn, w, u, v, *consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _inner(g_fn: Callable, w: jax.Array, u: jax.Array, v: jax.Array, *consts) -> jax.Array:
+  g = g_fn(w, u, v, *consts)
+  return jnp.vdot(w.astype(g.dtype), g)
+
+
+def _inner_fwd(g_fn, w, u, v, *consts):
+  return _inner(g_fn, w, u, v, *consts), (w, u, v, consts)
+
+
+def _inner_bwd(g_fn, res, ct):
+  w, u, v, consts = res
+  # G is linear in u: ct * G from ct * u, a product XLA cannot merge with the
+  # forward's (it would keep that G live instead; a barrier does not stop it).
+  ct_g = g_fn(w, ct.astype(u.dtype) * u, v, *consts)
+  zeros = jax.tree.map(jnp.zeros_like, (u, v, consts))
+  return (ct_g.astype(w.dtype), zeros[0], zeros[1], *zeros[2])
+
+
+_inner.defvjp(_inner_fwd, _inner_bwd)
 
 
 def _scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:
