@@ -209,11 +209,12 @@ def _sigma(w: jax.Array, u: jax.Array, v: jax.Array, linear: Linear) -> jax.Arra
   """``sigma = <u, A_w v> = <w, G>``, differentiable in ``w`` only (its gradient is ``G``).
 
   ``G = d<u, A_w v>/dw`` (``A_w`` is linear in ``w``): one kernel-gradient
-  product on one example gives both the value and the gradient, with no
-  forward pass of ``w`` through the layer and no kernel-sized backward. ``G``
-  is computed again in the backward pass rather than kept from the forward (a
-  kernel-sized float32 buffer per layer, 2x a bfloat16 kernel's bytes, live
-  across the whole step; one more single-example product instead).
+  product on one example gives the value, with no forward pass of ``w``
+  through the layer. The tangent is ``<u, A_dw v>``, linear in ``dw``, so
+  reverse mode transposes it into ``ct * G`` computed in the backward pass from
+  ``ct * u`` rather than keeping ``G`` from the forward (a kernel-sized float32
+  buffer per layer, 2x a bfloat16 kernel's bytes, live across the whole step):
+  one more single-example product instead. Forward mode works too.
 
   Args:
     w: the kernel.
@@ -221,38 +222,27 @@ def _sigma(w: jax.Array, u: jax.Array, v: jax.Array, linear: Linear) -> jax.Arra
     v: the right singular vector, of its input shape for one example.
     linear: ``k -> (x -> A_k x)``.
   """
-
-  def g_of(w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
-    w_c = w.astype(_math.wider(w.dtype, jnp.float32))
-    out, pull = jax.vjp(lambda k: linear(k)(v), w_c)
-    return pull(u.astype(out.dtype))[0]
-
   u, v = jax.lax.stop_gradient((u, v))
-  # The layer's other params (closed over by `linear`) become explicit inputs.
-  g_fn, consts = jax.closure_convert(g_of, w, u, v)
-  return _inner(g_fn, w, u, v, *consts)
+  w_c = w.astype(_math.wider(w.dtype, jnp.float32))
+  # The layer's other params (closed over by `linear`) become explicit inputs,
+  # so that neither rule below closes over a tracer.
+  apply_fn, consts = jax.closure_convert(lambda k, x: linear(k)(x), w_c, v)
+  return _inner(apply_fn, w_c, u, v, *consts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _inner(g_fn: Callable, w: jax.Array, u: jax.Array, v: jax.Array, *consts) -> jax.Array:
-  g = g_fn(w, u, v, *consts)
-  return jnp.vdot(w.astype(g.dtype), g)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _inner(apply_fn: Callable, w: jax.Array, u: jax.Array, v: jax.Array, *consts) -> jax.Array:
+  out, pull = jax.vjp(lambda k: apply_fn(k, v, *consts), w)
+  return jnp.vdot(w, pull(u.astype(out.dtype))[0])
 
 
-def _inner_fwd(g_fn, w, u, v, *consts):
-  return _inner(g_fn, w, u, v, *consts), (w, u, v, consts)
-
-
-def _inner_bwd(g_fn, res, ct):
-  w, u, v, consts = res
-  # G is linear in u: ct * G from ct * u, a product XLA cannot merge with the
-  # forward's (it would keep that G live instead; a barrier does not stop it).
-  ct_g = g_fn(w, ct.astype(u.dtype) * u, v, *consts)
-  zeros = jax.tree.map(jnp.zeros_like, (u, v, consts))
-  return (ct_g.astype(w.dtype), zeros[0], zeros[1], *zeros[2])
-
-
-_inner.defvjp(_inner_fwd, _inner_bwd)
+@_inner.defjvp
+def _inner_jvp(apply_fn, primals, tangents):
+  w, u, v, *consts = primals
+  # u, v and the other params carry no gradient: <u, A_dw v>, linear in dw.
+  av = apply_fn(tangents[0], v, *consts)
+  sigma = _inner(apply_fn, w, u, v, *consts)
+  return sigma, jnp.vdot(u.astype(av.dtype), av).astype(sigma.dtype)
 
 
 def _scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:

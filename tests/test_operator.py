@@ -120,6 +120,16 @@ def test_gradient_is_that_of_w_over_sigma_of_w():
     return jnp.sum(conv.apply({"params": {"kernel": w / jnp.vdot(u, a_v)}}, x) ** 2)
 
   chex.assert_trees_all_close(grads, jax.grad(reference)(variables["params"]), rtol=1e-4, atol=1e-6)
+  # Forward mode: the tangent, and a Hessian-vector product (forward over reverse).
+  params = variables["params"]
+  t = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+  _, tangent = jax.jvp(lambda p: loss(p)[0], (params,), (t,))
+  _, ref_tangent = jax.jvp(reference, (params,), (t,))
+  np.testing.assert_allclose(tangent, ref_tangent, rtol=1e-4)
+  grad_only = jax.grad(lambda q: loss(q)[0])
+  _, hvp = jax.jvp(grad_only, (params,), (t,))
+  _, ref_hvp = jax.jvp(jax.grad(reference), (params,), (t,))
+  chex.assert_trees_all_close(hvp, ref_hvp, rtol=1e-3, atol=1e-5)
 
 
 def test_zero_kernel_is_finite():
