@@ -165,7 +165,8 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   along ``W v`` in its own matrix view only, so the best-aligned view wins;
   with no clear winner the caller must give ``axis``.
   """
-  w, u, v = (np.asarray(x, np.float64) for x in (w, u, v))
+  dtype = np.complex128 if any(np.iscomplexobj(x) for x in (w, u, v)) else np.float64
+  w, u, v = (np.asarray(x, dtype) for x in (w, u, v))
   ndim = w.ndim
   views = [tuple(range(k)) for k in range(1, ndim)] + [
     tuple(range(k, ndim)) for k in range(1, ndim)
@@ -178,7 +179,7 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   for kept in fits:
     wv = np.moveaxis(w, kept, range(len(kept))).reshape(u.size, v.size) @ v.reshape(-1)
     norm = np.linalg.norm(wv) * np.linalg.norm(u)
-    align.append(abs(float(u.reshape(-1) @ wv)) / norm if norm > 0 else 0.0)
+    align.append(float(abs(np.vdot(u.reshape(-1), wv))) / norm if norm > 0 else 0.0)  # |u^H W v|
   ranked = sorted(zip(align, fits), reverse=True)
   if ranked and ranked[0][0] > 0.9 and (len(ranked) == 1 or ranked[1][0] < 0.5):
     return ranked[0][1]

@@ -298,11 +298,18 @@ def as_matrix(w: Array, axis: Axis = -1) -> Array:
 
 
 def normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
-  # A zero product (zero weight) keeps the previous vector: normalizing it
-  # would give 0 and the iteration could never leave 0 once the weight grows.
-  sumsq = _sumsq(x, None)
-  small = sumsq <= eps * eps  # NaN is not small: it propagates
-  return jnp.where(small, previous, apply_scale(x, jax.lax.rsqrt(jnp.where(small, 1.0, sumsq))))
+  """``x / ||x||``, or ``previous`` where ``||x||`` is at most ``eps`` or not finite.
+
+  A zero product (zero weight) keeps the previous vector: normalizing it would
+  give 0 and the iteration could never leave 0 once the weight grows. A NaN or
+  inf product (a non-finite weight) keeps it too, so the state stays finite.
+  No gradient flows here (the iteration is outside the graph), so the rsqrt
+  may be inf; the test reads it, not the sum, so that the sum has one use and
+  XLA fuses the end of the reduction into the rsqrt.
+  """
+  inv = jax.lax.rsqrt(_sumsq(x, None))
+  ok = (inv > 0) & (inv < 1.0 / eps)  # eps < ||x|| < inf; False for NaN
+  return jnp.where(ok, apply_scale(x, inv), previous)
 
 
 # Explicit sharding (jax.make_mesh's default axis type) exists in newer JAX only.
@@ -348,6 +355,20 @@ def _bilinear_jvp(primals, tangents):
   return value, _u_w_v(u, dw, v)
 
 
+def matrix_view(w: Array, axis: Axis = -1, at: str = "spectral_normalize") -> tuple[Array, bool]:
+  """The matrix view for power iteration, with no copy where one can be avoided.
+
+  Returns ``(as_matrix(w, axis), False)``, or ``(W^T, True)`` when the kept
+  axes are the last ones (every Flax layer's default): ``W^T`` is then
+  ``w.reshape(n, m)``, free, where ``W`` is a kernel-sized transposing copy on
+  every call.
+  """
+  kept = _checks.check_spectral_weight(w, axis, at)
+  if kept == tuple(range(w.ndim - len(kept), w.ndim)):
+    return w.reshape(-1, math.prod(w.shape[w.ndim - len(kept) :])), True
+  return as_matrix(w, axis), False
+
+
 def power_iteration(
   w: Array,
   u: Array,
@@ -367,7 +388,8 @@ def power_iteration(
     w: matrix of shape ``(m, n)``, float or complex.
     u: left vector estimate, shape ``(m,)``.
     v: right vector estimate, shape ``(n,)``; needed when ``n_steps == 0``, and
-      kept if ``w^H u`` is zero (a zero weight).
+      kept if ``w^H u`` is zero or not finite (a zero or NaN weight; ``u`` likewise
+      for ``w v``).
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
@@ -389,38 +411,47 @@ def power_iteration(
     Adversarial Networks", ICLR 2018.
   """
   _checks.check_float_array(w, "w", "power_iteration")
-  eps = _checks.check_eps(eps, "power_iteration")
-  n_steps = _checks.check_count(n_steps, "n_steps", 0, "power_iteration")
   if w.ndim != 2:
     raise ValueError(f"power_iteration: w must be a matrix (m, n), got shape {w.shape}.")
-  m, n = w.shape
+  return _power_iteration(w, False, u, v, n_steps, eps)
+
+
+def _power_iteration(
+  mat: Array, transposed: bool, u: Array, v: Array | None, n_steps: int, eps: float
+) -> tuple[Array, Array, Array]:
+  """:func:`power_iteration` of ``W``, given as ``mat = W`` or, if ``transposed``, ``W^T``."""
+  eps = _checks.check_eps(eps, "power_iteration")
+  n_steps = _checks.check_count(n_steps, "n_steps", 0, "power_iteration")
+  m, n = mat.shape[::-1] if transposed else mat.shape
   if u.shape != (m,):
     raise ValueError(
-      f"power_iteration: u must have shape ({m},) for w of shape {w.shape}, got {u.shape}."
+      f"power_iteration: u must have shape ({m},) for w of shape {(m, n)}, got {u.shape}."
     )
   if v is None:
     if n_steps == 0:
       raise ValueError("power_iteration: n_steps=0 needs v.")
-    v_start = jnp.zeros((n,), w.dtype)
+    v_start = jnp.zeros((n,), mat.dtype)
   elif v.shape != (n,):
     raise ValueError(
-      f"power_iteration: v must have shape ({n},) for w of shape {w.shape}, got {v.shape}."
+      f"power_iteration: v must have shape ({n},) for w of shape {(m, n)}, got {v.shape}."
     )
   else:
     v_start = v
 
-  _check_vectors_fit(w, u, v)
-  dtype = compute_dtype(w.dtype)
-  w32 = w.astype(dtype)
-  w_fixed = jax.lax.stop_gradient(w32)
+  _check_vectors_fit(mat, u, v)
+  dtype = compute_dtype(mat.dtype)
+  # W; for a transposed `mat`, `mat.T`: a view XLA folds into the products, and
+  # the gradient u v^T then comes out in the kernel's own layout.
+  w32 = mat.astype(dtype).T if transposed else mat.astype(dtype)
+  w_view = jax.lax.stop_gradient(w32)
 
   def step(_, carry):
     u, v, _ = carry
     # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
     # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
     # W^H u = conj(conj(u) @ W): two vector conjugations, no conjugated W.
-    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w_fixed, v)), v, eps)  # W^H u
-    wv = _dot(v, w_fixed.T, u)  # W v
+    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w_view, v)), v, eps)  # W^H u
+    wv = _dot(v, w_view.T, u)  # W v
     u = normalize_or_keep(wv, u, eps)
     return u, v, _vdot(u, wv)  # sigma = Re(u^H W v), from the product just made
 
@@ -483,13 +514,13 @@ def spectral_state_init(
     Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
     Adversarial Networks", ICLR 2018.
   """
-  mat = as_matrix(w, axis)
-  m, n = mat.shape
+  mat, transposed = matrix_view(w, axis, "spectral_state_init")
+  m, n = mat.shape[::-1] if transposed else mat.shape
   dtype = compute_dtype(w.dtype)
   ku, kv = jax.random.split(key)
   u = l2_normalize(jax.random.normal(ku, (m,), dtype), eps=eps)
   v = l2_normalize(jax.random.normal(kv, (n,), dtype), eps=eps)
-  u, v, sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
+  u, v, sigma = _power_iteration(mat, transposed, u, v, n_steps, eps)
   return SpectralState(u, v, jax.lax.stop_gradient(sigma))
 
 
@@ -629,16 +660,13 @@ def spectral_scale(
   """
   _checks.check_mode(mode, "spectral_normalize")
   _checks.check_target(target, "spectral_normalize")
-  mat = as_matrix(w, axis)
-  new_u, new_v, new_sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
-  # A non-finite weight must not poison the state: keep all of the old state
-  # (never a partial update); the NaN still reaches the output.
-  ok = jnp.isfinite(new_sigma)
+  mat, transposed = matrix_view(w, axis)
+  new_u, new_v, new_sigma = _power_iteration(mat, transposed, u, v, n_steps, eps)
+  # A non-finite weight must not poison the state: u and v keep their old
+  # values (normalize_or_keep), sigma too; the NaN still reaches the output.
   old_sigma = new_sigma if sigma is None else jnp.asarray(sigma, new_sigma.dtype)
   state = SpectralState(
-    jnp.where(ok, new_u, u.astype(new_u.dtype)),
-    jnp.where(ok, new_v, v.astype(new_v.dtype)),
-    jax.lax.stop_gradient(jnp.where(ok, new_sigma, old_sigma)),
+    new_u, new_v, jax.lax.stop_gradient(jnp.where(jnp.isfinite(new_sigma), new_sigma, old_sigma))
   )
   scale = sigma_scale(new_sigma, eps, mode=mode, target=target, at="spectral_normalize")
   return scale, state

@@ -50,8 +50,8 @@ def operator_power_iteration(
     u: output-shaped estimate (any shape, e.g. ``(1, h, w, out)``).
     v: input-shaped estimate (e.g. ``(1, h, w, in)``).
     n_steps: iterations (>= 0).
-    eps: norms at or below ``eps`` count as zero; a zero product keeps the
-      previous vector.
+    eps: norms at or below ``eps`` count as zero; a zero or non-finite
+      product keeps the previous vector.
 
   Returns:
     ``(u, v, sigma)``: unit vectors of ``u``'s and ``v``'s shapes and
@@ -190,18 +190,18 @@ def iterate(
   linear: Linear,
   options: _options.SpectralNormOptions,
 ) -> tuple[jax.Array, _math.SpectralState]:
-  """A training step: the differentiable scale and the new state (the old one if not finite)."""
+  """A training step: the differentiable scale and the new state.
+
+  The state stays finite: ``u`` and ``v`` keep their old values where a
+  product is not finite (``normalize_or_keep``), ``sigma`` where it is not.
+  """
   apply = linear(jax.lax.stop_gradient(w))
   u, v, _ = operator_power_iteration(
     apply, state.u, state.v, n_steps=options.n_power_iterations, eps=options.eps
   )
   sigma = _sigma(w, u, v, linear)
-  ok = jnp.isfinite(sigma)
-  new = _math.SpectralState(
-    jnp.where(ok, u, state.u),
-    jnp.where(ok, v, state.v),
-    jax.lax.stop_gradient(jnp.where(ok, sigma, jnp.asarray(state.sigma, sigma.dtype))),
-  )
+  old = jnp.asarray(state.sigma, sigma.dtype)
+  new = _math.SpectralState(u, v, jax.lax.stop_gradient(jnp.where(jnp.isfinite(sigma), sigma, old)))
   return _scale(sigma, options), new
 
 

@@ -140,6 +140,47 @@ def test_spectral_normalize_check_grads_and_closed_form():
   )
 
 
+@pytest.mark.parametrize(
+  "shape, axis",
+  [((3, 3, 4, 5), -1), ((4, 3, 5), (-2, -1)), ((6, 5), -1), ((3, 4, 5), 0), ((3, 4, 5), 1)],
+)
+def test_spectral_scale_matches_the_matrix_view(shape, axis):
+  """Kept axes last read W^T as a free reshape: same state, sigma and gradient as as_matrix."""
+  w = jax.random.normal(jax.random.key(0), shape)
+  st = flaxnorm.spectral_state_init(jax.random.key(1), w, axis=axis, n_steps=3)
+  mat = flaxnorm.as_matrix(w, axis)
+  u, v, _ = flaxnorm.power_iteration(mat, st.u, v=st.v, n_steps=2)
+
+  def loss(w):
+    w_sn, state = flaxnorm.spectral_normalize(w, st.u, st.v, axis=axis, n_steps=2)
+    return jnp.sum(jnp.sin(w_sn)), state
+
+  def reference(w):  # w / (u^T W v), u and v from the as_matrix iteration held fixed
+    return jnp.sum(jnp.sin(w / (u @ flaxnorm.as_matrix(w, axis) @ v)))
+
+  (value, state), grad = jax.value_and_grad(loss, has_aux=True)(w)
+  chex.assert_trees_all_close((state.u, state.v), (u, v), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(value, reference(w), rtol=1e-5)
+  chex.assert_trees_all_close(grad, jax.grad(reference)(w), rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_products_keep_the_state():
+  """A NaN or inf weight, or one whose products overflow, leaves u, v and sigma as they were."""
+  w = jax.random.normal(jax.random.key(0), (4, 3))
+  st = flaxnorm.spectral_state_init(jax.random.key(1), w)
+  for bad in (w.at[0, 0].set(jnp.nan), w.at[1, 2].set(jnp.inf)):
+    w_sn, new = flaxnorm.spectral_normalize(bad, st.u, st.v, sigma=st.sigma, n_steps=2)
+    chex.assert_trees_all_close(tuple(new), tuple(st))
+    assert bool(jnp.any(jnp.isnan(w_sn)))  # loudly in the output
+  # Products whose norms overflow float32 keep u and v; sigma, finite, follows the weight.
+  _, new = flaxnorm.spectral_normalize(w * 1e30, st.u, st.v, sigma=st.sigma, n_steps=2)
+  chex.assert_trees_all_close((new.u, new.v), (st.u, st.v))
+  np.testing.assert_allclose(new.sigma, st.sigma * 1e30, rtol=1e-3)
+  # A finite weight afterwards resumes from there.
+  _, new = flaxnorm.spectral_normalize(w, st.u, st.v, sigma=st.sigma, n_steps=2)
+  np.testing.assert_allclose(new.sigma, np.linalg.svd(np.asarray(w), compute_uv=False)[0], rtol=1e-3)
+
+
 def test_power_iteration_vectors_carry_no_gradient():
   w = jax.random.normal(jax.random.key(0), (4, 3))
   u0 = flaxnorm.l2_normalize(jnp.ones((4,)))
