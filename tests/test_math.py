@@ -178,7 +178,9 @@ def test_non_finite_products_keep_the_state():
   np.testing.assert_allclose(new.sigma, st.sigma * 1e30, rtol=1e-3)
   # A finite weight afterwards resumes from there.
   _, new = flaxnorm.spectral_normalize(w, st.u, st.v, sigma=st.sigma, n_steps=2)
-  np.testing.assert_allclose(new.sigma, np.linalg.svd(np.asarray(w), compute_uv=False)[0], rtol=1e-3)
+  np.testing.assert_allclose(
+    new.sigma, np.linalg.svd(np.asarray(w), compute_uv=False)[0], rtol=1e-3
+  )
 
 
 def test_power_iteration_vectors_carry_no_gradient():
