@@ -355,18 +355,18 @@ def _bilinear_jvp(primals, tangents):
   return value, _u_w_v(u, dw, v)
 
 
-def matrix_view(w: Array, axis: Axis = -1, at: str = "spectral_normalize") -> tuple[Array, bool]:
-  """The matrix view for power iteration, with no copy where one can be avoided.
+def matrix_view(w: Array, axis: Axis = -1, at: str = "spectral_normalize") -> Array:
+  """:func:`as_matrix`'s ``(m, n)`` view, with no copy where one can be avoided.
 
-  Returns ``(as_matrix(w, axis), False)``, or ``(W^T, True)`` when the kept
-  axes are the last ones (every Flax layer's default): ``W^T`` is then
-  ``w.reshape(n, m)``, free, where ``W`` is a kernel-sized transposing copy on
-  every call.
+  When the kept axes are the last ones (every Flax layer's default), it is
+  ``w.reshape(n, m).T``: a transpose XLA folds into the products (and the
+  gradient ``u v^T`` comes out in the kernel's own layout), where ``moveaxis``
+  is a kernel-sized transposing copy on every call.
   """
   kept = _checks.check_spectral_weight(w, axis, at)
   if kept == tuple(range(w.ndim - len(kept), w.ndim)):
-    return w.reshape(-1, math.prod(w.shape[w.ndim - len(kept) :])), True
-  return as_matrix(w, axis), False
+    return w.reshape(-1, math.prod(w.shape[w.ndim - len(kept) :])).T
+  return as_matrix(w, axis)
 
 
 def power_iteration(
@@ -411,47 +411,38 @@ def power_iteration(
     Adversarial Networks", ICLR 2018.
   """
   _checks.check_float_array(w, "w", "power_iteration")
-  if w.ndim != 2:
-    raise ValueError(f"power_iteration: w must be a matrix (m, n), got shape {w.shape}.")
-  return _power_iteration(w, False, u, v, n_steps, eps)
-
-
-def _power_iteration(
-  mat: Array, transposed: bool, u: Array, v: Array | None, n_steps: int, eps: float
-) -> tuple[Array, Array, Array]:
-  """:func:`power_iteration` of ``W``, given as ``mat = W`` or, if ``transposed``, ``W^T``."""
   eps = _checks.check_eps(eps, "power_iteration")
   n_steps = _checks.check_count(n_steps, "n_steps", 0, "power_iteration")
-  m, n = mat.shape[::-1] if transposed else mat.shape
+  if w.ndim != 2:
+    raise ValueError(f"power_iteration: w must be a matrix (m, n), got shape {w.shape}.")
+  m, n = w.shape
   if u.shape != (m,):
     raise ValueError(
-      f"power_iteration: u must have shape ({m},) for w of shape {(m, n)}, got {u.shape}."
+      f"power_iteration: u must have shape ({m},) for w of shape {w.shape}, got {u.shape}."
     )
   if v is None:
     if n_steps == 0:
       raise ValueError("power_iteration: n_steps=0 needs v.")
-    v_start = jnp.zeros((n,), mat.dtype)
+    v_start = jnp.zeros((n,), w.dtype)
   elif v.shape != (n,):
     raise ValueError(
-      f"power_iteration: v must have shape ({n},) for w of shape {(m, n)}, got {v.shape}."
+      f"power_iteration: v must have shape ({n},) for w of shape {w.shape}, got {v.shape}."
     )
   else:
     v_start = v
 
-  _check_vectors_fit(mat, u, v)
-  dtype = compute_dtype(mat.dtype)
-  # W; for a transposed `mat`, `mat.T`: a view XLA folds into the products, and
-  # the gradient u v^T then comes out in the kernel's own layout.
-  w32 = mat.astype(dtype).T if transposed else mat.astype(dtype)
-  w_view = jax.lax.stop_gradient(w32)
+  _check_vectors_fit(w, u, v)
+  dtype = compute_dtype(w.dtype)
+  w32 = w.astype(dtype)
+  w_fixed = jax.lax.stop_gradient(w32)
 
   def step(_, carry):
     u, v, _ = carry
     # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
     # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
     # W^H u = conj(conj(u) @ W): two vector conjugations, no conjugated W.
-    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w_view, v)), v, eps)  # W^H u
-    wv = _dot(v, w_view.T, u)  # W v
+    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w_fixed, v)), v, eps)  # W^H u
+    wv = _dot(v, w_fixed.T, u)  # W v
     u = normalize_or_keep(wv, u, eps)
     return u, v, _vdot(u, wv)  # sigma = Re(u^H W v), from the product just made
 
@@ -514,13 +505,13 @@ def spectral_state_init(
     Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
     Adversarial Networks", ICLR 2018.
   """
-  mat, transposed = matrix_view(w, axis, "spectral_state_init")
-  m, n = mat.shape[::-1] if transposed else mat.shape
+  mat = matrix_view(w, axis, "spectral_state_init")
+  m, n = mat.shape
   dtype = compute_dtype(w.dtype)
   ku, kv = jax.random.split(key)
   u = l2_normalize(jax.random.normal(ku, (m,), dtype), eps=eps)
   v = l2_normalize(jax.random.normal(kv, (n,), dtype), eps=eps)
-  u, v, sigma = _power_iteration(mat, transposed, u, v, n_steps, eps)
+  u, v, sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
   return SpectralState(u, v, jax.lax.stop_gradient(sigma))
 
 
@@ -660,8 +651,7 @@ def spectral_scale(
   """
   _checks.check_mode(mode, "spectral_normalize")
   _checks.check_target(target, "spectral_normalize")
-  mat, transposed = matrix_view(w, axis)
-  new_u, new_v, new_sigma = _power_iteration(mat, transposed, u, v, n_steps, eps)
+  new_u, new_v, new_sigma = power_iteration(matrix_view(w, axis), u, v=v, n_steps=n_steps, eps=eps)
   # A non-finite weight must not poison the state: u and v keep their old
   # values (normalize_or_keep), sigma too; the NaN still reaches the output.
   old_sigma = new_sigma if sigma is None else jnp.asarray(sigma, new_sigma.dtype)
