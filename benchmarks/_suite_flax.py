@@ -225,7 +225,10 @@ def nnx_wraps(n_power: int) -> dict[str, Callable]:
     "plain": lambda m, rngs: m,
     "flaxnorm WN": lambda m, rngs: fnx.weight_norm(m),
     "flaxnorm SN": lambda m, rngs: fnx.spectral_norm(m, n_power_iterations=n_power, rngs=rngs),
-    "flax.nnx WN": lambda m, rngs: nnx.WeightNorm(m, rngs=rngs),
+    # flax.nnx writes the normalized kernel back into the layer in the dtype its
+    # scale (float32) promotes it to unless `dtype` is set: a bfloat16 kernel
+    # would become float32 after the first step.
+    "flax.nnx WN": lambda m, rngs: nnx.WeightNorm(m, dtype=m.param_dtype, rngs=rngs),
     "flax.nnx SN": lambda m, rngs: nnx.SpectralNorm(m, n_steps=n_power, rngs=rngs),
   }
 

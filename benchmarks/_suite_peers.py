@@ -102,7 +102,11 @@ def build_eqx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> 
 
   arch = MODELS[model][0]
   keys = iter(jax.random.split(jax.random.key(0), 64))
-  layers = _eqx_layers(arch, next(keys))
+  # Cast before wrapping: SpectralNorm's u and v take the weight's dtype (cast
+  # after, they stay float32 and a bfloat16 convolution refuses the f32 weight).
+  layers = jax.tree.map(
+    lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, _eqx_layers(arch, next(keys))
+  )
   if variant == "equinox WN":
     layers = [eqx.nn.WeightNorm(layer) for layer in layers]
   elif variant == "equinox SN":
@@ -111,7 +115,6 @@ def build_eqx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> 
       for layer in layers
     ]
   sn_state = eqx.nn.State(layers)
-  layers = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, layers)
   params, static = eqx.partition(layers, eqx.is_inexact_array)
   tx = optax.adam(lr)
   x, y = data(model, dtype)

@@ -9,6 +9,12 @@ steps (noise on a shared machine only adds time). A variant is compared with
 another by the per-round ratio of their times, so a drift in the machine's
 load that spans a round hits both alike; the reported ratio is the median over
 rounds and its 95% interval a percentile bootstrap of that median.
+
+The variants of one *group* (a face: its plain step and everything divided by
+it) run back to back within a round, so a variant and its base are timed
+within a fraction of a second of each other, not a whole round apart: on a VM
+whose speed drifts by 10-20% within seconds, that narrowed the generator's
+intervals from +-5-10% to +-1-2% (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ def interleaved(
   rounds: int,
   min_rounds: int,
   budget_s: float,
+  group: Callable[[str], str] = lambda key: "",
   seed: int = 0,
 ) -> dict[str, list[float]]:
   """Milliseconds per step of every variant, one value per round.
@@ -41,18 +48,25 @@ def interleaved(
     rounds: at most this many rounds.
     min_rounds: at least this many, whatever the budget.
     budget_s: seconds after which no new round starts (once ``min_rounds`` ran).
+    group: variant -> its group; a group's variants run back to back in a
+      round (the groups' order and each group's order shuffled per round).
     seed: the order shuffle's seed.
 
   Returns:
     ``{variant: [ms of round 0, ms of round 1, ...]}``, all of the same length.
   """
   times: dict[str, list[float]] = {k: [] for k in steps}
-  order = list(steps)
+  groups: dict[str, list[str]] = {}
+  for key in steps:
+    groups.setdefault(group(key), []).append(key)
+  blocks = list(groups.values())
   shuffle = random.Random(seed).shuffle
   deadline = time.perf_counter() + budget_s
   for r in range(rounds):
-    shuffle(order)
-    for key in order:
+    shuffle(blocks)
+    for block in blocks:
+      shuffle(block)
+    for key in (key for block in blocks for key in block):
       best = float("inf")
       for _ in range(n):
         t = time.perf_counter()

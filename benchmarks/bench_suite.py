@@ -141,6 +141,7 @@ def time_model(model: str, dtype, cfg, forced: bool, floor: bool, notes: list) -
     rounds=cfg["rounds"],
     min_rounds=cfg["min_rounds"],
     budget_s=cfg["model_budget_s"],
+    group=_group_of,
   )
   out = {}
   for key, e in runs.items():
@@ -164,6 +165,12 @@ def _one_step(entry: dict) -> None:
   state, loss = entry["compiled"](entry["state"], entry["run"].x, entry["run"].y)
   jax.block_until_ready((state, loss))
   entry["state"] = state
+
+
+def _group_of(key: str) -> str:
+  """The face whose plain step ``key`` is divided by (the floor's rows: Linen's)."""
+  face = key.split(": ", 1)[0]
+  return "Linen" if face == "floor" else face
 
 
 def _base_of(key: str) -> str:
