@@ -74,6 +74,33 @@ class Run:
   normalized_bytes: int = 0
 
 
+def flattened(run: Run) -> Run:
+  """``run`` over the flat list of its state's leaves.
+
+  A compiled step flattens its input pytree and unflattens its output on every
+  call, in Python. For a list of arrays that is the same small cost for every
+  library; for an ``nnx.State`` it is not (the generator's: 1.0 ms a call plain,
+  1.5 ms weight-normed, 2.5 ms spectral-normed, against 0.07-0.12 ms for Linen's
+  dicts: 1-3% of the step, which is dispatch, not the library's math).
+  """
+  leaves, treedef = jax.tree.flatten(run.state)
+
+  def step(leaves, x, y):
+    state, loss = run.step(jax.tree.unflatten(treedef, leaves), x, y)
+    new_leaves, new_def = jax.tree.flatten(state)
+    if new_def != treedef:
+      raise TypeError(f"the step changes its state's structure: {new_def} != {treedef}")
+    return new_leaves, loss
+
+  sigmas = run.sigmas
+  return dataclasses.replace(
+    run,
+    step=step,
+    state=leaves,
+    sigmas=None if sigmas is None else lambda leaves: sigmas(jax.tree.unflatten(treedef, leaves)),
+  )
+
+
 def adam_step(loss_fn: Callable, tx, params, opt_state):
   """One optimizer step of ``loss_fn(params) -> (loss, aux)``: ``((params, opt_state, aux), loss)``.
 

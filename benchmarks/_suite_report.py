@@ -231,7 +231,8 @@ def markdown(res: dict) -> str:
   head = (
     f"{res['date']}; {res['machine']}; {res['versions']}. "
     f"Interleaved paired rounds (up to {cfg['rounds']}, at least {cfg['min_rounds']}, "
-    f"{cfg['steps']} steps each, the fastest kept, order shuffled per round); ratios are "
+    f"{cfg['steps']} steps each, the fastest kept; faces in a shuffled order, each face's "
+    "variants back to back in a shuffled order); ratios are "
     "medians of per-round ratios to the same face's plain step, with 95% bootstrap intervals."
     f"{' QUICK RUN.' if res['quick'] else ''} Total {res['total_s']:.0f} s."
   )

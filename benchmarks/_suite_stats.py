@@ -12,9 +12,9 @@ rounds and its 95% interval a percentile bootstrap of that median.
 
 The variants of one *group* (a face: its plain step and everything divided by
 it) run back to back within a round, so a variant and its base are timed
-within a fraction of a second of each other, not a whole round apart: on a VM
-whose speed drifts by 10-20% within seconds, that narrowed the generator's
-intervals from +-5-10% to +-1-2% (docs/benchmarks.md).
+within a fraction of a round of each other rather than anywhere in it (a
+round of the generator's 19 variants lasts 6 s, in which a shared VM's speed
+can drift by 10-20%).
 """
 
 from __future__ import annotations

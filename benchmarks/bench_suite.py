@@ -46,7 +46,7 @@ import _suite_stats as stats
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _suite_common import MODELS, Run
+from _suite_common import MODELS, Run, flattened
 from _suite_flax import FORCED, build_linen, build_nnx
 from _suite_floor import FLOOR, FLOOR_BASE, build_floor
 from _suite_peers import EQX_VARIANTS, HAIKU_VARIANTS, HAVE_EQX, HAVE_HAIKU, build_eqx, build_haiku
@@ -79,10 +79,11 @@ def variants(model: str, forced: bool, floor: bool) -> list[tuple[str, str]]:
 
 
 def build(face: str, variant: str, model: str, dtype, n_power=1, lr=None) -> Run:
+  """One variant's run, over a flat list of its state's leaves (see ``flattened``)."""
   if face == "floor":
-    return build_floor(variant, model, dtype)
+    return flattened(build_floor(variant, model, dtype))
   kwargs = {} if lr is None else {"lr": lr}
-  return BUILDERS[face](variant, model, dtype, n_power, **kwargs)
+  return flattened(BUILDERS[face](variant, model, dtype, n_power, **kwargs))
 
 
 def compile_run(run: Run):
@@ -113,6 +114,8 @@ def time_model(model: str, dtype, cfg, forced: bool, floor: bool, notes: list) -
   runs = {}
   for face, variant in variants(model, forced, floor):
     key = f"{face}: {variant}"
+    if cfg["keep"] and key not in cfg["keep"] and variant != "plain":
+      continue  # --variants: only these (and the plain steps they are divided by)
     try:
       run = build(face, variant, model, dtype)
       compiled, seconds = compile_run(run)
@@ -282,6 +285,20 @@ def _save(res: dict, path: str | None) -> None:
       json.dump(res, f, indent=1)
 
 
+def _extras(res: dict, args, notes: list) -> None:
+  """sigma against the SVD and compile time against n, into ``res``."""
+  print("sigma accuracy ...", flush=True)
+  try:
+    res["sigma"] = {f"{k} | {n}": e for (k, n), e in sigma_accuracy().items()}
+  except Exception as e:
+    notes.append(f"sigma accuracy failed ({type(e).__name__}: {e})"[:300])
+  print("compile time against n ...", flush=True)
+  ns = (1, 2, 50, 1000)
+  sweep = compile_sweep(ns, 1 if args.quick else args.compile_reps, notes)
+  res["compile"] = {f"{k} | {n}": s for (k, n), s in sweep.items()}
+  _save(res, args.json)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
@@ -298,6 +315,15 @@ def main():
   parser.add_argument("--min-rounds", type=int, default=15, help="at least this many rounds")
   parser.add_argument(
     "--model-budget", type=float, default=90, help="seconds after which no new round starts"
+  )
+  parser.add_argument(
+    "--variants",
+    help='comma-separated "Face: variant" rows to time (e.g. "Linen: flaxnorm WN"); '
+    "each face's plain step is always timed",
+  )
+  parser.add_argument("--steps", type=int, help="steps per variant per round (default 5 / 3)")
+  parser.add_argument(
+    "--steps-only", action="store_true", help="only the train steps: no sigma, compile, PyTorch"
   )
   parser.add_argument("--compile-reps", type=int, default=3, help="median of this many compiles")
   parser.add_argument("--json", help="write the results here")
@@ -318,6 +344,7 @@ def main():
     rounds=2 if args.quick else args.rounds,
     min_rounds=2 if args.quick else args.min_rounds,
     model_budget_s=5 if args.quick else args.model_budget,
+    keep=[k.strip() for k in args.variants.split(",")] if args.variants else [],
     steps={
       "mlp": 2 if args.quick else 5,
       "disc": 1 if args.quick else 3,
@@ -326,6 +353,8 @@ def main():
   )
   if args.gpu:
     cfg.update(steps={"mlp": 20, "disc": 10, "gen": 10})
+  if args.steps:
+    cfg.update(steps=dict.fromkeys(("mlp", "disc", "gen"), args.steps))
   models = [m for m in args.only.split(",") if m]
   notes: list[str] = []
   if not HAVE_EQX:
@@ -346,17 +375,9 @@ def main():
   bf16_models = args.bf16_only.split(",") if args.bf16_only else models
   for model in models:
     _time(res, model, jnp.float32, cfg, notes, args.json)
-  print("sigma accuracy ...", flush=True)
-  try:
-    res["sigma"] = {f"{k} | {n}": e for (k, n), e in sigma_accuracy().items()}
-  except Exception as e:
-    notes.append(f"sigma accuracy failed ({type(e).__name__}: {e})"[:300])
-  print("compile time against n ...", flush=True)
-  ns = (1, 2, 50, 1000)
-  sweep = compile_sweep(ns, 1 if args.quick else args.compile_reps, notes)
-  res["compile"] = {f"{k} | {n}": s for (k, n), s in sweep.items()}
-  _save(res, args.json)
-  if not (args.no_torch or args.gpu):
+  if not args.steps_only:
+    _extras(res, args, notes)
+  if not (args.no_torch or args.gpu or args.steps_only):
     print("PyTorch (own process) ...", flush=True)
     res["torch"] = run_torch(args.quick, notes)
   for model in [] if args.no_bf16 else [m for m in models if m in bf16_models]:
