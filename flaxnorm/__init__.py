@@ -3,19 +3,17 @@
 # The other faces are submodules: flaxnorm.nnx, flaxnorm.tree, flaxnorm.interop.
 from flaxnorm import interop, nnx, tree
 from flaxnorm._certify import DEFAULT_GRAM_STEPS, conv_norm_bound, matrix_norm_bound
-from flaxnorm._math import (
+from flaxnorm._math import l2_normalize, weight_norm_compose, weight_norm_decompose
+from flaxnorm._operator import operator_power_iteration
+from flaxnorm._power import (
   DEFAULT_N_INIT_ITERATIONS,
   SpectralState,
   as_matrix,
-  l2_normalize,
   power_iteration,
   scale_by_sigma,
   spectral_normalize,
   spectral_state_init,
-  weight_norm_compose,
-  weight_norm_decompose,
 )
-from flaxnorm._operator import operator_power_iteration
 from flaxnorm._reports import LipschitzBound, lipschitz_bound, spectral_sigmas
 from flaxnorm.linen import remove_spectral_norm, remove_weight_norm, spectral_norm, weight_norm
 

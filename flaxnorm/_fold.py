@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from flaxnorm import _checks, _math, _options
+from flaxnorm import _checks, _math, _options, _power
 from flaxnorm._checks import Axis
 
 #: How error messages name the top of a tree or model, in every face.
@@ -207,7 +207,7 @@ def spectral_fold_one(
   raw, w = w, meta.unbox(w)
   u, v, sigma = (meta.unbox(x) for x in state)
   if jnp.ndim(u) >= 2 and jnp.ndim(v) >= 2:  # operator mode: one example each
-    scale = _math.sigma_scale(
+    scale = _power.sigma_scale(
       sigma, options.eps, mode=options.mode, target=options.target, at=options.at
     )
     w_sn = _math.apply_scale(w, scale)
@@ -215,7 +215,7 @@ def spectral_fold_one(
     if axis == "auto":
       axis = stored_axes(w, u, v, name, at)
     kept = check_spectral_state(w, state, name, axis, at)
-    w_sn, _ = _math.spectral_normalize(
+    w_sn, _ = _power.spectral_normalize(
       w, u, v, axis=kept, n_steps=0, eps=options.eps, mode=options.mode, target=options.target
     )
   return raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn

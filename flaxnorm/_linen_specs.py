@@ -28,6 +28,7 @@ from flaxnorm import (
   _math,
   _operator,
   _options,
+  _power,
   _subclass,
 )
 
@@ -117,7 +118,7 @@ class SpectralNormSpec(_subclass.SpecBase):
       state, train, fresh = stored
     if layer_map is None:
       n_steps = opts.n_power_iterations if train else 0
-      scale, new = _math.spectral_scale(
+      scale, new = _power.spectral_scale(
         w,
         state.u,
         state.v,
@@ -151,7 +152,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     keys: tuple,
     layer_map: _linen_operator.LayerMap | None,
     at: str,
-  ) -> tuple[_math.SpectralState, bool, bool] | None:
+  ) -> tuple[_power.SpectralState, bool, bool] | None:
     """``(checked stored state, train, fresh)``, or ``None`` at init (to create it).
 
     ``fresh``: a scan's loop reading the state its first trace stored, used as
@@ -160,7 +161,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     opts = self.options
     present = [module.has_variable(opts.collection, k) for k in keys]
     if all(present):
-      state = _math.SpectralState(
+      state = _power.SpectralState(
         *(meta.unbox(module.get_variable(opts.collection, k)) for k in keys)
       )
       if layer_map is None:
@@ -193,13 +194,13 @@ class SpectralNormSpec(_subclass.SpecBase):
     keys: tuple,
     layer_map: _linen_operator.LayerMap | None,
     at: str,
-  ) -> _math.SpectralState:
+  ) -> _power.SpectralState:
     """The converged start state, stored boxed like the kernel (sharding metadata)."""
     opts = self.options
     key = module.make_rng("spectral" if module.has_rng("spectral") else "params")
     names = _axis_names(raw_w)
     if layer_map is None:
-      state = _math.spectral_state_init(
+      state = _power.spectral_state_init(
         key, w, axis=kept, n_steps=opts.n_init_iterations, eps=opts.eps
       )
       # u lies along the kept axis; with several kept axes it has no one name.

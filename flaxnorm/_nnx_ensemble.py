@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxnorm import _axes, _checks, _math, _options
+from flaxnorm import _axes, _checks, _math, _options, _power
 
 
 def _expected_rank(module: nnx.Module, name: str) -> int | None:
@@ -78,12 +78,12 @@ def weight_norm_g(w: jax.Array, options: _options.WeightNormOptions) -> jax.Arra
 
 def spectral_state_init(
   key: jax.Array, w: jax.Array, kept: tuple[int, ...], options: _options.SpectralNormOptions
-) -> _math.SpectralState:
+) -> _power.SpectralState:
   """Each member's converged start state (``w`` stacked on axis 0), stacked."""
   keys = jax.random.split(key, w.shape[0])
 
-  def init(k: jax.Array, m: jax.Array) -> _math.SpectralState:
-    return _math.spectral_state_init(
+  def init(k: jax.Array, m: jax.Array) -> _power.SpectralState:
+    return _power.spectral_state_init(
       k, m, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
     )
 
@@ -105,7 +105,7 @@ def stacked_factors(spec: Any, w: jax.Array, *state: jax.Array) -> tuple[jax.Arr
   kept = _checks.normalize_axes(_axes.explicit(opts.axis, ""), spec.member_ndim)
 
   def scale(m: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
-    s, _ = _math.spectral_scale(
+    s, _ = _power.spectral_scale(
       m, u, v, axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode, target=opts.target
     )
     return s

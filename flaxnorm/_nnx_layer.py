@@ -30,6 +30,7 @@ from flaxnorm import (
   _operator,
   _options,
   _output_scale,
+  _power,
   _subclass,
 )
 
@@ -140,7 +141,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     if opts.operator:  # the stored sigma, as Linen's evaluation
       return w[...], _operator.eval_scale(sigma[...], opts)
     # Otherwise sigma = u^T W v from the stored vectors.
-    scale, _ = _math.spectral_scale(
+    scale, _ = _power.spectral_scale(
       w[...], u[...], v[...], axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode, target=opts.target
     )
     return w[...], scale
@@ -157,11 +158,11 @@ class SpectralNormSpec(_subclass.SpecBase):
     if opts.operator:
       at = describe(module, name)
       _operator.check_input_shape(v[...].shape, example, self.attrs(name), at)
-      stored = _math.SpectralState(u[...], v[...], sigma[...])
+      stored = _power.SpectralState(u[...], v[...], sigma[...])
       scale, new = _operator.iterate(w[...], stored, operator_map(module, name), opts)
       u[...], v[...], sigma[...] = new.u, new.v, new.sigma
       return scale
-    scale, new = _math.spectral_scale(
+    scale, new = _power.spectral_scale(
       w[...],
       u[...],
       v[...],

@@ -14,7 +14,17 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flaxnorm import _axes, _checks, _math, _nnx_ensemble, _operator, _options, _select, _subclass
+from flaxnorm import (
+  _axes,
+  _checks,
+  _math,
+  _nnx_ensemble,
+  _operator,
+  _options,
+  _power,
+  _select,
+  _subclass,
+)
 from flaxnorm._nnx_layer import (
   FLAG,
   SpectralNormSpec,
@@ -280,7 +290,7 @@ def plan_spectral_norm(
       linear = operator_map(module, name)
       states[name] = _operator.init_state(next_key(i), w, linear, example, options)
     else:
-      states[name] = _math.spectral_state_init(
+      states[name] = _power.spectral_state_init(
         next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
       )
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from flaxnorm import _checks, _math, _options
+from flaxnorm import _checks, _math, _options, _power
 
 #: ``w -> (x -> A_w x)``: the layer's linear map on one example for a kernel ``w``.
 Linear = Callable[[jax.Array], Callable[[jax.Array], jax.Array]]
@@ -82,9 +82,9 @@ def operator_power_iteration(
 
   def step(_, carry):
     u, v, _ = carry
-    v = _math.normalize_or_keep(transpose(u)[0].astype(dtype), v, eps)
+    v = _power.normalize_or_keep(transpose(u)[0].astype(dtype), v, eps)
     av = apply(v).astype(dtype)
-    u = _math.normalize_or_keep(av, u, eps)
+    u = _power.normalize_or_keep(av, u, eps)
     return u, v, jnp.vdot(u, av)
 
   carry = (u, v, jnp.vdot(u, apply(v).astype(dtype)))
@@ -171,7 +171,7 @@ def init_state(
   linear: Linear,
   example: tuple[int, ...],
   options: _options.SpectralNormOptions,
-) -> _math.SpectralState:
+) -> _power.SpectralState:
   """Random normalized ``u`` (one output example) and ``v`` (one input ``example``), iterated."""
   ku, kv = jax.random.split(key)
   apply = linear(jax.lax.stop_gradient(w))
@@ -181,15 +181,15 @@ def init_state(
   u, v, sigma = operator_power_iteration(
     apply, u, v, n_steps=options.n_init_iterations, eps=options.eps
   )
-  return _math.SpectralState(u, v, sigma)
+  return _power.SpectralState(u, v, sigma)
 
 
 def iterate(
   w: jax.Array,
-  state: _math.SpectralState,
+  state: _power.SpectralState,
   linear: Linear,
   options: _options.SpectralNormOptions,
-) -> tuple[jax.Array, _math.SpectralState]:
+) -> tuple[jax.Array, _power.SpectralState]:
   """A training step: the differentiable scale and the new state.
 
   The state stays finite: ``u`` and ``v`` keep their old values where a
@@ -201,7 +201,9 @@ def iterate(
   )
   sigma = _sigma(w, u, v, linear)
   old = jnp.asarray(state.sigma, sigma.dtype)
-  new = _math.SpectralState(u, v, jax.lax.stop_gradient(jnp.where(jnp.isfinite(sigma), sigma, old)))
+  new = _power.SpectralState(
+    u, v, jax.lax.stop_gradient(jnp.where(jnp.isfinite(sigma), sigma, old))
+  )
   return _scale(sigma, options), new
 
 
@@ -246,7 +248,7 @@ def _inner_jvp(apply_fn, primals, tangents):
 
 
 def _scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:
-  return _math.sigma_scale(
+  return _power.sigma_scale(
     sigma, options.eps, mode=options.mode, target=options.target, at="spectral_norm"
   )
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from flaxnorm import _axes, _checks
 from flaxnorm._axes import AxisOption
-from flaxnorm._math import DEFAULT_N_INIT_ITERATIONS
+from flaxnorm._power import DEFAULT_N_INIT_ITERATIONS
 
 #: Params that replace a weight-normalized ``{name}``: ``{name}_g``, ``{name}_v``.
 WEIGHT_NORM_SUFFIXES = ("_g", "_v")

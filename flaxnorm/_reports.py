@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from flaxnorm import _axes, _certify, _checks, _fold, _math, _operator, _options, _subclass
+from flaxnorm import _axes, _certify, _checks, _fold, _operator, _options, _power, _subclass
 
 
 def spectral_sigmas(
@@ -237,7 +237,7 @@ def _certified(
     # An axis mapping was resolved per submodule: the root's own params take "auto".
     axis = _axes.AUTO if isinstance(opts.axis, _axes.AxisMap) else opts.axis
     kept = _checks.normalize_axes(_axes.resolve(axis, seen.module, seen.name, path), w.ndim)
-    scale, _ = _math.spectral_scale(
+    scale, _ = _power.spectral_scale(
       jnp.asarray(w, jnp.float32), u, v, axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode,
       target=opts.target,
     )  # fmt: skip
@@ -269,4 +269,4 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float | None:
 def _effective_norm(sigma: jax.Array, target: float, mode: str) -> jax.Array:
   """The spectral norm of ``w * scale`` for a kernel whose norm is ``sigma``."""
   sigma = jnp.asarray(sigma, jnp.float32)
-  return jnp.abs(sigma) * _math.sigma_scale(sigma, mode=mode, target=target, at="lipschitz_bound")
+  return jnp.abs(sigma) * _power.sigma_scale(sigma, mode=mode, target=target, at="lipschitz_bound")

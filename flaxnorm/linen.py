@@ -38,6 +38,7 @@ from flaxnorm import (
   _math,
   _options,
   _output_scale,
+  _power,
   _select,
   _subclass,
 )
@@ -544,7 +545,7 @@ def spectral_norm(
   name: Names = "kernel",
   axis: AxisOption = "auto",
   n_power_iterations: int = 1,
-  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  n_init_iterations: int = _power.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   collection: str = "spectral",
   mode: str = "normalize",

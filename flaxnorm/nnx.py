@@ -70,6 +70,7 @@ from flaxnorm import (
   _nnx_plan,
   _nnx_scan,
   _options,
+  _power,
   _select,
   _subclass,
 )
@@ -189,7 +190,7 @@ def spectral_norm(
   name: Names = "kernel",
   axis: AxisOption = "auto",
   n_power_iterations: int = 1,
-  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  n_init_iterations: int = _power.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   mode: str = "normalize",
   target: float = 1.0,

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from flaxnorm import _axes, _checks, _fold, _math, _options, _select
+from flaxnorm import _axes, _checks, _fold, _math, _options, _power, _select
 from flaxnorm._checks import Axis
 
 __all__ = (
@@ -247,7 +247,7 @@ def spectral_norm_init(
   *,
   name: Selector = "kernel",
   axis: Axis = -1,
-  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  n_init_iterations: int = _power.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   names: Selector | None = None,
 ) -> dict:
@@ -318,7 +318,7 @@ def _spectral_norm_init(
     node = state
     for part in p[:-1]:
       node = node.setdefault(str(part), {})
-    s = _math.spectral_state_init(
+    s = _power.spectral_state_init(
       k,
       x,
       axis=_axes.explicit(options.axis, options.at),
@@ -419,7 +419,7 @@ def _spectral_norm_apply(
     at = f"{fn}: param '{_select.path_str(path)}'"
     kept = _fold.check_spectral_state(w, (u, v, sigma), name, _axes.explicit(options.axis, at), at)
     n_steps = options.n_power_iterations if update else 0
-    normalized[path], new_state[path] = _math.spectral_normalize(
+    normalized[path], new_state[path] = _power.spectral_normalize(
       w,
       u,
       v,
@@ -543,7 +543,7 @@ def spectral_norm(
   name: Selector = "kernel",
   axis: Axis = -1,
   n_power_iterations: int = 1,
-  n_init_iterations: int = _math.DEFAULT_N_INIT_ITERATIONS,
+  n_init_iterations: int = _power.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
   mode: str = "normalize",
   target: float = 1.0,

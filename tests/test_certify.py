@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from flaxnorm import _certify
 from flaxnorm._certify import DEFAULT_GRAM_STEPS, conv_norm_bound, matrix_norm_bound
-from flaxnorm._math import as_matrix
+from flaxnorm._power import as_matrix
 
 
 def _sigma(mat) -> float:
