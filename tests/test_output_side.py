@@ -155,9 +155,13 @@ def _step_peak(wrap, x, conv=False) -> tuple[int, int]:
     return jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads)
 
   m = jax.jit(step).lower(variables).compile().memory_analysis()
-  kernels = [a for a in jax.tree.leaves(variables["params"]) if a.ndim == (4 if conv else 2)]
+  kernels = [
+    leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+    if path[-1].key in ("kernel", "kernel_v")  # plain and SN: kernel; WN: kernel_v (not _g)
+  ]
   peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-  return peak - m.alias_size_in_bytes, sum(a.nbytes for a in kernels if a.size > 64 * 2)
+  return peak - m.alias_size_in_bytes, sum(a.nbytes for a in kernels)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer assignment")
