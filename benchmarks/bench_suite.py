@@ -114,7 +114,8 @@ def time_model(model: str, dtype, cfg, forced: bool, floor: bool, notes: list) -
   runs = {}
   for face, variant in variants(model, forced, floor):
     key = f"{face}: {variant}"
-    if cfg["keep"] and key not in cfg["keep"] and variant != "plain":
+    faces = {k.split(": ", 1)[0] for k in cfg["keep"]}
+    if cfg["keep"] and key not in cfg["keep"] and (variant != "plain" or face not in faces):
       continue  # --variants: only these (and the plain steps they are divided by)
     try:
       run = build(face, variant, model, dtype)
@@ -319,7 +320,7 @@ def main():
   parser.add_argument(
     "--variants",
     help='comma-separated "Face: variant" rows to time (e.g. "Linen: flaxnorm WN"); '
-    "each face's plain step is always timed",
+    "with the plain steps of their faces",
   )
   parser.add_argument("--steps", type=int, help="steps per variant per round (default 5 / 3)")
   parser.add_argument(
