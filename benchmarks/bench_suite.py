@@ -309,6 +309,7 @@ def main():
   parser.add_argument("--only", default=",".join(MODELS), help="comma-separated models")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--no-bf16", action="store_true")
+  parser.add_argument("--no-f32", action="store_true", help="only the bfloat16 train steps")
   parser.add_argument(
     "--bf16-only", help="comma-separated models for the bfloat16 ratios (default all)"
   )
@@ -374,7 +375,7 @@ def main():
   print(f"# {res['date']}; {res['machine']}\n# {res['versions']}", flush=True)
   res["steps"] = {}
   bf16_models = args.bf16_only.split(",") if args.bf16_only else models
-  for model in models:
+  for model in [] if args.no_f32 else models:
     _time(res, model, jnp.float32, cfg, notes, args.json)
   if not args.steps_only:
     _extras(res, args, notes)
