@@ -112,11 +112,12 @@ def peak_bytes(compiled) -> int | None:
 def time_model(model: str, dtype, cfg, forced: bool, floor: bool, notes: list) -> dict:
   """Compiles every variant of one model, then times them in interleaved rounds."""
   runs = {}
+  keep = set(cfg["keep"])
+  faces = {_group_of(k) for k in keep}  # --variants: their rows and their faces' plain steps
   for face, variant in variants(model, forced, floor):
     key = f"{face}: {variant}"
-    faces = {k.split(": ", 1)[0] for k in cfg["keep"]}
-    if cfg["keep"] and key not in cfg["keep"] and (variant != "plain" or face not in faces):
-      continue  # --variants: only these (and the plain steps they are divided by)
+    if keep and key not in keep and not (variant == "plain" and face in faces):
+      continue
     try:
       run = build(face, variant, model, dtype)
       compiled, seconds = compile_run(run)
