@@ -227,14 +227,15 @@ def _torch_cell(e: dict | None) -> str:
 
 def markdown(res: dict) -> str:
   cfg = res["cfg"]
-  res = {"compile": {}, "sigma": {}, "notes": [], "total_s": float("nan"), **res}
+  res = {"compile": {}, "sigma": {}, "notes": [], **res}
+  total = f"Total {res['total_s']:.0f} s." if "total_s" in res else "Cut short by its time cap."
   head = (
     f"{res['date']}; {res['machine']}; {res['versions']}. "
     f"Interleaved paired rounds (up to {cfg['rounds']}, at least {cfg['min_rounds']}, "
     f"{cfg['steps']} steps each, the fastest kept; faces in a shuffled order, each face's "
     "variants back to back in a shuffled order); ratios are "
     "medians of per-round ratios to the same face's plain step, with 95% bootstrap intervals."
-    f"{' QUICK RUN.' if res['quick'] else ''} Total {res['total_s']:.0f} s."
+    f"{' QUICK RUN.' if res['quick'] else ''} {total}"
   )
   rounds = {k: next(iter(t.values()))["rounds"] for k, t in res["steps"].items() if t}
   head += " Rounds run: " + ", ".join(f"{k} {n}" for k, n in rounds.items()) + "."
@@ -293,10 +294,10 @@ def chart(res: dict, path: str) -> None:
     ax.set_xlabel("train step / plain")
   axes[0].set_yticks(range(len(keys)), keys, fontsize=8)
   axes[0].invert_yaxis()
-  fig.suptitle(
-    f"flaxnorm (blue) and peers (95% intervals), {res['date']}, {res['machine'].split(',')[0]}",
-    fontsize=9,
-  )
+  where = res["machine"].split(",")[0]
+  if res["gpu"]:  # "..., device gpu (NVIDIA H200)": the GPU's name
+    where = res["machine"].rsplit("(", 1)[-1].rstrip(")")
+  fig.suptitle(f"flaxnorm (blue) and peers (95% intervals), {res['date']}, {where}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
 

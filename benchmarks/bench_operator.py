@@ -62,8 +62,10 @@ def make_step(model, opt):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
   args = parser.parse_args()
-  rounds, steps = (3, 2) if args.quick else (15, 5)
+  rounds, steps = (3, 2) if args.quick else (args.rounds, args.steps)
   x = jax.random.normal(jax.random.key(0), (64, 32, 32, 3))
   opt = optax.adam(1e-4)
   runs = {}

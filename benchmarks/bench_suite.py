@@ -28,6 +28,7 @@ training applies; peak memory; the ratios again in bfloat16. Nothing is asserted
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import importlib.metadata
@@ -79,11 +80,21 @@ def variants(model: str, forced: bool, floor: bool) -> list[tuple[str, str]]:
 
 
 def build(face: str, variant: str, model: str, dtype, n_power=1, lr=None) -> Run:
-  """One variant's run, over a flat list of its state's leaves (see ``flattened``)."""
-  if face == "floor":
-    return flattened(build_floor(variant, model, dtype))
+  """One variant's run, over a flat list of its state's leaves (see ``flattened``).
+
+  The model is initialized on the host and its state and batch are then moved to
+  the default device: on a GPU, an eager init compiles one kernel per op and
+  shape there (seconds per variant of the generator, again after every
+  ``jax.clear_caches()``). On a CPU both steps are no-ops.
+  """
   kwargs = {} if lr is None else {"lr": lr}
-  return flattened(BUILDERS[face](variant, model, dtype, n_power, **kwargs))
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    if face == "floor":
+      run = flattened(build_floor(variant, model, dtype))
+    else:
+      run = flattened(BUILDERS[face](variant, model, dtype, n_power, **kwargs))
+  state, x, y = jax.device_put((run.state, run.x, run.y), jax.devices()[0])
+  return dataclasses.replace(run, state=state, x=x, y=y)
 
 
 def compile_run(run: Run):
@@ -287,6 +298,22 @@ def _save(res: dict, path: str | None) -> None:
       json.dump(res, f, indent=1)
 
 
+def _merged(paths: list[str]) -> dict:
+  """Saved results merged in order (e.g. a split GPU run's parts); header from the first."""
+  res: dict = {"steps": {}, "sigma": {}, "compile": {}, "torch": {}, "notes": [], "total_s": 0.0}
+  for path in paths:
+    with open(path) as f:
+      part = json.load(f)
+    for key in ("steps", "sigma", "compile", "torch"):
+      res[key].update(part.pop(key, {}))
+    res["notes"] += part.pop("notes", [])
+    res["total_s"] += part.pop("total_s", float("nan"))  # a capped part has none
+    res = {**part, **res}
+  if res["total_s"] != res["total_s"]:
+    del res["total_s"]  # the report then says the run was cut short
+  return res
+
+
 def _extras(res: dict, args, notes: list) -> None:
   """sigma against the SVD and compile time against n, into ``res``."""
   print("sigma accuracy ...", flush=True)
@@ -294,6 +321,7 @@ def _extras(res: dict, args, notes: list) -> None:
     res["sigma"] = {f"{k} | {n}": e for (k, n), e in sigma_accuracy().items()}
   except Exception as e:
     notes.append(f"sigma accuracy failed ({type(e).__name__}: {e})"[:300])
+  _save(res, args.json)
   print("compile time against n ...", flush=True)
   ns = (1, 2, 50, 1000)
   sweep = compile_sweep(ns, 1 if args.quick else args.compile_reps, notes)
@@ -331,11 +359,13 @@ def main():
   parser.add_argument("--compile-reps", type=int, default=3, help="median of this many compiles")
   parser.add_argument("--json", help="write the results here")
   parser.add_argument("--chart", help="write the PNG bar chart of the ratios here")
-  parser.add_argument("--from-json", help="only print the tables (and --chart) of a saved --json")
+  parser.add_argument(
+    "--from-json",
+    help="only print the tables (and --chart) of a saved --json (comma-separated: merged)",
+  )
   args = parser.parse_args()
   if args.from_json:
-    with open(args.from_json) as f:
-      res = json.load(f)
+    res = _merged(args.from_json.split(","))
     print(report.markdown(res))
     if args.chart:
       report.chart(res, args.chart)
