@@ -236,6 +236,34 @@ def test_low_precision_accumulates_in_float32():
     assert w_sn.dtype == dtype and bool(jnp.all(jnp.isfinite(w_sn)))
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+  ("x_shape", "scale_shape"),
+  [((6, 5), (5,)), ((3, 4, 5), (1, 1, 5)), ((2, 3, 4), (3, 1)), ((4, 5), ()), ((2, 4, 5), (5,))],
+)
+def test_widened_product_gradients_are_autodiffs(x_dtype, x_shape, scale_shape):
+  """The rematerialized ``x * scale`` (float32, narrow ``x``) has autodiff's value and VJP."""
+  from flaxnorm import _math
+
+  x = jax.random.normal(jax.random.key(0), x_shape).astype(x_dtype)
+  scale = jax.random.normal(jax.random.key(1), scale_shape)
+  ct = jax.random.normal(jax.random.key(2), x_shape).astype(x_dtype)
+
+  def reference(x, scale):
+    return (x.astype(jnp.float32) * scale).astype(x_dtype)
+
+  for out_dtype, ct_ in ((x_dtype, ct), (None, ct.astype(jnp.float32))):
+    fn = lambda x, s, o=out_dtype: _math.widened_product(x, s, jnp.float32, o)
+    ref = reference if out_dtype else lambda x, s: x.astype(jnp.float32) * s
+    out, vjp = jax.vjp(fn, x, scale)
+    want, want_vjp = jax.vjp(ref, x, scale)
+    chex.assert_trees_all_equal(out, want)
+    chex.assert_trees_all_equal_dtypes(vjp(ct_), want_vjp(ct_))
+    chex.assert_trees_all_close(vjp(ct_), want_vjp(ct_), rtol=1e-6, atol=1e-6)
+  zero = jax.grad(lambda s: jnp.sum(fn(jnp.zeros_like(x), s)))(scale)
+  assert bool(jnp.all(zero == 0))
+
+
 def test_compile_size_does_not_grow_with_steps():
   w = jnp.ones((8, 8))
   u = jnp.ones((8,)) / jnp.sqrt(8.0)
