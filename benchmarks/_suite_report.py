@@ -225,6 +225,11 @@ def _torch_cell(e: dict | None) -> str:
   return f"{e['ratio']:.2f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci and ci[0] != ci[1] else "")
 
 
+def _plain_text(text: str) -> str:
+  """One Markdown line showing ``text`` as it is (an error's brackets are not links)."""
+  return " ".join(text.split()).replace("[", "\\[").replace("]", "\\]")
+
+
 def markdown(res: dict) -> str:
   cfg = res["cfg"]
   res = {"compile": {}, "sigma": {}, "notes": [], **res}
@@ -250,7 +255,7 @@ def markdown(res: dict) -> str:
     sigma_table(res),
     memory_table(res),
     torch_table(res),
-    [f"- note: {n}" for n in res["notes"]],
+    [f"- note: {_plain_text(n)}" for n in res["notes"]],
   ):
     if section:
       parts += [*section, ""]

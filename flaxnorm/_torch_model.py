@@ -43,7 +43,7 @@ class TorchLoadResult(NamedTuple):
 
   Attributes:
     variables: the filled Flax variables (a new tree; the input is not changed).
-    layers: PyTorch layer prefix -> :class:`TorchLayer` (``path``, ``kind``,
+    layers: PyTorch layer prefix -> :class:`~flaxnorm.interop.TorchLayer` (``path``, ``kind``,
       ``method``, ``axis``, ``style``) for every layer loaded; the input of
       :func:`to_torch_state_dict`.
     unused_keys: PyTorch key -> why it was not used (no Flax layer, not a
