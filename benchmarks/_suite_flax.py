@@ -121,6 +121,7 @@ def build_linen(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR, t
   x, y = data(model, dtype)
   with trace() if trace else contextlib.nullcontext():
     variables = net.init(jax.random.key(0), x)
+  variables = {**variables, "params": _kernels_as(variables["params"], dtype)}
   run = linen_run(net, variables, x, y, tx or optax.adam(lr))
   run.trace = trace
   if "SN" in base and not base.endswith("operator"):
@@ -128,6 +129,21 @@ def build_linen(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR, t
   if base != "plain":
     run.normalized_bytes = kernel_bytes(variables["params"])
   return run
+
+
+def _kernels_as(params, dtype):
+  """``params`` with every ``kernel`` in ``dtype``, the dtype its layer was built with.
+
+  ``flax.linen.WeightNorm`` and ``SpectralNorm`` (flax 0.12) return from
+  ``init`` the wrapped layer's kernel promoted to float32, whatever its
+  ``param_dtype``: a bfloat16 layer trained as it comes would keep float32
+  kernels and Adam moments (twice the state, and no bfloat16 kernel for XLA:CPU
+  to widen). A bfloat16 user casts them back; so does the suite (a no-op for
+  every other row).
+  """
+  return jax.tree_util.tree_map_with_path(
+    lambda path, a: a.astype(dtype) if path[-1].key == "kernel" else a, params
+  )
 
 
 def linen_run(net: nn.Module, variables, x, y, tx) -> Run:

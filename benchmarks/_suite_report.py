@@ -274,13 +274,19 @@ def main(argv: list[str]) -> None:
 
 
 def chart(res: dict, path: str) -> None:
-  """Horizontal bars of every variant's ratio to its plain, one panel per model (float32)."""
+  """Horizontal bars of every variant's ratio to its plain, one panel per model.
+
+  The float32 rows, or the bfloat16 ones when the run has no float32 rows.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  tables = {k: t for k, t in res["steps"].items() if k.endswith("float32")}
+  dtype = "float32" if any(k.endswith("float32") for k in res["steps"]) else "bfloat16"
+  tables = {k: t for k, t in res["steps"].items() if k.endswith(dtype)}
+  if not tables:
+    return
   fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 6), sharey=True)
   axes = [axes] if len(tables) == 1 else axes
   keys = [k for k in _keys(tables) if not k.endswith("plain") and "side]" not in k]
@@ -295,7 +301,7 @@ def chart(res: dict, path: str) -> None:
     ax.barh(range(len(keys)), ratios, color=colors, xerr=err, error_kw={"lw": 0.8})
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xlim(0.8, max(1.6, max(ratios) + 0.05))
-    ax.set_title(model.removesuffix(" float32"))
+    ax.set_title(model.removesuffix(" float32"))  # bfloat16 panels keep their dtype
     ax.set_xlabel("train step / plain")
   axes[0].set_yticks(range(len(keys)), keys, fontsize=8)
   axes[0].invert_yaxis()
