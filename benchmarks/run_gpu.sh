@@ -4,8 +4,10 @@
 # 2026-12-04, needed ~8 minutes for the float32 rows alone, mostly compiling):
 #   PART=f32  operator-mode against kernel-mode spectral norm (bench_operator.py),
 #             then the float32 train steps of every model (gpu-f32.json)
-#   PART=rest sigma against the SVD, compile time against n, and the bfloat16
-#             train steps (gpu-rest.json)
+#   PART=rest what the discriminator's float32 steps are made of (dump_steps.py:
+#             op counts, memory, XLA's buffer assignment, in OUT/steps and
+#             OUT/xla), then sigma against the SVD, compile time against n, and the
+#             bfloat16 train steps (gpu-rest.json)
 #   PART=all  both, in one process (gpu.json)
 # Each part runs the suite with --gpu (absolute times, no PyTorch CPU rows)
 # capped at CAP seconds (default 400). The suite saves its JSON after every
@@ -33,6 +35,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 if [[ $PART != rest ]]; then
   timeout 120 "$PYTHON" benchmarks/bench_operator.py --rounds 30 --steps 20 | tee "$OUT/operator.md" ||
     echo "run_gpu.sh: bench_operator.py failed or ran past 120 s" >&2
+fi
+if [[ $PART == rest ]]; then
+  XLA_FLAGS="--xla_dump_to=$OUT/xla --xla_dump_hlo_module_re=jit_disc.*" timeout 120 \
+    "$PYTHON" benchmarks/dump_steps.py --model disc --out "$OUT/steps" | tee "$OUT/steps.md" ||
+    echo "run_gpu.sh: dump_steps.py failed or ran past 120 s" >&2
+  # Keep XLA's buffer assignment and memory report of each step, not its pass-by-pass dumps.
+  find "$OUT/xla" -type f ! -name '*buffer-assignment.txt' ! -name '*memory-usage-report.txt' \
+    -delete 2>/dev/null || true
 fi
 timeout "$CAP" "$PYTHON" benchmarks/bench_suite.py --gpu "${args[@]}" \
   --json "$OUT/$name.json" --chart "$OUT/$name.png" "$@" | tee "$OUT/$name.md"
