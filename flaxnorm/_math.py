@@ -223,7 +223,6 @@ def apply_scale(w: Array, scale: Array) -> Array:
   return widened_product(w, scale, dtype, w.dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
 def widened_product(x: Array, scale: Array, dtype: Any, out_dtype: Any) -> Array:
   """``x * scale`` computed in ``dtype``, returned in ``out_dtype`` (None: ``dtype``).
 
@@ -232,6 +231,17 @@ def widened_product(x: Array, scale: Array, dtype: Any, out_dtype: Any) -> Array
   narrower ``x`` (a float32 copy of a bfloat16 kernel or output), live from
   the forward pass to the backward. Recomputed in the backward pass
   (``jax.checkpoint``), the residual is ``x``.
+
+  Only the widened product is checkpointed; the cast to ``out_dtype`` stays
+  outside. Inside, the cotangent would enter the rematerialized backward in
+  ``out_dtype`` behind its barrier, and XLA would round the float32 gradient
+  of a bfloat16 kernel to bfloat16 and back: one kernel-sized pass more.
   """
-  out = x.astype(dtype) * scale.astype(dtype)
+  out = _widened(x, scale, dtype)
   return out if out_dtype is None else out.astype(out_dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _widened(x: Array, scale: Array, dtype: Any) -> Array:
+  """``x.astype(dtype) * scale.astype(dtype)``, rematerialized in the backward pass."""
+  return x.astype(dtype) * scale.astype(dtype)
