@@ -210,20 +210,31 @@ def weight_norm_scale(g: Array, v: Array, eps: float = 1e-12) -> Array:
   return g.astype(dtype) * _inv_norm(v, axes, eps).astype(dtype)
 
 
-def apply_scale(w: Array, scale: Array) -> Array:
+def apply_scale(w: Array, scale: Array, *, narrow_cotangent: bool = False) -> Array:
   """``w * scale`` computed in the wider of the two dtypes, returned in ``w``'s dtype.
 
   When ``w`` is narrower (bfloat16 with a float32 scale), the product is
   rematerialized in the backward pass (:func:`widened_product`), so that its
   residual is ``w`` itself, not a float32 copy of it.
+
+  Args:
+    w: the array to scale (a kernel).
+    scale: a factor that broadcasts against ``w``.
+    narrow_cotangent: for a narrower ``w``, round the product's cotangent to
+      ``w``'s dtype before the backward pass uses it: one kernel-sized pass
+      more, and a buffer half as large held until the scale's gradient is
+      known. Operator-mode spectral norm takes it; its step holds more
+      kernel-sized buffers at once.
   """
   dtype = wider(w.dtype, scale.dtype)
   if dtype == w.dtype:
     return w * scale.astype(dtype)
-  return widened_product(w, scale, dtype, w.dtype)
+  return widened_product(w, scale, dtype, w.dtype, narrow_cotangent=narrow_cotangent)
 
 
-def widened_product(x: Array, scale: Array, dtype: Any, out_dtype: Any) -> Array:
+def widened_product(
+  x: Array, scale: Array, dtype: Any, out_dtype: Any, *, narrow_cotangent: bool = False
+) -> Array:
   """``x * scale`` computed in ``dtype``, returned in ``out_dtype`` (None: ``dtype``).
 
   The residual of a product for the gradient of ``scale`` is the other
@@ -232,16 +243,22 @@ def widened_product(x: Array, scale: Array, dtype: Any, out_dtype: Any) -> Array
   the forward pass to the backward. Recomputed in the backward pass
   (``jax.checkpoint``), the residual is ``x``.
 
-  Only the widened product is checkpointed; the cast to ``out_dtype`` stays
-  outside. Inside, the cotangent would enter the rematerialized backward in
-  ``out_dtype`` behind its barrier, and XLA would round the float32 gradient
-  of a bfloat16 kernel to bfloat16 and back: one kernel-sized pass more.
+  By default only the widened product is checkpointed and the cast to
+  ``out_dtype`` stays outside: cast inside, the cotangent enters the
+  rematerialized backward in ``out_dtype`` behind its barrier, and XLA rounds
+  the float32 gradient of a bfloat16 kernel to bfloat16 and back, one
+  kernel-sized pass more (about 1% of the suite's bfloat16 discriminator
+  step). ``narrow_cotangent=True`` casts inside, for that pass's smaller
+  buffer (see :func:`apply_scale`).
   """
-  out = _widened(x, scale, dtype)
+  if narrow_cotangent and out_dtype is not None:
+    return _widened(x, scale, dtype, out_dtype)
+  out = _widened(x, scale, dtype, None)
   return out if out_dtype is None else out.astype(out_dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _widened(x: Array, scale: Array, dtype: Any) -> Array:
-  """``x.astype(dtype) * scale.astype(dtype)``, rematerialized in the backward pass."""
-  return x.astype(dtype) * scale.astype(dtype)
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _widened(x: Array, scale: Array, dtype: Any, out_dtype: Any) -> Array:
+  """``x * scale`` in ``dtype`` (then ``out_dtype``), rematerialized in the backward pass."""
+  out = x.astype(dtype) * scale.astype(dtype)
+  return out if out_dtype is None else out.astype(out_dtype)

@@ -226,7 +226,7 @@ class _Normalized:
     deferred = None if call is None else call.deferred
     if deferred is not None and deferred.take_scale(base, scale):
       return base  # __call__ scales the output instead
-    return _math.apply_scale(base, scale)
+    return _output_scale.scale_kernel(deferred, base, scale)
 
   def __set__(self, obj, value):
     if isinstance(self.spec, SpectralNormSpec):

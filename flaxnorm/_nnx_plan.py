@@ -222,7 +222,8 @@ def _copy_map(module: nnx.Module, name: str) -> _operator.Linear:
 
   def with_kernel(w: jax.Array) -> Callable[[jax.Array], jax.Array]:
     copy = nnx.clone(module)
-    vars(copy)[name][...] = w
+    var = vars(copy)[name]
+    var[...] = w.astype(var[...].dtype)  # the check's float32 kernel, as the param's dtype
     return lambda x: jax.jvp(lambda z: copy(z), (jax.numpy.zeros_like(x),), (x,))[1]
 
   return with_kernel

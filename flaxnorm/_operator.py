@@ -78,11 +78,11 @@ def operator_power_iteration(
   dtype = _math.compute_dtype(jnp.result_type(u, v))
   u = jax.lax.stop_gradient(jnp.asarray(u, dtype))
   v = jax.lax.stop_gradient(jnp.asarray(v, dtype))
-  _, transpose = jax.vjp(apply, v)
+  out, transpose = jax.vjp(apply, v)  # a layer computing in bfloat16 takes a bfloat16 ``u``
 
   def step(_, carry):
     u, v, _ = carry
-    v = _power.normalize_or_keep(transpose(u)[0].astype(dtype), v, eps)
+    v = _power.normalize_or_keep(transpose(u.astype(out.dtype))[0].astype(dtype), v, eps)
     av = apply(v).astype(dtype)
     u = _power.normalize_or_keep(av, u, eps)
     return u, v, jnp.vdot(u, av)

@@ -150,6 +150,7 @@ def for_call(layer, args: tuple, kwargs: dict, operator: bool = False) -> Output
     else _output_positions(layer, inputs),
     n_out=n_out,
     conv=getattr(layer, "kernel_size", None) is not None,
+    operator=operator,
   )
 
 
@@ -166,6 +167,8 @@ class OutputScale:
       with ``features=(heads, dim)``: 2).
     conv: whether the layer is a convolution (its threshold is
       ``CONV_KERNEL_SIDE_RATIO``, a Dense's ``KERNEL_SIDE_RATIO``).
+    operator: whether operator-mode spectral norm normalizes the layer; a
+      kernel it scales keeps a narrow cotangent (:func:`flaxnorm._math.apply_scale`).
   """
 
   def __init__(
@@ -174,11 +177,13 @@ class OutputScale:
     positions: int | None = None,
     n_out: int = 1,
     conv: bool = False,
+    operator: bool = False,
   ):
     self.per_feature = per_feature
     self.positions = positions
     self.n_out = n_out
     self.conv = conv
+    self.operator = operator
     self.scale: jax.Array | None = None
     self.bias: jax.Array | None = None
 
@@ -232,6 +237,16 @@ class OutputScale:
       bias = self.bias.reshape((1,) * (y.ndim - self.bias.ndim) + self.bias.shape)
       out = out + bias.astype(out.dtype)
     return out.astype(dtype)
+
+
+def scale_kernel(deferred: object, base: jax.Array, scale: jax.Array) -> jax.Array:
+  """``base * scale`` for a kernel whose scale stays on the kernel side.
+
+  ``deferred`` is the call's :class:`OutputScale`, if any (or another face
+  object in its place, such as Linen's data-dependent init).
+  """
+  narrow = isinstance(deferred, OutputScale) and deferred.operator
+  return _math.apply_scale(base, scale, narrow_cotangent=narrow)
 
 
 def _scaled(y: jax.Array, scale: jax.Array) -> jax.Array:

@@ -35,7 +35,6 @@ from flaxnorm import (
   _linen_data_init,
   _linen_operator,
   _linen_scan,
-  _math,
   _options,
   _output_scale,
   _power,
@@ -263,7 +262,7 @@ def _param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
 
   raw, base, scale = spec(self, name, create)
   if deferred is None or name != "kernel" or not deferred.take_scale(base, scale):
-    base = _math.apply_scale(base, scale)
+    base = _output_scale.scale_kernel(deferred, base, scale)
   value = base if unbox or not isinstance(raw, meta.AxisMetadata) else raw.replace_boxed(base)
   # A (normalized) bias of an output-scaled layer is added after the scaling.
   return value if deferred is None or name != "bias" else _defer_bias(deferred, value)

@@ -264,26 +264,31 @@ def test_widened_product_gradients_are_autodiffs(x_dtype, x_shape, scale_shape):
   assert bool(jnp.all(zero == 0))
 
 
-def test_widened_product_remat_gets_a_wide_cotangent():
-  """The narrow cotangent is widened before the rematerialized backward, not in it.
+@pytest.mark.parametrize("narrow", [False, True])
+def test_widened_product_remat_cotangent_width(narrow):
+  """The narrow cotangent is widened before the rematerialized backward (default).
 
-  Cast inside ``jax.checkpoint``, the bfloat16 cotangent crossed the remat's
-  barrier and XLA rounded the float32 gradient to bfloat16 and back (one
-  kernel-sized pass more per layer).
+  Cast inside ``jax.checkpoint``, the bfloat16 cotangent crosses the remat's
+  barrier and XLA rounds the float32 gradient to bfloat16 and back (one
+  kernel-sized pass more per layer): what ``narrow_cotangent=True`` asks for.
   """
   from flaxnorm import _math
 
   x = jnp.ones((3, 8, 16), jnp.bfloat16)
 
   def backward(x, scale, ct):
-    fn = lambda x, s: _math.widened_product(x, s, jnp.float32, jnp.bfloat16)
+    fn = lambda x, s: _math.widened_product(
+      x, s, jnp.float32, jnp.bfloat16, narrow_cotangent=narrow
+    )
     return jax.vjp(fn, x, scale)[1](ct)
 
   jaxpr = jax.make_jaxpr(backward)(x, jnp.ones((16,)), x)
   remats = [e for e in jaxpr.eqns if e.primitive.name.startswith(("remat", "checkpoint"))]
   assert len(remats) == 1
-  dtypes = [v.aval.dtype for v in remats[0].invars if v.aval.shape == x.shape]
-  assert sorted(map(str, dtypes)) == ["bfloat16", "float32"]  # x and the wide cotangent
+  dtypes = sorted(str(v.aval.dtype) for v in remats[0].invars if v.aval.shape == x.shape)
+  assert dtypes == ["bfloat16", "bfloat16" if narrow else "float32"]  # x and the cotangent
+  grads = backward(x, jnp.full((16,), 0.5), x)
+  chex.assert_trees_all_close(grads, (x * 0.5, jnp.full((16,), 24.0)))
 
 
 def test_compile_size_does_not_grow_with_steps():

@@ -242,6 +242,39 @@ def test_nnx_operator_mode_matches_the_jacobian_and_trains():
   chex.assert_trees_all_close(model(x), y, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no float32 -> bfloat16 scatter
+def test_nnx_operator_mode_in_bfloat16():
+  """A bfloat16 layer: sigma of what it computes (float32 state), a bfloat16 step, finite grads."""
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  layer = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0), **kw)
+  w = layer.kernel[...]
+  fnx.spectral_norm(layer, operator=True, input_shape=(6, 6, 3), n_init_iterations=200)
+  assert {a.dtype for a in (layer.kernel_u[...], layer.kernel_v[...], layer.kernel_sigma[...])} == {
+    jnp.dtype(jnp.float32)
+  }
+  plain = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))  # float32, the same bfloat16 values
+  plain.kernel[...] = w.astype(jnp.float32)
+  sigma = _jacobian_sigma(plain, jnp.zeros((1, 6, 6, 3)))
+  np.testing.assert_allclose(layer.kernel_sigma[...], sigma, rtol=2e-2)
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3), jnp.bfloat16)
+  grads = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2))(layer)
+  assert layer(x).dtype == jnp.bfloat16
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_operator_power_iteration_of_a_bfloat16_map():
+  """A map computing in bfloat16 (its transpose takes a bfloat16 u): sigma as in float32."""
+  w = jnp.diag(jnp.array([3.0, 1.0, 0.5])).astype(jnp.bfloat16)
+  apply = lambda x: x.astype(jnp.bfloat16) @ w.T
+  u, v, sigma = flaxnorm.operator_power_iteration(apply, jnp.ones(3), jnp.ones(3), n_steps=50)
+  assert u.dtype == v.dtype == sigma.dtype == jnp.float32
+  np.testing.assert_allclose(sigma, 3.0, rtol=1e-2)
+
+
 def test_nnx_operator_errors():
   from flax import nnx
 
