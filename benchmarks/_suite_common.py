@@ -12,35 +12,24 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import _suite_shapes as shapes
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _suite_shapes import (  # noqa: F401 (re-exported for the faces)
-  DISC_CHANNELS,
-  GEN_CHANNELS,
-  GEN_DILATIONS,
-  GEN_FRAMES,
-  GEN_IN,
-  GEN_UPS,
-  LR,
-  MLP_SIZES,
-  MODELS,
-  TITLES,
-)
 
 
 def data(model: str, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
   """Inputs (channels last) and regression targets of one model's batch."""
-  arch, batch = MODELS[model]
+  arch, batch = shapes.MODELS[model]
   kx, ky = jax.random.split(jax.random.key(1))
-  shapes = {
-    "mlp": ((batch, MLP_SIZES[0]), (batch, MLP_SIZES[-1])),
+  x_shape, y_shape = {
+    "mlp": ((batch, shapes.MLP_SIZES[0]), (batch, shapes.MLP_SIZES[-1])),
     "disc": ((batch, 32, 32, 3), (batch, 1)),
-    "gen": ((batch, GEN_FRAMES, GEN_IN), (batch, GEN_FRAMES * 256, 1)),
+    "gen": ((batch, shapes.GEN_FRAMES, shapes.GEN_IN), (batch, shapes.GEN_FRAMES * 256, 1)),
   }[arch]
-  x = jax.random.normal(kx, shapes[0], dtype)
-  y = jax.random.normal(ky, shapes[1], jnp.float32)
+  x = jax.random.normal(kx, x_shape, dtype)
+  y = jax.random.normal(ky, y_shape, jnp.float32)
   return x, y
 
 

@@ -13,26 +13,12 @@ import functools
 import itertools
 from collections.abc import Callable
 
+import _suite_shapes as shapes
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _suite_common import (
-  DISC_CHANNELS,
-  GEN_CHANNELS,
-  GEN_DILATIONS,
-  GEN_IN,
-  GEN_UPS,
-  LR,
-  MLP_SIZES,
-  MODELS,
-  Run,
-  adam_step,
-  as_matrix,
-  data,
-  kernel_bytes,
-  mse,
-)
+from _suite_common import Run, adam_step, as_matrix, data, kernel_bytes, mse
 from flax import nnx
 
 import flaxnorm
@@ -57,17 +43,17 @@ class LinenNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.arch == "mlp":
-      for f in MLP_SIZES[1:-1]:
+      for f in shapes.MLP_SIZES[1:-1]:
         x = nn.relu(self.layer(nn.Dense, f)(x))
-      return self.layer(nn.Dense, MLP_SIZES[-1])(x)
+      return self.layer(nn.Dense, shapes.MLP_SIZES[-1])(x)
     if self.arch == "disc":
-      for c in DISC_CHANNELS:
+      for c in shapes.DISC_CHANNELS:
         x = nn.leaky_relu(self.layer(nn.Conv, c, (3, 3), strides=(2, 2))(x), 0.2)
       return self.layer(nn.Dense, 1)(x.reshape(x.shape[0], -1))
-    x = self.layer(nn.Conv, GEN_CHANNELS, (7,))(x)
-    for ch, k, s in GEN_UPS:
+    x = self.layer(nn.Conv, shapes.GEN_CHANNELS, (7,))(x)
+    for ch, k, s in shapes.GEN_UPS:
       x = self.layer(nn.ConvTranspose, ch, (k,), strides=(s,))(nn.leaky_relu(x, 0.1))
-      for d in GEN_DILATIONS:
+      for d in shapes.GEN_DILATIONS:
         t = self.layer(nn.Conv, ch, (3,), kernel_dilation=(d,))(nn.leaky_relu(x, 0.1))
         x = x + self.layer(nn.Conv, ch, (3,))(nn.leaky_relu(t, 0.1))
     return jnp.tanh(self.layer(nn.Conv, 1, (7,))(nn.leaky_relu(x, 0.1)))
@@ -111,13 +97,15 @@ def linen_wraps(n_power: int) -> dict[str, Callable]:
 FORCED = {" [output side]": float("inf"), " [kernel side]": 0.0}
 
 
-def build_linen(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR, tx=None) -> Run:
+def build_linen(
+  variant: str, model: str, dtype=jnp.float32, n_power=1, lr=shapes.LR, tx=None
+) -> Run:
   """A Linen run: ``variant`` from :func:`linen_wraps`, optionally with a FORCED suffix."""
   base, trace = variant, None
   for suffix, ratio in FORCED.items():
     if variant.endswith(suffix):
       base, trace = variant.removesuffix(suffix), functools.partial(forced_side, ratio)
-  net = LinenNet(MODELS[model][0], linen_wraps(n_power)[base], dtype)
+  net = LinenNet(shapes.MODELS[model][0], linen_wraps(n_power)[base], dtype)
   x, y = data(model, dtype)
   with trace() if trace else contextlib.nullcontext():
     variables = net.init(jax.random.key(0), x)
@@ -199,17 +187,19 @@ class NNXNet(nnx.Module):
       return wrap(cls(*args, **kwargs, dtype=dtype, param_dtype=dtype, rngs=rngs), rngs)
 
     if arch == "mlp":
-      self.layers = nnx.List([layer(nnx.Linear, a, b) for a, b in itertools.pairwise(MLP_SIZES)])
+      self.layers = nnx.List(
+        [layer(nnx.Linear, a, b) for a, b in itertools.pairwise(shapes.MLP_SIZES)]
+      )
     elif arch == "disc":
-      chans = (3, *DISC_CHANNELS)
+      chans = (3, *shapes.DISC_CHANNELS)
       convs = [layer(nnx.Conv, a, b, (3, 3), strides=(2, 2)) for a, b in itertools.pairwise(chans)]
-      self.layers = nnx.List([*convs, layer(nnx.Linear, 4 * 4 * DISC_CHANNELS[-1], 1)])
+      self.layers = nnx.List([*convs, layer(nnx.Linear, 4 * 4 * shapes.DISC_CHANNELS[-1], 1)])
     else:
-      self.pre = layer(nnx.Conv, GEN_IN, GEN_CHANNELS, (7,))
-      ups, blocks, c_in = [], [], GEN_CHANNELS
-      for ch, k, s in GEN_UPS:
+      self.pre = layer(nnx.Conv, shapes.GEN_IN, shapes.GEN_CHANNELS, (7,))
+      ups, blocks, c_in = [], [], shapes.GEN_CHANNELS
+      for ch, k, s in shapes.GEN_UPS:
         ups.append(layer(nnx.ConvTranspose, c_in, ch, (k,), strides=(s,)))
-        for d in GEN_DILATIONS:
+        for d in shapes.GEN_DILATIONS:
           blocks.append(layer(nnx.Conv, ch, ch, (3,), kernel_dilation=(d,)))
           blocks.append(layer(nnx.Conv, ch, ch, (3,)))
         c_in = ch
@@ -229,7 +219,7 @@ class NNXNet(nnx.Module):
     blocks = iter(self.blocks)
     for up in self.ups:
       x = up(nnx.leaky_relu(x, 0.1))
-      for _ in GEN_DILATIONS:
+      for _ in shapes.GEN_DILATIONS:
         t = next(blocks)(nnx.leaky_relu(x, 0.1))
         x = x + next(blocks)(nnx.leaky_relu(t, 0.1))
     return jnp.tanh(self.post(nnx.leaky_relu(x, 0.1)))
@@ -249,9 +239,9 @@ def nnx_wraps(n_power: int) -> dict[str, Callable]:
   }
 
 
-def build_nnx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> Run:
+def build_nnx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=shapes.LR) -> Run:
   """An NNX run: the model and ``nnx.Optimizer`` split into a graphdef and a state."""
-  net = NNXNet(MODELS[model][0], nnx_wraps(n_power)[variant], dtype, nnx.Rngs(0))
+  net = NNXNet(shapes.MODELS[model][0], nnx_wraps(n_power)[variant], dtype, nnx.Rngs(0))
   optimizer = nnx.Optimizer(net, optax.adam(lr), wrt=nnx.Param)
   graphdef, state = nnx.split((net, optimizer))
   x, y = data(model, dtype)

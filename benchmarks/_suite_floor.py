@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import _suite_shapes as shapes
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _suite_common import MLP_SIZES, Run, data, kernel_bytes
+from _suite_common import Run, data, kernel_bytes
 from _suite_flax import linen_run
 
 import flaxnorm
@@ -136,9 +137,9 @@ class FloorMLP(nn.Module):
       "plain": nn.Dense,
       "flaxnorm WN": lambda f: flaxnorm.weight_norm(nn.Dense(f)),
     }[self.layer]
-    for f in MLP_SIZES[1:-1]:
+    for f in shapes.MLP_SIZES[1:-1]:
       x = nn.relu(make(f)(x))
-    return make(MLP_SIZES[-1])(x)
+    return make(shapes.MLP_SIZES[-1])(x)
 
 
 # name -> (layer, optimizer, donate); each try has its own plain where it changes the step.

@@ -11,25 +11,11 @@ from __future__ import annotations
 import importlib.util
 import itertools
 
+import _suite_shapes as shapes
 import jax
 import jax.numpy as jnp
 import optax
-from _suite_common import (
-  DISC_CHANNELS,
-  GEN_CHANNELS,
-  GEN_DILATIONS,
-  GEN_IN,
-  GEN_UPS,
-  LR,
-  MLP_SIZES,
-  MODELS,
-  Run,
-  adam_step,
-  as_matrix,
-  data,
-  kernel_bytes,
-  mse,
-)
+from _suite_common import Run, adam_step, as_matrix, data, kernel_bytes, mse
 
 HAVE_EQX = importlib.util.find_spec("equinox") is not None
 HAVE_HAIKU = importlib.util.find_spec("haiku") is not None
@@ -47,20 +33,23 @@ def _eqx_layers(arch: str, key):
 
   keys = iter(jax.random.split(key, 64))
   if arch == "mlp":
-    return [eqx.nn.Linear(a, b, key=next(keys)) for a, b in itertools.pairwise(MLP_SIZES)]
+    return [eqx.nn.Linear(a, b, key=next(keys)) for a, b in itertools.pairwise(shapes.MLP_SIZES)]
   if arch == "disc":
-    chans = (3, *DISC_CHANNELS)
+    chans = (3, *shapes.DISC_CHANNELS)
     convs = [
       eqx.nn.Conv2d(a, b, 3, stride=2, padding=((0, 1), (0, 1)), key=next(keys))
       for a, b in itertools.pairwise(chans)
     ]
-    return [*convs, eqx.nn.Linear(4 * 4 * DISC_CHANNELS[-1], 1, key=next(keys))]
-  layers, c_in = [eqx.nn.Conv1d(GEN_IN, GEN_CHANNELS, 7, padding=3, key=next(keys))], GEN_CHANNELS
-  for ch, k, s in GEN_UPS:
+    return [*convs, eqx.nn.Linear(4 * 4 * shapes.DISC_CHANNELS[-1], 1, key=next(keys))]
+  layers, c_in = (
+    [eqx.nn.Conv1d(shapes.GEN_IN, shapes.GEN_CHANNELS, 7, padding=3, key=next(keys))],
+    shapes.GEN_CHANNELS,
+  )
+  for ch, k, s in shapes.GEN_UPS:
     layers.append(
       eqx.nn.ConvTranspose1d(c_in, ch, k, stride=s, padding=(k - s) // 2, key=next(keys))
     )
-    for d in GEN_DILATIONS:
+    for d in shapes.GEN_DILATIONS:
       layers.append(eqx.nn.Conv1d(ch, ch, 3, dilation=d, padding=d, key=next(keys)))
       layers.append(eqx.nn.Conv1d(ch, ch, 3, padding=1, key=next(keys)))
     c_in = ch
@@ -89,18 +78,18 @@ def _eqx_forward(arch, layers, x, state):
     return call(layers[-1], x.reshape(-1)), state
   lrelu = lambda h: jax.nn.leaky_relu(h, 0.1)
   x, rest = call(layers[0], x), iter(layers[1:-1])
-  for _ in GEN_UPS:
+  for _ in shapes.GEN_UPS:
     x = call(next(rest), lrelu(x))
-    for _ in GEN_DILATIONS:
+    for _ in shapes.GEN_DILATIONS:
       t = call(next(rest), lrelu(x))
       x = x + call(next(rest), lrelu(t))
   return jnp.moveaxis(jnp.tanh(call(layers[-1], lrelu(x))), 0, -1), state
 
 
-def build_eqx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> Run:
+def build_eqx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=shapes.LR) -> Run:
   import equinox as eqx
 
-  arch = MODELS[model][0]
+  arch = shapes.MODELS[model][0]
   keys = iter(jax.random.split(jax.random.key(0), 64))
   # Cast before wrapping: SpectralNorm's u and v take the weight's dtype (cast
   # after, they stay float32 and a bfloat16 convolution refuses the f32 weight).
@@ -160,27 +149,27 @@ def _haiku_net(arch: str, x):
   import haiku as hk
 
   if arch == "mlp":
-    for f in MLP_SIZES[1:-1]:
+    for f in shapes.MLP_SIZES[1:-1]:
       x = jax.nn.relu(hk.Linear(f)(x))
-    return hk.Linear(MLP_SIZES[-1])(x)
+    return hk.Linear(shapes.MLP_SIZES[-1])(x)
   if arch == "disc":
-    for c in DISC_CHANNELS:
+    for c in shapes.DISC_CHANNELS:
       x = jax.nn.leaky_relu(hk.Conv2D(c, 3, stride=2, padding="SAME")(x), 0.2)
     return hk.Linear(1)(x.reshape(x.shape[0], -1))
   lrelu = lambda h: jax.nn.leaky_relu(h, 0.1)
-  x = hk.Conv1D(GEN_CHANNELS, 7)(x)
-  for ch, k, s in GEN_UPS:
+  x = hk.Conv1D(shapes.GEN_CHANNELS, 7)(x)
+  for ch, k, s in shapes.GEN_UPS:
     x = hk.Conv1DTranspose(ch, k, stride=s, padding="SAME")(lrelu(x))
-    for d in GEN_DILATIONS:
+    for d in shapes.GEN_DILATIONS:
       t = hk.Conv1D(ch, 3, rate=d)(lrelu(x))
       x = x + hk.Conv1D(ch, 3)(lrelu(t))
   return jnp.tanh(hk.Conv1D(1, 7)(lrelu(x)))
 
 
-def build_haiku(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=LR) -> Run:
+def build_haiku(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=shapes.LR) -> Run:
   import haiku as hk
 
-  arch = MODELS[model][0]
+  arch = shapes.MODELS[model][0]
   net = hk.without_apply_rng(hk.transform(lambda x: _haiku_net(arch, x)))
   x, y = data(model, dtype)
   params = net.init(jax.random.key(0), x)

@@ -23,18 +23,8 @@ from torch.nn.utils import parametrizations
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _suite_shapes as shapes
 import _suite_stats as stats
-from _suite_shapes import (
-  DISC_CHANNELS,
-  GEN_CHANNELS,
-  GEN_DILATIONS,
-  GEN_FRAMES,
-  GEN_IN,
-  GEN_UPS,
-  LR,
-  MLP_SIZES,
-  MODELS,
-)
 
 VARIANTS = ("plain", "torch weight_norm", "torch spectral_norm")
 
@@ -42,11 +32,11 @@ VARIANTS = ("plain", "torch weight_norm", "torch spectral_norm")
 class Gen(nn.Module):
   def __init__(self):
     super().__init__()
-    self.pre = nn.Conv1d(GEN_IN, GEN_CHANNELS, 7, padding=3)
-    ups, blocks, c_in = [], [], GEN_CHANNELS
-    for ch, k, s in GEN_UPS:
+    self.pre = nn.Conv1d(shapes.GEN_IN, shapes.GEN_CHANNELS, 7, padding=3)
+    ups, blocks, c_in = [], [], shapes.GEN_CHANNELS
+    for ch, k, s in shapes.GEN_UPS:
       ups.append(nn.ConvTranspose1d(c_in, ch, k, stride=s, padding=(k - s) // 2))
-      for d in GEN_DILATIONS:
+      for d in shapes.GEN_DILATIONS:
         blocks += [nn.Conv1d(ch, ch, 3, dilation=d, padding=d), nn.Conv1d(ch, ch, 3, padding=1)]
       c_in = ch
     self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
@@ -57,7 +47,7 @@ class Gen(nn.Module):
     x, blocks = self.pre(x), iter(self.blocks)
     for up in self.ups:
       x = up(act(x, 0.1))
-      for _ in GEN_DILATIONS:
+      for _ in shapes.GEN_DILATIONS:
         t = next(blocks)(act(x, 0.1))
         x = x + next(blocks)(act(t, 0.1))
     return torch.tanh(self.post(act(x, 0.1)))
@@ -67,32 +57,36 @@ def make(arch: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
   batch = {"mlp": None, "disc": 64, "gen": 4}[arch]
   if arch == "mlp":
     layers = []
-    for a, b in itertools.pairwise(MLP_SIZES):
+    for a, b in itertools.pairwise(shapes.MLP_SIZES):
       layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1]), None, None
   if arch == "disc":
     layers, c_in = [], 3
-    for c in DISC_CHANNELS:
+    for c in shapes.DISC_CHANNELS:
       layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
       c_in = c
     net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 4 * c_in, 1))
     return net, torch.randn(batch, 3, 32, 32), torch.randn(batch, 1)
-  return Gen(), torch.randn(batch, GEN_IN, GEN_FRAMES), torch.randn(batch, 1, GEN_FRAMES * 256)
+  return (
+    Gen(),
+    torch.randn(batch, shapes.GEN_IN, shapes.GEN_FRAMES),
+    torch.randn(batch, 1, shapes.GEN_FRAMES * 256),
+  )
 
 
 def build(model: str, variant: str):
   torch.manual_seed(0)
-  arch, batch = MODELS[model]
+  arch, batch = shapes.MODELS[model]
   net, x, y = make(arch)
   if arch == "mlp":
-    x, y = torch.randn(batch, MLP_SIZES[0]), torch.randn(batch, MLP_SIZES[-1])
+    x, y = torch.randn(batch, shapes.MLP_SIZES[0]), torch.randn(batch, shapes.MLP_SIZES[-1])
   for m in list(net.modules()):
     if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d):
       if variant == "torch weight_norm":
         parametrizations.weight_norm(m)
       elif variant == "torch spectral_norm":
         parametrizations.spectral_norm(m, n_power_iterations=1)
-  opt = torch.optim.Adam(net.parameters(), lr=LR)
+  opt = torch.optim.Adam(net.parameters(), lr=shapes.LR)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -116,14 +110,14 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
   rounds, min_rounds, budget = (2, 2, 5) if args.quick else (40, 15, 60)
   out = {}
-  for model in MODELS:
+  for model in shapes.MODELS:
     print(f"torch {model} ...", file=sys.stderr, flush=True)
     steps = {v: build(model, v) for v in VARIANTS}
     for step in steps.values():
       step()
     times = stats.interleaved(
       steps,
-      n=3 if MODELS[model][0] == "mlp" else 2,
+      n=3 if shapes.MODELS[model][0] == "mlp" else 2,
       rounds=rounds,
       min_rounds=min_rounds,
       budget_s=budget,

@@ -47,10 +47,11 @@ import _suite_stats as stats
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _suite_common import MODELS, Run, flattened
+from _suite_common import Run, flattened
 from _suite_flax import FORCED, build_linen, build_nnx
 from _suite_floor import FLOOR, FLOOR_BASE, build_floor
 from _suite_peers import EQX_VARIANTS, HAIKU_VARIANTS, HAVE_EQX, HAVE_HAIKU, build_eqx, build_haiku
+from _suite_shapes import MODELS
 
 SN_VARIANTS = (  # (face, variant, unrolls its power iteration in Python)
   ("Linen", "flaxnorm SN", False),
