@@ -45,8 +45,9 @@ def operator_power_iteration(
 
   Args:
     apply: ``x -> A x``, linear, for ``x`` of ``v``'s shape; called with
-      float32 (at least) vectors. Close over stopped-gradient weights: the
-      iteration carries no gradient.
+      float32 (at least) vectors, it may compute and return a narrower dtype
+      (a bfloat16 layer). Close over stopped-gradient weights: the iteration
+      carries no gradient.
     u: output-shaped estimate (any shape, e.g. ``(1, h, w, out)``).
     v: input-shaped estimate (e.g. ``(1, h, w, in)``).
     n_steps: iterations (>= 0).
