@@ -239,9 +239,32 @@ def nnx_wraps(n_power: int) -> dict[str, Callable]:
   }
 
 
+def _disc_inputs() -> list[tuple[int, ...]]:
+  """One example's input shape at each layer of the discriminator (operator mode's)."""
+  sizes = [32 // 2**i for i in range(len(shapes.DISC_CHANNELS) + 1)]
+  chans = (3, *shapes.DISC_CHANNELS)
+  convs = [(n, n, c) for n, c in zip(sizes, chans[:-1])]
+  return [*convs, (sizes[-1] ** 2 * chans[-1],)]
+
+
+def _nnx_net(variant: str, model: str, dtype, n_power: int) -> NNXNet:
+  """The NNX model of a variant; operator mode is wrapped layer by layer with its inputs."""
+  arch, rngs = shapes.MODELS[model][0], nnx.Rngs(0)
+  if variant != "flaxnorm SN operator":
+    return NNXNet(arch, nnx_wraps(n_power)[variant], dtype, rngs)
+  if arch != "disc":
+    raise ValueError(f"{variant}: the suite runs operator mode on the discriminator only")
+  net = NNXNet(arch, nnx_wraps(n_power)["plain"], dtype, rngs)
+  for lin, example in zip(net.layers, _disc_inputs(), strict=True):
+    fnx.spectral_norm(
+      lin, n_power_iterations=n_power, operator=True, input_shape=example, rngs=rngs
+    )
+  return net
+
+
 def build_nnx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=shapes.LR) -> Run:
   """An NNX run: the model and ``nnx.Optimizer`` split into a graphdef and a state."""
-  net = NNXNet(shapes.MODELS[model][0], nnx_wraps(n_power)[variant], dtype, nnx.Rngs(0))
+  net = _nnx_net(variant, model, dtype, n_power)
   optimizer = nnx.Optimizer(net, optax.adam(lr), wrt=nnx.Param)
   graphdef, state = nnx.split((net, optimizer))
   x, y = data(model, dtype)
@@ -264,7 +287,8 @@ def build_nnx(variant: str, model: str, dtype=jnp.float32, n_power=1, lr=shapes.
       for sn in net.layers
     ]
 
-  run = Run(step, state, x, y, sigmas=sigmas if "SN" in variant else None)
+  sn = "SN" in variant and not variant.endswith("operator")
+  run = Run(step, state, x, y, sigmas=sigmas if sn else None)
   if variant != "plain":
     run.normalized_bytes = kernel_bytes(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
   return run

@@ -72,7 +72,10 @@ def variants(model: str, forced: bool, floor: bool) -> list[tuple[str, str]]:
   if forced:
     linen += [f"flaxnorm {k}{s}" for k in ("WN", "SN") for s in FORCED]
   out = [("Linen", v) for v in linen]
-  out += [("NNX", v) for v in ("plain", "flaxnorm WN", "flaxnorm SN", "flax.nnx WN", "flax.nnx SN")]
+  nnx = ["plain", "flaxnorm WN", "flaxnorm SN", "flax.nnx WN", "flax.nnx SN"]
+  if model == "disc":
+    nnx.append("flaxnorm SN operator")
+  out += [("NNX", v) for v in nnx]
   out += [("equinox", v) for v in EQX_VARIANTS if HAVE_EQX]
   out += [("Haiku", v) for v in HAIKU_VARIANTS if HAVE_HAIKU]
   if floor and model == "mlp128":
