@@ -25,7 +25,7 @@ def data(model: str, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
   kx, ky = jax.random.split(jax.random.key(1))
   x_shape, y_shape = {
     "mlp": ((batch, shapes.MLP_SIZES[0]), (batch, shapes.MLP_SIZES[-1])),
-    "disc": ((batch, 32, 32, 3), (batch, 1)),
+    "disc": ((batch, *shapes.DISC_IN), (batch, 1)),
     "gen": ((batch, shapes.GEN_FRAMES, shapes.GEN_IN), (batch, shapes.GEN_FRAMES * 256, 1)),
   }[arch]
   x = jax.random.normal(kx, x_shape, dtype)

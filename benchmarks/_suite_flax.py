@@ -241,8 +241,9 @@ def nnx_wraps(n_power: int) -> dict[str, Callable]:
 
 def _disc_inputs() -> list[tuple[int, ...]]:
   """One example's input shape at each layer of the discriminator (operator mode's)."""
-  sizes = [32 // 2**i for i in range(len(shapes.DISC_CHANNELS) + 1)]
-  chans = (3, *shapes.DISC_CHANNELS)
+  side, _, c_in = shapes.DISC_IN
+  sizes = [side // 2**i for i in range(len(shapes.DISC_CHANNELS) + 1)]
+  chans = (c_in, *shapes.DISC_CHANNELS)
   convs = [(n, n, c) for n, c in zip(sizes, chans[:-1])]
   return [*convs, (sizes[-1] ** 2 * chans[-1],)]
 

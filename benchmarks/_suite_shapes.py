@@ -2,6 +2,7 @@
 by the PyTorch process and by the report."""
 
 MLP_SIZES = (512, 1024, 1024, 1024, 10)
+DISC_IN = (32, 32, 3)  # one example: height, width, channels
 DISC_CHANNELS = (64, 128, 256)  # 3x3, stride 2, SAME, leaky ReLU 0.2, then dense 1
 # HiFi-GAN-shaped generator: conv_pre 80 -> 128 (k7), then per stage a leaky
 # ReLU, a ConvTranspose (channels, kernel, stride) and one residual block of

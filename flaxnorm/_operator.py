@@ -88,7 +88,7 @@ def operator_power_iteration(
     u = _power.normalize_or_keep(av, u, eps)
     return u, v, jnp.vdot(u, av)
 
-  carry = (u, v, jnp.vdot(u, apply(v).astype(dtype)))
+  carry = (u, v, jnp.vdot(u, out.astype(dtype)))  # out = A v, from the vjp
   if n_steps:
     carry = jax.lax.fori_loop(0, n_steps, step, carry)
   return jax.lax.stop_gradient(carry)
