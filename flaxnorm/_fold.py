@@ -162,8 +162,10 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   The candidates are the kernel's leading and trailing axes (``Embed``'s ``0``,
   ``Dense``'s ``-1``, ``DenseGeneral``'s ``features`` axes) whose sizes fit ``u``
   and ``v``. When several fit (a square kernel), power iteration leaves ``u``
-  along ``W v`` in its own matrix view only, so the best-aligned view wins;
-  with no clear winner the caller must give ``axis``.
+  exactly along ``W v`` in the view it iterated (up to rounding and the
+  optimizer's steps since), and along it in another view only by chance: the
+  best-aligned view wins when every other is 100x further from aligned (or
+  folds to the same kernel); otherwise the caller must give ``axis``.
   """
   dtype = np.complex128 if any(np.iscomplexobj(x) for x in (w, u, v)) else np.float64
   w, u, v = (np.asarray(x, dtype) for x in (w, u, v))
@@ -175,19 +177,33 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   fits = [a for a in fits if w.size // u.size == v.size]
   if len(fits) == 1:
     return fits[0]
-  align = []
-  for kept in fits:
-    wv = np.moveaxis(w, kept, range(len(kept))).reshape(u.size, v.size) @ v.reshape(-1)
-    norm = np.linalg.norm(wv) * np.linalg.norm(u)
-    align.append(float(abs(np.vdot(u.reshape(-1), wv))) / norm if norm > 0 else 0.0)  # |u^H W v|
-  ranked = sorted(zip(align, fits), reverse=True)
-  if ranked and ranked[0][0] > 0.9 and (len(ranked) == 1 or ranked[1][0] < 0.5):
-    return ranked[0][1]
+  scored = {a: _view_fit(w, u, v, a) for a in fits}
+  kept = max(scored, key=scored.__getitem__)
+  best, sigma = scored[kept]
+  # Views whose sigma is the best's fold to the same kernel (a symmetric one):
+  # any of them will do. Every other view must fit 100x worse than the best.
+  others = [fit for fit, s in scored.values() if abs(s - sigma) > 1e-6 * sigma]
+  if not others or (best > 0.9 and all(1 - best < 1e-2 * (1 - fit) for fit in others)):
+    return kept
   raise ValueError(
     f"{at} of shape {tuple(w.shape)}: cannot tell from its stored state "
     f"({name}_u {tuple(u.shape)}, {name}_v {tuple(v.shape)}) which axis it was wrapped with "
     f"(candidates {fits or 'none'}); pass axis=... as given to spectral_norm."
   )
+
+
+def _view_fit(w: np.ndarray, u: np.ndarray, v: np.ndarray, kept: tuple[int, ...]) -> tuple:
+  """``(fit, sigma)`` of the stored vectors in the matrix view ``W`` keeping ``kept``.
+
+  ``fit = |u^H W v| / (||u|| ||W v||)``, ``u``'s alignment with ``W v``: power
+  iteration's last step sets ``u = W v / ||W v||``, so in the view it iterated
+  ``1 - fit`` is rounding (or the optimizer steps since); ``sigma = |u^H W v|``.
+  """
+  mat = np.moveaxis(w, kept, range(len(kept))).reshape(u.size, v.size)
+  wv = mat @ v.reshape(-1)
+  sigma = float(abs(np.vdot(u.reshape(-1), wv)))
+  norm = float(np.linalg.norm(u) * np.linalg.norm(wv))
+  return (sigma / norm if norm > 0 else 0.0), sigma
 
 
 def spectral_fold_one(
