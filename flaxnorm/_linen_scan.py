@@ -15,6 +15,8 @@ dropped. So the first trace runs the training step from the stored state and
 stores the result; the loop finds exactly the arrays that step stored (the
 same objects, :func:`take_fresh`) and uses them as they are, without iterating:
 ``sigma = u^T W v`` from the new vectors, which is the sigma the step computed.
+A layer called twice per step iterates twice in the first trace, as outside a
+scan, and both its calls in the loop use the state stored after the second.
 
 With ``variable_axes`` (stacked layers, ensembles) each layer or member reads
 its own slice, never a value stored in this apply, and trains as usual.
@@ -28,6 +30,7 @@ lifts it already.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -36,10 +39,6 @@ import flax.linen as nn
 from flax.core import scope as core_scope
 
 from flaxnorm import _subclass
-
-# The state vectors ``u`` stored by a training step (or created) in this
-# apply, by id; weak, so an id is never that of a dead array.
-_FRESH: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def lifted_by(module: nn.Module) -> str | None:
@@ -52,24 +51,47 @@ def lifted_by(module: nn.Module) -> str | None:
   return lifts[-1] if lifts else None
 
 
+@dataclasses.dataclass
+class _Stored:
+  """A state vector ``u`` stored in a lifted scan, and the traces that met it."""
+
+  u: weakref.ref  # the array (or tracer) itself
+  stored_in: weakref.ref  # the root scope of the trace that stored it
+  read_in: weakref.ref | None = None  # the first other trace that read it: the loop's
+
+
+# The vectors ``u`` stored (or created) inside lifted scans, by id; an entry
+# goes when its array does, so an id is never that of a dead array.
+_STORED: dict[int, _Stored] = {}
+
+
 def mark_fresh(module: nn.Module, u: Any) -> None:
   """Records ``u``, just stored by ``module`` inside a lifted scan (see the module docstring)."""
-  if lifted_by(module) == "scan":
+  if lifted_by(module) == "scan" and module.scope is not None:
+    key = id(u)
     with contextlib.suppress(TypeError):  # not weakly referenceable: never fresh
-      _FRESH[id(u)] = u
+      ref = weakref.ref(u, lambda _, key=key: _STORED.pop(key, None))
+      _STORED[key] = _Stored(ref, weakref.ref(module.scope.root))
 
 
 def take_fresh(module: nn.Module, u: Any) -> bool:
-  """Whether the stored ``u`` is the one stored by this scan's first trace; forgets it.
+  """Whether the stored ``u`` is the one this scan's first trace stored, read by its loop.
 
-  Forgetting it when the loop reads it keeps it from counting as fresh in a
-  later apply that is given the same arrays. Outside scans nothing is fresh: a
-  layer called twice in one apply iterates twice, as it always has.
+  Flax gives each trace of a lifted body its own root scope. A ``u`` stored
+  in the same trace (an earlier call of a layer called twice) is not fresh:
+  that call iterates again, as outside a scan. The first other trace to read
+  ``u`` is the loop's, and only it: a later apply given the same arrays
+  iterates. Outside scans nothing is fresh.
   """
-  if lifted_by(module) != "scan" or _FRESH.get(id(u)) is not u:
+  stored = _STORED.get(id(u))
+  if lifted_by(module) != "scan" or module.scope is None or stored is None or stored.u() is not u:
     return False
-  del _FRESH[id(u)]
-  return True
+  root = module.scope.root
+  if stored.stored_in() is root:
+    return False
+  if stored.read_in is None:
+    stored.read_in = weakref.ref(root)
+  return stored.read_in() is root
 
 
 def _lifts(rnn: nn.RNN, collection: str) -> bool:

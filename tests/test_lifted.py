@@ -7,6 +7,8 @@ with a spectrally normed weight): the reference is one training call of the
 cell, then the time loop in evaluation with that new state.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -130,6 +132,42 @@ def test_linen_rnn_under_jit():
   chex.assert_trees_all_close(eager, train(variables), **TOL)
 
 
+class _TiedCell(nn.Module):
+  """A cell calling one spectrally normed layer twice per time step."""
+
+  @nn.compact
+  def __call__(self, c, x):
+    layer = flaxnorm.spectral_norm(nn.Dense(F, use_bias=False), n_init_iterations=0)
+    c = layer(jnp.tanh(layer(x) + c))
+    return c, c
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linen_scan_with_a_layer_called_twice_per_step(jit):
+  # Over time the state advances as in one call of the cell (two iterations
+  # here), and every step of the loop uses that new state: evaluation with it
+  # gives the training output. Until 2026-12-05 the loop used a state one
+  # iteration ahead of the one it stored (eval 0.18 off).
+  scan = nn.scan(
+    _TiedCell,
+    variable_broadcast=["params", "spectral"],
+    split_rngs={"params": False},
+    in_axes=1,
+    out_axes=1,
+  )()
+  c0 = jnp.zeros((B, F))
+  maybe_jit = jax.jit if jit else (lambda f: f)
+  variables = maybe_jit(scan.init)(KEY, c0, XS)
+  (_, ys), new = maybe_jit(lambda v: scan.apply(v, c0, XS, mutable=["spectral"]))(variables)
+  _, one_step = _TiedCell().apply(variables, c0, XS[:, 0], mutable=["spectral"])
+  chex.assert_trees_all_close(new, one_step, **TOL)
+  _, ys_eval = scan.apply({**variables, **new}, c0, XS)
+  chex.assert_trees_all_close(ys, ys_eval, **TOL)
+  assert not np.allclose(
+    new["spectral"]["Dense_0"]["kernel_sigma"], variables["spectral"]["Dense_0"]["kernel_sigma"]
+  )
+
+
 def test_linen_scan_without_the_collection_says_how():
   cell = nn.scan(
     _linen_cell(flaxnorm.spectral_norm).__class__,
@@ -167,10 +205,14 @@ LIFT = {
 
 class _Block(nn.Module):
   transform: object
+  calls: int = 1  # the same layer called this many times
 
   @nn.compact
   def __call__(self, h, _):
-    return jnp.tanh(self.transform(nn.Dense(F))(h)), None
+    layer = self.transform(nn.Dense(F))
+    for _ in range(self.calls):
+      h = jnp.tanh(layer(h))
+    return h, None
 
 
 def _layer_tree(variables, i):
@@ -197,9 +239,14 @@ def _check_against_members(apply_all, apply_one, variables, n):
   del n
 
 
+@pytest.mark.parametrize("calls", [1, 2])
 @pytest.mark.parametrize("transform", [flaxnorm.spectral_norm, flaxnorm.weight_norm])
-def test_linen_scan_over_stacked_layers(transform):
-  stack = nn.scan(_Block, length=L, **LIFT)(transform)
+def test_linen_scan_over_stacked_layers(transform, calls):
+  # calls=2: each layer called twice iterates twice, as alone (until 2026-12-05
+  # the second call took the first's state as the scan's and did not iterate).
+  if calls == 2 and transform is flaxnorm.spectral_norm:  # a state that moves at each call
+    transform = functools.partial(transform, n_init_iterations=0)
+  stack = nn.scan(_Block, length=L, **LIFT)(transform, calls)
   h0 = XS[:, 0]
   variables = stack.init(KEY, h0, None)
   assert variables["params"]["Dense_0"][next(iter(variables["params"]["Dense_0"]))].shape[0] == L
@@ -212,9 +259,11 @@ def test_linen_scan_over_stacked_layers(transform):
   def apply_one(v, mutable):
     h, news = h0, []
     for i in range(L):
-      y, new = layer.apply(_layer_tree(v, i), h, mutable=mutable)
-      h = jnp.tanh(y)
-      news.append(new)
+      new = _layer_tree(v, i)
+      for _ in range(calls):
+        y, upd = layer.apply(new, h, mutable=mutable)
+        new, h = {**new, **upd}, jnp.tanh(y)
+      news.append({k: new[k] for k in upd})
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *news) if mutable else {}
     return h, {k: {"Dense_0": x} for k, x in stacked.items()}
 
