@@ -7,10 +7,13 @@ function name) and what was expected, so a user never has to read a Flax trace.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 Axis = int | Sequence[int] | None
@@ -20,10 +23,28 @@ def _at(at: str) -> str:
   return f" at {at}" if at else ""
 
 
+def _real(x: Any) -> float | None:
+  """``x`` as a float if it is a real number (numpy's or a concrete 0-d JAX array too), else None.
+
+  ``bool`` is not a number here, nor is a traced value (options are static).
+  """
+  dtype = getattr(x, "dtype", None)
+  if isinstance(x, bool) or (
+    dtype is not None and not any(jnp.issubdtype(dtype, k) for k in (jnp.integer, jnp.floating))
+  ):
+    return None
+  if isinstance(x, numbers.Real) or (dtype is not None and jnp.shape(x) == ()):
+    with contextlib.suppress(TypeError, jax.errors.ConcretizationTypeError):
+      return float(x)
+  return None
+
+
 def check_eps(eps: Any, at: str = "") -> float:
   """Returns ``eps`` as a float, or raises if it is not a positive number."""
-  if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+  value = _real(eps)
+  if value is None:
     raise TypeError(f"eps must be a positive float{_at(at)}, got {eps!r}.")
+  eps = value
   if not (eps > 0 and math.isfinite(eps)):
     raise ValueError(f"eps must be a positive finite float{_at(at)}, got {eps!r}.")
   return float(eps)
@@ -216,8 +237,10 @@ def check_state_fits(
 
 def check_target(target: Any, at: str = "") -> float:
   """Returns the spectral norm ``target`` as a float, or raises unless it is finite and > 0."""
-  if isinstance(target, bool) or not isinstance(target, (int, float)):
+  value = _real(target)
+  if value is None:
     raise TypeError(f"target must be a positive float{_at(at)}, got {target!r}.")
+  target = value
   if not (math.isfinite(target) and target > 0):
     raise ValueError(
       f"target must be a positive finite float{_at(at)} (the spectral norm to normalize "
@@ -228,8 +251,10 @@ def check_target(target: Any, at: str = "") -> float:
 
 def check_init_scale(init_scale: Any, at: str = "") -> float:
   """Returns weight norm's data-init ``init_scale`` as a float, or raises unless finite and > 0."""
-  if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)):
+  value = _real(init_scale)
+  if value is None:
     raise TypeError(f"init_scale must be a positive float{_at(at)}, got {init_scale!r}.")
+  init_scale = value
   if not (math.isfinite(init_scale) and init_scale > 0):
     raise ValueError(
       f"init_scale must be a positive finite float{_at(at)} (the std per output feature "

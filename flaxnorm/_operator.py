@@ -76,6 +76,9 @@ def operator_power_iteration(
   """
   eps = _checks.check_eps(eps, "operator_power_iteration")
   n_steps = _checks.check_count(n_steps, "n_steps", 0, "operator_power_iteration")
+  u, v = jnp.asarray(u), jnp.asarray(v)
+  for name, x in (("u", u), ("v", v)):  # vjp transposes: A^T, not A^H, for a complex map
+    _checks.check_float_array(x, name, "operator_power_iteration", complex_ok=False)
   dtype = _math.compute_dtype(jnp.result_type(u, v))
   u = jax.lax.stop_gradient(jnp.asarray(u, dtype))
   v = jax.lax.stop_gradient(jnp.asarray(v, dtype))
@@ -176,9 +179,10 @@ def init_state(
   """Random normalized ``u`` (one output example) and ``v`` (one input ``example``), iterated."""
   ku, kv = jax.random.split(key)
   apply = linear(jax.lax.stop_gradient(w))
-  out = jax.eval_shape(apply, jnp.zeros(example, jnp.float32))
-  u = _math.l2_normalize(jax.random.normal(ku, out.shape, jnp.float32), eps=options.eps)
-  v = _math.l2_normalize(jax.random.normal(kv, example, jnp.float32), eps=options.eps)
+  dtype = _math.compute_dtype(w.dtype)  # float32 at least, as kernel mode's state
+  out = jax.eval_shape(apply, jnp.zeros(example, dtype))
+  u = _math.l2_normalize(jax.random.normal(ku, out.shape, dtype), eps=options.eps)
+  v = _math.l2_normalize(jax.random.normal(kv, example, dtype), eps=options.eps)
   u, v, sigma = operator_power_iteration(
     apply, u, v, n_steps=options.n_init_iterations, eps=options.eps
   )
@@ -202,9 +206,8 @@ def iterate(
   )
   sigma = _sigma(w, u, v, linear)
   old = jnp.asarray(state.sigma, sigma.dtype)
-  new = _power.SpectralState(
-    u, v, jax.lax.stop_gradient(jnp.where(jnp.isfinite(sigma), sigma, old))
-  )
+  kept = jnp.where(jnp.isfinite(sigma), sigma, old).astype(jnp.result_type(state.sigma))
+  new = _power.SpectralState(u, v, jax.lax.stop_gradient(kept))
   return _scale(sigma, options), new
 
 

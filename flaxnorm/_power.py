@@ -334,6 +334,7 @@ def scale_by_sigma(
     Gouk, Frank, Pfahringer & Cree, "Regularisation of Neural Networks by
     Enforcing Lipschitz Continuity", Machine Learning 110, 2021 (``"clip"``).
   """
+  _checks.check_float_array(w, "w", "scale_by_sigma")
   return apply_scale(w, sigma_scale(sigma, eps, mode=mode, target=target))
 
 

@@ -3,6 +3,8 @@
 Each row of ``BAD_INPUTS`` is one row of ``docs/bad-inputs.md``, "Bad inputs and what they get".
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -161,6 +163,20 @@ BAD_INPUTS = [
     r"param 'kernel' of shape \(4, 3\) does not fit its state.*pass the axis",
   ),
   (
+    "integer kernel to scale_by_sigma",
+    lambda: flaxnorm.scale_by_sigma(jnp.array([2, 2]), jnp.array(4.0)),
+    TypeError,
+    r"w at scale_by_sigma must be a floating-point array .*got int32",
+  ),
+  (
+    "complex vectors to operator_power_iteration",
+    lambda: flaxnorm.operator_power_iteration(
+      lambda x: x, jnp.ones(2, jnp.complex64), jnp.ones(2), n_steps=1
+    ),
+    TypeError,
+    r"u at operator_power_iteration must be a floating-point array .*complex is not supported",
+  ),
+  (
     "g that does not fit v",
     lambda: flaxnorm.weight_norm_compose(jnp.ones((1, 4)), jnp.ones((4, 3))),
     ValueError,
@@ -173,6 +189,33 @@ BAD_INPUTS = [
 def test_bad_input_raises_clear_error(row, call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+def test_numpy_and_jax_scalars_are_numbers():
+  layer = flaxnorm.spectral_norm(nn.Dense(3), target=np.float32(0.5), eps=jnp.float32(1e-6))
+  variables = _init(layer)
+  sigma = np.linalg.svd(np.asarray(variables["params"]["kernel"]), compute_uv=False)[0]
+  y = layer.apply(variables, X)
+  kernel = variables["params"]["kernel"] * 0.5 / sigma
+  chex.assert_trees_all_close(y, X @ kernel + variables["params"]["bias"], rtol=1e-5)
+  with pytest.raises(TypeError, match=r"target must be a positive float .*got np\.True_"):
+    flaxnorm.spectral_norm(nn.Dense(3), target=np.bool_(True))
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-13, 1e-20, 1e-40])
+def test_zero_weights_give_finite_zeros_whatever_eps(eps):
+  """A tiny ``eps`` used to give NaN: its square's rsqrt has an inf derivative (below 1.4e-13
+  in float32) or flushes to 0 (below 1.1e-19); the clamp's 0 times that inf is NaN."""
+  chex.assert_trees_all_equal(flaxnorm.l2_normalize(jnp.zeros(3), eps=eps), jnp.zeros(3))
+  layer = flaxnorm.weight_norm(nn.Dense(3, kernel_init=nn.initializers.zeros), eps=eps)
+  variables = _init(layer)
+  chex.assert_trees_all_close(layer.apply(variables, X), jnp.zeros((2, 3)))
+  grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X)))(variables["params"])
+  chex.assert_tree_all_finite(grads)
+  g = jnp.ones((1, 3))
+  compose = functools.partial(flaxnorm.weight_norm_compose, g, eps=eps)
+  chex.assert_tree_all_finite(jax.jacrev(compose)(jnp.zeros((4, 3))))
+  chex.assert_tree_all_finite(jax.jacfwd(compose)(jnp.zeros((4, 3))))
 
 
 def test_zero_weights_give_finite_zeros():

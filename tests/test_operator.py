@@ -4,6 +4,8 @@ References are exact: the largest singular value of the layer's dense Jacobian
 (numpy SVD in float64) and, for circular convolutions, of the FFT-domain blocks.
 """
 
+import warnings
+
 import chex
 import flax.linen as nn
 import jax
@@ -273,6 +275,30 @@ def test_operator_power_iteration_of_a_bfloat16_map():
   u, v, sigma = flaxnorm.operator_power_iteration(apply, jnp.ones(3), jnp.ones(3), n_steps=50)
   assert u.dtype == v.dtype == sigma.dtype == jnp.float32
   np.testing.assert_allclose(sigma, 3.0, rtol=1e-2)
+
+
+def test_float64_state_keeps_its_dtype():
+  """float64 params: the state is float64 from init on (it was float32, then its sigma float64)."""
+  from flax import nnx
+
+  import flaxnorm.nnx as fnnx
+
+  with jax.enable_x64(True), warnings.catch_warnings():
+    warnings.simplefilter("error")  # NNX wrote float64 into float32 state: a FutureWarning
+    x = jnp.ones((2, 4), jnp.float64)
+    layer = flaxnorm.spectral_norm(nn.Dense(3, param_dtype=jnp.float64), operator=True)
+    variables = layer.init(KEY, x)
+    _, new = layer.apply(variables, x, mutable=["spectral"])
+    for state in (variables["spectral"], new["spectral"]):
+      assert {str(a.dtype) for a in state.values()} == {"float64"}, state
+    linear = nnx.Linear(4, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    wrapped = fnnx.spectral_norm(linear, operator=True, input_shape=(4,))
+    wrapped(x)
+    state = nnx.state(wrapped, nnx.Not(nnx.Param))
+    assert {str(a.dtype) for a in jax.tree.leaves(state)} == {"float64"}, state
+    kernel = np.asarray(variables["params"]["kernel"])
+    sigma = np.linalg.svd(kernel, compute_uv=False)[0]
+    np.testing.assert_allclose(float(new["spectral"]["kernel_sigma"]), sigma, rtol=1e-6)
 
 
 def test_nnx_operator_errors():
