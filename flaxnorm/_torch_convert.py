@@ -20,7 +20,7 @@ from flax.core import meta
 from flaxnorm import _checks, _options
 from flaxnorm import linen as _linen
 from flaxnorm._checks import Axis
-from flaxnorm._torch_keys import check_style, detect, keys_for
+from flaxnorm._torch_keys import STYLES, check_style, detect, keys_for
 from flaxnorm._torch_layouts import (
   Kind,
   SpectralViews,
@@ -409,11 +409,17 @@ def layer_to_numpy(
   """``to_torch``, with numpy arrays for tensors (PyTorch layout, keys of ``style``)."""
   where = f"to_torch({kind!r})"
   k = kind_of(kind, where)
-  check_style(style, where)
+  if style != "plain":  # from_torch's style of a plain layer: fine for a plain one
+    check_style(style, where)
   if not isinstance(variables, Mapping):
     raise TypeError(f"{where}: variables must be a mapping, got {type(variables).__name__}.")
   src = _Flax(k, *_flax_arrays(variables, collection), collection, where)
   method = _flax_method(src)
+  if style == "plain" and method is not None:
+    raise ValueError(
+      f"{where}: style 'plain' is for a plain layer, but these variables hold {method}; "
+      f"expected one of {list(STYLES)}."
+    )
   keys = keys_for(method, style)
   wkey = _options.weight_norm_keys(k.param)[1] if method == "weight_norm" else k.param
   w = src.params[wkey]

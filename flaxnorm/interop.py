@@ -153,7 +153,8 @@ def to_torch(
       ``"legacy"`` (``torch.nn.utils.weight_norm``/``spectral_norm``). Both
       load with ``load_state_dict(strict=True)`` into a module built with that
       API (weight norm's legacy keys load into either). A plain weight gives
-      ``weight``/``bias`` whatever the style.
+      ``weight``/``bias`` whatever the style; ``"plain"`` (what
+      :func:`from_torch` reports for one) is accepted for it.
     axis: the flaxnorm ``axis`` the layer was wrapped with. Weight norm reads
       it from ``g``'s shape (a given one is checked). Spectral norm reads it
       from the shapes of ``u``/``v`` and needs it only when they have the same

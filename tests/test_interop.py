@@ -506,6 +506,18 @@ def test_to_torch_without_torch_returns_numpy(monkeypatch):
   assert back["weight_g"].shape == (3, 1) and back["weight_v"].shape == (3, 4)
 
 
+def test_to_torch_takes_from_torchs_style_of_a_plain_layer(monkeypatch):
+  monkeypatch.setattr(interop, "_import_torch", lambda: None)
+  sd = {"weight": arr(3, 4), "bias": arr(3)}
+  layer = interop.from_torch(sd, "linear")
+  assert layer.style == "plain"
+  back = interop.to_torch(layer.variables, "linear", layer.style)
+  chex.assert_trees_all_equal(back, sd)
+  normed = interop.from_torch({"weight_g": arr(3, 1), "weight_v": arr(3, 4)}, "linear")
+  with pytest.raises(ValueError, match=r"style 'plain' is for a plain layer.*weight_norm"):
+    interop.to_torch(normed.variables, "linear", "plain")
+
+
 def test_to_torch_needs_axis_when_spectral_vectors_are_square():
   w, u, v = arr(3, 3), arr(3), arr(3)
   u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
