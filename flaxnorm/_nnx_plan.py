@@ -116,6 +116,12 @@ def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | N
       f"{method}: {at} is already wrapped by {specs[name].method}; a param can be "
       "normalized only once."
     )
+  owner = next((n for n, s in specs.items() if name in s.attrs(n)), None)
+  if owner is not None:
+    raise ValueError(
+      f"{method}: {at} belongs to {specs[owner].method} of param '{owner}' (flaxnorm made "
+      "it); a param can be normalized only once."
+    )
   var = vars(module).get(name)
   if var is None:
     hint = " (e.g. name='embedding' for nnx.Embed)" if isinstance(module, nnx.Embed) else ""

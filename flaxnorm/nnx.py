@@ -404,9 +404,10 @@ def wrap_modules(
     axes = _module_axes(sn, picked)
     source = _nnx_plan.make_key_source(args["rngs"], "spectral_norm")
     shape = _checks.check_shape(args["input_shape"], "input_shape", "spectral_norm")
-    commits = []
-    for i, ((p, m, n), a) in enumerate(zip(picked, axes)):
-      keys = _nnx_plan.offset(source, i * len(n))
+    commits, start = [], 0
+    for (p, m, n), a in zip(picked, axes):
+      keys = _nnx_plan.offset(source, start)  # one key per param, never two alike
+      start += len(n)
       opts = dataclasses.replace(sn, axis=a)
       commits.append(_nnx_plan.plan_spectral_norm(m, p, n, opts, keys, shape, ensemble))
   for commit in commits:

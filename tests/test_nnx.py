@@ -671,3 +671,46 @@ def test_output_scaling_float16_and_wider_dtypes(strict_promotion):
     for wrap in (fnx.weight_norm, lambda m: fnx.spectral_norm(m, rngs=0)):
       wide = wrap(nnx.Linear(4, 3, dtype=jnp.float64, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
       assert wide(x64).dtype == jnp.float64
+
+
+class _TwoKernels(nnx.Module):
+  def __init__(self, seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    self.w1 = nnx.Param(jax.random.normal(k1, (3, 3)))
+    self.w2 = nnx.Param(jax.random.normal(k2, (3, 3)))
+
+  def __call__(self, x):
+    return x @ self.w1[...] @ self.w2[...]
+
+
+class _TwoBlocks(nnx.Module):
+  def __init__(self):
+    self.a = _TwoKernels(0)
+    self.b = _TwoKernels(1)
+
+  def __call__(self, x):
+    return self.b(self.a(x))
+
+
+def test_wrap_modules_gives_every_param_its_own_key():
+  """Modules picking different numbers of params: keys were offset by index x own count."""
+  model = _TwoBlocks()
+  fnx.wrap_modules(
+    model,
+    fnx.spectral_norm,
+    where=_TwoKernels,
+    rngs=0,
+    n_init_iterations=0,
+    name=lambda path, p: path[0] == "a" or path[-1] == "w1",  # a: w1, w2; b: w1
+  )
+  state = nnx.to_pure_dict(nnx.state(model, fnx.SpectralStateVar))
+  starts = [state["a"]["w1_u"], state["a"]["w2_u"], state["b"]["w1_u"]]
+  assert len({tuple(np.asarray(u).tolist()) for u in starts}) == 3
+
+
+def test_a_param_flaxnorm_made_cannot_be_normalized_again():
+  layer = fnx.weight_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  for transform, name in [(fnx.weight_norm, "kernel_v"), (fnx.spectral_norm, "kernel_g")]:
+    with pytest.raises(ValueError, match=rf"'{name}'.*belongs to weight_norm of param 'kernel'"):
+      transform(layer, name=name)
+  assert layer(jnp.ones((2, 4))).shape == (2, 3)  # still whole
