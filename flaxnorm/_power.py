@@ -118,7 +118,9 @@ def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
   if not (_is_explicit(a) or _is_explicit(b)):
     return a @ b
   spec = jax.sharding.PartitionSpec() if like is None else jax.typeof(like).sharding.spec
-  return jnp.matmul(a, b, out_sharding=spec)
+  # A sharding with its mesh, not a bare spec: outside `jax.set_mesh` too.
+  mesh = jax.typeof(a if _is_explicit(a) else b).sharding.mesh
+  return jnp.matmul(a, b, out_sharding=jax.sharding.NamedSharding(mesh, spec))
 
 
 def _u_w_v(u: Array, w: Array, v: Array) -> Array:
