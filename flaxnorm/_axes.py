@@ -14,6 +14,7 @@ layer (Linen / NNX)                        kept axes of its param
 ``Einsum``                                 the kernel axes whose letters appear
                                            in the output (read from the equation)
 ``Embed`` (``embedding``)                  ``0``: one row per embedding vector
+``ConvTranspose(transpose_kernel=True)``   ``-2`` (``(*window, out, in)``)
 anything else                              ``-1``
 =========================================  ======================================
 
@@ -163,6 +164,8 @@ def layer_axis(module: Any, name: str, at: str, call_kwargs: Mapping | None = No
     return einsum_axes(equation, at)
   if issubclass(cls, (nn.Embed, nnx.Embed)) and name == "embedding":
     return 0
+  if issubclass(cls, (nn.ConvTranspose, nnx.ConvTranspose)) and name == "kernel":
+    return -2 if getattr(module, "transpose_kernel", False) else -1  # (*k, out, in) if True
   return -1
 
 

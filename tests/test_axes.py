@@ -297,3 +297,20 @@ def test_removal_reads_the_axes_from_the_state():
   with pytest.raises(ValueError, match=r"cannot tell .* pass axis="):
     flaxnorm.remove_spectral_norm(square.init(KEY, x))
   flaxnorm.remove_spectral_norm(square.init(KEY, x), axis=-1)  # given: fine
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_conv_transpose_keeps_its_output_axis(transpose_kernel):
+  """``transpose_kernel=True`` lays the kernel out ``(*window, out, in)``: ``"auto"`` keeps ``-2``."""
+  x = jax.random.normal(KEY, (2, 5, 2))
+  layer = nn.ConvTranspose(3, (3,), transpose_kernel=transpose_kernel)
+  wn = flaxnorm.weight_norm(layer)
+  variables = wn.init(KEY, x)
+  g_shape = (1, 3, 1) if transpose_kernel else (1, 1, 3)  # one norm per output feature
+  assert variables["params"]["kernel_g"].shape == g_shape
+  plain = flaxnorm.remove_weight_norm(variables)
+  chex.assert_trees_all_close(layer.apply(plain, x), wn.apply(variables, x), rtol=1e-6)
+  sn = flaxnorm.spectral_norm(layer).init(KEY, x)["spectral"]
+  assert sn["kernel_u"].shape == (3,) and sn["kernel_v"].shape == (6,)
+  linear = nnx.ConvTranspose(2, 3, (3,), transpose_kernel=transpose_kernel, rngs=nnx.Rngs(0))
+  assert fnx.weight_norm(linear).kernel_g.shape == g_shape
