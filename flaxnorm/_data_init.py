@@ -8,8 +8,8 @@ non-feature axis, ``g = init_scale / s`` and ``b = -mu * init_scale / s`` make
 run the layer with the unit-norm kernel and a zero bias to get ``t``; this
 module turns ``t`` into ``g``, ``b`` and ``y``. No Flax import.
 
-A feature that is constant on the batch (std at most ``CONSTANT_STD`` times
-``max(1, |mu|)``, which also covers float32 rounding of a constant) cannot be
+A feature that is constant on the batch (std 0, or at most ``CONSTANT_STD``
+times ``|mu|``, which also covers float32 rounding of a constant) cannot be
 scaled to std ``init_scale``: it gets ``s = 1`` (``g = init_scale``,
 ``b = -mu * init_scale``), an output of 0 on the batch, and finite values
 elsewhere, instead of an infinite or huge ``g``.
@@ -83,7 +83,8 @@ def normalize(
   t32 = t.astype(jnp.promote_types(t.dtype, jnp.float32))
   mu = jnp.mean(t32, axis=reduced, keepdims=True)
   s = jnp.sqrt(jnp.mean(jnp.square(t32 - mu), axis=reduced, keepdims=True))
-  s = jnp.where(s > CONSTANT_STD * jnp.maximum(1.0, jnp.abs(mu)), s, 1.0)
+  # Relative to |mu| only: small data, or a small init_scale upstream, is not constant.
+  s = jnp.where((s > CONSTANT_STD * jnp.abs(mu)) & (s > 0), s, 1.0)
   g = init_scale / s  # t's shape with 1 on the reduced axes: features in g's order
   y = t32 * g
   b = None

@@ -191,6 +191,19 @@ def test_linen_layer_without_bias_sets_only_g():
   assert np.max(np.abs(t.mean(0))) > 0.1  # so the check above can fail
 
 
+@pytest.mark.parametrize(("x_scale", "init_scale"), [(1.0, 1e-7), (1e-7, 1.0)])
+def test_small_features_are_normalized_not_taken_as_constant(x_scale, init_scale):
+  """The constant-feature test was absolute (std <= 1e-6): tiny data, or a tiny init_scale
+  upstream, came out unnormalized."""
+  x = _normal((64, 5), scale=x_scale)
+  net = MLP(init_scale=init_scale)
+  _, variables = net.init_with_output(KEY, x)
+  for out in _intermediates(net, variables, x).values():
+    y = np.asarray(out, np.float64)
+    np.testing.assert_allclose(y.std(0), init_scale, rtol=1e-3)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-3 * init_scale)
+
+
 def test_constant_feature_gives_finite_g():
   x = jnp.ones((8, 4))  # every feature constant over the batch
   layer = flaxnorm.weight_norm(nn.Dense(3, **K), data_init=True, init_scale=2.0)
