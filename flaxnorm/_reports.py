@@ -105,8 +105,13 @@ def lipschitz_bound(
   what it computes in evaluation (Gram iteration on the kernel's matrix, or on
   a convolution's FFT-domain blocks, times the layer's scale ``target /
   sigma``). Certified layers: ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv``
-  (any strides, padding, groups, dilation); for any other wrapped layer its
-  certificate, and the product, are ``None``.
+  (any strides, padding, groups, dilation, ``mask``) run by Flax's own code;
+  for any other wrapped layer (a subclass, a custom ``dot_general`` or
+  ``conv_general_dilated``, another layer) its certificate, and the product,
+  are ``None``. A layer the model calls ``k`` times (weight tying) counts ``k``
+  times; on inputs of different sizes it is refused. Layers stacked by
+  ``nn.scan``/``nn.vmap`` (a state with a stack axis) are refused: bound each
+  member's variables.
 
   Args:
     variables: Linen variables with ``collection`` (or the collection itself).
@@ -144,7 +149,19 @@ def lipschitz_bound(
   """
   _checks.check_mode(mode, "lipschitz_bound")
   target = _checks.check_target(target, "lipschitz_bound")
+  if model is not None and not isinstance(inputs, tuple):
+    raise TypeError(
+      f"lipschitz_bound: inputs must be a tuple of model.apply's arguments, e.g. (x,), "
+      f"got {type(inputs).__name__}."
+    )
   sigmas = spectral_sigmas(variables, collection)
+  for path, sigma in sigmas.items():
+    if jnp.ndim(sigma):
+      raise ValueError(
+        f"lipschitz_bound: the state at '{path}' holds {jnp.shape(sigma)} sigmas (a layer "
+        "stacked by nn.scan or nn.vmap): its bound is not one layer's. Bound each member's "
+        "variables on their own."
+      )
   layers_seen = _trace_layers(model, variables, inputs) if model is not None else {}
   steps = _certify.DEFAULT_GRAM_STEPS if n_gram_steps is None else n_gram_steps
   layers: dict[str, tuple[jax.Array, float | None]] = {}
@@ -155,6 +172,9 @@ def lipschitz_bound(
       sigma, options.target if options else target, options.mode if options else mode
     )
     certified = _certified(seen, variables, collection, path, steps) if seen else None
+    if seen is not None and seen.calls > 1:  # a chain through it k times: k factors
+      estimate = estimate**seen.calls
+      certified = None if certified is None else certified**seen.calls
     layers[path] = (estimate, certified)
   estimate = jnp.ones((), jnp.float32)
   for norm, _ in layers.values():
@@ -174,6 +194,7 @@ class _Seen(NamedTuple):
   name: str
   options: Any  # flaxnorm._options.SpectralNormOptions
   input_shape: tuple[int, ...]
+  calls: int = 1  # how many times the model calls it
 
 
 def _trace_layers(
@@ -192,7 +213,16 @@ def _trace_layers(
         names = [key] if isinstance(key, str) else _selected(variables, spec, module, specs)
         for name in names:
           path = "/".join((*map(str, module.scope.path), name))
-          seen.setdefault(path, _Seen(module, name, spec.options, tuple(jnp.shape(args[0]))))
+          shape = tuple(jnp.shape(args[0]))
+          if path not in seen:
+            seen[path] = _Seen(module, name, spec.options, shape)
+          elif seen[path].input_shape != shape:  # a conv's bound depends on its input size
+            raise ValueError(
+              f"lipschitz_bound: the model calls '{path}' on inputs of shapes "
+              f"{seen[path].input_shape} and {shape}; a certificate covers one size per layer."
+            )
+          else:
+            seen[path] = seen[path]._replace(calls=seen[path].calls + 1)
     return next_fun(*args, **kwargs)
 
   def run(variables):
@@ -244,22 +274,37 @@ def _certified(
   return bound * abs(float(scale)) * (1 + 1e-6)  # the scale is float32: its rounding
 
 
+_CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
+
+
 def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float | None:
+  """A bound on the kernel's own norm, for Flax's own layers run by their own code; else None.
+
+  A subclass may override ``__call__`` and a custom ``dot_general`` scale the
+  product: neither is what the kernel's norm bounds.
+  """
   base = _subclass.base_of(type(seen.module))
   m = seen.module
-  if issubclass(base, nn.Conv) and getattr(m, "input_dilation", 1) in (1, None):
+  if base not in (nn.Conv, nn.Dense, nn.DenseGeneral):
+    return None
+  if any(getattr(m, op, None) is not None for op in _CUSTOM_OPS):
+    return None
+  if getattr(m, "mask", None) is not None:  # the layer computes with w * mask
+    w = w * np.asarray(m.mask, np.float64)
+  if base is nn.Conv and getattr(m, "input_dilation", 1) in (1, None):
+    spatial = w.ndim - 2  # (batch..., *spatial, features): the axes before the last
     return _certify.conv_norm_bound(
       w,
-      seen.input_shape[1:-1],
+      seen.input_shape[-spatial - 1 : -1],
       strides=m.strides or 1,
       padding=m.padding,
       feature_group_count=m.feature_group_count,
       kernel_dilation=m.kernel_dilation or 1,
       n_steps=n_steps,
     )
-  if issubclass(base, nn.Dense):
+  if base is nn.Dense:
     return _certify.matrix_norm_bound(w, axis=-1, n_steps=n_steps)
-  if issubclass(base, nn.DenseGeneral) and not m.batch_dims:
+  if base is nn.DenseGeneral and not m.batch_dims:
     n_out = len(m.features) if isinstance(m.features, tuple) else 1
     kept = tuple(range(w.ndim - n_out, w.ndim))
     return _certify.matrix_norm_bound(w, axis=kept, n_steps=n_steps)

@@ -177,3 +177,86 @@ def test_certificate_is_none_for_layers_it_cannot_bound():
   bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
   assert bound.certified is None and bound.layers["kernel"][1] is None
   assert float(bound.estimate) == pytest.approx(1.0)
+
+
+class _Tripled(nn.Dense):
+  def __call__(self, x):
+    return 3.0 * super().__call__(x)
+
+
+def _scaled_dot(*args, **kwargs):
+  return 3.0 * jax.lax.dot_general(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layer", [_Tripled(4), nn.Dense(4, dot_general=_scaled_dot)])
+def test_no_certificate_for_layers_not_run_by_flax_own_code(layer):
+  """A subclass or a custom dot_general computes what the kernel's norm does not bound."""
+  model = flaxnorm.spectral_norm(layer)
+  x = jnp.ones((1, 4))
+  bound = flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=(x,))
+  assert bound.certified is None
+
+
+def test_certificate_of_a_masked_conv_bounds_the_masked_kernel():
+  mask = np.ones((1, 1, 2, 2), np.float32)
+  mask[0, 0, 1, 1] = 0.0  # [[1, 1], [1, -1]] has norm sqrt(2); masked, 1.618
+  kernel = jnp.asarray([[1.0, 1.0], [1.0, -1.0]]).reshape(1, 1, 2, 2)
+  conv = nn.Conv(2, (1, 1), mask=jnp.asarray(mask), use_bias=False, kernel_init=lambda *_: kernel)
+  model = flaxnorm.spectral_norm(conv)
+  x = jnp.ones((1, 3, 3, 2))
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.certified >= _layer_norm(lambda z: model.apply(variables, z[None])[0], (3, 3, 2))
+
+
+class _Tied(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    layer = flaxnorm.spectral_norm(nn.Dense(4, use_bias=False), target=2.0)
+    return layer(nn.relu(layer(x)))
+
+
+def test_a_layer_called_twice_counts_twice_and_other_input_sizes_are_refused():
+  x = jnp.ones((1, 4))
+  variables = _Tied().init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=_Tied(), inputs=(x,))
+  assert 4.0 <= bound.certified < 4.0 * 1.01**2 and float(bound.estimate) == pytest.approx(4.0)
+
+  class TwoSizes(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      conv = flaxnorm.spectral_norm(nn.Conv(2, (3, 3)))
+      return conv(x), conv(x[:, :4, :4])
+
+  x = jnp.ones((1, 6, 6, 2))
+  variables = TwoSizes().init(KEY, x)
+  with pytest.raises(ValueError, match=r"calls 'Conv_0/kernel' on inputs of shapes"):
+    flaxnorm.lipschitz_bound(variables, model=TwoSizes(), inputs=(x,))
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return nn.relu(flaxnorm.spectral_norm(nn.Dense(4))(h)), None
+
+
+def test_stacked_layers_and_bad_inputs_are_refused():
+  lift = {"variable_axes": {"params": 0, "spectral": 0}, "split_rngs": {"params": True}}
+  stack = nn.scan(_Block, length=3, **lift)()
+  x = jnp.ones((2, 4))
+  variables = stack.init(KEY, x, None)
+  with pytest.raises(ValueError, match=r"'Dense_0/kernel' holds \(3,\) sigmas"):
+    flaxnorm.lipschitz_bound(variables)
+  model = flaxnorm.spectral_norm(nn.Dense(4))
+  with pytest.raises(TypeError, match=r"inputs must be a tuple"):
+    flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=x)
+
+
+def test_certificate_of_an_unbatched_conv():
+  """Flax convs take unbatched inputs: the spatial axes are the ones before the features."""
+  conv = flaxnorm.spectral_norm(nn.Conv(3, (3, 3), padding="CIRCULAR"))
+  x = jnp.ones((6, 6, 2))
+  variables = conv.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=conv, inputs=(x,))
+  true = _layer_norm(lambda z: conv.apply(variables, z), (6, 6, 2))
+  assert true <= bound.certified <= 1.01 * true
