@@ -146,6 +146,15 @@ class SpectralNormSpec(_subclass.SpecBase):
     )
     return w[...], scale
 
+  def check_example(self, module: nnx.Module, name: str, example: tuple[int, ...]) -> None:
+    """Operator mode in evaluation: raises unless ``example`` is the size sigma is for."""
+    if not self.options.operator:
+      return
+    if _nnx_ensemble.is_stacked(self, _get(module, name, self.method, name)[...]):
+      return  # every member's call is checked under nnx.vmap
+    v = _get(module, self.attrs(name)[1], self.method, name)[...]
+    _operator.check_input_shape(v.shape, example, self.attrs(name), describe(module, name))
+
   def update(self, module: nnx.Module, name: str, example: tuple[int, ...]) -> jax.Array:
     """Iterates, stores the new state, and returns this call's (differentiable) scale.
 
@@ -435,14 +444,14 @@ def _call(self, *args, **kwargs):
   cls = type(self)
   specs = _subclass.specs_of(cls)
   state = _Call(None, {})
+  inputs = args[0] if args else kwargs.get("inputs")
+  example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
+  spectral = {name: s for name, s in specs.items() if isinstance(s, SpectralNormSpec)}
   if not getattr(self, FLAG, False) and not FROZEN.get():  # training: iterate and store
-    inputs = args[0] if args else kwargs.get("inputs")
-    example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
-    state.scales = {
-      name: spec.update(self, name, example)
-      for name, spec in specs.items()
-      if isinstance(spec, SpectralNormSpec)
-    }
+    state.scales = {name: spec.update(self, name, example) for name, spec in spectral.items()}
+  else:  # evaluation: operator mode's sigma holds for the size it was found at only
+    for name, spec in spectral.items():
+      spec.check_example(self, name, example)
   scales_output = _LINEAR_LAYERS.get(_subclass.base_of(cls)) if set(specs) == {"kernel"} else None
   if scales_output is not None and scales_output(self):
     # The layer reads the bare kernel and a zero bias; the scale and bias go

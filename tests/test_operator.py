@@ -316,6 +316,10 @@ def test_nnx_operator_errors():
   layer = fnx.spectral_norm(conv(), operator=True, input_shape=(6, 6, 3))
   with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 3\).*per-example shape \(8, 8, 3\)"):  # fmt: skip
     layer(jnp.ones((1, 8, 8, 3)))
+  layer.eval()  # evaluation too: its stored sigma is the norm at 6x6 only
+  with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 3\).*per-example shape \(8, 8, 3\)"):  # fmt: skip
+    layer(jnp.ones((1, 8, 8, 3)))
+  assert layer(jnp.ones((2, 6, 6, 3))).shape == (2, 6, 6, 4)
 
   class Tanh(nnx.Module):
     def __init__(self):
