@@ -18,7 +18,7 @@ for every size at least the kernel's.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +47,21 @@ def _plain_copy(module: nn.Module) -> nn.Module:
   return base(**fields, parent=None)
 
 
+def _check_one_batch_axis(module: nn.Module, shape: tuple[int, ...], at: str) -> None:
+  """Operator mode's example is the input less its first axis: that axis must be the batch."""
+  kernel_size = getattr(module, "kernel_size", None)
+  if kernel_size is not None:  # a convolution: (batch, *spatial, features)
+    ndim = (len(kernel_size) if isinstance(kernel_size, Sequence) else 1) + 2
+    want = f"{ndim} dims (batch, {ndim - 2} spatial, features)"
+  else:
+    ndim, want = None, "a batch axis first"
+  if (ndim is not None and len(shape) != ndim) or len(shape) < 2:
+    raise ValueError(
+      f"spectral_norm(operator=True): {at} needs inputs with one batch axis, {want}; got "
+      f"shape {tuple(shape)}. Its sigma is the norm for one example: add or merge batch axes."
+    )
+
+
 class LayerMap:
   """The wrapped layer's linear map ``x -> A_w x`` on one example, for a kernel ``w``.
 
@@ -65,6 +80,7 @@ class LayerMap:
       )
     args, kwargs = call
     inputs = args[0] if args else kwargs["inputs"]
+    _check_one_batch_axis(module, jnp.shape(inputs), at)
     self.example = jnp.zeros((1, *jnp.shape(inputs)[1:]), jnp.float32)
     self.rest = (args[1:], {k: x for k, x in kwargs.items() if k != "inputs"})
     self.plain, self.name, self.module = _plain_copy(module), name, module

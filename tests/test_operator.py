@@ -192,6 +192,11 @@ def test_errors():
   variables = layer.init(KEY, jnp.ones((1, 6, 6, 2)))
   with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 2\).*per-example shape \(8, 8, 2\)"):  # fmt: skip
     layer.apply(variables, jnp.ones((1, 8, 8, 2)))
+  # Unbatched (Flax convs take them) or with two batch axes: sigma would be for a
+  # 1x8 image or a batch of 3; refused, as NNX's input_shape is per example.
+  for shape in [(6, 6, 2), (2, 3, 6, 6, 2)]:
+    with pytest.raises(ValueError, match=r"\(Conv\) needs inputs with one batch axis, 4 dims"):
+      layer.init(KEY, jnp.ones(shape))
 
 
 # --------------------------------------------------------------------------- #
