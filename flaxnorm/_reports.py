@@ -16,6 +16,7 @@ import numpy as np
 from flax.core import meta
 
 from flaxnorm import _axes, _certify, _checks, _fold, _operator, _options, _power, _subclass
+from flaxnorm import linen as _linen
 
 
 def spectral_sigmas(
@@ -274,21 +275,16 @@ def _certified(
   return bound * abs(float(scale)) * (1 + 1e-6)  # the scale is float32: its rounding
 
 
-_CUSTOM_OPS = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls")
-
-
 def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float | None:
   """A bound on the kernel's own norm, for Flax's own layers run by their own code; else None.
 
   A subclass may override ``__call__`` and a custom ``dot_general`` scale the
   product: neither is what the kernel's norm bounds.
   """
-  base = _subclass.base_of(type(seen.module))
   m = seen.module
-  if base not in (nn.Conv, nn.Dense, nn.DenseGeneral):
+  if not _linen.runs_flax_code(m, (nn.Conv, nn.Dense, nn.DenseGeneral)):
     return None
-  if any(getattr(m, op, None) is not None for op in _CUSTOM_OPS):
-    return None
+  base = _subclass.base_of(type(m))
   if getattr(m, "mask", None) is not None:  # the layer computes with w * mask
     w = w * np.asarray(m.mask, np.float64)
   if base is nn.Conv and getattr(m, "input_dilation", 1) in (1, None):

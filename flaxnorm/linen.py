@@ -78,14 +78,22 @@ def _data_init_scale(module: nn.Module) -> float | None:
   return None
 
 
+def runs_flax_code(module: nn.Module, layers: tuple[type, ...]) -> bool:
+  """Whether ``module`` is one of ``layers`` (exactly), run by Flax's own code.
+
+  A subclass may override ``__call__``, and a custom op (a quantized
+  ``dot_general``) or ``promote_dtype`` changes what the kernel computes.
+  """
+  if _subclass.base_of(type(module)) not in layers:
+    return False
+  if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
+    return False
+  return getattr(module, "promote_dtype", linen_dtypes.promote_dtype) is linen_dtypes.promote_dtype
+
+
 def _scales_output(module: nn.Module) -> bool:
   """Whether ``module`` is one of Flax's linear layers, run by Flax's own code."""
-  cls = type(module)
-  if _subclass.base_of(cls) not in _LINEAR_LAYERS:
-    return False  # subclasses may override __call__: only Flax's own code
-  if any(getattr(module, op, None) is not None for op in _CUSTOM_OPS):
-    return False  # e.g. a quantized dot_general is not linear in the kernel
-  if getattr(module, "promote_dtype", linen_dtypes.promote_dtype) is not linen_dtypes.promote_dtype:
+  if not runs_flax_code(module, _LINEAR_LAYERS):
     return False
   batch_dims = getattr(module, "batch_dims", ())
   return not isinstance(batch_dims, int) and len(batch_dims) == 0
