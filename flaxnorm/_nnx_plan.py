@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.core import Tracer
 
 from flaxnorm import (
   _axes,
@@ -174,12 +175,11 @@ def plan_weight_norm(
     else:  # each member its own g; its axes count after the ensemble axis
       kept = (0, *(k + 1 for k in _nnx_ensemble.member_axes(axis, w, at, False)))
       g = _nnx_ensemble.weight_norm_g(w, opts)
+    axis_names = _sharding_names(var)
     meta = {}
-    sharding = var.get_metadata("out_sharding", None)
-    if sharding is not None and axis is not None:
-      meta["out_sharding"] = tuple(s if i in kept else None for i, s in enumerate(sharding))
-    elif sharding is not None:
-      meta["out_sharding"] = ()
+    if axis_names is not None:  # g: the kept axes' names (none for axis=None's scalar)
+      g_names = tuple(n if i in kept else None for i, n in enumerate(axis_names))
+      meta["out_sharding"] = g_names if axis is not None else ()
     # v is the original Param object: same metadata, same identity.
     new[name] = (var.copy(g, **meta), var)
 
@@ -195,6 +195,34 @@ def plan_weight_norm(
       setattr(module, v_attr, v)
 
   return commit
+
+
+def _sharding_names(var: nnx.Variable) -> tuple[Any, ...] | None:
+  """The param's axis names for sharding (``nnx.with_partitioning``), if any."""
+  names = var.get_metadata("out_sharding", None)
+  return tuple(names) if isinstance(names, tuple) else None
+
+
+def _state_metadata(
+  var: nnx.Variable, kept: tuple[int, ...], state: _power.SpectralState, stacked: bool
+) -> tuple[dict[str, Any], ...]:
+  """Sharding metadata of ``u``, ``v`` and ``sigma``, as Linen boxes them.
+
+  ``u`` lies along the kept axis (``kept`` counts the whole param's axes) and
+  takes its name when there is one kept axis; everything else is replicated,
+  but for the ensemble axis of a stacked param.
+  """
+  names = _sharding_names(var)
+  if names is None:
+    return {}, {}, {}
+  lead = names[:1] if stacked else ()
+  u_rest = state.u.ndim - len(lead)
+  u_names = (
+    (*lead, names[kept[0]]) if len(kept) == 1 and u_rest == 1 else (*lead, *(None,) * u_rest)
+  )
+  v_names = (*lead, *(None,) * (state.v.ndim - len(lead)))
+  mesh = {"mesh": m} if (m := var.get_metadata("mesh", None)) is not None else {}
+  return tuple({"out_sharding": n, **mesh} for n in (u_names, v_names, lead))
 
 
 def _operator_example(
@@ -219,11 +247,34 @@ def _operator_example(
   return example
 
 
+def _concrete_copy(module: nnx.Module) -> nnx.Module:
+  """A copy of ``module`` whose traced values are concrete stand-ins of their shapes.
+
+  The linearity checks run eagerly, also when the layer is built under
+  ``nnx.jit`` or ``nnx.eval_shape`` (abstract params): they do not depend on
+  the params' values, so random floats (zeros for other dtypes) stand in.
+  """
+  graphdef, state = nnx.split(module)
+
+  def stand_in(leaf: Any) -> Any:
+    if not isinstance(leaf, Tracer):
+      return leaf
+    with jax.ensure_compile_time_eval():
+      if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+        return jax.random.normal(jax.random.key(2), leaf.shape, leaf.dtype)
+      if jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(2), leaf.shape)
+      return jax.numpy.zeros(leaf.shape, leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree.map(stand_in, state))
+
+
 def _copy_map(module: nnx.Module, name: str) -> _operator.Linear:
   """``w -> (x -> A_w x)`` through a copy of the not yet wrapped layer given kernel ``w``.
 
   For the init-time check that the layer is linear in its kernel (the wrapped
   layer's :func:`operator_map` reads ``w`` only once the class is swapped).
+  ``module`` must hold concrete values (see :func:`_concrete_copy`).
   """
 
   def with_kernel(w: jax.Array) -> Callable[[jax.Array], jax.Array]:
@@ -268,7 +319,7 @@ def plan_spectral_norm(
   # Every spectral spec of a module records whether flaxnorm owns the flag, so
   # removing the last one knows whether to delete it.
   added = any(s.added_flag for s in others) if others else not has_flag
-  states, specs = {}, {}
+  states, specs, metas = {}, {}, {}
   for i, name in enumerate(select_names(module, path, names, "spectral_norm")):
     at = describe(module, name, path)
     var = _check_param(module, name, "spectral_norm", path)
@@ -288,26 +339,32 @@ def plan_spectral_norm(
         )
       kept = _nnx_ensemble.member_axes(axis, w, at, True)
       states[name] = _nnx_ensemble.spectral_state_init(next_key(i), w, kept, opts)
+      metas[name] = _state_metadata(var, tuple(k + 1 for k in kept), states[name], True)
       continue
     kept = _checks.check_spectral_weight(w, axis, at)
     if options.operator:
       _operator.check_real_kernel(w, at)
-      example = _operator_example(module, input_shape, at)
-      _operator.check_kernel_linear(_copy_map(module, name), tuple(w.shape), example, at)
+      probe = _concrete_copy(module)
+      example = _operator_example(probe, input_shape, at)
+      _operator.check_kernel_linear(_copy_map(probe, name), tuple(w.shape), example, at)
       linear = operator_map(module, name)
       states[name] = _operator.init_state(next_key(i), w, linear, example, options)
     else:
       states[name] = _power.spectral_state_init(
         next_key(i), w, axis=kept, n_steps=options.n_init_iterations, eps=options.eps
       )
+    metas[name] = _state_metadata(var, kept, states[name], False)
 
   def commit() -> None:
     all_specs = _subclass.specs_of(type(module))
     all_specs.update(specs)
     swap_class(module, all_specs)
     for name, state in states.items():
-      for attr, value in zip(specs[name].attrs(name), state):
-        setattr(module, attr, SpectralStateVar(value))
+      for attr, value, meta in zip(specs[name].attrs(name), state, metas[name]):
+        var = SpectralStateVar(value)
+        if meta:
+          var.set_metadata(**meta)  # names only: not sharded eagerly, as Linen's boxes
+        setattr(module, attr, var)
     if not has_flag:
       setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm
 

@@ -327,8 +327,9 @@ def wrap_modules(
     model: the root ``nnx.Module``; itself included in the search.
     transform: ``flaxnorm.nnx.weight_norm`` or ``flaxnorm.nnx.spectral_norm``.
     where: an NNX filter on ``(path, module)``: a module type (``nnx.Linear``),
-      a tuple of them, ``nnx.PathContains('encoder')``, ``nnx.All``/``nnx.Any``
-      combinations, or a callable ``(path, module) -> bool``.
+      a tuple of them, ``nnx.All``/``nnx.Any`` combinations such as
+      ``nnx.All(nnx.PathContains('encoder'), nnx.Linear)`` (``PathContains``
+      alone also matches the container), or a callable ``(path, module) -> bool``.
     **kwargs: passed to ``transform`` (``name=``, ``axis=``, ``rngs=`` ...). With
       ``rngs`` a key or seed, each module gets its own key folded in from it.
       ``axis`` may here also be a mapping from module name (the last part of its

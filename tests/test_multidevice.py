@@ -402,3 +402,51 @@ def test_shard_map_check_vma_proves_state_replicated(single_device_run, mesh_sha
   )
   with pytest.raises(ValueError, match="out_specs"):
     jax.jit(leaky).lower(*carry, X, T)
+
+
+# --------------------------------------------------------------------------- #
+# NNX: sharding names on every new variable, sharded init by the NNX recipe
+# --------------------------------------------------------------------------- #
+
+
+def _nnx_model():
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  init = nnx.with_partitioning(LECUN, (None, "model"))
+  wn = fnx.weight_norm(nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0)))
+  sn = fnx.spectral_norm(nnx.Linear(16, 16, kernel_init=init, rngs=nnx.Rngs(1)))
+  return nnx.Sequential(wn, nnx.tanh, sn)
+
+
+def test_nnx_sharded_init_places_the_new_variables():
+  """``nnx.get_partition_spec`` names g and u by the kernel's kept axis, as Linen does."""
+  from flax import nnx
+
+  mesh = _mesh((4, 2), ("data", "model"))
+
+  @nnx.jit
+  def create():
+    model = _nnx_model()
+    state = nnx.state(model)
+    nnx.update(model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+    return model
+
+  with jax.set_mesh(mesh):
+    model = create()
+  wn, sn = model.layers[0], model.layers[2]
+  assert wn.kernel_g[...].sharding.spec == P(None, "model")
+  assert wn.kernel_v[...].sharding.spec == P(None, "model")
+  assert sn.kernel_u[...].sharding.spec == P("model")
+  assert sn.kernel_v[...].sharding.spec in (P(), P(None))
+  with nnx.use_eager_sharding(False):
+    reference = _nnx_model()
+  state = lambda m: nnx.to_pure_dict(nnx.state(m))
+  _assert_trees_close(state(model), state(reference))
+  x = jax.device_put(X, NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    y = nnx.jit(lambda m, x: m(x))(model, x)
+  _assert_trees_close(y, reference(X))
+  _assert_trees_close(state(model), state(reference))  # the training call's new state too
+  assert sn.kernel_u[...].sharding.spec == P("model")

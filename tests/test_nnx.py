@@ -714,3 +714,38 @@ def test_a_param_flaxnorm_made_cannot_be_normalized_again():
     with pytest.raises(ValueError, match=rf"'{name}'.*belongs to weight_norm of param 'kernel'"):
       transform(layer, name=name)
   assert layer(jnp.ones((2, 4))).shape == (2, 3)  # still whole
+
+
+def test_new_variables_carry_the_kernels_sharding_names():
+  """g and u take the kept axis's name, the rest is replicated (as Linen's boxes)."""
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("in", "out"))
+  conv_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, "in", "out"))
+  names = lambda m: {k[-1]: v.get_metadata().get("out_sharding") for k, v in nnx.state(m).flat_state()}  # fmt: skip
+  with nnx.use_eager_sharding(False):
+    wn = fnx.weight_norm(nnx.Linear(4, 3, kernel_init=init, rngs=nnx.Rngs(0)))
+    sn = fnx.spectral_norm(nnx.Linear(4, 3, kernel_init=init, rngs=nnx.Rngs(0)))
+    op = fnx.spectral_norm(
+      nnx.Conv(2, 3, (3, 3), kernel_init=conv_init, rngs=nnx.Rngs(0)),
+      operator=True,
+      input_shape=(5, 5, 2),
+    )
+
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "members"})
+    def make(rngs):
+      return nnx.Linear(4, 3, kernel_init=init, rngs=rngs)
+
+    stacked = fnx.spectral_norm(make(nnx.Rngs(0)), ensemble_axis=0)
+  assert names(wn) == {"bias": None, "kernel_g": (None, "out"), "kernel_v": ("in", "out")}
+  assert names(sn) | {"bias": None} == {
+    "bias": None,
+    "kernel": ("in", "out"),
+    "kernel_u": ("out",),
+    "kernel_v": (None,),
+    "kernel_sigma": (),
+  }
+  assert names(op)["kernel_u"] == (None,) * 4 and names(op)["kernel_v"] == (None,) * 4
+  assert names(stacked)["kernel"] == ("members", "in", "out")
+  assert names(stacked)["kernel_u"] == ("members", "out")
+  assert names(stacked)["kernel_v"] == ("members", None)
+  assert names(stacked)["kernel_sigma"] == ("members",)

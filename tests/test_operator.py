@@ -342,3 +342,41 @@ def test_nnx_operator_errors():
 
   with pytest.raises(ValueError, match=r"param 'kernel' of Squared: .*not linear in its kernel"):
     fnx.spectral_norm(Squared(), operator=True, input_shape=(3,))
+
+
+def test_nnx_operator_mode_builds_abstractly_and_under_jit():
+  """``nnx.eval_shape`` (the step before a checkpoint restore) and ``nnx.jit`` build it.
+
+  The linearity checks run on concrete stand-ins of the traced params, so they
+  still refuse a nonlinear layer there.
+  """
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  def make():
+    conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    return fnx.spectral_norm(conv, operator=True, input_shape=(6, 6, 3))
+
+  eager = make()
+  abstract = nnx.eval_shape(make)
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(nnx.state(m)))
+  assert shapes(abstract) == shapes(eager)
+  jitted = nnx.jit(make)()
+  chex.assert_trees_all_close(
+    nnx.to_pure_dict(nnx.state(jitted)), nnx.to_pure_dict(nnx.state(eager)), atol=1e-6
+  )
+  restored = nnx.merge(nnx.graphdef(abstract), nnx.state(eager))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+  restored.eval(), eager.eval()
+  chex.assert_trees_all_close(restored(x), eager(x))
+
+  class Tanh(nnx.Module):
+    def __init__(self):
+      self.kernel = nnx.Param(jnp.ones((3, 2)))
+
+    def __call__(self, x):
+      return jnp.tanh(x @ self.kernel[...])
+
+  with pytest.raises(ValueError, match=r"param 'kernel' of Tanh: the layer is not linear"):
+    nnx.eval_shape(lambda: fnx.spectral_norm(Tanh(), operator=True, input_shape=(3,)))
