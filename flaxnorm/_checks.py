@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axis = int | Sequence[int] | None
 
@@ -39,15 +40,34 @@ def _real(x: Any) -> float | None:
   return None
 
 
-def check_eps(eps: Any, at: str = "") -> float:
-  """Returns ``eps`` as a float, or raises if it is not a positive number."""
+#: Spectral norm's ``eps`` must stay below this: it is the norm under which
+#: power iteration keeps its (unit) vectors and a kernel counts as zero, so a
+#: larger one freezes the iteration and leaves ordinary kernels unnormalized.
+SPECTRAL_EPS_MAX = 1e-2
+
+
+def check_eps(eps: Any, at: str = "", *, spectral: bool = False) -> float:
+  """Returns ``eps`` as a float, or raises if it is not a positive number.
+
+  With ``spectral``, ``eps`` must also be below :data:`SPECTRAL_EPS_MAX`.
+  """
   value = _real(eps)
   if value is None:
     raise TypeError(f"eps must be a positive float{_at(at)}, got {eps!r}.")
   eps = value
   if not (eps > 0 and math.isfinite(eps)):
     raise ValueError(f"eps must be a positive finite float{_at(at)}, got {eps!r}.")
+  if spectral and not eps < SPECTRAL_EPS_MAX:
+    raise ValueError(
+      f"eps must be below {SPECTRAL_EPS_MAX}{_at(at)}, got {eps!r}: it is the norm under "
+      "which power iteration keeps its unit vectors and a kernel counts as zero (left "
+      "unnormalized), a numerical floor like the default 1e-12."
+    )
   return float(eps)
+
+
+#: The largest count a loop takes: ``lax.fori_loop`` counts in int32.
+COUNT_MAX = 2**31 - 1
 
 
 def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
@@ -58,14 +78,24 @@ def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
     )
   if value < minimum:
     raise ValueError(f"{argname} must be >= {minimum}{_at(at)}, got {value}.")
+  if value > COUNT_MAX:
+    raise ValueError(f"{argname} must be <= {COUNT_MAX} (int32){_at(at)}, got {value}.")
   return value
 
 
-def check_names(name: str | Sequence[str], argname: str = "name") -> tuple[str, ...]:
-  """Returns ``name`` as a non-empty tuple of distinct strings."""
-  names = (name,) if isinstance(name, str) else tuple(name)
+def check_names(
+  name: str | Sequence[str], argname: str = "name", selectors: bool = False
+) -> tuple[str, ...]:
+  """Returns ``name`` as a non-empty tuple of distinct strings.
+
+  ``selectors`` says the caller also takes a regex or a predicate (for the message).
+  """
+  names = (name,) if isinstance(name, str) else tuple(name) if isinstance(name, Sequence) else ()
   if not names or not all(isinstance(n, str) and n for n in names):
-    raise TypeError(f"{argname} must be a non-empty str or a sequence of them, got {name!r}.")
+    also = (
+      ", a compiled regular expression or a predicate (path, leaf) -> bool" if selectors else ""
+    )
+    raise TypeError(f"{argname} must be a non-empty str, a sequence of them{also}, got {name!r}.")
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise ValueError(
@@ -178,8 +208,10 @@ def check_mode(mode: Any, at: str = "") -> str:
 
 def check_bool(value: Any, argname: str, at: str = "") -> bool:
   """Returns ``value`` if it is a Python bool (it changes the computation), else raises."""
+  if isinstance(value, np.bool_):  # numpy's bool is a bool too
+    return bool(value)
   if not isinstance(value, bool):
-    raise TypeError(f"{argname} must be a Python bool{_at(at)}, got {type(value).__name__}.")
+    raise TypeError(f"{argname} must be a bool{_at(at)}, got {type(value).__name__}.")
   return value
 
 
@@ -191,7 +223,33 @@ def check_collection(collection: Any, at: str = "") -> str:
     raise ValueError(
       f"collection must not be 'params'{_at(at)} (optimizers would train the state)."
     )
+  if collection == "intermediates":
+    raise ValueError(
+      f"collection must not be 'intermediates'{_at(at)}: Flax keeps it for sow and "
+      "capture_intermediates, and drops it between calls."
+    )
   return collection
+
+
+def check_g_fits(
+  g_shape: Sequence[int], v_shape: Sequence[int], kept: tuple[int, ...] | None, key: str, at: str
+) -> None:
+  """Raises unless a stored weight-norm ``g`` has the layout the layer's ``axis`` gives.
+
+  Args:
+    g_shape: the stored ``g``'s shape.
+    v_shape: the direction ``v``'s (the kernel's) shape.
+    kept: the kept axes, non-negative; ``None`` for ``axis=None`` (a scalar ``g``).
+    key: ``g``'s name (``kernel_g``).
+    at: the param's place (layer path or tree path), for the message.
+  """
+  expected = () if kept is None else tuple(n if i in kept else 1 for i, n in enumerate(v_shape))
+  if tuple(g_shape) != expected:
+    raise ValueError(
+      f"stored {key} of {at} has shape {tuple(g_shape)}, expected {expected} for v of shape "
+      f"{tuple(v_shape)} and the layer's axis (kept axes {kept}): a checkpoint saved with "
+      "another axis or layer size?"
+    )
 
 
 def check_state_fits(
@@ -235,16 +293,19 @@ def check_state_fits(
   )
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_target(target: Any, at: str = "") -> float:
   """Returns the spectral norm ``target`` as a float, or raises unless it is finite and > 0."""
   value = _real(target)
   if value is None:
     raise TypeError(f"target must be a positive float{_at(at)}, got {target!r}.")
   target = value
-  if not (math.isfinite(target) and target > 0):
+  if not (math.isfinite(target) and 0 < target <= _FLOAT32_MAX):
     raise ValueError(
       f"target must be a positive finite float{_at(at)} (the spectral norm to normalize "
-      f"to), got {target!r}."
+      f"to), at most float32's largest {_FLOAT32_MAX:.4g}, got {target!r}."
     )
   return float(target)
 
@@ -261,6 +322,20 @@ def check_init_scale(init_scale: Any, at: str = "") -> float:
       f"after data_init), got {init_scale!r}."
     )
   return float(init_scale)
+
+
+def check_key(key: Any, argname: str, at: str = "") -> jax.Array:
+  """Returns ``key`` if it is a PRNG key (``jax.random.key``, or a raw uint32 ``(2,)``)."""
+  dtype = getattr(key, "dtype", None)
+  typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+  raw = dtype == jnp.uint32 and jnp.shape(key) == (2,)
+  if not (typed and jnp.ndim(key) == 0) and not raw:
+    found = f"{dtype} of shape {jnp.shape(key)}" if dtype is not None else type(key).__name__
+    raise TypeError(
+      f"{argname}{_at(at)} must be one PRNG key (jax.random.key(0), or a raw "
+      f"jax.random.PRNGKey(0)), got {found}."
+    )
+  return key
 
 
 def check_shape(shape: Any, argname: str, at: str = "") -> tuple[int, ...] | None:

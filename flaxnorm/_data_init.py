@@ -17,6 +17,7 @@ elsewhere, instead of an infinite or huge ``g``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -62,6 +63,7 @@ def normalize(
   init_scale: float,
   g_shape: tuple[int, ...],
   bias_shape: tuple[int, ...] | None,
+  at: str = "",
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """``g``, ``b`` and the output ``y = g * t + b`` of the data-dependent init.
 
@@ -74,12 +76,23 @@ def normalize(
     g_shape: the shape of ``g`` (the kernel's rank, 1 on its reduced axes).
     bias_shape: the shape of the bias (``t``'s trailing axes), or ``None`` for
       a layer without one: then ``y = g * t`` keeps a mean of ``mu * g``.
+    at: the layer, for the error message.
 
   Returns:
     ``(g, b, y)``: ``g`` of ``g_shape`` and ``b`` of ``bias_shape`` (or None)
     in float32, ``y`` of ``t``'s shape and dtype.
+
+  Raises:
+    ValueError: the batch gives fewer than 2 values per feature (no std).
   """
   reduced = tuple(i for i in range(t.ndim) if i - t.ndim not in axes)
+  count = math.prod(t.shape[i] for i in reduced)
+  if count < 2:
+    raise ValueError(
+      f"weight_norm: data_init=True takes each output feature's std over the init batch, "
+      f"at {at}: the batch gives {count} value(s) per feature (output shape {t.shape}); "
+      "initialize with a batch of at least 2 examples (more give better statistics)."
+    )
   t32 = t.astype(jnp.promote_types(t.dtype, jnp.float32))
   mu = jnp.mean(t32, axis=reduced, keepdims=True)
   s = jnp.sqrt(jnp.mean(jnp.square(t32 - mu), axis=reduced, keepdims=True))

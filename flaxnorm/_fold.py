@@ -218,10 +218,39 @@ def spectral_fold_one(
 
   Kernel mode: ``w / sigma`` with ``sigma = u^T W v`` from the stored vectors.
   Operator mode (``u`` and ``v`` are examples, with a batch axis): ``w /
-  sigma`` with the stored sigma, as its evaluation does.
+  sigma`` with the stored sigma, as its evaluation does. A state stacked by
+  ``nn.vmap`` or ``nn.scan`` (``sigma`` not a scalar) folds member by member.
   """
   raw, w = w, meta.unbox(w)
   u, v, sigma = (meta.unbox(x) for x in state)
+  stack = jnp.shape(sigma)
+  if stack:  # stacked by nn.vmap / nn.scan: each member on its own
+    if any(jnp.shape(x)[: len(stack)] != stack for x in (w, u, v)):
+      raise ValueError(
+        f"{at}: a stacked state (sigma of shape {stack}) needs the kernel, u and v stacked "
+        f"on the same leading axes; got kernel {jnp.shape(w)}, u {jnp.shape(u)}, "
+        f"v {jnp.shape(v)} (nn.vmap / nn.scan with variable_axes 0 for params and state)."
+      )
+    members = [
+      _fold_member(w[i], (u[i], v[i], sigma[i]), name, axis, options, at)
+      for i in np.ndindex(*stack)
+    ]
+    w_sn = jnp.stack(members).reshape(jnp.shape(w))
+  else:
+    w_sn = _fold_member(w, (u, v, sigma), name, axis, options, at)
+  return raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn
+
+
+def _fold_member(
+  w: Any,
+  state: tuple[Any, Any, Any],
+  name: str,
+  axis: Axis | Literal["auto"],
+  options: _options.SpectralNormOptions,
+  at: str,
+) -> Any:
+  """One (unstacked) member's evaluation kernel: see :func:`spectral_fold_one`."""
+  u, v, sigma = state
   if jnp.ndim(u) >= 2 and jnp.ndim(v) >= 2:  # operator mode: one example each
     scale = _power.sigma_scale(
       sigma, options.eps, mode=options.mode, target=options.target, at=options.at
@@ -234,7 +263,7 @@ def spectral_fold_one(
     w_sn, _ = _power.spectral_normalize(
       w, u, v, axis=kept, n_steps=0, eps=options.eps, mode=options.mode, target=options.target
     )
-  return raw.replace_boxed(w_sn) if isinstance(raw, meta.AxisMetadata) else w_sn
+  return w_sn
 
 
 def remove_spectral_norm(

@@ -34,6 +34,7 @@ class DataInit:
     self.init_scale, self.n_features, self.offset = init_scale, n_features, offset
     self.bias: jax.Array | None = None
     self.g: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None  # key, out axes, shape
+    self.at = ""  # the param and layer, for error messages
 
   def features(self, ndim: int) -> dict[int, int]:
     """Kernel axis -> output axis (negative) of each output feature axis."""
@@ -98,7 +99,7 @@ def start(
       f"Wrap this layer with data_init=False."
     )
   axes = _data_init.feature_axes(kept, v.ndim, init.features(v.ndim), at)
-  init.g = (g_key, axes, g_shape)
+  init.g, init.at = (g_key, axes, g_shape), at
   return _math.weight_norm_scale(jax.numpy.ones(g_shape, v.dtype), v, eps)
 
 
@@ -120,7 +121,7 @@ def finish(module: nn.Module, init: DataInit, t: jax.Array) -> jax.Array:
     return (t + bias.astype(t.dtype)).astype(t.dtype)
   g_key, axes, g_shape = init.g
   bias_shape = None if init.bias is None else tuple(init.bias.shape)
-  g, b, y = _data_init.normalize(t, axes, init.init_scale, g_shape, bias_shape)
+  g, b, y = _data_init.normalize(t, axes, init.init_scale, g_shape, bias_shape, init.at)
   _put_param(module, g_key, g)
   if b is not None:
     _put_param(module, "bias", b)

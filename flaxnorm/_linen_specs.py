@@ -96,6 +96,9 @@ class WeightNormSpec(_subclass.SpecBase):
       init = module.__dict__.get("_flaxnorm_output_scale")
       g_shape = meta.unbox(g).shape
       return raw_v, v, _linen_data_init.start(init, at, g_key, kept, v, g_shape, self.options.eps)
+    _checks.check_g_fits(
+      jax.numpy.shape(meta.unbox(g)), v.shape, None if axis is None else kept, g_key, at
+    )
     return raw_v, v, _math.weight_norm_scale(g, v, self.options.eps)
 
 

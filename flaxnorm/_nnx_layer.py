@@ -102,6 +102,10 @@ class WeightNormSpec(_subclass.SpecBase):
     g, v = (_get(module, a, self.method, name) for a in self.attrs(name))
     if _nnx_ensemble.is_stacked(self, v[...]):
       return _nnx_ensemble.stacked_factors(self, v[...], g[...], v[...])
+    at = describe(module, name)
+    axis = _axes.explicit(self.options.axis, at)
+    kept = None if axis is None else _checks.normalize_axes(axis, v[...].ndim, at)
+    _checks.check_g_fits(g[...].shape, v[...].shape, kept, self.attrs(name)[0], at)
     return v[...], _math.weight_norm_scale(g[...], v[...], self.options.eps)
 
 
@@ -432,7 +436,8 @@ def _finish_data_init(
   assert run is not None
   g_var = vars(module)["kernel_g"]
   shape = None if bias is None else tuple(bias.shape)
-  g, b, y = _data_init.normalize(t, axes, run.init_scale, g_var[...].shape, shape)
+  at = describe(module, "kernel")
+  g, b, y = _data_init.normalize(t, axes, run.init_scale, g_var[...].shape, shape, at)
   g_var[...] = g.astype(g_var[...].dtype)
   if b is not None and bias is not None:
     vars(module)["bias"][...] = b.astype(bias.dtype)

@@ -288,14 +288,21 @@ def _copy_map(module: nnx.Module, name: str) -> _operator.Linear:
 
 def make_key_source(rngs: Rngs, method: str) -> Callable[[int], jax.Array]:
   if isinstance(rngs, nnx.Rngs):
+    if not any(stream in rngs for stream in ("spectral", "params", "default")):
+      raise ValueError(
+        f"{method}: rngs needs a 'spectral', 'params' or default stream for the start "
+        f"vectors, got an nnx.Rngs without one (e.g. nnx.Rngs(0) or nnx.Rngs(params=0))."
+      )
     # Linen draws from a 'spectral' stream when given one, else from 'params'.
     return lambda _: rngs["spectral"]() if "spectral" in rngs else rngs.params()
   if rngs is None:
     rngs = 0
   if isinstance(rngs, int) and not isinstance(rngs, bool):
+    if not -(2**63) <= rngs < 2**64:
+      raise ValueError(f"{method}: an int seed for rngs must fit in 64 bits, got {rngs}.")
     key = jax.random.key(rngs)
   elif isinstance(rngs, jax.Array):
-    key = rngs
+    key = _checks.check_key(rngs, "rngs", method)
   else:
     raise TypeError(
       f"{method}: rngs must be an nnx.Rngs, a PRNG key, an int seed or None, got "

@@ -74,7 +74,7 @@ def operator_power_iteration(
     of Neural Networks by Enforcing Lipschitz Continuity", Machine Learning 110,
     2021.
   """
-  eps = _checks.check_eps(eps, "operator_power_iteration")
+  eps = _checks.check_eps(eps, "operator_power_iteration", spectral=True)
   n_steps = _checks.check_count(n_steps, "n_steps", 0, "operator_power_iteration")
   u, v = jnp.asarray(u), jnp.asarray(v)
   for name, x in (("u", u), ("v", v)):  # vjp transposes: A^T, not A^H, for a complex map

@@ -107,7 +107,7 @@ class SpectralNormOptions:
     _set(self, "n_power_iterations", n)
     n = _checks.check_count(self.n_init_iterations, "n_init_iterations", 0, at)
     _set(self, "n_init_iterations", n)
-    _set(self, "eps", _checks.check_eps(self.eps, at))
+    _set(self, "eps", _checks.check_eps(self.eps, at, spectral=True))
     _set(self, "collection", _checks.check_collection(self.collection, at))
     _set(self, "mode", _checks.check_mode(self.mode, at))
     _set(self, "target", _checks.check_target(self.target, at))

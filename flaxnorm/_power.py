@@ -199,7 +199,7 @@ def power_iteration(
     Adversarial Networks", ICLR 2018.
   """
   _checks.check_float_array(w, "w", "power_iteration")
-  eps = _checks.check_eps(eps, "power_iteration")
+  eps = _checks.check_eps(eps, "power_iteration", spectral=True)
   n_steps = _checks.check_count(n_steps, "n_steps", 0, "power_iteration")
   if w.ndim != 2:
     raise ValueError(f"power_iteration: w must be a matrix (m, n), got shape {w.shape}.")
@@ -293,6 +293,7 @@ def spectral_state_init(
     Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative
     Adversarial Networks", ICLR 2018.
   """
+  key = _checks.check_key(key, "key", "spectral_state_init")
   mat = matrix_view(w, axis, "spectral_state_init")
   m, n = mat.shape
   dtype = compute_dtype(w.dtype)
@@ -337,6 +338,15 @@ def scale_by_sigma(
     Enforcing Lipschitz Continuity", Machine Learning 110, 2021 (``"clip"``).
   """
   _checks.check_float_array(w, "w", "scale_by_sigma")
+  if isinstance(sigma, float | int) and not isinstance(sigma, bool):
+    sigma = jnp.asarray(sigma, jnp.float32)  # a Python number
+  _checks.check_float_array(sigma, "sigma", "scale_by_sigma", complex_ok=False)
+  if jnp.ndim(sigma) != 0:
+    raise ValueError(
+      f"scale_by_sigma: sigma must be a scalar (the kernel's spectral norm), got shape "
+      f"{jnp.shape(sigma)}; use jax.vmap for stacked kernels."
+    )
+  eps = _checks.check_eps(eps, "scale_by_sigma", spectral=True)
   return apply_scale(w, sigma_scale(sigma, eps, mode=mode, target=target))
 
 

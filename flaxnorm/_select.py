@@ -56,7 +56,7 @@ def parse_names(name: Any, argname: str = "name") -> tuple[str, ...] | ParamSele
     return ParamSelector(pattern=name)
   if callable(name) and not isinstance(name, str):
     return ParamSelector(predicate=name)
-  return _checks.check_names(name, argname)
+  return _checks.check_names(name, argname, selectors=True)
 
 
 def key(k: Any) -> Any:
@@ -113,7 +113,7 @@ class Selection:
       self.predicate, self.names = names, None
       self.kind = "the path predicate"
     else:
-      self.predicate, self.names = None, _checks.check_names(names, argname)
+      self.predicate, self.names = None, _checks.check_names(names, argname, selectors=True)
     self.hits: list[Path] = []
 
   def __call__(self, path: Path, x: Any) -> bool:

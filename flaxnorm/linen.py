@@ -335,7 +335,20 @@ def _namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], di
     body.update(__call__=_compact_call, _flaxnorm_raw_call=staticmethod(raw_call))
   else:
     body["__call__"] = _call
+  if base.setup is not nn.Module.setup:
+    body["setup"] = _setup
   return body, {}
+
+
+def _setup(self) -> None:
+  """The layer's ``setup``, then the name checks: its params all exist by now.
+
+  So a wrong ``name`` is reported also when the layer only runs another method
+  (``nn.Embed.attend``, ``init(..., method=...)``).
+  """
+  _subclass.base_of(type(self)).setup(self)
+  if not any(s.recursive for s in _subclass.specs_of(type(self)).values()):
+    _check_layer_saw_names(self)
 
 
 def _transform_class(cls: type[M], specs: Mapping[str, Any]) -> type[M]:

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import flaxnorm
+import flaxnorm.nnx
 
 KEY = jax.random.key(0)
 X = jnp.ones((2, 4))
@@ -177,6 +178,85 @@ BAD_INPUTS = [
     r"u at operator_power_iteration must be a floating-point array .*complex is not supported",
   ),
   (
+    "stored g of another axis's layout",
+    lambda: flaxnorm.weight_norm(nn.Dense(3)).apply(
+      {
+        "params": {"kernel_g": jnp.ones((4, 1)), "kernel_v": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+      },
+      X,
+    ),
+    ValueError,
+    r"stored kernel_g of param 'kernel' of layer .* has shape \(4, 1\), expected \(1, 3\)",
+  ),
+  (
+    "data_init on a batch of one example",
+    lambda: _init(flaxnorm.weight_norm(nn.Dense(3), data_init=True), jnp.ones((1, 4))),
+    ValueError,
+    r"data_init=True .* at param 'kernel' of layer .*: the batch gives 1 value\(s\) per feature",
+  ),
+  (
+    "a wrong name on a layer used through another method",
+    lambda: flaxnorm.spectral_norm(nn.Embed(10, 4)).init(KEY, X, method="attend"),
+    ValueError,
+    r"param 'kernel' of layer '<top level>' \(Embed\) does not exist.*name='embedding'",
+  ),
+  (
+    "spectral eps too large to be a floor",
+    lambda: flaxnorm.spectral_norm(nn.Dense, eps=0.5),
+    ValueError,
+    r"eps must be below 0.01 at spectral_norm, got 0.5",
+  ),
+  (
+    "target beyond float32",
+    lambda: flaxnorm.spectral_norm(nn.Dense, target=1e39),
+    ValueError,
+    r"target must be .* at most float32's largest",
+  ),
+  (
+    "an iteration count beyond int32",
+    lambda: flaxnorm.spectral_norm(nn.Dense, n_power_iterations=2**31),
+    ValueError,
+    r"n_power_iterations must be <= 2147483647 \(int32\) at spectral_norm",
+  ),
+  (
+    "collection 'intermediates'",
+    lambda: flaxnorm.spectral_norm(nn.Dense, collection="intermediates"),
+    ValueError,
+    r"collection must not be 'intermediates'",
+  ),
+  (
+    "a sigma vector to scale_by_sigma",
+    lambda: flaxnorm.scale_by_sigma(jnp.ones((2, 2)), jnp.ones(2)),
+    ValueError,
+    r"sigma must be a scalar .* got shape \(2,\)",
+  ),
+  (
+    "a negative eps to scale_by_sigma",
+    lambda: flaxnorm.scale_by_sigma(jnp.ones((2, 2)), 2.0, eps=-1.0),
+    ValueError,
+    r"eps must be a positive finite float at scale_by_sigma",
+  ),
+  (
+    "an int as a PRNG key",
+    lambda: flaxnorm.spectral_state_init(0, jnp.ones((3, 2))),
+    TypeError,
+    r"key at spectral_state_init must be one PRNG key .* got int",
+  ),
+  (
+    "NNX rngs without a params or spectral stream",
+    lambda: flaxnorm.nnx.spectral_norm(
+      nnx.Linear(3, 2, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(dropout=0)
+    ),
+    ValueError,
+    r"rngs needs a 'spectral', 'params' or default stream",
+  ),
+  (
+    "NNX rngs an array that is not a key",
+    lambda: flaxnorm.nnx.spectral_norm(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), rngs=jnp.ones(2)),
+    TypeError,
+    r"rngs at spectral_norm must be one PRNG key .* got float32 of shape \(2,\)",
+  ),
+  (
     "g that does not fit v",
     lambda: flaxnorm.weight_norm_compose(jnp.ones((1, 4)), jnp.ones((4, 3))),
     ValueError,
@@ -189,6 +269,11 @@ BAD_INPUTS = [
 def test_bad_input_raises_clear_error(row, call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+def test_numpy_bools_are_bools():
+  layer = flaxnorm.spectral_norm(nn.Dense(3), operator=np.bool_(False))
+  chex.assert_trees_all_close(_init(layer), _sn_vars())
 
 
 def test_numpy_and_jax_scalars_are_numbers():

@@ -291,6 +291,26 @@ def test_linen_vmap_ensemble(transform):
     assert sigmas.shape == (L,) and len(set(sigmas.tolist())) == L
 
 
+@pytest.mark.parametrize("transform", [flaxnorm.remove_spectral_norm, flaxnorm.remove_weight_norm])
+def test_linen_removal_of_stacked_layers(transform):
+  """Each member folds on its own (until 2026-12-05 sigma's (L,) vector scaled the
+  last kernel axis as a whole)."""
+  wrap = (
+    flaxnorm.spectral_norm if transform is flaxnorm.remove_spectral_norm else flaxnorm.weight_norm
+  )
+  lifted = lambda layer: nn.vmap(layer, in_axes=None, out_axes=0, axis_size=L, **LIFT)
+  x = XS[:, 0]
+  variables = lifted(wrap(nn.Dense))(L).init(KEY, x)  # features == members: shapes fit both ways
+  plain = lifted(nn.Dense)(L)
+  chex.assert_trees_all_close(
+    plain.apply(transform(variables), x), lifted(wrap(nn.Dense))(L).apply(variables, x), **TOL
+  )
+  bad = {**variables, "spectral": {**variables.get("spectral", {}), "kernel_sigma": jnp.ones(2)}}
+  if transform is flaxnorm.remove_spectral_norm:
+    with pytest.raises(ValueError, match=r"stacked state \(sigma of shape \(2,\)\)"):
+      transform(bad)
+
+
 # --------------------------------------------------------------------------- #
 # NNX: ensembles stacked by nnx.vmap, and layer stacks under nnx.scan.
 # --------------------------------------------------------------------------- #

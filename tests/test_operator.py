@@ -186,7 +186,7 @@ def test_errors():
     flaxnorm.spectral_norm(_Tanh(), operator=True).init(KEY, x)
   with pytest.raises(ValueError, match=r"\(_Squared\).*not linear in its kernel.*operator=False"):
     flaxnorm.spectral_norm(_Squared(), operator=True).init(KEY, x)
-  with pytest.raises(TypeError, match="operator must be a Python bool at spectral_norm"):
+  with pytest.raises(TypeError, match="operator must be a bool at spectral_norm"):
     flaxnorm.spectral_norm(nn.Dense(3), operator=1)
   layer = flaxnorm.spectral_norm(nn.Conv(2, (3, 3)), operator=True)
   variables = layer.init(KEY, jnp.ones((1, 6, 6, 2)))

@@ -37,7 +37,7 @@ def test_equal_options_give_the_same_class():
 @pytest.mark.parametrize(
   "call, error, match",
   [
-    (lambda: flaxnorm.weight_norm(nn.Dense, recursive=1), TypeError, "recursive must be a Python bool at weight_norm"),
+    (lambda: flaxnorm.weight_norm(nn.Dense, recursive=1), TypeError, "recursive must be a bool at weight_norm"),
     (lambda: flaxnorm.spectral_norm(nn.Dense, collection=""), TypeError, "collection must be a non-empty str at spectral_norm"),
     (lambda: fnx.spectral_norm(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), mode="x"), ValueError, "mode must be one of .* at spectral_norm"),
     (lambda: ft.spectral_norm(eps=0.0), ValueError, "eps must be a positive finite float at flaxnorm.tree.spectral_norm"),
