@@ -9,8 +9,8 @@ matches PyTorch's matrix view of the weight.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -271,6 +271,29 @@ def pick_view(
   return fits[0] if fits else None
 
 
+def _per_dim(x: Any, name: str, low: int, n: int | None) -> tuple[int, ...]:
+  """``x`` (an int, or one per spatial dim) as ``n`` ints ``>= low``, or raises."""
+  xs = (x,) * (n or 1) if isinstance(x, (int, np.integer)) else x
+  if (
+    isinstance(x, (str, bytes))
+    or not isinstance(xs, Sequence)
+    or not xs
+    or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in xs)
+  ):
+    raise TypeError(
+      f"conv_transpose_padding: {name} must be an int or a tuple of ints (one per "
+      f"spatial dim), got {x!r}."
+    )
+  xs = tuple(int(i) for i in xs)
+  if n is not None and len(xs) != n:
+    raise ValueError(
+      f"conv_transpose_padding: {name}={x!r} must be an int or one per spatial dim ({n})."
+    )
+  if any(i < low for i in xs):
+    raise ValueError(f"conv_transpose_padding: {name}={x!r} must be >= {low}.")
+  return xs
+
+
 def conv_transpose_padding(
   kernel_size: int | tuple[int, ...],
   padding: int | tuple[int, ...],
@@ -278,18 +301,8 @@ def conv_transpose_padding(
   output_padding: int | tuple[int, ...],
 ) -> tuple[tuple[int, int], ...]:
   """``((lo, hi), ...)``: ``lo = dilation * (k - 1) - padding``, ``hi = lo + output_padding``."""
-  ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-
-  def per_dim(x: int | tuple[int, ...], name: str) -> tuple[int, ...]:
-    xs = (x,) * len(ks) if isinstance(x, int) else tuple(x)
-    if len(xs) != len(ks) or not all(isinstance(i, int) and i >= 0 for i in xs):
-      raise ValueError(
-        f"conv_transpose_padding: {name}={x!r} must be an int >= 0 or one per "
-        f"spatial dim ({len(ks)})."
-      )
-    return xs
-
-  ps = per_dim(padding, "padding")
-  ds = per_dim(dilation, "dilation")
-  ops = per_dim(output_padding, "output_padding")
+  ks = _per_dim(kernel_size, "kernel_size", 1, None)
+  ps = _per_dim(padding, "padding", 0, len(ks))
+  ds = _per_dim(dilation, "dilation", 1, len(ks))
+  ops = _per_dim(output_padding, "output_padding", 0, len(ks))
   return tuple((d * (k - 1) - p, d * (k - 1) - p + op) for k, p, d, op in zip(ks, ps, ds, ops))

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 
-from flaxnorm import _options
+from flaxnorm import _checks, _options
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch, layer_to_numpy
 from flaxnorm._torch_keys import detect, split_key
@@ -168,6 +168,7 @@ def _targets(
   variables: Any, inputs: Any, collection: str
 ) -> tuple[Mapping[str, Any], dict[tuple[str, ...], FlaxLayer], Any]:
   """The variables to fill, the model's layers, and the NNX tree to write back (or ``None``)."""
+  _check_instance(variables, "variables")
   if isinstance(variables, nn.Module):
     shapes, model = from_linen(variables, inputs)
     return shapes, model, None
@@ -184,6 +185,37 @@ def _targets(
   return variables, {}, None
 
 
+def _check_instance(model: Any, argname: str, where: str = _WHERE) -> None:
+  """Raises if ``model`` is a Linen or NNX module class where an instance is expected."""
+  if isinstance(model, type) and issubclass(model, (nn.Module, nnx.Module)):
+    raise TypeError(
+      f"{where}: {argname} must be a module instance, got the class {model.__name__}: "
+      f"pass {model.__name__}(...)."
+    )
+
+
+def _check_args(state_dict: Any, kinds: Any, axes: Any, strict: Any, collection: Any) -> None:
+  """Raises unless ``load_torch_state_dict``'s arguments have their documented types."""
+  if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+    raise TypeError(
+      f"{_WHERE}: state_dict must be a mapping of str key -> tensor (module.state_dict()), "
+      f"got {type(state_dict).__name__}."
+    )
+  for argname, given, value, example in (
+    ("kinds", kinds, "kind", "{'ups': 'conv_transpose1d'}"),
+    ("axes", axes, "axis", "{'fc': -2}"),
+  ):
+    if given is not None and not (
+      isinstance(given, Mapping) and all(isinstance(p, str) for p in given)
+    ):
+      raise TypeError(
+        f"{_WHERE}: {argname} must be a mapping of PyTorch layer prefix (str) -> {value}, "
+        f"e.g. {example} (the prefix '' names every layer), got {given!r}."
+      )
+  _checks.check_bool(strict, "strict", _WHERE)
+  _checks.check_collection(collection, _WHERE)
+
+
 def load(
   state_dict: Mapping[str, Any],
   variables: Any,
@@ -198,6 +230,7 @@ def load(
   ``axes`` mean "not given" (read from the model or the tree).
   """
   kinds, axes, inputs = options
+  _check_args(state_dict, kinds, axes, strict, collection)
   tree, model, nnx_tree = _targets(variables, inputs, collection)
   kinds_given: dict[str, str] = {p: x for p, x in (kinds or {}).items() if x is not None}
   axes_given: dict[str, Axis] = {p: x for p, x in (axes or {}).items() if x is not None}
@@ -334,6 +367,8 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
     view = _target_view(layer, t, k)
     if view is not None:
       layer, src = convert(neg_axis(view, k.ndim))
+  if layer.method == "spectral_norm" and tmethod is None:
+    _check_collection_found(job, t, wrapped is not None and wrapped[0] == layer.method)
   _check_wrapping(layer, t, k, tmethod)
   _check_order(job, layer, t, k)
   variables = _fill(job, layer, src, t, k)
@@ -391,6 +426,23 @@ def _target_view(layer: TorchLayer, t: _Target, k: Kind) -> tuple[int, ...] | No
     ),
   )
   return None if view == exact else view
+
+
+def _check_collection_found(job: _Load, t: _Target, model_wraps_it: bool) -> None:
+  """Raises, for a PyTorch spectral layer whose target has no state, if ``collection`` is absent.
+
+  The Flax layer looks plain then, but its state may well be in another
+  collection (a mistyped ``collection``): it is, when the variables hold other
+  collections than ``params`` or the Flax model wraps the layer.
+  """
+  if job.collection in job.out or not (model_wraps_it or len(job.out) > 1):
+    return
+  raise ValueError(
+    f"{t.where}: PyTorch has spectral_norm ({sorted(t.entries.values())}) but the collection "
+    f"{job.collection!r} is not in the Flax variables (they have {sorted(job.out)}): pass "
+    "collection= the collection the layer keeps its spectral state in (its "
+    "spectral_norm(..., collection=)), or wrap the layer with flaxnorm.spectral_norm."
+  )
 
 
 def _check_wrapping(layer: TorchLayer, t: _Target, k: Kind, tmethod: str | None) -> None:
@@ -558,6 +610,9 @@ def save(
 ) -> dict[str, np.ndarray]:
   """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model)."""
   info: dict[tuple[str, ...], FlaxLayer] = {}
+  _check_instance(variables, "variables", "to_torch_state_dict")
+  _check_instance(model, "model", "to_torch_state_dict")
+  _checks.check_collection(collection, "to_torch_state_dict")
   if isinstance(variables, nnx.Module):
     tree, info = from_nnx(variables, collection)
     variables = tree.variables

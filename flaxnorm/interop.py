@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _torch_convert, _torch_layouts, _torch_model
+from flaxnorm import _checks, _torch_convert, _torch_layouts, _torch_model
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import TorchLayer
 from flaxnorm._torch_keys import STYLES
@@ -113,7 +113,7 @@ def from_torch(
   Raises:
     ValueError: unknown ``kind``; missing, unexpected or mixed-style keys; a
       shape that fits no layout of ``kind`` (the key, its shape and the
-      expected layout are named).
+      expected layout are named); ``collection="params"``.
     TypeError: a value that is not an array.
 
   Examples:
@@ -123,6 +123,7 @@ def from_torch(
     >>> layer.method, layer.axis, layer.variables["params"]["kernel_g"].shape
     ('weight_norm', -2, (1, 3, 1))
   """
+  _checks.check_collection(collection, "from_torch")
   layer = _torch_convert.layer_from_torch(
     tensors, kind, axis, spectral_dim, collection, "from_torch"
   )[0]
@@ -182,6 +183,7 @@ def to_torch(
     >>> {key: tuple(x.shape) for key, x in sorted(sd.items())}
     {'bias': (3,), 'weight_g': (3, 1), 'weight_v': (3, 4)}
   """
+  _checks.check_collection(collection, "to_torch")
   arrays = _torch_convert.layer_to_numpy(variables, kind, style, axis, spectral_dim, collection)
   return _emit(arrays)
 
@@ -211,8 +213,9 @@ def conv_transpose_padding(
     ``hi = lo + output_padding``.
 
   Raises:
-    ValueError: ``padding``, ``dilation`` or ``output_padding`` is negative, not
-      an int, or has another length than ``kernel_size``.
+    TypeError: an argument is not an int or a tuple of ints (a bool, a str).
+    ValueError: ``kernel_size`` or ``dilation`` is below 1, ``padding`` or
+      ``output_padding`` is negative, or one has another length than ``kernel_size``.
 
   Examples:
     >>> conv_transpose_padding(4, 1)
@@ -296,8 +299,11 @@ def load_torch_state_dict(
       the Flax path, both shapes and the expected layouts); an ambiguous key
       match; a spectral layer in the other iteration order (with ``strict``);
       with ``strict``, unused keys or unmatched variables (all listed in one
-      error).
-    TypeError: a ``key_map`` of the wrong type.
+      error); ``collection="params"``, or a ``collection`` the variables lack
+      while a PyTorch layer has spectral state.
+    TypeError: an argument of the wrong type: ``state_dict`` or ``kinds``/``axes``
+      not a mapping, ``strict`` not a bool, a module class for ``variables``,
+      a ``key_map`` of the wrong type.
 
   Examples:
     >>> import flax.linen as nn, jax.numpy as jnp, numpy as np

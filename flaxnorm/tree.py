@@ -32,10 +32,11 @@ sequence positions). Boxed leaves (``nn.Partitioned``) must be unboxed first
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+from flax.core import meta
 
 from flaxnorm import _axes, _checks, _fold, _math, _options, _power, _select
 from flaxnorm._checks import Axis
@@ -54,6 +55,15 @@ __all__ = (
 
 Path = _select.Path
 Selector = _select.Selector
+
+
+class _Default(str):
+  """The default ``name``, told apart from an explicit ``name="kernel"`` (see ``names=``)."""
+
+  __slots__ = ()
+
+
+_KERNEL: Selector = _Default("kernel")
 
 
 class WeightNormParam(NamedTuple):
@@ -113,7 +123,7 @@ def _wn_init(node: Any, path: Path, select: _select.Selection, axis: Axis) -> An
 
 
 def weight_norm_init(
-  params: Any, *, name: Selector = "kernel", axis: Axis = -1, names: Selector | None = None
+  params: Any, *, name: Selector = _KERNEL, axis: Axis = -1, names: Selector | None = None
 ) -> Any:
   """Splits the selected weights into magnitude and direction: ``w = g * v / ||v||``.
 
@@ -134,9 +144,11 @@ def weight_norm_init(
     back ``params`` (to rounding).
 
   Raises:
-    ValueError: a name matches nothing (the message lists the leaves), or the
-      leaf is already split.
-    TypeError: a selected leaf is not a float array.
+    ValueError: a name matches nothing (the message lists the leaves), or a
+      selected leaf is already split (one of a ``{x}_g``/``{x}_v`` pair or a
+      :class:`WeightNormParam`) or is spectral state.
+    TypeError: a selected leaf is not a float array; ``name`` and ``names``
+      both given.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -162,7 +174,7 @@ def _name_or_names(name: Selector, names: Selector | None, fn: str) -> tuple[Sel
   """The selector from ``name=`` or its older spelling ``names=``, and which was used."""
   if names is None:
     return name, "name"
-  if name != "kernel":
+  if name is not _KERNEL:
     raise TypeError(f"{fn}: pass name= or names= (its older spelling), not both.")
   return names, "names"
 
@@ -172,16 +184,84 @@ def _weight_norm_init(
 ) -> Any:
   if _select.is_array(params):
     select((), params)  # a bare array: nowhere to put {name}_g, explained by the check
+  _check_not_normalized(params, select, options.at)
   out = _wn_init(params, (), select, _axes.explicit(options.axis, options.at))
   select.check_all_found(params)
   return out
 
 
+def _check_pair(g: Any, v: Any, path: Path, keys: Sequence[str]) -> None:
+  """Raises, naming the tree path, unless ``g`` and ``v`` are a pair :func:`weight_norm_apply` composes.
+
+  ``g`` must be real and ``v``'s rank with size 1 on the reduced axes (its
+  other sizes ``v``'s), or a scalar: what :func:`weight_norm_init` makes.
+  """
+  at = f"tree path '{_select.path_str(path)}'"
+  _checks.check_float_array(g, keys[0], at, complex_ok=False)
+  _checks.check_float_array(v, keys[1], at)
+  kept = None if not g.shape else tuple(i for i, n in enumerate(g.shape) if n != 1)
+  _checks.check_g_fits(g.shape, v.shape, kept, keys[0], at)
+
+
+def _groups(node: Mapping, suffixes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """``{base: ({base}{suffix}, ...)}`` for each complete group of array leaves in ``node``.
+
+  With :data:`_options.WEIGHT_NORM_SUFFIXES`, the weight-norm pairs
+  :func:`weight_norm_apply` composes; with :data:`_options.SPECTRAL_SUFFIXES`,
+  the spectral states.
+  """
+  out = {}
+  for k in node:
+    for suffix in suffixes:
+      if isinstance(k, str) and k.endswith(suffix):
+        keys = tuple(k[: -len(suffix)] + s for s in suffixes)
+        if all(_select.is_array(meta.unbox(node.get(key))) for key in keys):
+          out[k[: -len(suffix)]] = keys
+  return out
+
+
+def _made_by_flaxnorm(tree: Any, path: Path = ()) -> dict[Path, str]:
+  """The leaves of ``tree`` that flaxnorm made, by path, each with what it is part of."""
+  if isinstance(tree, WeightNormParam):
+    return {(*path, f): f"a WeightNormParam{_WN_MADE}" for f in tree._fields}
+  found: dict[Path, str] = {}
+  if isinstance(tree, Mapping):
+    for what, (suffixes, why) in _MADE.items():
+      for keys in _groups(tree, suffixes).values():
+        found.update({(*path, k): f"{what} {'/'.join(keys)}{why}" for k in keys})
+  if not _select.is_leaf(tree):
+    for k, x in _select.children(tree)[0]:
+      found.update(_made_by_flaxnorm(x, (*path, k)))
+  return found
+
+
+_WN_MADE = ": it is weight-normalized already (weight_norm_apply gives the plain weights back)"
+#: What :func:`_made_by_flaxnorm` finds in a dict, and why it is no plain weight.
+_MADE = {
+  "the weight-norm pair": (_options.WEIGHT_NORM_SUFFIXES, _WN_MADE),
+  "the spectral state": (_options.SPECTRAL_SUFFIXES, ", which is no param: pass the params alone"),
+}
+
+
+def _check_not_normalized(params: Any, select: _select.Selection, fn: str) -> None:
+  """Raises if ``select`` picks a leaf flaxnorm made (normalizing it again would be silent)."""
+  made = _made_by_flaxnorm(params)
+  for p, x in _select.leaves(params):
+    if p in made and select(p, x):
+      raise ValueError(
+        f"{fn}: the leaf at tree path '{_select.path_str(p)}' is part of {made[p]}. "
+        "Select plain weights only."
+      )
+
+
 def _wn_apply(node: Any, path: Path, eps: float, count: list[int]) -> Any:
   if isinstance(node, WeightNormParam):
     count[0] += 1
+    _check_pair(node.g, node.v, path, ("g", "v"))
     return _math.weight_norm_compose(node.g, node.v, eps)
   if isinstance(node, Mapping):
+    for base, (gk, vk) in _groups(node, _options.WEIGHT_NORM_SUFFIXES).items():
+      _check_pair(meta.unbox(node[gk]), meta.unbox(node[vk]), (*path, base), (gk, vk))
     out = _fold.fold_weight_norm_level(
       node, eps, path, lambda x, p: _wn_apply(x, p, eps, count), "weight_norm_apply"
     )
@@ -210,7 +290,9 @@ def weight_norm_apply(params: Any, *, eps: float = 1e-12) -> Any:
     ``v``'s shape and dtype, everything else unchanged.
 
   Raises:
-    ValueError: the tree holds no weight-normalized pair.
+    ValueError: the tree holds no weight-normalized pair, or a ``g`` does not
+      fit its ``v`` (the message names the tree path).
+    TypeError: a ``g`` or ``v`` is not a float array (``g`` real).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -245,7 +327,7 @@ def spectral_norm_init(
   params: Any,
   key: jax.Array,
   *,
-  name: Selector = "kernel",
+  name: Selector = _KERNEL,
   axis: Axis = -1,
   n_init_iterations: int = _power.DEFAULT_N_INIT_ITERATIONS,
   eps: float = 1e-12,
@@ -275,8 +357,10 @@ def spectral_norm_init(
     collection layout.
 
   Raises:
-    ValueError: a name matches nothing, or a weight has fewer than 2 dims.
-    TypeError: a selected leaf is not a float array, or ``key`` is not a key.
+    ValueError: a name matches nothing, a weight has fewer than 2 dims, or a
+      selected leaf is one of a weight-norm pair or spectral state.
+    TypeError: a selected leaf is not a float array, ``key`` is not one PRNG
+      key, or ``name`` and ``names`` are both given.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -303,10 +387,8 @@ def spectral_norm_init(
 def _spectral_norm_init(
   params: Any, key: jax.Array, select: _select.Selection, options: _options.SpectralNormOptions
 ) -> dict:
-  if not isinstance(key, jax.Array):
-    raise TypeError(
-      f"{options.at}: key must be a PRNG key (jax.random.key(0)), got {type(key).__name__}."
-    )
+  key = _checks.check_key(key, "key", options.at)
+  _check_not_normalized(params, select, options.at)
   chosen = [(p, x) for p, x in _select.leaves(params) if select(p, x)]
   select.check_all_found(params)
   for p, x in chosen:

@@ -536,8 +536,29 @@ def test_conv_transpose_padding():
     (1, 2),
     (4, 4),
   )
+  assert interop.conv_transpose_padding(np.int64(4), [np.int32(1)]) == ((2, 2),)
   with pytest.raises(ValueError, match="padding"):
     interop.conv_transpose_padding((3, 3), (1, 1, 1))
+
+
+@pytest.mark.parametrize(
+  "args, kwargs, error, pattern",
+  [
+    ((4, "1"), {}, TypeError, r"padding must be an int or a tuple of ints.*'1'"),
+    ((4, True), {}, TypeError, r"padding must be an int or a tuple of ints.*True"),
+    (("4",), {}, TypeError, r"kernel_size must be an int"),
+    ((4,), {"dilation": 1.0}, TypeError, r"dilation must be an int"),
+    ((0,), {}, ValueError, r"kernel_size=0 must be >= 1"),
+    (((3, 0),), {}, ValueError, r"kernel_size=\(3, 0\) must be >= 1"),
+    ((4, -1), {}, ValueError, r"padding=-1 must be >= 0"),
+    ((4,), {"dilation": 0}, ValueError, r"dilation=0 must be >= 1"),
+    ((4,), {"output_padding": -1}, ValueError, r"output_padding=-1 must be >= 0"),
+    (((),), {}, TypeError, r"kernel_size must be an int"),
+  ],
+)
+def test_conv_transpose_padding_refuses_bad_arguments(args, kwargs, error, pattern):
+  with pytest.raises(error, match=pattern):
+    interop.conv_transpose_padding(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- #
@@ -981,3 +1002,64 @@ def test_load_from_a_model_with_a_recursive_wrapping():
 def test_to_torch_state_dict_needs_layers_or_a_model():
   with pytest.raises(ValueError, match=r"pass layers \(TorchLoadResult.layers\), or the model"):
     interop.to_torch_state_dict({"params": {}})
+
+
+def test_from_torch_and_to_torch_refuse_collection_params():
+  """The spectral state in 'params' would overwrite the kernel and bias (and be trained)."""
+  u, v = arr(3), arr(4)
+  sd = {
+    "weight_orig": arr(3, 4),
+    "weight_u": u / np.linalg.norm(u),
+    "weight_v": v / np.linalg.norm(v),
+  }
+  with pytest.raises(ValueError, match=r"collection must not be 'params' at from_torch"):
+    interop.from_torch({**sd, "bias": arr(3)}, "linear", collection="params")
+  layer = interop.from_torch(sd, "linear")
+  with pytest.raises(ValueError, match=r"collection must not be 'params' at to_torch"):
+    interop.to_torch(layer.variables, "linear", collection="params")
+  with pytest.raises(ValueError, match=r"collection must not be 'params' at to_torch_state_dict"):
+    interop.to_torch_state_dict({"params": {"fc": layer.variables["params"]}}, collection="params")
+  with pytest.raises(TypeError, match=r"to_torch_state_dict: model must be a module instance"):
+    interop.to_torch_state_dict({"params": {}}, model=_Net, inputs=jnp.zeros((1, 4)))
+
+
+def test_load_checks_its_argument_types(net_variables):
+  sd, key_map = _net_sd(), {"enc": "block", "head": "out"}
+  cases = [
+    ({"state_dict": None}, TypeError, r"state_dict must be a mapping of str key.*got NoneType"),
+    ({"state_dict": list(sd.items())}, TypeError, r"state_dict must be a mapping.*got list"),
+    ({"kinds": "linear"}, TypeError, r"kinds must be a mapping of PyTorch layer prefix.*'linear'"),
+    ({"axes": 0}, TypeError, r"axes must be a mapping of .* -> axis, e.g. \{'fc': -2\}.*got 0"),
+    ({"strict": "no"}, TypeError, r"strict must be a bool at load_torch_state_dict, got str"),
+    ({"collection": "params"}, ValueError, r"collection must not be 'params' at load_torch"),
+    (
+      {"variables": _Net, "inputs": jnp.zeros((1, 4))},
+      TypeError,
+      r"variables must be a module instance, got the class _Net: pass _Net\(\.\.\.\)",
+    ),
+  ]
+  for kwargs, error, pattern in cases:
+    args = {"state_dict": sd, "variables": net_variables, "key_map": key_map, **kwargs}
+    with pytest.raises(error, match=pattern):
+      interop.load_torch_state_dict(**args)
+  # Their documented forms still load: '' names every layer.
+  res = interop.load_torch_state_dict(sd, net_variables, key_map, axes={"": None}, strict=False)
+  assert sorted(res.layers) == ["enc.fc", "head"]
+
+
+def test_load_names_a_missing_collection():
+  """A mistyped collection: the spectral layer's state is elsewhere, not a plain layer."""
+  sd, x = _up_sd(), jnp.zeros((1, 5, 16))
+  shapes = jax.eval_shape(_Up().init, jax.random.key(0), x)
+  given = {"kinds": {"ups": "conv_transpose1d"}, "axes": {"fc": -2}}
+  pattern = (
+    r"'fc' -> 'params/fc': PyTorch has spectral_norm .* but the collection 'spectra' is not "
+    r"in the Flax variables \(they have \['params', 'spectral'\]\): pass collection="
+  )
+  for target, kwargs in ((_Up(), {"inputs": x}), (shapes, given)):
+    with pytest.raises(ValueError, match=pattern):
+      interop.load_torch_state_dict(sd, target, collection="spectra", **kwargs)
+  with pytest.raises(
+    ValueError, match=r"has a plain 'kernel'.*wrap it with flaxnorm.spectral_norm"
+  ):
+    interop.load_torch_state_dict(sd, {"params": shapes["params"]}, **given)

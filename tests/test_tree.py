@@ -240,7 +240,7 @@ def test_error_leaf_types_and_shapes():
     ft.weight_norm_init({"a": {"kernel": jnp.ones((2, 2))}}, axis=2)
   with pytest.raises(ValueError, match=r"single array"):
     ft.weight_norm_init(jnp.ones((2, 2)), names=lambda p, x: True)
-  with pytest.raises(TypeError, match=r"key must be a PRNG key"):
+  with pytest.raises(TypeError, match=r"key at spectral_norm_init must be one PRNG key"):
     ft.spectral_norm_init({"kernel": jnp.ones((2, 2))}, 0)
 
 
@@ -258,7 +258,89 @@ def test_error_state_does_not_fit_params():
   with pytest.raises(ValueError, match=r"lacks \['kernel_sigma'\]"):
     partial = {k: x for k, x in state["a"].items() if k != "kernel_sigma"}
     ft.spectral_norm_apply(params, {"a": partial}, update=True)
-  with pytest.raises(TypeError, match=r"update must be a Python bool"):
+  with pytest.raises(TypeError, match=r"update must be a (Python )?bool"):
     ft.spectral_norm_apply(params, state, update=jnp.array(True))
   with pytest.raises(ValueError, match=r"n_power_iterations must be >= 1"):
     ft.spectral_norm_apply(params, state, update=True, n_power_iterations=0)
+
+
+def test_error_normalizing_twice_is_refused():
+  """A leaf flaxnorm made (a g/v pair, a WeightNormParam, spectral state) is never split again."""
+  params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+  matrices = lambda path, x: x.ndim >= 2
+  wn = ft.weight_norm_init(params, name=matrices)
+  with pytest.raises(
+    ValueError, match=r"tree path 'dense/kernel_g' is part of the weight-norm pair"
+  ):
+    ft.weight_norm_init(wn, name=matrices)
+  with pytest.raises(ValueError, match=r"'dense/kernel_v' is part of .*weight-normalized already"):
+    ft.weight_norm_init(wn, name="kernel_v")
+  with pytest.raises(ValueError, match=r"spectral_norm_init: .*'dense/kernel_g' is part of"):
+    ft.spectral_norm_init(wn, jax.random.key(0), name=matrices)
+  listed = ft.weight_norm_init([jnp.ones((4, 3))], name=matrices)
+  with pytest.raises(ValueError, match=r"tree path '0/g' is part of a WeightNormParam"):
+    ft.weight_norm_init(listed, name=matrices)
+  state = ft.spectral_norm_init(params, jax.random.key(0))
+  with pytest.raises(
+    ValueError, match=r"'spectral/dense/kernel_sigma' is part of the spectral state"
+  ):
+    ft.weight_norm_init({"params": params, "spectral": state}, name=lambda p, x: p[0] != "params")
+  # Other leaves of the same tree still can be selected.
+  mixed = {**wn, "head": {"kernel": jnp.ones((3, 2))}}
+  assert set(ft.weight_norm_init(mixed, name="kernel")["head"]) == {"kernel_g", "kernel_v"}
+
+
+@pytest.mark.parametrize("init", ["weight_norm_init", "spectral_norm_init"])
+def test_error_name_and_names_both_given(init):
+  p = {"d": {"kernel": jnp.ones((4, 3)), "weight": jnp.ones((4, 3))}}
+  run = {
+    "weight_norm_init": lambda **kw: ft.weight_norm_init(p, **kw),
+    "spectral_norm_init": lambda **kw: ft.spectral_norm_init(p, jax.random.key(0), **kw),
+  }[init]
+  for name in ("kernel", "weight"):  # "kernel" is the default, still an explicit choice
+    with pytest.raises(TypeError, match=rf"{init}: pass name= or names="):
+      run(name=name, names="weight")
+
+  def wrapped(out):
+    return {k[:-2] for k in out["d"] if k.endswith(("_g", "_u"))}
+
+  assert wrapped(run(names="weight")) == {"weight"} and wrapped(run()) == {"kernel"}
+
+
+@pytest.mark.parametrize("name", [3, None])
+def test_error_name_of_the_wrong_type(name):
+  with pytest.raises(TypeError) as info:
+    ft.weight_norm_init({"kernel": jnp.ones((4, 3))}, name=name)
+  assert "name must be" in str(info.value)
+
+
+def test_error_weight_norm_apply_names_the_tree_path():
+  v = jnp.ones((4, 3))
+
+  def trees(g):
+    return {
+      "layers/0": {"layers": [ft.WeightNormParam(g, v)]},
+      "d/kernel": {"d": {"kernel_g": g, "kernel_v": v}},
+    }
+
+  for path, tree in trees(jnp.ones((1, 5))).items():
+    with pytest.raises(ValueError, match=rf"g of tree path '{path}' has shape \(1, 5\)") as info:
+      ft.weight_norm_apply(tree)
+    assert "weight_norm_compose" not in str(info.value)
+  for path, tree in trees(jnp.ones((1, 3), jnp.int32)).items():
+    with pytest.raises(TypeError, match=rf"g at tree path '{path}' must be a floating") as info:
+      ft.weight_norm_apply(tree)
+    assert "weight_norm_compose" not in str(info.value)
+  # A scalar g and a g with every axis reduced still compose.
+  for g in (jnp.ones(()), jnp.ones((1, 1))):
+    assert ft.weight_norm_apply({"kernel_g": g, "kernel_v": v})["kernel"].shape == (4, 3)
+
+
+def test_error_spectral_key_not_a_key():
+  params = {"dense": {"kernel": jnp.ones((4, 3))}}
+  for key in (jnp.array(0), jnp.zeros(3, jnp.uint32), jax.random.split(jax.random.key(0))):
+    with pytest.raises(TypeError, match=r"key at spectral_norm_init must be one PRNG key"):
+      ft.spectral_norm_init(params, key)
+    with pytest.raises(TypeError, match=r"key at flaxnorm.tree.spectral_norm must be one PRNG"):
+      ft.spectral_norm().init(params, key)
+  assert ft.spectral_norm_init(params, jax.random.PRNGKey(0))["dense"]["kernel_u"].shape == (3,)
