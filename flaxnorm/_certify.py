@@ -93,7 +93,8 @@ matrix product.
 
 _MAX_GRAM_STEPS = 40  # keeps the integer exponent 2^t * (e + log2 q + 2) below 2^53.
 _EPS = float(np.finfo(np.float64).eps)
-_CHUNK_BYTES = 32 * 2**20  # complex blocks handled per batch of frequencies.
+_CHUNK_BYTES = 32 * 2**20  # complex blocks (and DFT phases) handled per batch of frequencies.
+_MAX_FREQ_BYTES = 2 * 2**30  # the per-frequency arrays of conv_norm_bound, all frequencies at once.
 _PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "CAUSAL")
 _HERK_MIN = 16  # complex blocks at least this large use BLAS zherk, one call per block
 (_ZHERK,) = get_blas_funcs(("herk",), dtype=np.complex128)
@@ -219,14 +220,20 @@ def _check_kernel(w: Any, argname: str, at: str) -> np.ndarray:
   return out
 
 
-def _check_steps(n_steps: Any, at: str) -> int:
-  n_steps = _checks.check_count(n_steps, "n_steps", 1, at)
+def check_steps(n_steps: Any, at: str, argname: str = "n_steps") -> int:
+  """Returns a Gram step count as an int, or raises unless it is an int in ``[1, 40]``."""
+  n_steps = _checks.check_count(n_steps, argname, 1, at)
   if n_steps > _MAX_GRAM_STEPS:
     raise ValueError(
-      f"n_steps must be <= {_MAX_GRAM_STEPS} at {at}, got {n_steps} (the bound stops "
+      f"{argname} must be <= {_MAX_GRAM_STEPS} at {at}, got {n_steps} (the bound stops "
       "improving in float64 long before)."
     )
   return n_steps
+
+
+def _is_int(x: Any) -> bool:
+  """Whether ``x`` is an int (Python's or numpy's), not a bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_STEPS) -> float:
@@ -278,7 +285,7 @@ def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_ST
   if axis is None:
     raise ValueError(f"axis at {at} must name the kept (row) axis or axes, got None.")
   kept = _checks.normalize_axes(axis, w.ndim, at)
-  n_steps = _check_steps(n_steps, at)
+  n_steps = check_steps(n_steps, at)
   if w.size == 0:
     return 0.0
   w = np.moveaxis(w, kept, tuple(range(len(kept))))
@@ -288,11 +295,11 @@ def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_ST
 
 
 def _per_axis(value: Any, d: int, argname: str, at: str) -> tuple[int, ...]:
-  items = (value,) * d if isinstance(value, (int, np.integer)) else value
+  items = (value,) * d if _is_int(value) else value
   if (
     not isinstance(items, Sequence)
     or len(items) != d
-    or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in items)
+    or any(not _is_int(v) or v < 1 for v in items)
   ):
     raise ValueError(
       f"{argname} at {at} must be a positive int or a sequence of {d} positive ints "
@@ -303,20 +310,20 @@ def _per_axis(value: Any, d: int, argname: str, at: str) -> tuple[int, ...]:
 
 def _explicit_pads(padding: Any, d: int, at: str) -> list[tuple[int, int]] | None:
   """Flax's int / sequence padding as ``(lo, hi)`` pairs, or ``None`` if not of that form."""
-  if isinstance(padding, int) and not isinstance(padding, bool):
-    pads = [(padding, padding)] * d
+  if _is_int(padding):
+    pads = [(int(padding), int(padding))] * d
   elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == d:
     pads = []
     for p in padding:
-      if isinstance(p, int) and not isinstance(p, bool):
-        pads.append((p, p))
-      elif isinstance(p, Sequence) and len(p) == 2 and all(isinstance(v, int) for v in p):
+      if _is_int(p):
+        pads.append((int(p), int(p)))
+      elif isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p):
         pads.append((int(p[0]), int(p[1])))
       else:
         return None
   else:
     return None
-  if any(v < 0 or isinstance(v, bool) for pair in pads for v in pair):
+  if any(v < 0 for pair in pads for v in pair):
     raise ValueError(f"padding at {at} must have non-negative (low, high) pairs, got {padding!r}.")
   return pads
 
@@ -412,14 +419,33 @@ def _check_conv_input(kernel: np.ndarray, input_shape: Any, at: str) -> tuple[in
       f"input_shape at {at} must be a sequence of ints (spatial dims, e.g. (16, 16)), "
       f"got {input_shape!r}."
     )
-  if len(input_shape) != d or any(
-    isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in input_shape
-  ):
+  if len(input_shape) != d or any(not _is_int(n) or n < 1 for n in input_shape):
     raise ValueError(
       f"input_shape at {at} must be {d} positive ints, one per spatial dim of the kernel of "
       f"shape {kernel.shape} (without batch and channels), got {tuple(input_shape)!r}."
     )
   return tuple(int(n) for n in input_shape)
+
+
+def _check_fft_size(
+  input_shape: tuple[int, ...], sizes: tuple[int, ...], words: int, at: str
+) -> None:
+  """Raises unless the ``words`` 8-byte values kept per DFT frequency fit :data:`_MAX_FREQ_BYTES`."""
+  n_freq = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
+  if n_freq * words * 8 > _MAX_FREQ_BYTES:
+    raise ValueError(
+      f"input_shape at {at} is too large: {input_shape} gives a circular size {sizes} with "
+      f"{n_freq} DFT frequencies, whose per-frequency bookkeeping needs "
+      f"{n_freq * words * 8 / 2**30:.4g} GiB; the limit is {_MAX_FREQ_BYTES // 2**30} GiB "
+      f"of working memory ({_MAX_FREQ_BYTES // (words * 8)} frequencies here: inputs up to "
+      f"about {_side(sizes, words)}), besides the blocks' Gram iteration itself."
+    )
+
+
+def _side(sizes: tuple[int, ...], words: int) -> str:
+  """The largest cube input (``n x n ...``) within the frequency limit, for the message."""
+  n = int((2 * _MAX_FREQ_BYTES / (words * 8)) ** (1 / len(sizes)))
+  return " x ".join([str(n)] * len(sizes))
 
 
 def conv_norm_bound(
@@ -485,7 +511,8 @@ def conv_norm_bound(
     strides: an int or one int per spatial dim, >= 1.
     padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"``, ``"CIRCULAR"``,
       ``"CAUSAL"`` (1-D), an int, or a sequence of ints or ``(low, high)``
-      pairs (non-negative), as in ``flax.linen.Conv``.
+      pairs (non-negative), as in ``flax.linen.Conv``; numpy ints count as
+      ints, bools do not.
     feature_group_count: an int >= 1 that divides ``out``.
     kernel_dilation: an int or one int per spatial dim, >= 1.
     n_steps: Gram steps, 1 to 40.
@@ -498,8 +525,10 @@ def conv_norm_bound(
     TypeError: ``kernel`` is not a real float array, or ``n_steps`` or
       ``feature_group_count`` not an int, or ``input_shape`` not a sequence.
     ValueError: ``input_shape`` does not have ``kernel.ndim - 2`` positive
-      entries, the (padded) input is smaller than the dilated window (e.g.
-      ``VALID``), an unknown ``padding``, bad ``strides`` or
+      entries, or is so large that the per-frequency arrays (``d + 2 groups +
+      4`` floats each, over about ``prod(N) / 2`` frequencies) need more than
+      2 GiB, the (padded) input is smaller than the dilated window (e.g.
+      ``VALID``), an unknown ``padding`` (bools are not ints here), bad ``strides`` or
       ``kernel_dilation``, ``feature_group_count`` does not divide ``out``, or
       ``n_steps`` not in ``[1, 40]``.
 
@@ -536,14 +565,13 @@ def conv_norm_bound(
     raise ValueError(
       f"feature_group_count={groups} at {at} must divide the kernel's out features {cout}."
     )
-  n_steps = _check_steps(n_steps, at)
+  n_steps = check_steps(n_steps, at)
   window = kernel.shape[:d]
   dilated = tuple((k - 1) * r + 1 for k, r in zip(window, dilation))
   sizes = _fft_sizes(input_shape, dilated, strides, padding, at)
   if kernel.size == 0:
     return 0.0
-  if math.prod(sizes) >= 2**52:
-    raise ValueError(f"input_shape at {at} is too large: {input_shape}.")
+  _check_fft_size(input_shape, sizes, d + 2 * groups + 4, at)
 
   kmat = kernel.reshape(-1, cin_g * cout)
   taps = np.indices(window).reshape(d, -1).T * np.asarray(dilation)
@@ -556,7 +584,7 @@ def conv_norm_bound(
     out = out.reshape(len(rows), cin_g, groups, cout_g).transpose(0, 2, 1, 3)
     return out.reshape(len(rows) * groups, cin_g, cout_g)
 
-  chunk = max(1, _CHUNK_BYTES // (16 * cin_g * cout))
+  chunk = max(1, _CHUNK_BYTES // (16 * (cin_g * cout + 2 * kmat.shape[0])))
   n_freq = freqs.shape[0]
   # Pass 1: Frobenius bounds of every block; pass 2: Gram steps, largest first.
   upper = np.concatenate(

@@ -6,17 +6,21 @@ These read variables (a Linen ``spectral`` collection, or the same layout from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax.core import meta
 
-from flaxnorm import _axes, _certify, _checks, _fold, _operator, _options, _power, _subclass
+from flaxnorm import _axes, _certify, _checks, _fold, _math, _operator, _options, _power, _subclass
 from flaxnorm import linen as _linen
+
+_AT = "lipschitz_bound"
 
 
 def spectral_sigmas(
@@ -35,6 +39,12 @@ def spectral_sigmas(
   Returns:
     ``{"Dense_0/kernel": sigma, ...}`` in path order, each sigma of shape ``()``.
 
+  Raises:
+    TypeError: ``variables`` is not a mapping, or ``collection`` not a str.
+    ValueError: Linen variables without ``collection`` (the message lists the
+      collections they hold), or a state entry that is not ``{x}_u``,
+      ``{x}_v`` or ``{x}_sigma``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import flaxnorm
@@ -44,13 +54,29 @@ def spectral_sigmas(
     >>> sorted(flaxnorm.spectral_sigmas(variables))
     ['layers_0/kernel', 'layers_2/kernel']
   """
-  state = variables.get(collection, variables) if isinstance(variables, Mapping) else None
-  if not isinstance(state, Mapping):
+  return _sigmas(variables, collection, "spectral_sigmas")
+
+
+def _sigmas(variables: Any, collection: Any, fn: str) -> dict[str, jax.Array]:
+  """:func:`spectral_sigmas`, its messages naming ``fn``."""
+  collection = _checks.check_collection(collection, fn)
+  if not isinstance(variables, Mapping):
     raise TypeError(
-      f"spectral_sigmas: variables must be a mapping with a '{collection}' collection, got "
+      f"{fn}: variables must be a mapping with a '{collection}' collection, got "
       f"{type(variables).__name__}."
     )
-  entries = _fold.spectral_entries(state, "spectral_sigmas")
+  state = variables.get(collection, variables)
+  if collection not in variables and "params" in variables:  # Linen variables without it
+    raise ValueError(
+      f"{fn}: collection '{collection}' is not in the variables, which hold the collections "
+      f"{sorted(map(str, variables))}: no layer is spectrally normalized (plain or "
+      "weight-normed variables), or its state is under another collection name."
+    )
+  if not isinstance(state, Mapping):
+    raise TypeError(
+      f"{fn}: collection '{collection}' must be a mapping, got {type(state).__name__}."
+    )
+  entries = _fold.spectral_entries(state, fn)
   return {"/".join((*path, name)): meta.unbox(s) for path, name, (_, _, s) in entries}
 
 
@@ -58,24 +84,30 @@ class LipschitzBound(NamedTuple):
   """What :func:`lipschitz_bound` reports.
 
   Attributes:
-    estimate: shape ``()``: the product of the layers' effective norms from the
-      stored sigmas (``target``, or ``min(sigma, target)`` with ``"clip"``).
-    certified: the product of certified upper bounds of what each layer
-      computes (Gram iteration), or ``None`` when no model was given.
+    estimate: shape ``()``: the product of the layers' norms in ``layers``: a
+      spectrally normalized layer's effective norm from its stored sigma
+      (``target``, or ``min(sigma, target)`` with ``"clip"``), and (with a
+      model) a plain linear layer's certified norm, as it has no sigma.
+    certified: the product of certified upper bounds of what each linear layer
+      the model calls computes (Gram iteration), or ``None`` when no model was
+      given or some layer has no bound (see ``reasons``).
     layers: per param path (``"Dense_0/kernel"``): ``(estimate, certified)``.
+    reasons: why ``certified`` is ``None``, per layer or param path (empty
+      without a model, and when ``certified`` is a float).
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import flaxnorm
     >>> variables = flaxnorm.spectral_norm(nn.Dense(2)).init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> estimate, certified, layers = flaxnorm.lipschitz_bound(variables)
-    >>> list(layers), certified
-    (['kernel'], None)
+    >>> estimate, certified, layers, reasons = flaxnorm.lipschitz_bound(variables)
+    >>> list(layers), certified, reasons
+    (['kernel'], None, {})
   """
 
   estimate: jax.Array
   certified: float | None
   layers: dict[str, tuple[jax.Array, float | None]]
+  reasons: dict[str, str]
 
 
 def lipschitz_bound(
@@ -101,33 +133,51 @@ def lipschitz_bound(
   not a certificate.
 
   With ``model`` and ``inputs`` the bound is also *certified*: the model is
-  traced shape-only on ``inputs`` to learn each wrapped layer's kind, options
-  and input size, and each layer gets a guaranteed upper bound on the norm of
-  what it computes in evaluation (Gram iteration on the kernel's matrix, or on
-  a convolution's FFT-domain blocks, times the layer's scale ``target /
-  sigma``). Certified layers: ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv``
-  (any strides, padding, groups, dilation, ``mask``) run by Flax's own code;
-  for any other wrapped layer (a subclass, a custom ``dot_general`` or
-  ``conv_general_dilated``, another layer) its certificate, and the product,
-  are ``None``. A layer the model calls ``k`` times (weight tying) counts ``k``
-  times; on inputs of different sizes it is refused. Layers stacked by
-  ``nn.scan``/``nn.vmap`` (a state with a stack axis) are refused: bound each
-  member's variables.
+  traced shape-only on ``inputs`` to see every layer it calls, with its kind,
+  options and input size, and each layer that holds variables gets a
+  guaranteed upper bound on the norm of what it computes in evaluation (Gram
+  iteration on the kernel's matrix, or on a convolution's FFT-domain blocks,
+  times a wrapped layer's scale ``target / sigma``). Certified layers:
+  ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` (any strides, padding,
+  groups, dilation, ``mask``) run by Flax's own code, spectrally normalized,
+  weight-normed or plain (then the estimate counts their certified norm too);
+  biases add no factor. Any other layer holding variables (``ConvTranspose``,
+  ``LayerNorm``, ``BatchNorm``, ``Embed``, a subclass, a custom
+  ``dot_general`` or ``conv_general_dilated``, a module's own ``self.param``)
+  makes the product ``None``, with the reason under its path in
+  ``reasons``. A layer the model calls ``k`` times (weight tying) counts ``k``
+  times; on inputs of different sizes it is refused. Spectral states stacked
+  by ``nn.scan``/``nn.vmap`` are refused (bound each member's variables); a
+  plain stacked layer gets a reason. Layers without variables (activations,
+  dropout in evaluation) and what the model computes between layers (skip
+  connections, scalings, normalization without params) are taken as
+  1-Lipschitz: a precondition, not checked.
 
   Args:
-    variables: Linen variables with ``collection`` (or the collection itself).
+    variables: Linen variables with ``collection`` (or the collection itself
+      without ``model``).
     collection: the collection holding the spectral state.
     target: the ``target`` the layers were wrapped with (without ``model``;
       with it, each layer's own).
     mode: the ``mode`` the layers were wrapped with (likewise).
     model: the Linen model the variables belong to, for the certificate.
-    inputs: example inputs of ``model.apply`` (shapes matter, not values).
-    n_gram_steps: Gram iterations per layer (default
+    inputs: example inputs of ``model.apply`` (shapes matter, not values);
+      needed with ``model``, refused without it.
+    n_gram_steps: Gram iterations per layer, 1 to 40 (default
       ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
       Gaussian kernels).
 
   Returns:
     A :class:`LipschitzBound`.
+
+  Raises:
+    TypeError: ``model`` is not a Linen module (an NNX module, say),
+      ``inputs`` not a tuple, ``n_gram_steps`` not an int, or a kernel not
+      real floating-point.
+    ValueError: ``variables`` lack ``collection``, ``model`` without
+      ``inputs`` or ``inputs`` without ``model``, ``n_gram_steps`` not in
+      ``[1, 40]``, a stacked spectral state, or a layer called on inputs of
+      different shapes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -148,105 +198,292 @@ def lipschitz_bound(
     Barthélemy, Araujo & Allauzen, "Efficient Bound of Lipschitz Constant for
     Convolutional Layers by Gram Iteration", ICML 2023.
   """
-  _checks.check_mode(mode, "lipschitz_bound")
-  target = _checks.check_target(target, "lipschitz_bound")
-  if model is not None and not isinstance(inputs, tuple):
-    raise TypeError(
-      f"lipschitz_bound: inputs must be a tuple of model.apply's arguments, e.g. (x,), "
-      f"got {type(inputs).__name__}."
-    )
-  sigmas = spectral_sigmas(variables, collection)
+  _checks.check_mode(mode, _AT)
+  target = _checks.check_target(target, _AT)
+  steps = _check_model_args(model, inputs, n_gram_steps)
+  sigmas = _sigmas(variables, collection, _AT)
   for path, sigma in sigmas.items():
     if jnp.ndim(sigma):
       raise ValueError(
-        f"lipschitz_bound: the state at '{path}' holds {jnp.shape(sigma)} sigmas (a layer "
+        f"{_AT}: the state at '{path}' holds {jnp.shape(sigma)} sigmas (a layer "
         "stacked by nn.scan or nn.vmap): its bound is not one layer's. Bound each member's "
         "variables on their own."
       )
-  layers_seen = _trace_layers(model, variables, inputs) if model is not None else {}
-  steps = _certify.DEFAULT_GRAM_STEPS if n_gram_steps is None else n_gram_steps
+  if model is None:
+    layers = {p: (_effective_norm(s, target, mode), None) for p, s in sigmas.items()}
+    return LipschitzBound(_product([e for e, _ in layers.values()]), None, layers, {})
+  trace = _trace_layers(model, variables, inputs)
   layers: dict[str, tuple[jax.Array, float | None]] = {}
+  reasons: dict[str, str] = {}
   for path, sigma in sigmas.items():
-    seen = layers_seen.get(path)
-    options = seen.options if seen is not None else None
-    estimate = _effective_norm(
-      sigma, options.target if options else target, options.mode if options else mode
+    seen = trace.spectral.get(path)
+    if seen is None:
+      reasons[path] = "the model did not call this spectrally normalized layer on these inputs"
+      layers[path] = (_effective_norm(sigma, target, mode), None)
+      continue
+    norm = _effective_norm(sigma, seen.options.target, seen.options.mode) ** seen.calls
+    bound = _guarded(
+      reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
-    certified = _certified(seen, variables, collection, path, steps) if seen else None
-    if seen is not None and seen.calls > 1:  # a chain through it k times: k factors
-      estimate = estimate**seen.calls
-      certified = None if certified is None else certified**seen.calls
-    layers[path] = (estimate, certified)
-  estimate = jnp.ones((), jnp.float32)
-  for norm, _ in layers.values():
-    estimate = estimate * norm
-  certified: float | None = None
-  if model is not None and all(c is not None for _, c in layers.values()):
-    certified = 1.0
-    for _, c in layers.values():
-      certified *= c or 0.0
-  return LipschitzBound(estimate, certified, layers)
+    layers[path] = (norm, None if bound is None else bound**seen.calls)
+  cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
+  for path, seen in trace.modules.items():
+    _plain_layer(seen, path, variables, (set(sigmas), cols), steps, layers, reasons)
+  estimate = _product([e for e, _ in layers.values()])
+  certified = None if reasons else _product([c or 0.0 for _, c in layers.values()], 1.0)
+  return LipschitzBound(estimate, certified, layers, reasons)
+
+
+def _check_model_args(model: Any, inputs: Any, n_gram_steps: Any) -> int:
+  """Checks ``model``, ``inputs`` and ``n_gram_steps``; returns the Gram steps."""
+  steps = _certify.DEFAULT_GRAM_STEPS
+  if n_gram_steps is not None:
+    steps = _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
+  if model is None:
+    if not (isinstance(inputs, tuple) and not inputs):
+      raise ValueError(
+        f"{_AT}: inputs are given without model; pass the Linen model too (model=...) to "
+        f"certify the bound, or leave inputs out, got inputs of type {type(inputs).__name__}."
+      )
+    return steps
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+      f"{_AT}: model must be the flax.linen Module the variables belong to, got "
+      f"{type(model).__name__}"
+      + (
+        " (a flax.nnx module: bound its layers with flaxnorm.matrix_norm_bound or "
+        "flaxnorm.conv_norm_bound, and read its sigmas with flaxnorm.nnx.spectral_sigmas)."
+        if isinstance(model, nnx.Module)
+        else "."
+      )
+    )
+  if not isinstance(inputs, tuple):
+    raise TypeError(
+      f"{_AT}: inputs must be a tuple of model.apply's arguments, e.g. (x,), got "
+      f"{type(inputs).__name__}."
+    )
+  if not inputs:
+    raise ValueError(
+      f"{_AT}: model needs example inputs to trace: inputs must hold model.apply's "
+      "arguments after the variables, e.g. inputs=(x,), got ()."
+    )
+  return steps
+
+
+def _product(factors: list[Any], one: Any = None) -> Any:
+  """The product of ``factors``, starting at ``one`` (a float32 ``1.0`` array if None)."""
+  out = jnp.ones((), jnp.float32) if one is None else one
+  for f in factors:
+    out = out * f
+  return out
+
+
+class _UncertifiedError(Exception):
+  """A layer without a certificate; the message says why."""
 
 
 class _Seen(NamedTuple):
-  """A wrapped layer as the model's trace saw it."""
+  """A layer as the model's trace saw it."""
 
   module: nn.Module
   name: str
-  options: Any  # flaxnorm._options.SpectralNormOptions
+  options: Any  # flaxnorm._options.SpectralNormOptions (None for a plain layer)
   input_shape: tuple[int, ...]
   calls: int = 1  # how many times the model calls it
+  param_shapes: dict[str, tuple[int, ...]] | None = None  # its own params', as it sees them
 
 
-def _trace_layers(
-  model: nn.Module, variables: Mapping[str, Any], inputs: tuple
-) -> dict[str, _Seen]:
-  """Runs ``model.apply`` shape-only; records every spectrally normalized layer's call."""
-  seen: dict[str, _Seen] = {}
+class _Trace(NamedTuple):
+  """What the model's trace saw: spectral layers by param path, all modules by path."""
+
+  spectral: dict[str, _Seen]
+  modules: dict[str, _Seen]
+
+
+def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple) -> _Trace:
+  """Runs ``model.apply`` shape-only; records every module's call and spectral layer's."""
+  trace = _Trace({}, {})
+  active: list[str] = []  # module paths being called: a nested call on one is the same use
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    specs = _subclass.specs_of(type(module))
-    if context.method_name == "__call__" and args and module.scope is not None:
-      for key, spec in specs.items():
-        if spec.method != "spectral_norm":
-          continue
-        names = [key] if isinstance(key, str) else _selected(variables, spec, module, specs)
-        for name in names:
-          path = "/".join((*map(str, module.scope.path), name))
-          shape = tuple(jnp.shape(args[0]))
-          if path not in seen:
-            seen[path] = _Seen(module, name, spec.options, shape)
-          elif seen[path].input_shape != shape:  # a conv's bound depends on its input size
-            raise ValueError(
-              f"lipschitz_bound: the model calls '{path}' on inputs of shapes "
-              f"{seen[path].input_shape} and {shape}; a certificate covers one size per layer."
-            )
-          else:
-            seen[path] = seen[path]._replace(calls=seen[path].calls + 1)
-    return next_fun(*args, **kwargs)
+    if module.scope is None:
+      return next_fun(*args, **kwargs)
+    path = "/".join(map(str, module.scope.path))
+    first = args[0] if args else next(iter(kwargs.values()), None)  # layer(x) or layer(inputs=x)
+    shape = tuple(getattr(first, "shape", ())) if context.method_name == "__call__" else None
+    if shape is not None:
+      for key, spec in _subclass.specs_of(type(module)).items():
+        if spec.method == "spectral_norm":
+          for name in [key] if isinstance(key, str) else _selected(variables, spec, module):
+            _count(trace.spectral, _join(path, name), _Seen(module, name, spec.options, shape))
+    _record_module(trace.modules, path, module, shape if path not in active else None)
+    active.append(path)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      active.pop()
 
   def run(variables):
     with nn.intercept_methods(interceptor):
       return model.apply(variables, *inputs)
 
   jax.eval_shape(run, dict(variables))
-  return seen
+  return trace
 
 
-def _selected(variables: Mapping[str, Any], spec: Any, module: nn.Module, specs: dict) -> list:
+def _join(path: str, name: str) -> str:
+  return f"{path}/{name}" if path else name
+
+
+def _count(seen: dict[str, _Seen], path: str, new: _Seen) -> None:
+  """Records one call of the layer at ``path`` on an input of ``new.input_shape``."""
+  old = seen.get(path)
+  if old is None or not old.calls:
+    seen[path] = new if old is None else old._replace(input_shape=new.input_shape, calls=1)
+  elif old.input_shape != new.input_shape:  # a conv's bound depends on its input size
+    raise ValueError(
+      f"{_AT}: the model calls '{path}' on inputs of shapes {old.input_shape} and "
+      f"{new.input_shape}; a certificate covers one size per layer."
+    )
+  else:
+    seen[path] = old._replace(calls=old.calls + 1)
+
+
+def _record_module(
+  modules: dict[str, _Seen], path: str, module: nn.Module, shape: tuple[int, ...] | None
+) -> None:
+  """Records a method call on ``module``; ``shape``: its input's, for an outermost ``__call__``."""
+  old = modules.get(path)
+  if old is None or _subclass.specs_of(type(module)):  # a wrapped (recursive) clone: its specs
+    own = module.variables.get("params", {})
+    shapes = {k: tuple(jnp.shape(x)) for k, x in own.items() if not isinstance(x, Mapping)}
+    calls = (old.calls, old.input_shape) if old is not None else (0, ())
+    modules[path] = _Seen(module, "", None, calls[1], calls[0], shapes)
+  if shape is not None:
+    _count(modules, path, _Seen(module, "", None, shape))
+
+
+def _selected(variables: Mapping[str, Any], spec: Any, module: nn.Module) -> list:
   """The params a selector spec normalized on ``module``: those with state not named by others."""
   node: Any = variables.get(spec.options.collection, {})
   for part in module.scope.path if module.scope is not None else ():
     node = node.get(part, {}) if isinstance(node, Mapping) else {}
   u = _options.SPECTRAL_SUFFIXES[0]
   names = [k[: -len(u)] for k, x in node.items() if k.endswith(u) and not isinstance(x, Mapping)]
-  return [n for n in names if n not in specs]
+  return [n for n in names if n not in _subclass.specs_of(type(module))]
+
+
+def _node(tree: Any, path: str) -> Any:
+  """The mapping at ``path`` (``"a/b"``) in ``tree``, or ``{}``."""
+  for part in path.split("/") if path else ():
+    tree = tree.get(part, {}) if isinstance(tree, Mapping) else {}
+  return tree if isinstance(tree, Mapping) else {}
+
+
+def _guarded(reasons: dict[str, str], path: str, bound: Callable[[], float]) -> float | None:
+  """``bound()``, or None with the reason under ``path`` when the layer has no certificate."""
+  try:
+    return bound()
+  except _UncertifiedError as e:
+    reasons[path] = str(e)
+    return None
+
+
+_BIASES = ("bias", "bias_g", "bias_v")  # biases (plain or weight-normed) of Flax's linear layers
+_KERNELS = ("kernel", "kernel_g", "kernel_v")
+
+
+def _plain_layer(
+  seen: _Seen,
+  path: str,
+  variables: Mapping[str, Any],
+  skip: tuple[set[str], set[str]],
+  n_steps: int,
+  layers: dict[str, tuple[jax.Array, float | None]],
+  reasons: dict[str, str],
+) -> None:
+  """Adds the certified norm of a called module's kernel that spectral norm left plain.
+
+  A Flax linear layer's plain or weight-normed kernel gets a bound (its bias adds
+  no factor); any other variable the module holds gets a reason.
+
+  Args:
+    seen: the module as the trace saw it.
+    path: its path (``""`` at the top level).
+    variables: the model's variables.
+    skip: the spectral params' paths (bounded on their own), and the collections
+      not to look at (the spectral state's, ``intermediates``).
+    n_steps: Gram steps.
+    layers: where the bound goes, under ``{path}/kernel``.
+    reasons: where a reason goes when there is no bound.
+  """
+  spectral, cols = skip
+  own = _own_variables(variables, path, cols)
+  names = [f"{c}/{n}" for c, n in own if c != "params" or _join(path, n) not in spectral]
+  if _subclass.base_of(type(seen.module)) in _linen._LINEAR_LAYERS:
+    names = [n for n in names if n not in [f"params/{b}" for b in _BIASES]]
+  if "params/kernel" in names or {"params/kernel_g", "params/kernel_v"} <= set(names):
+    names = [n for n in names if n not in [f"params/{k}" for k in _KERNELS]]
+    params = _node(variables["params"], path)
+    at = _join(path, "kernel")
+    bound = _guarded(reasons, at, lambda: _plain_bound(seen, params, path, n_steps) ** seen.calls)
+    if bound is not None:
+      layers[at] = (jnp.asarray(bound, jnp.float32), bound)
+  if names:
+    reasons[path or "<top level>"] = (
+      f"{type(seen.module).__name__} holds {names}, which no certificate covers: only the "
+      "kernels of nn.Dense, nn.DenseGeneral and nn.Conv (plain, weight-normed or spectrally "
+      "normalized) and their biases are bounded"
+    )
+
+
+def _own_variables(variables: Mapping[str, Any], path: str, cols: set[str]) -> list:
+  """``(collection, name)`` of the variables of the module at ``path`` (not its submodules')."""
+  found = []
+  for col, tree in variables.items():
+    if col not in cols:
+      node = _node(tree, path)
+      found += [(col, k) for k, x in node.items() if not isinstance(x, Mapping)]
+  return found
+
+
+def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int) -> float:
+  """The certified norm of a module's plain or weight-normed kernel."""
+  at = _join(path, "kernel")
+  if not seen.calls:
+    raise _UncertifiedError(
+      "the model used this layer only through methods other than __call__, which are not counted"
+    )
+  names = ("kernel",) if "kernel" in params else ("kernel_g", "kernel_v")
+  for name in names:
+    stored = tuple(jnp.shape(meta.unbox(params[name])))
+    inside = (seen.param_shapes or {}).get(name, stored)
+    if stored != inside:
+      raise _UncertifiedError(
+        f"its param {name} has shape {stored} in the variables and {inside} in the layer: "
+        "stacked by nn.scan or nn.vmap; bound each member's variables on their own"
+      )
+  w = meta.unbox(params["kernel"]) if "kernel" in params else _weight_normed(seen, params)
+  _checks.check_float_array(w, f"param '{at}'", _AT, complex_ok=False)
+  return _kernel_bound(seen, np.asarray(w, np.float64), n_steps)
+
+
+def _weight_normed(seen: _Seen, params: Mapping[str, Any]) -> jax.Array:
+  """The kernel a weight-normed layer computes with: ``g * v / max(||v||, eps)``.
+
+  ``eps`` is the layer's own when the trace saw its spec, else the smallest
+  accepted: a smaller ``eps`` never gives a smaller kernel, so the bound holds.
+  """
+  specs = _subclass.specs_of(type(seen.module)).values()
+  eps = min([s.options.eps for s in specs if s.method == "weight_norm"], default=1e-300)
+  g, v = meta.unbox(params["kernel_g"]), meta.unbox(params["kernel_v"])
+  return _math.weight_norm_compose(g, v, eps)
 
 
 def _certified(
   seen: _Seen, variables: Mapping[str, Any], collection: str, path: str, n_steps: int
-) -> float | None:
+) -> float:
   """A certified bound on the norm of what one wrapped layer computes in evaluation."""
   parts = path.split("/")
   w = variables["params"]
@@ -255,11 +492,9 @@ def _certified(
     w, state = w[part], state[part]
   w = meta.unbox(w[parts[-1]])
   # A certificate for a complex kernel is not implemented: refuse, never drop its imaginary part.
-  _checks.check_float_array(w, f"param '{path}'", "lipschitz_bound", complex_ok=False)
+  _checks.check_float_array(w, f"param '{path}'", _AT, complex_ok=False)
   w = np.asarray(w, np.float64)
   bound = _kernel_bound(seen, w, n_steps)
-  if bound is None:
-    return None
   u, v, sigma = (meta.unbox(state[k]) for k in _options.spectral_keys(seen.name))
   opts = seen.options
   if opts.operator:
@@ -275,19 +510,32 @@ def _certified(
   return bound * abs(float(scale)) * (1 + 1e-6)  # the scale is float32: its rounding
 
 
-def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float | None:
-  """A bound on the kernel's own norm, for Flax's own layers run by their own code; else None.
+_CERTIFIED = (nn.Conv, nn.Dense, nn.DenseGeneral)
+
+
+def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
+  """A bound on the kernel's own norm, for Flax's own layers run by their own code.
 
   A subclass may override ``__call__`` and a custom ``dot_general`` scale the
-  product: neither is what the kernel's norm bounds.
+  product: neither is what the kernel's norm bounds; they raise
+  :class:`_UncertifiedError`, as do the layers and options not certified.
   """
   m = seen.module
-  if not _linen.runs_flax_code(m, (nn.Conv, nn.Dense, nn.DenseGeneral)):
-    return None
   base = _subclass.base_of(type(m))
+  if base not in _CERTIFIED:
+    raise _UncertifiedError(
+      f"{base.__name__} is not certified: only nn.Dense, nn.DenseGeneral and nn.Conv are"
+    )
+  if not _linen.runs_flax_code(m, _CERTIFIED):
+    raise _UncertifiedError(
+      f"{type(m).__name__} does not run Flax's own {base.__name__} code (a subclass, or a custom "
+      "dot_general, conv_general_dilated or promote_dtype): its kernel's norm does not bound it"
+    )
   if getattr(m, "mask", None) is not None:  # the layer computes with w * mask
     w = w * np.asarray(m.mask, np.float64)
-  if base is nn.Conv and getattr(m, "input_dilation", 1) in (1, None):
+  if base is nn.Conv:
+    if getattr(m, "input_dilation", 1) not in (1, None):
+      raise _UncertifiedError("nn.Conv with input_dilation is not certified")
     spatial = w.ndim - 2  # (batch..., *spatial, features): the axes before the last
     return _certify.conv_norm_bound(
       w,
@@ -300,14 +548,14 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float | None:
     )
   if base is nn.Dense:
     return _certify.matrix_norm_bound(w, axis=-1, n_steps=n_steps)
-  if base is nn.DenseGeneral and not m.batch_dims:
-    n_out = len(m.features) if isinstance(m.features, tuple) else 1
-    kept = tuple(range(w.ndim - n_out, w.ndim))
-    return _certify.matrix_norm_bound(w, axis=kept, n_steps=n_steps)
-  return None
+  if m.batch_dims:
+    raise _UncertifiedError("nn.DenseGeneral with batch_dims is not certified")
+  n_out = len(m.features) if isinstance(m.features, tuple) else 1
+  kept = tuple(range(w.ndim - n_out, w.ndim))
+  return _certify.matrix_norm_bound(w, axis=kept, n_steps=n_steps)
 
 
 def _effective_norm(sigma: jax.Array, target: float, mode: str) -> jax.Array:
   """The spectral norm of ``w * scale`` for a kernel whose norm is ``sigma``."""
   sigma = jnp.asarray(sigma, jnp.float32)
-  return jnp.abs(sigma) * _power.sigma_scale(sigma, mode=mode, target=target, at="lipschitz_bound")
+  return jnp.abs(sigma) * _power.sigma_scale(sigma, mode=mode, target=target, at=_AT)

@@ -341,6 +341,19 @@ _K = np.ones((3, 3, 2, 4), np.float32)
     (_K, (8, 8), dict(padding="REFLECT"), ValueError, "REFLECT padding is not supported"),
     (_K, (8, 8), dict(padding=((1, 1),)), ValueError, "padding"),
     (_K, (8, 8), dict(padding=-1), ValueError, "non-negative"),
+    (_K, (8, 8), dict(padding=((True, 1), (1, 1))), ValueError, "padding at conv_norm_bound"),
+    (_K, (8, 8), dict(padding=(1, False)), ValueError, "padding at conv_norm_bound"),
+    (_K, (8, 8), dict(padding=True), ValueError, "padding at conv_norm_bound"),
+    (_K, (8, 8), dict(strides=(1, True)), ValueError, "strides"),
+    (
+      _K,
+      (10**6, 10**6),
+      {},
+      ValueError,
+      r"input_shape .* too large: \(1000000, 1000000\) .* "
+      r"needs 2.98e\+04 GiB; the limit is 2 GiB .* up to about 8192 x 8192",
+    ),
+    (_K, (8193, 8193), {}, ValueError, "input_shape at conv_norm_bound is too large"),
     (_K, (8, 8), dict(padding="CAUSAL"), ValueError, "CAUSAL.* needs a 1-D conv"),
     (_K, (8, 8), dict(strides=0), ValueError, "strides"),
     (_K, (8, 8), dict(strides=(1, 1, 1)), ValueError, "strides"),
@@ -356,6 +369,31 @@ def test_conv_bound_bad_inputs(kernel, shape, kwargs, error, match):
     conv_norm_bound(kernel, shape, **kwargs)
 
 
+def test_conv_bound_takes_numpy_ints():
+  kernel = _gaussian(14, (3, 3, 2, 4))
+  want = conv_norm_bound(kernel, (8, 8), padding=1, strides=2)
+  i = np.int64
+  for padding in (i(1), (i(1), 1), ((i(1), i(1)), (1, 1))):
+    assert conv_norm_bound(kernel, (i(8), 8), padding=padding, strides=i(2)) == want
+
+
+def test_dft_batches_count_the_kernel_taps(monkeypatch):
+  """A long 1-D window with one channel: the DFT's (frequencies, taps) arrays stay in a batch."""
+  kernel = _gaussian(15, (9, 1, 1))
+  want = conv_norm_bound(kernel, (64,))
+  monkeypatch.setattr(_certify, "_CHUNK_BYTES", 16 * (1 + 2 * 9) * 4)  # 4 frequencies a batch
+  sizes = []
+  dft = _certify._dft_blocks
+
+  def recorded(kmat, taps, freqs, n):
+    sizes.append(freqs.shape[0] * taps.shape[0])
+    return dft(kmat, taps, freqs, n)
+
+  monkeypatch.setattr(_certify, "_dft_blocks", recorded)
+  assert conv_norm_bound(kernel, (64,)) == pytest.approx(want, rel=1e-12)
+  assert max(sizes) == 4 * 9
+
+
 def test_conv_bound_does_not_depend_on_chunking_or_pruning(monkeypatch):
   # Pruning and batching change which blocks run every step, never the max: compare with
   # every block iterated to the end on its own (no floor, no early stop).
@@ -365,7 +403,7 @@ def test_conv_bound_does_not_depend_on_chunking_or_pruning(monkeypatch):
   bound = conv_norm_bound(kernel, (8, 8))
   assert bound >= full  # + the DFT's rounding term
   assert bound == pytest.approx(full, rel=1e-12)
-  monkeypatch.setattr(_certify, "_CHUNK_BYTES", 16 * 3 * 4 * 5)  # 5 frequencies a batch
+  monkeypatch.setattr(_certify, "_CHUNK_BYTES", 16 * (3 * 4 + 2 * 9) * 5)  # 5 frequencies a batch
   assert conv_norm_bound(kernel, (8, 8)) == pytest.approx(bound, rel=1e-12)
   # groups: block-diagonal, the max over groups (group i: out features [2i, 2i + 2))
   by_group = max(conv_norm_bound(kernel[..., :2], (8, 8)), conv_norm_bound(kernel[..., 2:], (8, 8)))

@@ -176,7 +176,79 @@ def test_certificate_is_none_for_layers_it_cannot_bound():
   variables = model.init(KEY, x)
   bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
   assert bound.certified is None and bound.layers["kernel"][1] is None
+  assert bound.reasons == {"kernel": "ConvTranspose is not certified: only nn.Dense, "
+                                     "nn.DenseGeneral and nn.Conv are"}  # fmt: skip
   assert float(bound.estimate) == pytest.approx(1.0)
+
+
+class _Mixed(nn.Module):
+  """A spectrally normalized Dense, then a plain (or weight-normed) layer of norm 40."""
+
+  second: str = "plain"
+
+  @nn.compact
+  def __call__(self, x):
+    x = flaxnorm.spectral_norm(nn.Dense(4), n_init_iterations=50)(x)
+    if self.second == "conv":
+      x = nn.Conv(2, (3,), kernel_init=nn.initializers.constant(10.0))(x[..., None])
+      return x.reshape(x.shape[0], -1)
+    dense = nn.Dense(4, kernel_init=nn.initializers.constant(10.0))
+    return (dense if self.second == "plain" else flaxnorm.weight_norm(dense))(x)
+
+
+@pytest.mark.parametrize("second", ["plain", "weight_norm", "conv"])
+def test_certificate_bounds_plain_and_weight_normed_layers_too(second):
+  """A certificate multiplies every linear layer's bound, not only the spectral ones'."""
+  model, x = _Mixed(second), jnp.ones((2, 4))
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  true = _layer_norm(lambda z: model.apply(variables, z[None])[0], (4,))
+  assert true > 10.0 and bound.reasons == {}
+  assert bound.certified >= true  # was 1.000001: the plain layer was left out
+  head = "Conv_0/kernel" if second == "conv" else "Dense_1/kernel"
+  estimate, certified = bound.layers[head]
+  plain = jax.tree.leaves(flaxnorm.remove_weight_norm(variables)["params"][head.split("/")[0]])
+  norm = max(_top_sigma(k.reshape(-1, k.shape[-1])) for k in plain if k.ndim >= 2)
+  assert norm <= certified <= 1.01 * norm if second != "conv" else norm <= certified
+  assert float(estimate) == pytest.approx(certified, rel=1e-6)
+  assert bound.certified == pytest.approx(bound.layers["Dense_0/kernel"][1] * certified)
+
+
+class _Scaled(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = flaxnorm.spectral_norm(nn.Dense(4))(x)
+    return nn.LayerNorm()(self.param("scale", nn.initializers.constant(5.0), ()) * x)
+
+
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return nn.relu(nn.Dense(4)(h)), None
+
+
+class _Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = flaxnorm.spectral_norm(nn.Dense(4))(x)
+    lift = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}, "length": 3}
+    return nn.scan(_ScanBlock, **lift)()(x, None)[0]
+
+
+def test_certificate_is_none_with_a_reason_for_layers_without_a_bound():
+  x = jnp.ones((2, 4))
+  bound = flaxnorm.lipschitz_bound(_Scaled().init(KEY, x), model=_Scaled(), inputs=(x,))
+  assert bound.certified is None and set(bound.reasons) == {"<top level>", "LayerNorm_0"}
+  assert (
+    "_Scaled holds ['params/scale'], which no certificate covers" in bound.reasons["<top level>"]
+  )
+  assert "LayerNorm holds ['params/scale', 'params/bias']" in bound.reasons["LayerNorm_0"]
+  bound = flaxnorm.lipschitz_bound(_Scanned().init(KEY, x), model=_Scanned(), inputs=(x,))
+  assert bound.certified is None
+  assert (
+    "shape (3, 4, 4) in the variables and (4, 4) in the layer: stacked by nn.scan"
+    in (bound.reasons["Scan_ScanBlock_0/Dense_0/kernel"])
+  )
 
 
 class _Tripled(nn.Dense):
@@ -250,6 +322,38 @@ def test_stacked_layers_and_bad_inputs_are_refused():
   model = flaxnorm.spectral_norm(nn.Dense(4))
   with pytest.raises(TypeError, match=r"inputs must be a tuple"):
     flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=x)
+
+
+def test_lipschitz_bound_bad_model_arguments():
+  model, x = flaxnorm.spectral_norm(nn.Dense(3)), jnp.ones((2, 4))
+  variables = model.init(KEY, x)
+  with pytest.raises(
+    TypeError, match=r"model must be the flax.linen Module .* got Linear \(a flax.nnx"
+  ):
+    flaxnorm.lipschitz_bound(variables, model=nnx.Linear(4, 3, rngs=nnx.Rngs(0)), inputs=(x,))
+  with pytest.raises(ValueError, match=r"model needs example inputs .* inputs=\(x,\), got \(\)"):
+    flaxnorm.lipschitz_bound(variables, model=model)
+  with pytest.raises(ValueError, match=r"inputs are given without model"):
+    flaxnorm.lipschitz_bound(variables, inputs=(x,))
+  with pytest.raises(TypeError, match=r"n_gram_steps must be an int >= 1 at lipschitz_bound"):
+    flaxnorm.lipschitz_bound(variables, n_gram_steps="x")
+  with pytest.raises(ValueError, match=r"n_gram_steps must be <= 40 at lipschitz_bound"):
+    flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,), n_gram_steps=41)
+
+
+def test_reports_name_a_missing_collection():
+  x = jnp.ones((2, 4))
+  plain = nn.Dense(3).init(KEY, x)
+  weight_normed = flaxnorm.weight_norm(nn.Dense(3)).init(KEY, x)
+  spectral = flaxnorm.spectral_norm(nn.Dense(3)).init(KEY, x)
+  missing = r"collection '{}' is not in the variables, which hold the collections {}"
+  for report in (flaxnorm.spectral_sigmas, flaxnorm.lipschitz_bound):
+    for variables in (plain, weight_normed):
+      with pytest.raises(ValueError, match=missing.format("spectral", r"\['params'\]")):
+        report(variables)
+    with pytest.raises(ValueError, match=missing.format("spectrl", r"\['params', 'spectral'\]")):
+      report(spectral, "spectrl")
+  assert list(flaxnorm.spectral_sigmas(spectral["spectral"])) == ["kernel"]  # the bare collection
 
 
 def test_certificate_of_an_unbatched_conv():
