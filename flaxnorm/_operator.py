@@ -82,11 +82,21 @@ def operator_power_iteration(
   dtype = _math.compute_dtype(jnp.result_type(u, v))
   u = jax.lax.stop_gradient(jnp.asarray(u, dtype))
   v = jax.lax.stop_gradient(jnp.asarray(v, dtype))
+  if not n_steps:  # unit vectors give sigma (a zero one, 0)
+    u, v = (_power.start_vector(x, eps, restart=False) for x in (u, v))
   out, transpose = jax.vjp(apply, v)  # a layer computing in bfloat16 takes a bfloat16 ``u``
+  if out.shape != u.shape:
+    raise ValueError(
+      f"operator_power_iteration: u must have the shape of apply(v), {out.shape} for v of "
+      f"shape {v.shape}, got {u.shape}."
+    )
 
   def step(_, carry):
     u, v, _ = carry
-    v = _power.normalize_or_keep(transpose(u.astype(out.dtype))[0].astype(dtype), v, eps)
+    # Where u and v are both zero (a zeroed state), v restarts: elementwise in
+    # the step, as a start vector would be one more example-sized buffer.
+    keep = _power.start_vector(v, eps, restart=True)
+    v = _power.normalize_or_keep(transpose(u.astype(out.dtype))[0].astype(dtype), keep, eps)
     av = apply(v).astype(dtype)
     u = _power.normalize_or_keep(av, u, eps)
     return u, v, jnp.vdot(u, av)

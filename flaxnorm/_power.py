@@ -98,6 +98,44 @@ def normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
   return jnp.where(ok, apply_scale(x, inv), previous)
 
 
+def restart_vector(shape: tuple[int, ...], dtype: jnp.dtype) -> Array:
+  """A fixed, generic unit vector of ``shape`` (no zero entries, no structure).
+
+  Where a stored vector is zero (a zeroed or hand-made state), power iteration
+  restarts from it: from a zero vector it could never leave zero, and the
+  kernel would stay unnormalized. Computed elementwise from the index (a
+  sine hash), so XLA fuses it where it is used: no constant, no random ops, no
+  buffer (operator mode's vectors are example-sized).
+  """
+  i = jax.lax.broadcasted_iota(jnp.float32, shape, 0) if shape else jnp.zeros(())
+  for axis in range(1, len(shape)):
+    i = i * shape[axis] + jax.lax.broadcasted_iota(jnp.float32, shape, axis)
+  x = jnp.sin(i * 12.9898 + 78.233) * 43758.5453
+  x = x - jnp.floor(x) - 0.5
+  return (x * jax.lax.rsqrt(jnp.sum(x * x))).astype(dtype)
+
+
+def start_vector(x: Array, eps: float, restart: bool) -> Array:
+  """Where power iteration starts from ``x``.
+
+  With ``restart`` (iterating): ``x`` as it is, or the restart vector where
+  ``||x|| <= eps`` or is not finite; the steps normalize it. Without
+  (evaluation, sigma read from the vectors): ``x / ||x||``, or ``x`` where
+  ``||x|| <= eps``, so stored vectors that are not unit give the right sigma.
+  The restart vector is elementwise, so XLA fuses the ``where`` into its use.
+  """
+  if restart:
+    inv = jax.lax.rsqrt(sumsq(x, None))
+    ok = (inv > 0) & (inv < 1.0 / eps)
+
+    def fresh() -> Array:  # sharded like x where sharding is explicit
+      r = restart_vector(x.shape, x.dtype)
+      return jax.sharding.reshard(r, jax.typeof(x).sharding) if _is_explicit(x) else r
+
+    return jnp.where(ok, x, fresh())
+  return normalize_or_keep(x, x, eps)
+
+
 # Explicit sharding (jax.make_mesh's default axis type) exists in newer JAX only.
 _EXPLICIT = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
 
@@ -177,7 +215,9 @@ def power_iteration(
     u: left vector estimate, shape ``(m,)``.
     v: right vector estimate, shape ``(n,)``; needed when ``n_steps == 0``, and
       kept if ``w^H u`` is zero or not finite (a zero or NaN weight; ``u`` likewise
-      for ``w v``).
+      for ``w v``). ``u`` and ``v`` need not be unit vectors: they are normalized
+      first. A zero one restarts from a fixed vector when ``n_steps > 0``; with
+      ``n_steps == 0`` it gives ``sigma = 0``.
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
@@ -234,8 +274,13 @@ def power_iteration(
     u = normalize_or_keep(wv, u, eps)
     return u, v, _vdot(u, wv)  # sigma = Re(u^H W v), from the product just made
 
-  u_out = jax.lax.stop_gradient(u.astype(dtype))
+  # Iterating, a zero u restarts (the first step makes v from it); in
+  # evaluation both are normalized (stored ones may be scaled), and a zero one
+  # gives sigma 0 (an unnormalized kernel).
+  u_out = jax.lax.stop_gradient(start_vector(u.astype(dtype), eps, restart=n_steps > 0))
   v_out = jax.lax.stop_gradient(v_start.astype(dtype))
+  if not n_steps:
+    v_out = start_vector(v_out, eps, restart=False)
   if n_steps:
     carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))
     u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)

@@ -178,6 +178,14 @@ BAD_INPUTS = [
     r"u at operator_power_iteration must be a floating-point array .*complex is not supported",
   ),
   (
+    "u of another shape than the map's output",
+    lambda: flaxnorm.operator_power_iteration(
+      lambda x: x @ jnp.ones((2, 3)), jnp.ones(2), jnp.ones(2), n_steps=1
+    ),
+    ValueError,
+    r"u must have the shape of apply\(v\), \(3,\) for v of shape \(2,\), got \(2,\)",
+  ),
+  (
     "stored g of another axis's layout",
     lambda: flaxnorm.weight_norm(nn.Dense(3)).apply(
       {

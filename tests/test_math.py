@@ -399,3 +399,34 @@ def test_property_spectral_norm_at_most_one(data, shape):
     assert float(state.sigma) <= svals[0] * (1 + 1e-5) and float(state.sigma) >= svals[1] * (
       1 - 1e-5
     )
+
+
+def test_zero_state_restarts_in_training():
+  """A zeroed state (hand-made, or a bad checkpoint) restarts; before, it stayed 0 forever
+  and the kernel was never normalized."""
+  w = jax.random.normal(jax.random.key(0), (5, 3))
+  zeros = (jnp.zeros(3), jnp.zeros(5))  # axis=-1: u along the kept axis (3)
+  _, state = flaxnorm.spectral_normalize(w, *zeros, n_steps=100)
+  np.testing.assert_allclose(state.sigma, np.linalg.svd(np.asarray(w))[1][0], rtol=1e-4)
+  chex.assert_trees_all_close(jnp.linalg.norm(state.u), 1.0, rtol=1e-6)
+  for u, v in [(jnp.zeros(5), None), (jnp.zeros(5), jnp.zeros(3))]:
+    u, _, sigma = flaxnorm.power_iteration(w, u, v=v, n_steps=100)
+    np.testing.assert_allclose(sigma, np.linalg.svd(np.asarray(w))[1][0], rtol=1e-4)
+  # The operator form too (the map x -> w x on (3,) vectors).
+  _, _, sigma = flaxnorm.operator_power_iteration(lambda x: x @ w, *zeros, n_steps=100)
+  np.testing.assert_allclose(sigma, np.linalg.svd(np.asarray(w))[1][0], rtol=1e-4)
+  # Evaluation (no iteration) with a zero state: sigma 0, the kernel as it is, finite.
+  w_eval, state = flaxnorm.spectral_normalize(w, *zeros, n_steps=0)
+  assert float(state.sigma) == 0.0
+  chex.assert_trees_all_close(w_eval, w)
+
+
+def test_evaluation_normalizes_the_stored_vectors():
+  """sigma = u^T W v / (||u|| ||v||): stored vectors that are not unit give the same sigma."""
+  w = jax.random.normal(jax.random.key(0), (5, 3))
+  st = flaxnorm.spectral_state_init(jax.random.key(1), w)
+  _, unit = flaxnorm.spectral_normalize(w, st.u, st.v, n_steps=0)
+  w_sn, scaled = flaxnorm.spectral_normalize(w, 3.0 * st.u, 0.5 * st.v, n_steps=0)
+  np.testing.assert_allclose(scaled.sigma, unit.sigma, rtol=1e-6)
+  np.testing.assert_allclose(unit.sigma, st.u @ w.T @ st.v, rtol=1e-6)
+  chex.assert_trees_all_close(w_sn, w / unit.sigma, rtol=1e-6)
