@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flaxnorm import _checks
 from flaxnorm._checks import Axis
 
 KINDS = (
@@ -144,6 +145,20 @@ def neg_axis(axes: tuple[int, ...], ndim: int) -> Axis:
   return neg[0] if len(neg) == 1 else neg
 
 
+def kept_axes(g_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Every axis a weight norm with magnitude ``g_shape`` may keep on a ``w_shape`` weight.
+
+  Several fit only when ``g`` is all ones and ``w`` has size 1 on each of
+  them (e.g. the one output channel of a ``(3, 1)`` conv): each norm is then
+  over the whole tensor, so they compute the same.
+  """
+  return tuple(
+    a
+    for a in range(len(w_shape))
+    if g_shape == tuple(s if i == a else 1 for i, s in enumerate(w_shape))
+  )
+
+
 def kept_axis(
   g_shape: tuple[int, ...], w_shape: tuple[int, ...], mismatch: Callable[[], ValueError]
 ) -> int | None:
@@ -156,15 +171,64 @@ def kept_axis(
     mismatch: builds the error raised when ``g_shape`` fits no single kept axis.
 
   Returns:
-    The kept axis (non-negative, in the layout of the shapes), or ``None`` for
-    a scalar ``g`` (a whole-tensor norm).
+    The kept axis (non-negative, in the layout of the shapes; the first of
+    :func:`kept_axes` when several fit), or ``None`` for a scalar ``g`` (a
+    whole-tensor norm).
   """
   if g_shape == ():
     return None
-  for a in range(len(w_shape)):
-    if g_shape == tuple(s if i == a else 1 for i, s in enumerate(w_shape)):
-      return a
-  raise mismatch()
+  fits = kept_axes(g_shape, w_shape)
+  if not fits:
+    raise mismatch()
+  return fits[0]
+
+
+def settle_weight_norm_axis(
+  k: Kind,
+  shapes: tuple[tuple[int, ...], tuple[int, ...]],
+  axis: Axis,
+  torch_layout: bool,
+  where: str,
+) -> tuple[Axis, Axis] | None:
+  """Which flaxnorm ``axis`` a weight norm whose ``g`` fits several axes is converted with.
+
+  ``g`` fits several axes (:func:`kept_axes`) only when they all compute the
+  same norm, so the choice only names the axis: ``axis`` when it is one of
+  them, else PyTorch's default ``dim=0`` (the output channels of
+  Linear/Conv, the input channels of ConvTranspose).
+
+  Args:
+    k: the layer kind.
+    shapes: ``(g, w)`` shapes, in PyTorch layout if ``torch_layout`` else Flax's.
+    axis: the flaxnorm ``axis`` asked for (``None``: not given).
+    torch_layout: whether ``shapes`` are PyTorch's (loading) or Flax's (saving).
+    where: the caller, for messages.
+
+  Returns:
+    ``None`` when ``g`` fits at most one axis (convert with ``axis`` as it
+    is); else ``(None, chosen)``: convert without an axis (the result is the
+    same for all), and report ``chosen``. An ``axis`` that fits none is left
+    to the conversion's own check (``(axis, axis)``).
+
+  Raises:
+    ValueError: loading, with no ``axis`` and ``dim=0`` not among the axes.
+  """
+  fits = kept_axes(*shapes) if shapes[0] != () else ()
+  if len(fits) < 2:
+    return None
+  flax_fits = tuple(k.perm.index(d) for d in fits) if torch_layout else fits
+  if axis is not None:
+    kept = _checks.normalize_axes(axis, k.ndim, where)
+    return (None, neg_axis(kept, k.ndim)) if len(kept) == 1 and kept[0] in flax_fits else None
+  default = k.perm.index(0)
+  if default in flax_fits or not torch_layout:
+    return None, neg_axis((default if default in flax_fits else flax_fits[0],), k.ndim)
+  raise ValueError(
+    f"{where}: weight norm 'g' {shapes[0]} fits PyTorch dims {list(fits)} of its {k.name} "
+    f"weight {shapes[1]} {k.torch_layout} (each of size 1: the same norm), and none is "
+    f"PyTorch's default dim=0: pass axis= one of {[neg_axis((a,), k.ndim) for a in flax_fits]} "
+    "(the axis the Flax layer is wrapped with)."
+  )
 
 
 def shape_error(where: str, key: str, shape: tuple[int, ...], expected: str, k: Kind) -> ValueError:

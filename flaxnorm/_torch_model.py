@@ -13,14 +13,21 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta
 
 from flaxnorm import _checks, _options
 from flaxnorm._checks import Axis
-from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch, layer_to_numpy
-from flaxnorm._torch_keys import detect, split_key
+from flaxnorm._torch_convert import (
+  Sources,
+  TorchLayer,
+  _to_numpy,
+  layer_from_torch,
+  layer_to_numpy,
+)
+from flaxnorm._torch_keys import STYLES, detect, keys_for, split_key
 from flaxnorm._torch_layouts import (
   KIND_BY_RANK,
   LAYOUTS,
@@ -30,6 +37,8 @@ from flaxnorm._torch_layouts import (
   kind_of,
   neg_axis,
   pick_view,
+  settle_weight_norm_axis,
+  spectral_dim_of,
   spectral_views,
 )
 from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
@@ -108,6 +117,7 @@ class _Load(NamedTuple):
   out: dict[str, Any]  # the variables being filled (a copy of the input)
   kinds: dict[str, str]
   axes: dict[str, Axis]
+  spectral_dims: dict[str, int]
   collection: str
   unused: dict[str, str]  # PyTorch key -> why
   filled: set[tuple[str, ...]]  # (collection, *path, name)
@@ -129,6 +139,63 @@ class _Target(NamedTuple):
   @property
   def fpath(self) -> str:
     return "/".join(self.path)
+
+
+# --------------------------------------------------------------------------- #
+# One layer, with a weight norm's axis settled where g fits several.
+# --------------------------------------------------------------------------- #
+
+
+def _wn_shapes(tensors: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """PyTorch weight norm's ``(g, v)`` shapes, of either key style; ``None`` for another layer."""
+  for style in STYLES:
+    keys = keys_for("weight_norm", style)
+    if keys["g"] in tensors and keys["v"] in tensors:
+      return tuple(np.shape(tensors[keys["g"]])), tuple(np.shape(tensors[keys["v"]]))
+  return None
+
+
+def from_torch_layer(
+  tensors: Mapping[str, Any],
+  kind: str,
+  axis: Axis,
+  spectral_dim: int | None,
+  collection: str,
+  where: str,
+) -> tuple[TorchLayer, Sources]:
+  """``layer_from_torch``; a weight norm whose ``g`` fits several axes takes ``axis`` or dim 0."""
+  shapes = _wn_shapes(tensors)
+  settled = None
+  if shapes is not None:
+    settled = settle_weight_norm_axis(kind_of(kind, where), shapes, axis, True, where)
+  if settled is None:
+    return layer_from_torch(tensors, kind, axis, spectral_dim, collection, where)
+  layer, src = layer_from_torch(tensors, kind, settled[0], spectral_dim, collection, where)
+  return layer._replace(axis=settled[1]), src
+
+
+def to_torch_layer(
+  variables: Mapping[str, Any],
+  kind: str,
+  style: str,
+  axis: Axis,
+  spectral_dim: int | None,
+  collection: str,
+) -> dict[str, np.ndarray]:
+  """``layer_to_numpy``; a weight norm whose ``g`` fits several axes accepts any of them.
+
+  They all give the same PyTorch tensors (``g`` is all ones then).
+  """
+  where = f"to_torch({kind!r})"
+  k = kind_of(kind, where)
+  params = variables.get("params") if isinstance(variables, Mapping) else None
+  params = params if isinstance(params, Mapping) else variables
+  g_name, v_name = _options.weight_norm_keys(k.param)
+  if isinstance(params, Mapping) and g_name in params and v_name in params:
+    shapes = tuple(np.shape(meta.unbox(params[n])) for n in (g_name, v_name))
+    if settle_weight_norm_axis(k, (shapes[0], shapes[1]), axis, False, where) is not None:
+      axis = None
+  return layer_to_numpy(variables, kind, style, axis, spectral_dim, collection)
 
 
 # --------------------------------------------------------------------------- #
@@ -194,7 +261,9 @@ def _check_instance(model: Any, argname: str, where: str = _WHERE) -> None:
     )
 
 
-def _check_args(state_dict: Any, kinds: Any, axes: Any, strict: Any, collection: Any) -> None:
+def _check_args(
+  state_dict: Any, kinds: Any, axes: Any, spectral_dims: Any, strict: Any, collection: Any
+) -> None:
   """Raises unless ``load_torch_state_dict``'s arguments have their documented types."""
   if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
     raise TypeError(
@@ -204,6 +273,7 @@ def _check_args(state_dict: Any, kinds: Any, axes: Any, strict: Any, collection:
   for argname, given, value, example in (
     ("kinds", kinds, "kind", "{'ups': 'conv_transpose1d'}"),
     ("axes", axes, "axis", "{'fc': -2}"),
+    ("spectral_dims", spectral_dims, "int dim", "{'ups': 0}"),
   ):
     if given is not None and not (
       isinstance(given, Mapping) and all(isinstance(p, str) for p in given)
@@ -212,52 +282,141 @@ def _check_args(state_dict: Any, kinds: Any, axes: Any, strict: Any, collection:
         f"{_WHERE}: {argname} must be a mapping of PyTorch layer prefix (str) -> {value}, "
         f"e.g. {example} (the prefix '' names every layer), got {given!r}."
       )
+  for prefix, dim in (spectral_dims or {}).items():
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+      raise TypeError(
+        f"{_WHERE}: spectral_dims['{prefix}'] must be an int (the dim PyTorch's spectral_norm "
+        f"was applied with) or None, got {dim!r}."
+      )
   _checks.check_bool(strict, "strict", _WHERE)
   _checks.check_collection(collection, _WHERE)
+
+
+def _given(given: Mapping[str, Any] | None) -> dict[str, Any]:
+  """An override mapping without its ``None`` ("not given") entries."""
+  return {p: x for p, x in (given or {}).items() if x is not None}
+
+
+Options = tuple[
+  Mapping[str, "str | None"] | None,
+  Mapping[str, Axis] | None,
+  Any,
+  Mapping[str, "int | None"] | None,
+]
 
 
 def load(
   state_dict: Mapping[str, Any],
   variables: Any,
   key_map: KeyMap,
-  options: tuple[Mapping[str, str | None] | None, Mapping[str, Axis] | None, Any],
+  options: Options,
   strict: bool,
   collection: str,
 ) -> TorchLoadResult:
   """``load_torch_state_dict``: group the keys by layer, load each, report what is left.
 
-  ``options`` is ``(kinds, axes, inputs)``; ``None`` entries of ``kinds`` and
-  ``axes`` mean "not given" (read from the model or the tree).
+  ``options`` is ``(kinds, axes, inputs, spectral_dims)``; ``None`` entries of
+  the mappings mean "not given" (read from the model or the tree).
   """
-  kinds, axes, inputs = options
-  _check_args(state_dict, kinds, axes, strict, collection)
+  kinds, axes, inputs, spectral_dims = options
+  _check_args(state_dict, kinds, axes, spectral_dims, strict, collection)
   tree, model, nnx_tree = _targets(variables, inputs, collection)
-  kinds_given: dict[str, str] = {p: x for p, x in (kinds or {}).items() if x is not None}
-  axes_given: dict[str, Axis] = {p: x for p, x in (axes or {}).items() if x is not None}
   job = _Load(
-    state_dict, _copy(tree), kinds_given, axes_given, collection, {}, set(), model, strict
+    state_dict=state_dict,
+    out=_copy(tree),
+    kinds=_given(kinds),
+    axes=_given(axes),
+    spectral_dims=_given(spectral_dims),
+    collection=collection,
+    unused={},
+    filled=set(),
+    model=model,
+    strict=strict,
   )
-  groups = _group(job)
-  unknown = sorted(p for p in {*job.kinds, *job.axes} if not any(_under(g, p) for g in groups))
-  if unknown:
-    raise ValueError(
-      f"{_WHERE}: kinds/axes name '{unknown[0]}', which is no layer of the state dict "
-      f"(its layers: {sorted(groups)[:8]}{' ...' if len(groups) > 8 else ''})."
-    )
+  groups, loose = _group(job)
+  _check_overrides(job, groups)
   layers: dict[str, TorchLayer] = {}
   for prefix, entries in groups.items():
     target = _target(job, key_map, prefix, entries)
     layer = None if target is None else _load_layer(job, target)
-    if layer is not None:
+    if isinstance(layer, TorchLayer):
       layers[prefix] = layer
+    elif layer is not None:  # not a layer interop converts: its tensors may still fit by name
+      loose.update({key: layer for key in entries.values()})
+  for key, why in loose.items():
+    _load_plain(job, key_map, key, why)
   out = job.out
-  unmatched = tuple(
-    "/".join(leaf) for col in out for leaf in _leaves(out[col], (col,)) if leaf not in job.filled
-  )
-  if strict and (job.unused or unmatched):
-    raise ValueError(_strict_message(job.unused, unmatched))
+  unmatched = [leaf for col in out for leaf in _leaves(out[col], (col,)) if leaf not in job.filled]
+  unused = {key: job.unused[key] for key in state_dict if key in job.unused}
+  if strict and (unused or unmatched):
+    raise ValueError(_strict_message(unused, tuple("/".join(p) for p in unmatched)))
+  if unmatched and isinstance(variables, nn.Module):
+    _init_unmatched(variables, inputs, out, unmatched)
   filled = out if nnx_tree is None else to_nnx_state(nnx_tree, out)
-  return TorchLoadResult(filled, layers, job.unused, unmatched)
+  return TorchLoadResult(filled, layers, unused, tuple("/".join(p) for p in unmatched))
+
+
+def _check_overrides(job: _Load, groups: Mapping[str, Any]) -> None:
+  """Raises if ``kinds``/``axes``/``spectral_dims`` name a prefix that is no layer."""
+  for argname, given in (
+    ("kinds", job.kinds),
+    ("axes", job.axes),
+    ("spectral_dims", job.spectral_dims),
+  ):
+    unknown = sorted(p for p in given if not any(_under(g, p) for g in groups))
+    if unknown:
+      raise ValueError(
+        f"{_WHERE}: {argname} names '{unknown[0]}', which is no layer of the state dict "
+        f"(its layers: {sorted(groups)[:8]}{' ...' if len(groups) > 8 else ''})."
+      )
+
+
+def _init_unmatched(
+  model: nn.Module, inputs: Any, out: dict[str, Any], leaves: list[tuple[str, ...]]
+) -> None:
+  """Gives the unmatched leaves of a Linen model their initial values (``jax.random.key(0)``).
+
+  Its variables were traced shape-only, so they are ``jax.ShapeDtypeStruct``
+  until a value is put there.
+  """
+  args = inputs if isinstance(inputs, tuple) else (inputs,)
+  args = jax.tree.map(
+    lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, args
+  )
+  init = model.init(jax.random.key(0), *args)
+  for leaf in leaves:
+    src, dst = init, out
+    for p in leaf[:-1]:
+      src, dst = src[p], dst[p]
+    dst[leaf[-1]] = src[leaf[-1]]
+
+
+def _load_plain(job: _Load, key_map: KeyMap, key: str, why: str) -> None:
+  """Loads PyTorch ``key`` (``"a.b.alpha"``) as is into the Flax param of its name and shape.
+
+  For the tensors of no layer interop converts (a Snake ``alpha``, a bias
+  alone); when there is no such param, ``key`` goes to ``job.unused`` with
+  ``why`` and the reason.
+  """
+  prefix, _, name = key.rpartition(".")
+  path = resolve(key_map, prefix, job.out["params"])
+  node = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
+  raw = None if node is None else node.get(name)
+  shape = tuple(np.shape(job.state_dict[key]))
+  flax_key = f"params/{'/'.join((*path, name))}" if isinstance(path, tuple) else ""
+  if path is None or isinstance(path, str):
+    reason = "key_map skips it" if path is None else path
+  elif node is None or raw is None or isinstance(raw, Mapping):
+    reason = f"no Flax param '{flax_key}'"
+  elif _shape(raw) != shape:
+    reason = f"shape {shape}, but the Flax '{flax_key}' has shape {_shape(raw)}"
+  else:
+    arr = _to_numpy(job.state_dict[key], key, _WHERE).astype(meta.unbox(raw).dtype, copy=False)
+    arr = jax.device_put(arr)
+    node[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
+    job.filled.add(("params", *path, name))
+    return
+  job.unused[key] = f"{why}; {reason}"
 
 
 def _under(prefix: str, key: str) -> bool:
@@ -271,16 +430,22 @@ def _lookup(given: Mapping[str, Any], prefix: str) -> Any:
   return given[max(keys, key=len)] if keys else None
 
 
-def _group(job: _Load) -> dict[str, dict[str, str]]:
-  """Layer prefix -> layer key -> state-dict key; other keys go to ``job.unused``."""
+def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+  """Layer prefix -> layer key -> state-dict key; and the other keys -> why they are no layer.
+
+  A bias without a weight is no layer either: those keys load by name, if at all.
+  """
   groups: dict[str, dict[str, str]] = {}
+  loose: dict[str, str] = {}
   for key in job.state_dict:
     split = split_key(key)
     if split is None:
-      job.unused[key] = "not a weight/bias key of a supported layer"
+      loose[key] = "not a weight/bias key of a supported layer"
     else:
       groups.setdefault(split[0], {})[split[1]] = key
-  return groups
+  for prefix in [p for p, entries in groups.items() if set(entries) == {"bias"}]:
+    loose[groups.pop(prefix)["bias"]] = "a bias without a weight"
+  return groups, loose
 
 
 def _strict_message(unused: Mapping[str, str], unmatched: tuple[str, ...]) -> str:
@@ -325,16 +490,16 @@ def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
     return "embedding"
   kind = KIND_BY_RANK.get(ndim)
   if kind is not None and kind.startswith("conv"):
-    _check_not_transposed(job.state_dict[wkey], t, kind)
+    _check_not_transposed(job.state_dict[wkey], t, kind, bool(job.kinds))
   return kind
 
 
-def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
+def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   """Converts one PyTorch layer, checks it against its target and fills the target.
 
   Returns:
-    The layer (with its Flax ``path``), or ``None`` when its kind cannot be
-    told (its keys are then marked unused).
+    The layer (with its Flax ``path``), or why it is no layer interop
+    converts (its kind cannot be told; its tensors may still load by name).
   """
   info = job.model.get(t.path)
   if info is not None and info.unsupported:
@@ -342,15 +507,16 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
   kind = _kind(job, t, info)
   if kind is None:
     why = f"not a linear/conv/embedding layer (the Flax layer is {info.cls})" if info else ""
-    reason = why or "weight of its rank: not a linear/conv/embedding layer"
-    job.unused.update({key: reason for key in t.entries.values()})
-    return None
+    return why or "weight of its rank: not a linear/conv/embedding layer"
   k = kind_of(kind, f"{_WHERE}: kinds['{t.prefix}']")
   tmethod = _target_method(t, k.param)
   tensors = {s: job.state_dict[key] for s, key in t.entries.items()}
+  sdim = _lookup(job.spectral_dims, t.prefix)
+  _check_spectral_dim(tensors, k, t, sdim)
+  dim = spectral_dim_of(k, sdim, f"{_WHERE}: spectral_dims['{t.prefix}']")
 
   def convert(axis: Axis) -> tuple[TorchLayer, Sources]:
-    return layer_from_torch(tensors, kind, axis, None, job.collection, t.where)
+    return from_torch_layer(tensors, kind, axis, sdim, job.collection, t.where)
 
   given_axis = _lookup(job.axes, t.prefix)
   layer, src = convert(given_axis)
@@ -364,13 +530,13 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | None:
     if axis != layer.axis:
       layer, src = convert(axis)
   elif wrapped is None and layer.method == tmethod == "spectral_norm":
-    view = _target_view(layer, t, k)
+    view = _target_view(layer, t, k, dim)
     if view is not None:
       layer, src = convert(neg_axis(view, k.ndim))
   if layer.method == "spectral_norm" and tmethod is None:
     _check_collection_found(job, t, wrapped is not None and wrapped[0] == layer.method)
   _check_wrapping(layer, t, k, tmethod)
-  _check_order(job, layer, t, k)
+  _check_order(job, layer, t, k, dim)
   variables = _fill(job, layer, src, t, k)
   return layer._replace(variables=variables, path="/".join(t.path))
 
@@ -384,8 +550,32 @@ def _target_method(t: _Target, n: str) -> str | None:
   return None if n in t.params else "missing"
 
 
-def _check_not_transposed(weight: Any, t: _Target, kind: str) -> None:
-  """Raises if an unnamed conv's weight only fits the target as a ConvTranspose."""
+def _check_spectral_dim(tensors: Mapping[str, Any], k: Kind, t: _Target, sdim: int | None) -> None:
+  """Raises if PyTorch's spectral ``u`` fits another ``dim`` than the default, none given."""
+  method, _, roles = detect(list(tensors), t.where)
+  if method != "spectral_norm" or sdim is not None:
+    return
+  w, u = (tuple(np.shape(tensors[roles[r]])) for r in ("w", "u"))
+  if len(w) != k.ndim or u == (w[k.sn_dim],):
+    return
+  dims = [d for d in range(len(w)) if u == (w[d],)]
+  if dims:
+    raise ValueError(
+      f"{t.where}: PyTorch '{t.entries[roles['u']]}' has shape {u}, the size of dim {dims[0]} "
+      f"of '{t.entries[roles['w']]}' {w} ({k.name} {k.torch_layout}), not of PyTorch's default "
+      f"spectral-norm dim={k.sn_dim}: pass spectral_dims={{'{t.prefix}': {dims[0]}}} (the dim "
+      "its spectral_norm was applied with)."
+    )
+
+
+def _check_not_transposed(weight: Any, t: _Target, kind: str, named: bool) -> None:
+  """Raises if an unnamed conv's weight fits the target as a ConvTranspose.
+
+  Only as one: the kind is wrong. As both (a square layer, as many input as
+  output channels): the variables cannot tell which, so it must be named,
+  unless ``kinds`` names other layers (``named``): it then names every
+  ConvTranspose, and the layers it leaves out are read by rank.
+  """
   tk = t.params.get("kernel", t.params.get("kernel_v"))
   if tk is None:
     return
@@ -393,6 +583,15 @@ def _check_not_transposed(weight: Any, t: _Target, kind: str) -> None:
   alt = f"conv_transpose{kind[-2:]}"
   as_conv = flax_from_torch(np.empty(wshape), LAYOUTS[kind]).shape
   as_transposed = flax_from_torch(np.empty(wshape), LAYOUTS[alt]).shape
+  if as_conv == as_transposed == tshape and not named:
+    raise ValueError(
+      f"{t.where}: PyTorch weight {wshape} fits the Flax kernel {tshape} both as {kind} "
+      f"{LAYOUTS[kind].torch_layout} and as {alt} {LAYOUTS[alt].torch_layout} (as many input "
+      "as output channels), and the variables do not say which the layer is: pass the Flax "
+      f"model (it knows its ConvTranspose layers) or kinds={{'{t.prefix}': '{alt}'}} for a "
+      f"ConvTranspose, kinds={{'{t.prefix}': '{kind}'}} for a Conv (a prefix names the layers "
+      f"below it; kinds={{'': '{kind}', ...}} names every layer)."
+    )
   if as_conv != tshape and as_transposed == tshape:
     raise ValueError(
       f"{t.where}: PyTorch weight {wshape} read as {kind} {LAYOUTS[kind].torch_layout} gives "
@@ -402,14 +601,14 @@ def _check_not_transposed(weight: Any, t: _Target, kind: str) -> None:
     )
 
 
-def _target_view(layer: TorchLayer, t: _Target, k: Kind) -> tuple[int, ...] | None:
+def _target_view(layer: TorchLayer, t: _Target, k: Kind, dim: int) -> tuple[int, ...] | None:
   """The spectral view the target is wrapped with, when it is not the one ``layer`` has.
 
   Read from the shapes of the target's ``u``/``v``; ``None`` when they fit
   ``layer``'s view or neither (the shape check then names the mismatch).
   """
   kernel = layer.variables["params"][k.param]
-  views = spectral_views(k, k.sn_dim, tuple(kernel.shape))
+  views = spectral_views(k, dim, tuple(kernel.shape))
   exact = views.exact(layer.style)  # the view layer was converted to (no axes[prefix])
   state = t.state or {}
   u, v = (state.get(key) for key in _options.spectral_keys(k.param)[:2])
@@ -469,12 +668,12 @@ def _check_wrapping(layer: TorchLayer, t: _Target, k: Kind, tmethod: str | None)
   )
 
 
-def _check_order(job: _Load, layer: TorchLayer, t: _Target, k: Kind) -> None:
+def _check_order(job: _Load, layer: TorchLayer, t: _Target, k: Kind, dim: int) -> None:
   """Refuses (warns with ``strict=False``) a spectral layer iterating in the other order than PyTorch."""
   if layer.method != "spectral_norm" or layer.continues == layer.style:
     return
   kernel = layer.variables["params"][k.param]
-  exact = neg_axis(spectral_views(k, k.sn_dim, tuple(kernel.shape)).exact(layer.style), k.ndim)
+  exact = neg_axis(spectral_views(k, dim, tuple(kernel.shape)).exact(layer.style), k.ndim)
   msg = (
     f"{t.where}: the Flax layer is wrapped with spectral_norm(..., axis={layer.axis!r}), whose "
     f"power iteration runs in the order of PyTorch's {layer.continues} spectral norm, not in "
@@ -567,14 +766,18 @@ def _mismatch(
 
 
 def _layers_of_model(
-  model: Mapping[tuple[str, ...], FlaxLayer], variables: Mapping[str, Any]
+  model: Mapping[tuple[str, ...], FlaxLayer],
+  variables: Mapping[str, Any],
+  spectral_dims: Mapping[str, int],
+  nnx_model: bool,
 ) -> dict[str, TorchLayer]:
   """PyTorch prefix -> layer for each layer of the model that has a PyTorch weight.
 
   Kind, wrapping and axis come from the model; a spectral layer gets the key
   style whose power iteration its axis continues, other layers the
-  parametrizations style.
+  parametrizations style. Prefixes follow :func:`~flaxnorm._torch_paths.torch_prefix`.
   """
+  sequential = {path for path, info in model.items() if info.cls == "Sequential"}
   out: dict[str, TorchLayer] = {}
   for path, info in model.items():
     params = _get(variables["params"], path)
@@ -588,15 +791,15 @@ def _layers_of_model(
     )
     if kind not in LAYOUTS:
       continue
+    prefix = torch_prefix(path, variables["params"], sequential, nnx_model)
     method, kept = info.wrapped.get(name, (None, ()))
     style = "parametrizations"
     if method == "spectral_norm":
       k = LAYOUTS[kind]
-      style = (
-        "parametrizations" if kept == spectral_views(k, k.sn_dim, shape).transposed else "legacy"
-      )
+      dim = spectral_dim_of(k, _lookup(spectral_dims, prefix), f"to_torch_state_dict: '{prefix}'")
+      style = "parametrizations" if kept == spectral_views(k, dim, shape).transposed else "legacy"
     axis = neg_axis(kept, len(shape)) if method and kept else None
-    out[torch_prefix(path)] = TorchLayer({}, kind, method, axis, name, style, "/".join(path))
+    out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path))
   return out
 
 
@@ -607,12 +810,15 @@ def save(
   collection: str,
   model: nn.Module | None = None,
   inputs: Any = None,
+  spectral_dims: Mapping[str, int | None] | None = None,
 ) -> dict[str, np.ndarray]:
   """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model)."""
   info: dict[tuple[str, ...], FlaxLayer] = {}
   _check_instance(variables, "variables", "to_torch_state_dict")
   _check_instance(model, "model", "to_torch_state_dict")
   _checks.check_collection(collection, "to_torch_state_dict")
+  dims = _given(spectral_dims)
+  nnx_model = isinstance(variables, nnx.Module)
   if isinstance(variables, nnx.Module):
     tree, info = from_nnx(variables, collection)
     variables = tree.variables
@@ -624,7 +830,7 @@ def save(
         "to_torch_state_dict: pass layers (TorchLoadResult.layers), or the model: an NNX "
         "module as variables, or model= and inputs= for a Linen module."
       )
-    layers = _layers_of_model(info, variables)
+    layers = _layers_of_model(info, variables, dims, nnx_model)
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
     path = tuple(p for p in layer.path.split("/") if p)
@@ -636,6 +842,7 @@ def save(
     sub = {"params": params, collection: _get(variables.get(collection, {}), path) or {}}
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
-    for key, x in layer_to_numpy(sub, layer.kind, st, axis, None, collection).items():
+    sdim = _lookup(dims, prefix)
+    for key, x in to_torch_layer(sub, layer.kind, st, axis, sdim, collection).items():
       out[f"{prefix}.{key}" if prefix else key] = x
   return out

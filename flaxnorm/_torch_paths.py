@@ -1,16 +1,17 @@
 """PyTorch module paths -> Flax paths, following the Flax tree.
 
-A PyTorch index (``ups.0``) has one spelling in PyTorch but three in Flax: a
+A PyTorch index (``ups.0``) has one spelling in PyTorch but four in Flax: a
 Linen list attribute made in ``setup`` is ``ups_0``, an ``nn.Sequential``'s
-layer is ``ups/layers_0`` and an NNX list's is ``ups/0``. :func:`resolve`
-tries every spelling against the Flax params tree and keeps the ones that
-exist; more than one is an error that lists them.
+layer is ``ups/layers_0``, an NNX list's is ``ups/0`` and an ``nnx.Sequential``'s
+is ``ups/layers/0``. :func:`resolve` tries every spelling against the Flax
+params tree and keeps the ones that exist; more than one is an error that
+lists them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 KeyMap = Callable[[str], "str | tuple[str, ...] | None"] | Mapping[str, str] | None
@@ -20,32 +21,36 @@ Path = tuple[str, ...]
 _WHERE = "load_torch_state_dict"
 
 
+def _steps(parts: tuple[str, ...]) -> list[tuple[Path, tuple[str, ...]]]:
+  """The Flax names the head of ``parts`` may be, each with the PyTorch parts left."""
+  head, rest = parts[0], parts[1:]
+  if head.isdigit():  # Linen nn.Sequential, an NNX list, NNX nnx.Sequential
+    return [((f"layers_{head}",), rest), ((head,), rest), (("layers", head), rest)]
+  steps: list[tuple[Path, tuple[str, ...]]] = []
+  if rest and rest[0].isdigit():
+    steps.append(((f"{head}_{rest[0]}",), rest[1:]))
+  steps.append(((head,), rest))
+  return steps
+
+
 def spellings(parts: tuple[str, ...], tree: Any = None) -> Iterator[Path]:
   """The Flax paths PyTorch path ``parts`` may be; only those in ``tree`` unless it is ``None``.
 
-  ``("ups", "0")`` -> ``ups_0``, ``ups/layers_0``, ``ups/0``; a bare index is
-  ``layers_0`` or ``0``; other names are kept.
+  ``("ups", "0")`` -> ``ups_0``, ``ups/layers_0``, ``ups/0``, ``ups/layers/0``;
+  a bare index is ``layers_0``, ``0`` or ``layers/0`` (an ``nnx.Sequential``);
+  other names are kept.
   """
   if not parts:
     yield ()
     return
-  head, rest = parts[0], parts[1:]
-  steps: list[tuple[str, tuple[str, ...]]] = []
-  if head.isdigit():
-    steps += [(f"layers_{head}", rest), (head, rest)]
-  else:
-    if rest and rest[0].isdigit():
-      steps.append((f"{head}_{rest[0]}", rest[1:]))
-    steps.append((head, rest))
-  for name, remaining in steps:
-    if tree is None:
-      sub = None
-    else:
-      sub = tree.get(name) if isinstance(tree, Mapping) else None
-      if not isinstance(sub, Mapping):
+  for names, remaining in _steps(parts):
+    sub = tree
+    if tree is not None:
+      sub = _get(tree, names)
+      if sub is None:
         continue
     for tail in spellings(remaining, sub):
-      yield (name, *tail)
+      yield (*names, *tail)
 
 
 def _split(path: str) -> Path:
@@ -134,14 +139,40 @@ def resolve(key_map: KeyMap, prefix: str, params: Mapping[str, Any]) -> Path | s
   )
 
 
-def torch_prefix(path: Path) -> str:
-  """The PyTorch prefix of a Flax path: ``ups_0`` -> ``ups.0``, ``layers_0`` and ``0`` -> ``0``."""
+def torch_prefix(
+  path: Path,
+  params: Mapping[str, Any] | None = None,
+  sequential: Collection[Path] | None = None,
+  nnx: bool = False,
+) -> str:
+  """The PyTorch prefix of a Flax path.
+
+  Args:
+    path: the Flax path, e.g. ``("ups_0",)``.
+    params: the params tree the path is in; ``None``: every ``name_N`` is a
+      list element.
+    sequential: the paths of the Sequential modules (``None``: every
+      ``layers_N``/``layers/N`` is a Sequential's layer).
+    nnx: whether the path is an NNX module's.
+
+  Returns:
+    The prefix: a Sequential's layer (Linen ``layers_0``, NNX ``layers/0``) is
+    its index ``0``; an NNX list element ``ups/0`` is ``ups.0`` and NNX names
+    are kept whole (``conv_1``); a Linen ``ups_0`` is the list element
+    ``ups.0`` when the tree has ``ups_0`` beside it (lists count from 0),
+    else a name kept whole (``conv_1``).
+  """
   out: list[str] = []
-  for part in path:
+  for i, part in enumerate(path):
+    parent, node = path[:i], None if params is None else _get(params, path[:i])
+    in_seq = sequential is None or parent in sequential
     match = re.fullmatch(r"(.+?)_(\d+)", part)
-    if match and match.group(1) == "layers":
+    if nnx:
+      if not (part == "layers" and in_seq and i + 1 < len(path) and path[i + 1].isdigit()):
+        out.append(part)
+    elif match and match.group(1) == "layers" and in_seq:
       out.append(match.group(2))
-    elif match:
+    elif match and (node is None or f"{match.group(1)}_0" in node):
       out += [match.group(1), match.group(2)]
     else:
       out.append(part)

@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _checks, _torch_convert, _torch_layouts, _torch_model
+from flaxnorm import _checks, _torch_layouts, _torch_model
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import TorchLayer
 from flaxnorm._torch_keys import STYLES
@@ -97,7 +97,9 @@ def from_torch(
       other axis raises, as the norm would differ); for spectral norm the axis
       that continues PyTorch's power iteration exactly. For new-style spectral
       norm the output axis (e.g. ``-1``) is also accepted: evaluation is the
-      same, training steps iterate in flaxnorm's order.
+      same, training steps iterate in flaxnorm's order. A ``g`` of all ones
+      on a weight with several size-1 axes fits each (the same norm): ``axis``
+      names one of them, else PyTorch's ``dim=0``.
     spectral_dim: the ``dim`` PyTorch's spectral norm was applied with (its
       default when ``None``: 1 for ConvTranspose, else 0).
     collection: the collection for the spectral state.
@@ -124,7 +126,7 @@ def from_torch(
     ('weight_norm', -2, (1, 3, 1))
   """
   _checks.check_collection(collection, "from_torch")
-  layer = _torch_convert.layer_from_torch(
+  layer = _torch_model.from_torch_layer(
     tensors, kind, axis, spectral_dim, collection, "from_torch"
   )[0]
   variables = {
@@ -184,7 +186,7 @@ def to_torch(
     {'bias': (3,), 'weight_g': (3, 1), 'weight_v': (3, 4)}
   """
   _checks.check_collection(collection, "to_torch")
-  arrays = _torch_convert.layer_to_numpy(variables, kind, style, axis, spectral_dim, collection)
+  arrays = _torch_model.to_torch_layer(variables, kind, style, axis, spectral_dim, collection)
   return _emit(arrays)
 
 
@@ -236,6 +238,7 @@ def load_torch_state_dict(
   axes: Mapping[str, Axis] | None = None,
   strict: bool = True,
   collection: str = "spectral",
+  spectral_dims: Mapping[str, int | None] | None = None,
 ) -> TorchLoadResult:
   """Fills a Flax model's variables from a full PyTorch state dict, in one call.
 
@@ -280,14 +283,24 @@ def load_torch_state_dict(
       wins). Without it: the Flax model's layer class; without a model,
       ``embedding`` when the Flax layer has an ``embedding``, else by rank
       ``linear``, ``conv1d``, ``conv2d``, ``conv3d`` (a ConvTranspose must
-      then be named).
+      then be named; a conv with as many input as output channels fits both
+      layouts, and is refused unless ``kinds`` is given: it then names every
+      ConvTranspose).
     axes: PyTorch layer prefix -> the flaxnorm axis the Flax layer is wrapped
       with (``None``: not given; prefixes as for ``kinds``). Without it: the model's, else read from the
       shapes of ``u``/``v`` (a square layer without a model needs it).
     strict: raise if any PyTorch key is unused, any Flax variable unfilled,
       or a spectral layer iterates in the other order than PyTorch's. With
-      ``False`` they are reported (the order with a ``UserWarning``).
+      ``False`` they are reported (the order with a ``UserWarning``), and a
+      Linen model's unfilled variables take its initial values
+      (``jax.random.key(0)``). Tensors of no supported layer (a Snake
+      ``alpha``, a bias alone) load into the Flax param of the same name and
+      shape, if there is one.
     collection: the collection holding the spectral state.
+    spectral_dims: PyTorch layer prefix -> the ``dim`` its ``spectral_norm``
+      was applied with (``None``: the default, 1 for ConvTranspose, else 0;
+      prefixes as for ``kinds``). A square layer's vectors cannot tell it:
+      pass it whenever PyTorch's was not the default.
 
   Returns:
     A :class:`TorchLoadResult`: the new variables (an ``nnx.State`` for an
@@ -326,7 +339,7 @@ def load_torch_state_dict(
     (4, 2, 2)
   """
   return _torch_model.load(
-    state_dict, variables, key_map, (kinds, axes, inputs), strict, collection
+    state_dict, variables, key_map, (kinds, axes, inputs, spectral_dims), strict, collection
   )
 
 
@@ -338,6 +351,7 @@ def to_torch_state_dict(
   inputs: Any = None,
   style: str | None = None,
   collection: str = "spectral",
+  spectral_dims: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
   """Writes a PyTorch state dict from Flax variables: the inverse of :func:`load_torch_state_dict`.
 
@@ -348,7 +362,9 @@ def to_torch_state_dict(
       ``path``, ``kind``, ``axis`` and ``style`` (``TorchLoadResult.layers``).
       ``None``: read from the model (an NNX ``variables``, or ``model`` and
       ``inputs``), every Dense/Conv/ConvTranspose/Embed layer with PyTorch's
-      naming of its path (``ups_0`` and ``ups/layers_0`` -> ``ups.0``); a
+      naming of its path (``ups/0``, ``ups/layers_0``, ``ups/layers/0`` and a
+      Linen list's ``ups_0`` -> ``ups.0``; ``conv_1`` without ``conv_0`` and
+      NNX names are kept); a
       spectral layer gets the key style whose power iteration its axis
       continues, other layers the parametrizations style.
     model: a Linen module to read the layers from (with ``inputs``, its
@@ -356,6 +372,8 @@ def to_torch_state_dict(
     inputs: the Linen ``model``'s example inputs.
     style: a key style for every layer, or ``None`` for each layer's own.
     collection: the collection holding the spectral state.
+    spectral_dims: PyTorch layer prefix -> the ``dim`` of its PyTorch
+      ``spectral_norm``, as for :func:`load_torch_state_dict`.
 
   Returns:
     ``{"prefix.key": tensor}`` (torch tensors, or numpy without torch).
@@ -376,7 +394,9 @@ def to_torch_state_dict(
     >>> sorted(to_torch_state_dict(result.variables, result.layers, style="parametrizations"))
     ['fc.bias', 'fc.parametrizations.weight.original0', 'fc.parametrizations.weight.original1']
   """
-  return _emit(_torch_model.save(variables, layers, style, collection, model, inputs))
+  return _emit(
+    _torch_model.save(variables, layers, style, collection, model, inputs, spectral_dims)
+  )
 
 
 # --------------------------------------------------------------------------- #

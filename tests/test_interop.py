@@ -706,7 +706,7 @@ def test_load_reports_unused_and_unmatched(net_variables):
   with pytest.raises(
     ValueError,
     match=r"(?s)3 PyTorch keys unused, 2 Flax variables unmatched.*"
-    r"enc.bn.running_mean: not a weight.*head.weight: key_map skips it.*params/out/kernel",
+    r"head.weight: key_map skips it.*enc.bn.running_mean: not a weight.*params/out/kernel",
   ):
     interop.load_torch_state_dict(sd, net_variables, {"enc": "block"})
   res = interop.load_torch_state_dict(sd, net_variables, {"enc": "block"}, strict=False)
@@ -743,7 +743,7 @@ def test_load_refuses_mismatches(net_variables):
     interop.load_torch_state_dict(wn_head, net_variables, {"enc": "block", "head": "out"})
   with pytest.raises(ValueError, match=r"'head' -> 'params/block'.*has no 'kernel' nor.*\['fc'\]"):
     interop.load_torch_state_dict(sd, net_variables, {"enc": "block", "head": "block"})
-  with pytest.raises(ValueError, match=r"kinds/axes name 'nope'"):
+  with pytest.raises(ValueError, match=r"kinds names 'nope', which is no layer"):
     interop.load_torch_state_dict(sd, net_variables, {"enc": "block"}, kinds={"nope": "linear"})
 
 
@@ -1063,3 +1063,329 @@ def test_load_names_a_missing_collection():
     ValueError, match=r"has a plain 'kernel'.*wrap it with flaxnorm.spectral_norm"
   ):
     interop.load_torch_state_dict(sd, {"params": shapes["params"]}, **given)
+
+
+# --------------------------------------------------------------------------- #
+# Ambiguous layouts and loose tensors, checked against the PyTorch modules.
+# --------------------------------------------------------------------------- #
+
+
+def _single(module, name="layer"):
+  """A Linen model with ``module`` as its one layer, named ``name``."""
+
+  class Single(nn.Module):
+    def setup(self):
+      setattr(self, name, module)
+
+    def __call__(self, x):
+      return getattr(self, name)(x)
+
+  return Single()
+
+
+def _torch_out(torch, module, x):
+  """``module`` on Flax-layout ``x`` (channels last), in Flax layout."""
+  with torch.no_grad():
+    y = module(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))))
+  return np.moveaxis(y.numpy(), 1, -1)
+
+
+@pytest.mark.parametrize("style", ["plain", "wn_legacy", "sn_legacy"])
+def test_load_square_conv_transpose_from_variables_needs_its_kind(torch, style):
+  """A ConvTranspose with as many input as output channels fits a Conv's layout too."""
+  torch.manual_seed(0)
+  holder = torch.nn.Module()
+  holder.up = wrap_torch(torch, torch.nn.ConvTranspose1d(6, 6, 4, 2, padding=1), style)
+  holder.eval()
+  sd, x = holder.state_dict(), arr(2, 7, 6)
+  flax_up = nn.ConvTranspose(6, (4,), strides=(2,), padding=interop.conv_transpose_padding(4, 1))
+  wrap = {
+    "plain": lambda m: m,
+    "wn_legacy": lambda m: flaxnorm.weight_norm(m, axis=-2),
+    "sn_legacy": lambda m: flaxnorm.spectral_norm(m, axis=-1),
+  }[style]
+  model = _single(wrap(flax_up), "up")
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'up' -> 'params/up': PyTorch weight \(6, 6, 4\) fits the Flax kernel "
+    r"\(4, 6, 6\) both as conv1d .* and as conv_transpose1d .* pass the Flax model .* "
+    r"or kinds=\{'up': 'conv_transpose1d'\}",
+  ):
+    interop.load_torch_state_dict(sd, variables)
+  expected = _torch_out(torch, holder.up, x)
+  named = interop.load_torch_state_dict(sd, variables, kinds={"up": "conv_transpose1d"})
+  from_model = interop.load_torch_state_dict(sd, model, inputs=jnp.asarray(x))
+  for res in (named, from_model):
+    assert res.layers["up"].kind == "conv_transpose1d"
+    assert_close(model.apply(res.variables, x), expected, f"{style} square ConvTranspose")
+
+
+@pytest.mark.parametrize("style", ["wn_legacy", "wn_new"])
+def test_weight_norm_with_several_size_one_axes_round_trips(torch, style):
+  """HiFi-GAN MPD's conv_post: one output channel and a (3, 1) kernel; g is all ones."""
+  torch.manual_seed(0)
+  holder = torch.nn.Module()
+  holder.post = wrap_torch(torch, torch.nn.Conv2d(8, 1, (3, 1), padding=(1, 0)), style)
+  sd, x = holder.state_dict(), arr(2, 5, 3, 8)
+  layer = interop.from_torch(holder.post.state_dict(), "conv2d")
+  assert layer.axis == -1
+  st = style.replace("wn_new", "parametrizations").replace("wn_legacy", "legacy")
+  for axis in (None, -1):
+    back = interop.to_torch(layer.variables, "conv2d", st, axis=axis)
+    for key, value in holder.post.state_dict().items():
+      np.testing.assert_array_equal(t2n(back[key]), t2n(value))
+  model = _single(flaxnorm.weight_norm(nn.Conv(1, (3, 1), padding=[(1, 1), (0, 0)])), "post")
+  res = interop.load_torch_state_dict(sd, model, inputs=jnp.asarray(x))
+  assert_close(model.apply(res.variables, x), _torch_out(torch, holder.post, x), "conv_post")
+  for back in (
+    interop.to_torch_state_dict(res.variables, res.layers),
+    interop.to_torch_state_dict(res.variables, model=model, inputs=jnp.asarray(x), style=st),
+  ):
+    assert sorted(back) == sorted(sd)
+    for key, value in sd.items():
+      np.testing.assert_array_equal(t2n(back[key]), t2n(value))
+
+
+def test_weight_norm_axis_of_size_one_axes_follows_the_kind(torch):
+  """A ConvTranspose's dim=0 is its input axis (Flax -2), also when g is all ones."""
+  m = wrap_torch(torch, torch.nn.ConvTranspose1d(1, 4, 1), "wn_legacy")
+  layer = interop.from_torch(m.state_dict(), "conv_transpose1d")
+  assert layer.axis == -2
+  assert interop.from_torch(m.state_dict(), "conv_transpose1d", axis=-3).axis == -3
+  x = arr(2, 5, 1)
+  y = layer.wrap(nn.ConvTranspose(4, (1,))).apply(layer.variables, x)
+  assert_close(y, _torch_out(torch, m, x), "ConvTranspose1d(1, 4, 1)")
+  back = interop.to_torch(layer.variables, "conv_transpose1d", "legacy", axis=-3)
+  np.testing.assert_array_equal(t2n(back["weight_g"]), t2n(m.weight_g))
+  # dim=2 of a 1x1 Conv2d: g is all ones on dims 2 and 3, and neither is the default dim=0.
+  m = wrap_torch(torch, torch.nn.Conv2d(3, 2, 1), "wn_legacy", dim=2)
+  with pytest.raises(
+    ValueError,
+    match=r"from_torch: weight norm 'g' \(1, 1, 1, 1\) fits PyTorch dims \[2, 3\].*"
+    r"pass axis= one of \[-4, -3\]",
+  ):
+    interop.from_torch(m.state_dict(), "conv2d")
+  assert interop.from_torch(m.state_dict(), "conv2d", axis=-4).axis == -4
+
+
+def test_load_spectral_dims(torch):
+  """spectral_norm(dim=1) on a square Linear; spectral_norm(dim=0) on a ConvTranspose."""
+  torch.manual_seed(0)
+  fc = wrap_torch(torch, torch.nn.Linear(6, 6), "sn_legacy", dim=1)
+  up = wrap_torch(torch, torch.nn.ConvTranspose1d(6, 4, 4, 2, padding=1), "sn_legacy", dim=0)
+  holder = torch.nn.Module()
+  holder.fc, holder.up = fc, up
+  x = arr(3, 6)
+  with torch.no_grad():  # train mode: a few power iterations
+    for _ in range(3):
+      fc(torch.from_numpy(x)), up(torch.from_numpy(arr(2, 6, 5)))
+  holder.eval()
+  sd = holder.state_dict()
+  fc_model = _single(flaxnorm.spectral_norm(nn.Dense(6), axis=-2), "fc")
+  up_model = _single(
+    flaxnorm.spectral_norm(
+      nn.ConvTranspose(4, (4,), strides=(2,), padding=interop.conv_transpose_padding(4, 1)),
+      axis=-2,
+    ),
+    "up",
+  )
+  up_sd = {k: v for k, v in sd.items() if k.startswith("up.")}
+  xu = arr(2, 5, 6)
+  with pytest.raises(
+    ValueError,
+    match=r"'up' -> 'params/up': PyTorch 'up.weight_u' has shape \(6,\), the size of dim 0 .* "
+    r"pass spectral_dims=\{'up': 0\}",
+  ):
+    interop.load_torch_state_dict(up_sd, up_model, inputs=jnp.asarray(xu))
+  for model, part, dims, xin, module in (
+    (fc_model, "fc.", {"fc": 1}, x, fc),
+    (up_model, "up.", {"up": 0}, xu, up),
+  ):
+    part_sd = {k: v for k, v in sd.items() if k.startswith(part)}
+    res = interop.load_torch_state_dict(part_sd, model, inputs=jnp.asarray(xin), spectral_dims=dims)
+    with torch.no_grad():
+      expected = (
+        t2n(module(torch.from_numpy(xin))) if part == "fc." else _torch_out(torch, module, xin)
+      )
+    assert_close(model.apply(res.variables, xin), expected, f"{part} spectral dim")
+    back = interop.to_torch_state_dict(res.variables, res.layers, spectral_dims=dims)
+    for key, value in part_sd.items():
+      np.testing.assert_array_equal(t2n(back[key]), t2n(value))
+  with pytest.raises(TypeError, match=r"spectral_dims\['fc'\] must be an int .* got '1'"):
+    interop.load_torch_state_dict(sd, fc_model, inputs=jnp.asarray(x), spectral_dims={"fc": "1"})
+  with pytest.raises(ValueError, match=r"spectral_dims names 'nope', which is no layer"):
+    interop.load_torch_state_dict(sd, fc_model, inputs=jnp.asarray(x), spectral_dims={"nope": 1})
+
+
+class _Snake(nn.Module):
+  """BigVGAN's Snake: x + sin(alpha x)^2 / alpha, one alpha per channel."""
+
+  @nn.compact
+  def __call__(self, x):
+    alpha = self.param("alpha", nn.initializers.ones, (x.shape[-1],))
+    return x + jnp.sin(alpha * x) ** 2 / (alpha + 1e-9)
+
+
+class _ActNorm(nn.Module):
+  """Glow's ActNorm: a bias and a log scale, no weight."""
+
+  @nn.compact
+  def __call__(self, x):
+    logs = self.param("logs", nn.initializers.zeros, (x.shape[-1],))
+    return self.param("bias", nn.initializers.zeros, (x.shape[-1],)) + jnp.exp(logs) * x
+
+
+class _Loose(nn.Module):
+  extra: bool = False
+
+  def setup(self):
+    self.act, self.norm = _Snake(), _ActNorm()
+    self.conv = flaxnorm.weight_norm(nn.Conv(4, (3,), padding=[(1, 1)]))
+    if self.extra:
+      self.head = nn.Dense(2)
+
+  def __call__(self, x):
+    y = self.conv(self.norm(self.act(x)))
+    return self.head(y) if self.extra else y
+
+
+def _torch_loose(torch):
+  tnn = torch.nn
+
+  class Snake(tnn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.alpha = tnn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+      a = self.alpha[None, :, None]
+      return x + torch.sin(a * x) ** 2 / (a + 1e-9)
+
+  class ActNorm(tnn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.logs, self.bias = tnn.Parameter(torch.rand(c)), tnn.Parameter(torch.rand(c))
+
+    def forward(self, x):
+      return self.bias[None, :, None] + torch.exp(self.logs[None, :, None]) * x
+
+  class Net(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.act, self.norm = Snake(4), ActNorm(4)
+      self.conv = wrap_torch(torch, tnn.Conv1d(4, 4, 3, padding=1), "wn_legacy")
+
+    def forward(self, x):
+      return self.conv(self.norm(self.act(x)))
+
+  torch.manual_seed(0)
+  return Net()
+
+
+def test_load_carries_plain_params_and_lone_biases(torch):
+  """Snake's alpha and ActNorm's bias and logs load by name into the same-shape Flax params."""
+  net, x = _torch_loose(torch), arr(2, 5, 4)
+  sd = net.state_dict()
+  res = interop.load_torch_state_dict(sd, _Loose(), inputs=jnp.asarray(x))
+  assert res.unused_keys == {} and res.unmatched_keys == ()
+  np.testing.assert_array_equal(res.variables["params"]["act"]["alpha"], t2n(net.act.alpha))
+  assert_close(_Loose().apply(res.variables, x), _torch_out(torch, net, x), "loose params")
+  # A lone bias (or any tensor) with no Flax param of its name and shape: unused, strict refuses.
+  bad = {**sd, "norm.bias": torch.zeros(1, 4, 1), "skip.bias": torch.zeros(4)}
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)2 PyTorch keys unused, 1 Flax variables unmatched.*norm.bias: a bias without a "
+    r"weight; shape \(1, 4, 1\), but the Flax 'params/norm/bias' has shape \(4,\).*"
+    r"skip.bias: a bias without a weight; no Flax layer for it.*params/norm/bias",
+  ):
+    interop.load_torch_state_dict(bad, _Loose(), inputs=jnp.asarray(x))
+  res = interop.load_torch_state_dict(bad, _Loose(), inputs=jnp.asarray(x), strict=False)
+  assert sorted(res.unused_keys) == ["norm.bias", "skip.bias"]
+  assert res.unmatched_keys == ("params/norm/bias",)
+
+
+def test_load_non_strict_keeps_the_models_init_values(torch):
+  """What no PyTorch key fills is the model's init (key 0), never a ShapeDtypeStruct."""
+  net, x = _torch_loose(torch), arr(2, 5, 4)
+  model = _Loose(extra=True)
+  res = interop.load_torch_state_dict(net.state_dict(), model, inputs=jnp.asarray(x), strict=False)
+  assert res.unmatched_keys == ("params/head/bias", "params/head/kernel")
+  leaves = jax.tree.leaves(res.variables)
+  assert not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+  init = model.init(jax.random.key(0), x)
+  chex.assert_trees_all_equal(res.variables["params"]["head"], init["params"]["head"])
+  assert model.apply(res.variables, x).shape == (2, 5, 2)
+
+
+def test_nnx_sequential_and_names_with_digits_both_ways(torch):
+  """nnx.Sequential's 'net/layers/0' is PyTorch's 'net.0'; 'conv_1' is a name, not a list."""
+  from flax import nnx
+
+  import flaxnorm.nnx as fnnx
+
+  tnn = torch.nn
+  pwn = tnn.utils.parametrizations.weight_norm
+
+  class TorchNet(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv_1 = pwn(tnn.Conv1d(4, 6, 3, padding=1))
+      self.net = tnn.Sequential(
+        pwn(tnn.Conv1d(6, 6, 3, padding=1)), tnn.ReLU(), tnn.Conv1d(6, 3, 1)
+      )
+
+    def forward(self, x):
+      return self.net(self.conv_1(x))
+
+  class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+      conv = lambda i, o, k: nnx.Conv(i, o, (k,), padding=[(k // 2, k // 2)], rngs=rngs)
+      self.conv_1 = fnnx.weight_norm(conv(4, 6, 3))
+      self.net = nnx.Sequential(fnnx.weight_norm(conv(6, 6, 3)), nnx.relu, conv(6, 3, 1))
+
+    def __call__(self, x):
+      return self.net(self.conv_1(x))
+
+  torch.manual_seed(0)
+  tnet, x = TorchNet(), arr(2, 5, 4)
+  sd = tnet.state_dict()
+  model = NnxNet(nnx.Rngs(0))
+  res = interop.load_torch_state_dict(sd, model)
+  assert res.layers["net.0"].path == "net/layers/0" and res.layers["conv_1"].path == "conv_1"
+  nnx.update(model, res.variables)
+  assert_close(model(jnp.asarray(x)), _torch_out(torch, tnet, x), "NNX Sequential")
+  back = interop.to_torch_state_dict(model)
+  assert sorted(back) == sorted(sd)
+  for key, value in sd.items():
+    np.testing.assert_array_equal(t2n(back[key]), t2n(value))
+  TorchNet().load_state_dict(back, strict=True)
+
+
+def test_to_torch_state_dict_names_linen_lists_sequentials_and_names(torch):
+  """A Linen model's 'conv_1' keeps its name; 'ups_0'/'ups_1' and 'net/layers_0' are indices."""
+  tnn = torch.nn
+
+  class TorchNet(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv_1 = tnn.Linear(4, 4)
+      self.ups = tnn.ModuleList([tnn.Linear(4, 4), tnn.Linear(4, 4)])
+      self.net = tnn.Sequential(tnn.Linear(4, 3))
+
+  class LinenNet(nn.Module):
+    def setup(self):
+      self.conv_1 = nn.Dense(4)
+      self.ups = [nn.Dense(4), nn.Dense(4)]
+      self.net = nn.Sequential([nn.Dense(3)])
+
+    def __call__(self, x):
+      for up in self.ups:
+        x = up(x)
+      return self.net(self.conv_1(x))
+
+  x = jnp.zeros((1, 4))
+  variables = LinenNet().init(jax.random.key(0), x)
+  back = interop.to_torch_state_dict(variables, model=LinenNet(), inputs=x)
+  assert sorted(back) == sorted(TorchNet().state_dict())
+  TorchNet().load_state_dict(back, strict=True)
