@@ -5,7 +5,10 @@ into a waveform, as a neural vocoder turns a mel spectrogram into audio: a
 first ``nn.Conv``, then per stage a leaky ReLU, an ``nn.ConvTranspose``
 upsampler (x4, half the channels) and a residual block of dilated ``nn.Conv``
 (dilations 1, 3, 9), and a last ``nn.Conv`` to one channel. Every conv is
-wrapped with ``flaxnorm.weight_norm``, as in HiFi-GAN. Layout NWC:
+wrapped with ``flaxnorm.weight_norm``, as in HiFi-GAN, with HiFi-GAN's axes:
+PyTorch's ``weight_norm`` keeps ``dim=0``, the output channels of a ``Conv1d``
+(``axis="auto"`` here) but the *input* channels of a ``ConvTranspose1d``
+(``axis=-2`` of Flax's ``(window, in, out)`` kernel). Layout NWC:
 ``(batch, frames, 4) -> (batch, 16 * frames, 1)``.
 
 The data are generated: a voice-like tone (4 harmonics of an f0 chirp between
@@ -131,11 +134,13 @@ def main() -> int:
   start = time.perf_counter()
 
   model = Generator(
-    conv=flaxnorm.weight_norm(nn.Conv), conv_transpose=flaxnorm.weight_norm(nn.ConvTranspose)
+    conv=flaxnorm.weight_norm(nn.Conv),
+    # PyTorch's dim=0 on a ConvTranspose1d: one g per input channel.
+    conv_transpose=flaxnorm.weight_norm(nn.ConvTranspose, axis=-2),
   )
   key, init_key = jax.random.split(jax.random.key(SEED))
   params = jax.jit(model.init)(init_key, jnp.zeros((1, FRAMES, 4)))["params"]
-  # The first upsampler: kernel_g (1, 1, 16), kernel_v (8, 32, 16), bias (16,).
+  # The first upsampler: kernel_g (1, 32, 1), kernel_v (8, 32, 16), bias (16,).
   print("ConvTranspose_0:", jax.tree.map(jnp.shape, params["ConvTranspose_0"]))
 
   tx = optax.adam(optax.cosine_decay_schedule(LR, args.steps))

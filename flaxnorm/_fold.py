@@ -316,7 +316,9 @@ def remove_spectral_norm(
       f"{fn}: variables need 'params' and '{collection}' collections, found {sorted(variables)}."
     )
   params = _copy_mappings(variables["params"])
-  for path, name, state in spectral_entries(variables[collection], fn):
+  entries = spectral_entries(variables[collection], fn)
+  _check_axis_map(axis, {"/".join(path) for path, _, _ in entries}, fn)
+  for path, name, state in entries:
     node = params
     for part in path:
       node = node.get(part) if isinstance(node, dict) else None
@@ -336,6 +338,18 @@ def remove_spectral_norm(
     **{k: x for k, x in variables.items() if k not in (collection, "params")},
     "params": params,
   }
+
+
+def _check_axis_map(axis: Any, layers: set[str], fn: str) -> None:
+  """Raises if an ``axis`` mapping names a layer without spectral state (a typo would be silent)."""
+  if not isinstance(axis, Mapping):
+    return
+  unknown = sorted(str(k) for k in axis if k not in layers)
+  if unknown:
+    raise ValueError(
+      f"{fn}: axis names layers {unknown} that have no spectral state; the spectrally "
+      f"normalized layers are {sorted(layers)} (paths like 'Block_0/Dense_1', '' for the top level)."
+    )
 
 
 def _copy_mappings(tree: Any) -> Any:

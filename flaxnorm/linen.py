@@ -473,8 +473,8 @@ def weight_norm(
       others. ``"auto"`` (default): the layer's output-feature axes (``-1`` for
       ``Dense``/``Conv``/``ConvTranspose`` kernels ``(*window, in, out)``, the
       ``features`` axes of ``DenseGeneral``, the output axes of an ``Einsum``
-      equation, ``0`` for ``nn.Embed``'s ``embedding``; see
-      the table in the docs' "Differences" page); an int or tuple of ints; ``None`` for
+      equation, ``0`` for ``nn.Embed``'s ``embedding``; the table is in the
+      docs' Linen page, "Which axes"); an int or tuple of ints; ``None`` for
       a single norm of the whole tensor (``g`` of shape ``()``); a callable
       ``(module, param_name) -> axis``; or, with ``recursive=True``, a mapping
       from submodule name or path to axis (``{"query": (-2, -1), "out": -1}``),
@@ -499,8 +499,14 @@ def weight_norm(
     The transformed class or module.
 
   Raises:
-    ValueError: at ``init``, with ``data_init=True`` on another layer or with
-      kept axes that are not its output features; ``init_scale`` not > 0.
+    TypeError: at wrap time, an option of the wrong type (``axis``, ``name``,
+      a non-bool ``recursive``/``data_init``) or a module that is not a Linen
+      layer.
+    ValueError: at wrap time, ``eps`` or ``init_scale`` not > 0 and finite, or
+      the param wrapped twice; at ``init``, a ``name`` the layer never creates,
+      an ``axis`` out of range, or ``data_init=True`` on another layer, with
+      kept axes that are not its output features, or on fewer than 2 values
+      per output feature.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn

@@ -528,6 +528,11 @@ def test_remove_spectral_norm_with_per_layer_axes():
   chex.assert_trees_all_close(
     plain.apply(renamed, x), Two().apply(variables, x), rtol=1e-5, atol=1e-6
   )
+  # A path that names no spectral layer (a typo) is refused, not ignored.
+  with pytest.raises(
+    ValueError, match=r"axis names layers \['Dense0'\] .* \['Dense_0', 'Dense_1'\]"
+  ):
+    flaxnorm.remove_spectral_norm(variables, axis={"Dense0": 0})
 
 
 @pytest.mark.parametrize("scale", [0.1, 10.0])
