@@ -367,7 +367,11 @@ def check_parity(seed: int = 0, verbose: bool = False) -> dict[str, float]:
   for conv in gen.convs:
     torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")
   torch_plain = interop.load_torch_state_dict(
-    gen.state_dict(), plain, None, kinds={"up": "conv_transpose1d"}
+    # Variables without a model: kinds names every layer (square convs fit both layouts).
+    gen.state_dict(),
+    plain,
+    None,
+    kinds={"": "conv1d", "up": "conv_transpose1d"},
   ).variables
   diffs["weights after remove_weight_norm"] = max(
     float(np.abs(np.asarray(a) - np.asarray(b)).max())

@@ -490,7 +490,7 @@ def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
     return "embedding"
   kind = KIND_BY_RANK.get(ndim)
   if kind is not None and kind.startswith("conv"):
-    _check_not_transposed(job.state_dict[wkey], t, kind, bool(job.kinds))
+    _check_not_transposed(job.state_dict[wkey], t, kind)
   return kind
 
 
@@ -568,13 +568,12 @@ def _check_spectral_dim(tensors: Mapping[str, Any], k: Kind, t: _Target, sdim: i
     )
 
 
-def _check_not_transposed(weight: Any, t: _Target, kind: str, named: bool) -> None:
-  """Raises if an unnamed conv's weight fits the target as a ConvTranspose.
+def _check_not_transposed(weight: Any, t: _Target, kind: str) -> None:
+  """Raises if a conv's weight, not named in ``kinds``, fits the target as a ConvTranspose.
 
   Only as one: the kind is wrong. As both (a square layer, as many input as
-  output channels): the variables cannot tell which, so it must be named,
-  unless ``kinds`` names other layers (``named``): it then names every
-  ConvTranspose, and the layers it leaves out are read by rank.
+  output channels): the variables cannot tell which, so ``kinds`` must name
+  it (``kinds={"": "conv1d", "ups": "conv_transpose1d"}`` names every layer).
   """
   tk = t.params.get("kernel", t.params.get("kernel_v"))
   if tk is None:
@@ -583,7 +582,7 @@ def _check_not_transposed(weight: Any, t: _Target, kind: str, named: bool) -> No
   alt = f"conv_transpose{kind[-2:]}"
   as_conv = flax_from_torch(np.empty(wshape), LAYOUTS[kind]).shape
   as_transposed = flax_from_torch(np.empty(wshape), LAYOUTS[alt]).shape
-  if as_conv == as_transposed == tshape and not named:
+  if as_conv == as_transposed == tshape:
     raise ValueError(
       f"{t.where}: PyTorch weight {wshape} fits the Flax kernel {tshape} both as {kind} "
       f"{LAYOUTS[kind].torch_layout} and as {alt} {LAYOUTS[alt].torch_layout} (as many input "

@@ -284,8 +284,8 @@ def load_torch_state_dict(
       ``embedding`` when the Flax layer has an ``embedding``, else by rank
       ``linear``, ``conv1d``, ``conv2d``, ``conv3d`` (a ConvTranspose must
       then be named; a conv with as many input as output channels fits both
-      layouts, and is refused unless ``kinds`` is given: it then names every
-      ConvTranspose).
+      layouts, and is refused unless ``kinds`` covers it: ``{"": "conv1d",
+      "ups": "conv_transpose1d"}`` names every layer).
     axes: PyTorch layer prefix -> the flaxnorm axis the Flax layer is wrapped
       with (``None``: not given; prefixes as for ``kinds``). Without it: the model's, else read from the
       shapes of ``u``/``v`` (a square layer without a model needs it).

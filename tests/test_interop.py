@@ -1114,6 +1114,10 @@ def test_load_square_conv_transpose_from_variables_needs_its_kind(torch, style):
   ):
     interop.load_torch_state_dict(sd, variables)
   expected = _torch_out(torch, holder.up, x)
+  # kinds naming another layer only does not name this one.
+  with pytest.raises(ValueError, match=r"both as conv1d .* and as conv_transpose1d"):
+    other = {**sd, "other.weight": np.ones((3, 4), np.float32)}  # a layer the tree lacks
+    interop.load_torch_state_dict(other, variables, kinds={"other": "linear"}, strict=False)
   named = interop.load_torch_state_dict(sd, variables, kinds={"up": "conv_transpose1d"})
   from_model = interop.load_torch_state_dict(sd, model, inputs=jnp.asarray(x))
   for res in (named, from_model):
