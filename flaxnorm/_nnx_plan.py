@@ -235,6 +235,13 @@ def _operator_example(
       "example without the batch axis (e.g. input_shape=(32, 32, 3) for an nnx.Conv on "
       "32x32 RGB images): NNX builds layers without inputs."
     )
+  spatial = getattr(module, "kernel_size", None)  # nnx.Conv, nnx.ConvTranspose
+  if isinstance(spatial, Sequence) and len(input_shape) != len(spatial) + 1:
+    raise ValueError(
+      f"spectral_norm(operator=True): {at} takes input_shape=(*spatial, features), "
+      f"{len(spatial) + 1} dims for its {len(spatial)} spatial dims, got {input_shape}: one "
+      "example, without the batch axis (sigma is the norm for one example)."
+    )
   example = (1, *input_shape)
   try:
     jax.eval_shape(module, jax.ShapeDtypeStruct(example, jax.numpy.float32))

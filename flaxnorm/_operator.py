@@ -176,6 +176,12 @@ def check_input_shape(
       f"{tuple(v_shape[1:])} (its {keys[1]} has shape {tuple(v_shape)}), but this call's "
       f"inputs have per-example shape {came}. Operator mode's sigma is the norm at that input "
       "size: re-initialize the layer for the new size."
+      + (
+        f" (input_shape is one example without the batch axis: input_shape={came}, "
+        f"not {tuple(v_shape[1:])}.)"
+        if tuple(v_shape[2:]) == came
+        else ""
+      )
     )
 
 

@@ -265,6 +265,23 @@ BAD_INPUTS = [
     r"rngs at spectral_norm must be one PRNG key .* got float32 of shape \(2,\)",
   ),
   (
+    "NNX operator mode: a conv's input_shape with the batch axis",
+    lambda: flaxnorm.nnx.spectral_norm(
+      nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), operator=True, input_shape=(2, 8, 8, 3)
+    ),
+    ValueError,
+    r"takes input_shape=\(\*spatial, features\), 3 dims for its 2 spatial dims, got "
+    r"\(2, 8, 8, 3\): one example, without the batch axis",
+  ),
+  (
+    "NNX operator mode: called on what input_shape took as the batch axis",
+    lambda: flaxnorm.nnx.spectral_norm(
+      nnx.Linear(3, 4, rngs=nnx.Rngs(0)), operator=True, input_shape=(5, 3)
+    )(jnp.ones((5, 3))),
+    ValueError,
+    r"input_shape is one example without the batch axis: input_shape=\(3,\), not \(5, 3\)",
+  ),
+  (
     "g that does not fit v",
     lambda: flaxnorm.weight_norm_compose(jnp.ones((1, 4)), jnp.ones((4, 3))),
     ValueError,
