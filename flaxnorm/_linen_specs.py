@@ -64,6 +64,27 @@ def _axis_names(raw: Any) -> tuple | None:
   return tuple(raw.names) if isinstance(raw, meta.Partitioned) else None
 
 
+def _check_pair_present(module: nn.Module, name: str, keys: tuple[str, str], at: str) -> None:
+  """Where params are read-only, raises unless they hold both ``{name}_g`` and ``{name}_v``.
+
+  (Where they are mutable, init or ``apply(..., mutable=True)``, Flax creates them.)
+  """
+  if module.is_mutable_collection("params") or all(module.has_variable("params", k) for k in keys):
+    return
+  plain = module.has_variable("params", name)
+  raise ValueError(
+    f"weight_norm: {at} needs params {list(keys)}, found "
+    f"{[k for k in (*keys, name) if module.has_variable('params', k)]}"
+    + (
+      f": these are the plain layer's params. Convert them with "
+      f"flaxnorm.tree.weight_norm_init(params, name='{name}') (the same output), or init "
+      "the wrapped layer."
+      if plain
+      else ". Pass the full variables from init()."
+    )
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightNormSpec(_subclass.SpecBase):
   options: _options.WeightNormOptions
@@ -72,6 +93,7 @@ class WeightNormSpec(_subclass.SpecBase):
     at = describe(module, name)
     axis = _kept_axis(self.options, module, name, at)
     g_key, v_key = _options.weight_norm_keys(name)
+    _check_pair_present(module, name, (g_key, v_key), at)
     raw_v = create_param(v_key)
     v = meta.unbox(raw_v)
     _checks.check_float_array(v, "the param", at)

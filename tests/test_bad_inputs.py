@@ -282,6 +282,15 @@ BAD_INPUTS = [
     r"input_shape is one example without the batch axis: input_shape=\(3,\), not \(5, 3\)",
   ),
   (
+    "Linen weight norm applied to a plain layer's params",
+    lambda: flaxnorm.weight_norm(nn.Dense(3)).apply(
+      nn.Dense(3).init(KEY, jnp.ones((1, 4))), jnp.ones((1, 4))
+    ),
+    ValueError,
+    r"needs params \['kernel_g', 'kernel_v'\], found \['kernel'\]: these are the plain "
+    r"layer's params. Convert them with flaxnorm.tree.weight_norm_init",
+  ),
+  (
     "g that does not fit v",
     lambda: flaxnorm.weight_norm_compose(jnp.ones((1, 4)), jnp.ones((4, 3))),
     ValueError,
