@@ -30,6 +30,7 @@ from flaxnorm._torch_layouts import (
   kind_of,
   neg_axis,
   pick_view,
+  settle_weight_norm_axis,
   shape_error,
   spectral_dim_of,
   spectral_views,
@@ -188,7 +189,7 @@ def _matrix_maps(
 # --------------------------------------------------------------------------- #
 
 
-def layer_from_torch(
+def _convert_from_torch(
   tensors: Mapping[str, Any],
   kind: str,
   axis: Axis,
@@ -398,7 +399,7 @@ class _Flax(NamedTuple):
   where: str
 
 
-def layer_to_numpy(
+def _convert_to_numpy(
   variables: Mapping[str, Any],
   kind: str,
   style: str,
@@ -571,3 +572,58 @@ def _flax_view(
       f"({views.m},)/({views.n},) or, transposed, ({views.n},)/({views.m},)."
     )
   return kept
+
+
+def _wn_shapes(tensors: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """PyTorch weight norm's ``(g, v)`` shapes, of either key style; ``None`` for another layer."""
+  for style in STYLES:
+    keys = keys_for("weight_norm", style)
+    if keys["g"] in tensors and keys["v"] in tensors:
+      return tuple(np.shape(tensors[keys["g"]])), tuple(np.shape(tensors[keys["v"]]))
+  return None
+
+
+def layer_from_torch(
+  tensors: Mapping[str, Any],
+  kind: str,
+  axis: Axis,
+  spectral_dim: int | None,
+  collection: str,
+  where: str,
+) -> tuple[TorchLayer, Sources]:
+  """``from_torch``, plus the PyTorch key behind each (collection, name) it fills.
+
+  A weight norm whose ``g`` fits several axes takes ``axis`` or dim 0.
+  """
+  shapes = _wn_shapes(tensors)
+  settled = None
+  if shapes is not None:
+    settled = settle_weight_norm_axis(kind_of(kind, where), shapes, axis, True, where)
+  if settled is None:
+    return _convert_from_torch(tensors, kind, axis, spectral_dim, collection, where)
+  layer, src = _convert_from_torch(tensors, kind, settled[0], spectral_dim, collection, where)
+  return layer._replace(axis=settled[1]), src
+
+
+def layer_to_numpy(
+  variables: Mapping[str, Any],
+  kind: str,
+  style: str,
+  axis: Axis,
+  spectral_dim: int | None,
+  collection: str,
+) -> dict[str, np.ndarray]:
+  """``to_torch`` as numpy arrays. A weight norm whose ``g`` fits several axes accepts any of them.
+
+  They all give the same PyTorch tensors (``g`` is all ones then).
+  """
+  where = f"to_torch({kind!r})"
+  k = kind_of(kind, where)
+  params = variables.get("params") if isinstance(variables, Mapping) else None
+  params = params if isinstance(params, Mapping) else variables
+  g_name, v_name = _options.weight_norm_keys(k.param)
+  if isinstance(params, Mapping) and g_name in params and v_name in params:
+    shapes = tuple(np.shape(meta.unbox(params[n])) for n in (g_name, v_name))
+    if settle_weight_norm_axis(k, (shapes[0], shapes[1]), axis, False, where) is not None:
+      axis = None
+  return _convert_to_numpy(variables, kind, style, axis, spectral_dim, collection)

@@ -27,7 +27,7 @@ from flaxnorm._torch_convert import (
   layer_from_torch,
   layer_to_numpy,
 )
-from flaxnorm._torch_keys import STYLES, detect, keys_for, split_key
+from flaxnorm._torch_keys import detect, split_key
 from flaxnorm._torch_layouts import (
   KIND_BY_RANK,
   LAYOUTS,
@@ -37,7 +37,6 @@ from flaxnorm._torch_layouts import (
   kind_of,
   neg_axis,
   pick_view,
-  settle_weight_norm_axis,
   spectral_dim_of,
   spectral_views,
 )
@@ -144,58 +143,6 @@ class _Target(NamedTuple):
 # --------------------------------------------------------------------------- #
 # One layer, with a weight norm's axis settled where g fits several.
 # --------------------------------------------------------------------------- #
-
-
-def _wn_shapes(tensors: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-  """PyTorch weight norm's ``(g, v)`` shapes, of either key style; ``None`` for another layer."""
-  for style in STYLES:
-    keys = keys_for("weight_norm", style)
-    if keys["g"] in tensors and keys["v"] in tensors:
-      return tuple(np.shape(tensors[keys["g"]])), tuple(np.shape(tensors[keys["v"]]))
-  return None
-
-
-def from_torch_layer(
-  tensors: Mapping[str, Any],
-  kind: str,
-  axis: Axis,
-  spectral_dim: int | None,
-  collection: str,
-  where: str,
-) -> tuple[TorchLayer, Sources]:
-  """``layer_from_torch``; a weight norm whose ``g`` fits several axes takes ``axis`` or dim 0."""
-  shapes = _wn_shapes(tensors)
-  settled = None
-  if shapes is not None:
-    settled = settle_weight_norm_axis(kind_of(kind, where), shapes, axis, True, where)
-  if settled is None:
-    return layer_from_torch(tensors, kind, axis, spectral_dim, collection, where)
-  layer, src = layer_from_torch(tensors, kind, settled[0], spectral_dim, collection, where)
-  return layer._replace(axis=settled[1]), src
-
-
-def to_torch_layer(
-  variables: Mapping[str, Any],
-  kind: str,
-  style: str,
-  axis: Axis,
-  spectral_dim: int | None,
-  collection: str,
-) -> dict[str, np.ndarray]:
-  """``layer_to_numpy``; a weight norm whose ``g`` fits several axes accepts any of them.
-
-  They all give the same PyTorch tensors (``g`` is all ones then).
-  """
-  where = f"to_torch({kind!r})"
-  k = kind_of(kind, where)
-  params = variables.get("params") if isinstance(variables, Mapping) else None
-  params = params if isinstance(params, Mapping) else variables
-  g_name, v_name = _options.weight_norm_keys(k.param)
-  if isinstance(params, Mapping) and g_name in params and v_name in params:
-    shapes = tuple(np.shape(meta.unbox(params[n])) for n in (g_name, v_name))
-    if settle_weight_norm_axis(k, (shapes[0], shapes[1]), axis, False, where) is not None:
-      axis = None
-  return layer_to_numpy(variables, kind, style, axis, spectral_dim, collection)
 
 
 # --------------------------------------------------------------------------- #
@@ -516,7 +463,7 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   dim = spectral_dim_of(k, sdim, f"{_WHERE}: spectral_dims['{t.prefix}']")
 
   def convert(axis: Axis) -> tuple[TorchLayer, Sources]:
-    return from_torch_layer(tensors, kind, axis, sdim, job.collection, t.where)
+    return layer_from_torch(tensors, kind, axis, sdim, job.collection, t.where)
 
   given_axis = _lookup(job.axes, t.prefix)
   layer, src = convert(given_axis)
@@ -842,6 +789,6 @@ def save(
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
     sdim = _lookup(dims, prefix)
-    for key, x in to_torch_layer(sub, layer.kind, st, axis, sdim, collection).items():
+    for key, x in layer_to_numpy(sub, layer.kind, st, axis, sdim, collection).items():
       out[f"{prefix}.{key}" if prefix else key] = x
   return out

@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _checks, _torch_layouts, _torch_model
+from flaxnorm import _checks, _torch_convert, _torch_layouts, _torch_model
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import TorchLayer
 from flaxnorm._torch_keys import STYLES
@@ -126,7 +126,7 @@ def from_torch(
     ('weight_norm', -2, (1, 3, 1))
   """
   _checks.check_collection(collection, "from_torch")
-  layer = _torch_model.from_torch_layer(
+  layer = _torch_convert.layer_from_torch(
     tensors, kind, axis, spectral_dim, collection, "from_torch"
   )[0]
   variables = {
@@ -186,7 +186,7 @@ def to_torch(
     {'bias': (3,), 'weight_g': (3, 1), 'weight_v': (3, 4)}
   """
   _checks.check_collection(collection, "to_torch")
-  arrays = _torch_model.to_torch_layer(variables, kind, style, axis, spectral_dim, collection)
+  arrays = _torch_convert.layer_to_numpy(variables, kind, style, axis, spectral_dim, collection)
   return _emit(arrays)
 
 
