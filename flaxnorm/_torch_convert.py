@@ -61,6 +61,9 @@ class TorchLayer(NamedTuple):
       the converted state continues with ``axis``, ``"legacy"`` (``v`` first)
       or ``"parametrizations"`` (``u`` first); training steps match PyTorch's
       when it equals ``style``. ``None`` for other layers.
+    spectral_dim: spectral norm only: PyTorch's ``dim`` (non-negative) the
+      state was read with; :func:`to_torch_state_dict` writes it back with
+      the same. ``None`` for other layers.
 
   Examples:
     >>> import numpy as np
@@ -78,6 +81,7 @@ class TorchLayer(NamedTuple):
   style: str
   path: str = ""
   continues: str | None = None
+  spectral_dim: int | None = None
 
   def wrap(self, target: Any, **kwargs: Any) -> Any:
     """Applies the matching flaxnorm Linen transform to ``target``.
@@ -222,7 +226,8 @@ def _convert_from_torch(
   variables: dict[str, Any] = {"params": parts.params}
   if parts.state:
     variables[collection] = parts.state
-  layer = TorchLayer(variables, kind, method, parts.axis, k.param, style, "", parts.continues)
+  sdim = spectral_dim_of(k, spectral_dim, where) if method == "spectral_norm" else None
+  layer = TorchLayer(variables, kind, method, parts.axis, k.param, style, "", parts.continues, sdim)
   return layer, parts.src
 
 

@@ -41,6 +41,7 @@ from flaxnorm._torch_layouts import (
   spectral_views,
 )
 from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
+from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
 from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, to_nnx_state
 
 _WHERE = "load_torch_state_dict"
@@ -57,21 +58,29 @@ class TorchLoadResult(NamedTuple):
     unused_keys: PyTorch key -> why it was not used (no Flax layer, not a
       supported layer, ...).
     unmatched_keys: Flax variables (``"params/a/kernel"``) no PyTorch key filled.
+    params: PyTorch key -> :class:`~flaxnorm.interop.TorchParam` for each
+      tensor of no converted layer that loaded by name (a Snake ``alpha``);
+      pass it to :func:`to_torch_state_dict` as ``params=``.
 
   Examples:
     >>> import numpy as np
     >>> from flaxnorm import interop
-    >>> variables = {"params": {"fc": {"kernel": np.zeros((4, 3), np.float32)}}}
-    >>> sd = {"fc.weight": np.ones((3, 4), np.float32), "extra.weight": np.ones((2, 2))}
+    >>> variables = {"params": {"fc": {"kernel": np.zeros((4, 3), np.float32)},
+    ...                         "act": {"alpha": np.zeros(3, np.float32)}}}
+    >>> sd = {"fc.weight": np.ones((3, 4), np.float32), "act.alpha": np.ones((1, 3, 1)),
+    ...       "extra.weight": np.ones((2, 2))}
     >>> result = interop.load_torch_state_dict(sd, variables, None, strict=False)
     >>> sorted(result.layers), list(result.unused_keys)
     (['fc'], ['extra.weight'])
+    >>> result.params
+    {'act.alpha': TorchParam(path='act/alpha', shape=(1, 3, 1))}
   """
 
   variables: Any
   layers: dict[str, TorchLayer]
   unused_keys: dict[str, str]
   unmatched_keys: tuple[str, ...]
+  params: dict[str, TorchParam]
 
   def summary(self) -> str:
     """One line per loaded layer: prefix, Flax path, kind, wrapping, key style, iteration order.
@@ -79,7 +88,8 @@ class TorchLoadResult(NamedTuple):
     A spectral layer's line ends with the PyTorch API whose power-iteration
     order its state continues (``continues legacy`` or ``continues
     parametrizations``); it differs from its key style only with
-    ``strict=False``. Unused keys and unmatched variables follow.
+    ``strict=False``. Tensors loaded by name (``param``), unused keys and
+    unmatched variables follow.
 
     Returns:
       The report, lines joined with ``"\\n"``.
@@ -99,6 +109,8 @@ class TorchLoadResult(NamedTuple):
       if layer.continues is not None:
         row.append(f"continues {layer.continues}")
       rows.append(row)
+    for key, p in self.params.items():
+      rows.append([key, "->", p.path, "", "param", f"shape {p.shape}", "loaded by name"])
     width = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     lines = [
       " ".join(r[i].ljust(width[i]) if i < 3 else r[i] for i in range(3)) + "  " + "  ".join(r[4:])
@@ -119,6 +131,7 @@ class _Load(NamedTuple):
   spectral_dims: dict[str, int]
   collection: str
   unused: dict[str, str]  # PyTorch key -> why
+  plain: dict[str, TorchParam]  # PyTorch key -> the Flax param it loaded into by name
   filled: set[tuple[str, ...]]  # (collection, *path, name)
   model: dict[tuple[str, ...], FlaxLayer]  # what the Flax model says per path ({}: no model)
   strict: bool
@@ -276,6 +289,7 @@ def load(
     spectral_dims=_given(spectral_dims),
     collection=collection,
     unused={},
+    plain={},
     filled=set(),
     model=model,
     strict=strict,
@@ -300,7 +314,8 @@ def load(
   if unmatched and isinstance(variables, nn.Module):
     _init_unmatched(variables, inputs, out, unmatched)
   filled = out if nnx_tree is None else to_nnx_state(nnx_tree, out)
-  return TorchLoadResult(filled, layers, unused, tuple("/".join(p) for p in unmatched))
+  plain = {key: job.plain[key] for key in state_dict if key in job.plain}
+  return TorchLoadResult(filled, layers, unused, tuple("/".join(p) for p in unmatched), plain)
 
 
 def _check_overrides(job: _Load, groups: Mapping[str, Any]) -> None:
@@ -355,13 +370,14 @@ def _load_plain(job: _Load, key_map: KeyMap, key: str, why: str) -> None:
     reason = "key_map skips it" if path is None else path
   elif node is None or raw is None or isinstance(raw, Mapping):
     reason = f"no Flax param '{flax_key}'"
-  elif _shape(raw) != shape:
+  elif not shapes_fit(shape, _shape(raw)):
     reason = f"shape {shape}, but the Flax '{flax_key}' has shape {_shape(raw)}"
   else:
     arr = _to_numpy(job.state_dict[key], key, _WHERE).astype(meta.unbox(raw).dtype, copy=False)
-    arr = jax.device_put(arr)
+    arr = jax.device_put(arr.reshape(_shape(raw)))
     node[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
     job.filled.add(("params", *path, name))
+    job.plain[key] = TorchParam("/".join((*path, name)), shape)
     return
   job.unused[key] = f"{why}; {reason}"
 
@@ -739,13 +755,14 @@ def _layers_of_model(
       continue
     prefix = torch_prefix(path, variables["params"], sequential, nnx_model)
     method, kept = info.wrapped.get(name, (None, ()))
-    style = "parametrizations"
+    style, dim = "parametrizations", None
     if method == "spectral_norm":
       k = LAYOUTS[kind]
       dim = spectral_dim_of(k, _lookup(spectral_dims, prefix), f"to_torch_state_dict: '{prefix}'")
       style = "parametrizations" if kept == spectral_views(k, dim, shape).transposed else "legacy"
     axis = neg_axis(kept, len(shape)) if method and kept else None
-    out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path))
+    sdim = dim if method == "spectral_norm" else None
+    out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path), None, sdim)
   return out
 
 
@@ -757,8 +774,13 @@ def save(
   model: nn.Module | None = None,
   inputs: Any = None,
   spectral_dims: Mapping[str, int | None] | None = None,
+  plain: Mapping[str, TorchParam | str] | None = None,
 ) -> dict[str, np.ndarray]:
-  """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model)."""
+  """``to_torch_state_dict``, with numpy arrays for tensors (``variables`` may be an NNX model).
+
+  A spectral layer's ``dim`` is ``spectral_dims``' entry, else the
+  ``TorchLayer``'s (as loaded), else PyTorch's default.
+  """
   info: dict[tuple[str, ...], FlaxLayer] = {}
   _check_instance(variables, "variables", "to_torch_state_dict")
   _check_instance(model, "model", "to_torch_state_dict")
@@ -789,6 +811,14 @@ def save(
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
     sdim = _lookup(dims, prefix)
+    sdim = layer.spectral_dim if sdim is None else sdim
     for key, x in layer_to_numpy(sub, layer.kind, st, axis, sdim, collection).items():
       out[f"{prefix}.{key}" if prefix else key] = x
+  if plain is not None:
+    arrays = params_to_numpy(variables["params"], plain, "to_torch_state_dict")
+    if clash := sorted(set(arrays) & set(out)):
+      raise ValueError(
+        f"to_torch_state_dict: params names '{clash[0]}', a key one of the layers writes."
+      )
+    out.update(arrays)
   return out

@@ -60,6 +60,7 @@ from flaxnorm._torch_convert import TorchLayer
 from flaxnorm._torch_keys import STYLES
 from flaxnorm._torch_layouts import KINDS
 from flaxnorm._torch_model import KeyMap, TorchLoadResult
+from flaxnorm._torch_plain import TorchParam
 
 __all__ = (
   "KINDS",
@@ -67,6 +68,7 @@ __all__ = (
   "KeyMap",
   "TorchLayer",
   "TorchLoadResult",
+  "TorchParam",
   "conv_transpose_padding",
   "from_torch",
   "load_torch_state_dict",
@@ -294,8 +296,10 @@ def load_torch_state_dict(
       ``False`` they are reported (the order with a ``UserWarning``), and a
       Linen model's unfilled variables take its initial values
       (``jax.random.key(0)``). Tensors of no supported layer (a Snake
-      ``alpha``, a bias alone) load into the Flax param of the same name and
-      shape, if there is one.
+      ``alpha``, a bias alone) load into the Flax param of the same path and
+      name, if there is one of the same shape, or a vector's shape where the
+      tensor's other axes have size 1 (``(1, C, 1)`` for ``(C,)``); they are
+      listed in ``TorchLoadResult.params``.
     collection: the collection holding the spectral state.
     spectral_dims: PyTorch layer prefix -> the ``dim`` its ``spectral_norm``
       was applied with (``None``: the default, 1 for ConvTranspose, else 0;
@@ -352,6 +356,7 @@ def to_torch_state_dict(
   style: str | None = None,
   collection: str = "spectral",
   spectral_dims: Mapping[str, int | None] | None = None,
+  params: Mapping[str, TorchParam | str] | None = None,
 ) -> dict[str, Any]:
   """Writes a PyTorch state dict from Flax variables: the inverse of :func:`load_torch_state_dict`.
 
@@ -373,14 +378,24 @@ def to_torch_state_dict(
     style: a key style for every layer, or ``None`` for each layer's own.
     collection: the collection holding the spectral state.
     spectral_dims: PyTorch layer prefix -> the ``dim`` of its PyTorch
-      ``spectral_norm``, as for :func:`load_torch_state_dict`.
+      ``spectral_norm``, as for :func:`load_torch_state_dict`. Without an
+      entry: the ``TorchLayer``'s ``spectral_dim`` (what it was loaded
+      with), else PyTorch's default.
+    params: PyTorch key -> :class:`TorchParam` (``TorchLoadResult.params``)
+      or Flax path (``"act/alpha"``): tensors of no layer (a Snake
+      ``alpha``), written from the Flax param of that path in the
+      ``TorchParam``'s shape (else the param's). Only layers are written
+      without it.
 
   Returns:
     ``{"prefix.key": tensor}`` (torch tensors, or numpy without torch).
 
   Raises:
     ValueError: a layer whose ``path`` is not in ``variables``; neither
-      ``layers`` nor a model; or what :func:`to_torch` raises for one layer.
+      ``layers`` nor a model; a ``params`` path with no Flax param, a shape
+      it cannot take, or a key a layer writes; or what :func:`to_torch`
+      raises for one layer.
+    TypeError: ``params`` not a mapping of key -> ``TorchParam`` or path.
 
   Examples:
     >>> import numpy as np
@@ -395,7 +410,7 @@ def to_torch_state_dict(
     ['fc.bias', 'fc.parametrizations.weight.original0', 'fc.parametrizations.weight.original1']
   """
   return _emit(
-    _torch_model.save(variables, layers, style, collection, model, inputs, spectral_dims)
+    _torch_model.save(variables, layers, style, collection, model, inputs, spectral_dims, params)
   )
 
 

@@ -1213,9 +1213,13 @@ def test_load_spectral_dims(torch):
         t2n(module(torch.from_numpy(xin))) if part == "fc." else _torch_out(torch, module, xin)
       )
     assert_close(model.apply(res.variables, xin), expected, f"{part} spectral dim")
-    back = interop.to_torch_state_dict(res.variables, res.layers, spectral_dims=dims)
-    for key, value in part_sd.items():
-      np.testing.assert_array_equal(t2n(back[key]), t2n(value))
+    assert res.layers[part[:-1]].spectral_dim == dims[part[:-1]]
+    # The layer records its dim: saving needs no spectral_dims again (a square Linear's
+    # u and v would otherwise be written swapped, with no shape to tell).
+    for given in (dims, None):
+      back = interop.to_torch_state_dict(res.variables, res.layers, spectral_dims=given)
+      for key, value in part_sd.items():
+        np.testing.assert_array_equal(t2n(back[key]), t2n(value))
   with pytest.raises(TypeError, match=r"spectral_dims\['fc'\] must be an int .* got '1'"):
     interop.load_torch_state_dict(sd, fc_model, inputs=jnp.asarray(x), spectral_dims={"fc": "1"})
   with pytest.raises(ValueError, match=r"spectral_dims names 'nope', which is no layer"):
@@ -1266,13 +1270,13 @@ def _torch_loose(torch):
       a = self.alpha[None, :, None]
       return x + torch.sin(a * x) ** 2 / (a + 1e-9)
 
-  class ActNorm(tnn.Module):
+  class ActNorm(tnn.Module):  # Glow keeps them as (1, C, 1), to broadcast over (N, C, T)
     def __init__(self, c):
       super().__init__()
-      self.logs, self.bias = tnn.Parameter(torch.rand(c)), tnn.Parameter(torch.rand(c))
+      self.logs, self.bias = tnn.Parameter(torch.rand(1, c, 1)), tnn.Parameter(torch.rand(1, c, 1))
 
     def forward(self, x):
-      return self.bias[None, :, None] + torch.exp(self.logs[None, :, None]) * x
+      return self.bias + torch.exp(self.logs) * x
 
   class Net(tnn.Module):
     def __init__(self):
@@ -1288,25 +1292,81 @@ def _torch_loose(torch):
 
 
 def test_load_carries_plain_params_and_lone_biases(torch):
-  """Snake's alpha and ActNorm's bias and logs load by name into the same-shape Flax params."""
+  """Snake's alpha and ActNorm's (1, C, 1) bias and logs load by name into the (C,) Flax params."""
   net, x = _torch_loose(torch), arr(2, 5, 4)
   sd = net.state_dict()
   res = interop.load_torch_state_dict(sd, _Loose(), inputs=jnp.asarray(x))
   assert res.unused_keys == {} and res.unmatched_keys == ()
   np.testing.assert_array_equal(res.variables["params"]["act"]["alpha"], t2n(net.act.alpha))
+  np.testing.assert_array_equal(
+    res.variables["params"]["norm"]["logs"], t2n(net.norm.logs)[0, :, 0]
+  )
+  assert res.params == {
+    "act.alpha": interop.TorchParam("act/alpha", (4,)),
+    "norm.logs": interop.TorchParam("norm/logs", (1, 4, 1)),
+    "norm.bias": interop.TorchParam("norm/bias", (1, 4, 1)),
+  }
+  assert res.summary().splitlines()[1:] == [
+    "act.alpha -> act/alpha  param  shape (4,)  loaded by name",
+    "norm.logs -> norm/logs  param  shape (1, 4, 1)  loaded by name",
+    "norm.bias -> norm/bias  param  shape (1, 4, 1)  loaded by name",
+  ]
   assert_close(_Loose().apply(res.variables, x), _torch_out(torch, net, x), "loose params")
   # A lone bias (or any tensor) with no Flax param of its name and shape: unused, strict refuses.
-  bad = {**sd, "norm.bias": torch.zeros(1, 4, 1), "skip.bias": torch.zeros(4)}
+  bad = {**sd, "norm.bias": torch.zeros(2, 4), "skip.bias": torch.zeros(4)}
   with pytest.raises(
     ValueError,
     match=r"(?s)2 PyTorch keys unused, 1 Flax variables unmatched.*norm.bias: a bias without a "
-    r"weight; shape \(1, 4, 1\), but the Flax 'params/norm/bias' has shape \(4,\).*"
+    r"weight; shape \(2, 4\), but the Flax 'params/norm/bias' has shape \(4,\).*"
     r"skip.bias: a bias without a weight; no Flax layer for it.*params/norm/bias",
   ):
     interop.load_torch_state_dict(bad, _Loose(), inputs=jnp.asarray(x))
   res = interop.load_torch_state_dict(bad, _Loose(), inputs=jnp.asarray(x), strict=False)
   assert sorted(res.unused_keys) == ["norm.bias", "skip.bias"]
   assert res.unmatched_keys == ("params/norm/bias",)
+
+
+def test_save_writes_plain_params_back_in_torch_shapes(torch):
+  """params=result.params writes Snake's alpha and ActNorm's (1, C, 1) tensors as PyTorch had them."""
+  net, x = _torch_loose(torch), arr(2, 5, 4)
+  sd = net.state_dict()
+  res = interop.load_torch_state_dict(sd, _Loose(), inputs=jnp.asarray(x))
+  assert "act.alpha" not in interop.to_torch_state_dict(res.variables, res.layers)
+  back = interop.to_torch_state_dict(res.variables, res.layers, params=res.params)
+  assert sorted(back) == sorted(sd)
+  for key, value in sd.items():
+    np.testing.assert_array_equal(t2n(back[key]), t2n(value), err_msg=key)
+  twin = _torch_loose(torch)
+  with torch.no_grad():
+    for p in twin.parameters():
+      p.zero_()
+  twin.load_state_dict(back)  # strict: every key, every shape
+  assert_close(_torch_out(torch, twin, x), _torch_out(torch, net, x), "round trip")
+  # A path alone keeps the Flax shape.
+  alone = interop.to_torch_state_dict(res.variables, {}, params={"act.alpha": "act/alpha"})
+  assert tuple(alone["act.alpha"].shape) == (4,)
+  for params, error, match in (
+    ([("act.alpha", "act/alpha")], TypeError, r"params must be a mapping of PyTorch key"),
+    ({"act.alpha": 3}, TypeError, r"params\['act.alpha'\] must be a TorchParam or a Flax path"),
+    (
+      {"act.alpha": "act/beta"},
+      ValueError,
+      r"params\['act.alpha'\]: no Flax param at 'params/act/beta'",
+    ),
+    ({"act.alpha": "act"}, ValueError, r"no Flax param at 'params/act'"),
+    (
+      {"act.alpha": interop.TorchParam("act/alpha", (2, 2))},
+      ValueError,
+      r"'params/act/alpha' of shape \(4,\) cannot be written as PyTorch's shape \(2, 2\)",
+    ),
+    (
+      {"conv.bias": "act/alpha"},
+      ValueError,
+      r"params names 'conv.bias', a key one of the layers writes",
+    ),
+  ):
+    with pytest.raises(error, match=match):
+      interop.to_torch_state_dict(res.variables, res.layers, params=params)
 
 
 def test_load_non_strict_keeps_the_models_init_values(torch):
