@@ -25,8 +25,13 @@ from flaxnorm._checks import Axis
 TOP = "<top level>"
 
 
-def _join(path: tuple[str, ...], key: str) -> str:
-  return "/".join((*path, key))
+def _join(path: tuple[Any, ...], key: Any) -> str:
+  return _slash((*path, key))
+
+
+def _slash(path: tuple[Any, ...]) -> str:
+  """``"a/0/b"``: a path of str keys, or int ones (``nnx.Sequential``/``nnx.List`` state)."""
+  return "/".join(map(str, path))
 
 
 def _is_weight(x: Any) -> bool:
@@ -59,7 +64,7 @@ def fold_weight_norm_level(
     if base in bases and key[-2:] in ("_g", "_v"):
       if base in node:
         raise ValueError(
-          f"{fn}: {_join(tuple(map(str, path)), base)!r} exists beside "
+          f"{fn}: {_join(path, base)!r} exists beside "
           f"{base}_g/{base}_v; cannot fold the pair into it."
         )
       if key.endswith("_v"):
@@ -117,12 +122,16 @@ def spectral_entries(
   bases = {
     k[: -len(_options.SPECTRAL_SUFFIXES[0])]
     for k, x in state.items()
-    if k.endswith(_options.SPECTRAL_SUFFIXES[0]) and not isinstance(x, Mapping)
+    if isinstance(k, str)
+    and k.endswith(_options.SPECTRAL_SUFFIXES[0])
+    and not isinstance(x, Mapping)
   }
   for key, x in state.items():
     if isinstance(x, Mapping):
       out += spectral_entries(x, fn, (*path, key))
-    elif not any(key.endswith(s) and key[: -len(s)] in bases for s in _options.SPECTRAL_SUFFIXES):
+    elif not isinstance(key, str) or not any(
+      key.endswith(s) and key[: -len(s)] in bases for s in _options.SPECTRAL_SUFFIXES
+    ):
       raise ValueError(
         f"{fn}: unexpected state entry {_join(path, key)!r}: entries are {{x}}_u, {{x}}_v "
         "and {x}_sigma (from spectral_norm_init or a Linen 'spectral' collection)."
@@ -131,9 +140,7 @@ def spectral_entries(
     keys = _options.spectral_keys(base)
     missing = [k for k in keys if k not in state]
     if missing:
-      raise ValueError(
-        f"{fn}: state at {'/'.join(path) or TOP!r} has {keys[0]} but lacks {missing}."
-      )
+      raise ValueError(f"{fn}: state at {_slash(path) or TOP!r} has {keys[0]} but lacks {missing}.")
     out.append((path, base, (state[keys[0]], state[keys[1]], state[keys[2]])))
   return out
 
@@ -317,21 +324,21 @@ def remove_spectral_norm(
     )
   params = _copy_mappings(variables["params"])
   entries = spectral_entries(variables[collection], fn)
-  _check_axis_map(axis, {"/".join(path) for path, _, _ in entries}, fn)
+  _check_axis_map(axis, {_slash(path) for path, _, _ in entries}, fn)
   for path, name, state in entries:
     node = params
     for part in path:
       node = node.get(part) if isinstance(node, dict) else None
       if node is None:
         raise ValueError(
-          f"{fn}: the spectral state has a layer {'/'.join(path)!r} that the params do not have."
+          f"{fn}: the spectral state has a layer {_slash(path)!r} that the params do not have."
         )
     if name not in node or isinstance(node[name], Mapping):
       raise ValueError(
         f"{fn}: state {_join(path, name + '_u')!r} needs a param {_join(path, name)!r}; "
         f"params here are {sorted(node)}."
       )
-    layer_axis = axis.get("/".join(path), "auto") if isinstance(axis, Mapping) else axis
+    layer_axis = axis.get(_slash(path), "auto") if isinstance(axis, Mapping) else axis
     at = f"{fn}: param {_join(path, name)!r}"
     node[name] = spectral_fold_one(node[name], state, name, layer_axis, options, at)
   return {

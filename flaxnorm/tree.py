@@ -487,7 +487,7 @@ def _spectral_norm_apply(
   normalized: dict[Path, Any] = {}
   new_state: dict[Path, Any] = {}
   for layer, name, (u, v, sigma) in _fold.spectral_entries(state, fn):
-    path = (*layer, name)
+    path = tuple(map(str, (*layer, name)))  # int keys too (nnx.Sequential state)
     w = leaves.get(path)
     if w is None:
       raise ValueError(
@@ -526,10 +526,10 @@ def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> dict:
   out = {}
   for k, x in state.items():
     if isinstance(x, Mapping):
-      out[k] = _replace_state(x, (*path, k), new)
+      out[k] = _replace_state(x, (*path, str(k)), new)
       continue
     for i, suffix in enumerate(_options.SPECTRAL_SUFFIXES):
-      if k.endswith(suffix) and (*path, k[: -len(suffix)]) in new:
+      if isinstance(k, str) and k.endswith(suffix) and (*path, k[: -len(suffix)]) in new:
         out[k] = new[(*path, k[: -len(suffix)])][i]
         break
     else:

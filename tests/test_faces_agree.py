@@ -162,3 +162,28 @@ def test_spectral_norm_faces_agree(kind):
   chex.assert_trees_all_close(
     ft.spectral_norm_apply(params, s_tree, update=False)[0], folded, **TOL[kind]
   )
+
+
+def test_nnx_sequential_state_through_the_tree_face_and_removal():
+  """nnx.Sequential's state has int keys: the tree face and remove_* read it like str keys."""
+  model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+  fnx.wrap_modules(model, fnx.spectral_norm, where=nnx.Linear)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = nnx.to_pure_dict(nnx.state(model, fnx.SpectralStateVar))
+  assert 0 in params["layers"]
+  x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+  y_train = model(x)  # one power iteration per layer, as update=True below
+  out, new_state = flaxnorm.tree.spectral_norm_apply(params, state, update=True)
+  chex.assert_trees_all_close(new_state, nnx.to_pure_dict(nnx.state(model, fnx.SpectralStateVar)))
+  h = x  # nnx.Sequential chains the layers, no activation between
+  for i in (0, 1):
+    h = h @ out["layers"][i]["kernel"] + out["layers"][i]["bias"]
+  chex.assert_trees_all_close(h, y_train, rtol=1e-6, atol=1e-6)
+  model.eval()
+  folded = flaxnorm.remove_spectral_norm({"params": params, "spectral": new_state})
+  assert sorted(folded) == ["params"] and 1 in folded["params"]["layers"]
+  evaluated, same = flaxnorm.tree.spectral_norm_apply(params, new_state, update=False)
+  assert same is new_state
+  chex.assert_trees_all_close(folded["params"], evaluated, rtol=1e-6)
+  fnx.remove_spectral_norm(model)
+  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), folded["params"])
