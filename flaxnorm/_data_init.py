@@ -28,7 +28,11 @@ CONSTANT_STD = 1e-6
 
 
 def feature_axes(
-  kept: tuple[int, ...], kernel_ndim: int, features: Mapping[int, int], at: str
+  kept: tuple[int, ...],
+  kernel_ndim: int,
+  features: Mapping[int, int],
+  at: str,
+  nnx: bool = False,
 ) -> tuple[int, ...]:
   """The output axes (negative) that ``g``'s kept kernel axes become.
 
@@ -39,6 +43,8 @@ def feature_axes(
     features: the layer's output-feature axes, kernel axis (non-negative) ->
       output axis (negative), e.g. ``{1: -1}`` for a ``Dense`` kernel ``(in, out)``.
     at: the layer, for the error message.
+    nnx: the message speaks NNX's ``flaxnorm.nnx.data_init``, else Linen's
+      ``data_init=True``.
 
   Returns:
     The output axes holding ``g``'s features, in ``kept``'s order.
@@ -49,10 +55,11 @@ def feature_axes(
   missing = [k for k in kept if k not in features]
   if missing:
     raise ValueError(
-      f"weight_norm: data_init=True needs g's kept axes to be output-feature axes of the "
+      f"{_fn(nnx)} needs g's kept axes to be output-feature axes of the "
       f"layer, at {at}: kernel axes {missing} (of {kernel_ndim}) are not; the output "
-      f"features are on kernel axes {sorted(features)}. Pass axis= one of those (e.g. "
-      f"axis={sorted(features)[-1] - kernel_ndim}) or data_init=False."
+      f"features are on kernel axes {sorted(features)}. Wrap it with axis= one of those (e.g. "
+      f"axis={sorted(features)[-1] - kernel_ndim})"
+      + (", or leave it out of data_init." if nnx else " or data_init=False.")
     )
   return tuple(features[k] for k in kept)
 
@@ -64,6 +71,7 @@ def normalize(
   g_shape: tuple[int, ...],
   bias_shape: tuple[int, ...] | None,
   at: str = "",
+  nnx: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """``g``, ``b`` and the output ``y = g * t + b`` of the data-dependent init.
 
@@ -77,6 +85,7 @@ def normalize(
     bias_shape: the shape of the bias (``t``'s trailing axes), or ``None`` for
       a layer without one: then ``y = g * t`` keeps a mean of ``mu * g``.
     at: the layer, for the error message.
+    nnx: as for :func:`feature_axes`.
 
   Returns:
     ``(g, b, y)``: ``g`` of ``g_shape`` and ``b`` of ``bias_shape`` (or None)
@@ -89,7 +98,7 @@ def normalize(
   count = math.prod(t.shape[i] for i in reduced)
   if count < 2:
     raise ValueError(
-      f"weight_norm: data_init=True takes each output feature's std over the init batch, "
+      f"{_fn(nnx)} takes each output feature's std over the init batch, "
       f"at {at}: the batch gives {count} value(s) per feature (output shape {t.shape}); "
       "initialize with a batch of at least 2 examples (more give better statistics)."
     )
@@ -108,3 +117,7 @@ def normalize(
     # axes of shift are all 1.
     b = jnp.broadcast_to(shift.reshape(shift.shape[t.ndim - len(bias_shape) :]), bias_shape)
   return g.reshape(g_shape), b, y.astype(t.dtype)
+
+
+def _fn(nnx: bool) -> str:
+  return "flaxnorm.nnx.data_init" if nnx else "weight_norm: data_init=True"

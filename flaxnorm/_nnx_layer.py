@@ -360,10 +360,11 @@ def _defines_call(base: type) -> bool:
 
 @dataclasses.dataclass
 class DataInitRun:
-  """One ``flaxnorm.nnx.data_init`` run: the layers still to initialize, by id."""
+  """One ``flaxnorm.nnx.data_init`` run: the layers still to initialize, and those done, by id."""
 
   init_scale: float
   pending: dict[int, tuple[int, ...]]  # layer id -> its output feature axes
+  done: set[int] = dataclasses.field(default_factory=set)
 
 
 DATA_INIT: contextvars.ContextVar[DataInitRun | None] = contextvars.ContextVar(
@@ -412,15 +413,26 @@ def data_init_axes(module: nnx.Module, at: str) -> tuple[int, ...]:
   first = ndim - n - (1 if getattr(module, "transpose_kernel", False) else 0)
   features = {first + i: i - n for i in range(n)}
   kept = _checks.normalize_axes(_axes.explicit(spec.options.axis, at), ndim, at)
-  return _data_init.feature_axes(kept, ndim, features, f"layer '{at}' ({base.__name__})")
+  return _data_init.feature_axes(kept, ndim, features, f"layer '{at}' ({base.__name__})", True)
 
 
 def _start_data_init(module: nnx.Module, state: _Call) -> tuple[int, ...] | None:
   """In a data-init run, prepares the layer's first call; returns its feature axes."""
   run = DATA_INIT.get()
-  if run is None or id(module) not in run.pending:
+  if run is None or id(module) in run.done:
     return None
-  spec = _subclass.specs_of(type(module))["kernel"]
+  spec = _subclass.specs_of(type(module)).get("kernel")
+  if id(module) not in run.pending:
+    if isinstance(spec, WeightNormSpec):  # not one of the model's layers: a transform's copy
+      raise ValueError(
+        f"data_init: {describe(module, 'kernel')} was called through an NNX transform "
+        "(nnx.remat, nnx.vmap, nnx.scan, nnx.RNN, ...) that calls a copy of the layer, so "
+        "data_init cannot set its g and bias. Run data_init on a model that calls its "
+        "weight-normed layers directly, or set g and the bias by hand."
+      )
+    return None
+  assert isinstance(spec, WeightNormSpec)
+  run.done.add(id(module))
   g, v = (_get(module, a, "data_init", "kernel") for a in spec.attrs("kernel"))
   scale = _math.weight_norm_scale(jax.numpy.ones_like(g[...]), v[...], spec.options.eps)
   state.kernels = {"kernel": _math.apply_scale(v[...], scale)}
@@ -437,7 +449,7 @@ def _finish_data_init(
   g_var = vars(module)["kernel_g"]
   shape = None if bias is None else tuple(bias.shape)
   at = describe(module, "kernel")
-  g, b, y = _data_init.normalize(t, axes, run.init_scale, g_var[...].shape, shape, at)
+  g, b, y = _data_init.normalize(t, axes, run.init_scale, g_var[...].shape, shape, at, True)
   g_var[...] = g.astype(g_var[...].dtype)
   if b is not None and bias is not None:
     vars(module)["bias"][...] = b.astype(bias.dtype)

@@ -363,3 +363,42 @@ def test_nnx_error_in_the_call_restores_the_model():
   with pytest.raises(RuntimeError, match="boom"):
     flaxnorm.nnx.data_init(model, _normal((8, 2), seed=0, shift=3.0))
   chex.assert_trees_all_equal(model.linear.kernel_g[...], g)
+
+
+def _remat_model():
+  class Remat(nnx.Module):
+    def __init__(self):
+      self.linear = flaxnorm.nnx.weight_norm(nnx.Linear(2, 3, **K, rngs=nnx.Rngs(0)))
+
+    def __call__(self, x):
+      return nnx.remat(lambda layer, x: layer(x))(self.linear, x)
+
+  return Remat()
+
+
+def _rnn_model():
+  rnn = nnx.RNN(nnx.SimpleCell(2, 3, rngs=nnx.Rngs(0)))
+  return flaxnorm.nnx.wrap_modules(rnn, flaxnorm.nnx.weight_norm, where=nnx.Linear)
+
+
+@pytest.mark.parametrize(
+  "build, shape", [(_remat_model, (8, 2)), (_rnn_model, (4, 5, 2))], ids=["remat", "rnn"]
+)
+def test_nnx_layer_called_through_a_transform_is_refused(build, shape):
+  """A lifted transform calls a copy: data_init cannot set its g, and says so (was silent)."""
+  model = build()
+  before = nnx.to_pure_dict(nnx.state(model))
+  with pytest.raises(ValueError, match=r"data_init: param 'kernel' of Linear was called through"):
+    flaxnorm.nnx.data_init(model, _normal(shape, seed=0, shift=3.0))
+  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model)), before)
+
+
+def test_nnx_errors_speak_nnx():
+  layer = flaxnorm.nnx.weight_norm(nnx.Linear(2, 3, **K, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"^flaxnorm.nnx.data_init takes each output feature's std"):
+    flaxnorm.nnx.data_init(layer, jnp.ones((1, 2)))
+  layer = flaxnorm.nnx.weight_norm(nnx.Linear(2, 3, **K, rngs=nnx.Rngs(0)), axis=0)
+  with pytest.raises(
+    ValueError, match=r"^flaxnorm.nnx.data_init needs .*leave it out of data_init"
+  ):
+    flaxnorm.nnx.data_init(layer, jnp.ones((4, 2)))
