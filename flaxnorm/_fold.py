@@ -10,6 +10,7 @@ boxed arrays (``flax.core.meta.AxisMetadata``, e.g. ``nn.Partitioned``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -68,11 +69,25 @@ def fold_weight_norm_level(
           f"{base}_g/{base}_v; cannot fold the pair into it."
         )
       if key.endswith("_v"):
-        w = _math.weight_norm_compose(meta.unbox(node[f"{base}_g"]), meta.unbox(x), eps)
+        v = meta.unbox(x)
+        w = _math.weight_norm_compose(_stacked_g(meta.unbox(node[f"{base}_g"]), v), v, eps)
         out[base] = x.replace_boxed(w) if isinstance(x, meta.AxisMetadata) else w
     else:
       out[key] = recurse(x, (*path, key))
   return out
+
+
+def _stacked_g(g: Any, v: Any) -> Any:
+  """``g`` in ``v``'s rank where it is a stack of whole-tensor ``g`` (``axis=None``).
+
+  A layer stacked by ``nn.vmap``/``nn.scan`` (or ``jax.vmap`` of ``init``) with
+  ``axis=None`` has ``g`` of the stack's shape, ``v.shape[:k]``: one scalar per
+  member, each normalizing its own member (size 1 on every other axis).
+  """
+  k = jnp.ndim(g)
+  if 0 < k < jnp.ndim(v) and jnp.shape(g) == jnp.shape(v)[:k]:
+    return jnp.reshape(g, (*jnp.shape(g), *(1,) * (jnp.ndim(v) - k)))
+  return g
 
 
 def _fold_wn(tree: Mapping[str, Any], eps: float, path: tuple[str, ...]) -> dict[str, Any]:
@@ -166,9 +181,10 @@ def check_spectral_state(
 def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   """The kept axes a stored ``(u, v)`` was iterated with, read from the state itself.
 
-  The candidates are the kernel's leading and trailing axes (``Embed``'s ``0``,
-  ``Dense``'s ``-1``, ``DenseGeneral``'s ``features`` axes) whose sizes fit ``u``
-  and ``v``. When several fit (a square kernel), power iteration leaves ``u``
+  The candidates are the sets of kernel axes whose sizes fit ``u`` and ``v``
+  (``Embed``'s ``0``, ``Dense``'s ``-1``, a ``ConvTranspose(transpose_kernel=True)``'s
+  ``-2``, an ``Einsum``'s output letters wherever they sit). When several fit
+  (a square kernel), power iteration leaves ``u``
   exactly along ``W v`` in the view it iterated (up to rounding and the
   optimizer's steps since), and along it in another view only by chance: the
   best-aligned view wins when every other is 100x further from aligned (or
@@ -176,22 +192,20 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   """
   dtype = np.complex128 if any(np.iscomplexobj(x) for x in (w, u, v)) else np.float64
   w, u, v = (np.asarray(x, dtype) for x in (w, u, v))
-  ndim = w.ndim
-  views = [tuple(range(k)) for k in range(1, ndim)] + [
-    tuple(range(k, ndim)) for k in range(1, ndim)
-  ]
-  fits = [a for a in dict.fromkeys(views) if math.prod(w.shape[i] for i in a) == u.size]
+  views = [a for k in range(1, w.ndim) for a in itertools.combinations(range(w.ndim), k)]
+  fits = [a for a in views if math.prod(w.shape[i] for i in a) == u.size]
   fits = [a for a in fits if w.size // u.size == v.size]
   if len(fits) == 1:
     return fits[0]
   scored = {a: _view_fit(w, u, v, a) for a in fits}
-  kept = max(scored, key=scored.__getitem__)
-  best, sigma = scored[kept]
-  # Views whose sigma is the best's fold to the same kernel (a symmetric one):
-  # any of them will do. Every other view must fit 100x worse than the best.
-  others = [fit for fit, s in scored.values() if abs(s - sigma) > 1e-6 * sigma]
-  if not others or (best > 0.9 and all(1 - best < 1e-2 * (1 - fit) for fit in others)):
-    return kept
+  if scored:
+    kept = max(scored, key=scored.__getitem__)
+    best, sigma = scored[kept]
+    # Views whose sigma is the best's fold to the same kernel (a symmetric one):
+    # any of them will do. Every other view must fit 100x worse than the best.
+    others = [fit for fit, s in scored.values() if abs(s - sigma) > 1e-6 * sigma]
+    if not others or (best > 0.9 and all(1 - best < 1e-2 * (1 - fit) for fit in others)):
+      return kept
   raise ValueError(
     f"{at} of shape {tuple(w.shape)}: cannot tell from its stored state "
     f"({name}_u {tuple(u.shape)}, {name}_v {tuple(v.shape)}) which axis it was wrapped with "

@@ -535,6 +535,43 @@ def test_remove_spectral_norm_with_per_layer_axes():
     flaxnorm.remove_spectral_norm(variables, axis={"Dense0": 0})
 
 
+@pytest.mark.parametrize(
+  "make, shape",
+  [
+    (lambda: nn.ConvTranspose(4, (3, 3), transpose_kernel=True), (2, 6, 6, 4)),  # kept -2
+    (lambda: nn.ConvTranspose(5, (3, 3), transpose_kernel=True), (2, 6, 6, 4)),
+    (lambda: nn.Einsum((2, 2, 3), "bd,hdk->bhk"), (4, 2)),  # kept (0, 2)
+    (lambda: nn.DenseGeneral(3, batch_dims=(0,)), (2, 5, 3)),  # kept (0, 2)
+  ],
+  ids=["conv_transpose_square", "conv_transpose", "einsum_middle", "dense_general_batch"],
+)
+def test_remove_spectral_norm_reads_kept_axes_anywhere_in_the_kernel(make, shape):
+  """axis="auto" removal finds kept axes that are neither leading nor trailing."""
+  x = _inputs(shape)
+  layer = flaxnorm.spectral_norm(make())
+  variables = layer.init(KEY, x)
+  removed = flaxnorm.remove_spectral_norm(variables)
+  chex.assert_trees_all_close(
+    make().apply(removed, x), layer.apply(variables, x), rtol=1e-5, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+def test_remove_weight_norm_of_stacked_layers(axis):
+  """Stacked by jax.vmap of init (as nn.vmap/nn.scan stack): each member folds on its own."""
+  x = _inputs((2, 6))
+  layer = flaxnorm.weight_norm(nn.Dense(4), axis=axis)
+  stacked = jax.vmap(lambda key: layer.init(key, x))(jax.random.split(KEY, 3))
+  stacked = jax.tree.map(lambda a: a * jnp.linspace(0.5, 1.5, a.size).reshape(a.shape), stacked)
+  removed = flaxnorm.remove_weight_norm(stacked)
+  chex.assert_trees_all_close(
+    jax.vmap(lambda v: nn.Dense(4).apply(v, x))(removed),
+    jax.vmap(lambda v: layer.apply(v, x))(stacked),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
 @pytest.mark.parametrize("scale", [0.1, 10.0])
 def test_spectral_clip_mode(scale):
   """mode="clip": w / max(sigma, 1), the same in the Linen, NNX and tree faces."""
