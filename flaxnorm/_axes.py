@@ -61,7 +61,7 @@ class AxisMap:
   items: tuple[tuple[str, Axis | Literal["auto"]], ...]
 
   @classmethod
-  def of(cls, mapping: Mapping[Any, Any], at: str) -> AxisMap:
+  def of(cls, mapping: Mapping[Any, Any], at: str, allow_none: bool = True) -> AxisMap:
     items = []
     for key, value in mapping.items():
       if not isinstance(key, str) or not key:
@@ -70,8 +70,8 @@ class AxisMap:
           f"('query', 'attn/out'), got {key!r}."
         )
       if value != AUTO:
-        _checks.check_axis_arg(value, f"{at}: axis[{key!r}]")
-        value = tuple(value) if isinstance(value, list) else value
+        _checks.check_axis_arg(value, f"{at}: axis[{key!r}]", allow_none=allow_none)
+        value = _checks.plain_axis(value)
       items.append((key.strip("/"), value))
     return cls(tuple(sorted(items, key=lambda kv: kv[0])))
 
@@ -97,11 +97,11 @@ def canonical(axis: Any, at: str, allow_none: bool) -> Any:
       raise TypeError(f"axis must be an int, a tuple of ints or 'auto'{where}, got {axis!r}.")
     return axis
   if isinstance(axis, Mapping):
-    return AxisMap.of(axis, at)
+    return AxisMap.of(axis, at, allow_none)
   if isinstance(axis, AxisMap) or callable(axis):
     return axis
   _checks.check_axis_arg(axis, at, allow_none=allow_none)
-  return tuple(axis) if isinstance(axis, list) else axis
+  return _checks.plain_axis(axis)
 
 
 def resolve(

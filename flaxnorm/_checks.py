@@ -71,8 +71,11 @@ COUNT_MAX = 2**31 - 1
 
 
 def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
-  """Returns ``value`` as an int, or raises if it is not an int >= ``minimum``."""
-  if isinstance(value, bool) or not isinstance(value, int):
+  """Returns ``value`` as an int, or raises if it is not an int >= ``minimum``.
+
+  A numpy integer counts as an int (``np.int64(3)``); a bool does not.
+  """
+  if not _is_int(value):
     raise TypeError(
       f"{argname} must be an int >= {minimum}{_at(at)}, got {value!r} ({type(value).__name__})."
     )
@@ -80,7 +83,12 @@ def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
     raise ValueError(f"{argname} must be >= {minimum}{_at(at)}, got {value}.")
   if value > COUNT_MAX:
     raise ValueError(f"{argname} must be <= {COUNT_MAX} (int32){_at(at)}, got {value}.")
-  return value
+  return int(value)
+
+
+def _is_int(value: Any) -> bool:
+  """An int or a numpy integer, not a bool (``numpy.bool_`` is no integer either)."""
+  return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def check_names(
@@ -112,14 +120,14 @@ def check_ensemble_axis(value: Any, at: str = "") -> int | None:
   """
   if value is None:
     return None
-  if isinstance(value, bool) or not isinstance(value, int):
+  if not _is_int(value):
     raise TypeError(f"ensemble_axis must be None or 0{_at(at)}, got {value!r}.")
   if value != 0:
     raise ValueError(
       f"ensemble_axis must be None or 0{_at(at)}, got {value}: stack the members on the "
       "leading axis (nnx.vmap(..., in_axes=0, out_axes=0)), which every variable shares."
     )
-  return value
+  return 0
 
 
 def check_axis_arg(axis: Any, at: str = "", allow_none: bool = True) -> None:
@@ -127,9 +135,16 @@ def check_axis_arg(axis: Any, at: str = "", allow_none: bool = True) -> None:
   if axis is None and allow_none:
     return
   items = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
-  if not items or any(isinstance(a, bool) or not isinstance(a, int) for a in items):
-    expected = "an int, a tuple of ints" + (" or None" if allow_none else "")
+  if not items or not all(_is_int(a) for a in items):
+    expected = "an int, a non-empty tuple of ints" + (" or None" if allow_none else "")
     raise TypeError(f"axis must be {expected}{_at(at)}, got {axis!r}.")
+
+
+def plain_axis(axis: Any) -> Any:
+  """``axis`` with Python ints for numpy ones and a tuple for a list (else as it is)."""
+  if isinstance(axis, (tuple, list)):
+    return tuple(int(a) if _is_int(a) else a for a in axis)
+  return int(axis) if _is_int(axis) else axis
 
 
 def normalize_axes(axis: Axis, ndim: int, at: str = "") -> tuple[int, ...]:
@@ -144,6 +159,7 @@ def normalize_axes(axis: Axis, ndim: int, at: str = "") -> tuple[int, ...]:
     The kept axes, each in ``[0, ndim)``, sorted and distinct.
   """
   check_axis_arg(axis, at)
+  axis = plain_axis(axis)
   if axis is None:
     return ()
   items = (axis,) if isinstance(axis, int) else tuple(axis)

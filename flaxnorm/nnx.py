@@ -295,10 +295,22 @@ def spectral_norm(
     operator=operator,
   )
   keys = _nnx_plan.make_key_source(rngs, "spectral_norm")
-  shape = _checks.check_shape(input_shape, "input_shape", "spectral_norm")
+  shape = _input_shape(input_shape, options.operator)
   ensemble = _checks.check_ensemble_axis(ensemble_axis, "spectral_norm")
   _nnx_plan.plan_spectral_norm(module, None, names, options, keys, shape, ensemble)()
   return module
+
+
+def _input_shape(input_shape: Any, operator: bool) -> tuple[int, ...] | None:
+  """``input_shape`` checked; it means something in operator mode only."""
+  shape = _checks.check_shape(input_shape, "input_shape", "spectral_norm")
+  if shape is not None and not operator:
+    raise ValueError(
+      f"spectral_norm: input_shape={shape} is for operator mode: pass operator=True with it "
+      "(the norm of the layer's map on inputs of that shape), or leave it out (the kernel's "
+      "matrix norm)."
+    )
+  return shape
 
 
 def _iter_modules(model: nnx.Module) -> list[tuple[PathParts, nnx.Module]]:
@@ -404,7 +416,7 @@ def wrap_modules(
     sn = _options.SpectralNormOptions(**{k: args[k] for k in option_names})
     axes = _module_axes(sn, picked)
     source = _nnx_plan.make_key_source(args["rngs"], "spectral_norm")
-    shape = _checks.check_shape(args["input_shape"], "input_shape", "spectral_norm")
+    shape = _input_shape(args["input_shape"], sn.operator)
     commits, start = [], 0
     for (p, m, n), a in zip(picked, axes):
       keys = _nnx_plan.offset(source, start)  # one key per param, never two alike

@@ -71,7 +71,7 @@ BAD_INPUTS = [
     "axis of the wrong type",
     lambda: flaxnorm.weight_norm(nn.Dense, axis=1.0),
     TypeError,
-    r"axis must be an int, a tuple of ints or None at weight_norm",
+    r"axis must be an int, a non-empty tuple of ints or None at weight_norm",
   ),
   (
     "integer params",
@@ -319,6 +319,42 @@ def test_numpy_and_jax_scalars_are_numbers():
   chex.assert_trees_all_close(y, X @ kernel + variables["params"]["bias"], rtol=1e-5)
   with pytest.raises(TypeError, match=r"target must be a positive float .*got np\.True_"):
     flaxnorm.spectral_norm(nn.Dense(3), target=np.bool_(True))
+
+
+def test_numpy_integers_are_ints():
+  """np.int64 axes and counts work as Python ints, in every face and the math functions."""
+  layer = flaxnorm.spectral_norm(nn.Dense(3), axis=np.int64(-1), n_power_iterations=np.int32(2))
+  expected = flaxnorm.spectral_norm(nn.Dense(3), axis=-1, n_power_iterations=2)
+  chex.assert_trees_all_equal(layer.apply(_init(layer), X), expected.apply(_init(expected), X))
+  wn = flaxnorm.weight_norm(nn.Dense(3), axis=(np.int64(0),))
+  assert _init(wn)["params"]["kernel_g"].shape == (4, 1)
+  lin = flaxnorm.nnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), axis=np.int64(-1))
+  assert lin(X).shape == (2, 3)
+  w = jnp.diag(jnp.array([3.0, 1.0]))
+  chex.assert_trees_all_close(
+    flaxnorm.power_iteration(w, jnp.ones(2), n_steps=np.int64(30))[2], jnp.float32(3.0)
+  )
+  assert flaxnorm.as_matrix(jnp.ones((2, 3)), axis=np.int64(0)).shape == (2, 3)
+  with pytest.raises(TypeError, match=r"axis must be an int.*got np\.True_"):
+    flaxnorm.spectral_norm(nn.Dense(3), axis=np.bool_(True))
+
+
+def test_axis_map_none_under_spectral_norm_is_refused_at_wrap_time():
+  with pytest.raises(
+    TypeError,
+    match=r"axis must be an int, a non-empty tuple of ints at spectral_norm: axis\['query'\]",
+  ):
+    flaxnorm.spectral_norm(nn.MultiHeadDotProductAttention(2), recursive=True, axis={"query": None})
+
+
+def test_nnx_input_shape_needs_operator_mode():
+  with pytest.raises(
+    ValueError, match=r"input_shape=\(4,\) is for operator mode: pass operator=True"
+  ):
+    flaxnorm.nnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), input_shape=(4,))
+  model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"is for operator mode"):
+    flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.spectral_norm, where=nnx.Linear, input_shape=(4,))
 
 
 @pytest.mark.parametrize("eps", [1e-12, 1e-13, 1e-20, 1e-40])
