@@ -153,10 +153,13 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
   kept = _checks.normalize_axes(axis, w.ndim, "weight_norm_decompose")
   w32 = w.astype(compute_dtype(w.dtype))
   if axis is None:
-    g = jnp.sqrt(sumsq(w32, None))
+    squares = sumsq(w32, None)
   else:
-    g = jnp.sqrt(sumsq(w32, _reduced_axes(kept, w.ndim), keepdims=True))
-  return g, w
+    squares = sumsq(w32, _reduced_axes(kept, w.ndim), keepdims=True)
+  # sqrt has an infinite slope at 0: a zero slice takes sqrt(1) on the side
+  # the gradient sees, so g = 0 there with a zero, finite gradient.
+  nonzero = squares > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0), w
 
 
 def weight_norm_compose(g: Array, v: Array, eps: float = 1e-12) -> Array:

@@ -118,8 +118,9 @@ def restart_vector(shape: tuple[int, ...], dtype: jnp.dtype) -> Array:
 def start_vector(x: Array, eps: float, restart: bool) -> Array:
   """Where power iteration starts from ``x``.
 
-  With ``restart`` (iterating): ``x`` as it is, or the restart vector where
-  ``||x|| <= eps`` or is not finite; the steps normalize it. Without
+  With ``restart`` (iterating): ``x / ||x||``, or the restart vector where
+  ``||x|| <= eps`` or is not finite (a unit vector either way, so a zero
+  weight, whose steps keep the vectors they start from, returns unit ones). Without
   (evaluation, sigma read from the vectors): ``x / ||x||``, or ``x`` where
   ``||x|| <= eps``, so stored vectors that are not unit give the right sigma.
   The restart vector is elementwise, so XLA fuses the ``where`` into its use.
@@ -132,7 +133,7 @@ def start_vector(x: Array, eps: float, restart: bool) -> Array:
       r = restart_vector(x.shape, x.dtype)
       return jax.sharding.reshard(r, jax.typeof(x).sharding) if _is_explicit(x) else r
 
-    return jnp.where(ok, x, fresh())
+    return jnp.where(ok, apply_scale(x, inv), fresh())
   return normalize_or_keep(x, x, eps)
 
 
@@ -217,7 +218,8 @@ def power_iteration(
       kept if ``w^H u`` is zero or not finite (a zero or NaN weight; ``u`` likewise
       for ``w v``). ``u`` and ``v`` need not be unit vectors: they are normalized
       first. A zero one restarts from a fixed vector when ``n_steps > 0``; with
-      ``n_steps == 0`` it gives ``sigma = 0``.
+      ``n_steps == 0`` it gives ``sigma = 0``. A zero ``w`` returns the
+      starting vectors, normalized.
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
@@ -251,7 +253,7 @@ def power_iteration(
   if v is None:
     if n_steps == 0:
       raise ValueError("power_iteration: n_steps=0 needs v.")
-    v_start = jnp.zeros((n,), w.dtype)
+    v_start = restart_vector((n,), w.dtype)  # replaced by the first step, unless W^H u = 0
   elif v.shape != (n,):
     raise ValueError(
       f"power_iteration: v must have shape ({n},) for w of shape {w.shape}, got {v.shape}."
@@ -278,9 +280,8 @@ def power_iteration(
   # evaluation both are normalized (stored ones may be scaled), and a zero one
   # gives sigma 0 (an unnormalized kernel).
   u_out = jax.lax.stop_gradient(start_vector(u.astype(dtype), eps, restart=n_steps > 0))
-  v_out = jax.lax.stop_gradient(v_start.astype(dtype))
-  if not n_steps:
-    v_out = start_vector(v_out, eps, restart=False)
+  # v is what a zero W^H u keeps: unit too (or the restart vector).
+  v_out = jax.lax.stop_gradient(start_vector(v_start.astype(dtype), eps, restart=n_steps > 0))
   if n_steps:
     carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))
     u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)
@@ -495,6 +496,11 @@ def spectral_scale(
   """
   _checks.check_mode(mode, "spectral_normalize")
   _checks.check_target(target, "spectral_normalize")
+  if sigma is not None and jnp.shape(sigma) != ():
+    raise ValueError(
+      f"spectral_normalize: sigma must be a scalar (the stored estimate), got shape "
+      f"{jnp.shape(sigma)}; use jax.vmap for stacked kernels."
+    )
   new_u, new_v, new_sigma = power_iteration(matrix_view(w, axis), u, v=v, n_steps=n_steps, eps=eps)
   # A non-finite weight must not poison the state: u and v keep their old
   # values (normalize_or_keep), sigma too; the NaN still reaches the output.

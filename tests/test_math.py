@@ -421,6 +421,24 @@ def test_zero_state_restarts_in_training():
   chex.assert_trees_all_close(w_eval, w)
 
 
+def test_zero_weight_returns_unit_vectors_and_finite_decompose_gradients():
+  """A zero W keeps the vectors it starts from: normalized (they were returned as given)."""
+  z = jnp.zeros((4, 3))
+  for v in (jnp.full(3, 5.0), None, jnp.zeros(3)):
+    u, v_out, sigma = flaxnorm.power_iteration(z, jnp.full(4, 2.0), v=v, n_steps=3)
+    chex.assert_trees_all_close((jnp.linalg.norm(u), jnp.linalg.norm(v_out)), (1.0, 1.0), rtol=1e-6)
+    assert float(sigma) == 0.0
+  # d g / d w at a zero slice: zero, not NaN (sqrt's slope at 0).
+  for axis in (-1, None):
+    grad = jax.grad(lambda w: flaxnorm.weight_norm_decompose(w, axis=axis)[0].sum())(z)
+    chex.assert_trees_all_equal(grad, z)
+  with pytest.raises(ValueError, match=r"sigma must be a scalar .* got shape \(3,\)"):
+    flaxnorm.spectral_normalize(z, jnp.ones(3), jnp.ones(4), sigma=jnp.ones(3), axis=0)
+  w = jnp.array([[3.0, 0.0], [4.0, 0.0]])
+  grad = jax.grad(lambda w: flaxnorm.weight_norm_decompose(w)[0].sum())(w)
+  chex.assert_trees_all_close(grad, jnp.array([[0.6, 0.0], [0.8, 0.0]]))
+
+
 def test_evaluation_normalizes_the_stored_vectors():
   """sigma = u^T W v / (||u|| ||v||): stored vectors that are not unit give the same sigma."""
   w = jax.random.normal(jax.random.key(0), (5, 3))
