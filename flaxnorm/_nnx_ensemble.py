@@ -33,6 +33,10 @@ def _expected_rank(module: nnx.Module, name: str) -> int | None:
     return (1 if isinstance(size, int) else len(size)) + 2
   if isinstance(module, nnx.Embed) and name == "embedding":
     return 2
+  if isinstance(module, nnx.LinearGeneral) and name == "kernel":
+    return len(module.batch_axis) + len(module.in_features) + len(module.out_features)
+  if isinstance(module, nnx.Einsum) and name == "kernel":
+    return len(module.kernel_shape)
   return None
 
 

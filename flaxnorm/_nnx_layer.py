@@ -463,6 +463,10 @@ def _call(self, *args, **kwargs):
   state = _Call(None, {})
   inputs = args[0] if args else kwargs.get("inputs")
   example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
+  for name, spec in specs.items():  # an ensemble is called member by member, under nnx.vmap
+    probe = spec.attrs(name)[1] if isinstance(spec, WeightNormSpec) else name
+    if _nnx_ensemble.is_stacked(spec, _get(self, probe, spec.method, name)[...]):
+      raise _nnx_ensemble.not_under_vmap_error(spec.method, describe(self, name))
   spectral = {name: s for name, s in specs.items() if isinstance(s, SpectralNormSpec)}
   if not getattr(self, FLAG, False) and not FROZEN.get():  # training: iterate and store
     state.scales = {name: spec.update(self, name, example) for name, spec in spectral.items()}

@@ -57,3 +57,10 @@ def adopt_rnns(model: nnx.Module) -> None:
   for _, m in nnx.iter_modules(model):
     if type(m) is nnx.RNN and _spectral_layers(m.cell):
       object.__setattr__(m, "__class__", RNN)  # NNX's __setattr__ would record a field
+
+
+def release_rnns(model: nnx.Module) -> None:
+  """Gives each :class:`RNN` in ``model`` whose cell has no spectrally normed layer left ``nnx.RNN`` back."""
+  for _, m in nnx.iter_modules(model):
+    if type(m) is RNN and not _spectral_layers(m.cell):
+      object.__setattr__(m, "__class__", nnx.RNN)

@@ -561,6 +561,7 @@ def _remove(module: Any, name: Any, kind: type, method: str) -> None:
       if n in vars(m):
         delattr(m, n)
       setattr(m, n, raw[n].copy(value))
+  _nnx_scan.release_rnns(module)
 
 
 def remove_weight_norm(module: M, *, name: str | Sequence[str] | None = None) -> M:

@@ -410,10 +410,36 @@ def test_nnx_stacked_module_without_ensemble_axis_says_how(transform):
     transform(_nnx_stack(), ensemble_axis="0")
 
 
-def test_nnx_ensemble_called_outside_vmap_says_how():
-  ensemble = flaxnorm.nnx.spectral_norm(_nnx_stack(), ensemble_axis=0)
+@pytest.mark.parametrize("transform", NNX_TRANSFORMS)
+def test_nnx_ensemble_called_outside_vmap_says_how(transform):
+  """Weight norm too: it used to run the stacked kernel on the batch, silently."""
+  ensemble = transform(_nnx_stack(), ensemble_axis=0)
   with pytest.raises(ValueError, match=r"outside nnx\.vmap.*nnx\.vmap\(lambda layer"):
     ensemble(XS[:, 0])
+  ensemble.eval()
+  with pytest.raises(ValueError, match=r"outside nnx\.vmap"):
+    ensemble(XS[:, 0])
+
+
+@pytest.mark.parametrize("transform", NNX_TRANSFORMS)
+def test_nnx_ensemble_axis_checks_general_layers(transform):
+  """LinearGeneral and Einsum know their rank: unstacked with ensemble_axis, or stacked
+  without, is refused (it was accepted, one norm per element or for the whole stack)."""
+  with pytest.raises(ValueError, match=r"needs param 'kernel' of LinearGeneral stacked, with 4"):
+    transform(nnx.LinearGeneral(4, (2, 3), rngs=nnx.Rngs(0)), ensemble_axis=0)
+  with pytest.raises(ValueError, match=r"needs param 'kernel' of Einsum stacked, with 3"):
+    transform(nnx.Einsum("ab,bc->ac", (3, 4), rngs=nnx.Rngs(0)), ensemble_axis=0)
+
+  @nnx.split_rngs(splits=L)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return nnx.LinearGeneral(F, (2, 3), rngs=rngs)
+
+  with pytest.raises(ValueError, match=r"one axis more than a LinearGeneral kernel \(3 dims\)"):
+    transform(make(nnx.Rngs(0)))
+  ensemble = transform(make(nnx.Rngs(0)), ensemble_axis=0)
+  y = nnx.vmap(lambda layer, x: layer(x), in_axes=(0, None))(ensemble, XS[:, 0])
+  assert y.shape == (L, B, 2, 3)
 
 
 # --------------------------------------------------------------------------- #
@@ -461,3 +487,13 @@ def test_nnx_rnn_matches_unrolled_loop(transform):
   before = _pure(nnx.state(rnn.cell))
   chex.assert_trees_all_close(rnn(XS), _nnx_unrolled(ref), **TOL)
   chex.assert_trees_all_equal(_pure(nnx.state(rnn.cell)), before)
+
+
+def test_nnx_rnn_gets_its_class_back_on_removal():
+  rnn = _nnx_rnn(flaxnorm.nnx.spectral_norm)
+  assert type(rnn) is not nnx.RNN
+  rnn.eval()
+  y = rnn(XS)
+  flaxnorm.nnx.remove_spectral_norm(rnn)
+  assert type(rnn) is nnx.RNN
+  chex.assert_trees_all_close(rnn(XS), y, **TOL)
