@@ -72,6 +72,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from scipy.linalg import get_blas_funcs  # scipy: a dependency of jax
 
@@ -81,14 +82,15 @@ from flaxnorm._checks import Axis
 DEFAULT_GRAM_STEPS = 6
 """Gram steps (squarings) that :func:`matrix_norm_bound` and :func:`conv_norm_bound` run.
 
-Measured bound / sigma_1 (numpy SVD) for Gaussian matrices: 300 draws of shapes
-1..64 per side, at most 1.0026 with 6 steps (1.011 with 5, 1.0009 with 7);
-1024 x 1024: 1.0036 and 1.0053 (two seeds) with 6 steps, 1.0007 with 7. Orthogonal matrices and
-partial isometries are exact (their Gram matrix is ``I``, bounded by its row
-sums); the worst case, ``r < min(m, n)`` equal nonzero singular values with
-delocalized singular vectors, stays near ``r^(1 / 2^(n_steps + 1))``: 1.022 for
-a rank-32 projector in 64 dims at 6 steps. Each step costs one ``p x p x q``
-matrix product.
+Measured bound / sigma_1 (numpy SVD) for Gaussian matrices, 300 draws of shapes
+1..64 per side for each of the seeds 0-5 (``numpy.random.default_rng``): at most
+1.0054 over 6 x 300 draws with 6 steps (worst (48, 46); per seed 1.0029 to
+1.0054), 1.014 with 5, 1.0025 with 7; 1024 x 1024: 1.0036 and 1.0053 (two seeds)
+with 6 steps, 1.0007 with 7. Orthogonal matrices and partial isometries are exact
+(their Gram matrix is ``I``, bounded by its row sums); the worst case, ``r <
+min(m, n)`` equal nonzero singular values with delocalized singular vectors, stays
+near ``r^(1 / 2^(n_steps + 1))``: 1.022 for a rank-32 projector in 64 dims at 6
+steps. Each step costs one ``p x p x q`` matrix product.
 """
 
 _MAX_GRAM_STEPS = 40  # keeps the integer exponent 2^t * (e + log2 q + 2) below 2^53.
@@ -98,6 +100,14 @@ _MAX_FREQ_BYTES = 2 * 2**30  # the per-frequency arrays of conv_norm_bound, all 
 _PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "CAUSAL")
 _HERK_MIN = 16  # complex blocks at least this large use BLAS zherk, one call per block
 (_ZHERK,) = get_blas_funcs(("herk",), dtype=np.complex128)
+
+
+class UnsupportedError(ValueError):
+  """What a layer runs but no bound here covers: an option, a size or a stored state.
+
+  A ``ValueError`` for the public functions; ``lipschitz_bound`` reports it as the
+  layer's reason (``certified=None``) instead of raising.
+  """
 
 
 def _rel_margin(p: int, q: int) -> float:
@@ -288,10 +298,14 @@ def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_ST
   n_steps = check_steps(n_steps, at)
   if w.size == 0:
     return 0.0
-  w = np.moveaxis(w, kept, tuple(range(len(kept))))
-  mat = w.reshape(math.prod(w.shape[: len(kept)]), -1)
-  upper, _ = _block_bounds(mat[None], n_steps)
+  upper, _ = _block_bounds(matrix_of(w, kept)[None], n_steps)
   return float(upper[0])
+
+
+def matrix_of(w: np.ndarray, kept: tuple[int, ...]) -> np.ndarray:
+  """``flaxnorm.as_matrix``'s ``(m, n)`` view in numpy: the ``kept`` axes as rows."""
+  w = np.moveaxis(w, kept, tuple(range(len(kept))))
+  return w.reshape(math.prod(w.shape[: len(kept)]), -1)
 
 
 def _per_axis(value: Any, d: int, argname: str, at: str) -> tuple[int, ...]:
@@ -323,8 +337,11 @@ def _explicit_pads(padding: Any, d: int, at: str) -> list[tuple[int, int]] | Non
         return None
   else:
     return None
-  if any(v < 0 for pair in pads for v in pair):
-    raise ValueError(f"padding at {at} must have non-negative (low, high) pairs, got {padding!r}.")
+  if any(v < 0 for pair in pads for v in pair):  # Flax crops there: not bounded here
+    raise UnsupportedError(
+      f"padding at {at} must have non-negative (low, high) pairs, got {padding!r} (negative "
+      "padding, which crops the input, is not supported)."
+    )
   return pads
 
 
@@ -343,7 +360,7 @@ def _fft_sizes(
   if isinstance(padding, str):
     mode = padding.upper()
     if mode not in _PADDINGS:
-      raise ValueError(
+      raise UnsupportedError(
         f"padding at {at} must be one of {_PADDINGS}, an int or a sequence of {d} ints or "
         f"(low, high) pairs, got {padding!r} (REFLECT padding is not supported)."
       )
@@ -373,9 +390,10 @@ def _fft_sizes(
   for i, (n, k, (lo, hi)) in enumerate(zip(input_shape, window, pads)):
     n_out = n + lo + hi - k + 1  # stride-1 outputs
     if n_out < 1:
-      raise ValueError(
+      raise UnsupportedError(
         f"input_shape at {at} is smaller than the window along spatial axis {i}: size {n} "
-        f"padded by ({lo}, {hi}) < dilated window {k} (padding={padding!r})."
+        f"padded by ({lo}, {hi}) < dilated window {k} (padding={padding!r}): the layer's "
+        "output is empty."
       )
     sizes.append(max(n + lo, n + hi, n_out))
   return tuple(sizes)
@@ -433,7 +451,7 @@ def _check_fft_size(
   """Raises unless the ``words`` 8-byte values kept per DFT frequency fit :data:`_MAX_FREQ_BYTES`."""
   n_freq = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
   if n_freq * words * 8 > _MAX_FREQ_BYTES:
-    raise ValueError(
+    raise UnsupportedError(
       f"input_shape at {at} is too large: {input_shape} gives a circular size {sizes} with "
       f"{n_freq} DFT frequencies, whose per-frequency bookkeeping needs "
       f"{n_freq * words * 8 / 2**30:.4g} GiB; the limit is {_MAX_FREQ_BYTES // 2**30} GiB "
@@ -560,7 +578,7 @@ def conv_norm_bound(
   strides = _per_axis(strides, d, "strides", at)
   dilation = _per_axis(kernel_dilation, d, "kernel_dilation", at)
   groups = _checks.check_count(feature_group_count, "feature_group_count", 1, at)
-  cin_g, cout = kernel.shape[-2:]
+  cout = kernel.shape[-1]
   if cout % groups:
     raise ValueError(
       f"feature_group_count={groups} at {at} must divide the kernel's out features {cout}."
@@ -572,7 +590,25 @@ def conv_norm_bound(
   if kernel.size == 0:
     return 0.0
   _check_fft_size(input_shape, sizes, d + 2 * groups + 4, at)
+  # Scaled by a power of two (exact) to a largest entry in [0.5, 1), the DFT's sums of K
+  # taps cannot overflow; the bound scales back exactly, to inf when the norm is beyond
+  # float64 (1e308 entries made inf blocks, then inf - inf = NaN).
+  _, e = np.frexp(np.abs(kernel).max())
+  scaled = _circular_bound(np.ldexp(kernel, -e), dilation, sizes, groups, n_steps)
+  with np.errstate(over="ignore"):
+    return float(np.ldexp(scaled, e))
 
+
+def _circular_bound(
+  kernel: np.ndarray,
+  dilation: tuple[int, ...],
+  sizes: tuple[int, ...],
+  groups: int,
+  n_steps: int,
+) -> float:
+  """:func:`conv_norm_bound` for a kernel whose DFT sums are finite: the circular conv's."""
+  d = kernel.ndim - 2
+  window, (cin_g, cout) = kernel.shape[:d], kernel.shape[-2:]
   kmat = kernel.reshape(-1, cin_g * cout)
   taps = np.indices(window).reshape(d, -1).T * np.asarray(dilation)
   half = (*sizes[:-1], sizes[-1] // 2 + 1)  # w and -w: conjugate blocks
@@ -605,3 +641,145 @@ def conv_norm_bound(
   taps_abs = np.abs(kernel).reshape(-1, cin_g * cout).sum(axis=0)
   dft_error = 2.0 * (kmat.shape[0] + 16) * _EPS * float(np.sqrt(np.sum(taps_abs**2)))
   return float(upper.max()) + dft_error
+
+
+# ---------------------------------------------------------------- a layer's scale in evaluation
+#
+# A spectrally normalized layer multiplies its kernel by ``scale = target / sigma`` (or
+# ``target / max(sigma, target)`` with "clip"), and a certificate needs the largest scale the
+# layer can use, rounding included: the computed sigma of a float64 layer recomputed in float32
+# was off by 4e-5 (cancellation in ``u^T W v``), where the certificate allowed 1e-6. So the
+# functions below bound the layer's own computation in its own dtype (unit roundoff ``r``),
+# with a margin from the classic dot-product bound (Higham, "Accuracy and Stability of
+# Numerical Algorithms", 2002, Sec. 3.1): a sum of ``k`` products computed in any order, with
+# or without FMA, is off by at most ``gamma_k sum |terms|``, ``gamma_k = k r / (1 - k r)``.
+# Underflow (gradual or flushed to zero, inputs or results) adds at most the smallest normal
+# ``tiny`` per product. The dtype's products are assumed to run at its full precision (CPU;
+# on GPU/TPU with ``jax_default_matmul_precision="highest"``, not TF32 or bfloat16 passes).
+
+
+def _roundoff(dtype: Any) -> tuple[float, float, float]:
+  """Unit roundoff, smallest normal and largest finite value of a float dtype."""
+  info = jnp.finfo(dtype)
+  return float(info.eps) / 2, float(info.tiny), float(info.max)
+
+
+def _gamma(k: int, unit: float) -> float:
+  """``gamma_k``: the relative error bound of a sum of ``k`` products (comment above)."""
+  if 2 * k * unit >= 1:
+    raise UnsupportedError(f"a sum of {k} products in this dtype has no useful error bound")
+  return k * unit / (1 - k * unit)
+
+
+def _stored_unit(x: np.ndarray, dtype: Any, eps: float, name: str) -> tuple[float, float]:
+  """How evaluation normalizes a stored power-iteration vector, as ``(norm, alpha)``.
+
+  ``_power.start_vector(x, eps, restart=False)`` computes in ``dtype``
+  ``x * rsqrt(sum x^2)`` when that rsqrt is in ``(0, 1 / eps)``, else keeps ``x``.
+  Either way entry ``i`` comes out as ``x_i / norm * (1 + theta_i)`` with
+  ``|theta_i| <= alpha``: ``norm = ||x||`` when normalized (``alpha`` from the sum
+  of squares' ``gamma_k``, underflow, the rsqrt's error, at most 16 ulps, and the
+  product), ``(1, 0)`` when kept (exactly ``x``).
+
+  Args:
+    x: the vector as the layer casts it to ``dtype``, held in float64 (exact).
+    dtype: the layer's compute dtype.
+    eps: the layer's ``eps``.
+    name: ``"u"`` or ``"v"``, for the message.
+
+  Raises:
+    UnsupportedError: rounding could take either branch.
+  """
+  unit, tiny, big = _roundoff(dtype)
+  s = float(np.sum(np.square(x)))
+  slack = _gamma(x.size, unit) * s + 2 * x.size * tiny + 4 * x.size * _EPS * s
+  s_lo, s_hi = (s - slack, s + slack) if math.isfinite(s) else (math.inf, math.inf)
+  rsqrt_err = 16 * unit
+  inv_lo = (1 - rsqrt_err) / math.sqrt(s_hi) if s_hi > 0 else math.inf
+  inv_hi = (1 + rsqrt_err) / math.sqrt(s_lo) if s_lo > 0 else math.inf
+  limit = ((1 - 2 * unit) / eps, (1 + 2 * unit) / eps)  # 1 / eps rounded to dtype
+  if s_hi * (1 + unit) < big and inv_hi < min(limit[0], big) and slack < s / 2:
+    alpha = (1 + rsqrt_err) * (1 + unit) / math.sqrt(1 - slack / s) - 1
+    return math.sqrt(s), alpha
+  if s_lo * (1 - unit) > big or inv_lo > limit[1]:  # sum x^2 overflows, or ||x|| <= eps
+    return 1.0, 0.0
+  raise UnsupportedError(
+    f"the stored {name} has norm {math.sqrt(s):.6g}, at the edge of eps={eps!r} or of the "
+    f"{np.dtype(dtype).name} range: whether the layer normalizes it depends on rounding"
+  )
+
+
+def eval_sigma_range(
+  mat: np.ndarray, u: Any, v: Any, eps: float, dtype: Any
+) -> tuple[float, float]:
+  """Bounds ``[lo, hi]`` on the sigma a kernel-mode layer computes in evaluation.
+
+  The layer (``_power.power_iteration`` with ``n_steps=0``) computes in ``dtype``
+  ``sigma = (u'^T W) v'`` with ``u'``, ``v'`` the stored vectors normalized as in
+  :func:`_stored_unit`. With ``S = sum u_i W_ij v_j`` and ``A = sum |u_i W_ij
+  v_j|`` (computed here in float64), the exact ``u'^T W v'`` is within
+  ``((1 + a_u)(1 + a_v) - 1) A / (n_u n_v)`` of ``S / (n_u n_v)``, and the
+  layer's rounding adds ``gamma_(m+n)`` times its own ``sum |terms|``; float64's
+  own rounding here is covered by ``8 (m + n + 16) eps_64`` more.
+
+  Args:
+    mat: the kernel's ``(m, n)`` matrix view in float64 (exactly the layer's values).
+    u, v: the stored vectors, shapes ``(m,)`` and ``(n,)``.
+    eps: the layer's ``eps``.
+    dtype: the layer's compute dtype (``flaxnorm._math.compute_dtype`` of the kernel's).
+
+  Raises:
+    UnsupportedError: a vector of another size or not finite in ``dtype``, a branch
+      that depends on rounding, or a product that may overflow ``dtype``.
+  """
+  unit, tiny, big = _roundoff(dtype)
+  m, n = mat.shape
+  x = [np.asarray(a).astype(dtype).astype(np.float64).reshape(-1) for a in (u, v)]
+  if x[0].size != m or x[1].size != n or not all(np.isfinite(a).all() for a in x):
+    raise UnsupportedError(
+      f"the stored vectors have {x[0].size} and {x[1].size} entries, for a ({m}, {n}) kernel "
+      f"view, or are not finite in {np.dtype(dtype).name}: the layer's sigma has no bound"
+    )
+  (n_u, a_u), (n_v, a_v) = (_stored_unit(a, dtype, eps, k) for a, k in zip(x, "uv"))
+  mag = [np.abs(a) for a in x]
+  w_abs = np.abs(mat)
+  grow = (1 + a_u) * (1 + a_v) * (1 + _gamma(m + n, unit))
+  total = float(mag[0] @ w_abs @ mag[1]) / (n_u * n_v)
+  peak = max(np.max(mag[0] @ w_abs, initial=0) / n_u, np.max(w_abs @ mag[1], initial=0) / n_v)
+  big_u, big_v = (float(a.max(initial=0)) / k * 2 + tiny for a, k in zip(mag, (n_u, n_v)))
+  floor = 2 * tiny * (m * n + m + n) * (1 + float(w_abs.max(initial=0))) * (1 + big_u) * (1 + big_v)
+  if not 4 * grow * max(total, peak) + floor < big:  # also catches NaN
+    raise UnsupportedError(
+      f"the layer's sigma may overflow {np.dtype(dtype).name}: its bound is not certified"
+    )
+  center = float(x[0] @ mat @ x[1]) / (n_u * n_v)
+  half = (grow - 1 + 8 * (m + n + 16) * _EPS) * total * (1 + 2.0**-40) + floor
+  return center - half, center + half
+
+
+def scale_bound(lo: float, hi: float, dtype: Any, *, eps: float, mode: str, target: float) -> float:
+  """The largest ``|scale|`` ``_power.sigma_scale`` computes in ``dtype``, ``lo <= sigma <= hi``.
+
+  ``"normalize"``: ``1`` where ``|sigma| <= eps``, else ``target / sigma``;
+  ``"clip"``: ``target / max(sigma, target)``. ``target`` and ``eps`` are rounded
+  to ``dtype`` (or flushed, within ``tiny``), and the division rounds once: a
+  relative ``(1 + 4 r)^2`` covers those and this function's float64 arithmetic.
+  ``inf`` where the scale has no finite bound.
+
+  Raises:
+    UnsupportedError: ``lo`` or ``hi`` is not finite (the layer's output is NaN).
+  """
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    raise UnsupportedError(f"the layer's sigma is not finite ({lo}, {hi})")
+  unit, tiny, _ = _roundoff(dtype)
+  up = (1 + 4 * unit) ** 2 * target
+  if mode == "clip":  # largest at the smallest sigma
+    low = max(lo, target * (1 - 2 * unit) - tiny)
+    return up / low if low > 0 else math.inf
+  near = 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))  # the smallest |sigma|
+  small = (eps * (1 - 2 * unit) - tiny, eps * (1 + 2 * unit) + tiny)  # eps in dtype
+  out = 1.0 if near <= small[1] else 0.0  # |sigma| <= eps: the kernel as it is
+  if max(abs(lo), abs(hi)) > small[0]:  # else target / sigma, largest at the smallest |sigma|
+    low = max(near, small[0])
+    out = max(out, up / low if low > 0 else math.inf)
+  return out

@@ -37,17 +37,25 @@ def operator_power_iteration(
   """Power iteration through a linear map given as a function: operator-mode spectral norm.
 
   Where :func:`power_iteration` takes a matrix, this takes the map itself, e.g.
-  a convolution on one example, and its transpose from ``jax.vjp``, so the
-  estimate is the norm of what the layer computes (for a convolution, not the
-  norm of its reshaped kernel). Each step is PyTorch's order:
-  ``v = normalize(A^T u)``, then ``u = normalize(A v)``, in a
+  a convolution without bias on one example, and its transpose from
+  ``jax.vjp``, so the estimate is the norm of what the layer computes (for a
+  convolution, not the norm of its reshaped kernel). Each step is PyTorch's
+  order: ``v = normalize(A^T u)``, then ``u = normalize(A v)``, in a
   ``jax.lax.fori_loop`` (compile time flat in ``n_steps``).
 
+  Warning:
+    ``apply`` must be *linear*, not affine: with a bias (Flax's ``nn.Conv``
+    and ``nn.Dense`` have one by default) sigma is silently wrong, since
+    ``jax.vjp`` transposes the linear part but ``apply(v)`` adds the bias to
+    ``u`` and to ``sigma = <u, apply(v)>``. Pass ``x -> f(x) - f(0)``, or the
+    layer built with ``use_bias=False``. Nothing checks it: an exact test
+    would add work to the jitted loop.
+
   Args:
-    apply: ``x -> A x``, linear, for ``x`` of ``v``'s shape; called with
-      float32 (at least) vectors, it may compute and return a narrower dtype
-      (a bfloat16 layer). Close over stopped-gradient weights: the iteration
-      carries no gradient.
+    apply: ``x -> A x``, linear (no bias, see the warning), for ``x`` of
+      ``v``'s shape; called with float32 (at least) vectors, it may compute
+      and return a narrower dtype (a bfloat16 layer). Close over
+      stopped-gradient weights: the iteration carries no gradient.
     u: output-shaped estimate (any shape, e.g. ``(1, h, w, out)``).
     v: input-shaped estimate (e.g. ``(1, h, w, in)``).
     n_steps: iterations (>= 0).

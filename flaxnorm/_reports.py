@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 
-from flaxnorm import _axes, _certify, _checks, _fold, _math, _operator, _options, _power, _subclass
+from flaxnorm import _axes, _certify, _checks, _fold, _math, _options, _power, _subclass
 from flaxnorm import linen as _linen
 
 _AT = "lipschitz_bound"
@@ -57,8 +57,8 @@ def spectral_sigmas(
   return _sigmas(variables, collection, "spectral_sigmas")
 
 
-def _sigmas(variables: Any, collection: Any, fn: str) -> dict[str, jax.Array]:
-  """:func:`spectral_sigmas`, its messages naming ``fn``."""
+def _sigmas(variables: Any, collection: Any, fn: str, hint: str = "") -> dict[str, jax.Array]:
+  """:func:`spectral_sigmas`, its messages naming ``fn`` (``hint`` ends a missing collection's)."""
   collection = _checks.check_collection(collection, fn)
   if not isinstance(variables, Mapping):
     raise TypeError(
@@ -70,7 +70,7 @@ def _sigmas(variables: Any, collection: Any, fn: str) -> dict[str, jax.Array]:
     raise ValueError(
       f"{fn}: collection '{collection}' is not in the variables, which hold the collections "
       f"{sorted(map(str, variables))}: no layer is spectrally normalized (plain or "
-      "weight-normed variables), or its state is under another collection name."
+      "weight-normed variables), or its state is under another collection name." + hint
     )
   if not isinstance(state, Mapping):
     raise TypeError(
@@ -137,16 +137,20 @@ def lipschitz_bound(
   options and input size, and each layer that holds variables gets a
   guaranteed upper bound on the norm of what it computes in evaluation (Gram
   iteration on the kernel's matrix, or on a convolution's FFT-domain blocks,
-  times a wrapped layer's scale ``target / sigma``). Certified layers:
-  ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` (any strides, padding,
-  groups, dilation, ``mask``) run by Flax's own code, spectrally normalized,
-  weight-normed or plain (then the estimate counts their certified norm too);
-  biases add no factor. Any other layer holding variables (``ConvTranspose``,
-  ``LayerNorm``, ``BatchNorm``, ``Embed``, a subclass, a custom
-  ``dot_general`` or ``conv_general_dilated``, a module's own ``self.param``)
-  makes the product ``None``, with the reason under its path in
-  ``reasons``. A layer the model calls ``k`` times (weight tying) counts ``k``
-  times; on inputs of different sizes it is refused. Spectral states stacked
+  times the largest scale ``target / sigma`` a wrapped layer can compute: its
+  sigma as it computes it, in its own dtype, with a rigorous rounding margin).
+  Certified layers: ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` (any
+  strides, zero or circular padding, groups, kernel dilation, ``mask``) run by
+  Flax's own code, spectrally normalized, weight-normed or plain (then the
+  estimate counts their certified norm too); biases add no factor. A model
+  with no spectrally normalized layer (no ``collection`` in the variables) is
+  certified from its ``params``. Any other layer holding variables
+  (``ConvTranspose``, ``LayerNorm``, ``BatchNorm``, ``Embed``, a subclass, a
+  custom ``dot_general`` or ``conv_general_dilated``, a module's own
+  ``self.param``, a Conv with ``REFLECT`` or negative padding, an empty output
+  or ``input_dilation``) makes the product ``None``, with the reason under its
+  path in ``reasons``. A layer the model calls ``k`` times (weight tying)
+  counts ``k`` times; on inputs of different sizes it is refused. Spectral states stacked
   by ``nn.scan``/``nn.vmap`` are refused (bound each member's variables); a
   plain stacked layer gets a reason. Layers without variables (activations,
   dropout in evaluation) and what the model computes between layers (skip
@@ -155,7 +159,8 @@ def lipschitz_bound(
 
   Args:
     variables: Linen variables with ``collection`` (or the collection itself
-      without ``model``).
+      without ``model``); with ``model``, its variables with ``params`` (and
+      ``collection`` if a layer is spectrally normalized).
     collection: the collection holding the spectral state.
     target: the ``target`` the layers were wrapped with (without ``model``;
       with it, each layer's own).
@@ -174,10 +179,11 @@ def lipschitz_bound(
     TypeError: ``model`` is not a Linen module (an NNX module, say),
       ``inputs`` not a tuple, ``n_gram_steps`` not an int, or a kernel not
       real floating-point.
-    ValueError: ``variables`` lack ``collection``, ``model`` without
-      ``inputs`` or ``inputs`` without ``model``, ``n_gram_steps`` not in
-      ``[1, 40]``, a stacked spectral state, or a layer called on inputs of
-      different shapes.
+    ValueError: ``variables`` lack ``collection`` (with ``model``: only when
+      the model has a spectrally normalized layer), or lack ``params`` with
+      ``model``, ``model`` without ``inputs`` or ``inputs`` without
+      ``model``, ``n_gram_steps`` not in ``[1, 40]``, a stacked spectral
+      state, or a layer called on inputs of different shapes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -201,25 +207,40 @@ def lipschitz_bound(
   _checks.check_mode(mode, _AT)
   target = _checks.check_target(target, _AT)
   steps = _check_model_args(model, inputs, n_gram_steps)
-  sigmas = _sigmas(variables, collection, _AT)
-  for path, sigma in sigmas.items():
-    if jnp.ndim(sigma):
-      raise ValueError(
-        f"{_AT}: the state at '{path}' holds {jnp.shape(sigma)} sigmas (a layer "
-        "stacked by nn.scan or nn.vmap): its bound is not one layer's. Bound each member's "
-        "variables on their own."
-      )
   if model is None:
-    layers = {p: (_effective_norm(s, target, mode), None) for p, s in sigmas.items()}
+    sigmas = _unstacked(_sigmas(variables, collection, _AT, _NO_MODEL_HINT))
+    layers: dict[str, tuple[jax.Array, float | None]] = {
+      p: (_effective_norm(s, target, mode), None) for p, s in sigmas.items()
+    }
     return LipschitzBound(_product([e for e, _ in layers.values()]), None, layers, {})
+  return _model_bound(variables, collection, model, inputs, steps, (target, mode))
+
+
+def _model_bound(
+  variables: Mapping[str, Any],
+  collection: str,
+  model: nn.Module,
+  inputs: tuple,
+  steps: int,
+  wrapped: tuple[float, str],
+) -> LipschitzBound:
+  """:func:`lipschitz_bound` with a model (``wrapped``: ``(target, mode)`` for uncalled layers)."""
+  _check_has_params(variables)
   trace = _trace_layers(model, variables, inputs)
+  sigmas: dict[str, jax.Array] = {}
+  if collection in variables or trace.spectral:  # else: no layer is spectrally normalized
+    sigmas = _unstacked(_sigmas(variables, collection, _AT))
   layers: dict[str, tuple[jax.Array, float | None]] = {}
-  reasons: dict[str, str] = {}
+  reasons = {  # a layer whose state is under another collection: its sigma is not read
+    p: f"spectrally normalized, but its state is not in collection '{collection}'"
+    for p in trace.spectral
+    if p not in sigmas
+  }
   for path, sigma in sigmas.items():
     seen = trace.spectral.get(path)
     if seen is None:
       reasons[path] = "the model did not call this spectrally normalized layer on these inputs"
-      layers[path] = (_effective_norm(sigma, target, mode), None)
+      layers[path] = (_effective_norm(sigma, *wrapped), None)
       continue
     norm = _effective_norm(sigma, seen.options.target, seen.options.mode) ** seen.calls
     bound = _guarded(
@@ -227,11 +248,44 @@ def lipschitz_bound(
     )
     layers[path] = (norm, None if bound is None else bound**seen.calls)
   cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
+  skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
   for path, seen in trace.modules.items():
-    _plain_layer(seen, path, variables, (set(sigmas), cols), steps, layers, reasons)
+    _plain_layer(seen, path, variables, skip, steps, layers, reasons)
   estimate = _product([e for e, _ in layers.values()])
   certified = None if reasons else _product([c or 0.0 for _, c in layers.values()], 1.0)
   return LipschitzBound(estimate, certified, layers, reasons)
+
+
+_NO_MODEL_HINT = (
+  " Without model= and inputs= there are no sigmas to multiply; with them, "
+  "lipschitz_bound certifies plain and weight-normed models too."
+)
+
+
+def _unstacked(sigmas: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """``sigmas``, after checking that each is one layer's (shape ``()``)."""
+  for path, sigma in sigmas.items():
+    if jnp.ndim(sigma):
+      raise ValueError(
+        f"{_AT}: the state at '{path}' holds {jnp.shape(sigma)} sigmas (a layer "
+        "stacked by nn.scan or nn.vmap): its bound is not one layer's. Bound each member's "
+        "variables on their own."
+      )
+  return sigmas
+
+
+def _check_has_params(variables: Any) -> None:
+  """Raises unless ``variables`` are a mapping with ``params`` (what the model applies)."""
+  if not isinstance(variables, Mapping):
+    raise TypeError(
+      f"{_AT}: variables must be a mapping (the model's variables), got {type(variables).__name__}."
+    )
+  if "params" not in variables:
+    raise ValueError(
+      f"{_AT}: with model, variables must be the model's variables with a 'params' "
+      f"collection (as model.init returns them), got the collections "
+      f"{sorted(map(str, variables))}."
+    )
 
 
 def _check_model_args(model: Any, inputs: Any, n_gram_steps: Any) -> int:
@@ -387,7 +441,9 @@ def _guarded(reasons: dict[str, str], path: str, bound: Callable[[], float]) -> 
     return bound()
   except _UncertifiedError as e:
     reasons[path] = str(e)
-    return None
+  except _certify.UnsupportedError as e:  # an option, size or state Flax runs, no bound covers
+    reasons[path] = f"no certified bound: {e}"
+  return None
 
 
 _BIASES = ("bias", "bias_g", "bias_v")  # biases (plain or weight-normed) of Flax's linear layers
@@ -490,24 +546,39 @@ def _certified(
   state = variables[collection]
   for part in parts[:-1]:
     w, state = w[part], state[part]
-  w = meta.unbox(w[parts[-1]])
+  w = jnp.asarray(meta.unbox(w[parts[-1]]))  # as the layer sees it (float32 without x64)
   # A certificate for a complex kernel is not implemented: refuse, never drop its imaginary part.
   _checks.check_float_array(w, f"param '{path}'", _AT, complex_ok=False)
-  w = np.asarray(w, np.float64)
-  bound = _kernel_bound(seen, w, n_steps)
+  w64 = np.asarray(w, np.float64)
+  bound = _kernel_bound(seen, w64, n_steps)
   u, v, sigma = (meta.unbox(state[k]) for k in _options.spectral_keys(seen.name))
+  return bound * _largest_scale(seen, path, w64, w.dtype, (u, v, sigma))
+
+
+def _largest_scale(seen: _Seen, path: str, w: np.ndarray, w_dtype: Any, state: tuple) -> float:
+  """The largest ``|scale|`` the layer can multiply its kernel by in evaluation.
+
+  Not the scale recomputed here: the layer computes ``sigma`` (and ``target /
+  sigma``) in its own dtype, with rounding that cancellation in ``u^T W v``
+  magnifies (a float64 layer's sigma recomputed in float32 was off by 4e-5
+  where a fixed margin allowed 1e-6). So sigma gets an interval that holds
+  whatever order the layer sums in (a dot-product error bound, see
+  ``_certify.eval_sigma_range``), and the scale its largest value over it.
+  Operator mode divides by the stored sigma, known exactly.
+  """
+  u, v, sigma = state
   opts = seen.options
-  if opts.operator:
-    scale = _operator.eval_scale(sigma, opts)
+  if opts.operator:  # evaluation divides by the stored sigma, in its own dtype
+    sigma = jnp.asarray(sigma)
+    lo = hi = float(sigma)
+    dtype = sigma.dtype
   else:
     # An axis mapping was resolved per submodule: the root's own params take "auto".
     axis = _axes.AUTO if isinstance(opts.axis, _axes.AxisMap) else opts.axis
     kept = _checks.normalize_axes(_axes.resolve(axis, seen.module, seen.name, path), w.ndim)
-    scale, _ = _power.spectral_scale(
-      jnp.asarray(w, jnp.float32), u, v, axis=kept, n_steps=0, eps=opts.eps, mode=opts.mode,
-      target=opts.target,
-    )  # fmt: skip
-  return bound * abs(float(scale)) * (1 + 1e-6)  # the scale is float32: its rounding
+    dtype = _math.compute_dtype(w_dtype)  # power_iteration's, whatever the state's dtype
+    lo, hi = _certify.eval_sigma_range(_certify.matrix_of(w, kept), u, v, opts.eps, dtype)
+  return _certify.scale_bound(lo, hi, dtype, eps=opts.eps, mode=opts.mode, target=opts.target)
 
 
 _CERTIFIED = (nn.Conv, nn.Dense, nn.DenseGeneral)
@@ -534,8 +605,8 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
   if getattr(m, "mask", None) is not None:  # the layer computes with w * mask
     w = w * np.asarray(m.mask, np.float64)
   if base is nn.Conv:
-    if getattr(m, "input_dilation", 1) not in (1, None):
-      raise _UncertifiedError("nn.Conv with input_dilation is not certified")
+    if not _all_ones(getattr(m, "input_dilation", 1)):
+      raise _UncertifiedError(f"nn.Conv with input_dilation={m.input_dilation!r} is not certified")
     spatial = w.ndim - 2  # (batch..., *spatial, features): the axes before the last
     return _certify.conv_norm_bound(
       w,
@@ -553,6 +624,13 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
   n_out = len(m.features) if isinstance(m.features, tuple) else 1
   kept = tuple(range(w.ndim - n_out, w.ndim))
   return _certify.matrix_norm_bound(w, axis=kept, n_steps=n_steps)
+
+
+def _all_ones(dilation: Any) -> bool:
+  """Whether a Flax dilation (``None``, an int or one per axis) dilates nothing."""
+  if dilation is None or isinstance(dilation, (int, np.integer)):
+    return dilation in (None, 1)
+  return all(d == 1 for d in dilation)
 
 
 def _effective_norm(sigma: jax.Array, target: float, mode: str) -> jax.Array:

@@ -1,0 +1,249 @@
+"""lipschitz_bound's certificate: sound for any stored state and dtype, None (not a crash) for
+layers Flax runs but no bound covers, and plain or weight-normed models certified too.
+
+References are exact: numpy SVD of each layer's dense Jacobian, built by applying the layer
+to every one-hot input, in the layer's own dtype (float64 under ``jax.enable_x64``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxnorm
+from flaxnorm import _certify
+
+KEY = jax.random.key(0)
+
+
+def _jacobian_norm(model, variables, example_shape, dtype=jnp.float32) -> float:
+  """sigma_1 of the linear map ``x -> model(x) - model(0)`` on one example, from its Jacobian."""
+  size = math.prod(example_shape)
+  basis = jnp.eye(size, dtype=dtype).reshape(size, *example_shape)
+  zero = model.apply(variables, jnp.zeros((1, *example_shape), dtype))
+  out = np.asarray(model.apply(variables, basis) - zero, np.float64).reshape(size, -1)
+  return float(np.linalg.svd(out, compute_uv=False)[0])
+
+
+def _certified(variables, model, x) -> float:
+  """``lipschitz_bound(...).certified``, which must be a float here."""
+  certified = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,)).certified
+  assert certified is not None
+  return certified
+
+
+def _with_state(variables, u, v):
+  """``variables`` with the kernel's stored vectors replaced (a hand-made state)."""
+  spectral = {**variables["spectral"], "kernel_u": jnp.asarray(u), "kernel_v": jnp.asarray(v)}
+  return {**variables, "spectral": spectral}
+
+
+# ---------------------------------------------------------------- 1. the layer's own sigma
+
+
+def test_float64_layer_with_a_cancelling_state_is_bounded():
+  """sigma = u^T W v with cancellation: a float32 recomputation was short by ~6%."""
+  with jax.enable_x64(True):
+    dense = nn.Dense(2, use_bias=False, param_dtype=jnp.float64, dtype=jnp.float64)
+    layer = flaxnorm.spectral_norm(dense, n_init_iterations=0)
+    x = jnp.zeros((1, 2), jnp.float64)
+    variables = layer.init(KEY, x)
+    variables = {**variables, "params": {"kernel": jnp.eye(2, dtype=jnp.float64)}}
+    s = 1 / math.sqrt(2)
+    variables = _with_state(variables, [s, s], [s, s * (-1 + 1e-6)])  # sigma ~ 3.5e-7
+    exact = _jacobian_norm(layer, variables, (2,), jnp.float64)
+    certified = _certified(variables, layer, x)
+  assert exact == pytest.approx(2e6, rel=1e-3)
+  assert exact <= certified <= exact * (1 + 1e-6)
+
+
+def test_float64_layers_from_unconverged_states_are_bounded():
+  """The review's repro, smaller: orthogonal float64 kernels, power iteration not run."""
+  with jax.enable_x64(True):
+    dense = nn.Dense(
+      64,
+      use_bias=False,
+      kernel_init=nn.initializers.orthogonal(),
+      param_dtype=jnp.float64,
+      dtype=jnp.float64,
+    )
+    layer = flaxnorm.spectral_norm(dense, n_init_iterations=0)
+    x = jnp.zeros((1, 64), jnp.float64)
+    for seed in range(8):
+      variables = layer.init(jax.random.key(seed), x)
+      exact = _jacobian_norm(layer, variables, (64,), jnp.float64)
+      certified = _certified(variables, layer, x)
+      assert exact <= certified <= exact * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["normalize", "clip"])
+def test_float32_states_with_a_small_sigma_are_bounded(mode):
+  """Hand-made float32 states whose u^T W v is ~1e-3 of |u|^T |W| |v|."""
+  layer = flaxnorm.spectral_norm(nn.Dense(48, use_bias=False), mode=mode, target=1e-3)
+  x = jnp.zeros((1, 40))
+  rng = np.random.default_rng(0)
+  for seed in range(12):
+    variables = layer.init(jax.random.key(seed), x)
+    w = np.asarray(variables["params"]["kernel"], np.float64).T  # (out, in): u^T w v
+    u, v = rng.standard_normal(48), rng.standard_normal(40)
+    g = w.T @ u
+    v = v - (g @ v) / (g @ g) * g + 1e-3 * np.linalg.norm(v) * g / np.linalg.norm(g)
+    variables = _with_state(variables, u.astype(np.float32), v.astype(np.float32))
+    exact = _jacobian_norm(layer, variables, (40,))
+    certified = _certified(variables, layer, x)
+    assert exact <= certified <= exact * 1.1
+
+
+def test_zero_state_leaves_the_kernel_unnormalized_and_is_bounded():
+  """A zero u gives sigma 0: the layer uses its kernel as it is (scale 1)."""
+  layer = flaxnorm.spectral_norm(nn.Dense(6, use_bias=False, kernel_init=nn.initializers.ones))
+  x = jnp.zeros((1, 5))
+  variables = layer.init(KEY, x)
+  variables = _with_state(variables, jnp.zeros(6), variables["spectral"]["kernel_v"])
+  exact = _jacobian_norm(layer, variables, (5,))
+  chex.assert_trees_all_close(exact, math.sqrt(30), rtol=1e-6)
+  assert exact <= _certified(variables, layer, x) <= exact * 1.01
+
+
+def test_scale_bound_covers_the_eps_branch_and_clip():
+  f32 = np.float32
+  # normalize: |sigma| <= eps gives 1; above, target / sigma, largest at the smallest |sigma|
+  assert _certify.scale_bound(-1e-13, 1e-13, f32, eps=1e-12, mode="normalize", target=1.0) == 1.0
+  got = _certify.scale_bound(-1e-13, 1e-11, f32, eps=1e-12, mode="normalize", target=1.0)
+  assert got >= 1e12
+  got = _certify.scale_bound(0.5, 2.0, f32, eps=1e-12, mode="normalize", target=3.0)
+  assert 6.0 <= got <= 6.0 * (1 + 1e-6)
+  got = _certify.scale_bound(-2.0, -0.5, f32, eps=1e-12, mode="normalize", target=1.0)
+  assert 2.0 <= got <= 2.0 * (1 + 1e-6)
+  # clip: target / max(sigma, target), at most ~1
+  assert 1.0 <= _certify.scale_bound(0.1, 0.2, f32, eps=1e-12, mode="clip", target=1.0) < 1 + 1e-6
+  assert 0.5 <= _certify.scale_bound(2.0, 3.0, f32, eps=1e-12, mode="clip", target=1.0) < 0.5001
+  with pytest.raises(_certify.UnsupportedError, match="not finite"):
+    _certify.scale_bound(math.nan, 1.0, f32, eps=1e-12, mode="clip", target=1.0)
+
+
+# ---------------------------------------------------------------- 2. convs Flax runs, no bound
+
+
+@pytest.mark.parametrize(
+  ("conv", "shape", "match"),
+  [
+    (nn.Conv(4, (3, 3), padding="REFLECT"), (1, 6, 6, 2), "REFLECT padding is not supported"),
+    (nn.Conv(4, (3, 3), padding=((-1, 2), (1, 1))), (1, 6, 6, 2), "negative padding"),
+    (nn.Conv(4, (3, 3), padding="VALID"), (1, 2, 2, 2), "the layer's output is empty"),
+  ],
+)
+def test_convs_without_a_bound_give_a_reason_not_an_error(conv, shape, match):
+  x = jnp.ones(shape)
+  model = nn.Sequential([flaxnorm.spectral_norm(conv), nn.relu])
+  variables = model.init(KEY, x)
+  model.apply(variables, x)  # Flax runs it
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.certified is None and bound.layers["layers_0/kernel"][1] is None
+  assert list(bound.reasons) == ["layers_0/kernel"]
+  assert re.search(match, bound.reasons["layers_0/kernel"])
+
+
+def test_input_dilation_of_ones_is_no_dilation():
+  conv = nn.Conv(3, (3, 3), input_dilation=(1, 1), padding="CIRCULAR", use_bias=False)
+  layer = flaxnorm.spectral_norm(conv)
+  x = jnp.ones((1, 5, 5, 2))
+  variables = layer.init(KEY, x)
+  exact = _jacobian_norm(layer, variables, (5, 5, 2))
+  assert exact <= _certified(variables, layer, x) <= exact * 1.01
+  dilated = flaxnorm.spectral_norm(nn.Conv(3, (3, 3), input_dilation=(1, 2), padding=1))
+  bound = flaxnorm.lipschitz_bound(dilated.init(KEY, x), model=dilated, inputs=(x,))
+  assert bound.reasons == {"kernel": "nn.Conv with input_dilation=(1, 2) is not certified"}
+
+
+# ---------------------------------------------------------------- 3. overflow is inf, never NaN
+
+
+def test_conv_bound_overflow_is_inf_and_a_near_overflow_kernel_stays_finite():
+  assert conv_norm_bound_of(np.full((3, 3, 1, 1), 1e308)) == math.inf  # was NaN
+  ones = np.ones((3, 3, 1, 1))
+  big = conv_norm_bound_of(ones * 2.0**1020)  # norm 9 * 2^1020 = 1.0e308: in range
+  assert big == math.ldexp(conv_norm_bound_of(ones), 1020)  # was inf
+  assert 9 * 2.0**1020 <= big < math.inf
+
+
+def conv_norm_bound_of(kernel):
+  return flaxnorm.conv_norm_bound(kernel, (4, 4))
+
+
+# ---------------------------------------------------------------- 4. no spectral layer
+
+
+class _Lipschitz(nn.Module):
+  """Weight norm only, and a plain conv: no spectral collection at all."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3,), padding="CIRCULAR", use_bias=False)(x))
+    x = flaxnorm.weight_norm(nn.Dense(5))(x.reshape(x.shape[0], -1))
+    return nn.Dense(2)(nn.relu(x))
+
+
+def test_a_model_without_spectral_layers_is_certified():
+  x = jnp.ones((1, 6, 2))
+  model = _Lipschitz()
+  variables = model.init(KEY, x)
+  assert "spectral" not in variables
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.reasons == {} and bound.certified is not None
+  plain = flaxnorm.remove_weight_norm(variables)["params"]
+  conv = nn.Conv(3, (3,), padding="CIRCULAR", use_bias=False)
+  norms = {"Conv_0/kernel": _jacobian_norm(conv, {"params": plain["Conv_0"]}, (6, 2))}
+  for name in ("Dense_0", "Dense_1"):
+    norms[f"{name}/kernel"] = np.linalg.svd(plain[name]["kernel"], compute_uv=False)[0]
+  assert sorted(bound.layers) == sorted(norms)
+  product = 1.0
+  for path, norm in norms.items():
+    estimate, certified = bound.layers[path]
+    assert certified is not None and norm <= certified <= 1.01 * norm
+    chex.assert_trees_all_close(float(estimate), certified, rtol=1e-6)
+    product *= certified
+  chex.assert_trees_all_close(bound.certified, product)
+
+
+def test_model_variables_need_params_and_a_misspelled_collection_still_fails():
+  x = jnp.ones((1, 6, 2))
+  with pytest.raises(ValueError, match=r"variables must be the model's variables with a 'params'"):
+    flaxnorm.lipschitz_bound({"batch_stats": {}}, model=_Lipschitz(), inputs=(x,))
+  layer = flaxnorm.spectral_norm(nn.Dense(3))
+  variables = layer.init(KEY, jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match=r"collection 'spectrl' is not in the variables"):
+    flaxnorm.lipschitz_bound(variables, "spectrl", model=layer, inputs=(jnp.ones((1, 4)),))
+  with pytest.raises(ValueError, match=r"with them, lipschitz_bound certifies plain"):
+    flaxnorm.lipschitz_bound(_Lipschitz().init(KEY, x))  # without model: nothing to multiply
+
+
+# ---------------------------------------------------------------- 6, 7. documentation
+
+
+def test_operator_power_iteration_warns_that_apply_must_be_linear():
+  doc = flaxnorm.operator_power_iteration.__doc__ or ""
+  assert "bias" in doc and "f(x) - f(0)" in doc
+
+
+def test_default_gram_steps_figure_is_what_300_draws_measure():
+  """The documented worst bound / sigma_1 over 300 Gaussian draws (sides 1..64), seed 0."""
+  source = inspect.getsource(_certify)
+  doc = source[source.index("DEFAULT_GRAM_STEPS = ") :]
+  found = re.search(r"at most\s+(\d\.\d+)", doc)
+  assert found is not None
+  documented = float(found.group(1))
+  rng = np.random.default_rng(0)
+  worst = 0.0
+  for _ in range(300):
+    w = rng.standard_normal(tuple(int(k) for k in rng.integers(1, 65, 2)))
+    worst = max(worst, _certify.matrix_norm_bound(w) / np.linalg.svd(w, compute_uv=False)[0])
+  assert 1.0 <= worst <= documented
