@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -41,14 +42,16 @@ from flax.core import scope as core_scope
 from flaxnorm import _subclass
 
 
-def lifted_by(module: nn.Module) -> str | None:
-  """The innermost Flax lift the module runs in (``"scan"``, ``"vmap"``, ...), or ``None``.
+def lifted_by(module: nn.Module) -> tuple[str, ...]:
+  """The Flax lifts the module runs in (``("scan", "remat")``, ...; ``()`` for none).
 
-  Flax names a lifted scope ``name(child)`` in its debug path (``flax.core.lift``).
+  Flax names a lifted scope ``name(child)`` in its debug path (``flax.core.lift``),
+  nested where lifts are (``remat(scan(cell))``): every name is read, so a scan
+  is seen through an ``nn.remat`` or ``nn.jit`` around or inside it.
   """
   path = module.scope.debug_path if module.scope is not None else ()
-  lifts = [str(p).split("(", 1)[0] for p in path if "(" in str(p)]
-  return lifts[-1] if lifts else None
+  found = (name for p in path for name in re.findall(r"(\w+)\(", str(p)))
+  return tuple(dict.fromkeys(found))
 
 
 @dataclasses.dataclass
@@ -67,7 +70,7 @@ _STORED: dict[int, _Stored] = {}
 
 def mark_fresh(module: nn.Module, u: Any) -> None:
   """Records ``u``, just stored by ``module`` inside a lifted scan (see the module docstring)."""
-  if lifted_by(module) == "scan" and module.scope is not None:
+  if "scan" in lifted_by(module) and module.scope is not None:
     key = id(u)
     with contextlib.suppress(TypeError):  # not weakly referenceable: never fresh
       ref = weakref.ref(u, lambda _, key=key: _STORED.pop(key, None))
@@ -84,7 +87,9 @@ def take_fresh(module: nn.Module, u: Any) -> bool:
   iterates. Outside scans nothing is fresh.
   """
   stored = _STORED.get(id(u))
-  if lifted_by(module) != "scan" or module.scope is None or stored is None or stored.u() is not u:
+  if (
+    "scan" not in lifted_by(module) or module.scope is None or stored is None or stored.u() is not u
+  ):
     return False
   root = module.scope.root
   if stored.stored_in() is root:
@@ -127,11 +132,14 @@ def post_init(self: nn.Module) -> None:
   broadcast_into(self.parent, spectral_collections(type(self)))
 
 
-def not_lifted_error(method: str, at: str, collection: str, lift: str) -> ValueError:
-  """The error for a spectral state that a Flax lift does not carry into its body."""
+def not_lifted_error(method: str, at: str, collection: str, lifts: tuple[str, ...]) -> ValueError:
+  """The error for a spectral state missing inside Flax lifts: not passed, or not carried."""
+  where = " and ".join(f"nn.{lift}" for lift in lifts)
   return ValueError(
-    f"{method}: {at} runs inside a Flax nn.{lift} that does not lift the '{collection}' "
-    f"collection, so its power-iteration state cannot be stored. Lift it with the params: "
+    f"{method}: {at} runs inside a Flax {where} and finds no '{collection}' state. Either "
+    f"the variables given to apply lack the '{collection}' collection (pass the full "
+    f"variables from init()), or a lift does not carry the collection, so its "
+    f"power-iteration state cannot be stored: lift it with the params: "
     f"over time (one shared kernel, the state advancing once per apply) "
     f"variable_broadcast=['params', '{collection}']; for stacked layers or an ensemble "
     f"(each its own state) variable_axes={{'params': 0, '{collection}': 0}} with "

@@ -198,9 +198,9 @@ class SpectralNormSpec(_subclass.SpecBase):
       # stored vectors and changes nothing.
       fresh = _linen_scan.take_fresh(module, state.u)
       return state, module.is_mutable_collection(opts.collection) and not fresh, fresh
-    lift = _linen_scan.lifted_by(module)
-    if not any(present) and lift is not None and not module.is_mutable_collection(opts.collection):
-      raise _linen_scan.not_lifted_error(self.method, at, opts.collection, lift)
+    lifts = _linen_scan.lifted_by(module)
+    if not any(present) and lifts and not module.is_mutable_collection(opts.collection):
+      raise _linen_scan.not_lifted_error(self.method, at, opts.collection, lifts)
     if any(present) or not module.is_initializing():
       raise ValueError(
         f"spectral_norm: the state of {at} is missing from the "

@@ -640,7 +640,8 @@ def spectral_sigmas(model: nnx.Module) -> dict[str, jax.Array]:
     model: an ``nnx.Module``; it and all its submodules are searched.
 
   Returns:
-    ``{"layers/0/kernel": sigma, ...}``, each of shape ``()``.
+    ``{"layers/0/kernel": sigma, ...}``, each of shape ``()`` (``(E,)`` for an
+    ensemble wrapped with ``ensemble_axis=0``: one per member).
 
   Examples:
     >>> from flax import nnx

@@ -192,6 +192,28 @@ def test_linen_scan_without_the_collection_says_how():
     ensemble(F).init(KEY, XS[:, 0])
 
 
+def test_linen_lifted_layer_without_its_state_names_both_causes():
+  """Evaluation with params only, in a lift that does carry the state: the message says the
+  variables may lack the collection (it only blamed the lift); nested lifts are all named."""
+  rnn = nn.RNN(flaxnorm.spectral_norm(nn.SimpleCell(H), recursive=True))
+  variables = rnn.init(KEY, XS)
+  with pytest.raises(
+    ValueError, match=r"inside a Flax nn\.scan and finds no 'spectral' state.*lack the 'spectral'"
+  ):
+    rnn.apply({"params": variables["params"]}, XS)
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return flaxnorm.spectral_norm(nn.Dense(F))(h), None
+
+  stack = nn.scan(
+    nn.remat(Block), length=2, variable_axes={"params": 0}, split_rngs={"params": True}
+  )
+  with pytest.raises(ValueError, match=r"nn\.remat and nn\.scan and finds no 'spectral' state"):
+    stack().init(KEY, XS[:, 0], None)
+
+
 # --------------------------------------------------------------------------- #
 # Linen: nn.scan over stacked layers, nn.vmap ensembles.
 # --------------------------------------------------------------------------- #
