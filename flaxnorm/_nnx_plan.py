@@ -128,6 +128,13 @@ def _check_param(module: nnx.Module, name: str, method: str, path: PathParts | N
     hint = " (e.g. name='embedding' for nnx.Embed)" if isinstance(module, nnx.Embed) else ""
     if isinstance(module, _FLAX_WRAPPERS):
       hint = " (this is Flax's own wrapper: apply flaxnorm to the plain layer instead)"
+    inner = sorted({type(m).__name__ for p, m in nnx.iter_modules(module) if p and param_names(m)})
+    if inner and not param_names(module) and not isinstance(module, _FLAX_WRAPPERS):
+      raise ValueError(
+        f"{method}: {at} does not exist: {type(module).__name__} holds no params itself, "
+        f"its submodules ({', '.join(inner)}) do. Wrap those: flaxnorm.nnx.wrap_modules("
+        f"model, flaxnorm.nnx.{method}, where=nnx.{inner[0]}), or wrap each layer."
+      )
     raise ValueError(
       f"{method}: {at} does not exist. Its params are {param_names(module)}; pass "
       f"one of them as name=...{hint}."

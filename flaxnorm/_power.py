@@ -118,9 +118,9 @@ def restart_vector(shape: tuple[int, ...], dtype: jnp.dtype) -> Array:
 def start_vector(x: Array, eps: float, restart: bool) -> Array:
   """Where power iteration starts from ``x``.
 
-  With ``restart`` (iterating): ``x / ||x||``, or the restart vector where
-  ``||x|| <= eps`` or is not finite (a unit vector either way, so a zero
-  weight, whose steps keep the vectors they start from, returns unit ones). Without
+  With ``restart`` (iterating): ``x`` as it is (the steps normalize it, and a
+  zero or non-finite weight keeps it bit for bit), or the restart vector where
+  ``||x|| <= eps`` or is not finite. Without
   (evaluation, sigma read from the vectors): ``x / ||x||``, or ``x`` where
   ``||x|| <= eps``, so stored vectors that are not unit give the right sigma.
   The restart vector is elementwise, so XLA fuses the ``where`` into its use.
@@ -133,7 +133,7 @@ def start_vector(x: Array, eps: float, restart: bool) -> Array:
       r = restart_vector(x.shape, x.dtype)
       return jax.sharding.reshard(r, jax.typeof(x).sharding) if _is_explicit(x) else r
 
-    return jnp.where(ok, apply_scale(x, inv), fresh())
+    return jnp.where(ok, x, fresh())
   return normalize_or_keep(x, x, eps)
 
 
@@ -219,12 +219,14 @@ def power_iteration(
       for ``w v``). ``u`` and ``v`` need not be unit vectors: they are normalized
       first. A zero one restarts from a fixed vector when ``n_steps > 0``; with
       ``n_steps == 0`` it gives ``sigma = 0``. A zero ``w`` returns the
-      starting vectors, normalized.
+      vectors it was given as they are (the restart vector for a zero one, or
+      for ``v=None``).
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
   Returns:
-    ``(u, v, sigma)``: unit vectors of shapes ``(m,)`` and ``(n,)`` (float32 at
+    ``(u, v, sigma)``: unit vectors of shapes ``(m,)`` and ``(n,)`` (the given
+    ones, unchanged, where ``w`` is zero or not finite; float32 at
     least; complex for a complex ``w``) carrying no gradient, and the real
     ``sigma = Re(u^H w v)`` (shape ``()``), which is differentiable with respect
     to ``w`` (Miyato et al., 2018).

@@ -347,6 +347,16 @@ def test_axis_map_none_under_spectral_norm_is_refused_at_wrap_time():
     flaxnorm.spectral_norm(nn.MultiHeadDotProductAttention(2), recursive=True, axis={"query": None})
 
 
+def test_nnx_container_wrapped_directly_points_at_its_layers():
+  model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.relu)
+  with pytest.raises(
+    ValueError,
+    match=r"Sequential holds no params itself, its submodules \(Linear\) do.*wrap_modules\("
+    r"model, flaxnorm\.nnx\.spectral_norm, where=nnx\.Linear\)",
+  ):
+    flaxnorm.nnx.spectral_norm(model)
+
+
 def test_nnx_input_shape_needs_operator_mode():
   with pytest.raises(
     ValueError, match=r"input_shape=\(4,\) is for operator mode: pass operator=True"
