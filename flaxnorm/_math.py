@@ -150,6 +150,8 @@ def weight_norm_decompose(w: Array, axis: Axis = -1) -> tuple[Array, Array]:
     Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   _checks.check_float_array(w, "w", "weight_norm_decompose")
+  if w.ndim == 0:
+    raise ValueError("weight_norm_decompose: w must have at least 1 dim, got a scalar.")
   kept = _checks.normalize_axes(axis, w.ndim, "weight_norm_decompose")
   w32 = w.astype(compute_dtype(w.dtype))
   if axis is None:

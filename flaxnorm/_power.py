@@ -243,6 +243,9 @@ def power_iteration(
     Adversarial Networks", ICLR 2018.
   """
   _checks.check_float_array(w, "w", "power_iteration")
+  for argname, x in (("u", u), ("v", v)):
+    if x is not None:
+      _checks.check_float_array(x, argname, "power_iteration")
   eps = _checks.check_eps(eps, "power_iteration", spectral=True)
   n_steps = _checks.check_count(n_steps, "n_steps", 0, "power_iteration")
   if w.ndim != 2:

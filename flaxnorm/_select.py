@@ -149,4 +149,6 @@ class Selection:
       hint = " The tree holds boxed leaves: unbox it first (flax.core.meta.unbox)."
     if self.method == "weight_norm_init" and any(str(p).endswith("_g") for p in paths):
       hint += " Leaves ending in '_g' exist: was weight_norm_init applied already?"
+    if is_array(params):
+      hint += " params is a single array; put it in a dict (e.g. {'kernel': w})."
     raise ValueError(f"{self.method}: {what} matched no array leaf. The leaves are {paths}.{hint}")

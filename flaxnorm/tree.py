@@ -495,8 +495,10 @@ def _spectral_norm_apply(
         f"'{_select.path_str(path)}'. The leaves are {[_select.path_str(p) for p in leaves]}."
       )
     if not _select.is_array(w):
+      hint = " Unbox it first: flax.core.meta.unbox(params)." if _select.is_box(w) else ""
       raise TypeError(
-        f"{fn}: the leaf at tree path '{_select.path_str(path)}' is a {type(w).__name__}."
+        f"{fn}: the leaf at tree path '{_select.path_str(path)}' is a {type(w).__name__}, "
+        f"not an array.{hint}"
       )
     at = f"{fn}: param '{_select.path_str(path)}'"
     kept = _fold.check_spectral_state(w, (u, v, sigma), name, _axes.explicit(options.axis, at), at)

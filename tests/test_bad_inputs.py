@@ -357,6 +357,19 @@ def test_nnx_container_wrapped_directly_points_at_its_layers():
     flaxnorm.nnx.spectral_norm(model)
 
 
+def test_math_and_tree_messages_name_the_argument():
+  with pytest.raises(TypeError, match=r"u at power_iteration must be a floating-point array.*list"):
+    flaxnorm.power_iteration(jnp.eye(4), [1.0, 1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match=r"w must have at least 1 dim, got a scalar"):
+    flaxnorm.weight_norm_decompose(jnp.ones(()))
+  with pytest.raises(ValueError, match=r"params is a single array; put it in a dict"):
+    flaxnorm.tree.weight_norm_init(jnp.ones((3, 3)))
+  state = flaxnorm.tree.spectral_norm_init({"kernel": jnp.ones((3, 3))}, KEY)
+  boxed = {"kernel": nn.Partitioned(jnp.ones((3, 3)), ("a", "b"))}
+  with pytest.raises(TypeError, match=r"is a Partitioned, not an array\. Unbox it first"):
+    flaxnorm.tree.spectral_norm_apply(boxed, state, update=False)
+
+
 def test_nnx_input_shape_needs_operator_mode():
   with pytest.raises(
     ValueError, match=r"input_shape=\(4,\) is for operator mode: pass operator=True"
