@@ -129,7 +129,26 @@ def post_init(self: nn.Module) -> None:
   # The normalized class's base: type(self) may be a subclass (nn.vmap's lifted class).
   normalized = next(k for k in type(self).__mro__ if "_flaxnorm_base" in vars(k))
   normalized._flaxnorm_base.__post_init__(self)
+  _check_no_data_init_over_time(self)
   broadcast_into(self.parent, spectral_collections(type(self)))
+
+
+def _check_no_data_init_over_time(module: nn.Module) -> None:
+  """Raises for ``data_init=True`` on an ``nn.RNN`` or its cell: broadcast params cannot depend on data.
+
+  Flax itself would fail at init with "broadcasted variable has a data dependency
+  on the scan body", naming neither the layer nor ``data_init``.
+  """
+  specs = _subclass.specs_of(type(module)).values()
+  if not any(getattr(s.options, "data_init", False) for s in specs):
+    return
+  if isinstance(module, nn.RNN) or isinstance(module.parent, nn.RNN):
+    what = "an nn.RNN" if isinstance(module, nn.RNN) else "the cell of an nn.RNN"
+    raise ValueError(
+      f"weight_norm: data_init=True on {type(module).__name__}, {what}: the RNN "
+      "broadcasts its params over time, so they cannot depend on the data. Wrap it with "
+      "data_init=False (and set g and the bias from a batch yourself, if you need to)."
+    )
 
 
 def not_lifted_error(method: str, at: str, collection: str, lifts: tuple[str, ...]) -> ValueError:

@@ -402,3 +402,19 @@ def test_nnx_errors_speak_nnx():
     ValueError, match=r"^flaxnorm.nnx.data_init needs .*leave it out of data_init"
   ):
     flaxnorm.nnx.data_init(layer, jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize(
+  "build",
+  [
+    lambda: nn.RNN(flaxnorm.weight_norm(nn.SimpleCell(3), recursive=True, data_init=True)),
+    lambda: flaxnorm.weight_norm(nn.RNN(nn.SimpleCell(3)), recursive=True, data_init=True),
+  ],
+  ids=["cell", "rnn"],
+)
+def test_linen_data_init_over_time_is_refused(build):
+  """An nn.RNN broadcasts its params: Flax's own error named neither the layer nor data_init."""
+  with pytest.raises(
+    ValueError, match=r"data_init=True on (SimpleCell|RNN).*broadcasts its params"
+  ):
+    build().init(jax.random.key(0), _normal((4, 5, 2), seed=0, shift=3.0))
