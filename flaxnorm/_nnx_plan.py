@@ -33,6 +33,7 @@ from flaxnorm._nnx_layer import (
   describe,
   operator_map,
   path_str,
+  remember_path,
   swap_class,
 )
 
@@ -191,6 +192,8 @@ def plan_weight_norm(
     new[name] = (var.copy(g, **meta), var)
 
   def commit() -> None:
+    if path is not None:
+      remember_path(module, path)
     all_specs = _subclass.specs_of(type(module))
     for name in specs:
       delattr(module, name)  # before the swap: the subclass computes `name`
@@ -377,6 +380,8 @@ def plan_spectral_norm(
     metas[name] = _state_metadata(var, kept, states[name], False)
 
   def commit() -> None:
+    if path is not None:
+      remember_path(module, path)
     all_specs = _subclass.specs_of(type(module))
     all_specs.update(specs)
     swap_class(module, all_specs)

@@ -370,6 +370,16 @@ def test_math_and_tree_messages_name_the_argument():
     flaxnorm.tree.spectral_norm_apply(boxed, state, update=False)
 
 
+def test_nnx_call_time_errors_name_the_path_wrap_modules_found():
+  model = nnx.Sequential(*[nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(3)])
+  flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.weight_norm, where=nnx.Linear)
+  model.layers[1].kernel_g = nnx.Param(jnp.ones((4, 1)))
+  with pytest.raises(
+    ValueError, match=r"kernel_g of param 'kernel' of layer 'layers/1' \(Linear\)"
+  ):
+    model(jnp.ones((2, 4)))
+
+
 def test_nnx_input_shape_needs_operator_mode():
   with pytest.raises(
     ValueError, match=r"input_shape=\(4,\) is for operator mode: pass operator=True"
