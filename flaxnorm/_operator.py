@@ -64,7 +64,10 @@ def operator_power_iteration(
 
   Returns:
     ``(u, v, sigma)``: unit vectors of ``u``'s and ``v``'s shapes and
-    ``sigma = <u, A v>`` of shape ``()``, none carrying a gradient. For a
+    ``sigma = <u, A v>`` of shape ``()``, none carrying a gradient. Where the
+    map gives zero (or non-finite) products the previous vectors are kept as
+    they are: a zero map returns the given ``u`` and ``v`` (a zero ``v`` is
+    restarted first), not necessarily unit, and ``sigma = 0``. For a
     gradient of sigma in the weights, compute ``<u, A_w v>`` with the returned
     vectors.
 
