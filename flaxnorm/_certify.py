@@ -241,11 +241,6 @@ def check_steps(n_steps: Any, at: str, argname: str = "n_steps") -> int:
   return n_steps
 
 
-def _is_int(x: Any) -> bool:
-  """Whether ``x`` is an int (Python's or numpy's), not a bool."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_STEPS) -> float:
   """Certified upper bound on the spectral norm of a kernel's matrix view.
 
@@ -309,11 +304,11 @@ def matrix_of(w: np.ndarray, kept: tuple[int, ...]) -> np.ndarray:
 
 
 def _per_axis(value: Any, d: int, argname: str, at: str) -> tuple[int, ...]:
-  items = (value,) * d if _is_int(value) else value
+  items = (value,) * d if _checks.is_int(value) else value
   if (
     not isinstance(items, Sequence)
     or len(items) != d
-    or any(not _is_int(v) or v < 1 for v in items)
+    or any(not _checks.is_int(v) or v < 1 for v in items)
   ):
     raise ValueError(
       f"{argname} at {at} must be a positive int or a sequence of {d} positive ints "
@@ -324,14 +319,14 @@ def _per_axis(value: Any, d: int, argname: str, at: str) -> tuple[int, ...]:
 
 def _explicit_pads(padding: Any, d: int, at: str) -> list[tuple[int, int]] | None:
   """Flax's int / sequence padding as ``(lo, hi)`` pairs, or ``None`` if not of that form."""
-  if _is_int(padding):
+  if _checks.is_int(padding):
     pads = [(int(padding), int(padding))] * d
   elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == d:
     pads = []
     for p in padding:
-      if _is_int(p):
+      if _checks.is_int(p):
         pads.append((int(p), int(p)))
-      elif isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p):
+      elif isinstance(p, Sequence) and len(p) == 2 and all(_checks.is_int(v) for v in p):
         pads.append((int(p[0]), int(p[1])))
       else:
         return None
@@ -437,7 +432,7 @@ def _check_conv_input(kernel: np.ndarray, input_shape: Any, at: str) -> tuple[in
       f"input_shape at {at} must be a sequence of ints (spatial dims, e.g. (16, 16)), "
       f"got {input_shape!r}."
     )
-  if len(input_shape) != d or any(not _is_int(n) or n < 1 for n in input_shape):
+  if len(input_shape) != d or any(not _checks.is_int(n) or n < 1 for n in input_shape):
     raise ValueError(
       f"input_shape at {at} must be {d} positive ints, one per spatial dim of the kernel of "
       f"shape {kernel.shape} (without batch and channels), got {tuple(input_shape)!r}."

@@ -75,7 +75,7 @@ def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
 
   A numpy integer counts as an int (``np.int64(3)``); a bool does not.
   """
-  if not _is_int(value):
+  if not is_int(value):
     raise TypeError(
       f"{argname} must be an int >= {minimum}{_at(at)}, got {value!r} ({type(value).__name__})."
     )
@@ -86,7 +86,7 @@ def check_count(value: Any, argname: str, minimum: int, at: str = "") -> int:
   return int(value)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
   """An int or a numpy integer, not a bool (``numpy.bool_`` is no integer either)."""
   return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
@@ -120,7 +120,7 @@ def check_ensemble_axis(value: Any, at: str = "") -> int | None:
   """
   if value is None:
     return None
-  if not _is_int(value):
+  if not is_int(value):
     raise TypeError(f"ensemble_axis must be None or 0{_at(at)}, got {value!r}.")
   if value != 0:
     raise ValueError(
@@ -135,7 +135,7 @@ def check_axis_arg(axis: Any, at: str = "", allow_none: bool = True) -> None:
   if axis is None and allow_none:
     return
   items = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
-  if not items or not all(_is_int(a) for a in items):
+  if not items or not all(is_int(a) for a in items):
     expected = "an int, a non-empty tuple of ints" + (" or None" if allow_none else "")
     raise TypeError(f"axis must be {expected}{_at(at)}, got {axis!r}.")
 
@@ -143,8 +143,8 @@ def check_axis_arg(axis: Any, at: str = "", allow_none: bool = True) -> None:
 def plain_axis(axis: Any) -> Any:
   """``axis`` with Python ints for numpy ones and a tuple for a list (else as it is)."""
   if isinstance(axis, (tuple, list)):
-    return tuple(int(a) if _is_int(a) else a for a in axis)
-  return int(axis) if _is_int(axis) else axis
+    return tuple(int(a) if is_int(a) else a for a in axis)
+  return int(axis) if is_int(axis) else axis
 
 
 def normalize_axes(axis: Axis, ndim: int, at: str = "") -> tuple[int, ...]:

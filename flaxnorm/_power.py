@@ -285,7 +285,7 @@ def power_iteration(
   # evaluation both are normalized (stored ones may be scaled), and a zero one
   # gives sigma 0 (an unnormalized kernel).
   u_out = jax.lax.stop_gradient(start_vector(u.astype(dtype), eps, restart=n_steps > 0))
-  # v is what a zero W^H u keeps: unit too (or the restart vector).
+  # v is what a zero W^H u keeps (a zero or missing one: the restart vector).
   v_out = jax.lax.stop_gradient(start_vector(v_start.astype(dtype), eps, restart=n_steps > 0))
   if n_steps:
     carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))

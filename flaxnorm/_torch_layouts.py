@@ -337,12 +337,12 @@ def pick_view(
 
 def _per_dim(x: Any, name: str, low: int, n: int | None) -> tuple[int, ...]:
   """``x`` (an int, or one per spatial dim) as ``n`` ints ``>= low``, or raises."""
-  xs = (x,) * (n or 1) if isinstance(x, (int, np.integer)) else x
+  xs = (x,) * (n or 1) if _checks.is_int(x) else x
   if (
     isinstance(x, (str, bytes))
     or not isinstance(xs, Sequence)
     or not xs
-    or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in xs)
+    or not all(_checks.is_int(i) for i in xs)
   ):
     raise TypeError(
       f"conv_transpose_padding: {name} must be an int or a tuple of ints (one per "
