@@ -216,11 +216,13 @@ def power_iteration(
     u: left vector estimate, shape ``(m,)``.
     v: right vector estimate, shape ``(n,)``; needed when ``n_steps == 0``, and
       kept if ``w^H u`` is zero or not finite (a zero or NaN weight; ``u`` likewise
-      for ``w v``). ``u`` and ``v`` need not be unit vectors: they are normalized
-      first. A zero one restarts from a fixed vector when ``n_steps > 0``; with
-      ``n_steps == 0`` it gives ``sigma = 0``. A zero ``w`` returns the
-      vectors it was given as they are (the restart vector for a zero one, or
-      for ``v=None``).
+      for ``w v``). ``u`` and ``v`` need not be unit vectors: ``u`` is normalized
+      first, and so is ``v`` when ``n_steps == 0`` (iterating, the first step
+      replaces it). A zero ``u`` restarts from a fixed vector when
+      ``n_steps > 0``; with ``n_steps == 0`` a zero ``u`` or ``v`` gives
+      ``sigma = 0``. A zero ``w`` returns the
+      vectors it was given as they are (the restart vector for a zero ``u``,
+      or for ``v=None``).
     n_steps: number of iterations (>= 0).
     eps: norms at or below ``eps`` count as zero.
 
@@ -285,8 +287,9 @@ def power_iteration(
   # evaluation both are normalized (stored ones may be scaled), and a zero one
   # gives sigma 0 (an unnormalized kernel).
   u_out = jax.lax.stop_gradient(start_vector(u.astype(dtype), eps, restart=n_steps > 0))
-  # v is what a zero W^H u keeps (a zero or missing one: the restart vector).
-  v_out = jax.lax.stop_gradient(start_vector(v_start.astype(dtype), eps, restart=n_steps > 0))
+  # Iterating, v is only what a zero W^H u keeps: taken as it is (no reduction on the
+  # training path; a missing one is the restart vector).
+  v_out = jax.lax.stop_gradient(v_start.astype(dtype))
   if n_steps:
     carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))
     u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)
@@ -294,6 +297,7 @@ def power_iteration(
     # d sigma / dW = u v^T with u, v held fixed (conj(u) v^T in JAX's complex convention).
     sigma = _bilinear(w32, u_out, v_out, value)
   else:
+    v_out = start_vector(v_out, eps, restart=False)
     sigma = _u_w_v(u_out, w32, v_out)
   return u_out, v_out, sigma
 
