@@ -85,6 +85,19 @@ def _check_pair_present(module: nn.Module, name: str, keys: tuple[str, str], at:
   )
 
 
+def _check_no_plain(module: nn.Module, name: str, keys: tuple[str, str], at: str) -> None:
+  """Raises if params hold a plain ``{name}`` where weight norm makes ``{name}_g``, ``{name}_v``."""
+  if not module.has_variable("params", name):
+    return
+  raise ValueError(
+    f"weight_norm: {at} finds a plain '{name}' param where it keeps {list(keys)}: the same "
+    "layer instance is also called unwrapped or with spectral norm, or the variables mix "
+    f"plain and weight-normed params. Weight norm replaces '{name}' by {list(keys)}, so one "
+    "layer cannot have both: wrap the instance once and call the wrapped module wherever "
+    "the layer is used (or convert plain params with flaxnorm.tree.weight_norm_init)."
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightNormSpec(_subclass.SpecBase):
   options: _options.WeightNormOptions
@@ -94,6 +107,7 @@ class WeightNormSpec(_subclass.SpecBase):
     axis = _kept_axis(self.options, module, name, at)
     g_key, v_key = _options.weight_norm_keys(name)
     _check_pair_present(module, name, (g_key, v_key), at)
+    _check_no_plain(module, name, (g_key, v_key), at)
     raw_v = create_param(v_key)
     v = meta.unbox(raw_v)
     _checks.check_float_array(v, "the param", at)

@@ -387,8 +387,10 @@ def _transform(target: Any, specs: Mapping[str, Any], method: str) -> Any:
     }
     if target.scope is not None:
       # Already attached (made in a compact method, or named in setup): its
-      # name is taken, so run the new module in the very same scope.
-      return cls(**attrs, parent=target.scope)
+      # name is taken, so run the new module in the same scope, rewound (its own
+      # reservations, as the layer's next call would have), so that the layer
+      # and the wrapper can both be called, in either order, sharing the params.
+      return cls(**attrs, parent=target.scope.rewound())
     return cls(**attrs, parent=target.parent, name=target.name)
   hint = ""
   if type(target).__module__.startswith("flax.nnx"):

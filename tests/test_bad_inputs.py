@@ -291,6 +291,14 @@ BAD_INPUTS = [
     r"layer's params. Convert them with flaxnorm.tree.weight_norm_init",
   ),
   (
+    "Linen weight norm given plain params to create its own beside them (mutable apply)",
+    lambda: flaxnorm.weight_norm(nn.Dense(3)).apply(
+      nn.Dense(3).init(KEY, jnp.ones((1, 4))), jnp.ones((1, 4)), mutable=True
+    ),
+    ValueError,
+    r"finds a plain 'kernel' param where it keeps \['kernel_g', 'kernel_v'\]",
+  ),
+  (
     "g that does not fit v",
     lambda: flaxnorm.weight_norm_compose(jnp.ones((1, 4)), jnp.ones((4, 3))),
     ValueError,

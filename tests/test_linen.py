@@ -869,3 +869,43 @@ def test_recursive_on_the_rnn_itself():
   assert set(v_outer["params"]["cell"]["ii"]) == {"kernel_g", "kernel_v"}
   chex.assert_trees_all_close(v_outer, v_inner)
   chex.assert_trees_all_close(outer.apply(v_outer, x), inner.apply(v_inner, x))
+
+
+class _SharedInstance(nn.Module):
+  """One Dense instance called plain and wrapped, in the order given."""
+
+  order: tuple[str, ...]
+  method: str = "spectral_norm"
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(3)
+    wrap = getattr(flaxnorm, self.method)
+    return [dense(x) if how == "plain" else wrap(dense)(x) for how in self.order]
+
+
+@pytest.mark.parametrize(
+  "order", [("plain", "wrapped"), ("wrapped", "plain"), ("wrapped", "wrapped")]
+)
+def test_instance_wrapped_in_a_compact_method_shares_the_layers_params(order):
+  """The layer and its spectral-norm wrapper share one kernel, called in either order."""
+  x = jax.random.normal(KEY, (2, 4))
+  model = _SharedInstance(order)
+  variables = model.init(KEY, x)
+  kernel = variables["params"]["Dense_0"]["kernel"]
+  assert set(variables["params"]) == {"Dense_0"}
+  outs, _ = model.apply(variables, x, mutable=["spectral"])
+  sigma = np.linalg.svd(np.asarray(kernel), compute_uv=False)[0]
+  bias = variables["params"]["Dense_0"]["bias"]
+  for how, out in zip(order, outs, strict=True):
+    expected = x @ kernel + bias if how == "plain" else x @ kernel / sigma + bias
+    chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [("plain", "wrapped"), ("wrapped", "plain")])
+def test_instance_called_plain_and_weight_normed_raises(order):
+  """Weight norm replaces the kernel: the same instance cannot also run plain."""
+  x = jnp.ones((2, 4))
+  model = _SharedInstance(order, "weight_norm")
+  with pytest.raises(ValueError, match=r"finds a plain 'kernel' param .* wrap the instance once"):
+    model.apply(model.init(KEY, x), x)  # init itself raises when the plain call comes first
