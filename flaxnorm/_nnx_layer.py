@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,19 +62,20 @@ def _active_call(module: Any) -> _Call | None:
   return _CALLS.get({}).get(id(module))
 
 
-#: The path ``wrap_modules`` found each layer at, for messages at call time (a layer
-#: wrapped on its own has none; a copy from ``nnx.merge`` neither).
-_PATHS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: The attribute holding the path ``wrap_modules`` found a layer at, for messages at
+#: call time (a layer wrapped on its own has none). A static attribute (a tuple of
+#: names), so ``nnx.split``/``nnx.merge`` and ``nnx.jit`` keep it; NNX's repr hides it.
+PATH_ATTR = "_flaxnorm_path"
 
 
 def remember_path(module: Any, path: tuple[Any, ...]) -> None:
-  _PATHS[module] = tuple(path)
+  setattr(module, PATH_ATTR, tuple(path))
 
 
 def describe(module: Any, name: str, path: tuple[Any, ...] | None = None) -> str:
   """``param 'kernel' of layer 'a/b' (Linear)``, for error messages (no path: unknown)."""
   owner = type(module).__name__
-  path = _PATHS.get(module) if path is None else path
+  path = vars(module).get(PATH_ATTR) if path is None else path
   if path is None:
     return f"param '{name}' of {owner}"
   return f"param '{name}' of layer '{path_str(path)}' ({owner})"

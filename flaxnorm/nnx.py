@@ -77,6 +77,7 @@ from flaxnorm import (
 from flaxnorm._axes import AxisOption
 from flaxnorm._nnx_layer import (
   FLAG,
+  PATH_ATTR,
   DataInitRun,
   SpectralNormSpec,
   WeightNormSpec,
@@ -557,6 +558,8 @@ def _remove(module: Any, name: Any, kind: type, method: str) -> None:
     ):
       delattr(m, FLAG)
     swap_class(m, specs)
+    if not specs and PATH_ATTR in vars(m):
+      delattr(m, PATH_ATTR)  # a plain layer again
     for n, value in values.items():
       if n in vars(m):
         delattr(m, n)

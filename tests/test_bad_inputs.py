@@ -378,14 +378,24 @@ def test_math_and_tree_messages_name_the_argument():
     flaxnorm.tree.spectral_norm_apply(boxed, state, update=False)
 
 
-def test_nnx_call_time_errors_name_the_path_wrap_modules_found():
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_call_time_errors_name_the_path_wrap_modules_found(jit):
   model = nnx.Sequential(*[nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(3)])
   flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.weight_norm, where=nnx.Linear)
   model.layers[1].kernel_g = nnx.Param(jnp.ones((4, 1)))
+  call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
   with pytest.raises(
     ValueError, match=r"kernel_g of param 'kernel' of layer 'layers/1' \(Linear\)"
   ):
-    model(jnp.ones((2, 4)))
+    call(model, jnp.ones((2, 4)))
+
+
+def test_nnx_layer_path_is_hidden_and_goes_with_the_wrapper():
+  model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+  flaxnorm.nnx.wrap_modules(model, flaxnorm.nnx.spectral_norm, where=nnx.Linear)
+  assert "flaxnorm" not in repr(model)
+  flaxnorm.nnx.remove_spectral_norm(model)
+  assert vars(model.layers[0]).keys() == vars(nnx.Linear(4, 4, rngs=nnx.Rngs(0))).keys()
 
 
 def test_nnx_input_shape_needs_operator_mode():
