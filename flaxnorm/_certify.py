@@ -149,6 +149,16 @@ def _root(s: np.ndarray, x: np.ndarray, t: int) -> np.ndarray:
   return np.ldexp(np.exp2(b / two_t) * x ** (1.0 / two_t), a)
 
 
+_TINY = np.finfo(np.float64).tiny  # the least normal float64
+_SUBNORMAL_STEP = np.finfo(np.float64).smallest_subnormal
+
+
+def _up_from_subnormal(x: Any) -> Any:
+  """``x`` plus 4 subnormal steps where it is subnormal: a bound scaled back there
+  rounds to a spacing of 2^-1074, not relatively (a few roundings, each < 1 step)."""
+  return np.where((x > 0) & (x < _TINY), x + 4 * _SUBNORMAL_STEP, x)
+
+
 def _gram(g: np.ndarray) -> np.ndarray:
   """``G G^H`` for each ``p x q`` block of ``g``, conjugated for large complex blocks.
 
@@ -203,7 +213,7 @@ def _block_bounds(blocks: np.ndarray, n_steps: int, floor: float = 0.0) -> tuple
     if t == n_steps:  # Schur's test, last step only: |G| costs a square root per entry
       mag = np.abs(g)
       norm = np.minimum(fro, np.sqrt(mag.sum(axis=1).max(axis=1) * mag.sum(axis=2).max(axis=1)))
-    up = _root(s, norm, t) * grow
+    up = _up_from_subnormal(_root(s, norm, t) * grow)
     upper[idx] = up if t == 0 else np.minimum(upper[idx], up)
     if t == n_steps:
       break
@@ -591,7 +601,7 @@ def conv_norm_bound(
   _, e = np.frexp(np.abs(kernel).max())
   scaled = _circular_bound(np.ldexp(kernel, -e), dilation, sizes, groups, n_steps)
   with np.errstate(over="ignore"):
-    return float(np.ldexp(scaled, e))
+    return float(_up_from_subnormal(np.ldexp(scaled, e)))
 
 
 def _circular_bound(

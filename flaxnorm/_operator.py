@@ -96,6 +96,11 @@ def operator_power_iteration(
   if not n_steps:  # unit vectors give sigma (a zero one, 0)
     u, v = (_power.start_vector(x, eps, restart=False) for x in (u, v))
   out, transpose = jax.vjp(apply, v)  # a layer computing in bfloat16 takes a bfloat16 ``u``
+  if not isinstance(out, jax.Array):
+    raise TypeError(
+      f"operator_power_iteration: apply must return one array (u's shape), got "
+      f"{type(out).__name__}."
+    )
   if out.shape != u.shape:
     raise ValueError(
       f"operator_power_iteration: u must have the shape of apply(v), {out.shape} for v of "

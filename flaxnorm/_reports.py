@@ -636,4 +636,6 @@ def _all_ones(dilation: Any) -> bool:
 def _effective_norm(sigma: jax.Array, target: float, mode: str) -> jax.Array:
   """The spectral norm of ``w * scale`` for a kernel whose norm is ``sigma``."""
   sigma = jnp.asarray(sigma, jnp.float32)
-  return jnp.abs(sigma) * _power.sigma_scale(sigma, mode=mode, target=target, at=_AT)
+  # |sigma * scale|: a negative stored sigma (a state not iterated yet) divides the kernel
+  # by a negative number, which flips its sign but not its norm.
+  return jnp.abs(sigma * _power.sigma_scale(sigma, mode=mode, target=target, at=_AT))

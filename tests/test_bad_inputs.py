@@ -186,6 +186,14 @@ BAD_INPUTS = [
     r"u must have the shape of apply\(v\), \(3,\) for v of shape \(2,\), got \(2,\)",
   ),
   (
+    "an apply that returns a tuple",
+    lambda: flaxnorm.operator_power_iteration(
+      lambda x: (x, x), jnp.ones(2), jnp.ones(2), n_steps=1
+    ),
+    TypeError,
+    r"apply must return one array \(u's shape\), got tuple",
+  ),
+  (
     "stored g of another axis's layout",
     lambda: flaxnorm.weight_norm(nn.Dense(3)).apply(
       {

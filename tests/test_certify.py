@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flaxnorm
 from flaxnorm import _certify
 from flaxnorm._certify import DEFAULT_GRAM_STEPS, conv_norm_bound, matrix_norm_bound
 from flaxnorm._power import as_matrix
@@ -422,3 +423,12 @@ def test_large_blocks_take_the_herk_path_and_stay_valid():
   assert _certify._gram(blocks[:2]) == pytest.approx(
     np.conj(blocks[:2] @ np.conj(np.swapaxes(blocks[:2], 1, 2))), rel=1e-12
   )
+
+
+def test_estimate_is_nonnegative_for_a_negative_stored_sigma():
+  """A state not iterated yet can hold sigma < 0; w / sigma has norm ||w|| / |sigma|."""
+  x = jnp.ones((1, 6))
+  layer = flaxnorm.spectral_norm(nn.Dense(5), n_init_iterations=0)
+  variables = layer.init(jax.random.key(0), x)
+  variables["spectral"]["kernel_sigma"] = -jnp.abs(variables["spectral"]["kernel_sigma"])
+  assert float(flaxnorm.lipschitz_bound(variables).estimate) == pytest.approx(1.0)

@@ -247,3 +247,16 @@ def test_default_gram_steps_figure_is_what_300_draws_measure():
     w = rng.standard_normal(tuple(int(k) for k in rng.integers(1, 65, 2)))
     worst = max(worst, _certify.matrix_norm_bound(w) / np.linalg.svd(w, compute_uv=False)[0])
   assert 1.0 <= worst <= documented
+
+
+@pytest.mark.parametrize("exponent", [-1074, -1070, -1060, -1040])
+def test_bounds_stay_above_the_norm_for_subnormal_weights(exponent):
+  """Scaled back into the subnormal range, a bound rounds to 2^-1074 steps: it must round up."""
+  rng = np.random.default_rng(-exponent)
+  for _ in range(20):
+    w = np.ldexp(rng.integers(1, 4, size=(2, 3)).astype(np.float64), exponent)
+    true = np.linalg.svd(np.ldexp(w, -exponent), compute_uv=False)[0]  # exact scale
+    # Compared at scale 2^0 (scaling a subnormal up is exact, down would round).
+    assert np.ldexp(flaxnorm.matrix_norm_bound(w), -exponent) >= true
+    k = w.T[None]  # a 1x1 conv: the same matrix on every position
+    assert np.ldexp(flaxnorm.conv_norm_bound(k, (4,)), -exponent) >= true
