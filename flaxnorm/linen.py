@@ -468,9 +468,9 @@ def weight_norm(
       sequence of names, a compiled regular expression searched in each param's
       path below the wrapped module joined by ``/`` (``re.compile("kernel$")``),
       or a predicate ``(path, param) -> bool`` (``param`` a
-      ``jax.ShapeDtypeStruct``; e.g. ``lambda path, p: p.ndim >= 2``, Flax's
-      default), to wrap a whole block with ``recursive=True`` and leave its
-      biases and norm scales alone.
+      ``jax.ShapeDtypeStruct``; e.g. ``lambda path, p: p.ndim >= 2 and
+      path[-1] != "bias"``: attention's biases are 2-D), to wrap a whole block
+      with ``recursive=True`` and leave its biases and norm scales alone.
     axis: the kept axis or axes (PyTorch's ``dim``); the norm runs over all the
       others. ``"auto"`` (default): the layer's output-feature axes (``-1`` for
       ``Dense``/``Conv``/``ConvTranspose`` kernels ``(*window, in, out)``, the
