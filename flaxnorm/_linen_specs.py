@@ -171,8 +171,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     elif train:
       scale, new = _operator.iterate(w, state, layer_map.linear, opts)
     elif fresh:  # sigma of this apply's step, differentiable
-      sigma = jax.numpy.vdot(state.u, layer_map.linear(w)(state.v))
-      scale, new = _operator.eval_scale(sigma, opts), state
+      scale, new = _operator.fresh_scale(w, state, layer_map.linear, opts), state
     else:
       scale, new = _operator.eval_scale(state.sigma, opts), state
     if train:

@@ -153,6 +153,10 @@ class SpectralNormSpec(_subclass.SpecBase):
       return _nnx_ensemble.stacked_factors(self, w, u, v)
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
+    if opts.operator and FROZEN.get() and not getattr(module, FLAG, False):
+      # Training, in an nnx.RNN's time loop: sigma of the step just stored, differentiable.
+      stored = _power.SpectralState(u[...], v[...], sigma[...])
+      return w[...], _operator.fresh_scale(w[...], stored, operator_map(module, name), opts)
     if opts.operator:  # the stored sigma, as Linen's evaluation
       return w[...], _operator.eval_scale(sigma[...], opts)
     # Otherwise sigma = u^T W v from the stored vectors.

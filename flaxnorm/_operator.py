@@ -243,6 +243,18 @@ def iterate(
   return _scale(sigma, options), new
 
 
+def fresh_scale(
+  w: jax.Array, state: _power.SpectralState, linear: Linear, options: _options.SpectralNormOptions
+) -> jax.Array:
+  """The scale from a state this training step already stored, differentiable in ``w``.
+
+  A scan's time loop over a layer whose step ran before the loop (Linen's
+  ``nn.RNN``, NNX's): ``sigma = <u, A_w v>`` is the sigma :func:`iterate`
+  computed, and its gradient flows into ``w`` as in the step itself.
+  """
+  return _scale(_sigma(w, state.u, state.v, linear), options)
+
+
 def _sigma(w: jax.Array, u: jax.Array, v: jax.Array, linear: Linear) -> jax.Array:
   """``sigma = <u, A_w v> = <w, G>``, differentiable in ``w`` only (its gradient is ``G``).
 

@@ -519,3 +519,86 @@ def test_nnx_rnn_gets_its_class_back_on_removal():
   flaxnorm.nnx.remove_spectral_norm(rnn)
   assert type(rnn) is nnx.RNN
   chex.assert_trees_all_close(rnn(XS), y, **TOL)
+
+
+# --------------------------------------------------------------------------- #
+# Operator mode over time: sigma = <u, A_W v> of the new state, differentiable in W.
+# --------------------------------------------------------------------------- #
+
+XH = jax.random.normal(jax.random.key(2), (B, T, H))  # a cell whose layers all take H inputs
+
+
+def _operator_reference(cell, kernels, states):
+  """Outputs of ``cell`` unrolled with kernels ``W / <u, v @ W>`` (a Dense's operator sigma)."""
+  for name, w in kernels.items():
+    u, v = states[name]
+    sigma = jnp.vdot(u, v @ w)
+    vars(getattr(cell, name))["kernel"][...] = w / sigma
+  carry, ys = jnp.zeros((B, H)), []
+  for t in range(T):
+    carry, y = cell(carry, XH[:, t])
+    ys.append(y)
+  return jnp.stack(ys, axis=1)
+
+
+def test_nnx_rnn_operator_mode_trains_through_sigma():
+  # Until 2026-12-06 the time loop used the stored sigma, as evaluation does:
+  # no gradient through sigma (kernel mode was right).
+  plain = nnx.SimpleCell(H, H, rngs=nnx.Rngs(0))
+  rnn = nnx.RNN(nnx.clone(plain))
+  flaxnorm.nnx.wrap_modules(
+    rnn, flaxnorm.nnx.spectral_norm, where=nnx.Linear, operator=True, input_shape=(H,)
+  )
+  names = ("dense_i", "dense_h")
+  for name in names:  # params far from the converged state
+    kernel = vars(getattr(rnn.cell, name))["kernel"]
+    kernel[...] = _perturbed(kernel[...])
+  one_call = nnx.clone(rnn.cell)
+  one_call(jnp.zeros((B, H)), XH[:, 0])  # the one training step
+
+  def loss(model):
+    y = model(XH)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(rnn)
+  chex.assert_trees_all_close(_pure(nnx.state(rnn.cell)), _pure(nnx.state(one_call)), **TOL)
+  layers = {n: getattr(rnn.cell, n) for n in names}
+  states = {n: (m.kernel_u[...], m.kernel_v[...]) for n, m in layers.items()}
+  kernels = {n: vars(m)["kernel"][...] for n, m in layers.items()}
+
+  def ref_loss(ks):
+    y = _operator_reference(nnx.clone(plain), ks, states)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, y_ref), grads_ref = jax.value_and_grad(ref_loss, has_aux=True)(kernels)
+  chex.assert_trees_all_close(y, y_ref, **TOL)
+  chex.assert_trees_all_close({n: grads["cell"][n]["kernel"][...] for n in names}, grads_ref, **TOL)
+
+
+def test_linen_rnn_operator_mode_trains_through_sigma():
+  rnn = nn.RNN(flaxnorm.spectral_norm(nn.SimpleCell(H), recursive=True, operator=True))
+  variables = rnn.init(KEY, XH)
+  params = _perturbed(variables["params"])
+
+  def loss(p):
+    y, new = rnn.apply({**variables, "params": p}, XH, mutable=["spectral"])
+    return jnp.sum(jnp.sin(y)), (y, new)
+
+  (_, (y, new)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  spectral = new["spectral"]["cell"]
+  states = {n: (spectral[n]["kernel_u"], spectral[n]["kernel_v"]) for n in ("i", "h")}
+  plain_params = params["cell"]
+
+  def ref_loss(ks):
+    p = {n: {**plain_params[n], "kernel": ks[n] / jnp.vdot(u, v @ ks[n])} for n, (u, v) in states.items()}  # fmt: skip
+    ys, carry = [], jnp.zeros((B, H))
+    for t in range(T):
+      carry, y = nn.SimpleCell(H).apply({"params": p}, carry, XH[:, t])
+      ys.append(y)
+    y = jnp.stack(ys, axis=1)
+    return jnp.sum(jnp.sin(y)), y
+
+  kernels = {n: plain_params[n]["kernel"] for n in ("i", "h")}
+  (_, y_ref), grads_ref = jax.value_and_grad(ref_loss, has_aux=True)(kernels)
+  chex.assert_trees_all_close(y, y_ref, **TOL)
+  chex.assert_trees_all_close({n: grads["cell"][n]["kernel"] for n in kernels}, grads_ref, **TOL)
