@@ -6,14 +6,16 @@ mapping from param name to that face's spec) — no closures. This module builds
 those subclasses: it merges specs (refusing to wrap a param twice), keeps the
 base's name, module and qualname (Flax auto-names submodules after the class,
 and users see their layer's class in reprs), writes the docstring, caches one
-class per (base, specs), and makes instances pickle by rebuilding the class
-from ``(base, specs)``, since pickle looks classes up by name and would find
-the base. What goes into the class body is the face's business (its
+class per (base, specs), and makes instances and the classes themselves (an
+NNX ``GraphDef`` holds the class) pickle by rebuilding the class from
+``(base, specs)``, since pickle looks classes up by name and would find the
+base. What goes into the class body is the face's business (its
 ``namespace`` function).
 """
 
 from __future__ import annotations
 
+import copyreg
 import types
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -107,9 +109,32 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
     + ", ".join(f"{s.method}({n!r})" for n, s in items)
     + f".\n\n{base.__doc__ or ''}",
   )
+  kwds = {**kwds, "metaclass": _pickling_meta(type(base))}
   cls = types.new_class(base.__name__, (base,), kwds, lambda ns: ns.update(body))
   _CACHE[key] = cls
   return cls
+
+
+_METAS: dict[type, type] = {}
+
+
+def _pickling_meta(meta: type) -> type:
+  """A subclass of the metaclass ``meta`` whose classes pickle by rebuilding (see module doc).
+
+  The ``copyreg`` entry is for this subclass only: no other class's pickling
+  changes.
+  """
+  if meta not in _METAS:
+    sub = type(meta.__name__, (meta,), {"__module__": meta.__module__})
+    copyreg.pickle(sub, _reduce_class)
+    _METAS[meta] = sub
+  return _METAS[meta]
+
+
+def _reduce_class(cls: Any) -> str | tuple[Any, ...]:
+  if "_flaxnorm_base" not in cls.__dict__:  # a user's subclass of a normalized class
+    return cls.__qualname__  # pickled by name, as any class
+  return normalized_class, (base_of(cls), specs_of(cls), cls._flaxnorm_namespace)
 
 
 def _reduce_ex(self: Any, protocol: Any) -> tuple[Any, ...]:

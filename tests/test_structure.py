@@ -15,6 +15,7 @@ import flaxnorm
 import flaxnorm.interop
 import flaxnorm.nnx as fnx
 import flaxnorm.tree as ft
+from flaxnorm import _subclass
 
 KEY = jax.random.key(0)
 X = jnp.ones((2, 4))
@@ -103,6 +104,35 @@ def test_nnx_wrapped_modules_pickle():
   again = pickle.loads(pickle.dumps(model))
   assert [type(m) for m in again.layers] == [type(m) for m in model.layers]
   chex.assert_trees_all_close(again(X), model(X))
+
+
+def test_nnx_graphdef_pickles(monkeypatch):
+  # An NNX GraphDef holds the normalized class itself; until 2026-12-06 pickle
+  # looked it up by name and found the base ("not the same object").
+  model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 2, rngs=nnx.Rngs(1)))
+  fnx.weight_norm(model.layers[0])
+  fnx.spectral_norm(model.layers[1])
+  model.eval()
+  graphdef, state = nnx.split(model)
+  blob = pickle.dumps(graphdef)
+  assert pickle.loads(blob) == graphdef
+  monkeypatch.setattr(_subclass, "_CACHE", {})  # as in a new process: the classes are rebuilt
+  again = nnx.merge(pickle.loads(blob), state)
+  for old, new in zip(model.layers, again.layers):
+    assert type(new) is not type(old) and _subclass.base_of(type(new)) is nnx.Linear
+    assert _subclass.specs_of(type(new)) == _subclass.specs_of(type(old))
+  chex.assert_trees_all_close(again(X), model(X))
+
+
+class _UserConv(flaxnorm.spectral_norm(nn.Conv)):
+  """A user's subclass of a normalized class: pickled by name, as any class."""
+
+
+def test_classes_pickle():
+  cls = flaxnorm.weight_norm(nn.Dense)
+  assert pickle.loads(pickle.dumps(cls)) is cls
+  assert pickle.loads(pickle.dumps(_UserConv)) is _UserConv
+  assert pickle.loads(pickle.dumps(nn.Dense)) is nn.Dense  # other classes as before
 
 
 # --------------------------------------------------------------------------- #
