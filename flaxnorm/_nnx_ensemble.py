@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxnorm import _axes, _checks, _math, _options, _power
+from flaxnorm import _axes, _checks, _math, _operator, _options, _power
 
 
 def _expected_rank(module: nnx.Module, name: str) -> int | None:
@@ -94,6 +94,16 @@ def spectral_state_init(
   return jax.vmap(init)(keys, w)
 
 
+def member_rank(w: jax.Array, ensemble_axis: int | None) -> int:
+  """One member's rank, recorded in the spec: a param with one axis more is the whole stack.
+
+  Without ``ensemble_axis`` the param wrapped is one member's, also when the
+  module is wrapped inside a vmapped constructor; outside ``nnx.vmap`` that
+  ensemble's params then have one axis more, and read as any stacked ensemble's.
+  """
+  return w.ndim - (ensemble_axis is not None)
+
+
 def is_stacked(spec: Any, w: jax.Array) -> bool:
   """Whether ``w`` is the whole stack (outside ``nnx.vmap``) rather than one member."""
   return spec.member_ndim is not None and w.ndim == spec.member_ndim + 1
@@ -105,7 +115,10 @@ def stacked_factors(spec: Any, w: jax.Array, *state: jax.Array) -> tuple[jax.Arr
   if isinstance(opts, _options.WeightNormOptions):
     g, v = state
     return v, jax.vmap(lambda g, v: _math.weight_norm_scale(g, v, opts.eps))(g, v)
-  u, v = state[:2]
+  u, v, sigma = state
+  shape = (-1,) + (1,) * spec.member_ndim
+  if opts.operator:  # the stored sigmas, as in evaluation
+    return w, jnp.reshape(_operator.eval_scale(sigma, opts), shape)
   kept = _checks.normalize_axes(_axes.explicit(opts.axis, ""), spec.member_ndim)
 
   def scale(m: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
@@ -114,13 +127,12 @@ def stacked_factors(spec: Any, w: jax.Array, *state: jax.Array) -> tuple[jax.Arr
     )
     return s
 
-  scales = jax.vmap(scale)(w, u, v)
-  return w, jnp.reshape(scales, (-1,) + (1,) * spec.member_ndim)
+  return w, jnp.reshape(jax.vmap(scale)(w, u, v), shape)
 
 
 def not_under_vmap_error(method: str, at: str) -> ValueError:
   return ValueError(
-    f"{method}: {at} is an ensemble (ensemble_axis=0) called outside nnx.vmap; call each "
+    f"{method}: {at} is an ensemble (stacked by nnx.vmap) called outside nnx.vmap; call each "
     f"member under it: nnx.vmap(lambda layer, x: layer(x), in_axes=(0, None))(layer, x), "
     f"or an nnx.vmap-ed training step."
   )

@@ -103,7 +103,7 @@ def _get(module: nnx.Module, attr: str, method: str, name: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class WeightNormSpec(_subclass.SpecBase):
   options: _options.WeightNormOptions
-  member_ndim: int | None = None  # an nnx.vmap ensemble: one member's rank (flaxnorm._nnx_ensemble)
+  member_ndim: int | None = None  # one member's rank: more is an nnx.vmap stack (_nnx_ensemble)
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.weight_norm_keys(name)
@@ -125,7 +125,7 @@ class SpectralNormSpec(_subclass.SpecBase):
   options: _options.SpectralNormOptions
   added_flag: bool  # this transform gave the module its train/eval attribute
   input_shape: tuple[int, ...] | None = None  # operator mode: one example, no batch axis
-  member_ndim: int | None = None  # an nnx.vmap ensemble: one member's rank (flaxnorm._nnx_ensemble)
+  member_ndim: int | None = None  # one member's rank: more is an nnx.vmap stack (_nnx_ensemble)
 
   def attrs(self, name: str) -> tuple[str, ...]:
     return _options.spectral_keys(name)
@@ -149,8 +149,8 @@ class SpectralNormSpec(_subclass.SpecBase):
       return _get(module, name, self.method, name)[...], call.scales[name]
     w = _get(module, name, self.method, name)[...]
     if _nnx_ensemble.is_stacked(self, w):  # outside nnx.vmap: every member's kernel
-      u, v = (_get(module, a, self.method, name)[...] for a in self.attrs(name)[:2])
-      return _nnx_ensemble.stacked_factors(self, w, u, v)
+      state = (_get(module, a, self.method, name)[...] for a in self.attrs(name))
+      return _nnx_ensemble.stacked_factors(self, w, *state)
     w, kept, (u, v, sigma) = self._state(module, name)
     opts = self.options
     if opts.operator and FROZEN.get() and not getattr(module, FLAG, False):

@@ -175,7 +175,7 @@ def plan_weight_norm(
     _nnx_ensemble.check_stacking(module, name, w, ensemble_axis, "weight_norm", at)
     axis = _axes.resolve(options.axis, module, name, at)
     opts = dataclasses.replace(options, axis=axis)
-    spec = specs[name] = WeightNormSpec(opts, None if ensemble_axis is None else w.ndim - 1)
+    spec = specs[name] = WeightNormSpec(opts, _nnx_ensemble.member_rank(w, ensemble_axis))
     _check_free(module, spec.attrs(name), "weight_norm", path, name)
     if ensemble_axis is None:
       kept = _checks.normalize_axes(axis, w.ndim, at)
@@ -350,7 +350,7 @@ def plan_spectral_norm(
     w = var[...]
     _checks.check_float_array(w, "the param", at)
     _nnx_ensemble.check_stacking(module, name, w, ensemble_axis, "spectral_norm", at)
-    member_ndim = None if ensemble_axis is None else w.ndim - 1
+    member_ndim = _nnx_ensemble.member_rank(w, ensemble_axis)
     axis = _axes.resolve(options.axis, module, name, at)
     opts = dataclasses.replace(options, axis=axis)
     spec = specs[name] = SpectralNormSpec(opts, added, input_shape, member_ndim)

@@ -644,7 +644,7 @@ def spectral_sigmas(model: nnx.Module) -> dict[str, jax.Array]:
 
   Returns:
     ``{"layers/0/kernel": sigma, ...}``, each of shape ``()`` (``(E,)`` for an
-    ensemble wrapped with ``ensemble_axis=0``: one per member).
+    ``nnx.vmap`` ensemble: one per member).
 
   Examples:
     >>> from flax import nnx

@@ -391,6 +391,45 @@ def test_nnx_vmap_ensemble_matches_members(transform):
   chex.assert_trees_all_close(ensemble.kernel, jnp.stack([m.kernel for m in members]), **TOL)
 
 
+INSIDE_CONSTRUCTOR = {
+  "weight": (flaxnorm.nnx.weight_norm, {}),
+  "spectral": (flaxnorm.nnx.spectral_norm, {}),
+  "operator": (flaxnorm.nnx.spectral_norm, {"operator": True, "input_shape": (F,)}),
+}
+
+
+@pytest.mark.parametrize(
+  ("transform", "kwargs"), INSIDE_CONSTRUCTOR.values(), ids=INSIDE_CONSTRUCTOR
+)
+def test_nnx_ensemble_wrapped_inside_the_constructor(transform, kwargs):
+  # Each member wrapped inside nnx.vmap: outside it the stack reads and
+  # removes as an ensemble_axis=0 one. Until 2026-12-06 both raised an error
+  # blaming a checkpoint.
+  @nnx.split_rngs(splits=L)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return transform(nnx.Linear(F, F, rngs=rngs), **kwargs)
+
+  ensemble = make(nnx.Rngs(0))
+  ensemble.eval()
+  x = XS[:, 0]
+  y = nnx.vmap(lambda layer, x: layer(x), in_axes=(0, None))(ensemble, x)
+  members = [transform(nnx.Linear(F, F, rngs=nnx.Rngs(0)), **kwargs) for _ in range(L)]
+  for i, m in enumerate(members):
+    nnx.update(m, _member(nnx.state(ensemble), i))
+    m.eval()
+    chex.assert_trees_all_close(ensemble.kernel[i], m.kernel, **TOL)
+    chex.assert_trees_all_close(y[i], m(x), **TOL)
+  with pytest.raises(ValueError, match=r"ensemble \(stacked by nnx\.vmap\) called outside"):
+    ensemble(x)
+  remove = {"weight_norm": flaxnorm.nnx.remove_weight_norm}.get(
+    transform.__name__, flaxnorm.nnx.remove_spectral_norm
+  )
+  remove(ensemble)
+  assert type(ensemble) is nnx.Linear
+  chex.assert_trees_all_close(nnx.vmap(lambda layer, x: layer(x), in_axes=(0, None))(ensemble, x), y, **TOL)  # fmt: skip
+
+
 @pytest.mark.parametrize("transform", NNX_TRANSFORMS)
 def test_nnx_scan_over_stacked_layers(transform):
   stack = transform(_nnx_stack(), ensemble_axis=0)
