@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 import flax.linen as nn
@@ -104,11 +104,48 @@ def _scales_output(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------- #
 
 
-def _is_descendant(module: nn.Module, root: nn.Module) -> bool:
-  if module.scope is None or root.scope is None:
-    return False
-  path, root_path = tuple(module.scope.path), tuple(root.scope.path)
-  return len(path) > len(root_path) and path[: len(root_path)] == root_path
+Subtree = tuple[tuple[str, ...], tuple[str, ...]]  # (scope path, its path below the root)
+
+
+def _field_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+  """The modules in ``module``'s fields, named as Flax names adopted ones (``layers_0``)."""
+  for f in dataclasses.fields(module):  # pyright: ignore[reportArgumentType]
+    if not f.init or f.name in ("parent", "name"):
+      continue
+    value = getattr(module, f.name)
+    if isinstance(value, nn.Module):
+      yield f.name, value
+    elif isinstance(value, (list, tuple)):
+      yield from ((f"{f.name}_{i}", m) for i, m in enumerate(value) if isinstance(m, nn.Module))
+    elif isinstance(value, Mapping):
+      yield from ((f"{f.name}_{k}", m) for k, m in value.items() if isinstance(m, nn.Module))
+
+
+def _subtrees(root: nn.Module) -> list[Subtree]:
+  """Where ``root``'s recursive transform reaches: its scope and its fields' modules.
+
+  A module made in the parent's compact method and passed in
+  (``nn.RNN(nn.LSTMCell(8))`` there) is the parent's child, so Flax puts it
+  beside ``root``, not below: it is reached all the same, under its field name.
+  """
+  root_path = tuple(str(p) for p in root.scope.path) if root.scope is not None else ()
+  out: list[Subtree] = [(root_path, ())]
+  for name, m in _field_modules(root):
+    path = tuple(str(p) for p in m.scope.path) if m.scope is not None else None
+    if path is not None and path[: len(root_path)] != root_path:
+      out.append((path, (name,)))
+  return out
+
+
+def _relative(module: nn.Module, subtrees: list[Subtree]) -> tuple[str, ...] | None:
+  """``module``'s path below the root (``None`` if it is not below it), as ``_subtrees`` reach."""
+  if module.scope is None:
+    return None
+  path = tuple(str(p) for p in module.scope.path)
+  for at, prefix in subtrees:
+    if path[: len(at)] == at and (prefix or len(path) > len(at)):
+      return prefix + path[len(at) :]
+  return None
 
 
 class _Tracker:
@@ -151,13 +188,14 @@ def _propagate(root: nn.Module):
   """
   root_specs = _subclass.specs_of(type(root))
   seen = _tracker(root)
-  root_path = tuple(root.scope.path) if root.scope is not None else ()
+  subtrees = _subtrees(root)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
+    rel = _relative(module, subtrees)
     if (
       hasattr(type(module), "_flaxnorm_specs")
-      or not _is_descendant(module, root)
+      or rel is None
       or _is_lifted(type(module))  # the lift's own clone comes through here again
       # A function lifted over the module (nn.RNN's scan body) is no method of
       # it; the module's own method calls inside come through here.
@@ -166,7 +204,6 @@ def _propagate(root: nn.Module):
       return next_fun(*args, **kwargs)
     if context.method_name == "setup":
       return None
-    rel = tuple(str(p) for p in module.scope.path)[len(root_path) :]
     seen.submodules.append("/".join(rel))
     clone = _transform(module, _descendant_specs(root_specs, rel, seen), "recursive")
     # The clone's hits count for root's checks; its params' paths start at root.

@@ -1,5 +1,7 @@
 """Tests of the Linen transforms: layout, output preservation, training, removal, errors."""
 
+from typing import Any
+
 import chex
 import flax.linen as nn
 import jax
@@ -869,6 +871,76 @@ def test_recursive_on_the_rnn_itself():
   assert set(v_outer["params"]["cell"]["ii"]) == {"kernel_g", "kernel_v"}
   chex.assert_trees_all_close(v_outer, v_inner)
   chex.assert_trees_all_close(outer.apply(v_outer, x), inner.apply(v_inner, x))
+
+
+class _InParent(nn.Module):
+  """A container made in a compact method, its layers passed in: Flax makes them its siblings."""
+
+  transform: Any
+  outer: bool  # wrap the container (recursive), else each layer
+
+  @nn.compact
+  def __call__(self, x):
+    if self.container == "rnn":
+      cell = nn.SimpleCell(5)
+      inner = cell if self.outer else self.transform(cell, recursive=True)
+      made = nn.RNN(inner)
+    else:
+      layers = [nn.Dense(5), nn.tanh, nn.Dense(3)]
+      if not self.outer:
+        layers = [self.transform(m) if isinstance(m, nn.Dense) else m for m in layers]
+      made = nn.Sequential(layers)
+    return (self.transform(made, recursive=True) if self.outer else made)(x)
+
+  container: str = "rnn"
+
+
+@pytest.mark.parametrize("transform", [flaxnorm.weight_norm, flaxnorm.spectral_norm])
+@pytest.mark.parametrize("container", ["rnn", "sequential"])
+def test_recursive_reaches_layers_made_in_the_parent(transform, container):
+  # nn.RNN(cell) or nn.Sequential(layers) in a compact method: Flax makes the
+  # passed layers the parent's children, beside the container. Until
+  # 2026-12-06 wrapping the container with recursive=True said its params did
+  # not exist; now it reaches them, the same as wrapping each layer.
+  x = jax.random.normal(KEY, (2, 3, 4))
+  outer = _InParent(transform, True, container)
+  inner = _InParent(transform, False, container)
+  v_outer = outer.init(KEY, x)
+  v_inner = inner.init(KEY, x)
+  flat = lambda v: sorted(jax.tree_util.tree_flatten_with_path(v)[0], key=lambda kv: str(kv[0]))
+  assert [a.shape for _, a in flat(v_outer)] == [a.shape for _, a in flat(v_inner)]
+  if container == "rnn":  # the cell beside the RNN, not in it
+    assert {"SimpleCell_0"} == set(v_outer["params"])
+  kernel = "kernel_g" if transform is flaxnorm.weight_norm else "kernel"
+  leaves = [jax.tree_util.keystr(k) for k, _ in flat(v_outer["params"])]
+  assert sum(kernel in k for k in leaves) == 2
+
+  # The same numbers as the layers wrapped one by one: outputs, gradients, new state.
+  mutable = ["spectral"] if transform is flaxnorm.spectral_norm else False
+  params = jax.tree.map(lambda a: a + 0.5 * jnp.cos(3.0 * a), v_inner["params"])
+
+  def loss(model, v, p):
+    out = model.apply({**v, "params": p}, x, mutable=mutable)
+    y, new = out if mutable else (out, {})
+    return jnp.sum(jnp.sin(y)), (y, new)
+
+  # Each layer wrapped on its own is adopted by the container, as Flax does when
+  # the layer has no name yet (flaxnorm.linen._transform); the outer wrap keeps
+  # the plain model's layout.
+  if container == "rnn":
+    relabel = lambda t: {"SimpleCell_0": t["RNN_0"]["cell"]}
+  else:
+    relabel = lambda t: {
+      "Dense_0": t["Sequential_0"]["layers_0"],
+      "Dense_1": t["Sequential_0"]["layers_2"],
+    }
+  v_outer = {k: relabel(v) for k, v in v_inner.items()}
+  ref = jax.value_and_grad(loss, argnums=2, has_aux=True)(inner, v_inner, params)
+  got = jax.value_and_grad(loss, argnums=2, has_aux=True)(outer, v_outer, relabel(params))
+  chex.assert_trees_all_close(got[0][1][0], ref[0][1][0], atol=1e-5)
+  chex.assert_trees_all_close(got[1], relabel(ref[1]), atol=1e-5)
+  ref_state = {k: relabel(v) for k, v in ref[0][1][1].items()}
+  chex.assert_trees_all_close(got[0][1][1], ref_state, atol=1e-5)
 
 
 class _SharedInstance(nn.Module):
