@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 
 #: A feature whose std is at most this times ``max(1, |mean|)`` counts as constant.
 CONSTANT_STD = 1e-6
@@ -92,7 +93,8 @@ def normalize(
     in float32, ``y`` of ``t``'s shape and dtype.
 
   Raises:
-    ValueError: the batch gives fewer than 2 values per feature (no std).
+    ValueError: the batch gives fewer than 2 values per feature (no std), or
+      (outside ``jax.jit``) a value that is not finite.
   """
   reduced = tuple(i for i in range(t.ndim) if i - t.ndim not in axes)
   count = math.prod(t.shape[i] for i in reduced)
@@ -101,6 +103,13 @@ def normalize(
       f"{_fn(nnx)} takes each output feature's std over the init batch, "
       f"at {at}: the batch gives {count} value(s) per feature (output shape {t.shape}); "
       "initialize with a batch of at least 2 examples (more give better statistics)."
+    )
+  if not isinstance(t, Tracer) and not bool(jnp.all(jnp.isfinite(t))):
+    raise ValueError(
+      f"{_fn(nnx)} takes each output feature's mean and std over the init batch, at {at}: "
+      f"the layer's output on it is not finite ({int(jnp.sum(~jnp.isfinite(t)))} of {t.size} "
+      "values are NaN or inf), so g and the bias would be. Check the init batch (and the "
+      "layers before this one)."
     )
   t32 = t.astype(jnp.promote_types(t.dtype, jnp.float32))
   mu = jnp.mean(t32, axis=reduced, keepdims=True)

@@ -211,6 +211,25 @@ BAD_INPUTS = [
     r"data_init=True .* at param 'kernel' of layer .*: the batch gives 1 value\(s\) per feature",
   ),
   (
+    "data_init on a batch holding a NaN",
+    lambda: _init(
+      flaxnorm.weight_norm(nn.Dense(3), data_init=True), jnp.ones((4, 4)).at[1, 2].set(jnp.nan)
+    ),
+    ValueError,
+    r"data_init=True .* at param 'kernel' of layer .*: the layer's output on it is not finite "
+    r"\(3 of 12 values",
+  ),
+  (
+    "NNX data_init on a batch holding an inf",
+    lambda: flaxnorm.nnx.data_init(
+      flaxnorm.nnx.weight_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0))),
+      jnp.ones((4, 4)).at[0, 0].set(jnp.inf),
+    ),
+    ValueError,
+    r"flaxnorm\.nnx\.data_init .* at param 'kernel' of Linear: the layer's output on it is not "
+    r"finite",
+  ),
+  (
     "a wrong name on a layer used through another method",
     lambda: flaxnorm.spectral_norm(nn.Embed(10, 4)).init(KEY, X, method="attend"),
     ValueError,
