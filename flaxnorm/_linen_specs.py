@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax.core import meta
+from flax.core import scope as core_scope
 
 from flaxnorm import (
   _axes,
@@ -235,7 +236,7 @@ class SpectralNormSpec(_subclass.SpecBase):
   ) -> _power.SpectralState:
     """The converged start state, stored boxed like the kernel (sharding metadata)."""
     opts = self.options
-    key = module.make_rng("spectral" if module.has_rng("spectral") else "params")
+    key = _state_key(module, keys[0])
     names = _axis_names(raw_w)
     if layer_map is None:
       state = _power.spectral_state_init(
@@ -258,3 +259,19 @@ class SpectralNormSpec(_subclass.SpecBase):
       module.variable(opts.collection, key, lambda b=box: b)
     _linen_scan.mark_fresh(module, state.u)
     return state
+
+
+def _state_key(module: nn.Module, tag: str) -> jax.Array:
+  """The random start's key: the ``'spectral'`` stream, else one derived from ``'params'``.
+
+  Derived, not drawn: ``make_rng('params')`` would advance the layer's params
+  stream, so a param the layer creates after its kernel (a bias with a random
+  init) would differ from the plain layer's.
+  """
+  if module.has_rng("spectral"):
+    return module.make_rng("spectral")
+  scope = module.scope
+  assert scope is not None
+  if not scope.has_rng("params"):
+    return module.make_rng("params")  # Flax's own error names the missing stream
+  return core_scope.LazyRng.create(scope.rngs["params"], "flaxnorm", tag).as_jax_rng()

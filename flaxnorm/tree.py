@@ -166,7 +166,9 @@ def weight_norm_init(
   """
 
   name, argname = _name_or_names(name, names, "weight_norm_init")
-  options = _options.WeightNormOptions(axis=axis, at="weight_norm_init")
+  options = _options.WeightNormOptions(
+    axis=_axes.explicit(axis, "weight_norm_init"), at="weight_norm_init"
+  )
   return _weight_norm_init(params, _select.Selection(name, "weight_norm_init", argname), options)
 
 
@@ -377,7 +379,10 @@ def spectral_norm_init(
   """
   name, argname = _name_or_names(name, names, "spectral_norm_init")
   options = _options.SpectralNormOptions(
-    axis=axis, n_init_iterations=n_init_iterations, eps=eps, at="spectral_norm_init"
+    axis=_axes.explicit(axis, "spectral_norm_init"),
+    n_init_iterations=n_init_iterations,
+    eps=eps,
+    at="spectral_norm_init",
   )
   return _spectral_norm_init(
     params, key, _select.Selection(name, "spectral_norm_init", argname), options
@@ -464,7 +469,7 @@ def spectral_norm_apply(
     Adversarial Networks", ICLR 2018.
   """
   options = _options.SpectralNormOptions(
-    axis=axis,
+    axis=_axes.explicit(axis, "spectral_norm_apply"),
     n_power_iterations=n_power_iterations,
     eps=eps,
     mode=mode,
@@ -610,7 +615,7 @@ def weight_norm(
     Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   at = "flaxnorm.tree.weight_norm"
-  options = _options.WeightNormOptions(axis=axis, eps=eps, at=at)
+  options = _options.WeightNormOptions(axis=_axes.explicit(axis, at), eps=eps, at=at)
   _select.Selection(name, at)  # checks the names now
 
   def init(params: Any) -> Any:
@@ -667,7 +672,7 @@ def spectral_norm(
   """
   at = "flaxnorm.tree.spectral_norm"
   options = _options.SpectralNormOptions(
-    axis=axis,
+    axis=_axes.explicit(axis, at),
     n_power_iterations=n_power_iterations,
     n_init_iterations=n_init_iterations,
     eps=eps,

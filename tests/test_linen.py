@@ -171,6 +171,19 @@ def test_spectral_sigma_accurate_right_after_init():
   np.testing.assert_allclose(sigma, _svd_top(variables["params"]["kernel"]), rtol=1e-2)
 
 
+@pytest.mark.parametrize("rngs", ["params", "params+spectral"])
+def test_spectral_norm_leaves_the_layers_other_params_as_plain(rngs):
+  # The random start came from make_rng('params') until 2026-12-06: it advanced
+  # the layer's params stream, so a bias with a random init changed on wrapping.
+  init = nn.initializers.normal(1.0)
+  plain = nn.Conv(3, (2,), kernel_init=init, bias_init=init)
+  keys = {"params": KEY} if rngs == "params" else {"params": KEY, "spectral": jax.random.key(7)}
+  want = plain.init(keys, jnp.ones((2, 5, 4)))["params"]
+  variables = flaxnorm.spectral_norm(plain).init(keys, jnp.ones((2, 5, 4)))
+  chex.assert_trees_all_equal(variables["params"], want)
+  assert float(variables["spectral"]["kernel_sigma"]) > 0
+
+
 def test_spectral_converges_in_training_to_svd():
   layer = flaxnorm.spectral_norm(
     nn.Dense(256, kernel_init=nn.initializers.normal(1.0)), n_init_iterations=0
