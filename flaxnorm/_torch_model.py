@@ -42,7 +42,7 @@ from flaxnorm._torch_layouts import (
 )
 from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
 from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
-from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, to_nnx_state
+from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, state_variables, to_nnx_state
 
 _WHERE = "load_torch_state_dict"
 
@@ -441,6 +441,13 @@ def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
   """``kinds[prefix]``, else the Flax model's layer class, else the tree and the weight's rank."""
   given = _lookup(job.kinds, t.prefix)
   if given is not None:
+    family = given.rstrip("123d") if given.startswith("conv") else given
+    if info is not None and info.family is not None and family != info.family:
+      raise ValueError(
+        f"{t.where}: kinds['{t.prefix}']={given!r}, but the Flax layer is a {info.cls} "
+        f"({info.family}): its weight would be converted to another layout. Leave kinds out "
+        "for this layer (the model's class is used)."
+      )
     return given
   _, _, roles = detect(list(t.entries), t.where)
   wkey = t.entries[roles["v" if "g" in roles else "w"]]  # weight norm's g is no weight
@@ -476,14 +483,17 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   tensors = {s: job.state_dict[key] for s, key in t.entries.items()}
   sdim = _lookup(job.spectral_dims, t.prefix)
   _check_spectral_dim(tensors, k, t, sdim)
-  dim = spectral_dim_of(k, sdim, f"{_WHERE}: spectral_dims['{t.prefix}']")
 
   def convert(axis: Axis) -> tuple[TorchLayer, Sources]:
     return layer_from_torch(tensors, kind, axis, sdim, job.collection, t.where)
 
   given_axis = _lookup(job.axes, t.prefix)
   layer, src = convert(given_axis)
+  dim = k.sn_dim  # spectral_dims concern spectral layers only
+  if layer.method == "spectral_norm":
+    dim = spectral_dim_of(k, sdim, f"{_WHERE}: spectral_dims['{t.prefix}']")
   wrapped = info.wrapped.get(k.param) if info is not None else None  # (method, kept axes)
+  _check_given_axis(given_axis, layer, wrapped, t, k)
   if given_axis is not None or layer.method is None:
     pass
   elif wrapped is not None and wrapped[0] == layer.method:
@@ -502,6 +512,32 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   _check_order(job, layer, t, k, dim)
   variables = _fill(job, layer, src, t, k)
   return layer._replace(variables=variables, path="/".join(t.path))
+
+
+def _check_given_axis(
+  given: Axis | None,
+  layer: TorchLayer,
+  wrapped: tuple[str, tuple[int, ...]] | None,
+  t: _Target,
+  k: Kind,
+) -> None:
+  """Raises if ``axes`` gives a layer another axis than the Flax model wraps it with."""
+  if given is None or wrapped is None or wrapped[0] != layer.method:
+    return
+  model_axis = neg_axis(wrapped[1], k.ndim) if wrapped[1] else None
+  ours = None if layer.axis is None else _checks.normalize_axes(layer.axis, k.ndim)
+  if ours == (None if model_axis is None else _checks.normalize_axes(model_axis, k.ndim)):
+    return
+  what = (
+    "its g would have another shape"
+    if layer.method == "weight_norm"
+    else ("its state would be laid out for another matrix view (the outputs would differ)")
+  )
+  raise ValueError(
+    f"{t.where}: axes['{t.prefix}']={given!r}, but the Flax layer is wrapped with "
+    f"{layer.method}(..., axis={model_axis!r}): {what}. Leave axes out for this layer (the "
+    f"model's axis is used), or wrap it with axis={layer.axis!r}."
+  )
 
 
 def _target_method(t: _Target, n: str) -> str | None:
@@ -747,6 +783,11 @@ def _layers_of_model(
     leaf = None if params is None else params.get(name, params.get(f"{name}_v"))
     if info.family is None or leaf is None:
       continue
+    if info.unsupported:
+      raise ValueError(
+        f"to_torch_state_dict: the Flax {info.cls} at 'params/{'/'.join(path)}': "
+        f"{info.unsupported}."
+      )
     shape = _shape(leaf)
     kind = (
       info.family if info.family in ("linear", "embedding") else f"{info.family}{len(shape) - 2}d"
@@ -764,6 +805,23 @@ def _layers_of_model(
     sdim = dim if method == "spectral_norm" else None
     out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path), None, sdim)
   return out
+
+
+def _check_state_saved(
+  layer: TorchLayer, state: Mapping[str, Any], prefix: str, collection: str, variables: Any
+) -> None:
+  """Raises for a spectral layer whose state is missing: its raw weight is no PyTorch weight."""
+  if layer.method != "spectral_norm" or _options.spectral_keys(layer.name)[0] in state:
+    return
+  raise ValueError(
+    f"to_torch_state_dict: '{prefix}' is a spectral_norm layer (its TorchLayer), but the "
+    f"variables hold no '{collection}/{layer.path}/{_options.spectral_keys(layer.name)[0]}' "
+    f"(collections: {sorted(variables)}): its '{layer.name}' is the weight before the norm, "
+    f"so writing it as PyTorch's weight would change the outputs. Pass the full variables "
+    f"(params and '{collection}'), or collection= the one the state is in; for a model whose "
+    "norm was removed (flaxnorm.remove_spectral_norm), pass layers with method=None "
+    "(layer._replace(method=None, axis=None))."
+  )
 
 
 def save(
@@ -786,11 +844,13 @@ def save(
   _check_instance(model, "model", "to_torch_state_dict")
   _checks.check_collection(collection, "to_torch_state_dict")
   dims = _given(spectral_dims)
-  nnx_model = isinstance(variables, nnx.Module)
+  nnx_model = isinstance(variables, (nnx.Module, nnx.State))
   if isinstance(variables, nnx.Module):
     tree, info = from_nnx(variables, collection)
     variables = tree.variables
-  elif model is not None:
+  elif isinstance(variables, nnx.State):  # TorchLoadResult.variables of an NNX model
+    variables = state_variables(variables, collection)[0]
+  if model is not None and not info:
     info = from_linen(model, inputs)[1]
   if layers is None:
     if not info:
@@ -808,6 +868,7 @@ def save(
         f"to_torch_state_dict: no Flax layer at 'params/{layer.path}' for '{prefix}'."
       )
     sub = {"params": params, collection: _get(variables.get(collection, {}), path) or {}}
+    _check_state_saved(layer, sub[collection], prefix, collection, variables)
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
     sdim = _lookup(dims, prefix)

@@ -196,8 +196,15 @@ def from_linen(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[Path
       seen.setdefault(tuple(m.scope.path), m)
     return next_fun(*a, **kw)
 
+  # Python scalars (a train flag) stay static; arrays and array trees are traced.
+  static = [isinstance(a, (bool, int, float, complex, str, type(None))) for a in args]
+
+  def init(*traced: Any) -> Any:
+    it = iter(traced)
+    return model.init(jax.random.key(0), *(a if s else next(it) for a, s in zip(args, static)))
+
   with nn.intercept_methods(record):
-    shapes = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs), *args)
+    shapes = jax.eval_shape(init, *(a for a, s in zip(args, static) if not s))
   variables = dict(shapes)
   return variables, describe(list(seen.items()), variables.get("params", {}))
 
@@ -218,6 +225,20 @@ class NnxTree(NamedTuple):
 def from_nnx(model: nnx.Module, collection: str) -> tuple[NnxTree, dict[Path, FlaxLayer]]:
   """The params and spectral state of an NNX model as ``{"params", collection}``, and its layers."""
   state = nnx.state(model)
+  variables, back = state_variables(state, collection)
+  seen: set[int] = set()
+  modules = []
+  for path, module in nnx.iter_modules(model):
+    if id(module) not in seen:
+      seen.add(id(module))
+      modules.append((tuple(str(p) for p in path), module))
+  return NnxTree(variables, state, back), describe(modules, variables["params"])
+
+
+def state_variables(
+  state: Any, collection: str
+) -> tuple[dict[str, Any], dict[tuple[str, ...], tuple[Any, ...]]]:
+  """An ``nnx.State``'s params and spectral state as ``{"params", collection}``, and each leaf's path back."""
   variables: dict[str, Any] = {"params": {}, collection: {}}
   back: dict[tuple[str, ...], tuple[Any, ...]] = {}
   for path, var in nnx.to_flat_state(state):
@@ -235,13 +256,7 @@ def from_nnx(model: nnx.Module, collection: str) -> tuple[NnxTree, dict[Path, Fl
     back[(col, *spath)] = tuple(path)
   if not variables[collection]:
     del variables[collection]
-  seen: set[int] = set()
-  modules = []
-  for path, module in nnx.iter_modules(model):
-    if id(module) not in seen:
-      seen.add(id(module))
-      modules.append((tuple(str(p) for p in path), module))
-  return NnxTree(variables, state, back), describe(modules, variables["params"])
+  return variables, back
 
 
 def to_nnx_state(tree: NnxTree, variables: Mapping[str, Any]) -> Any:

@@ -1453,3 +1453,79 @@ def test_to_torch_state_dict_names_linen_lists_sequentials_and_names(torch):
   back = interop.to_torch_state_dict(variables, model=LinenNet(), inputs=x)
   assert sorted(back) == sorted(TorchNet().state_dict())
   TorchNet().load_state_dict(back, strict=True)
+
+
+# --------------------------------------------------------------------------- #
+# What the Flax model says wins over what is given, both ways (review, 2026-12-06).
+# --------------------------------------------------------------------------- #
+
+
+class _SpectralFc(nn.Module):
+  axis: int = -1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = flaxnorm.spectral_norm(nn.Dense(4, name="fc"), axis=self.axis)(x)
+    return nn.Dropout(0.5, deterministic=not train)(nn.Dense(2, name="out")(h))
+
+
+def test_load_refuses_axes_and_kinds_the_model_contradicts(torch):
+  # Both loaded silently until 2026-12-06 (outputs off by 1e3 and 1.3).
+  t = torch.nn.Module()
+  t.fc = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(4, 4))
+  t.out = torch.nn.Linear(4, 2)
+  x = jnp.ones((2, 4))
+  with pytest.raises(ValueError, match=r"axes\['fc'\]=-2, but the Flax layer is wrapped with "):
+    interop.load_torch_state_dict(t.state_dict(), _SpectralFc(-1), inputs=x, axes={"fc": -2})
+  with pytest.raises(ValueError, match=r"axes\['fc'\]=-1, .* spectral_norm\(\.\.\., axis=-2\)"):
+    interop.load_torch_state_dict(
+      t.state_dict(), _SpectralFc(-2), inputs=x, axes={"fc": -1}, strict=False
+    )
+  with pytest.raises(ValueError, match=r"kinds\['out'\]='conv1d', but the Flax layer is a Dense"):
+    interop.load_torch_state_dict(
+      t.state_dict(), _SpectralFc(-2), inputs=x, kinds={"out": "conv1d"}
+    )
+  # A Python flag among the inputs stays static (it was traced: TracerBoolConversionError).
+  result = interop.load_torch_state_dict(
+    t.state_dict(), _SpectralFc(-2), inputs=(x, False), spectral_dims={"": 0}
+  )
+  assert result.layers["out"].method is None  # spectral_dims leaves plain layers alone
+
+
+def test_save_refuses_what_would_write_another_weight(torch):
+  x = jnp.ones((2, 4))
+  variables = _SpectralFc().init(jax.random.key(0), x)
+  with pytest.raises(
+    ValueError, match=r"'fc' is a spectral_norm layer .* no 'spectral/fc/kernel_u'"
+  ):
+    interop.to_torch_state_dict({"params": variables["params"]}, model=_SpectralFc(), inputs=x)
+  sd = interop.to_torch_state_dict(variables, model=_SpectralFc(), inputs=(x, False))
+  assert "fc.weight_orig" in sd or f"fc.{P}original" in sd
+
+  class _TransposedKernel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      up = nn.ConvTranspose(2, (3,), strides=(2,), transpose_kernel=True, name="up")
+      return flaxnorm.weight_norm(up)(x)
+
+  xs = jnp.ones((1, 5, 2))
+  v = _TransposedKernel().init(jax.random.key(0), xs)
+  with pytest.raises(ValueError, match=r"'params/up': transpose_kernel=True is not mapped"):
+    interop.to_torch_state_dict(v, model=_TransposedKernel(), inputs=xs)
+
+
+def test_save_takes_the_nnx_state_a_load_returns(torch):
+  from flax import nnx
+
+  import flaxnorm.nnx as fnnx
+
+  t = torch.nn.Module()
+  t.fc = torch.nn.utils.spectral_norm(torch.nn.Linear(4, 3))
+  model = nnx.Module()
+  model.fc = fnnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), axis=-1)
+  result = interop.load_torch_state_dict(t.state_dict(), model)
+  assert isinstance(result.variables, nnx.State)
+  got = interop.to_torch_state_dict(result.variables, result.layers)  # was KeyError: 'params'
+  nnx.update(model, result.variables)
+  chex.assert_trees_all_close(got, interop.to_torch_state_dict(model))
+  t.load_state_dict({k: torch.as_tensor(v) for k, v in got.items()}, strict=True)
