@@ -263,7 +263,7 @@ def _weight_norm_from_torch(src: _Torch, axis: Axis) -> _Parts:
       f"{where}: '{gkey}' of shape {g.shape} keeps PyTorch dim {dim} of "
       f"{k.torch_layout}, which is Flax axis={out_axis!r} of {k.flax_layout}; "
       f"axis={axis!r} would compute a different norm. Wrap the Flax layer with "
-      "the axis returned here."
+      f"axis={out_axis!r} and leave the axis out here (it is read from '{gkey}')."
     )
   g_name, v_name = _options.weight_norm_keys(k.param)
   params = {g_name: flax_from_torch(g, k), v_name: flax_from_torch(w, k)}

@@ -121,6 +121,10 @@ class TorchLoadResult(NamedTuple):
     return "\n".join(line.rstrip() for line in lines)
 
 
+#: Where the wrapping functions of a hint live.
+_FACES = " (flaxnorm.* for Linen, flaxnorm.nnx.* for NNX)"
+
+
 class _Load(NamedTuple):
   """One ``load_torch_state_dict`` call: its inputs and what it has done so far."""
 
@@ -655,8 +659,8 @@ def _check_wrapping(layer: TorchLayer, t: _Target, k: Kind, tmethod: str | None)
     return
   names = sorted(t.params) + sorted(f"{t.collection}/{x}" for x in (t.state or {}))
   hint = {
-    "weight_norm": f"wrap it with flaxnorm.weight_norm(..., axis={layer.axis!r})",
-    "spectral_norm": f"wrap it with flaxnorm.spectral_norm(..., axis={layer.axis!r})",
+    "weight_norm": f"wrap it with weight_norm(..., axis={layer.axis!r}){_FACES}",
+    "spectral_norm": f"wrap it with spectral_norm(..., axis={layer.axis!r}){_FACES}",
     None: "fold the norm in PyTorch first (remove_weight_norm / remove_parametrizations)",
   }[layer.method]
   raise ValueError(
@@ -748,13 +752,13 @@ def _mismatch(
     v_shape,
     lambda: ValueError(
       f"{msg} The Flax '{k.param}_g' {flax_shape} fits no single axis of '{v_key}' "
-      f"{v_shape}: wrap the layer with flaxnorm.weight_norm(..., axis={layer.axis!r})."
+      f"{v_shape}: wrap the layer with weight_norm(..., axis={layer.axis!r}){_FACES}."
     ),
   )
   return ValueError(
     f"{msg} The Flax layer keeps axis {None if a is None else a - k.ndim!r}, PyTorch "
     f"keeps Flax axis {layer.axis!r}: wrap it with "
-    f"flaxnorm.weight_norm(..., axis={layer.axis!r})."
+    f"weight_norm(..., axis={layer.axis!r}){_FACES}."
   )
 
 

@@ -738,7 +738,7 @@ def test_load_refuses_mismatches(net_variables):
   del wn_head["head.weight"]
   with pytest.raises(
     ValueError,
-    match=r"PyTorch has weight_norm.*wrap it with flaxnorm.weight_norm\(\.\.\., axis=-1\)",
+    match=r"PyTorch has weight_norm.*wrap it with weight_norm\(\.\.\., axis=-1\)",
   ):
     interop.load_torch_state_dict(wn_head, net_variables, {"enc": "block", "head": "out"})
   with pytest.raises(ValueError, match=r"'head' -> 'params/block'.*has no 'kernel' nor.*\['fc'\]"):
@@ -1060,7 +1060,7 @@ def test_load_names_a_missing_collection():
     with pytest.raises(ValueError, match=pattern):
       interop.load_torch_state_dict(sd, target, collection="spectra", **kwargs)
   with pytest.raises(
-    ValueError, match=r"has a plain 'kernel'.*wrap it with flaxnorm.spectral_norm"
+    ValueError, match=r"has a plain 'kernel'.*wrap it with spectral_norm.*flaxnorm.nnx"
   ):
     interop.load_torch_state_dict(sd, {"params": shapes["params"]}, **given)
 
