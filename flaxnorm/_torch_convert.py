@@ -92,7 +92,8 @@ class TorchLayer(NamedTuple):
 
     Returns:
       ``flaxnorm.weight_norm(target, name=self.name, axis=self.axis, **kwargs)``
-      or the spectral-norm equivalent; ``target`` itself for a plain weight.
+      or the spectral-norm equivalent (with the ``collection`` the state was
+      converted into); ``target`` itself for a plain weight.
 
     Examples:
       >>> import flax.linen as nn
@@ -108,8 +109,13 @@ class TorchLayer(NamedTuple):
     """
     if self.method is None:
       return target
-    fn = _linen.weight_norm if self.method == "weight_norm" else _linen.spectral_norm
-    return fn(target, name=self.name, axis=self.axis, **kwargs)
+    if self.method == "weight_norm":
+      return _linen.weight_norm(target, name=self.name, axis=self.axis, **kwargs)
+    # The collection the state was converted into (from_torch's collection=).
+    state = [c for c in self.variables if c != "params"]
+    if state and "collection" not in kwargs:
+      kwargs["collection"] = state[0]
+    return _linen.spectral_norm(target, name=self.name, axis=self.axis, **kwargs)
 
 
 class _Parts(NamedTuple):

@@ -1529,3 +1529,14 @@ def test_save_takes_the_nnx_state_a_load_returns(torch):
   nnx.update(model, result.variables)
   chex.assert_trees_all_close(got, interop.to_torch_state_dict(model))
   t.load_state_dict({k: torch.as_tensor(v) for k, v in got.items()}, strict=True)
+
+
+def test_from_torch_wrap_keeps_the_collection(torch):
+  t = torch.nn.utils.spectral_norm(torch.nn.Linear(4, 3))
+  layer = interop.from_torch(t.state_dict(), "linear", collection="sn")
+  dense = layer.wrap(nn.Dense(3))  # it used the default 'spectral' and failed at apply
+  x = np.ones((2, 4), np.float32)
+  t.eval()
+  np.testing.assert_allclose(
+    dense.apply(layer.variables, x), t(torch.as_tensor(x)).detach().numpy(), atol=1e-5
+  )
