@@ -27,8 +27,9 @@ def _steps(parts: tuple[str, ...]) -> list[tuple[Path, tuple[str, ...]]]:
   if head.isdigit():  # Linen nn.Sequential, an NNX list, NNX nnx.Sequential
     return [((f"layers_{head}",), rest), ((head,), rest), (("layers", head), rest)]
   steps: list[tuple[Path, tuple[str, ...]]] = []
-  if rest and rest[0].isdigit():
-    steps.append(((f"{head}_{rest[0]}",), rest[1:]))
+  n = next((i for i, p in enumerate(rest) if not p.isdigit()), len(rest))
+  for j in range(n, 0, -1):  # a Linen list of lists: blocks.0.1 -> blocks_0_1
+    steps.append((("_".join((head, *rest[:j])),), rest[j:]))
   steps.append(((head,), rest))
   return steps
 
@@ -36,7 +37,8 @@ def _steps(parts: tuple[str, ...]) -> list[tuple[Path, tuple[str, ...]]]:
 def spellings(parts: tuple[str, ...], tree: Any = None) -> Iterator[Path]:
   """The Flax paths PyTorch path ``parts`` may be; only those in ``tree`` unless it is ``None``.
 
-  ``("ups", "0")`` -> ``ups_0``, ``ups/layers_0``, ``ups/0``, ``ups/layers/0``;
+  ``("ups", "0")`` -> ``ups_0``, ``ups/layers_0``, ``ups/0``, ``ups/layers/0``
+  (``("blocks", "0", "1")`` also ``blocks_0_1``, a Linen list of lists);
   a bare index is ``layers_0``, ``0`` or ``layers/0`` (an ``nnx.Sequential``);
   other names are kept.
   """
@@ -160,20 +162,22 @@ def torch_prefix(
     its index ``0``; an NNX list element ``ups/0`` is ``ups.0`` and NNX names
     are kept whole (``conv_1``); a Linen ``ups_0`` is the list element
     ``ups.0`` when the tree has ``ups_0`` beside it (lists count from 0),
-    else a name kept whole (``conv_1``).
+    else a name kept whole (``conv_1``); ``blocks_0_1`` is ``blocks.0.1``
+    when the tree has ``blocks_0_0``.
   """
   out: list[str] = []
   for i, part in enumerate(path):
     parent, node = path[:i], None if params is None else _get(params, path[:i])
     in_seq = sequential is None or parent in sequential
-    match = re.fullmatch(r"(.+?)_(\d+)", part)
+    match = re.fullmatch(r"(.+?)((?:_\d+)+)", part)  # name_0, or name_0_1 (a list of lists)
+    index = match.group(2)[1:].split("_") if match else []
     if nnx:
       if not (part == "layers" and in_seq and i + 1 < len(path) and path[i + 1].isdigit()):
         out.append(part)
-    elif match and match.group(1) == "layers" and in_seq:
-      out.append(match.group(2))
-    elif match and (node is None or f"{match.group(1)}_0" in node):
-      out += [match.group(1), match.group(2)]
+    elif match and match.group(1) == "layers" and in_seq and len(index) == 1:
+      out.append(index[0])
+    elif match and (node is None or match.group(1) + "_0" * len(index) in node):
+      out += [match.group(1), *index]
     else:
       out.append(part)
   return ".".join(out)

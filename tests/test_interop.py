@@ -1540,3 +1540,36 @@ def test_from_torch_wrap_keeps_the_collection(torch):
   np.testing.assert_allclose(
     dense.apply(layer.variables, x), t(torch.as_tensor(x)).detach().numpy(), atol=1e-5
   )
+
+
+class _ListOfLists(nn.Module):
+  def setup(self):
+    self.blocks = [[flaxnorm.weight_norm(nn.Dense(3)) for _ in range(2)] for _ in range(2)]
+
+  def __call__(self, x):
+    for block in self.blocks:
+      for layer in block:
+        x = layer(x)
+    return x
+
+
+def test_linen_list_of_lists_both_ways(torch):
+  # Flax names them blocks_0_1; PyTorch's ModuleList of ModuleLists blocks.0.1.
+  # Until 2026-12-06 loading found no layer and saving wrote blocks_0.1.
+  wn = torch.nn.utils.parametrizations.weight_norm
+  t = torch.nn.Module()
+  t.blocks = torch.nn.ModuleList(
+    [torch.nn.ModuleList([wn(torch.nn.Linear(3, 3)) for _ in range(2)]) for _ in range(2)]
+  )
+  x = np.ones((2, 3), np.float32)
+  result = interop.load_torch_state_dict(t.state_dict(), _ListOfLists(), inputs=x)
+  assert result.layers["blocks.1.0"].path == "blocks_1_0"
+  want = torch.as_tensor(x)
+  for block in t.blocks:
+    for layer in block:
+      want = layer(want)
+  np.testing.assert_allclose(
+    _ListOfLists().apply(result.variables, x), want.detach().numpy(), atol=1e-5
+  )
+  back = interop.to_torch_state_dict(result.variables, model=_ListOfLists(), inputs=x)
+  assert sorted(back) == sorted(t.state_dict())
