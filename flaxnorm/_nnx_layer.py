@@ -165,19 +165,20 @@ class SpectralNormSpec(_subclass.SpecBase):
     )
     return w[...], scale
 
-  def check_example(self, module: nnx.Module, name: str, example: tuple[int, ...]) -> None:
-    """Operator mode in evaluation: raises unless ``example`` is the size sigma is for."""
+  def check_example(self, module: nnx.Module, name: str, shape: tuple[int, ...]) -> None:
+    """Operator mode in evaluation: raises unless inputs of ``shape`` have the size sigma is for."""
     if not self.options.operator:
       return
     if _nnx_ensemble.is_stacked(self, _get(module, name, self.method, name)[...]):
       return  # every member's call is checked under nnx.vmap
     v = _get(module, self.attrs(name)[1], self.method, name)[...]
+    example = _operator.example_of(shape, v.shape)
     _operator.check_input_shape(v.shape, example, self.attrs(name), describe(module, name))
 
-  def update(self, module: nnx.Module, name: str, example: tuple[int, ...]) -> jax.Array:
+  def update(self, module: nnx.Module, name: str, shape: tuple[int, ...]) -> jax.Array:
     """Iterates, stores the new state, and returns this call's (differentiable) scale.
 
-    ``example`` is this call's input shape with a batch of 1 (operator mode).
+    ``shape`` is this call's input shape (operator mode checks its example).
     """
     if _nnx_ensemble.is_stacked(self, _get(module, name, self.method, name)[...]):
       raise _nnx_ensemble.not_under_vmap_error(self.method, describe(module, name))
@@ -185,6 +186,7 @@ class SpectralNormSpec(_subclass.SpecBase):
     opts = self.options
     if opts.operator:
       at = describe(module, name)
+      example = _operator.example_of(shape, v[...].shape)
       _operator.check_input_shape(v[...].shape, example, self.attrs(name), at)
       stored = _power.SpectralState(u[...], v[...], sigma[...])
       scale, new = _operator.iterate(w[...], stored, operator_map(module, name), opts)
@@ -477,17 +479,17 @@ def _call(self, *args, **kwargs):
   specs = _subclass.specs_of(cls)
   state = _Call(None, {})
   inputs = args[0] if args else kwargs.get("inputs")
-  example = (1, *getattr(inputs, "shape", (1,))[1:])  # operator mode's check uses it
+  shape = tuple(getattr(inputs, "shape", ()))  # operator mode's check reads its example
   for name, spec in specs.items():  # an ensemble is called member by member, under nnx.vmap
     probe = spec.attrs(name)[1] if isinstance(spec, WeightNormSpec) else name
     if _nnx_ensemble.is_stacked(spec, _get(self, probe, spec.method, name)[...]):
       raise _nnx_ensemble.not_under_vmap_error(spec.method, describe(self, name))
   spectral = {name: s for name, s in specs.items() if isinstance(s, SpectralNormSpec)}
   if not getattr(self, FLAG, False) and not FROZEN.get():  # training: iterate and store
-    state.scales = {name: spec.update(self, name, example) for name, spec in spectral.items()}
+    state.scales = {name: spec.update(self, name, shape) for name, spec in spectral.items()}
   else:  # evaluation: operator mode's sigma holds for the size it was found at only
     for name, spec in spectral.items():
-      spec.check_example(self, name, example)
+      spec.check_example(self, name, shape)
   scales_output = _LINEAR_LAYERS.get(_subclass.base_of(cls)) if set(specs) == {"kernel"} else None
   if scales_output is not None and scales_output(self):
     # The layer reads the bare kernel and a zero bias; the scale and bias go

@@ -44,7 +44,7 @@ class RNN(nnx.RNN):
     for m, name, spec in _spectral_layers(self.cell):
       if not getattr(m, FLAG, False):  # training: the one step, stored
         v = vars(m)[spec.attrs(name)[1]][...]
-        spec.update(m, name, tuple(v.shape))  # operator mode: v is one input example
+        spec.update(m, name, tuple(v.shape))  # operator mode: v is one input example, as given
     token = FROZEN.set(True)
     try:
       return super().__call__(*args, **kwargs)

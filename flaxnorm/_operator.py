@@ -181,6 +181,16 @@ def check_real_kernel(w: jax.Array, at: str) -> None:
     )
 
 
+def example_of(input_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """One example of a call's inputs, batch of 1: their trailing dims, as many as ``v`` has.
+
+  The leading dims are batch axes, any number of them (none for an unbatched
+  call, as under ``nnx.vmap``): a layer maps each example alike.
+  """
+  n = len(v_shape) - 1
+  return (1, *input_shape[max(len(input_shape) - n, 0) :])
+
+
 def check_input_shape(
   v_shape: tuple[int, ...], example: tuple[int, ...], keys: tuple, at: str
 ) -> None:

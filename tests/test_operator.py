@@ -380,3 +380,30 @@ def test_nnx_operator_mode_builds_abstractly_and_under_jit():
 
   with pytest.raises(ValueError, match=r"param 'kernel' of Tanh: the layer is not linear"):
     nnx.eval_shape(lambda: fnx.spectral_norm(Tanh(), operator=True, input_shape=(3,)))
+
+
+def test_nnx_operator_mode_takes_any_number_of_batch_axes():
+  # Until 2026-12-06 the example was the input less exactly one axis: an
+  # unbatched call (as under a per-example nnx.vmap) or two batch axes were
+  # refused with a wrong per-example shape.
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  layer = fnx.spectral_norm(
+    nnx.Conv(2, 3, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0)),
+    operator=True,
+    input_shape=(5, 5, 2),
+  )
+  x = jax.random.normal(KEY, (2, 3, 5, 5, 2))
+  layer.eval()
+  y = layer(x)  # two batch axes
+  chex.assert_trees_all_close(layer(x[0, 1]), y[0, 1], atol=1e-6)  # none
+  chex.assert_trees_all_close(layer(x.reshape(6, 5, 5, 2)), y.reshape(6, 5, 5, 3), atol=1e-6)
+  layer.train()
+  batched = nnx.clone(layer)
+  layer(x[0, 0])  # a training call without a batch axis iterates as a batched one does
+  batched(x[0, :1])
+  chex.assert_trees_all_close(nnx.state(layer), nnx.state(batched), atol=1e-6)
+  with pytest.raises(ValueError, match=r"per-example shape \(5, 5, 2\).*per-example shape \(4, 5, 2\)"):  # fmt: skip
+    layer(jnp.ones((4, 5, 2)))
