@@ -534,7 +534,7 @@ def namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], dic
   scales_output = base in _LINEAR_LAYERS and set(specs) == {"kernel"}
   if scales_output:
     body["bias"] = _Bias()
-  if (spectral or scales_output) and _defines_call(base):
+  if _defines_call(base):  # also weight norm alone: a stacked layer outside nnx.vmap raises
     body["__call__"] = _call
   if any(s.added_flag for s in spectral):
     set_view = _set_view_fn(base)

@@ -641,3 +641,19 @@ def test_linen_rnn_operator_mode_trains_through_sigma():
   (_, y_ref), grads_ref = jax.value_and_grad(ref_loss, has_aux=True)(kernels)
   chex.assert_trees_all_close(y, y_ref, **TOL)
   chex.assert_trees_all_close({n: grads["cell"][n]["kernel"] for n in kernels}, grads_ref, **TOL)
+
+
+def test_nnx_weight_normed_stack_of_any_layer_refuses_a_call_outside_vmap():
+  # Weight norm alone on a layer that is not a plain linear one (Embed here)
+  # had no call hook: outside nnx.vmap the token ids indexed the ensemble axis
+  # (NaN fill), silently, until 2026-12-06.
+  @nnx.split_rngs(splits=2)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return nnx.Embed(5, 3, rngs=rngs)
+
+  stack = flaxnorm.nnx.weight_norm(make(nnx.Rngs(0)), name="embedding", ensemble_axis=0)
+  with pytest.raises(ValueError, match=r"'embedding' of Embed is an ensemble .* outside nnx\.vmap"):
+    stack(jnp.array([0, 1, 2]))
+  y = nnx.vmap(lambda m, ids: m(ids), in_axes=(0, None))(stack, jnp.array([0, 1, 2]))
+  assert y.shape == (2, 3, 3) and bool(jnp.all(jnp.isfinite(y)))
