@@ -9,14 +9,17 @@ in ``W``); in evaluation nothing changes.
 ``nnx.RNN`` carries the cell's state through its ``nnx.scan``, so without this
 a spectrally normed layer of the cell would iterate at every time step (its
 ``__call__`` cannot tell a time step from a call). :func:`adopt_rnns` gives
-every ``nnx.RNN`` whose cell holds spectrally normed layers the class
-:class:`RNN`, a subclass whose ``__call__`` runs the step for all of them
-first, then the time loop with their iteration turned off
-(``flaxnorm._nnx_layer.FROZEN``). ``flaxnorm.nnx.wrap_modules`` calls it.
+each ``nnx.RNN`` (or subclass of it) whose cell holds layers just spectrally
+normed a subclass of its class (:class:`RNN` for ``nnx.RNN`` itself) whose
+``__call__`` runs the step for all of them first, then the time loop with
+their iteration turned off (``flaxnorm._nnx_layer.FROZEN``).
+``flaxnorm.nnx.wrap_modules`` calls it.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterable
 from typing import Any
 
 from flax import nnx
@@ -34,33 +37,70 @@ def _spectral_layers(module: nnx.Module) -> list[tuple[nnx.Module, str, Spectral
   return out
 
 
+def _call_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+  """``__call__`` of an adopted RNN: the one step of each spectral cell layer, then the loop."""
+  for m, name, spec in _spectral_layers(self.cell):
+    if not getattr(m, FLAG, False):  # training: the one step, stored
+      v = vars(m)[spec.attrs(name)[1]][...]
+      spec.update(m, name, tuple(v.shape))  # operator mode: v is one input example, as given
+  token = FROZEN.set(True)
+  try:
+    return type(self)._flaxnorm_rnn_base.__call__(self, *args, **kwargs)
+  finally:
+    FROZEN.reset(token)
+
+
 class RNN(nnx.RNN):
   """``nnx.RNN`` whose spectrally normed cell layers iterate once per call, not per time step.
 
   Made by ``flaxnorm.nnx.wrap_modules``; see ``flaxnorm._nnx_scan``.
   """
 
-  def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    for m, name, spec in _spectral_layers(self.cell):
-      if not getattr(m, FLAG, False):  # training: the one step, stored
-        v = vars(m)[spec.attrs(name)[1]][...]
-        spec.update(m, name, tuple(v.shape))  # operator mode: v is one input example, as given
-    token = FROZEN.set(True)
-    try:
-      return super().__call__(*args, **kwargs)
-    finally:
-      FROZEN.reset(token)
+  _flaxnorm_rnn_base = nnx.RNN
+  __call__ = _call_once
 
 
-def adopt_rnns(model: nnx.Module) -> None:
-  """Gives each plain ``nnx.RNN`` in ``model`` with spectrally normed cell layers the class :class:`RNN`."""
+_ADOPTED: dict[type, type] = {nnx.RNN: RNN}
+
+
+def adopted_class(base: type) -> type:
+  """The cached subclass of ``base`` (``nnx.RNN`` or a subclass) with :func:`_call_once`."""
+  if base not in _ADOPTED:
+    body = {
+      "__call__": _call_once,
+      "_flaxnorm_rnn_base": base,
+      "_flaxnorm_rebuild": classmethod(
+        lambda cls: (adopted_class, (vars(cls)["_flaxnorm_rnn_base"],))
+      ),
+      "__module__": base.__module__,
+      "__qualname__": base.__qualname__,
+    }
+    kwds = {"metaclass": _subclass.pickling_meta(type(base))}
+    if getattr(base, "_pytree__is_pytree", None) is not None:
+      kwds["pytree"] = base._pytree__is_pytree  # keep the base's pytree mode
+    _ADOPTED[base] = types.new_class(base.__name__, (base,), kwds, lambda ns: ns.update(body))
+  return _ADOPTED[base]
+
+
+def _adopted(m: nnx.Module) -> bool:
+  return "_flaxnorm_rnn_base" in vars(type(m))
+
+
+def adopt_rnns(model: nnx.Module, wrapped: Iterable[nnx.Module]) -> None:
+  """Adopts each ``nnx.RNN`` in ``model`` whose cell holds a spectrally normed layer of ``wrapped``.
+
+  An RNN whose cell layers were wrapped on their own, by another call, keeps
+  its class (and iterates at every time step, as documented).
+  """
+  ids = {id(m) for m in wrapped if _spectral_layers(m)}
   for _, m in nnx.iter_modules(model):
-    if type(m) is nnx.RNN and _spectral_layers(m.cell):
-      object.__setattr__(m, "__class__", RNN)  # NNX's __setattr__ would record a field
+    cell = getattr(m, "cell", None) if isinstance(m, nnx.RNN) and not _adopted(m) else None
+    if cell is not None and any(id(c) in ids for _, c in nnx.iter_modules(cell)):
+      object.__setattr__(m, "__class__", adopted_class(type(m)))  # NNX's __setattr__ records fields
 
 
 def release_rnns(model: nnx.Module) -> None:
-  """Gives each :class:`RNN` in ``model`` whose cell has no spectrally normed layer left ``nnx.RNN`` back."""
+  """Gives each adopted RNN in ``model`` whose cell has no spectrally normed layer left its class back."""
   for _, m in nnx.iter_modules(model):
-    if type(m) is RNN and not _spectral_layers(m.cell):
-      object.__setattr__(m, "__class__", nnx.RNN)
+    if isinstance(m, nnx.RNN) and _adopted(m) and not _spectral_layers(m.cell):
+      object.__setattr__(m, "__class__", vars(type(m))["_flaxnorm_rnn_base"])

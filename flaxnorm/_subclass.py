@@ -102,6 +102,7 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
     _flaxnorm_specs=types.MappingProxyType(dict(items)),
     # Static: Flax would wrap a plain function as a module method.
     _flaxnorm_namespace=staticmethod(namespace),
+    _flaxnorm_rebuild=classmethod(_rebuild),
     __reduce_ex__=_reduce_ex,
     __module__=base.__module__,
     __qualname__=base.__qualname__,
@@ -109,7 +110,7 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
     + ", ".join(f"{s.method}({n!r})" for n, s in items)
     + f".\n\n{base.__doc__ or ''}",
   )
-  kwds = {**kwds, "metaclass": _pickling_meta(type(base))}
+  kwds = {**kwds, "metaclass": pickling_meta(type(base))}
   cls = types.new_class(base.__name__, (base,), kwds, lambda ns: ns.update(body))
   _CACHE[key] = cls
   return cls
@@ -118,11 +119,13 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
 _METAS: dict[type, type] = {}
 
 
-def _pickling_meta(meta: type) -> type:
+def pickling_meta(meta: type) -> type:
   """A subclass of the metaclass ``meta`` whose classes pickle by rebuilding (see module doc).
 
-  The ``copyreg`` entry is for this subclass only: no other class's pickling
-  changes.
+  A class made with it rebuilds from ``cls._flaxnorm_rebuild()``, a
+  ``(function, args)`` pair of its own class dict (a normalized class's is
+  ``normalized_class`` and its arguments). The ``copyreg`` entry is for this
+  subclass only: no other class's pickling changes.
   """
   if meta not in _METAS:
     sub = type(meta.__name__, (meta,), {"__module__": meta.__module__})
@@ -132,8 +135,12 @@ def _pickling_meta(meta: type) -> type:
 
 
 def _reduce_class(cls: Any) -> str | tuple[Any, ...]:
-  if "_flaxnorm_base" not in cls.__dict__:  # a user's subclass of a normalized class
+  if "_flaxnorm_rebuild" not in cls.__dict__:  # a user's subclass of a made class
     return cls.__qualname__  # pickled by name, as any class
+  return cls._flaxnorm_rebuild()
+
+
+def _rebuild(cls: Any) -> tuple[Any, ...]:
   return normalized_class, (base_of(cls), specs_of(cls), cls._flaxnorm_namespace)
 
 

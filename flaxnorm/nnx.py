@@ -426,7 +426,8 @@ def wrap_modules(
       commits.append(_nnx_plan.plan_spectral_norm(m, p, n, opts, keys, shape, ensemble))
   for commit in commits:
     commit()
-  _nnx_scan.adopt_rnns(model)  # an nnx.RNN's cell iterates once per call, not per time step
+  # An nnx.RNN whose cell layers this call wrapped iterates once per call, not per time step.
+  _nnx_scan.adopt_rnns(model, [m for _, m, _ in picked])
   return model
 
 

@@ -8,6 +8,7 @@ cell, then the time loop in evaluation with that new state.
 """
 
 import functools
+import pickle
 
 import chex
 import flax.linen as nn
@@ -657,3 +658,49 @@ def test_nnx_weight_normed_stack_of_any_layer_refuses_a_call_outside_vmap():
     stack(jnp.array([0, 1, 2]))
   y = nnx.vmap(lambda m, ids: m(ids), in_axes=(0, None))(stack, jnp.array([0, 1, 2]))
   assert y.shape == (2, 3, 3) and bool(jnp.all(jnp.isfinite(y)))
+
+
+class _MyRNN(nnx.RNN):
+  """A user's nnx.RNN subclass (module level: it pickles by name)."""
+
+
+def _sigma_after_one_call(rnn, xs):
+  rnn(xs)
+  return rnn.cell.dense_h.kernel_sigma[...]
+
+
+def test_nnx_rnn_subclass_iterates_once_per_call_and_pickles():
+  # Only nnx.RNN itself was adopted until 2026-12-06: a subclass iterated at
+  # every time step.
+  xs = jax.random.normal(jax.random.key(3), (B, 5, F))
+  rnns = [cls(nnx.SimpleCell(F, H, rngs=nnx.Rngs(0))) for cls in (nnx.RNN, _MyRNN)]
+  for rnn in rnns:
+    vars(rnn.cell.dense_h)["kernel"][...] = jax.random.normal(jax.random.key(7), (H, H))
+    flaxnorm.nnx.wrap_modules(
+      rnn, flaxnorm.nnx.spectral_norm, where=nnx.Linear, n_init_iterations=0
+    )
+  assert isinstance(rnns[1], _MyRNN) and type(rnns[1]) is not _MyRNN
+  assert pickle.loads(pickle.dumps(type(rnns[1]))) is type(rnns[1])  # as a GraphDef holds it
+  chex.assert_trees_all_close(*(_sigma_after_one_call(r, xs) for r in rnns), **TOL)
+  flaxnorm.nnx.remove_spectral_norm(rnns[1])
+  assert type(rnns[1]) is _MyRNN
+
+
+def test_nnx_wrap_modules_leaves_other_rnns_as_they_are():
+  # A cell layer wrapped on its own iterates at every time step (documented);
+  # an unrelated wrap_modules call adopted every RNN of the model until
+  # 2026-12-06, changing that silently.
+  xs = jax.random.normal(jax.random.key(3), (B, 5, F))
+  models = []
+  for _ in range(2):
+    model = nnx.Module()
+    model.rnn = nnx.RNN(nnx.SimpleCell(F, H, rngs=nnx.Rngs(0)))
+    model.head = nnx.Linear(H, 2, rngs=nnx.Rngs(1))
+    vars(model.rnn.cell.dense_h)["kernel"][...] = jax.random.normal(jax.random.key(7), (H, H))
+    flaxnorm.nnx.spectral_norm(model.rnn.cell.dense_h, n_init_iterations=0)
+    models.append(model)
+  flaxnorm.nnx.wrap_modules(
+    models[1], flaxnorm.nnx.spectral_norm, where=nnx.All(nnx.PathContains("head"), nnx.Linear)
+  )
+  assert type(models[1].rnn) is nnx.RNN
+  chex.assert_trees_all_close(*(_sigma_after_one_call(m.rnn, xs) for m in models), **TOL)
