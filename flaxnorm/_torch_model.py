@@ -484,6 +484,12 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
     return why or "weight of its rank: not a linear/conv/embedding layer"
   k = kind_of(kind, f"{_WHERE}: kinds['{t.prefix}']")
   tmethod = _target_method(t, k.param)
+  if (
+    tmethod == "missing"
+    and (info is None or info.family is None)
+    and set(t.entries) <= set(t.params)
+  ):
+    return f"the Flax layer has params of its names ({sorted(t.entries)})"  # they load by name
   tensors = {s: job.state_dict[key] for s, key in t.entries.items()}
   sdim = _lookup(job.spectral_dims, t.prefix)
   _check_spectral_dim(tensors, k, t, sdim)

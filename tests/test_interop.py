@@ -1573,3 +1573,32 @@ def test_linen_list_of_lists_both_ways(torch):
   )
   back = interop.to_torch_state_dict(result.variables, model=_ListOfLists(), inputs=x)
   assert sorted(back) == sorted(t.state_dict())
+
+
+class _OwnWeight(nn.Module):
+  """A module of its own with PyTorch's param names and layout."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.normal(), (3, 4))
+    return x @ w.T + self.param("bias", nn.initializers.zeros, (3,))
+
+
+class _HoldsOwnWeight(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _OwnWeight(name="fc")(x)
+
+
+def test_load_a_custom_modules_weight_by_name(torch):
+  # A 2-D 'weight' was taken for a Linear and refused ("has no 'kernel'") until 2026-12-06.
+  t = torch.nn.Module()
+  t.fc = torch.nn.Linear(4, 3)
+  x = np.ones((2, 4), np.float32)
+  result = interop.load_torch_state_dict(t.state_dict(), _HoldsOwnWeight(), inputs=x)
+  assert set(result.params) == {"fc.weight", "fc.bias"} and not result.layers
+  np.testing.assert_allclose(
+    _HoldsOwnWeight().apply(result.variables, x),
+    t.fc(torch.as_tensor(x)).detach().numpy(),
+    atol=1e-6,
+  )
