@@ -203,9 +203,9 @@ def check_input_shape(
       f"inputs have per-example shape {came}. Operator mode's sigma is the norm at that input "
       "size: re-initialize the layer for the new size."
       + (
-        f" (input_shape is one example without the batch axis: input_shape={came}, "
-        f"not {tuple(v_shape[1:])}.)"
-        if tuple(v_shape[2:]) == came
+        f" (input_shape is one example without the batch axis: "
+        f"input_shape={tuple(v_shape[2:])}, not {tuple(v_shape[1:])}.)"
+        if len(v_shape) > 2 and tuple(v_shape[2:]) in (came, came[1:])
         else ""
       )
     )

@@ -301,10 +301,10 @@ BAD_INPUTS = [
     r"\(2, 8, 8, 3\): one example, without the batch axis",
   ),
   (
-    "NNX operator mode: called on what input_shape took as the batch axis",
+    "NNX operator mode: input_shape with the batch axis, then another batch size",
     lambda: flaxnorm.nnx.spectral_norm(
       nnx.Linear(3, 4, rngs=nnx.Rngs(0)), operator=True, input_shape=(5, 3)
-    )(jnp.ones((5, 3))),
+    )(jnp.ones((7, 3))),
     ValueError,
     r"input_shape is one example without the batch axis: input_shape=\(3,\), not \(5, 3\)",
   ),
