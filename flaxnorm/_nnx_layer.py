@@ -480,10 +480,7 @@ def _call(self, *args, **kwargs):
   state = _Call(None, {})
   inputs = args[0] if args else kwargs.get("inputs")
   shape = tuple(getattr(inputs, "shape", ()))  # operator mode's check reads its example
-  for name, spec in specs.items():  # an ensemble is called member by member, under nnx.vmap
-    probe = spec.attrs(name)[1] if isinstance(spec, WeightNormSpec) else name
-    if _nnx_ensemble.is_stacked(spec, _get(self, probe, spec.method, name)[...]):
-      raise _nnx_ensemble.not_under_vmap_error(spec.method, describe(self, name))
+  _check_not_stacked(self)
   spectral = {name: s for name, s in specs.items() if isinstance(s, SpectralNormSpec)}
   if not getattr(self, FLAG, False) and not FROZEN.get():  # training: iterate and store
     state.scales = {name: spec.update(self, name, shape) for name, spec in spectral.items()}
@@ -505,6 +502,20 @@ def _call(self, *args, **kwargs):
   if init_axes is not None:
     return _finish_data_init(self, init_axes, getattr(state.deferred, "bias", None), y)
   return y if state.deferred is None else state.deferred.finish(y)
+
+
+def _check_not_stacked(module: nnx.Module) -> None:
+  """Raises for an ensemble called outside ``nnx.vmap`` (it is called member by member)."""
+  for name, spec in _subclass.specs_of(type(module)).items():
+    probe = spec.attrs(name)[1] if isinstance(spec, WeightNormSpec) else name
+    if _nnx_ensemble.is_stacked(spec, _get(module, probe, spec.method, name)[...]):
+      raise _nnx_ensemble.not_under_vmap_error(spec.method, describe(module, name))
+
+
+def _attend(self, *args, **kwargs):
+  """``nnx.Embed.attend`` of a normalized embedding: refused outside ``nnx.vmap`` for a stack."""
+  _check_not_stacked(self)
+  return _subclass.base_of(type(self)).attend(self, *args, **kwargs)
 
 
 def _graph_node_set_key(self, key, value):
@@ -536,6 +547,8 @@ def namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     body["bias"] = _Bias()
   if _defines_call(base):  # also weight norm alone: a stacked layer outside nnx.vmap raises
     body["__call__"] = _call
+  if issubclass(base, nnx.Embed):
+    body["attend"] = _attend
   if any(s.added_flag for s in spectral):
     set_view = _set_view_fn(base)
     if set_view is not None:

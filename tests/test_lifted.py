@@ -656,6 +656,8 @@ def test_nnx_weight_normed_stack_of_any_layer_refuses_a_call_outside_vmap():
   stack = flaxnorm.nnx.weight_norm(make(nnx.Rngs(0)), name="embedding", ensemble_axis=0)
   with pytest.raises(ValueError, match=r"'embedding' of Embed is an ensemble .* outside nnx\.vmap"):
     stack(jnp.array([0, 1, 2]))
+  with pytest.raises(ValueError, match=r"'embedding' of Embed is an ensemble .* outside nnx\.vmap"):
+    stack.attend(jnp.ones((2, 3)))  # JAX's dot_general error until 2026-12-06
   y = nnx.vmap(lambda m, ids: m(ids), in_axes=(0, None))(stack, jnp.array([0, 1, 2]))
   assert y.shape == (2, 3, 3) and bool(jnp.all(jnp.isfinite(y)))
 
