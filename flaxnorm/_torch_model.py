@@ -524,6 +524,12 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   return layer._replace(variables=variables, path="/".join(t.path))
 
 
+def _grouped(converted: tuple[int, ...], flax_shape: tuple[int, ...]) -> bool:
+  """Whether the Flax kernel has ``groups`` times the converted one's outputs, all else equal."""
+  out, want = converted[-1], flax_shape[-1]
+  return converted[:-1] == flax_shape[:-1] and want > out > 0 and want % out == 0
+
+
 def _check_given_axis(
   given: Axis | None,
   layer: TorchLayer,
@@ -749,6 +755,11 @@ def _mismatch(
     f"({k.name} layout {k.torch_layout}): converted to {converted} "
     f"({k.flax_layout}), but the Flax '{flax_key}' has shape {flax_shape}."
   )
+  if k.flip and len(flax_shape) == len(converted) and _grouped(converted, flax_shape):
+    msg += (
+      " A grouped PyTorch ConvTranspose (groups > 1, weight (in, out/groups, *k)) is not "
+      "mapped: nn.ConvTranspose has no feature groups."
+    )
   if not (flax_key.endswith(_options.WEIGHT_NORM_SUFFIXES[0]) and layer.method == "weight_norm"):
     return ValueError(msg)
   v_key = _options.weight_norm_keys(k.param)[1]

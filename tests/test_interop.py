@@ -1602,3 +1602,16 @@ def test_load_a_custom_modules_weight_by_name(torch):
     t.fc(torch.as_tensor(x)).detach().numpy(),
     atol=1e-6,
   )
+
+
+class _GroupedUp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.ConvTranspose(4, (3,), name="up", use_bias=False)(x)
+
+
+def test_load_grouped_conv_transpose_says_so(torch):
+  t = torch.nn.Module()
+  t.up = torch.nn.ConvTranspose1d(4, 4, 3, groups=2, bias=False)  # only a shape mismatch before
+  with pytest.raises(ValueError, match=r"shape mismatch .* A grouped PyTorch ConvTranspose"):
+    interop.load_torch_state_dict(t.state_dict(), _GroupedUp(), inputs=jnp.ones((1, 5, 4)))
