@@ -278,18 +278,21 @@ def load_torch_state_dict(
       matching no key are skipped. A function returning ``"a/b"`` (or a tuple
       of names, or ``None`` to skip the layer).
     inputs: a Linen model's example inputs (an array or
-      ``jax.ShapeDtypeStruct``, or a tuple of its ``__call__`` arguments).
+      ``jax.ShapeDtypeStruct``, or a tuple of its ``__call__`` arguments;
+      Python scalars among them, such as a train flag, are passed as they are).
     kinds: PyTorch layer prefix -> kind (one of :data:`KINDS`; ``None`` means
       not given). A prefix covers the layers below it too (``{"ups":
       "conv_transpose1d"}`` names ``ups.0``, ``ups.1``, ...; the longest
-      wins). Without it: the Flax model's layer class; without a model,
+      wins). Without it: the Flax model's layer class (an entry naming another
+      family than the model's class is an error); without a model,
       ``embedding`` when the Flax layer has an ``embedding``, else by rank
       ``linear``, ``conv1d``, ``conv2d``, ``conv3d`` (a ConvTranspose must
       then be named; a conv with as many input as output channels fits both
       layouts, and is refused unless ``kinds`` covers it: ``{"": "conv1d",
       "ups": "conv_transpose1d"}`` names every layer).
     axes: PyTorch layer prefix -> the flaxnorm axis the Flax layer is wrapped
-      with (``None``: not given; prefixes as for ``kinds``). Without it: the model's, else read from the
+      with (``None``: not given; prefixes as for ``kinds``; an entry other than
+      the model's own wrapping is an error). Without it: the model's, else read from the
       shapes of ``u``/``v`` (a square layer without a model needs it).
     strict: raise if any PyTorch key is unused, any Flax variable unfilled,
       or a spectral layer iterates in the other order than PyTorch's. With
@@ -361,8 +364,11 @@ def to_torch_state_dict(
   """Writes a PyTorch state dict from Flax variables: the inverse of :func:`load_torch_state_dict`.
 
   Args:
-    variables: Flax variables (``{"params": ..., collection: ...}``), or an NNX
-      model (its ``nnx.Param`` and spectral-state leaves are read).
+    variables: Flax variables (``{"params": ..., collection: ...}``), an NNX
+      model (its ``nnx.Param`` and spectral-state leaves are read), or an NNX
+      model's ``nnx.State`` (``TorchLoadResult.variables`` of an NNX load). A
+      spectral layer's state must be there: its kernel is the weight before
+      the norm.
     layers: PyTorch layer prefix -> :class:`TorchLayer` giving the Flax
       ``path``, ``kind``, ``axis`` and ``style`` (``TorchLoadResult.layers``).
       ``None``: read from the model (an NNX ``variables``, or ``model`` and
