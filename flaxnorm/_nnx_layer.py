@@ -31,6 +31,7 @@ from flaxnorm import (
   _options,
   _output_scale,
   _power,
+  _select,
   _subclass,
 )
 
@@ -81,8 +82,7 @@ def describe(module: Any, name: str, path: tuple[Any, ...] | None = None) -> str
   return f"param '{name}' of layer '{path_str(path)}' ({owner})"
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-  return "/".join(str(p) for p in path) or "<top level>"
+path_str = _select.path_str  # "a/0/b", or "<top level>"
 
 
 def _get(module: nnx.Module, attr: str, method: str, name: str) -> Any:
