@@ -553,10 +553,13 @@ def namespace(base: type, specs: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     set_view = _set_view_fn(base)
     if set_view is not None:
       body["set_view"] = set_view
-  kwds = {}
-  if getattr(base, "_pytree__is_pytree", None) is not None:
-    kwds["pytree"] = base._pytree__is_pytree  # keep the base's pytree mode
-  return body, kwds
+  return body, class_keywords(base)
+
+
+def class_keywords(base: type) -> dict[str, Any]:
+  """The class keywords a subclass of NNX module ``base`` needs: its pytree mode."""
+  mode = getattr(base, "_pytree__is_pytree", None)
+  return {} if mode is None else {"pytree": mode}
 
 
 def swap_class(module: nnx.Module, specs: Mapping[str, Any]) -> None:

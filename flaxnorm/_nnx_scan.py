@@ -18,14 +18,13 @@ their iteration turned off (``flaxnorm._nnx_layer.FROZEN``).
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
 from typing import Any
 
 from flax import nnx
 
 from flaxnorm import _subclass
-from flaxnorm._nnx_layer import FLAG, FROZEN, SpectralNormSpec
+from flaxnorm._nnx_layer import FLAG, FROZEN, SpectralNormSpec, class_keywords
 
 
 def _spectral_layers(module: nnx.Module) -> list[tuple[nnx.Module, str, SpectralNormSpec]]:
@@ -72,13 +71,8 @@ def adopted_class(base: type) -> type:
       "_flaxnorm_rebuild": classmethod(
         lambda cls: (adopted_class, (vars(cls)["_flaxnorm_rnn_base"],))
       ),
-      "__module__": base.__module__,
-      "__qualname__": base.__qualname__,
     }
-    kwds = {"metaclass": _subclass.pickling_meta(type(base))}
-    if getattr(base, "_pytree__is_pytree", None) is not None:
-      kwds["pytree"] = base._pytree__is_pytree  # keep the base's pytree mode
-    _ADOPTED[base] = types.new_class(base.__name__, (base,), kwds, lambda ns: ns.update(body))
+    _ADOPTED[base] = _subclass.subclass(base, body, class_keywords(base))
   return _ADOPTED[base]
 
 

@@ -104,16 +104,23 @@ def normalized_class(base: type, specs: Mapping[str, Spec], namespace: Namespace
     _flaxnorm_namespace=staticmethod(namespace),
     _flaxnorm_rebuild=classmethod(_rebuild),
     __reduce_ex__=_reduce_ex,
-    __module__=base.__module__,
-    __qualname__=base.__qualname__,
     __doc__=f"{base.__name__} with "
     + ", ".join(f"{s.method}({n!r})" for n, s in items)
     + f".\n\n{base.__doc__ or ''}",
   )
-  kwds = {**kwds, "metaclass": pickling_meta(type(base))}
-  cls = types.new_class(base.__name__, (base,), kwds, lambda ns: ns.update(body))
-  _CACHE[key] = cls
+  cls = _CACHE[key] = subclass(base, body, kwds)
   return cls
+
+
+def subclass(base: type, body: Mapping[str, Any], kwds: Mapping[str, Any]) -> type:
+  """A subclass of ``base`` with its name, module and qualname, pickled by rebuilding.
+
+  ``body`` holds ``_flaxnorm_rebuild`` (see :func:`pickling_meta`); ``kwds``
+  are the class keywords (NNX's ``pytree=``).
+  """
+  body = {**body, "__module__": base.__module__, "__qualname__": base.__qualname__}
+  kwds = {**kwds, "metaclass": pickling_meta(type(base))}
+  return types.new_class(base.__name__, (base,), kwds, lambda ns: ns.update(body))
 
 
 _METAS: dict[type, type] = {}

@@ -7,6 +7,7 @@ against the Flax layer it fills: same wrapping, same shapes, same view.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -445,7 +446,7 @@ def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
   """``kinds[prefix]``, else the Flax model's layer class, else the tree and the weight's rank."""
   given = _lookup(job.kinds, t.prefix)
   if given is not None:
-    family = given.rstrip("123d") if given.startswith("conv") else given
+    family = re.sub(r"\d+d$", "", given)  # conv_transpose1d -> conv_transpose
     if info is not None and info.family is not None and family != info.family:
       raise ValueError(
         f"{t.where}: kinds['{t.prefix}']={given!r}, but the Flax layer is a {info.cls} "
@@ -540,10 +541,9 @@ def _check_given_axis(
   """Raises if ``axes`` gives a layer another axis than the Flax model wraps it with."""
   if given is None or wrapped is None or wrapped[0] != layer.method:
     return
-  model_axis = neg_axis(wrapped[1], k.ndim) if wrapped[1] else None
-  ours = None if layer.axis is None else _checks.normalize_axes(layer.axis, k.ndim)
-  if ours == (None if model_axis is None else _checks.normalize_axes(model_axis, k.ndim)):
+  if _checks.normalize_axes(layer.axis, k.ndim) == wrapped[1]:  # both sorted, () for None
     return
+  model_axis = neg_axis(wrapped[1], k.ndim) if wrapped[1] else None
   what = (
     "its g would have another shape"
     if layer.method == "weight_norm"

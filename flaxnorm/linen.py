@@ -192,15 +192,16 @@ def _propagate(root: nn.Module):
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    rel = _relative(module, subtrees)
-    if (
+    rel = None
+    if not (
       hasattr(type(module), "_flaxnorm_specs")
-      or rel is None
       or _is_lifted(type(module))  # the lift's own clone comes through here again
       # A function lifted over the module (nn.RNN's scan body) is no method of
       # it; the module's own method calls inside come through here.
       or not callable(getattr(type(module), context.method_name, None))
     ):
+      rel = _relative(module, subtrees)
+    if rel is None:
       return next_fun(*args, **kwargs)
     if context.method_name == "setup":
       return None
