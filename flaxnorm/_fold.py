@@ -173,6 +173,10 @@ def check_spectral_state(
     at: the param's place, e.g. ``"remove_spectral_norm: param 'Dense_0/kernel'"``.
   """
   kept = _checks.check_spectral_weight(w, axis, at)
+  for x, key in zip(state, _options.spectral_keys(name)):
+    _checks.check_float_array(
+      meta.unbox(x), f"the stored {key}", at, complex_ok=not key.endswith("_sigma")
+    )
   shapes = [jnp.shape(meta.unbox(x)) for x in state]
   _checks.check_state_fits(w.shape, kept, shapes, _options.spectral_keys(name), at, axis_given=axis)
   return kept

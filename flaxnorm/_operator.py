@@ -228,7 +228,7 @@ def init_state(
   u, v, sigma = operator_power_iteration(
     apply, u, v, n_steps=options.n_init_iterations, eps=options.eps
   )
-  return _power.SpectralState(u, v, sigma)
+  return _power.SpectralState(u, v, _power.finite_or_zero(sigma))
 
 
 def iterate(

@@ -336,7 +336,8 @@ def spectral_state_init(
   Returns:
     A :class:`SpectralState` with ``u`` of shape ``(m,)``, ``v`` of ``(n,)`` and
     ``sigma`` of ``()``, all float32 at least; ``u`` and ``v`` of the kernel's
-    complex dtype for a complex kernel, ``sigma`` real.
+    complex dtype for a complex kernel, ``sigma`` real. A non-finite ``w``
+    gives a finite state: the normalized random start and ``sigma = 0``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxnorm
@@ -356,7 +357,13 @@ def spectral_state_init(
   u = l2_normalize(jax.random.normal(ku, (m,), dtype), eps=eps)
   v = l2_normalize(jax.random.normal(kv, (n,), dtype), eps=eps)
   u, v, sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
-  return SpectralState(u, v, jax.lax.stop_gradient(sigma))
+  return SpectralState(u, v, jax.lax.stop_gradient(finite_or_zero(sigma)))
+
+
+def finite_or_zero(sigma: Array) -> Array:
+  """``sigma``, or 0 (no estimate) where it is not finite: a state made from a
+  non-finite weight stays finite (``u`` and ``v`` keep their start)."""
+  return jnp.where(jnp.isfinite(sigma), sigma, jnp.zeros_like(sigma))
 
 
 def scale_by_sigma(
@@ -450,8 +457,9 @@ def spectral_normalize(
     sigma: stored sigma, shape ``()``, returned as is if the new one is not
       finite; without it the NaN sigma is returned.
     axis: the kept (output) axis or axes: rows of the matrix view.
-    n_steps: power iterations to run first; ``0`` (evaluation) uses the
-      stored vectors as they are, ``sigma = u^T W v``.
+    n_steps: power iterations to run first; ``0`` (evaluation) runs none:
+      ``sigma = u^T W v`` from the stored vectors, normalized first (PyTorch's
+      are unit vectors already, so this changes its ``sigma`` by rounding only).
     eps: see :func:`power_iteration` and :func:`scale_by_sigma`.
     mode: ``"normalize"`` (``w * target / sigma``) or ``"clip"``
       (``w * min(1, target / sigma)``).

@@ -454,8 +454,7 @@ def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
         "for this layer (the model's class is used)."
       )
     return given
-  _, _, roles = detect(list(t.entries), t.where)
-  wkey = t.entries[roles["v" if "g" in roles else "w"]]  # weight norm's g is no weight
+  wkey = _weight_key(t)
   ndim = len(np.shape(job.state_dict[wkey]))
   if info is not None and info.family is not None:
     if info.family in ("linear", "embedding"):
@@ -467,6 +466,26 @@ def _kind(job: _Load, t: _Target, info: FlaxLayer | None) -> str | None:
   if kind is not None and kind.startswith("conv"):
     _check_not_transposed(job.state_dict[wkey], t, kind)
   return kind
+
+
+def _weight_key(t: _Target) -> str:
+  """The PyTorch key of the layer's weight (``weight_v`` for a weight norm: ``g`` is no weight)."""
+  _, _, roles = detect(list(t.entries), t.where)
+  return t.entries[roles["v" if "g" in roles else "w"]]
+
+
+def _check_rank(job: _Load, t: _Target, k: Kind) -> None:
+  """Raises if the Flax weight's rank is not the PyTorch kind's (a Conv1d into a 2-D conv)."""
+  for key in (k.param, _options.weight_norm_keys(k.param)[1]):
+    shape = _shape(t.params[key]) if key in t.params else None
+    if shape is not None and len(shape) != k.ndim:
+      wkey = _weight_key(t)
+      raise ValueError(
+        f"{t.where}: PyTorch '{wkey}' of shape {tuple(np.shape(job.state_dict[wkey]))} is a "
+        f"{k.name} weight {k.torch_layout}, rank {k.ndim} ({k.flax_layout}), but the Flax "
+        f"'{key}' has shape {shape}, rank {len(shape)}: not the same kind of layer (does "
+        "key_map point at the right layer?)."
+      )
 
 
 def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
@@ -481,9 +500,12 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
     raise ValueError(f"{t.where}: the Flax {info.cls}: {info.unsupported}.")
   kind = _kind(job, t, info)
   if kind is None:
-    why = f"not a linear/conv/embedding layer (the Flax layer is {info.cls})" if info else ""
-    return why or "weight of its rank: not a linear/conv/embedding layer"
+    rank = len(np.shape(job.state_dict[_weight_key(t)]))
+    if info is not None:
+      return f"a weight of rank {rank}, which the Flax {info.cls} ({info.family}) does not take"
+    return f"a weight of rank {rank}: not a linear/conv/embedding layer"
   k = kind_of(kind, f"{_WHERE}: kinds['{t.prefix}']")
+  _check_rank(job, t, k)
   tmethod = _target_method(t, k.param)
   if (
     tmethod == "missing"
@@ -673,8 +695,13 @@ def _check_wrapping(layer: TorchLayer, t: _Target, k: Kind, tmethod: str | None)
   hint = {
     "weight_norm": f"wrap it with weight_norm(..., axis={layer.axis!r}){_FACES}",
     "spectral_norm": f"wrap it with spectral_norm(..., axis={layer.axis!r}){_FACES}",
-    None: "fold the norm in PyTorch first (remove_weight_norm / remove_parametrizations)",
+    None: (
+      "PyTorch's weight is plain: load it into the Flax model without this wrapper, then "
+      "normalize the params (flaxnorm.tree.weight_norm_init / spectral_norm_init)"
+    ),
   }[layer.method]
+  if layer.method == "spectral_norm" and tmethod is None:
+    hint += f" (wrapped already? then the variables lack its {t.collection!r} collection)"
   raise ValueError(
     f"{t.where}: PyTorch has {layer.method or 'a plain weight'} "
     f"({sorted(entries.values())}) but the Flax layer has "

@@ -36,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 from flax.core import meta
 
 from flaxnorm import _axes, _checks, _fold, _math, _options, _power, _select
@@ -85,6 +87,20 @@ class WeightNormParam(NamedTuple):
 # --------------------------------------------------------------------------- #
 # Weight norm.
 # --------------------------------------------------------------------------- #
+
+
+def _check_plain(params: Any, fn: str) -> None:
+  """Raises for an NNX state or a tree of ``nnx.Variable``: this face takes arrays."""
+  found = isinstance(params, nnx.State) or any(
+    isinstance(x, nnx.Variable)
+    for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  )
+  if found:
+    raise TypeError(
+      f"{fn}: params holds nnx.Variable leaves (an nnx.State?); flaxnorm.tree takes a "
+      "pytree of arrays. Wrap the NNX module with flaxnorm.nnx instead, or pass "
+      "nnx.to_pure_dict(state)."
+    )
 
 
 def _decompose(x: Any, axis: Axis, path: Path) -> tuple[Any, Any]:
@@ -141,7 +157,9 @@ def weight_norm_init(
     ``{name}_g`` (the leaf's rank with size 1 on the reduced axes, e.g.
     ``(1, out)``) and ``{name}_v`` (the leaf itself), and any other selected
     leaf by ``WeightNormParam(g, v)``. :func:`weight_norm_apply` of it gives
-    back ``params`` (to rounding).
+    back ``params`` (to rounding; a weight whose norm over the reduced axes is
+    at most ``eps`` comes back times ``||w|| / eps``, see
+    :func:`flaxnorm.weight_norm_compose`).
 
   Raises:
     ValueError: a name matches nothing (the message lists the leaves), or a
@@ -184,6 +202,7 @@ def _name_or_names(name: Selector, names: Selector | None, fn: str) -> tuple[Sel
 def _weight_norm_init(
   params: Any, select: _select.Selection, options: _options.WeightNormOptions
 ) -> Any:
+  _check_plain(params, options.at)
   if _select.is_array(params):
     select((), params)  # a bare array: nowhere to put {name}_g, explained by the check
   _check_not_normalized(params, select, options.at)
@@ -248,6 +267,15 @@ _MADE = {
 def _check_not_normalized(params: Any, select: _select.Selection, fn: str) -> None:
   """Raises if ``select`` picks a leaf flaxnorm made (normalizing it again would be silent)."""
   made = _made_by_flaxnorm(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=lambda x: isinstance(x, WeightNormParam)
+  )
+  for path, x in flat:  # a WeightNormParam selected by its name
+    p = tuple(_select.key(k) for k in path)
+    if isinstance(x, WeightNormParam) and select.names and p and p[-1] in select.names:
+      raise ValueError(
+        f"{fn}: the node at tree path '{_select.path_str(p)}' is a WeightNormParam{_WN_MADE}."
+      )
   for p, x in _select.leaves(params):
     if p in made and select(p, x):
       raise ValueError(
@@ -309,6 +337,7 @@ def weight_norm_apply(params: Any, *, eps: float = 1e-12) -> Any:
     Accelerate Training of Deep Neural Networks", NeurIPS 2016.
   """
   eps = _checks.check_eps(eps, "weight_norm_apply")
+  _check_plain(params, "weight_norm_apply")
   count = [0]
   out = _wn_apply(params, (), eps, count)
   if not count[0]:
@@ -393,6 +422,7 @@ def _spectral_norm_init(
   params: Any, key: jax.Array, select: _select.Selection, options: _options.SpectralNormOptions
 ) -> dict:
   key = _checks.check_key(key, "key", options.at)
+  _check_plain(params, options.at)
   _check_not_normalized(params, select, options.at)
   chosen = [(p, x) for p, x in _select.leaves(params) if select(p, x)]
   select.check_all_found(params)
@@ -484,6 +514,7 @@ def _spectral_norm_apply(
 ) -> tuple[Any, Any]:
   fn = options.at
   _checks.check_bool(update, "update", fn)
+  _check_plain(params, fn)
   if not isinstance(state, Mapping):
     raise TypeError(
       f"{fn}: state must be the dict from spectral_norm_init, got {type(state).__name__}."
@@ -519,6 +550,12 @@ def _spectral_norm_apply(
       mode=options.mode,
       target=options.target,
     )
+  if not normalized:
+    raise ValueError(
+      f"{fn}: the state holds no {{x}}_u/{{x}}_v/{{x}}_sigma entries (got "
+      f"{jax.tree.map(jnp.shape, dict(state))}); pass the state from spectral_norm_init "
+      "(or a Linen 'spectral' collection)."
+    )
   out = jax.tree_util.tree_map_with_path(
     lambda p, x: normalized.get(tuple(str(_select.key(k)) for k in p), x),
     params,
@@ -529,7 +566,8 @@ def _spectral_norm_apply(
   return out, _replace_state(state, (), new_state)
 
 
-def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> dict:
+def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> Mapping:
+  """``state`` with the new ``(u, v, sigma)`` of each path in ``new``; containers keep their type."""
   out = {}
   for k, x in state.items():
     if isinstance(x, Mapping):
@@ -541,7 +579,7 @@ def _replace_state(state: Mapping, path: Path, new: dict[Path, Any]) -> dict:
         break
     else:
       out[k] = x
-  return out
+  return _select.rebuild(state, out)
 
 
 # --------------------------------------------------------------------------- #

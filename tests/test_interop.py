@@ -10,6 +10,7 @@ import importlib.util
 import pathlib
 import sys
 import warnings
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -1615,3 +1616,47 @@ def test_load_grouped_conv_transpose_says_so(torch):
   t.up = torch.nn.ConvTranspose1d(4, 4, 3, groups=2, bias=False)  # only a shape mismatch before
   with pytest.raises(ValueError, match=r"shape mismatch .* A grouped PyTorch ConvTranspose"):
     interop.load_torch_state_dict(t.state_dict(), _GroupedUp(), inputs=jnp.ones((1, 5, 4)))
+
+
+class _Conv2dC(nn.Module):
+  wrap: Any = None
+  kernel_size: tuple[int, ...] = (3, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    conv = nn.Conv(4, self.kernel_size, name="c")
+    return (self.wrap(conv) if self.wrap else conv)(x)
+
+
+@pytest.mark.parametrize("wrap", [None, "weight_norm", "spectral_norm"])
+def test_load_layer_of_another_rank_names_both_ranks(torch, wrap):
+  """A Conv1d checkpoint into a 2-D Conv: the ranks, not an axis hint (it said 'axis=0 would
+  compute a different norm', naming an axis the user never gave)."""
+  t = torch.nn.Module()
+  t.c = torch.nn.Conv1d(2, 4, 3)
+  if wrap:
+    t.c = getattr(torch.nn.utils, wrap)(t.c)
+  model = _Conv2dC(getattr(flaxnorm, wrap) if wrap else None)
+  with pytest.raises(
+    ValueError,
+    match=r"'c.weight(_v|_orig)?' of shape \(4, 2, 3\) is a conv1d weight .*rank 3 .*rank 4",
+  ):
+    interop.load_torch_state_dict(t.state_dict(), model, inputs=jnp.ones((1, 5, 1, 2)))
+
+
+def test_load_linear_into_conv_says_the_rank(torch):
+  t = torch.nn.Module()
+  t.c = torch.nn.Linear(2, 4)
+  result = interop.load_torch_state_dict(
+    t.state_dict(), _Conv2dC(), inputs=jnp.ones((1, 5, 1, 2)), strict=False
+  )
+  assert "a weight of rank 2, which the Flax Conv (conv) does not take" in result.summary()
+
+
+def test_load_plain_torch_layer_into_wrapped_flax_layer_hints_the_flax_side(torch):
+  t = torch.nn.Module()
+  t.c = torch.nn.Conv1d(2, 4, 3)
+  for wrap in (flaxnorm.weight_norm, flaxnorm.spectral_norm):
+    model = _Conv2dC(wrap, (3,))
+    with pytest.raises(ValueError, match=r"PyTorch's weight is plain: load it into the Flax model"):
+      interop.load_torch_state_dict(t.state_dict(), model, inputs=jnp.ones((1, 5, 2)))

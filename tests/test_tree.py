@@ -1,5 +1,7 @@
 """Tests of the pytree API with a Linen apply, a hand-written jnp MLP and equinox."""
 
+from typing import Any, NamedTuple
+
 import chex
 import flax.linen as nn
 import jax
@@ -260,8 +262,19 @@ def test_error_state_does_not_fit_params():
     ft.spectral_norm_apply(params, {"a": partial}, update=True)
   with pytest.raises(TypeError, match=r"update must be a (Python )?bool"):
     ft.spectral_norm_apply(params, state, update=jnp.array(True))
+  # An empty state (the wrong collection, or variables.get("spectral", {})) normalized nothing.
+  for empty in ({}, {"a": {}}):
+    with pytest.raises(ValueError, match=r"the state holds no \{x\}_u/\{x\}_v/\{x\}_sigma"):
+      ft.spectral_norm_apply(params, empty, update=True)
+  ints = jax.tree.map(lambda a: a.astype(jnp.int32), state)
+  with pytest.raises(TypeError, match=r"stored kernel_u at .*'a/kernel' must be a floating"):
+    ft.spectral_norm_apply(params, ints, update=False)
   with pytest.raises(ValueError, match=r"n_power_iterations must be >= 1"):
     ft.spectral_norm_apply(params, state, update=True, n_power_iterations=0)
+
+
+class _Layer(NamedTuple):
+  weight: Any
 
 
 def test_error_normalizing_twice_is_refused():
@@ -280,6 +293,9 @@ def test_error_normalizing_twice_is_refused():
   listed = ft.weight_norm_init([jnp.ones((4, 3))], name=matrices)
   with pytest.raises(ValueError, match=r"tree path '0/g' is part of a WeightNormParam"):
     ft.weight_norm_init(listed, name=matrices)
+  named = ft.weight_norm_init([_Layer(jnp.ones((4, 3)))], name="weight")  # equinox-style field
+  with pytest.raises(ValueError, match=r"'0/weight' is a WeightNormParam: .*already"):
+    ft.weight_norm_init(named, name="weight")
   state = ft.spectral_norm_init(params, jax.random.key(0))
   with pytest.raises(
     ValueError, match=r"'spectral/dense/kernel_sigma' is part of the spectral state"
@@ -344,3 +360,41 @@ def test_error_spectral_key_not_a_key():
     with pytest.raises(TypeError, match=r"key at flaxnorm.tree.spectral_norm must be one PRNG"):
       ft.spectral_norm().init(params, key)
   assert ft.spectral_norm_init(params, jax.random.PRNGKey(0))["dense"]["kernel_u"].shape == (3,)
+
+
+def test_error_nnx_state_points_at_the_nnx_face():
+  """An nnx.State holds Variables, not arrays: the message says where to go."""
+  from flax import nnx
+
+  state = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=r"weight_norm_init: params holds nnx.Variable.*flaxnorm.nnx"):
+    ft.weight_norm_init(state)
+  with pytest.raises(
+    TypeError, match=r"spectral_norm_init: params holds nnx.Variable.*to_pure_dict"
+  ):
+    ft.spectral_norm_init(state, jax.random.key(0))
+  assert set(ft.weight_norm_init(nnx.to_pure_dict(state))) == {"kernel_g", "kernel_v", "bias"}
+
+
+def test_frozen_state_keeps_its_type_so_it_can_be_a_scan_carry():
+  params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (4, 3))}}
+  state = freeze(ft.spectral_norm_init(params, jax.random.key(1)))
+  _, new = ft.spectral_norm_apply(params, state, update=True)
+  assert isinstance(new, FrozenDict)
+
+  def step(s, _):
+    return ft.spectral_norm_apply(params, s, update=True)[1], None
+
+  out, _ = jax.lax.scan(step, state, None, length=2)
+  chex.assert_trees_all_close(out["d"]["kernel_sigma"], state["d"]["kernel_sigma"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_state_of_a_non_finite_weight_is_finite(bad):
+  """The state never holds NaN or inf: sigma 0 (no estimate), the vectors their start."""
+  w = jax.random.normal(jax.random.key(0), (4, 3)).at[0, 0].set(bad)
+  state = ft.spectral_norm_init({"d": {"kernel": w}}, jax.random.key(1))
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
+  assert float(state["d"]["kernel_sigma"]) == 0.0
+  st = flaxnorm.spectral_state_init(jax.random.key(1), w)
+  assert float(st.sigma) == 0.0 and bool(jnp.isfinite(st.u).all() & jnp.isfinite(st.v).all())
