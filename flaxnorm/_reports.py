@@ -7,6 +7,7 @@ These read variables (a Linen ``spectral`` collection, or the same layout from
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -16,8 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta
+from jax.core import Tracer
 
-from flaxnorm import _axes, _certify, _checks, _fold, _math, _options, _power, _subclass
+from flaxnorm import (
+  _axes,
+  _call_counts,
+  _certify,
+  _checks,
+  _fold,
+  _math,
+  _options,
+  _power,
+  _subclass,
+)
 from flaxnorm import linen as _linen
 
 _AT = "lipschitz_bound"
@@ -149,8 +161,9 @@ def lipschitz_bound(
   custom ``dot_general`` or ``conv_general_dilated``, a module's own
   ``self.param``, a Conv with ``REFLECT`` or negative padding, an empty output
   or ``input_dilation``) makes the product ``None``, with the reason under its
-  path in ``reasons``. A layer the model calls ``k`` times (weight tying)
-  counts ``k`` times; on inputs of different sizes it is refused. Spectral states stacked
+  path in ``reasons``. A layer the model runs ``k`` times (weight tying, or
+  an ``nn.scan`` of length ``k``) counts ``k`` times; one in an
+  ``nn.while_loop`` gets a reason; on inputs of different sizes it is refused. Spectral states stacked
   by ``nn.scan``/``nn.vmap`` are refused (bound each member's variables); a
   plain stacked layer gets a reason. Layers without variables (activations,
   dropout in evaluation) and what the model computes between layers (skip
@@ -238,6 +251,10 @@ def _model_bound(
   }
   for path, sigma in sigmas.items():
     seen = trace.spectral.get(path)
+    if path in trace.unbounded:
+      reasons[path] = trace.unbounded[path]
+      layers[path] = (_effective_norm(sigma, *wrapped), None)
+      continue
     if seen is None:
       reasons[path] = "the model did not call this spectrally normalized layer on these inputs"
       layers[path] = (_effective_norm(sigma, *wrapped), None)
@@ -250,7 +267,10 @@ def _model_bound(
   cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
   skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
   for path, seen in trace.modules.items():
-    _plain_layer(seen, path, variables, skip, steps, layers, reasons)
+    if path not in trace.unbounded:
+      _plain_layer(seen, path, variables, skip, steps, layers, reasons)
+    elif _own_variables(variables, path, cols):  # a module without variables adds no factor
+      reasons[path or "<top level>"] = trace.unbounded[path]
   estimate = _product([e for e, _ in layers.values()])
   certified = None if reasons else _product([c or 0.0 for _, c in layers.values()], 1.0)
   return LipschitzBound(estimate, certified, layers, reasons)
@@ -348,15 +368,32 @@ class _Seen(NamedTuple):
 
 
 class _Trace(NamedTuple):
-  """What the model's trace saw: spectral layers by param path, all modules by path."""
+  """What the model's trace saw: spectral layers by param path, all modules by path.
+
+  ``unbounded``: layers (by param path for spectral ones, module path for
+  the others) that run in a loop of unknown length, with the reason.
+  """
 
   spectral: dict[str, _Seen]
   modules: dict[str, _Seen]
+  unbounded: dict[str, str]
+
+
+_WHILE = (
+  "called inside a loop whose trip count is not static (nn.while_loop, lax.while_loop): "
+  "how many times it runs, so the bound's power, is unknown"
+)
 
 
 def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple) -> _Trace:
-  """Runs ``model.apply`` shape-only; records every module's call and spectral layer's."""
-  trace = _Trace({}, {})
+  """Traces ``model.apply`` shape-only; counts how often each module and spectral layer runs.
+
+  A call is counted as often as the traced program runs it
+  (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``.
+  """
+  trace = _Trace({}, {}, {})
+  marks = _call_counts.Marks()
+  calls: list[tuple[dict[str, _Seen], str, _Seen, str]] = []  # (table, path, seen, mark)
   active: list[str] = []  # module paths being called: a nested call on one is the same use
 
   def interceptor(next_fun, args, kwargs, context):
@@ -366,12 +403,16 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
     path = "/".join(map(str, module.scope.path))
     first = args[0] if args else next(iter(kwargs.values()), None)  # layer(x) or layer(inputs=x)
     shape = tuple(getattr(first, "shape", ())) if context.method_name == "__call__" else None
+    _record_module(trace.modules, path, module)
     if shape is not None:
+      args, kwargs, tag = marks.mark(args, kwargs)
       for key, spec in _subclass.specs_of(type(module)).items():
         if spec.method == "spectral_norm":
-          for name in [key] if isinstance(key, str) else _selected(variables, spec, module):
-            _count(trace.spectral, _join(path, name), _Seen(module, name, spec.options, shape))
-    _record_module(trace.modules, path, module, shape if path not in active else None)
+          for name in _spectral_names(key, spec, module, variables):
+            seen = _Seen(module, name, spec.options, shape, 1)
+            calls.append((trace.spectral, _join(path, name), seen, tag))
+      if path not in active:
+        calls.append((trace.modules, path, _Seen(module, "", None, shape, 1), tag))
     active.append(path)
     try:
       return next_fun(*args, **kwargs)
@@ -382,8 +423,22 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
     with nn.intercept_methods(interceptor):
       return model.apply(variables, *inputs)
 
-  jax.eval_shape(run, dict(variables))
+  runs = _call_counts.runs(jax.make_jaxpr(run)(dict(variables)).jaxpr)
+  for table, path, seen, tag in calls:
+    n = runs.get(tag, 0.0)
+    if n == math.inf:
+      trace.unbounded[path] = _WHILE
+    elif n:
+      _count(table, path, seen._replace(calls=int(n)))
   return trace
+
+
+def _spectral_names(key: Any, spec: Any, module: nn.Module, variables: Mapping) -> list[str]:
+  """The params a spectral spec normalizes in ``module`` (none for a ``recursive`` root's name)."""
+  if not isinstance(key, str):
+    return _selected(variables, spec, module)
+  own = module.variables.get("params", {}) if module.scope is not None else {}
+  return [key] if not isinstance(own.get(key, None), Mapping | type(None)) else []
 
 
 def _join(path: str, name: str) -> str:
@@ -391,31 +446,27 @@ def _join(path: str, name: str) -> str:
 
 
 def _count(seen: dict[str, _Seen], path: str, new: _Seen) -> None:
-  """Records one call of the layer at ``path`` on an input of ``new.input_shape``."""
+  """Records ``new.calls`` runs of the layer at ``path`` on an input of ``new.input_shape``."""
   old = seen.get(path)
   if old is None or not old.calls:
-    seen[path] = new if old is None else old._replace(input_shape=new.input_shape, calls=1)
+    seen[path] = new if old is None else old._replace(input_shape=new.input_shape, calls=new.calls)
   elif old.input_shape != new.input_shape:  # a conv's bound depends on its input size
     raise ValueError(
       f"{_AT}: the model calls '{path}' on inputs of shapes {old.input_shape} and "
       f"{new.input_shape}; a certificate covers one size per layer."
     )
   else:
-    seen[path] = old._replace(calls=old.calls + 1)
+    seen[path] = old._replace(calls=old.calls + new.calls)
 
 
-def _record_module(
-  modules: dict[str, _Seen], path: str, module: nn.Module, shape: tuple[int, ...] | None
-) -> None:
-  """Records a method call on ``module``; ``shape``: its input's, for an outermost ``__call__``."""
+def _record_module(modules: dict[str, _Seen], path: str, module: nn.Module) -> None:
+  """Records ``module`` (uncounted: :func:`_trace_layers` counts its runs)."""
   old = modules.get(path)
   if old is None or _subclass.specs_of(type(module)):  # a wrapped (recursive) clone: its specs
     own = module.variables.get("params", {})
     shapes = {k: tuple(jnp.shape(x)) for k, x in own.items() if not isinstance(x, Mapping)}
     calls = (old.calls, old.input_shape) if old is not None else (0, ())
     modules[path] = _Seen(module, "", None, calls[1], calls[0], shapes)
-  if shape is not None:
-    _count(modules, path, _Seen(module, "", None, shape))
 
 
 def _selected(variables: Mapping[str, Any], spec: Any, module: nn.Module) -> list:
@@ -521,6 +572,7 @@ def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int
         "stacked by nn.scan or nn.vmap; bound each member's variables on their own"
       )
   w = meta.unbox(params["kernel"]) if "kernel" in params else _weight_normed(seen, params)
+  w = jnp.asarray(w)  # as the layer sees it (float32 without x64)
   _checks.check_float_array(w, f"param '{at}'", _AT, complex_ok=False)
   return _kernel_bound(seen, np.asarray(w, np.float64), n_steps)
 
@@ -603,6 +655,11 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
       "dot_general, conv_general_dilated or promote_dtype): its kernel's norm does not bound it"
     )
   if getattr(m, "mask", None) is not None:  # the layer computes with w * mask
+    if isinstance(m.mask, Tracer):
+      raise _UncertifiedError(
+        "its mask is computed inside the model, so the shape-only trace has no values for it: "
+        "build the mask with numpy (or outside the model) to certify the layer"
+      )
     w = w * np.asarray(m.mask, np.float64)
   if base is nn.Conv:
     if not _all_ones(getattr(m, "input_dilation", 1)):
