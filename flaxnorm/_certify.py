@@ -367,7 +367,8 @@ def _fft_sizes(
     if mode not in _PADDINGS:
       raise UnsupportedError(
         f"padding at {at} must be one of {_PADDINGS}, an int or a sequence of {d} ints or "
-        f"(low, high) pairs, got {padding!r} (REFLECT padding is not supported)."
+        f"(low, high) pairs, got {padding!r}"
+        + (" (REFLECT padding is not supported)." if mode == "REFLECT" else ".")
       )
     if mode == "CIRCULAR":
       return input_shape
