@@ -387,10 +387,9 @@ def plan_spectral_norm(
     swap_class(module, all_specs)
     for name, state in states.items():
       for attr, value, meta in zip(specs[name].attrs(name), state, metas[name]):
-        var = SpectralStateVar(value)
-        if meta:
-          var.set_metadata(**meta)  # names only: not sharded eagerly, as Linen's boxes
-        setattr(module, attr, var)
+        # Sharded as its metadata says where NNX shards eagerly, as kernel_g is (an
+        # Explicit mesh requires the array's sharding to match its names).
+        setattr(module, attr, SpectralStateVar(value, **meta))
     if not has_flag:
       setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm
 

@@ -450,3 +450,28 @@ def test_nnx_sharded_init_places_the_new_variables():
   _assert_trees_close(y, reference(X))
   _assert_trees_close(state(model), state(reference))  # the training call's new state too
   assert sn.kernel_u[...].sharding.spec == P("model")
+
+
+def test_nnx_explicit_mesh_state_is_sharded_as_its_names():
+  """Under ``Explicit`` axes the arrays must match their names: ``u`` was created
+  replicated beside its ``('model',)`` name, so NNX's ``with_sharding_constraint`` recipe
+  raised (``kernel_g`` was already placed)."""
+  from flax import nnx
+
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    model = _nnx_model()
+    sn = model.layers[2]
+    assert sn.kernel_u[...].sharding.spec == P("model")
+
+    @nnx.jit
+    def reshard(m):
+      state = nnx.state(m)
+      nnx.update(m, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+
+    reshard(model)
+    x = jax.device_put(X, NamedSharding(mesh, P("data")))
+    y = nnx.jit(lambda m, x: m(x))(model, x)
+  with nnx.use_eager_sharding(False):
+    reference = _nnx_model()
+  _assert_trees_close(y, reference(X))
