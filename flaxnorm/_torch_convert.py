@@ -153,6 +153,11 @@ def _to_numpy(x: Any, key: str, where: str) -> np.ndarray:
   change with them.
   """
   if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor
+    if getattr(x, "is_meta", False):
+      raise ValueError(
+        f"{where}: '{key}' is a tensor on PyTorch's meta device, which holds no values (a "
+        "model built under torch.device('meta')): load its weights into it first."
+      )
     x = x.detach().cpu()
     if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
       return x.float().numpy().astype(jnp.bfloat16)

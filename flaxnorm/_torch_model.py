@@ -398,6 +398,13 @@ def _lookup(given: Mapping[str, Any], prefix: str) -> Any:
   return given[max(keys, key=len)] if keys else None
 
 
+_NORM_HINT = (
+  "a normalization layer's buffer: interop converts linear, conv and embedding layers; map "
+  "a BatchNorm by hand (weight -> params scale, bias -> params bias, running_mean/var -> "
+  "batch_stats mean/var) or skip it with key_map"
+)
+
+
 def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
   """Layer prefix -> layer key -> state-dict key; and the other keys -> why they are no layer.
 
@@ -408,7 +415,8 @@ def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
   for key in job.state_dict:
     split = split_key(key)
     if split is None:
-      loose[key] = "not a weight/bias key of a supported layer"
+      norm = key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+      loose[key] = _NORM_HINT if norm else "not a weight/bias key of a supported layer"
     else:
       groups.setdefault(split[0], {})[split[1]] = key
   for prefix in [p for p, entries in groups.items() if set(entries) == {"bias"}]:
@@ -501,6 +509,8 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   kind = _kind(job, t, info)
   if kind is None:
     rank = len(np.shape(job.state_dict[_weight_key(t)]))
+    if info is not None and info.family is None:
+      return f"a weight for the Flax {info.cls}, which is no linear, conv or embedding layer"
     if info is not None:
       return f"a weight of rank {rank}, which the Flax {info.cls} ({info.family}) does not take"
     return f"a weight of rank {rank}: not a linear/conv/embedding layer"

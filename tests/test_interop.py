@@ -1660,3 +1660,28 @@ def test_load_plain_torch_layer_into_wrapped_flax_layer_hints_the_flax_side(torc
     model = _Conv2dC(wrap, (3,))
     with pytest.raises(ValueError, match=r"PyTorch's weight is plain: load it into the Flax model"):
       interop.load_torch_state_dict(t.state_dict(), model, inputs=jnp.ones((1, 5, 2)))
+
+
+def test_meta_device_tensor_is_refused_by_name(torch):
+  with torch.device("meta"):
+    t = torch.nn.Linear(3, 2)
+  with pytest.raises(ValueError, match=r"'weight' is a tensor on PyTorch's meta device"):
+    interop.from_torch(t.state_dict(), "linear")
+
+
+class _WithNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.BatchNorm(use_running_average=True, name="bn")(nn.Dense(4, name="fc")(x))
+
+
+def test_batchnorm_keys_say_how_to_map_them(torch):
+  t = torch.nn.Module()
+  t.fc, t.bn = torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)
+  result = interop.load_torch_state_dict(
+    t.state_dict(), _WithNorm(), inputs=jnp.ones((2, 3)), strict=False
+  )
+  assert (
+    "Flax BatchNorm, which is no linear, conv or embedding layer" in result.unused_keys["bn.weight"]
+  )
+  assert "map a BatchNorm by hand" in result.unused_keys["bn.running_mean"]
