@@ -707,7 +707,7 @@ def test_load_reports_unused_and_unmatched(net_variables):
   with pytest.raises(
     ValueError,
     match=r"(?s)3 PyTorch keys unused, 2 Flax variables unmatched.*"
-    r"head.weight: key_map skips it.*enc.bn.running_mean: not a weight.*params/out/kernel",
+    r"head.weight: key_map skips it.*enc.bn.running_mean: a normalization layer.s buffer.*params/out/kernel",
   ):
     interop.load_torch_state_dict(sd, net_variables, {"enc": "block"})
   res = interop.load_torch_state_dict(sd, net_variables, {"enc": "block"}, strict=False)
