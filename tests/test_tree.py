@@ -240,6 +240,8 @@ def test_error_leaf_types_and_shapes():
     ft.spectral_norm_init({"a": {"kernel": jnp.ones(3)}}, jax.random.key(0))
   with pytest.raises(ValueError, match=r"axis 2 is out of range at tree path 'a/kernel'"):
     ft.weight_norm_init({"a": {"kernel": jnp.ones((2, 2))}}, axis=2)
+  with pytest.raises(ValueError, match=r"param at tree path 'a/kernel' is a scalar \(0 dims\)"):
+    ft.weight_norm_init({"a": {"kernel": jnp.ones(())}})
   with pytest.raises(ValueError, match=r"single array"):
     ft.weight_norm_init(jnp.ones((2, 2)), names=lambda p, x: True)
   with pytest.raises(TypeError, match=r"key at spectral_norm_init must be one PRNG key"):
