@@ -255,6 +255,8 @@ def _model_bound(
       reasons[path] = trace.unbounded[path]
       layers[path] = (_effective_norm(sigma, *wrapped), None)
       continue
+    if seen is None and path in trace.idle:  # never runs: no factor
+      continue
     if seen is None:
       reasons[path] = "the model did not call this spectrally normalized layer on these inputs"
       layers[path] = (_effective_norm(sigma, *wrapped), None)
@@ -263,10 +265,12 @@ def _model_bound(
     bound = _guarded(
       reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
-    layers[path] = (norm, None if bound is None else bound**seen.calls)
+    layers[path] = (norm, None if bound is None else _runs_power(bound, seen))
   cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
   skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
   for path, seen in trace.modules.items():
+    if path in trace.idle and not seen.calls:
+      continue
     if path not in trace.unbounded:
       _plain_layer(seen, path, variables, skip, steps, layers, reasons)
     elif _own_variables(variables, path, cols):  # a module without variables adds no factor
@@ -363,7 +367,8 @@ class _Seen(NamedTuple):
   name: str
   options: Any  # flaxnorm._options.SpectralNormOptions (None for a plain layer)
   input_shape: tuple[int, ...]
-  calls: int = 1  # how many times the model calls it
+  calls: int = 1  # how many times the model runs it, at most
+  fewest: int = 1  # and at least, in a chain (a scan's map over slices: once)
   param_shapes: dict[str, tuple[int, ...]] | None = None  # its own params', as it sees them
 
 
@@ -377,6 +382,7 @@ class _Trace(NamedTuple):
   spectral: dict[str, _Seen]
   modules: dict[str, _Seen]
   unbounded: dict[str, str]
+  idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
 
 
 _WHILE = (
@@ -388,12 +394,11 @@ _WHILE = (
 def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple) -> _Trace:
   """Traces ``model.apply`` shape-only; counts how often each module and spectral layer runs.
 
-  A call is counted as often as the traced program runs it
+  A layer is counted as often as the traced program runs it
   (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``.
   """
-  trace = _Trace({}, {}, {})
-  marks = _call_counts.Marks()
-  calls: list[tuple[dict[str, _Seen], str, _Seen, str]] = []  # (table, path, seen, mark)
+  trace = _Trace({}, {}, {}, set())
+  calls: list[tuple[dict[str, _Seen], str, _Seen, str]] = []  # (table, path, seen, module)
   active: list[str] = []  # module paths being called: a nested call on one is the same use
 
   def interceptor(next_fun, args, kwargs, context):
@@ -404,15 +409,17 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
     first = args[0] if args else next(iter(kwargs.values()), None)  # layer(x) or layer(inputs=x)
     shape = tuple(getattr(first, "shape", ())) if context.method_name == "__call__" else None
     _record_module(trace.modules, path, module)
-    if shape is not None:
-      args, kwargs, tag = marks.mark(args, kwargs)
+    if shape is not None:  # runs counted per module path: a nested call is the same run
       for key, spec in _subclass.specs_of(type(module)).items():
-        if spec.method == "spectral_norm":
+        if spec.method == "spectral_norm":  # the wrapped (recursive) clone's call is nested
           for name in _spectral_names(key, spec, module, variables):
-            seen = _Seen(module, name, spec.options, shape, 1)
-            calls.append((trace.spectral, _join(path, name), seen, tag))
+            seen = _Seen(module, name, spec.options, shape)
+            calls.append((trace.spectral, _join(path, name), seen, path))
       if path not in active:
-        calls.append((trace.modules, path, _Seen(module, "", None, shape, 1), tag))
+        args, kwargs = _call_counts.mark(args, kwargs, path)
+        calls.append((trace.modules, path, _Seen(module, "", None, shape), path))
+    if context.method_name != "__call__":  # a lifted transform's function run as its method
+      return next_fun(*args, **kwargs)
     active.append(path)
     try:
       return next_fun(*args, **kwargs)
@@ -424,13 +431,20 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
       return model.apply(variables, *inputs)
 
   runs = _call_counts.runs(jax.make_jaxpr(run)(dict(variables)).jaxpr)
-  for table, path, seen, tag in calls:
-    n = runs.get(tag, 0.0)
-    if n == math.inf:
+  for table, path, seen, module in calls:
+    fewest, most = runs.get(module, (0.0, 0.0))
+    if most == math.inf:
       trace.unbounded[path] = _WHILE
-    elif n:
-      _count(table, path, seen._replace(calls=int(n)))
+    elif most:
+      _count(table, path, seen._replace(calls=int(most), fewest=int(fewest)))
+    else:
+      trace.idle.add(path)
   return trace
+
+
+def _runs_power(bound: float, seen: _Seen) -> float:
+  """``bound`` to the power of the layer's runs: the most when ``>= 1``, else the fewest."""
+  return bound ** (seen.calls if bound >= 1 else seen.fewest)
 
 
 def _spectral_names(key: Any, spec: Any, module: nn.Module, variables: Mapping) -> list[str]:
@@ -446,17 +460,20 @@ def _join(path: str, name: str) -> str:
 
 
 def _count(seen: dict[str, _Seen], path: str, new: _Seen) -> None:
-  """Records ``new.calls`` runs of the layer at ``path`` on an input of ``new.input_shape``."""
+  """Records a call of the layer at ``path`` on ``new.input_shape``; it runs ``new.calls`` times."""
   old = seen.get(path)
   if old is None or not old.calls:
-    seen[path] = new if old is None else old._replace(input_shape=new.input_shape, calls=new.calls)
+    seen[path] = (
+      new
+      if old is None
+      else old._replace(input_shape=new.input_shape, calls=new.calls, fewest=new.fewest)
+    )
   elif old.input_shape != new.input_shape:  # a conv's bound depends on its input size
     raise ValueError(
       f"{_AT}: the model calls '{path}' on inputs of shapes {old.input_shape} and "
       f"{new.input_shape}; a certificate covers one size per layer."
     )
-  else:
-    seen[path] = old._replace(calls=old.calls + new.calls)
+  # else: the same layer's runs, counted already
 
 
 def _record_module(modules: dict[str, _Seen], path: str, module: nn.Module) -> None:
@@ -465,8 +482,9 @@ def _record_module(modules: dict[str, _Seen], path: str, module: nn.Module) -> N
   if old is None or _subclass.specs_of(type(module)):  # a wrapped (recursive) clone: its specs
     own = module.variables.get("params", {})
     shapes = {k: tuple(jnp.shape(x)) for k, x in own.items() if not isinstance(x, Mapping)}
-    calls = (old.calls, old.input_shape) if old is not None else (0, ())
-    modules[path] = _Seen(module, "", None, calls[1], calls[0], shapes)
+    runs = (old.calls, old.fewest) if old is not None else (0, 0)
+    shape = old.input_shape if old is not None else ()
+    modules[path] = _Seen(module, "", None, shape, *runs, param_shapes=shapes)
 
 
 def _selected(variables: Mapping[str, Any], spec: Any, module: nn.Module) -> list:
@@ -534,7 +552,9 @@ def _plain_layer(
     names = [n for n in names if n not in [f"params/{k}" for k in _KERNELS]]
     params = _node(variables["params"], path)
     at = _join(path, "kernel")
-    bound = _guarded(reasons, at, lambda: _plain_bound(seen, params, path, n_steps) ** seen.calls)
+    bound = _guarded(
+      reasons, at, lambda: _runs_power(_plain_bound(seen, params, path, n_steps), seen)
+    )
     if bound is not None:
       layers[at] = (jnp.asarray(bound, jnp.float32), bound)
   if names:
