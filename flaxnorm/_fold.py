@@ -342,6 +342,11 @@ def remove_spectral_norm(
     )
   params = _copy_mappings(variables["params"])
   entries = spectral_entries(variables[collection], fn)
+  if not entries:  # the params would come back unnormalized, silently
+    raise ValueError(
+      f"{fn}: the '{collection}' collection holds no {{x}}_u/{{x}}_v/{{x}}_sigma state (it is "
+      f"{dict(variables[collection])!r}); pass the variables of the spectrally normalized model."
+    )
   _check_axis_map(axis, {_slash(path) for path, _, _ in entries}, fn)
   for path, name, state in entries:
     node = params

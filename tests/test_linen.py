@@ -994,3 +994,10 @@ def test_instance_called_plain_and_weight_normed_raises(order):
   model = _SharedInstance(order, "weight_norm")
   with pytest.raises(ValueError, match=r"finds a plain 'kernel' param .* wrap the instance once"):
     model.apply(model.init(KEY, x), x)  # init itself raises when the plain call comes first
+
+
+def test_remove_spectral_norm_refuses_an_empty_state():
+  """An empty collection gave the params back unnormalized, silently."""
+  variables = flaxnorm.spectral_norm(nn.Dense(3)).init(jax.random.key(0), jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match=r"the 'spectral' collection holds no \{x\}_u"):
+    flaxnorm.remove_spectral_norm({"params": variables["params"], "spectral": {}})
