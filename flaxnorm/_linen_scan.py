@@ -162,5 +162,8 @@ def not_lifted_error(method: str, at: str, collection: str, lifts: tuple[str, ..
     f"over time (one shared kernel, the state advancing once per apply) "
     f"variable_broadcast=['params', '{collection}']; for stacked layers or an ensemble "
     f"(each its own state) variable_axes={{'params': 0, '{collection}': 0}} with "
-    f"split_rngs={{'params': True, '{collection}': True}}. nn.RNN does the former itself."
+    f"split_rngs={{'params': True, '{collection}': True}}. nn.RNN does the former itself "
+    f"when flaxnorm wraps its cell or the RNN (spectral_norm(cell, recursive=True)); for "
+    f"a cell that wraps its own layers, pass variable_broadcast=['params', '{collection}'] "
+    "to nn.RNN."
   )
