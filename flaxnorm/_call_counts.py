@@ -1,4 +1,4 @@
-"""How many times a traced program runs each marked call: an interval, ``(fewest, most)``.
+"""How many times a traced program runs each marked layer: an interval, ``(fewest, most)``.
 
 A shape-only trace sees a loop's body once (or more, for traces a transform
 throws away), so counting calls while tracing undercounts a layer that
