@@ -74,6 +74,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from scipy.linalg import get_blas_funcs  # scipy: a dependency of jax
 
 from flaxnorm import _checks
@@ -234,6 +235,11 @@ def _block_bounds(blocks: np.ndarray, n_steps: int, floor: float = 0.0) -> tuple
 
 def _check_kernel(w: Any, argname: str, at: str) -> np.ndarray:
   _checks.check_float_array(w, argname, at, complex_ok=False)
+  if isinstance(w, Tracer):
+    raise TypeError(
+      f"{argname} at {at} is traced (under jax.jit, grad or vmap): the bound is computed in "
+      "numpy on concrete values; call it outside the transform."
+    )
   out = np.asarray(w, dtype=np.float64)
   if not np.all(np.isfinite(out)):
     raise ValueError(f"{argname} at {at} must be finite, got NaN or inf entries.")
@@ -303,7 +309,8 @@ def matrix_norm_bound(w: Any, *, axis: Axis = -1, n_steps: int = DEFAULT_GRAM_ST
   n_steps = check_steps(n_steps, at)
   if w.size == 0:
     return 0.0
-  upper, _ = _block_bounds(matrix_of(w, kept)[None], n_steps)
+  with np.errstate(over="ignore"):  # beyond float64: inf, as conv_norm_bound
+    upper, _ = _block_bounds(matrix_of(w, kept)[None], n_steps)
   return float(upper[0])
 
 

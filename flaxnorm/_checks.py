@@ -364,6 +364,8 @@ def check_shape(shape: Any, argname: str, at: str = "") -> tuple[int, ...] | Non
   if shape is None:
     return None
   items = tuple(shape) if isinstance(shape, (tuple, list)) else None
-  if not items or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in items):
+  if items is None or any(isinstance(d, bool) or not isinstance(d, int) for d in items):
     raise TypeError(f"{argname} must be a tuple of positive ints{_at(at)}, got {shape!r}.")
+  if not items or any(d < 1 for d in items):  # the right type, a wrong value
+    raise ValueError(f"{argname} must be a tuple of positive ints{_at(at)}, got {shape!r}.")
   return items

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -432,3 +434,12 @@ def test_estimate_is_nonnegative_for_a_negative_stored_sigma():
   variables = layer.init(jax.random.key(0), x)
   variables["spectral"]["kernel_sigma"] = -jnp.abs(variables["spectral"]["kernel_sigma"])
   assert float(flaxnorm.lipschitz_bound(variables).estimate) == pytest.approx(1.0)
+
+
+def test_bounds_refuse_traced_kernels_and_stay_quiet_at_overflow():
+  """Under jit it was JAX's TracerArrayConversionError; near 1e308 numpy warned."""
+  with pytest.raises(TypeError, match=r"w at matrix_norm_bound is traced .*outside"):
+    jax.jit(flaxnorm.matrix_norm_bound)(jnp.ones((2, 2)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert flaxnorm.matrix_norm_bound(np.full((4, 4), 1e308)) == math.inf

@@ -318,6 +318,8 @@ def test_nnx_operator_errors():
     fnx.spectral_norm(conv(), operator=True, input_shape=(6, 6, 5))
   with pytest.raises(TypeError, match="input_shape must be a tuple of positive ints"):
     fnx.spectral_norm(conv(), operator=True, input_shape=6)
+  with pytest.raises(ValueError, match=r"input_shape must be a tuple of positive ints.*-6"):
+    fnx.spectral_norm(conv(), operator=True, input_shape=(6, -6, 3))
   layer = fnx.spectral_norm(conv(), operator=True, input_shape=(6, 6, 3))
   with pytest.raises(ValueError, match=r"per-example shape \(6, 6, 3\).*per-example shape \(8, 8, 3\)"):  # fmt: skip
     layer(jnp.ones((1, 8, 8, 3)))
