@@ -220,6 +220,12 @@ def _check_pair(g: Any, v: Any, path: Path, keys: Sequence[str]) -> None:
   at = f"tree path '{_select.path_str(path)}'"
   _checks.check_float_array(g, keys[0], at, complex_ok=False)
   _checks.check_float_array(v, keys[1], at)
+  if g.ndim and g.ndim != v.ndim:  # no layout: the reduced axes are read from g's sizes
+    raise ValueError(
+      f"weight_norm_apply: {keys[0]} at {at} has shape {g.shape}: it must have {keys[1]}'s "
+      f"rank ({v.ndim}, shape {v.shape}) with size 1 on the reduced axes, or be a scalar "
+      "(axis=None). A stack of pairs made under jax.vmap is composed under jax.vmap too."
+    )
   kept = None if not g.shape else tuple(i for i, n in enumerate(g.shape) if n != 1)
   _checks.check_g_fits(g.shape, v.shape, kept, keys[0], at)
 

@@ -400,3 +400,11 @@ def test_state_of_a_non_finite_weight_is_finite(bad):
   assert float(state["d"]["kernel_sigma"]) == 0.0
   st = flaxnorm.spectral_state_init(jax.random.key(1), w)
   assert float(st.sigma) == 0.0 and bool(jnp.isfinite(st.u).all() & jnp.isfinite(st.v).all())
+
+
+def test_error_g_of_another_rank_says_what_g_must_be():
+  """It said 'expected (4, 1)', a shape guessed from the bad g."""
+  with pytest.raises(
+    ValueError, match=r"kernel_g at tree path 'd/kernel' has shape \(3,\): it must have"
+  ):
+    ft.weight_norm_apply({"d": {"kernel_g": jnp.ones(3), "kernel_v": jnp.ones((4, 3))}})
