@@ -20,6 +20,11 @@ layer's *effective* count in a chain:
 - ``cond`` runs one branch: the minimum and maximum over the branches of the
   layer's runs in each;
 - ``jit``, ``remat`` and custom-derivative calls run once.
+
+Only a chain is bounded so: a scan that feeds a layer's output back through its
+carry *and* emits every step (an RNN returning its whole sequence) stacks
+``b, b^2, ..., b^L`` side by side, which neither power bounds (a precondition of
+``lipschitz_bound``, as other parallel branches are).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from jax.extend import core as jex_core
 _PREFIX = "flaxnorm_call_"
 
 
-def mark(args: tuple, kwargs: dict, layer: str) -> tuple[tuple, dict]:
+def mark(
+  args: tuple[Any, ...], kwargs: dict[str, Any], layer: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
   """``(args, kwargs)`` of one run of ``layer``, the first argument marked if it is an array.
 
   Containers are left as they are (rebuilding a dict would reorder it);
@@ -54,12 +61,13 @@ def mark(args: tuple, kwargs: dict, layer: str) -> tuple[tuple, dict]:
 Runs = tuple[float, float]  # (fewest, most) times a mark runs
 
 
-def runs(jaxpr: Any) -> dict[str, Runs]:
+def runs(jaxpr: jex_core.Jaxpr) -> dict[str, Runs]:
   """``{layer: (fewest, most) runs}`` in ``jaxpr`` (a ``Jaxpr``); ``most`` is inf in a loop."""
   return {t[len(_PREFIX) :]: n for t, n in _walk(jaxpr).items()}
 
 
-def _walk(jaxpr: Any) -> dict[str, Runs]:
+def _walk(jaxpr: jex_core.Jaxpr) -> dict[str, Runs]:
+  """``{mark: (fewest, most)}`` for one run of ``jaxpr``, its sub-jaxprs included."""
   out: dict[str, Runs] = {}
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -87,10 +95,12 @@ def _walk(jaxpr: Any) -> dict[str, Runs]:
 
 
 def _one_of(counts: list[Runs]) -> Runs:
+  """The runs of one of several alternatives (``cond`` branches)."""
   return min(lo for lo, _ in counts), max(hi for _, hi in counts)
 
 
 def _add(out: dict[str, Runs], more: dict[str, Runs]) -> None:
+  """Adds ``more``'s runs, one after the other, to ``out`` (in place)."""
   for t, (lo, hi) in more.items():
     old_lo, old_hi = out.get(t, (0.0, 0.0))
     out[t] = (old_lo + lo, old_hi + hi)

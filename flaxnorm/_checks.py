@@ -164,10 +164,7 @@ def normalize_axes(axis: Axis, ndim: int, at: str = "") -> tuple[int, ...]:
     return ()
   items = (axis,) if isinstance(axis, int) else tuple(axis)
   if ndim == 0 and items:
-    raise ValueError(
-      f"the param{_at(at)} is a scalar (0 dims): it has no axis {items[0]} to keep; "
-      "select weights with at least 1 dim."
-    )
+    raise ValueError(f"the array{_at(at)} is a scalar (0 dims): it has no axis {items[0]}.")
   for a in items:
     if not -ndim <= a < ndim:
       raise ValueError(

@@ -387,13 +387,27 @@ def plan_spectral_norm(
     swap_class(module, all_specs)
     for name, state in states.items():
       for attr, value, meta in zip(specs[name].attrs(name), state, metas[name]):
-        # Sharded as its metadata says where NNX shards eagerly, as kernel_g is (an
-        # Explicit mesh requires the array's sharding to match its names).
-        setattr(module, attr, SpectralStateVar(value, **meta))
+        setattr(module, attr, _state_variable(value, meta))
     if not has_flag:
       setattr(module, FLAG, False)  # starts in training mode, like nnx.BatchNorm
 
   return commit
+
+
+def _state_variable(value: jax.Array, meta: dict[str, Any]) -> SpectralStateVar:
+  """A state Variable with its sharding names, sharded by them where there is a mesh.
+
+  Under a mesh (the context's, or the kernel's own) NNX shards it eagerly, as it does
+  ``kernel_g``: an ``Explicit`` mesh requires an array's sharding to match its names.
+  Without one (a layer made under a mesh, wrapped outside it) the names are metadata
+  only, as Linen's boxes, for ``nnx.get_partition_spec``.
+  """
+  if meta and ("mesh" in meta or not jax.sharding.get_abstract_mesh().empty):
+    return SpectralStateVar(value, **meta)
+  var = SpectralStateVar(value)
+  if meta:
+    var.set_metadata(**meta)
+  return var
 
 
 def offset(source: Callable[[int], jax.Array], start: int) -> Callable[[int], jax.Array]:

@@ -95,13 +95,7 @@ def operator_power_iteration(
   v = jax.lax.stop_gradient(jnp.asarray(v, dtype))
   if not n_steps:  # unit vectors give sigma (a zero one, 0)
     u, v = (_power.start_vector(x, eps, restart=False) for x in (u, v))
-  try:  # a layer computing in bfloat16 takes a bfloat16 ``u``
-    out, transpose = jax.vjp(apply, v)
-  except (TypeError, ValueError) as e:  # most often: v is not apply's input shape
-    raise ValueError(
-      f"operator_power_iteration: apply(v) failed for v of shape {v.shape} (v must have "
-      f"apply's input shape): {type(e).__name__}: {e}"
-    ) from e
+  out, transpose = jax.vjp(apply, v)  # a layer computing in bfloat16 takes a bfloat16 ``u``
   if not isinstance(out, jax.Array):
     raise TypeError(
       f"operator_power_iteration: apply must return one array (u's shape), got "
@@ -234,7 +228,7 @@ def init_state(
   u, v, sigma = operator_power_iteration(
     apply, u, v, n_steps=options.n_init_iterations, eps=options.eps
   )
-  return _power.SpectralState(u, v, _power.finite_or_zero(sigma))
+  return _power.SpectralState(u, v, sigma)
 
 
 def iterate(

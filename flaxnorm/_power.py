@@ -337,7 +337,9 @@ def spectral_state_init(
     A :class:`SpectralState` with ``u`` of shape ``(m,)``, ``v`` of ``(n,)`` and
     ``sigma`` of ``()``, all float32 at least; ``u`` and ``v`` of the kernel's
     complex dtype for a complex kernel, ``sigma`` real. A non-finite ``w``
-    gives a finite state: the normalized random start and ``sigma = 0``.
+    keeps ``u`` and ``v`` at their normalized random start and gives a NaN
+    ``sigma``: loud where evaluation divides by it (operator mode), and
+    replaced by the first finite one in training.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxnorm
@@ -357,13 +359,7 @@ def spectral_state_init(
   u = l2_normalize(jax.random.normal(ku, (m,), dtype), eps=eps)
   v = l2_normalize(jax.random.normal(kv, (n,), dtype), eps=eps)
   u, v, sigma = power_iteration(mat, u, v=v, n_steps=n_steps, eps=eps)
-  return SpectralState(u, v, jax.lax.stop_gradient(finite_or_zero(sigma)))
-
-
-def finite_or_zero(sigma: Array) -> Array:
-  """``sigma``, or 0 (no estimate) where it is not finite: a state made from a
-  non-finite weight stays finite (``u`` and ``v`` keep their start)."""
-  return jnp.where(jnp.isfinite(sigma), sigma, jnp.zeros_like(sigma))
+  return SpectralState(u, v, jax.lax.stop_gradient(sigma))
 
 
 def scale_by_sigma(

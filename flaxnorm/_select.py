@@ -83,8 +83,10 @@ def is_array(x: Any) -> bool:
   return x is not None and not is_box(x) and is_leaf(x) and hasattr(x, "dtype")
 
 
-def leaves(tree: Any) -> list[tuple[Path, Any]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+def leaves(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[Path, Any]]:
+  """``(path, leaf)`` pairs; boxes are leaves, and so is whatever ``is_leaf`` accepts."""
+  stop = is_box if is_leaf is None else (lambda x: is_box(x) or is_leaf(x))
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)
   return [(tuple(key(k) for k in p), x) for p, x in flat]
 
 

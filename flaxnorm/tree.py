@@ -90,12 +90,9 @@ class WeightNormParam(NamedTuple):
 
 
 def _check_plain(params: Any, fn: str) -> None:
-  """Raises for an NNX state or a tree of ``nnx.Variable``: this face takes arrays."""
-  found = isinstance(params, nnx.State) or any(
-    isinstance(x, nnx.Variable)
-    for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  )
-  if found:
+  """Raises for a tree of ``nnx.Variable`` (an ``nnx.State``): this face takes arrays."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  if any(map(is_variable, jax.tree.leaves(params, is_leaf=is_variable))):
     raise TypeError(
       f"{fn}: params holds nnx.Variable leaves (an nnx.State?); flaxnorm.tree takes a "
       "pytree of arrays. Wrap the NNX module with flaxnorm.nnx instead, or pass "
@@ -273,11 +270,7 @@ _MADE = {
 def _check_not_normalized(params: Any, select: _select.Selection, fn: str) -> None:
   """Raises if ``select`` picks a leaf flaxnorm made (normalizing it again would be silent)."""
   made = _made_by_flaxnorm(params)
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-    params, is_leaf=lambda x: isinstance(x, WeightNormParam)
-  )
-  for path, x in flat:  # a WeightNormParam selected by its name
-    p = tuple(_select.key(k) for k in path)
+  for p, x in _select.leaves(params, is_leaf=lambda x: isinstance(x, WeightNormParam)):
     if isinstance(x, WeightNormParam) and select.names and p and p[-1] in select.names:
       raise ValueError(
         f"{fn}: the node at tree path '{_select.path_str(p)}' is a WeightNormParam{_WN_MADE}."

@@ -475,3 +475,18 @@ def test_nnx_explicit_mesh_state_is_sharded_as_its_names():
   with nnx.use_eager_sharding(False):
     reference = _nnx_model()
   _assert_trees_close(y, reference(X))
+
+
+def test_nnx_layer_made_under_a_mesh_wraps_outside_it():
+  """Shards eagerly only where there is a mesh: outside one it raised Flax's 'An auto mesh
+  context or metadata is required' (weight norm wrapped there)."""
+  from flax import nnx
+
+  import flaxnorm.nnx as fnx
+
+  init = nnx.with_partitioning(LECUN, (None, "model"))
+  with jax.set_mesh(_mesh((4, 2), ("data", "model"))):
+    layers = [nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(i)) for i in range(2)]
+  fnx.weight_norm(layers[0])
+  sn = fnx.spectral_norm(layers[1])
+  assert sn.kernel_u.get_metadata("out_sharding", None) == ("model",)
