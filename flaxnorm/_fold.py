@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
@@ -122,6 +123,22 @@ def remove_weight_norm(variables: Mapping[str, Any], *, eps: float = 1e-12) -> d
   if isinstance(variables.get("params"), Mapping):
     return {**variables, "params": _fold_wn(variables["params"], eps, ())}
   return _fold_wn(variables, eps, ())
+
+
+def some_spectral_entries(
+  state: Mapping[str, Any], fn: str, what: str, hint: str
+) -> list[tuple[tuple[str, ...], str, tuple[Any, Any, Any]]]:
+  """:func:`spectral_entries`, raising if there are none (nothing would be normalized).
+
+  ``what`` names the state in the message (``"the state"``); ``hint`` says what to pass.
+  """
+  entries = spectral_entries(state, fn)
+  if not entries:
+    raise ValueError(
+      f"{fn}: {what} holds no {{x}}_u/{{x}}_v/{{x}}_sigma state (got "
+      f"{jax.tree.map(jnp.shape, dict(state))}); {hint}."
+    )
+  return entries
 
 
 def spectral_entries(
@@ -341,12 +358,12 @@ def remove_spectral_norm(
       f"{fn}: variables need 'params' and '{collection}' collections, found {sorted(variables)}."
     )
   params = _copy_mappings(variables["params"])
-  entries = spectral_entries(variables[collection], fn)
-  if not entries:  # the params would come back unnormalized, silently
-    raise ValueError(
-      f"{fn}: the '{collection}' collection holds no {{x}}_u/{{x}}_v/{{x}}_sigma state (it is "
-      f"{dict(variables[collection])!r}); pass the variables of the spectrally normalized model."
-    )
+  entries = some_spectral_entries(
+    variables[collection],
+    fn,
+    f"the '{collection}' collection",
+    "pass the variables of the spectrally normalized model",
+  )
   _check_axis_map(axis, {_slash(path) for path, _, _ in entries}, fn)
   for path, name, state in entries:
     node = params

@@ -37,7 +37,8 @@ DEFAULT_N_INIT_ITERATIONS = 200
 
 For a 1024x1024 Gaussian kernel, PyTorch's 15 start-up iterations leave sigma
 1.4-3.1% below its SVD value; 100 leave up to 0.8% and 200 up to 0.21% (three
-sets of six seeds: the worst case depends on the draw). They run once, inside a ``fori_loop``, so they add nothing to compile time.
+sets of six seeds: the worst case depends on the draw). They run once, inside a
+``fori_loop``, so they add nothing to compile time.
 """
 
 

@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 
@@ -521,7 +520,8 @@ def _spectral_norm_apply(
   leaves = {tuple(str(k) for k in p): x for p, x in _select.leaves(params)}
   normalized: dict[Path, Any] = {}
   new_state: dict[Path, Any] = {}
-  for layer, name, (u, v, sigma) in _fold.spectral_entries(state, fn):
+  hint = "pass the state from spectral_norm_init (or a Linen 'spectral' collection)"
+  for layer, name, (u, v, sigma) in _fold.some_spectral_entries(state, fn, "the state", hint):
     path = tuple(map(str, (*layer, name)))  # int keys too (nnx.Sequential state)
     w = leaves.get(path)
     if w is None:
@@ -548,12 +548,6 @@ def _spectral_norm_apply(
       eps=options.eps,
       mode=options.mode,
       target=options.target,
-    )
-  if not normalized:
-    raise ValueError(
-      f"{fn}: the state holds no {{x}}_u/{{x}}_v/{{x}}_sigma entries (got "
-      f"{jax.tree.map(jnp.shape, dict(state))}); pass the state from spectral_norm_init "
-      "(or a Linen 'spectral' collection)."
     )
   out = jax.tree_util.tree_map_with_path(
     lambda p, x: normalized.get(tuple(str(_select.key(k)) for k in p), x),
