@@ -21,16 +21,20 @@ layer's *effective* count in a chain:
   layer's runs in each;
 - ``jit``, ``remat`` and custom-derivative calls run once.
 
-Only a chain is bounded so: a scan that feeds a layer's output back through its
-carry *and* emits every step (an RNN returning its whole sequence) stacks
-``b, b^2, ..., b^L`` side by side, which neither power bounds (a precondition of
-``lipschitz_bound``, as other parallel branches are).
+Only a chain is bounded so. The walk also follows which values depend on the
+model's inputs (forward) and which outputs are used (backward), to find what is
+no chain whatever the layers' bounds (:class:`Counts`' ``unchained``): a branch
+or trip count picked from the inputs, and a scan that feeds its carry through
+the steps *and* whose per-step outputs made from it are used (an RNN returning
+its whole sequence stacks ``b, b^2, ..., b^L`` side by side, which neither power
+bounds). A run on a constant argument counts among the most runs only.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +50,8 @@ def mark(
   """``(args, kwargs)`` of one run of ``layer``, the first argument marked if it is an array.
 
   Containers are left as they are (rebuilding a dict would reorder it);
-  otherwise a marked scalar stands in (unused: a jaxpr keeps it).
+  otherwise a marked constant stands in (unused: a jaxpr keeps it), a run on no
+  input (no layer Flax runs on a container is certified, so no bound is looser).
   """
   tag = _PREFIX + layer
   if args and isinstance(args[0], jax.Array):
@@ -61,37 +66,176 @@ def mark(
 Runs = tuple[float, float]  # (fewest, most) times a mark runs
 
 
-def runs(jaxpr: jex_core.Jaxpr) -> dict[str, Runs]:
-  """``{layer: (fewest, most) runs}`` in ``jaxpr`` (a ``Jaxpr``); ``most`` is inf in a loop."""
-  return {t[len(_PREFIX) :]: n for t, n in _walk(jaxpr).items()}
+class Counts(NamedTuple):
+  """What :func:`runs` reads from a jaxpr.
+
+  ``runs``: ``{layer: (fewest, most)}``; ``most`` is inf in a loop. A run on
+  an argument that does not depend on the inputs (a constant) counts among the
+  most, not the fewest: it adds no factor to a chain.
+  ``unchained``: what makes the program no chain of its layers, whatever their
+  bounds: ``"cond"`` or ``"while"`` whose branch or trip count depends on the
+  inputs (what it computes can jump there), ``"scan"`` whose carry depends on
+  the inputs and whose per-step outputs, made from the carry, are used (steps
+  side by side, ``b, b^2, ..., b^L``).
+  """
+
+  runs: dict[str, Runs]
+  unchained: frozenset[str]
 
 
-def _walk(jaxpr: jex_core.Jaxpr) -> dict[str, Runs]:
-  """``{mark: (fewest, most)}`` for one run of ``jaxpr``, its sub-jaxprs included."""
-  out: dict[str, Runs] = {}
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "name" and str(eqn.params.get("name", "")).startswith(_PREFIX):
-      _add(out, {eqn.params["name"]: (1.0, 1.0)})
-      continue
-    subs = [_walk(sub) for sub in jex_core.jaxprs_in_params(eqn.params)]
-    if name == "cond":  # one branch runs
-      tags = set().union(*subs)
-      _add(out, {t: _one_of([sub.get(t, (0.0, 0.0)) for sub in subs]) for t in tags})
-    elif name == "scan":
-      length = eqn.params["length"]
-      for sub in subs:
-        _add(
-          out,
-          {t: (lo * min(length, 1), hi * length if length else 0.0) for t, (lo, hi) in sub.items()},
-        )
-    elif name == "while":
-      for sub in subs:
-        _add(out, {t: (0.0, math.inf) for t in sub})
-    else:
-      for sub in subs:
-        _add(out, sub)
-  return out
+def runs(jaxpr: jex_core.Jaxpr, dependent: Sequence[bool]) -> Counts:
+  """The :class:`Counts` of ``jaxpr``, whose ``invars`` depend on the inputs where ``dependent``."""
+  live: dict[int, list[bool]] = {}
+  _liveness(jaxpr, [True] * len(jaxpr.outvars), live)
+  walk = _Walk(live)
+  walk.run(jaxpr, list(dependent))
+  counts = {t[len(_PREFIX) :]: n for t, n in walk.out.items()}
+  return Counts(counts, frozenset(walk.unchained))
+
+
+def _liveness(jaxpr: jex_core.Jaxpr, outs: list[bool], live: dict[int, list[bool]]) -> list[bool]:
+  """Which of ``jaxpr``'s inputs its used outputs (``outs``) read.
+
+  Records in ``live`` each equation's used outputs (by ``id``; a jaxpr shared
+  by several calls gets the union).
+  """
+  used = {v for v, o in zip(jaxpr.outvars, outs, strict=True) if o and _is_var(v)}
+  for eqn in reversed(jaxpr.eqns):
+    eqn_outs = [v in used for v in eqn.outvars]
+    eqn_outs = [a or b for a, b in zip(eqn_outs, live.get(id(eqn), eqn_outs), strict=True)]
+    live[id(eqn)] = eqn_outs
+    if any(eqn_outs):
+      reads = _eqn_liveness(eqn, eqn_outs, live)
+      used.update(v for v, r in zip(eqn.invars, reads, strict=True) if r and _is_var(v))
+  return [v in used for v in jaxpr.invars]
+
+
+def _eqn_liveness(
+  eqn: jex_core.JaxprEqn, outs: list[bool], live: dict[int, list[bool]]
+) -> list[bool]:
+  """Which of ``eqn``'s inputs its used outputs read (all, where unsure)."""
+  params, n_in = eqn.params, len(eqn.invars)
+  if eqn.primitive.name == "scan":
+    body, n_consts, n_carry = params["jaxpr"].jaxpr, params["num_consts"], params["num_carry"]
+    carry = outs[:n_carry]
+    while True:  # a carry is used if the next step's used outputs read it
+      reads = _liveness(body, carry + outs[n_carry:], live)
+      more = [c or r for c, r in zip(carry, reads[n_consts : n_consts + n_carry], strict=True)]
+      if more == carry:
+        return reads
+      carry = more
+  if eqn.primitive.name == "cond":
+    branches = [_liveness(b.jaxpr, outs, live) for b in params["branches"]]
+    return [True, *(any(r) for r in zip(*branches, strict=True))]
+  subs = list(jex_core.jaxprs_in_params(params))
+  if len(subs) == 1 and len(subs[0].invars) == n_in and len(subs[0].outvars) == len(outs):
+    return _liveness(subs[0], outs, live)  # jit, remat, custom derivatives
+  for sub in subs:  # while, and anything else: every output used
+    _liveness(sub, [True] * len(sub.outvars), live)
+  return [True] * n_in
+
+
+def _is_var(v: Any) -> bool:
+  return not isinstance(v, jex_core.Literal)
+
+
+class _Walk:
+  """One pass over a jaxpr: each mark's runs, and which values depend on the inputs."""
+
+  def __init__(self, live: dict[int, list[bool]]) -> None:
+    self.live = live  # each equation's used outputs, from _liveness
+    self.out: dict[str, Runs] = {}
+    self.unchained: set[str] = set()
+
+  def run(self, jaxpr: jex_core.Jaxpr, dependent: list[bool]) -> list[bool]:
+    """Adds one run of ``jaxpr`` to ``out``; returns which of its outputs depend on the inputs."""
+    deps: dict[Any, bool] = dict(zip(jaxpr.invars, dependent, strict=True))
+
+    def dep(v: Any) -> bool:
+      return _is_var(v) and deps.get(v, False)
+
+    for eqn in jaxpr.eqns:
+      ins = [dep(v) for v in eqn.invars]
+      outs = self._eqn(eqn, ins)
+      deps.update(zip(eqn.outvars, outs, strict=True))
+    return [dep(v) for v in jaxpr.outvars]
+
+  def _eqn(self, eqn: jex_core.JaxprEqn, ins: list[bool]) -> list[bool]:
+    """Walks one equation; returns which of its outputs depend on the inputs."""
+    name, params = eqn.primitive.name, eqn.params
+    if name == "name" and str(params.get("name", "")).startswith(_PREFIX):
+      _add(self.out, {params["name"]: (1.0 if ins[0] else 0.0, 1.0)})
+      return ins
+    if name == "cond":  # one branch runs, chosen by the first operand
+      return self._cond(params["branches"], ins)
+    if name == "scan":
+      return self._scan(eqn, ins)
+    if name == "while":
+      return self._while(params, ins)
+    subs = list(jex_core.jaxprs_in_params(params))
+    outs = [any(ins)] * len(eqn.outvars)
+    for sub in subs:  # jit, remat, custom derivatives: once, arguments in order
+      sub_ins = ins if len(sub.invars) == len(ins) else [any(ins)] * len(sub.invars)
+      sub_outs = self.run(sub, sub_ins)
+      if len(subs) == 1 and len(sub_outs) == len(outs):
+        outs = sub_outs
+    return outs
+
+  def _nested(self, jaxpr: jex_core.Jaxpr, ins: list[bool]) -> tuple[dict[str, Runs], list[bool]]:
+    """One run of ``jaxpr``'s marks, apart from ``out``, and its outputs' dependence."""
+    outer, self.out = self.out, {}
+    try:
+      outs = self.run(jaxpr, ins)
+      return self.out, outs
+    finally:
+      self.out = outer
+
+  def _cond(self, branches: Sequence[Any], ins: list[bool]) -> list[bool]:
+    index, ops = ins[0], ins[1:]
+    if index:
+      self.unchained.add("cond")
+    walked = [self._nested(b.jaxpr, ops) for b in branches]
+    tags = set().union(*(w for w, _ in walked))
+    _add(self.out, {t: _one_of([w.get(t, (0.0, 0.0)) for w, _ in walked]) for t in tags})
+    return [index or any(o) for o in zip(*(outs for _, outs in walked), strict=True)]
+
+  def _loop(self, body: jex_core.Jaxpr, consts: list[bool], carry: list[bool], rest: list[bool]):
+    """Walks a loop body until its carry's dependence is settled: ``(marks, outputs, carry)``."""
+    while True:
+      marks, outs = self._nested(body, consts + carry + rest)
+      more = [c or o for c, o in zip(carry, outs[: len(carry)], strict=True)]
+      if more == carry:
+        return marks, outs, carry
+      carry = more
+
+  def _scan(self, eqn: jex_core.JaxprEqn, ins: list[bool]) -> list[bool]:
+    params = eqn.params
+    n_consts, n_carry, length = params["num_consts"], params["num_carry"], params["length"]
+    body, consts, carry = params["jaxpr"].jaxpr, ins[:n_consts], ins[n_consts : n_consts + n_carry]
+    xs = ins[n_consts + n_carry :]
+    marks, outs, carry = self._loop(body, consts, carry, xs)
+    scaled = {
+      t: (lo * min(length, 1), hi * length if length else 0.0) for t, (lo, hi) in marks.items()
+    }
+    _add(self.out, scaled)
+    if length > 1 and any(carry):  # the steps' outputs made from the carry: used?
+      _, via_carry, _ = self._loop(body, [False] * n_consts, carry, [False] * len(xs))
+      used = self.live.get(id(eqn), [True] * len(eqn.outvars))[n_carry:]
+      if any(v and u for v, u in zip(via_carry[n_carry:], used, strict=True)):
+        self.unchained.add("scan")
+    return carry + outs[n_carry:]
+
+  def _while(self, params: Mapping[str, Any], ins: list[bool]) -> list[bool]:
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts = ins[:n_cond], ins[n_cond : n_cond + n_body]
+    marks, _, carry = self._loop(
+      params["body_jaxpr"].jaxpr, body_consts, ins[n_cond + n_body :], []
+    )
+    cond_marks, (stop,) = self._nested(params["cond_jaxpr"].jaxpr, cond_consts + carry)
+    if stop:
+      self.unchained.add("while")
+    _add(self.out, {t: (0.0, math.inf) for t in {**marks, **cond_marks}})
+    return [c or stop for c in carry]
 
 
 def _one_of(counts: list[Runs]) -> Runs:

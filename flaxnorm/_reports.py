@@ -163,7 +163,10 @@ def lipschitz_bound(
   or ``input_dilation``) makes the product ``None``, with the reason under its
   path in ``reasons``. A layer the model runs ``k`` times (weight tying, or
   an ``nn.scan`` of length ``k``) counts ``k`` times; one in an
-  ``nn.while_loop`` gets a reason; on inputs of different sizes it is refused. Spectral states stacked
+  ``nn.while_loop`` gets a reason; on inputs of different sizes it is refused.
+  A branch or loop trip count picked from the inputs, and a scan whose carry
+  chains and whose every step's output is used (``nn.RNN``'s outputs), get a
+  reason under ``"<top level>"``: such a model is no chain. Spectral states stacked
   by ``nn.scan``/``nn.vmap`` are refused (bound each member's variables); a
   plain stacked layer gets a reason. Layers without variables (activations,
   dropout in evaluation) and what the model computes between layers (skip
@@ -179,8 +182,9 @@ def lipschitz_bound(
       with it, each layer's own).
     mode: the ``mode`` the layers were wrapped with (likewise).
     model: the Linen model the variables belong to, for the certificate.
-    inputs: example inputs of ``model.apply`` (shapes matter, not values);
-      needed with ``model``, refused without it.
+    inputs: example inputs of ``model.apply`` (shapes matter, not values:
+      arrays or ``jax.ShapeDtypeStruct``); needed with ``model``, refused
+      without it.
     n_gram_steps: Gram iterations per layer, 1 to 40 (default
       ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
       Gaussian kernels).
@@ -274,7 +278,10 @@ def _model_bound(
     if path not in trace.unbounded:
       _plain_layer(seen, path, variables, skip, steps, layers, reasons)
     elif _own_variables(variables, path, cols):  # a module without variables adds no factor
-      reasons[path or "<top level>"] = trace.unbounded[path]
+      reasons[path or _TOP] = trace.unbounded[path]
+  if trace.unchained:
+    top = [reasons[_TOP]] if _TOP in reasons else []
+    reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(trace.unchained)])
   estimate = _product([e for e, _ in layers.values()])
   certified = None if reasons else _product([c or 0.0 for _, c in layers.values()], 1.0)
   return LipschitzBound(estimate, certified, layers, reasons)
@@ -383,12 +390,29 @@ class _Trace(NamedTuple):
   modules: dict[str, _Seen]
   unbounded: dict[str, str]
   idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
+  unchained: frozenset[str] = frozenset()  # see _call_counts.Counts
 
 
 _WHILE = (
   "called inside a loop whose trip count is not static (nn.while_loop, lax.while_loop): "
   "how many times it runs, so the bound's power, is unknown"
 )
+
+
+_TOP = "<top level>"
+_JUMP = (
+  " from its inputs: what it computes can jump where the choice changes, and no product "
+  "of layer bounds bounds a jump"
+)
+_UNCHAINED = {  # see flaxnorm._call_counts.Counts
+  "cond": "the model picks a branch (nn.cond, nn.switch, lax.cond)" + _JUMP,
+  "while": "the model picks a loop's trip count (nn.while_loop, lax.while_loop)" + _JUMP,
+  "scan": (
+    "the model uses every step's output of a scan that chains its carry (nn.RNN's "
+    "outputs, nn.scan's ys): the steps stand side by side, b, b², ..., b^L for a layer "
+    "of bound b, which no power of b bounds; return the last carry only"
+  ),
+}
 
 
 def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple) -> _Trace:
@@ -426,13 +450,25 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
     finally:
       active.pop()
 
-  def run(variables):
-    with nn.intercept_methods(interceptor):
-      return model.apply(variables, *inputs)
+  leaves, treedef = jax.tree.flatten(inputs)
+  traced = [
+    i for i, x in enumerate(leaves) if isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+  ]
 
-  runs = _call_counts.runs(jax.make_jaxpr(run)(dict(variables)).jaxpr)
+  def run(variables, arrays):
+    args = list(leaves)
+    for i, x in zip(traced, arrays, strict=True):
+      args[i] = x
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, *jax.tree.unflatten(treedef, args))
+
+  variables = dict(variables)
+  closed = jax.make_jaxpr(run)(variables, [leaves[i] for i in traced])
+  n_vars = len(jax.tree.leaves(variables))
+  counts = _call_counts.runs(closed.jaxpr, [i >= n_vars for i in range(len(closed.jaxpr.invars))])
+  trace = trace._replace(unchained=counts.unchained)
   for table, path, seen, module in calls:
-    fewest, most = runs.get(module, (0.0, 0.0))
+    fewest, most = counts.runs.get(module, (0.0, 0.0))
     if most == math.inf:
       trace.unbounded[path] = _WHILE
     elif most:
@@ -558,7 +594,7 @@ def _plain_layer(
     if bound is not None:
       layers[at] = (jnp.asarray(bound, jnp.float32), bound)
   if names:
-    reasons[path or "<top level>"] = (
+    reasons[path or _TOP] = (
       f"{type(seen.module).__name__} holds {names}, which no certificate covers: only the "
       "kernels of nn.Dense, nn.DenseGeneral and nn.Conv (plain, weight-normed or spectrally "
       "normalized) and their biases are bounded"

@@ -451,3 +451,103 @@ def test_a_scan_of_length_zero_runs_nothing():
   model, x = _Scanned(length=0), jnp.ones((1, 4))
   bound = flaxnorm.lipschitz_bound(_Scanned().init(KEY, x), model=model, inputs=(x,))
   assert bound.reasons == {} and bound.certified == 1.0
+
+
+# ---------------------------------------------------------------- 5. what depends on the inputs
+
+
+class _PickedBranch(nn.Module):
+  """Two 1-Lipschitz branches, picked by the input's sign: the output jumps at 0."""
+
+  steer: str = "inputs"
+
+  @nn.compact
+  def __call__(self, x):
+    d1, d2 = nn.Dense(1, name="d1"), nn.Dense(1, name="d2")
+    pick = x.sum() > 0 if self.steer == "inputs" else d1.variables["params"]["bias"][0] > 0
+    return nn.cond(pick, lambda m, z: d1(z), lambda m, z: d2(z), self, x)
+
+
+def test_a_branch_picked_from_the_inputs_gets_a_reason():
+  """It was certified 1.0, where two inputs 2e-3 apart give outputs 10 apart."""
+  model, x = _PickedBranch(), jnp.ones((1, 2))
+  kernel = jnp.array([[0.5], [0.0]])  # d1(z) = z_0 / 2, d2(z) = z_0 / 2 + 10
+  d1, d2 = {"kernel": kernel, "bias": jnp.zeros(1)}, {"kernel": kernel, "bias": jnp.full(1, 10.0)}
+  variables = {"params": {"d1": d1, "d2": d2}}
+  jump = model.apply(variables, -1e-3 * x) - model.apply(variables, 1e-3 * x)
+  assert float(jump[0, 0]) > 9.0  # inputs 3e-3 apart: a Lipschitz constant > 3000
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.certified is None and list(bound.reasons) == ["<top level>"]
+  assert "picks a branch" in bound.reasons["<top level>"]
+  steered = _PickedBranch(steer="params")  # the same branch for every input: a layer
+  assert _certified(variables, steered, x) >= _jacobian_norm(steered, variables, (2,))
+
+
+class _TripCount(nn.Module):
+  """Adds 1 until the sum reaches 5: each step is 1-Lipschitz, the trip count is not."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.while_loop(lambda m, z: z.sum() < 5.0, lambda m, z: z + 1.0, self, x)
+    return nn.Dense(1, name="d")(x)
+
+
+def test_a_trip_count_from_the_inputs_gets_a_reason():
+  model, x = _TripCount(), jnp.ones((1, 2))
+  bound = flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=(x,))
+  assert bound.certified is None and "loop's trip count" in bound.reasons["<top level>"]
+
+
+class _CalledOnAConstant(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    d = nn.Dense(2, use_bias=False, name="d")
+    return d(x) + d(jnp.ones((1, 2)))  # the second call adds a constant: no factor
+
+
+def test_a_call_on_a_constant_adds_no_factor():
+  """Counted as a second run, a kernel of norm 0.5 was certified 0.25: below its norm."""
+  model, x = _CalledOnAConstant(), jnp.ones((1, 2))
+  variables = {"params": {"d": {"kernel": 0.5 * jnp.eye(2)}}}
+  true = _jacobian_norm(model, variables, (2,))
+  assert true == pytest.approx(0.5)
+  assert true <= _certified(variables, model, x) <= true * 1.001
+
+
+def test_inputs_may_be_shape_dtype_structs():
+  model = nn.Sequential([nn.Conv(3, (3, 3)), nn.relu, flaxnorm.spectral_norm(nn.Dense(2))])
+  x = jnp.ones((1, 6, 6, 2))
+  variables = model.init(KEY, x)
+  spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  assert _certified(variables, model, spec) == _certified(variables, model, x)
+
+
+class _Steps(nn.Module):
+  """A linear RNN: the carry goes through one layer per step."""
+
+  out: str = "steps"
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(
+      lambda m, c, _: (m(c), m(c)),
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      length=4,
+    )
+    last, steps = scan(nn.Dense(3, use_bias=False, name="d"), x, None)
+    return steps if self.out == "steps" else last
+
+
+@pytest.mark.parametrize("out", ["steps", "last"])
+def test_a_scan_returning_every_step_gets_a_reason(out):
+  """Its steps b, b^2, b^3, b^4 stand side by side: certified 1.0 where the norm was 2.0
+  (kernels of norm 1 stacked 4 times); returning the last carry is a chain."""
+  model, x = _Steps(out), jnp.ones((1, 3))
+  variables = {"params": {"d": {"kernel": jnp.eye(3)}}}
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  if out == "steps":
+    assert _jacobian_norm(model, variables, (3,)) == pytest.approx(2.0)
+    assert bound.certified is None and "every step's output" in bound.reasons["<top level>"]
+  else:  # the steps are computed, but only the last carry is returned
+    assert bound.reasons == {} and bound.certified >= _jacobian_norm(model, variables, (3,))
