@@ -217,8 +217,7 @@ def test_conv_bound_is_above_the_layer_norm(name):
   )
   bound = conv_norm_bound(kernel, spatial, **kwargs)
   assert bound >= true
-  strided = kwargs["strides"] != 1
-  if kwargs["padding"] == "CIRCULAR" and not strided:
+  if kwargs["padding"] == "CIRCULAR":  # strided: n % s == 0 here
     assert bound <= 1.01 * true  # the same operator: only Gram's slack
   else:
     assert bound <= 2.5 * true
@@ -245,6 +244,31 @@ def test_zero_padding_bound_is_the_circular_norm_at_the_argued_size():
   assert conv_norm_bound(k1, (10,), padding="CAUSAL") == conv_norm_bound(
     k1, (12,), padding="CIRCULAR"
   )
+
+
+@pytest.mark.parametrize(
+  ("window", "spatial", "strides", "padding", "dilation", "tight"),
+  [
+    ((3, 3), (8, 8), 2, "CIRCULAR", 1, 1e-4),  # the same operator: Gram's slack only
+    ((3, 3), (8, 9), (2, 3), "CIRCULAR", 1, 1e-4),
+    ((3,), (12,), 3, "CIRCULAR", 2, 1e-4),
+    ((2, 2, 2), (4, 4, 4), 2, "CIRCULAR", 1, 1e-4),
+    ((3, 3), (16, 16), 2, "SAME", 1, 0.05),  # the discriminator's layer: was 1.2 to 1.4
+    ((4,), (15,), 2, "VALID", 1, 0.1),
+  ],
+)
+def test_strided_conv_bound_reads_the_input_phases(
+  window, spatial, strides, padding, dilation, tight
+):
+  """A stride-s circular conv is a stride-1 one on N / s over the input's s phases: its
+  norm, not the stride-1 conv's (which the strided outputs only select rows of)."""
+  kernel = _gaussian(len(spatial) + sum(spatial), (*window, 3, 4))
+  kwargs = dict(strides=strides, padding=padding, dilation=dilation)
+  true = _layer_norm(kernel, spatial, **kwargs)
+  bound = conv_norm_bound(
+    kernel, spatial, strides=strides, padding=padding, kernel_dilation=dilation
+  )
+  assert true <= bound <= (1 + tight) * true
 
 
 def test_conv_bound_tightens_with_steps_and_stays_valid():
