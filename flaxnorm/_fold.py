@@ -211,13 +211,21 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   best-aligned view wins when every other is 100x further from aligned (or
   folds to the same kernel); otherwise the caller must give ``axis``.
   """
+  shape, u_size, v_size = np.shape(w), math.prod(np.shape(u)), math.prod(np.shape(v))
+  views = [a for k in range(1, len(shape)) for a in itertools.combinations(range(len(shape)), k)]
+  fits = [a for a in views if math.prod(shape[i] for i in a) == u_size]
+  fits = [a for a in fits if math.prod(shape) // u_size == v_size]
+  if len(fits) == 1:  # from the shapes alone: no values read (jit, eval_shape, sharded)
+    return fits[0]
+  if any(isinstance(x, jax.core.Tracer) for x in (w, u, v)):
+    raise ValueError(
+      f"{at} of shape {tuple(shape)}: several axes fit its stored state ({name}_u "
+      f"{tuple(np.shape(u))}, {name}_v {tuple(np.shape(v))}: candidates {fits}), and under "
+      "jit or eval_shape its values cannot be read to tell which; pass axis=... as given "
+      "to spectral_norm."
+    )
   dtype = np.complex128 if any(np.iscomplexobj(x) for x in (w, u, v)) else np.float64
   w, u, v = (np.asarray(x, dtype) for x in (w, u, v))
-  views = [a for k in range(1, w.ndim) for a in itertools.combinations(range(w.ndim), k)]
-  fits = [a for a in views if math.prod(w.shape[i] for i in a) == u.size]
-  fits = [a for a in fits if w.size // u.size == v.size]
-  if len(fits) == 1:
-    return fits[0]
   scored = {a: _view_fit(w, u, v, a) for a in fits}
   if scored:
     kept = max(scored, key=scored.__getitem__)
@@ -330,7 +338,8 @@ def remove_spectral_norm(
       ``"auto"``. ``"auto"`` (default) reads it from the stored state: the
       leading or trailing kernel axes whose sizes fit ``u`` and ``v`` (for a
       square view, the one along which ``u`` is aligned with ``W v``), and asks
-      for ``axis`` when that is ambiguous.
+      for ``axis`` when that is ambiguous. Only a square view reads values, so
+      under ``jax.jit`` or ``jax.eval_shape`` it needs ``axis``.
     eps: the ``eps`` the layers were wrapped with.
     mode: the ``mode`` the layers were wrapped with.
     target: the ``target`` the layers were wrapped with.

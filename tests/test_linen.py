@@ -1,5 +1,6 @@
 """Tests of the Linen transforms: layout, output preservation, training, removal, errors."""
 
+import functools
 from typing import Any
 
 import chex
@@ -569,6 +570,23 @@ def test_remove_spectral_norm_reads_kept_axes_anywhere_in_the_kernel(make, shape
   chex.assert_trees_all_close(
     make().apply(removed, x), layer.apply(variables, x), rtol=1e-5, atol=1e-6
   )
+
+
+def test_remove_spectral_norm_traces_when_the_shapes_tell_the_axis():
+  """It read every kernel's values first (TracerArrayConversionError under jit and
+  eval_shape; a whole sharded kernel copied to the host), needed only for a square view."""
+  x = _inputs((2, 4))
+  layer = flaxnorm.spectral_norm(nn.Dense(3))
+  variables = layer.init(KEY, x)
+  eager = flaxnorm.remove_spectral_norm(variables)
+  chex.assert_trees_all_close(jax.jit(flaxnorm.remove_spectral_norm)(variables), eager)
+  shapes = jax.eval_shape(flaxnorm.remove_spectral_norm, variables)
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, eager)
+  square = flaxnorm.spectral_norm(nn.Dense(4))
+  variables = square.init(KEY, x)
+  with pytest.raises(ValueError, match=r"under jit or eval_shape .* pass axis=\.\.\."):
+    jax.jit(flaxnorm.remove_spectral_norm)(variables)
+  jax.jit(functools.partial(flaxnorm.remove_spectral_norm, axis=-1))(variables)
 
 
 @pytest.mark.parametrize("axis", [None, -1])
