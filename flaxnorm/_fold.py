@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from jax.core import Tracer
 
 from flaxnorm import _checks, _math, _options, _power
 from flaxnorm._checks import Axis
@@ -217,7 +218,7 @@ def stored_axes(w: Any, u: Any, v: Any, name: str, at: str) -> tuple[int, ...]:
   fits = [a for a in fits if math.prod(shape) // u_size == v_size]
   if len(fits) == 1:  # from the shapes alone: no values read (jit, eval_shape, sharded)
     return fits[0]
-  if any(isinstance(x, jax.core.Tracer) for x in (w, u, v)):
+  if any(isinstance(x, Tracer) for x in (w, u, v)):
     raise ValueError(
       f"{at} of shape {tuple(shape)}: several axes fit its stored state ({name}_u "
       f"{tuple(np.shape(u))}, {name}_v {tuple(np.shape(v))}: candidates {fits}), and under "
