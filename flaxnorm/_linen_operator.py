@@ -89,18 +89,12 @@ class LayerMap:
   def _params(self, w: jax.Array) -> dict[str, Any]:
     """The plain layer's params with kernel ``w``; the others are the layer's own."""
     if self._others is None:
-      args, kwargs = self.rest
-      shapes = jax.eval_shape(self.plain.init, jax.random.key(0), self.example, *args, **kwargs)
-      names = [k for k in shapes.get("params", {}) if k != self.name]
-      have = {
-        k: meta.unbox(self.module.get_variable("params", k))
-        for k in names
-        if self.module.has_variable("params", k)
-      }
-      if len(have) < len(names):  # at init: params the layer creates after the kernel
+      have = dict(self.module.variables.get("params", {}))
+      if self.module.is_initializing():  # params the layer creates after the kernel
+        args, kwargs = self.rest
         made = self.plain.init(jax.random.key(0), self.example, *args, **kwargs)
-        have = {**meta.unbox(made["params"]), **have}
-      self._others = {k: have[k] for k in names}
+        have = {**made["params"], **have}
+      self._others = {k: meta.unbox(x) for k, x in have.items() if k != self.name}
     return {**self._others, self.name: w}
 
   def linear(self, w: jax.Array) -> Callable[[jax.Array], jax.Array]:

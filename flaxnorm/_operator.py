@@ -107,6 +107,8 @@ def operator_power_iteration(
       f"shape {v.shape}, got {u.shape}."
     )
 
+  u = _with_sharding_of(out, u)
+
   def step(_, carry):
     u, v, _ = carry
     # Where u and v are both zero (a zeroed state), v restarts: elementwise in
@@ -115,12 +117,27 @@ def operator_power_iteration(
     v = _power.normalize_or_keep(transpose(u.astype(out.dtype))[0].astype(dtype), keep, eps)
     av = apply(v).astype(dtype)
     u = _power.normalize_or_keep(av, u, eps)
-    return u, v, jnp.vdot(u, av)
+    return u, v, _real_dot(u, av)
 
-  carry = (u, v, jnp.vdot(u, out.astype(dtype)))  # out = A v, from the vjp
+  carry = (u, v, _real_dot(u, out.astype(dtype)))  # out = A v, from the vjp
   if n_steps:
     carry = jax.lax.fori_loop(0, n_steps, step, carry)
   return jax.lax.stop_gradient(carry)
+
+
+def _with_sharding_of(out: jax.Array, u: jax.Array) -> jax.Array:
+  """``u`` resharded as ``out`` where the mesh's axes are explicit (types carry shardings).
+
+  ``u`` is ``A v``'s cotangent and is normalized beside it: on an explicit mesh a
+  stored ``u`` made replicated does not match an ``A v`` sharded like the kernel.
+  """
+  want = jax.typeof(out).sharding.spec
+  return u if jax.typeof(u).sharding.spec == want else jax.sharding.reshard(u, want)
+
+
+def _real_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``<a, b>`` of real arrays, as a sum of products: sharded operands need no ``out_sharding``."""
+  return jnp.sum(a * b)
 
 
 def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], at: str) -> None:
@@ -293,7 +310,7 @@ def _sigma(w: jax.Array, u: jax.Array, v: jax.Array, linear: Linear) -> jax.Arra
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _inner(apply_fn: Callable, w: jax.Array, u: jax.Array, v: jax.Array, *consts) -> jax.Array:
   out, pull = jax.vjp(lambda k: apply_fn(k, v, *consts), w)
-  return jnp.vdot(w, pull(u.astype(out.dtype))[0])
+  return _real_dot(w, pull(_with_sharding_of(out, u.astype(out.dtype)))[0])
 
 
 @_inner.defjvp
@@ -302,7 +319,7 @@ def _inner_jvp(apply_fn, primals, tangents):
   # u, v and the other params carry no gradient: <u, A_dw v>, linear in dw.
   av = apply_fn(tangents[0], v, *consts)
   sigma = _inner(apply_fn, w, u, v, *consts)
-  return sigma, jnp.vdot(u.astype(av.dtype), av).astype(sigma.dtype)
+  return sigma, _real_dot(_with_sharding_of(av, u.astype(av.dtype)), av).astype(sigma.dtype)
 
 
 def _scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:
