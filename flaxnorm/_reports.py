@@ -183,8 +183,8 @@ def lipschitz_bound(
     mode: the ``mode`` the layers were wrapped with (likewise).
     model: the Linen model the variables belong to, for the certificate.
     inputs: example inputs of ``model.apply`` (shapes matter, not values:
-      arrays or ``jax.ShapeDtypeStruct``); needed with ``model``, refused
-      without it.
+      arrays or ``jax.ShapeDtypeStruct``; the bound is over the arrays, Python
+      scalars being held fixed); needed with ``model``, refused without it.
     n_gram_steps: Gram iterations per layer, 1 to 40 (default
       ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
       Gaussian kernels).
@@ -412,6 +412,10 @@ _UNCHAINED = {  # see flaxnorm._call_counts.Counts
     "outputs, nn.scan's ys): the steps stand side by side, b, b², ..., b^L for a layer "
     "of bound b, which no power of b bounds; return the last carry only"
   ),
+  "inputs": (
+    "no input is an array the model can be traced on (Python scalars, and numpy inputs "
+    "the model reads in Python, are held fixed): pass the inputs as JAX arrays"
+  ),
 }
 
 
@@ -419,8 +423,30 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
   """Traces ``model.apply`` shape-only; counts how often each module and spectral layer runs.
 
   A layer is counted as often as the traced program runs it
-  (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``.
+  (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``. The
+  arrays in ``inputs`` (JAX, numpy, ``ShapeDtypeStruct``) are traced: the bound
+  is over them. A model that reads a numpy input's values in Python (a flag, a
+  size) is traced again with the numpy inputs held fixed, as are Python scalars.
   """
+  leaves = jax.tree.leaves(inputs)
+  traced = [i for i, x in enumerate(leaves) if isinstance(x, _ARRAYS)]
+  try:
+    trace = _trace_once(model, variables, inputs, traced)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    jax_only = [i for i in traced if not isinstance(leaves[i], np.ndarray | np.generic)]
+    if jax_only == traced:
+      raise
+    trace, traced = _trace_once(model, variables, inputs, jax_only), jax_only
+  return trace if traced else trace._replace(unchained=trace.unchained | {"inputs"})
+
+
+_ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
+def _trace_once(
+  model: nn.Module, variables: Mapping[str, Any], inputs: tuple, traced: list[int]
+) -> _Trace:
+  """:func:`_trace_layers` with the ``traced`` leaves of ``inputs`` as the traced inputs."""
   trace = _Trace({}, {}, {}, set())
   calls: list[tuple[dict[str, _Seen], str, _Seen, str]] = []  # (table, path, seen, module)
   active: list[str] = []  # module paths being called: a nested call on one is the same use
@@ -451,9 +477,6 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
       active.pop()
 
   leaves, treedef = jax.tree.flatten(inputs)
-  traced = [
-    i for i, x in enumerate(leaves) if isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
-  ]
 
   def run(variables, arrays):
     args = list(leaves)
@@ -713,8 +736,9 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
   if getattr(m, "mask", None) is not None:  # the layer computes with w * mask
     if isinstance(m.mask, Tracer):
       raise _UncertifiedError(
-        "its mask is computed inside the model, so the shape-only trace has no values for it: "
-        "build the mask with numpy (or outside the model) to certify the layer"
+        "its mask is traced (computed inside the model, or passed in through inputs), so the "
+        "shape-only trace has no values for it: build the mask with numpy outside the model "
+        "and give it to the layer as an attribute to certify the layer"
       )
     w = w * np.asarray(m.mask, np.float64)
   if base is nn.Conv:

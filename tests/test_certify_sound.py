@@ -551,3 +551,41 @@ def test_a_scan_returning_every_step_gets_a_reason(out):
     assert bound.certified is None and "every step's output" in bound.reasons["<top level>"]
   else:  # the steps are computed, but only the last carry is returned
     assert bound.reasons == {} and bound.certified >= _jacobian_norm(model, variables, (3,))
+
+
+class _Flagged(nn.Module):
+  @nn.compact
+  def __call__(self, x, flag):
+    return nn.Dense(3, name="d")(x) if flag.any() else x  # reads the flag in Python
+
+
+def test_a_numpy_input_read_in_python_is_held_fixed():
+  """numpy inputs are traced with the others; one the model reads in Python raised
+  TracerBoolConversionError, and is now held fixed (traced again without it)."""
+  model, x, flag = _Flagged(), jnp.ones((1, 3)), np.array([True])
+  variables = model.init(KEY, x, flag)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x, flag))
+  assert bound.reasons == {}
+  assert bound.certified >= _jacobian_norm(nn.Dense(3), {"params": variables["params"]["d"]}, (3,))
+
+
+@pytest.mark.parametrize(
+  "value", [0.5, [0.5], np.float32(0.5)], ids=["float", "list", "np.float32"]
+)
+def test_inputs_that_cannot_be_traced_get_a_reason(value):
+  """A Python scalar is held fixed, so a branch picked from it was not seen: certified 1.0
+  where the output jumps by 10. numpy scalars are traced."""
+
+  class Scalar(nn.Module):
+    @nn.compact
+    def __call__(self, s):
+      x = jnp.reshape(jnp.asarray(s, jnp.float32), (1, 1))
+      d1, d2 = nn.Dense(1, name="d1"), nn.Dense(1, name="d2")
+      return nn.cond(x.sum() > 0, lambda m, z: d1(z), lambda m, z: d2(z), self, x)
+
+  d1 = {"kernel": jnp.ones((1, 1)), "bias": jnp.zeros(1)}
+  variables = {"params": {"d1": d1, "d2": {**d1, "bias": jnp.full(1, 10.0)}}}
+  bound = flaxnorm.lipschitz_bound(variables, model=Scalar(), inputs=(value,))
+  assert bound.certified is None
+  expect = "picks a branch" if isinstance(value, np.generic) else "no input is an array"
+  assert expect in bound.reasons["<top level>"]
