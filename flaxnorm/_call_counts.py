@@ -25,9 +25,11 @@ Only a chain is bounded so. The walk also follows which values depend on the
 model's inputs (forward) and which outputs are used (backward), to find what is
 no chain whatever the layers' bounds (:class:`Counts`' ``unchained``): a branch
 or trip count picked from the inputs, and a scan that feeds its carry through
-the steps *and* whose per-step outputs made from it are used (an RNN returning
-its whole sequence stacks ``b, b^2, ..., b^L`` side by side, which neither power
-bounds). A run on a constant argument counts among the most runs only.
+the steps *and* whose per-step outputs made from it are used, or whose carry
+takes in two input-dependent values at a step (an RNN returning its whole
+sequence, or keeping it in a buffer, stacks ``b, b^2, ..., b^L`` side by side,
+which neither power bounds). A run on a constant argument counts among the most
+runs only.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ class Counts(NamedTuple):
   ``unchained``: what makes the program no chain of its layers, whatever their
   bounds: ``"cond"`` or ``"while"`` whose branch or trip count depends on the
   inputs (what it computes can jump there), ``"scan"`` whose carry depends on
-  the inputs and whose per-step outputs, made from the carry, are used (steps
-  side by side, ``b, b^2, ..., b^L``).
+  the inputs and whose per-step outputs, made from the carry, are used, or whose
+  carry takes in two input-dependent values at a step (steps side by side,
+  ``b, b^2, ..., b^L``).
   """
 
   runs: dict[str, Runs]
@@ -218,12 +221,29 @@ class _Walk:
       t: (lo * min(length, 1), hi * length if length else 0.0) for t, (lo, hi) in marks.items()
     }
     _add(self.out, scaled)
-    if length > 1 and any(carry):  # the steps' outputs made from the carry: used?
-      _, via_carry, _ = self._loop(body, [False] * n_consts, carry, [False] * len(xs))
-      used = self.live.get(id(eqn), [True] * len(eqn.outvars))[n_carry:]
-      if any(v and u for v, u in zip(via_carry[n_carry:], used, strict=True)):
-        self.unchained.add("scan")
+    if length > 1 and any(carry):
+      self._check_steps(eqn, consts + carry + xs, n_consts, n_carry)
     return carry + outs[n_carry:]
+
+  def _check_steps(self, eqn: jex_core.JaxprEqn, ins: list[bool], n_consts: int, n_carry: int):
+    """Adds ``"scan"`` unless the scan's steps form one chain (``ins``: its body's inputs).
+
+    Not a chain: per-step outputs made from the carry that are used (the steps
+    side by side), or a carry that takes in two input-dependent values in a step
+    (a buffer of steps, an accumulator, an LSTM's cell state: a sum of branches).
+    """
+    body, carry = eqn.params["jaxpr"].jaxpr, slice(n_consts, n_consts + n_carry)
+    sources = [0] * n_carry  # per carry out: how many dependent body inputs it reads
+    via_carry = [False] * (len(eqn.outvars) - n_carry)
+    for k in (k for k, d in enumerate(ins) if d):
+      one = [i == k for i in range(len(ins))]
+      _, outs = self._nested(body, one)
+      sources = [n + o for n, o in zip(sources, outs[:n_carry], strict=True)]
+      if carry.start <= k < carry.stop:
+        via_carry = [v or o for v, o in zip(via_carry, outs[n_carry:], strict=True)]
+    used = self.live.get(id(eqn), [True] * len(eqn.outvars))[n_carry:]
+    if max(sources) > 1 or any(v and u for v, u in zip(via_carry, used, strict=True)):
+      self.unchained.add("scan")
 
   def _while(self, params: Mapping[str, Any], ins: list[bool]) -> list[bool]:
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
