@@ -164,9 +164,10 @@ def lipschitz_bound(
   path in ``reasons``. A layer the model runs ``k`` times (weight tying, or
   an ``nn.scan`` of length ``k``) counts ``k`` times; one in an
   ``nn.while_loop`` gets a reason; on inputs of different sizes it is refused.
-  A branch or loop trip count picked from the inputs, and a scan whose carry
-  chains and whose every step's output is used (``nn.RNN``'s outputs), get a
-  reason under ``"<top level>"``: such a model is no chain. Spectral states stacked
+  A branch or loop trip count picked from the inputs, and a scan whose steps
+  are no chain (every step's output made from the carry used, as
+  ``nn.RNN``'s outputs, or a carry taking in two input-dependent values at a
+  step), get a reason under ``"<top level>"``. Spectral states stacked
   by ``nn.scan``/``nn.vmap`` are refused (bound each member's variables); a
   plain stacked layer gets a reason. Layers without variables (activations,
   dropout in evaluation) and what the model computes between layers (skip
@@ -415,8 +416,9 @@ _UNCHAINED = {  # see flaxnorm._call_counts.Counts
     "b, which no power of b bounds"
   ),
   "inputs": (
-    "no input is an array the model can be traced on (Python scalars, and numpy inputs "
-    "the model reads in Python, are held fixed): pass the inputs as JAX arrays"
+    "no input is an array the model can be traced on (Python scalars, and inputs the "
+    "model reads in Python other than floating-point JAX arrays, are held fixed): pass "
+    "the inputs as JAX arrays"
   ),
 }
 
@@ -427,22 +429,28 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
   A layer is counted as often as the traced program runs it
   (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``. The
   arrays in ``inputs`` (JAX, numpy, ``ShapeDtypeStruct``) are traced: the bound
-  is over them. A model that reads a numpy input's values in Python (a flag, a
-  size) is traced again with the numpy inputs held fixed, as are Python scalars.
+  is over them. A model that reads an input's values in Python (a flag, a size)
+  is traced again with only the floating-point JAX arrays traced, the others
+  held fixed, as Python scalars are.
   """
   leaves = jax.tree.leaves(inputs)
   traced = [i for i, x in enumerate(leaves) if isinstance(x, _ARRAYS)]
   try:
     trace = _trace_once(model, variables, inputs, traced)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    jax_only = [i for i in traced if not isinstance(leaves[i], np.ndarray | np.generic)]
-    if jax_only == traced:
+    floats = [i for i in traced if _is_jax_float(leaves[i])]
+    if floats == traced:
       raise
-    trace, traced = _trace_once(model, variables, inputs, jax_only), jax_only
+    trace, traced = _trace_once(model, variables, inputs, floats), floats
   return trace if traced else trace._replace(unchained=trace.unchained | {"inputs"})
 
 
 _ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
+def _is_jax_float(x: Any) -> bool:
+  """Whether ``x`` is a floating-point JAX array (or ``ShapeDtypeStruct``): data, not a flag."""
+  return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def _trace_once(

@@ -556,13 +556,14 @@ def test_a_scan_returning_every_step_gets_a_reason(out):
 class _Flagged(nn.Module):
   @nn.compact
   def __call__(self, x, flag):
-    return nn.Dense(3, name="d")(x) if flag.any() else x  # reads the flag in Python
+    return nn.Dense(3, name="d")(x) if flag else x  # reads the flag in Python
 
 
-def test_a_numpy_input_read_in_python_is_held_fixed():
-  """numpy inputs are traced with the others; one the model reads in Python raised
-  TracerBoolConversionError, and is now held fixed (traced again without it)."""
-  model, x, flag = _Flagged(), jnp.ones((1, 3)), np.array([True])
+@pytest.mark.parametrize("flag", [np.array(True), jnp.array(True)], ids=["numpy", "jax"])
+def test_an_input_read_in_python_is_held_fixed(flag):
+  """Arrays in inputs are traced; a flag the model reads in Python raised
+  TracerBoolConversionError, and is now held fixed (traced again with only float arrays)."""
+  model, x = _Flagged(), jnp.ones((1, 3))
   variables = model.init(KEY, x, flag)
   bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x, flag))
   assert bound.reasons == {}
