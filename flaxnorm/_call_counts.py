@@ -125,6 +125,7 @@ def _eqn_liveness(
       reads = _liveness(body, carry + outs[n_carry:], live)
       more = [c or r for c, r in zip(carry, reads[n_consts : n_consts + n_carry], strict=True)]
       if more == carry:
+        live[id(eqn)] = carry + outs[n_carry:]  # a carry read inside the loop is used too
         return reads
       carry = more
   if eqn.primitive.name == "cond":
@@ -140,6 +141,16 @@ def _eqn_liveness(
 
 def _is_var(v: Any) -> bool:
   return not isinstance(v, jex_core.Literal)
+
+
+def _is_inexact(v: Any) -> bool:
+  """Whether a jaxpr variable holds real or complex numbers (not ints, bools or keys)."""
+  return jnp.issubdtype(v.aval.dtype, jnp.inexact)
+
+
+def inexact(jaxpr: jex_core.Jaxpr) -> list[bool]:
+  """Which of ``jaxpr``'s inputs hold real or complex numbers: data, not flags or keys."""
+  return [_is_inexact(v) for v in jaxpr.invars]
 
 
 class _Walk:
@@ -241,8 +252,13 @@ class _Walk:
       sources = [n + o for n, o in zip(sources, outs[:n_carry], strict=True)]
       if carry.start <= k < carry.stop:
         via_carry = [v or o for v, o in zip(via_carry, outs[n_carry:], strict=True)]
-    used = self.live.get(id(eqn), [True] * len(eqn.outvars))[n_carry:]
-    if max(sources) > 1 or any(v and u for v, u in zip(via_carry, used, strict=True)):
+    # Only used real values count (an integer carry is an index: searchsorted's bisection).
+    used = [
+      u and _is_inexact(v)
+      for u, v in zip(self.live.get(id(eqn), [True] * len(eqn.outvars)), eqn.outvars, strict=True)
+    ]
+    combined = any(n > 1 and u for n, u in zip(sources, used[:n_carry], strict=True))
+    if combined or any(v and u for v, u in zip(via_carry, used[n_carry:], strict=True)):
       self.unchained.add("scan")
 
   def _while(self, params: Mapping[str, Any], ins: list[bool]) -> list[bool]:

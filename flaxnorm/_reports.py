@@ -184,8 +184,9 @@ def lipschitz_bound(
     mode: the ``mode`` the layers were wrapped with (likewise).
     model: the Linen model the variables belong to, for the certificate.
     inputs: example inputs of ``model.apply`` (shapes matter, not values:
-      arrays or ``jax.ShapeDtypeStruct``; the bound is over the arrays, Python
-      scalars being held fixed); needed with ``model``, refused without it.
+      arrays or ``jax.ShapeDtypeStruct``; the bound is over the floating-point
+      arrays, Python scalars, integers, bools and keys being held fixed); needed
+      with ``model``, refused without it.
     n_gram_steps: Gram iterations per layer, 1 to 40 (default
       ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
       Gaussian kernels).
@@ -416,9 +417,8 @@ _UNCHAINED = {  # see flaxnorm._call_counts.Counts
     "b, which no power of b bounds"
   ),
   "inputs": (
-    "no input is an array the model can be traced on (Python scalars, and inputs the "
-    "model reads in Python other than floating-point JAX arrays, are held fixed): pass "
-    "the inputs as JAX arrays"
+    "no input is a floating-point array the bound could be over (Python scalars, "
+    "integers, bools and PRNG keys are held fixed): pass the inputs as arrays"
   ),
 }
 
@@ -428,29 +428,24 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
 
   A layer is counted as often as the traced program runs it
   (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``. The
-  arrays in ``inputs`` (JAX, numpy, ``ShapeDtypeStruct``) are traced: the bound
-  is over them. A model that reads an input's values in Python (a flag, a size)
-  is traced again with only the floating-point JAX arrays traced, the others
-  held fixed, as Python scalars are.
+  arrays in ``inputs`` (JAX, numpy, ``ShapeDtypeStruct``) are traced, and the
+  bound is over the floating-point ones: integers, bools and PRNG keys are
+  held fixed, as Python scalars are. A model that reads an input's values in
+  Python (a flag, a size) is traced again with only the floating-point arrays.
   """
   leaves = jax.tree.leaves(inputs)
   traced = [i for i, x in enumerate(leaves) if isinstance(x, _ARRAYS)]
+  floats = [i for i in traced if jnp.issubdtype(leaves[i].dtype, jnp.inexact)]
   try:
     trace = _trace_once(model, variables, inputs, traced)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    floats = [i for i in traced if _is_jax_float(leaves[i])]
     if floats == traced:
       raise
-    trace, traced = _trace_once(model, variables, inputs, floats), floats
-  return trace if traced else trace._replace(unchained=trace.unchained | {"inputs"})
+    trace = _trace_once(model, variables, inputs, floats)
+  return trace if floats else trace._replace(unchained=trace.unchained | {"inputs"})
 
 
 _ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
-
-
-def _is_jax_float(x: Any) -> bool:
-  """Whether ``x`` is a floating-point JAX array (or ``ShapeDtypeStruct``): data, not a flag."""
-  return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def _trace_once(
@@ -498,7 +493,8 @@ def _trace_once(
   variables = dict(variables)
   closed = jax.make_jaxpr(run)(variables, [leaves[i] for i in traced])
   n_vars = len(jax.tree.leaves(variables))
-  counts = _call_counts.runs(closed.jaxpr, [i >= n_vars for i in range(len(closed.jaxpr.invars))])
+  data = _call_counts.inexact(closed.jaxpr)  # keys, flags and indices are held fixed
+  counts = _call_counts.runs(closed.jaxpr, [d and i >= n_vars for i, d in enumerate(data)])
   trace = trace._replace(unchained=counts.unchained)
   for table, path, seen, module in calls:
     fewest, most = counts.runs.get(module, (0.0, 0.0))
