@@ -131,8 +131,9 @@ def _with_sharding_of(out: jax.Array, u: jax.Array) -> jax.Array:
   ``u`` is ``A v``'s cotangent and is normalized beside it: on an explicit mesh a
   stored ``u`` made replicated does not match an ``A v`` sharded like the kernel.
   """
-  want = jax.typeof(out).sharding.spec
-  return u if jax.typeof(u).sharding.spec == want else jax.sharding.reshard(u, want)
+  want = jax.typeof(out).sharding  # with its mesh, not a bare spec: outside `jax.set_mesh` too
+  same = jax.typeof(u).sharding.spec == want.spec
+  return u if same or not _power.is_explicit(out) else jax.sharding.reshard(u, want)
 
 
 def _real_dot(a: jax.Array, b: jax.Array) -> jax.Array:

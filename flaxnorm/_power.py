@@ -81,7 +81,28 @@ def as_matrix(w: Array, axis: Axis = -1) -> Array:
   kept = _checks.check_spectral_weight(w, axis, "as_matrix")
   w = jnp.moveaxis(w, kept, tuple(range(len(kept))))
   m = math.prod(w.shape[: len(kept)])
-  return w.reshape(m, -1)
+  return _merge(w, (m, -1), len(kept), 0)
+
+
+def _merge(w: Array, shape: tuple[int, int], n_kept: int, at: int) -> Array:
+  """``w.reshape(shape)``, its kept axes (``n_kept`` of them, leading or trailing) at ``at``.
+
+  On a mesh whose axes are explicit (shardings in the types), a reshape that
+  merges a sharded axis needs its output's sharding: the kept axis keeps its
+  mesh axis (when it is one axis), the merged one is gathered.
+  """
+  if not is_explicit(w):
+    return w.reshape(shape)
+  sharding = jax.typeof(w).sharding
+  spec = tuple(sharding.spec) + (None,) * w.ndim
+  kept = range(n_kept) if at == 0 else range(w.ndim - n_kept, w.ndim)
+  if all(spec[i] is None for i in range(w.ndim) if i not in kept):
+    return w.reshape(shape)
+  out = [None, None]
+  out[at] = spec[kept[0]] if n_kept == 1 else None
+  # A sharding with its mesh, not a bare spec: outside `jax.set_mesh` too.
+  named = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*out))
+  return jnp.reshape(w, shape, out_sharding=named)
 
 
 def normalize_or_keep(x: Array, previous: Array, eps: float) -> Array:
@@ -132,7 +153,7 @@ def start_vector(x: Array, eps: float, restart: bool) -> Array:
 
     def fresh() -> Array:  # sharded like x where sharding is explicit
       r = restart_vector(x.shape, x.dtype)
-      return jax.sharding.reshard(r, jax.typeof(x).sharding) if _is_explicit(x) else r
+      return jax.sharding.reshard(r, jax.typeof(x).sharding) if is_explicit(x) else r
 
     return jnp.where(ok, x, fresh())
   return normalize_or_keep(x, x, eps)
@@ -142,7 +163,7 @@ def start_vector(x: Array, eps: float, restart: bool) -> Array:
 _EXPLICIT = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
 
 
-def _is_explicit(x: Array) -> bool:
+def is_explicit(x: Array) -> bool:
   return _EXPLICIT is not None and _EXPLICIT in getattr(
     jax.typeof(x).sharding.mesh, "axis_types", ()
   )
@@ -155,11 +176,11 @@ def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
   inferable output sharding, and ``jnp.where`` needs its branches sharded
   alike: each new vector keeps the sharding of the one it replaces.
   """
-  if not (_is_explicit(a) or _is_explicit(b)):
+  if not (is_explicit(a) or is_explicit(b)):
     return a @ b
   spec = jax.sharding.PartitionSpec() if like is None else jax.typeof(like).sharding.spec
   # A sharding with its mesh, not a bare spec: outside `jax.set_mesh` too.
-  mesh = jax.typeof(a if _is_explicit(a) else b).sharding.mesh
+  mesh = jax.typeof(a if is_explicit(a) else b).sharding.mesh
   return jnp.matmul(a, b, out_sharding=jax.sharding.NamedSharding(mesh, spec))
 
 
@@ -193,7 +214,7 @@ def matrix_view(w: Array, axis: Axis = -1, at: str = "spectral_normalize") -> Ar
   """
   kept = _checks.check_spectral_weight(w, axis, at)
   if kept == tuple(range(w.ndim - len(kept), w.ndim)):
-    return w.reshape(-1, math.prod(w.shape[w.ndim - len(kept) :])).T
+    return _merge(w, (-1, math.prod(w.shape[w.ndim - len(kept) :])), len(kept), 1).T
   return as_matrix(w, axis)
 
 

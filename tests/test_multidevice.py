@@ -518,6 +518,8 @@ def test_operator_mode_trains_on_an_explicit_mesh_and_in_shard_map():
     x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
     out = jax.jit(step)(variables["params"], variables, x_sharded)
   _assert_trees_close(out, expected, rtol=1e-5, atol=1e-4)
+  outside = jax.jit(step)(variables["params"], variables, x_sharded)  # arrays carry the mesh
+  _assert_trees_close(outside, expected, rtol=1e-5, atol=1e-4)
 
   conv = flaxnorm.spectral_norm(
     nn.Conv(4, (3,), kernel_init=_part((None, None, "model"))), operator=True
@@ -556,3 +558,25 @@ def test_nnx_operator_mode_wraps_and_trains_on_an_explicit_mesh():
     )
     grads = nnx.jit(nnx.grad(loss))(layer, jax.device_put(x, NamedSharding(mesh, P("data"))))
   _assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_tree_spectral_norm_of_a_kernel_sharded_on_a_merged_axis_on_an_explicit_mesh():
+  """A conv kernel sharded on its input channels: its matrix view merges that axis, and the
+  reshape raised 'This reshape is not supported' under Explicit axes (weight norm worked)."""
+  import flaxnorm.tree as ft
+
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  kernel = jax.random.normal(KEY, (3, 3, 4, 8))
+  params = {"conv": {"kernel": kernel}}
+  reference = ft.spectral_norm_init(params, jax.random.key(1))
+  expected = ft.spectral_norm_apply(params, reference, update=True, n_power_iterations=2)
+  sharded = {
+    "conv": {"kernel": jax.device_put(kernel, NamedSharding(mesh, P(None, None, "model")))}
+  }
+  apply = lambda p, s: ft.spectral_norm_apply(p, s, update=True, n_power_iterations=2)
+  with jax.set_mesh(mesh):
+    state = jax.jit(ft.spectral_norm_init)(sharded, jax.random.key(1))
+    out = jax.jit(apply)(sharded, state)
+  _assert_trees_close((state, out), (reference, expected))
+  _assert_trees_close(jax.jit(apply)(sharded, state), expected)  # outside jax.set_mesh
+  assert out[0]["conv"]["kernel"].sharding.spec == P(None, None, "model", None)
