@@ -107,7 +107,7 @@ def operator_power_iteration(
       f"shape {v.shape}, got {u.shape}."
     )
 
-  u = _with_sharding_of(out, u)
+  u = _power.sharded_like(out, u)
 
   def step(_, carry):
     u, v, _ = carry
@@ -123,17 +123,6 @@ def operator_power_iteration(
   if n_steps:
     carry = jax.lax.fori_loop(0, n_steps, step, carry)
   return jax.lax.stop_gradient(carry)
-
-
-def _with_sharding_of(out: jax.Array, u: jax.Array) -> jax.Array:
-  """``u`` resharded as ``out`` where the mesh's axes are explicit (types carry shardings).
-
-  ``u`` is ``A v``'s cotangent and is normalized beside it: on an explicit mesh a
-  stored ``u`` made replicated does not match an ``A v`` sharded like the kernel.
-  """
-  want = jax.typeof(out).sharding  # with its mesh, not a bare spec: outside `jax.set_mesh` too
-  same = jax.typeof(u).sharding.spec == want.spec
-  return u if same or not _power.is_explicit(out) else jax.sharding.reshard(u, want)
 
 
 def _real_dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -311,7 +300,7 @@ def _sigma(w: jax.Array, u: jax.Array, v: jax.Array, linear: Linear) -> jax.Arra
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _inner(apply_fn: Callable, w: jax.Array, u: jax.Array, v: jax.Array, *consts) -> jax.Array:
   out, pull = jax.vjp(lambda k: apply_fn(k, v, *consts), w)
-  return _real_dot(w, pull(_with_sharding_of(out, u.astype(out.dtype)))[0])
+  return _real_dot(w, pull(_power.sharded_like(out, u.astype(out.dtype)))[0])
 
 
 @_inner.defjvp
@@ -320,7 +309,7 @@ def _inner_jvp(apply_fn, primals, tangents):
   # u, v and the other params carry no gradient: <u, A_dw v>, linear in dw.
   av = apply_fn(tangents[0], v, *consts)
   sigma = _inner(apply_fn, w, u, v, *consts)
-  return sigma, _real_dot(_with_sharding_of(av, u.astype(av.dtype)), av).astype(sigma.dtype)
+  return sigma, _real_dot(_power.sharded_like(av, u.astype(av.dtype)), av).astype(sigma.dtype)
 
 
 def _scale(sigma: jax.Array, options: _options.SpectralNormOptions) -> jax.Array:

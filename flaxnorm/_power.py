@@ -151,11 +151,7 @@ def start_vector(x: Array, eps: float, restart: bool) -> Array:
     inv = jax.lax.rsqrt(sumsq(x, None))
     ok = (inv > 0) & (inv < 1.0 / eps)
 
-    def fresh() -> Array:  # sharded like x where sharding is explicit
-      r = restart_vector(x.shape, x.dtype)
-      return jax.sharding.reshard(r, jax.typeof(x).sharding) if is_explicit(x) else r
-
-    return jnp.where(ok, x, fresh())
+    return jnp.where(ok, x, sharded_like(x, restart_vector(x.shape, x.dtype)))
   return normalize_or_keep(x, x, eps)
 
 
@@ -167,6 +163,19 @@ def is_explicit(x: Array) -> bool:
   return _EXPLICIT is not None and _EXPLICIT in getattr(
     jax.typeof(x).sharding.mesh, "axis_types", ()
   )
+
+
+def sharded_like(like: Array, x: Array) -> Array:
+  """``x`` resharded as ``like`` where the mesh's axes are explicit (types carry shardings).
+
+  A ``jnp.where`` between them, or ``x`` as the cotangent of ``like``, needs
+  them sharded alike. The sharding keeps its mesh (not a bare spec), so this
+  works outside ``jax.set_mesh`` too.
+  """
+  want = jax.typeof(like).sharding
+  if not is_explicit(like) or jax.typeof(x).sharding.spec == want.spec:
+    return x
+  return jax.sharding.reshard(x, want)
 
 
 def _dot(a: Array, b: Array, like: Array | None = None) -> Array:
