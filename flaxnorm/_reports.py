@@ -28,6 +28,7 @@ from flaxnorm import (
   _math,
   _options,
   _power,
+  _propagate,
   _subclass,
 )
 from flaxnorm import linen as _linen
@@ -250,6 +251,7 @@ def _model_bound(
   if collection in variables or trace.spectral:  # else: no layer is spectrally normalized
     sigmas = _unstacked(_sigmas(variables, collection, _AT))
   layers: dict[str, tuple[jax.Array, float | None]] = {}
+  per_run: dict[str, float] = {}  # each layer's bound for one run, by module path
   reasons = {  # a layer whose state is under another collection: its sigma is not read
     p: f"spectrally normalized, but its state is not in collection '{collection}'"
     for p in trace.spectral
@@ -272,21 +274,45 @@ def _model_bound(
       reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
     layers[path] = (norm, None if bound is None else _runs_power(bound, seen))
+    if bound is not None:
+      _times(per_run, _module_path(seen.module), bound)
   cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
   skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
   for path, seen in trace.modules.items():
     if path in trace.idle and not seen.calls:
       continue
     if path not in trace.unbounded:
-      _plain_layer(seen, path, variables, skip, steps, layers, reasons)
+      bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons)
+      if bound is not None:
+        _times(per_run, path, bound)
     elif _own_variables(variables, path, cols):  # a module without variables adds no factor
       reasons[path or _TOP] = trace.unbounded[path]
   if trace.unchained:
     top = [reasons[_TOP]] if _TOP in reasons else []
     reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(trace.unchained)])
   estimate = _product([e for e, _ in layers.values()])
-  certified = None if reasons else _product([c or 0.0 for _, c in layers.values()], 1.0)
+  certified = None if reasons else _propagated(trace, per_run, reasons)
   return LipschitzBound(estimate, certified, layers, reasons)
+
+
+def _propagated(trace: _Trace, per_run: dict[str, float], reasons: dict[str, str]) -> float | None:
+  """The certificate: each layer's bound carried through the traced program (its
+  reason under ``"<top level>"`` where no rule bounds what the model computes)."""
+  assert trace.program is not None
+  closed, dependent = trace.program
+  bound, why = _propagate.bound(closed, dependent, per_run)
+  if why is not None:
+    reasons[_TOP] = why
+    return None
+  return bound
+
+
+def _times(per_run: dict[str, float], path: str, bound: float) -> None:
+  per_run[path] = per_run.get(path, 1.0) * bound
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(map(str, module.scope.path)) if module.scope is not None else ""
 
 
 _NO_MODEL_HINT = (
@@ -393,6 +419,7 @@ class _Trace(NamedTuple):
   unbounded: dict[str, str]
   idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
   unchained: frozenset[str] = frozenset()  # see _call_counts.Counts
+  program: tuple[Any, tuple[bool, ...]] | None = None  # the jaxpr, which invars are the inputs
 
 
 _WHILE = (
@@ -464,6 +491,7 @@ def _trace_once(
     first = args[0] if args else next(iter(kwargs.values()), None)  # layer(x) or layer(inputs=x)
     shape = tuple(getattr(first, "shape", ())) if context.method_name == "__call__" else None
     _record_module(trace.modules, path, module)
+    call = None
     if shape is not None:  # runs counted per module path: a nested call is the same run
       for key, spec in _subclass.specs_of(type(module)).items():
         if spec.method == "spectral_norm":  # the wrapped (recursive) clone's call is nested
@@ -471,15 +499,17 @@ def _trace_once(
             seen = _Seen(module, name, spec.options, shape)
             calls.append((trace.spectral, _join(path, name), seen, path))
       if path not in active:
-        args, kwargs = _call_counts.mark(args, kwargs, path)
+        call = len(calls)
+        args, kwargs = _call_counts.mark(args, kwargs, path, call)
         calls.append((trace.modules, path, _Seen(module, "", None, shape), path))
     if context.method_name != "__call__":  # a lifted transform's function run as its method
       return next_fun(*args, **kwargs)
     active.append(path)
     try:
-      return next_fun(*args, **kwargs)
+      out = next_fun(*args, **kwargs)
     finally:
       active.pop()
+    return out if call is None else _call_counts.mark_output(out, path, call)
 
   leaves, treedef = jax.tree.flatten(inputs)
 
@@ -494,8 +524,9 @@ def _trace_once(
   closed = jax.make_jaxpr(run)(variables, [leaves[i] for i in traced])
   n_vars = len(jax.tree.leaves(variables))
   data = _call_counts.inexact(closed.jaxpr)  # keys, flags and indices are held fixed
-  counts = _call_counts.runs(closed.jaxpr, [d and i >= n_vars for i, d in enumerate(data)])
-  trace = trace._replace(unchained=counts.unchained)
+  dependent = tuple(d and i >= n_vars for i, d in enumerate(data))
+  counts = _call_counts.runs(closed.jaxpr, dependent)
+  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent))
   for table, path, seen, module in calls:
     fewest, most = counts.runs.get(module, (0.0, 0.0))
     if most == math.inf:
@@ -592,7 +623,7 @@ def _plain_layer(
   n_steps: int,
   layers: dict[str, tuple[jax.Array, float | None]],
   reasons: dict[str, str],
-) -> None:
+) -> float | None:
   """Adds the certified norm of a called module's kernel that spectral norm left plain.
 
   A Flax linear layer's plain or weight-normed kernel gets a bound (its bias adds
@@ -607,27 +638,31 @@ def _plain_layer(
     n_steps: Gram steps.
     layers: where the bound goes, under ``{path}/kernel``.
     reasons: where a reason goes when there is no bound.
+
+  Returns:
+    The kernel's bound for one run, or None.
   """
   spectral, cols = skip
   own = _own_variables(variables, path, cols)
   names = [f"{c}/{n}" for c, n in own if c != "params" or _join(path, n) not in spectral]
+  bound = None
   if _subclass.base_of(type(seen.module)) in _linen._LINEAR_LAYERS:
     names = [n for n in names if n not in [f"params/{b}" for b in _BIASES]]
   if "params/kernel" in names or {"params/kernel_g", "params/kernel_v"} <= set(names):
     names = [n for n in names if n not in [f"params/{k}" for k in _KERNELS]]
     params = _node(variables["params"], path)
     at = _join(path, "kernel")
-    bound = _guarded(
-      reasons, at, lambda: _runs_power(_plain_bound(seen, params, path, n_steps), seen)
-    )
+    bound = _guarded(reasons, at, lambda: _plain_bound(seen, params, path, n_steps))
     if bound is not None:
-      layers[at] = (jnp.asarray(bound, jnp.float32), bound)
+      power = _runs_power(bound, seen)
+      layers[at] = (jnp.asarray(power, jnp.float32), power)
   if names:
     reasons[path or _TOP] = (
       f"{type(seen.module).__name__} holds {names}, which no certificate covers: only the "
       "kernels of nn.Dense, nn.DenseGeneral and nn.Conv (plain, weight-normed or spectrally "
       "normalized) and their biases are bounded"
     )
+  return bound
 
 
 def _own_variables(variables: Mapping[str, Any], path: str, cols: set[str]) -> list:

@@ -1,0 +1,623 @@
+"""A Lipschitz bound carried through a traced program, value by value.
+
+Each value ``y`` of a jaxpr gets a number ``L(y)`` with ``‖Δy‖₂ ≤ L(y) ‖Δx‖₂``
+for every change ``Δx`` of the inputs (all floating-point inputs as one
+vector): 0 for what does not depend on them, 1 for an input. Each primitive has
+a rule: ``L(a + b) ≤ L(a) + L(b)``, ``L(c · a) ≤ max|c| L(a)`` for a known
+constant ``c``, ``L(concat(a, b)) ≤ √(L(a)² + L(b)²)``, broadcasting ``k``
+copies multiplies by ``√k``, a sum of ``k`` elements by ``√k``, a pool by the
+square root of how many windows share an element, elementwise functions by
+their largest slope. A layer with a certified norm ``b`` (marked by
+:mod:`flaxnorm._call_counts`: its input and its output) maps ``L`` to ``b·L``,
+whatever the primitives inside it. Loops are followed step by step: a scan's
+stacked outputs get ``√Σₜ L(yₜ)²``, one over slices alone (nothing carried
+from the inputs) the largest step's. So a residual block gets ``1 + b``, an
+RNN's whole output sequence the sum over its steps, where a product of layer
+bounds is no bound at all.
+
+What gets ``inf`` (with the reason, reported where it reaches an output): a
+product of two input-dependent values, a scale or matrix the model computes
+(not a literal or a traced constant) outside a certified layer, a primitive
+without a rule (``exp``, ``integer_pow``: not Lipschitz, or not known here), a
+discrete value made from the inputs used as data or as an index, and a loop of
+unknown trip count whose bound grows. Selects on an input-dependent predicate
+(``jnp.where``, leaky ReLU) are taken as continuous: the one precondition, as
+everywhere in ``lipschitz_bound``. A branch picked from the inputs is refused
+by :mod:`flaxnorm._call_counts`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from flaxnorm import _call_counts
+
+_INF = math.inf
+
+
+def _up(x: float) -> float:
+  """``x`` rounded up by one ulp: the bound's float arithmetic never rounds down."""
+  return math.nextafter(x, _INF) if 0.0 < x < _INF else x
+
+
+class _Value(NamedTuple):
+  """``bound``: L of a value; ``why``: when it is inf, the reason; ``origin``: see below.
+
+  ``origin`` is ``(base, slope)`` when the value is an elementwise function of
+  the value ``base`` (same shape) whose slope is at most ``slope``: a select
+  between such functions of one base is one of them (leaky ReLU: slope 1, not
+  ``√(1 + 0.01²)``).
+  """
+
+  bound: float
+  why: str | None = None
+  origin: tuple[Any, float] | None = None
+
+
+_ZERO = _Value(0.0)
+
+
+def _inf(why: str) -> _Value:
+  return _Value(_INF, why)
+
+
+# ``jax.nn``'s jitted elementwise activations (by the jit's name): their largest slope.
+# A jit of that name counts only when its program is ``jax.nn``'s own (at default
+# arguments): anything else is followed primitive by primitive.
+_ACTIVATIONS = {
+  "softplus": 1.0,
+  "log_sigmoid": 1.0,
+  "soft_sign": 1.0,
+  "hard_tanh": 1.0,
+  "elu": 1.0,  # alpha = 1
+  "celu": 1.0,  # exp(x / alpha) <= 1 below 0
+  "hard_sigmoid": 1.0 / 6.0,
+  "silu": 1.0999,  # max of σ(x)(1 + x(1 - σ(x))): 1.09984 at x = 2.3994
+  "hard_silu": 1.5,  # (relu6(x + 3) + x) / 6 at x = 3
+  "selu": 1.7581,  # scale · alpha = 1.0507 · 1.67326
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _reference(name: str, shape: tuple[int, ...], dtype: Any, weak: bool) -> str:
+  """The program of ``jax.nn.<name>`` on such an array, printed."""
+  arg = jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
+  (eqn,) = jax.make_jaxpr(getattr(jax.nn, name))(arg).jaxpr.eqns
+  return str(eqn.params["jaxpr"])
+
+
+def _activation_slope(eqn: Any) -> float | None:
+  """The largest slope of a ``jax.nn`` activation ``eqn`` calls, or None."""
+  name = str(eqn.params.get("name", ""))
+  if eqn.primitive.name != "jit" or name not in _ACTIVATIONS or len(eqn.invars) != 1:
+    return None
+  aval = eqn.invars[0].aval
+  key = (name, tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
+  return _ACTIVATIONS[name] if str(eqn.params["jaxpr"]) == _reference(*key) else None
+
+
+# Elementwise primitives of one operand: their largest slope (a value made from them is
+# an elementwise function of the operand).
+_SLOPES = {
+  "neg": 1.0,
+  "abs": 1.0,
+  "tanh": 1.0,
+  "sin": 1.0,
+  "cos": 1.0,
+  "atan": 1.0,
+  "logistic": 0.25,
+  "erf": 1.1284,  # 2 / √π
+  "convert_element_type": 1.0,
+  "reduce_precision": 1.0,
+  "copy": 1.0,
+  "copy_p": 1.0,
+}
+# Rearrangements of their first operand (the others: shapes or nothing).
+_MOVES = {
+  "reshape",
+  "squeeze",
+  "expand_dims",
+  "transpose",
+  "rev",
+  "slice",
+  "sharding_constraint",
+  "mesh_cast",
+  "reshard",
+  "pvary",
+}
+_DISCRETE = {  # outputs that jump: fine as a predicate, not as data
+  "sign",
+  "floor",
+  "ceil",
+  "round",
+  "is_finite",
+  "argmax",
+  "argmin",
+  "eq",
+  "ne",
+  "lt",
+  "le",
+  "gt",
+  "ge",
+  "and",
+  "or",
+  "not",
+  "xor",
+}
+
+
+def bound(
+  jaxpr: jex_core.ClosedJaxpr, dependent: Sequence[bool], layers: Mapping[str, float]
+) -> tuple[float, str | None]:
+  """The Lipschitz bound of ``jaxpr``'s real outputs, as one vector, in its inputs.
+
+  Args:
+    jaxpr: the traced program, layer calls marked by :mod:`flaxnorm._call_counts`.
+    dependent: which ``invars`` are the inputs the bound is over.
+    layers: a certified norm per layer (its module path); a marked layer not
+      here is followed primitive by primitive.
+
+  Returns:
+    ``(L, None)``, or ``(inf, reason)``.
+  """
+  walk = _Walk(layers)
+  ins = [_Value(1.0) if d else _ZERO for d in dependent]
+  outs = walk.run(jaxpr.jaxpr, ins, _consts(jaxpr))
+  real = [o for o, v in zip(outs, jaxpr.jaxpr.outvars, strict=True) if _is_real(v)]
+  for o in real:
+    if o.bound == _INF:
+      return _INF, o.why
+  return _norm([o.bound for o in real]), None
+
+
+def _consts(closed: Any) -> dict[Any, Any]:
+  """The known values of a closed jaxpr's constants."""
+  return dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+
+
+def _is_real(v: Any) -> bool:
+  return jnp.issubdtype(v.aval.dtype, jnp.inexact)
+
+
+def _size(v: Any) -> int:
+  return math.prod(getattr(v.aval, "shape", ()))
+
+
+def _norm(bounds: Sequence[float]) -> float:
+  """``√Σ b²``: the bound of several values side by side (one vector)."""
+  nonzero = [b for b in bounds if b]
+  if len(nonzero) <= 1:
+    return nonzero[0] if nonzero else 0.0
+  return _up(math.sqrt(_up(math.fsum(_times(b, b) for b in nonzero))))
+
+
+def _times(a: float, b: float) -> float:
+  """``a · b`` rounded up (exact when either is 1)."""
+  return b if a == 1.0 else a if b == 1.0 else _up(a * b)
+
+
+class _Walk:
+  """One pass: each jaxpr variable's :class:`_Value`."""
+
+  def __init__(self, layers: Mapping[str, float]) -> None:
+    self.layers = layers
+    self.entered: dict[str, _Value] = {}  # each marked call's input (by call id)
+
+  def run(
+    self,
+    jaxpr: jex_core.Jaxpr,
+    ins: Sequence[_Value],
+    known: Mapping[Any, Any],
+    outer: Sequence[Any] | None = None,
+  ) -> list[_Value]:
+    """The values of ``jaxpr``'s outputs.
+
+    ``known``: constants' values. ``outer``: the caller's variables for
+    ``jaxpr``'s inputs, to which an output's ``origin`` is translated (dropped
+    when None or a literal: a jaxpr run twice must not share its variables).
+    """
+    env: dict[Any, _Value] = dict(zip(jaxpr.invars, ins, strict=True))
+    known = dict(known)
+
+    def read(v: Any) -> _Value:
+      return _ZERO if isinstance(v, jex_core.Literal) else env.get(v, _ZERO)
+
+    def value(v: Any) -> Any:  # a literal's or a traced constant's value, else None
+      return v.val if isinstance(v, jex_core.Literal) else known.get(v)
+
+    for eqn in jaxpr.eqns:
+      vals = [read(v) for v in eqn.invars]
+      if any(x.bound for x in vals) or eqn.primitive.name == "name":
+        outs = self._eqn(eqn, vals, value)
+      else:
+        outs = [_ZERO] * len(eqn.outvars)
+        known.update(_folded(eqn, value))
+      for var, out in zip(eqn.outvars, outs, strict=True):
+        if out.bound and out.bound != _INF and not _is_real(var):
+          out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
+        env[var] = out
+    inner = {*jaxpr.constvars, *(v for e in jaxpr.eqns for v in e.outvars)}
+    rename = dict(zip(jaxpr.invars, outer or (), strict=False))
+    return [_renamed(read(v), rename, inner | set(jaxpr.invars)) for v in jaxpr.outvars]
+
+  def _eqn(self, eqn: Any, vals: list[_Value], value: Callable[[Any], Any]) -> list[_Value]:
+    name = eqn.primitive.name
+    if name == "name":
+      return [self._mark(str(eqn.params.get("name", "")), vals[0])]
+    rule = _RULES.get(name)
+    if rule is not None:
+      return rule(self, eqn, vals, value)
+    if name in _SLOPES:
+      return [_elementwise(eqn.invars[0], vals[0], _SLOPES[name])]
+    if name in _MOVES:
+      return [_plain(vals[0])]
+    if name in _DISCRETE:
+      return [_inf(f"{name} of a value that depends on the inputs jumps")] * len(eqn.outvars)
+    subs = list(jex_core.jaxprs_in_params(eqn.params))
+    if len(subs) == 1 and len(subs[0].invars) == len(vals):  # jit, remat, custom derivatives
+      slope = _activation_slope(eqn)
+      if slope is not None:
+        return [_elementwise(eqn.invars[0], vals[0], slope)]
+      ins = [_with_origin(x, v) for x, v in zip(vals, eqn.invars, strict=True)]
+      return self.run(subs[0], ins, _sub_consts(eqn), eqn.invars)
+    why = f"no Lipschitz rule for {name} of a value that depends on the inputs"
+    return [_inf(why)] * len(eqn.outvars)
+
+  def _mark(self, tag: str, x: _Value) -> _Value:
+    """A layer's marked input (recorded) or output (``b`` times its input's bound)."""
+    call = _call_counts.call_of(tag)
+    if call is None:
+      return x
+    kind, path, key = call
+    if kind == "in":
+      self.entered[key] = x
+      return x
+    entered = self.entered.get(key)
+    if path not in self.layers or entered is None:
+      return x
+    return _scaled(entered, self.layers[path])
+
+
+def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
+  """The outputs of ``eqn`` when its operands are known constants (a constant broadcast
+  or reshaped before it scales): computed, for a small primitive without subprograms."""
+  args = [value(v) for v in eqn.invars]
+  if (
+    any(a is None for a in args)
+    or eqn.primitive.name in _NOT_FOLDED
+    or any(True for _ in jex_core.jaxprs_in_params(eqn.params))
+    or sum(_size(v) for v in eqn.outvars) > _FOLD_LIMIT
+  ):
+    return {}
+  try:
+    outs = eqn.primitive.bind(*args, **eqn.params)
+  except Exception:  # not foldable here: left unknown
+    return {}
+  outs = outs if eqn.primitive.multiple_results else [outs]
+  return dict(zip(eqn.outvars, (np.asarray(o) for o in outs), strict=True))
+
+
+_FOLD_LIMIT = 1 << 20  # elements
+_NOT_FOLDED = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "rng_bit_generator"}
+
+
+def _renamed(x: _Value, rename: Mapping[Any, Any], inner: set[Any]) -> _Value:
+  """``x`` as its caller sees it: an origin among the callee's inputs becomes the
+  caller's operand; one among the callee's own values is dropped (a jaxpr run twice
+  must not share them); one in the caller's scope stays."""
+  if x.origin is None or x.origin[0] not in inner:
+    return x
+  base = rename.get(x.origin[0])
+  if base is None or isinstance(base, jex_core.Literal):
+    return _plain(x)
+  return x._replace(origin=(base, x.origin[1]))
+
+
+def _with_origin(x: _Value, var: Any) -> _Value:
+  """``x``, held by ``var``, as its own origin when it has none (passed into a callee:
+  a select there between functions of it is one of them)."""
+  if x.origin is not None or not 0.0 < x.bound < _INF or isinstance(var, jex_core.Literal):
+    return x
+  return x._replace(origin=(var, 1.0))
+
+
+def _plain(x: _Value) -> _Value:
+  """``x`` without its origin."""
+  return _Value(x.bound, x.why)
+
+
+def _scaled(x: _Value, factor: float) -> _Value:
+  if x.bound == _INF or x.bound == 0.0:
+    return _plain(x)
+  return _Value(_times(x.bound, factor))
+
+
+def _sub_consts(eqn: Any) -> dict[Any, Any]:
+  for p in eqn.params.values():
+    if isinstance(p, jex_core.ClosedJaxpr):
+      return _consts(p)
+  return {}
+
+
+def _elementwise(var: Any, x: _Value, slope: float) -> _Value:
+  """An elementwise function, of slope at most ``slope``, of ``x`` (held by ``var``)."""
+  if x.bound == _INF:
+    return x
+  base, s = x.origin if x.origin is not None else (var, 1.0)
+  return _Value(_times(x.bound, slope), None, (base, _times(s, slope)))
+
+
+def _grown(vals: Sequence[_Value], eqn: Any) -> list[tuple[_Value, Any]]:
+  """The operands that depend on the inputs, each with its growth from broadcasting to
+  the output (``k`` copies of each element: ``√k``), and its variable."""
+  out = _size(eqn.outvars[0])
+  found = []
+  for x, v in zip(vals, eqn.invars, strict=True):
+    if x.bound:
+      n = _size(v)
+      found.append((_scaled(x, math.sqrt(out / n)) if n and out > n else x, v))
+  return found
+
+
+def _first_inf(parts: Sequence[_Value]) -> _Value | None:
+  return next((x for x in parts if x.bound == _INF), None)
+
+
+def _sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  parts = [x for x, _ in _grown(vals, eqn)]
+  bad = _first_inf(parts)
+  if bad is not None or len(parts) == 1:
+    return [_plain(bad or parts[0])]
+  return [_Value(_up(math.fsum(x.bound for x in parts)))]
+
+
+def _side_by_side(parts: Sequence[_Value]) -> _Value:
+  """Values whose elements each move by one of the parts' elements' changes: ``√Σ L²``."""
+  return _first_inf(parts) or _Value(_norm([x.bound for x in parts]))
+
+
+def _max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``max``/``min``/``clamp``: elementwise, each output moves with one operand."""
+  deps = _grown(vals, eqn)
+  if len(deps) == 1 and _size(deps[0][1]) == _size(eqn.outvars[0]):
+    return [_elementwise(deps[0][1], deps[0][0], 1.0)]
+  return [_side_by_side([x for x, _ in deps])]
+
+
+def _largest(value: Any) -> float | None:
+  """``max |c|`` of a known constant, or None."""
+  if value is None:
+    return None
+  a = np.abs(np.asarray(value, np.float64))
+  return float(a.max()) if a.size else 0.0
+
+
+_COMPUTED = (
+  "the model {} a value it computes (not a literal or a constant) outside the layers "
+  "a certificate covers"
+)
+
+
+def _scale_by(eqn: Any, vals: list[_Value], factor: float | None, verb: str) -> list[_Value]:
+  """The one input-dependent operand of ``eqn`` times a constant of largest ``|c|`` ``factor``."""
+  ((x, v),) = _grown(vals, eqn)
+  if factor is None:
+    return [_inf(_COMPUTED.format(verb))]
+  if _size(v) == _size(eqn.outvars[0]):
+    return [_elementwise(v, x, factor)]
+  return [_scaled(x, factor)]
+
+
+def _mul_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  if all(x.bound for x in vals):
+    return [_inf("mul of two values that depend on the inputs (not Lipschitz)")]
+  other = eqn.invars[1] if vals[0].bound else eqn.invars[0]
+  return _scale_by(eqn, vals, _largest(value(other)), "multiplies by")
+
+
+def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  if vals[1].bound:
+    return [_inf("div by a value that depends on the inputs (not Lipschitz)")]
+  c = value(eqn.invars[1])
+  smallest = None if c is None else np.abs(np.asarray(c, np.float64)).min(initial=np.inf)
+  if smallest == 0.0:
+    return [_inf("div by a constant that holds 0")]
+  return _scale_by(
+    eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by"
+  )
+
+
+def _select_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``select_n``: the predicate is taken as picking continuously (a precondition)."""
+  out = _size(eqn.outvars[0])
+  cases = _grown([_ZERO, *vals[1:]], eqn)
+  if not cases:  # constants picked by the inputs: a step
+    return [_inf("select_n between values fixed by the inputs, picked by them (a step)")]
+  bad = _first_inf([x for x, _ in cases])
+  if bad is not None:
+    return [bad]
+  bases = {x.origin[0] if x.origin else v for x, v in cases}
+  if len(bases) == 1 and all(_size(v) == out for _, v in cases):  # functions of one value
+    slope = max(x.origin[1] if x.origin else 1.0 for x, _ in cases)
+    top = max(x.bound for x, _ in cases)
+    return [_Value(top, None, (bases.pop(), slope))]
+  return [_side_by_side([x for x, _ in cases])]
+
+
+def _concat_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  return [_side_by_side(vals)]
+
+
+def _broadcast_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  return [x for x, _ in _grown(vals[:1], eqn)]
+
+
+def _reduce_sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A sum of ``k`` elements moves by at most ``√k`` times their change (Cauchy-Schwarz)."""
+  n, m = _size(eqn.invars[0]), max(_size(eqn.outvars[0]), 1)
+  return [_scaled(vals[0], math.sqrt(n / m))]
+
+
+def _reduce_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``reduce_max``/``reduce_min``: each output moves by one element's change."""
+  return [_plain(vals[0])]
+
+
+def _pad_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """The operand side by side with its padding value (copied to every padded element)."""
+  return [_side_by_side([x for x, _ in _grown(vals, eqn)])]
+
+
+# Indexing primitives: ``(where the indices start, where they end, the data operands)``.
+_INDEXED = {
+  "dynamic_slice": (slice(1, None), (0,)),
+  "dynamic_update_slice": (slice(2, None), (0, 1)),
+  "scatter": (slice(1, 2), (0, 2)),  # a set: each element from the operand or one update
+  "gather": (slice(1, 2), (0,)),
+}
+
+
+def _indexed_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """Elements picked or placed at indices that must not depend on the inputs."""
+  name = eqn.primitive.name
+  indices, data = _INDEXED[name]
+  if any(x.bound for x in vals[indices]):
+    return [_inf(f"{name} at indices computed from the inputs (what it picks can jump)")]
+  if name == "gather" and not eqn.params.get("unique_indices", False):
+    return [_inf("gather of a value that depends on the inputs: an element may repeat")]
+  return [_side_by_side([vals[i] for i in data])]
+
+
+def _window_overlap(params: Mapping[str, Any]) -> tuple[int, int]:
+  """``(window size, most windows one element is in)`` of a ``reduce_window``."""
+  size, overlap = 1, 1
+  for w, s, d in zip(
+    params["window_dimensions"], params["window_strides"], params["window_dilation"], strict=True
+  ):
+    size *= w
+    overlap *= min(w, -(-((w - 1) * d + 1) // s))
+  return size, overlap
+
+
+def _window_sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A sum over windows: ``‖A‖₂ ≤ √(‖A‖₁‖A‖∞) = √(overlap · window)`` for a 0/1 ``A``."""
+  size, overlap = _window_overlap(eqn.params)
+  return [_scaled(vals[0], math.sqrt(size * overlap))]
+
+
+def _window_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A max over windows moves by its element's change: ``√overlap`` over all windows."""
+  _, overlap = _window_overlap(eqn.params)
+  return [_scaled(vals[0], math.sqrt(overlap))]
+
+
+def _each_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``optimization_barrier``, ``device_put``: each output is its operand."""
+  return [_plain(x) for x in vals]
+
+
+def _cond_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """One branch runs: the largest bound over the branches (a branch picked from the
+  inputs is refused by :mod:`flaxnorm._call_counts`)."""
+  runs = [walk.run(b.jaxpr, vals[1:], _consts(b)) for b in eqn.params["branches"]]
+  return [max(outs, key=lambda o: o.bound) for outs in zip(*runs, strict=True)]
+
+
+def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A scan, step by step (or one step, once the carry's bounds stop changing).
+
+  The stacked outputs get ``√Σₜ L(yₜ)²``; a scan that carries nothing from the
+  inputs maps its slices side by side: one step's bound.
+  """
+  p = eqn.params
+  n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+  body, known = p["jaxpr"].jaxpr, _consts(p["jaxpr"])
+  ins = [_plain(x) for x in vals]  # a slice moves at most as much as the whole
+  consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
+  if not length:
+    return carry + [_ZERO] * (len(eqn.outvars) - n_carry)
+  outs = [_plain(o) for o in walk.run(body, consts + carry + xs, known)]
+  if not any(x.bound for x in consts + carry + outs[:n_carry]):  # slices side by side
+    return outs
+  squares = [0.0] * (len(eqn.outvars) - n_carry)
+  for t in range(length):
+    if t:
+      outs = [_plain(o) for o in walk.run(body, consts + carry + xs, known)]
+    bad = _first_inf(outs[n_carry:])
+    if bad is not None:
+      return [bad] * len(eqn.outvars)
+    fixed = [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+    steps = length - t if fixed else 1  # at a fixed point every later step is this one
+    squares = [_up(s + steps * _times(y.bound, y.bound)) for s, y in zip(squares, outs[n_carry:])]
+    carry = outs[:n_carry]
+    if fixed:
+      break
+  return carry + [_Value(_up(math.sqrt(s)) if s else 0.0) for s in squares]
+
+
+def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A while loop's carry: bounded when a step no longer grows its bound (any trip count)."""
+  p = eqn.params
+  n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+  consts, carry = vals[n_cond : n_cond + n_body], [_plain(x) for x in vals[n_cond + n_body :]]
+  body = p["body_jaxpr"]
+  for _ in range(_WHILE_STEPS):
+    outs = walk.run(body.jaxpr, consts + carry, _consts(body))
+    if all(o.bound <= c.bound for c, o in zip(carry, outs, strict=True)):
+      return carry  # zero steps or more: none larger
+    carry = [
+      _Value(max(c.bound, o.bound), o.why or c.why) for c, o in zip(carry, outs, strict=True)
+    ]
+  why = "a loop of unknown trip count (nn.while_loop) whose carry's bound grows at each step"
+  return [_inf(why)] * len(eqn.outvars)
+
+
+_WHILE_STEPS = 32
+
+
+_OUTSIDE = (
+  "the model computes {} on a value that depends on the inputs outside the layers a "
+  "certificate covers"
+)
+
+
+def _unbounded(why: str) -> Callable[..., list[_Value]]:
+  return lambda walk, eqn, vals, value: [_inf(why)] * len(eqn.outvars)
+
+
+_RULES: dict[str, Callable[..., list[_Value]]] = {
+  "add": _sum_rule,
+  "sub": _sum_rule,
+  "add_any": _sum_rule,
+  "max": _max_rule,
+  "min": _max_rule,
+  "mul": _mul_rule,
+  "div": _div_rule,
+  "select_n": _select_rule,
+  "concatenate": _concat_rule,
+  "broadcast_in_dim": _broadcast_rule,
+  "reduce_sum": _reduce_sum_rule,
+  "reduce_max": _reduce_max_rule,
+  "reduce_min": _reduce_max_rule,
+  "pad": _pad_rule,
+  "clamp": _max_rule,
+  "reduce_window_sum": _window_sum_rule,
+  "reduce_window_max": _window_max_rule,
+  "reduce_window_min": _window_max_rule,
+  **dict.fromkeys(_INDEXED, _indexed_rule),
+  "optimization_barrier": _each_rule,
+  "device_put": _each_rule,
+  "cond": _cond_rule,
+  "scan": _scan_rule,
+  "while": _while_rule,
+  "dot_general": _unbounded(_OUTSIDE.format("a matrix product (dot_general)")),
+  "conv_general_dilated": _unbounded(_OUTSIDE.format("a convolution (conv_general_dilated)")),
+}

@@ -1,0 +1,275 @@
+"""The certificate carried through what the model computes between its layers.
+
+Every bound here is checked against the exact Lipschitz constant (a dense Jacobian's
+largest singular value, on linear models) or against local Jacobian norms at many
+points (a lower bound of the constant, on nonlinear ones): a certificate below
+either is wrong.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flaxnorm
+
+KEY = jax.random.key(0)
+
+
+def _local_norm(model, variables, x) -> float:
+  """The largest local Jacobian norm of ``model`` over the examples around ``x``'s rows."""
+  shape = x.shape[1:]
+
+  def f(z):
+    return model.apply(variables, z.reshape(1, *shape)).ravel()
+
+  norms = [np.linalg.norm(np.asarray(jax.jacfwd(f)(row.ravel()), np.float64), 2) for row in x]
+  return max(norms)
+
+
+def _bound(model, variables, x):
+  return flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+
+
+def _scaled_eye(n: int, b: float) -> dict:
+  return {"kernel": b * jnp.eye(n)}
+
+
+class _Residual(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(3, use_bias=False, name="d")(x)
+
+
+def test_a_residual_block_gets_one_plus_its_bound():
+  """x + d(x) with d = 0.5 I has norm 1.5; the product of layer bounds certified 0.5."""
+  variables = {"params": {"d": _scaled_eye(3, 0.5)}}
+  x = jnp.ones((1, 3))
+  bound = _bound(_Residual(), variables, x)
+  assert _local_norm(_Residual(), variables, x) == pytest.approx(1.5)
+  assert bound.reasons == {} and 1.5 <= bound.certified <= 1.5 * 1.001
+
+
+class _Branches(nn.Module):
+  how: str = "concat"
+
+  @nn.compact
+  def __call__(self, x):
+    a, b = nn.Dense(3, name="a")(x), nn.Dense(3, name="b")(x)
+    if self.how == "concat":
+      return jnp.concatenate([a, b], -1)
+    if self.how == "max":
+      return jnp.maximum(a, b)
+    return a * b
+
+
+def test_parallel_branches_side_by_side():
+  """concat(a(x), b(x)) with a = b = I: norm √2, where a product of layers gave 1."""
+  variables = {"params": {k: {**_scaled_eye(3, 1.0), "bias": jnp.zeros(3)} for k in "ab"}}
+  x = jnp.ones((1, 3))
+  for how in ("concat", "max"):
+    bound = _bound(_Branches(how), variables, x)
+    assert bound.reasons == {}
+    assert bound.certified == pytest.approx(np.sqrt(2.0), rel=1e-6)
+    assert bound.certified >= _local_norm(_Branches(how), variables, x) - 1e-6
+
+
+def test_a_product_of_two_branches_gets_a_reason():
+  model, x = _Branches("product"), jnp.ones((1, 3))
+  bound = _bound(model, model.init(KEY, x), x)
+  assert bound.certified is None
+  assert "mul of two values that depend on the inputs" in bound.reasons["<top level>"]
+
+
+@pytest.mark.parametrize(
+  ("between", "factor"),
+  [
+    (lambda h: 2.0 * h, 2.0),
+    (lambda h: h / 4.0, 0.25),
+    (lambda h: -h, 1.0),
+    (lambda h: h * np.array([1.0, -3.0, 0.5], np.float32), 3.0),  # a traced constant
+    (nn.relu, 1.0),
+    (nn.leaky_relu, 1.0),  # a select of x and 0.01 x: slope 1, not √(1 + 0.01²)
+    (nn.sigmoid, 0.25),
+    (nn.silu, 1.0999),
+    (nn.softplus, 1.0),
+  ],
+  ids=["times2", "div4", "neg", "const", "relu", "leaky", "sigmoid", "silu", "softplus"],
+)
+def test_what_the_model_computes_between_layers_counts(between, factor):
+  """Scalings and activations between two identity layers give their own factor."""
+  model = nn.Sequential([nn.Dense(3, use_bias=False), between, nn.Dense(3, use_bias=False)])
+  variables = {"params": {f"layers_{i}": _scaled_eye(3, 1.0) for i in (0, 2)}}
+  x = jnp.ones((1, 3))
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {}
+  assert bound.certified == pytest.approx(factor, rel=1e-5)
+  points = jax.random.normal(KEY, (64, 3)) * 3.0
+  assert bound.certified >= _local_norm(model, variables, points) - 1e-6
+
+
+@pytest.mark.parametrize("name", ["silu", "selu", "hard_silu", "soft_sign", "log_sigmoid", "elu"])
+def test_the_activation_table_bounds_each_slope(name):
+  """Each slope in the table is at least the activation's largest derivative on a fine grid."""
+  from flaxnorm import _propagate
+
+  f = getattr(jax.nn, name)
+  grid = jnp.linspace(-12.0, 12.0, 200_001)
+  slopes = jnp.abs(jax.vmap(jax.grad(f))(grid))
+  assert float(slopes.max()) <= _propagate._ACTIVATIONS[name]
+
+
+def test_a_jit_named_like_an_activation_is_not_trusted():
+  """Only jax.nn's own program counts as that activation: another named 'silu' is followed."""
+
+  @jax.jit
+  def silu(h):  # not jax.nn.silu: slope 5
+    return 5.0 * h
+
+  model = nn.Sequential([nn.Dense(3, use_bias=False), silu])
+  variables = {"params": {"layers_0": _scaled_eye(3, 1.0)}}
+  assert _bound(model, variables, jnp.ones((1, 3))).certified == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+  ("pool", "factor"),
+  [
+    (lambda h: nn.avg_pool(h, (2, 2), (2, 2)), 0.5),  # disjoint windows of 4: 1/2
+    (lambda h: nn.max_pool(h, (2, 2), (2, 2)), 1.0),
+    (lambda h: nn.max_pool(h, (3, 3), (1, 1), "SAME"), 3.0),  # an element in 9 windows
+    (lambda h: nn.avg_pool(h, (3, 3), (1, 1), "SAME"), 1.0),
+  ],
+  ids=["avg2", "max2", "max3-overlap", "avg3-overlap"],
+)
+def test_pools(pool, factor):
+  """Overlapping max pools are not 1-Lipschitz: a spike moves every window it is in."""
+  model = nn.Sequential([nn.Conv(1, (1, 1), use_bias=False), pool])
+  variables = {"params": {"layers_0": {"kernel": jnp.ones((1, 1, 1, 1))}}}
+  x = jnp.zeros((1, 6, 6, 1)).at[0, 2, 2, 0].set(1.0)  # the spike
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {}
+  assert bound.certified == pytest.approx(factor, rel=1e-5)
+  points = jnp.concatenate([x, jax.random.normal(KEY, (8, 6, 6, 1))])
+  assert bound.certified >= _local_norm(model, variables, points) - 1e-6
+
+
+class _Rnn(nn.Module):
+  """nn.RNN over the whole sequence: h' = tanh(W_i x + W_h h + b), every step returned."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.RNN(nn.SimpleCell(3), name="rnn")(x)
+
+
+def test_an_rnn_returning_its_sequence_is_certified():
+  """Each step adds its input's layer to its state's: a sum the product never bounded."""
+  model, x = _Rnn(), jnp.ones((1, 4, 2))
+  variables = model.init(KEY, x)
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {} and bound.certified is not None
+  points = jax.random.normal(KEY, (8, 4, 2))
+  assert bound.certified >= _local_norm(model, variables, points)
+
+
+@pytest.mark.parametrize(
+  ("between", "why"),
+  [
+    (lambda h: h / jnp.linalg.norm(h), "div by a value that depends"),
+    (lambda h: jnp.exp(h), "no Lipschitz rule for exp"),
+    (lambda h: h**2, "no Lipschitz rule for integer_pow"),
+    (lambda h: jnp.sort(h), "no Lipschitz rule for sort"),
+    (lambda h: h * jnp.sum(jnp.ones(3) * 2.0) ** 3, None),  # a constant, folded: 216
+    (lambda h: (h > 0).astype(h.dtype), "jumps"),
+  ],
+  ids=["normalize", "exp", "square", "sort", "folded", "step"],
+)
+def test_what_no_rule_bounds_gets_a_reason(between, why):
+  model = nn.Sequential([nn.Dense(3, use_bias=False), between])
+  x = jnp.ones((1, 3))
+  bound = _bound(model, {"params": {"layers_0": _scaled_eye(3, 1.0)}}, x)
+  if why is None:
+    assert bound.certified == pytest.approx(216.0)
+  else:
+    assert bound.certified is None and why in bound.reasons["<top level>"]
+
+
+class _Noisy(nn.Module):
+  @nn.compact
+  def __call__(self, x, key):
+    return nn.Dense(3)(x) * jax.random.uniform(key, (), minval=0.0, maxval=4.0)
+
+
+def test_a_scale_the_model_computes_gets_a_reason():
+  """A scale drawn from a key (held fixed, but unknown here) could be anything."""
+  model, x = _Noisy(), jnp.ones((1, 3))
+  variables = model.init(KEY, x, KEY)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x, KEY))
+  assert bound.certified is None
+  assert "multiplies by a value it computes" in bound.reasons["<top level>"]
+
+
+def test_a_while_loop_that_does_not_grow_its_carry_is_bounded():
+  """Halving until a counter runs out: at most the identity whatever the trip count; a
+  doubling loop gets a reason."""
+
+  class Loop(nn.Module):
+    factor: float
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(3, use_bias=False, name="d")(x)
+      body = lambda c: (c[0] * self.factor, c[1] + 1)
+      return jax.lax.while_loop(lambda c: c[1] < 3, body, (h, 0))[0]
+
+  variables = {"params": {"d": _scaled_eye(3, 1.0)}}
+  x = jnp.ones((1, 3))
+  assert _bound(Loop(0.5), variables, x).certified == pytest.approx(1.0)
+  grows = _bound(Loop(2.0), variables, x)
+  assert grows.certified is None and "grows" in grows.reasons["<top level>"]
+
+
+_BLOCKS = st.lists(
+  st.sampled_from(["dense", "residual", "concat", "double", "relu", "tanh", "pool", "leaky"]),
+  min_size=1,
+  max_size=4,
+)
+
+
+class _Random(nn.Module):
+  """A small model made of random blocks (for the fuzz below)."""
+
+  blocks: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    for b in self.blocks:
+      n = x.shape[-1]
+      if b == "dense":
+        x = nn.Dense(n)(x)
+      elif b == "residual":
+        x = x + nn.Dense(n)(nn.relu(nn.Dense(n)(x)))
+      elif b == "concat":
+        x = jnp.concatenate([nn.Dense(2)(x), nn.Dense(2)(x)], -1)
+      elif b == "double":
+        x = 2.0 * x
+      elif b == "pool":
+        x = nn.max_pool(x[..., None], (2,), (1,), "SAME")[..., 0]
+      else:
+        x = {"relu": nn.relu, "tanh": jnp.tanh, "leaky": nn.leaky_relu}[b](x)
+    return nn.Dense(2)(x)
+
+
+@settings(max_examples=12, deadline=None)
+@given(_BLOCKS, st.integers(0, 2**16))
+def test_random_models_are_never_certified_below_a_local_norm(blocks, seed):
+  model, x = _Random(tuple(blocks)), jnp.ones((1, 4))
+  variables = model.init(jax.random.key(seed), x)
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {}
+  points = jax.random.normal(jax.random.key(seed + 1), (16, 4)) * 2.0
+  assert bound.certified >= _local_norm(model, variables, points) - 1e-5
