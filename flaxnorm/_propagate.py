@@ -386,10 +386,20 @@ def _side_by_side(parts: Sequence[_Value]) -> _Value:
 
 def _max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """``max``/``min``/``clamp``: elementwise, each output moves with one operand."""
-  deps = _grown(vals, eqn)
-  if len(deps) == 1 and _size(deps[0][1]) == _size(eqn.outvars[0]):
-    return [_elementwise(deps[0][1], deps[0][0], 1.0)]
-  return [_side_by_side([x for x, _ in deps])]
+  return [_picked(_grown(vals, eqn), eqn)]
+
+
+def _picked(cases: list[tuple[_Value, Any]], eqn: Any) -> _Value:
+  """Each element one of ``cases``' (values and their variables) elements: ``√Σ L²``, or
+  the largest slope when all are elementwise functions of one value."""
+  bad = _first_inf([x for x, _ in cases])
+  if bad is not None:
+    return bad
+  bases = {x.origin[0] if x.origin else v for x, v in cases}
+  if len(bases) == 1 and all(_size(v) == _size(eqn.outvars[0]) for _, v in cases):
+    slope = max(x.origin[1] if x.origin else 1.0 for x, _ in cases)
+    return _Value(max(x.bound for x, _ in cases), None, (bases.pop(), slope))
+  return _side_by_side([x for x, _ in cases])
 
 
 def _largest(value: Any) -> float | None:
@@ -437,19 +447,10 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
 
 def _select_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """``select_n``: the predicate is taken as picking continuously (a precondition)."""
-  out = _size(eqn.outvars[0])
   cases = _grown([_ZERO, *vals[1:]], eqn)
   if not cases:  # constants picked by the inputs: a step
     return [_inf("select_n between values fixed by the inputs, picked by them (a step)")]
-  bad = _first_inf([x for x, _ in cases])
-  if bad is not None:
-    return [bad]
-  bases = {x.origin[0] if x.origin else v for x, v in cases}
-  if len(bases) == 1 and all(_size(v) == out for _, v in cases):  # functions of one value
-    slope = max(x.origin[1] if x.origin else 1.0 for x, _ in cases)
-    top = max(x.bound for x, _ in cases)
-    return [_Value(top, None, (bases.pop(), slope))]
-  return [_side_by_side([x for x, _ in cases])]
+  return [_picked(cases, eqn)]
 
 
 def _concat_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:

@@ -799,7 +799,8 @@ def _plain_layer(
     bound = _guarded(reasons, at, lambda: _plain_bound(seen, params, path, n_steps))
     if bound is not None:
       power = _runs_power(bound, seen)
-      layers[at] = (jnp.asarray(power, jnp.float32), power)
+      with np.errstate(over="ignore"):  # b ** runs beyond float32: inf
+        layers[at] = (jnp.asarray(power, jnp.float32), power)
   if names:
     reasons[path or _TOP] = (
       f"{type(seen.module).__name__} holds {names}, which no certificate covers: only the "

@@ -95,11 +95,23 @@ def test_a_product_of_two_branches_gets_a_reason():
     (lambda h: h * np.array([1.0, -3.0, 0.5], np.float32), 3.0),  # a traced constant
     (nn.relu, 1.0),
     (nn.leaky_relu, 1.0),  # a select of x and 0.01 x: slope 1, not √(1 + 0.01²)
+    (lambda h: jnp.maximum(h, 0.2 * h), 1.0),  # the same, as a max
     (nn.sigmoid, 0.25),
     (nn.silu, 1.0999),
     (nn.softplus, 1.0),
   ],
-  ids=["times2", "div4", "neg", "const", "relu", "leaky", "sigmoid", "silu", "softplus"],
+  ids=[
+    "times2",
+    "div4",
+    "neg",
+    "const",
+    "relu",
+    "leaky",
+    "leaky-max",
+    "sigmoid",
+    "silu",
+    "softplus",
+  ],
 )
 def test_what_the_model_computes_between_layers_counts(between, factor):
   """Scalings and activations between two identity layers give their own factor."""
