@@ -520,6 +520,19 @@ def _window_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> l
   return [_scaled(vals[0], math.sqrt(overlap))]
 
 
+def _sort_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``sort``: sorting is 1-Lipschitz (GroupSort, MaxMin); values carried along by the
+  keys jump where two keys cross (a discrete result for integers, a reason for reals)."""
+  n_keys = eqn.params["num_keys"]
+  if not any(x.bound for x in vals[:n_keys]):  # a fixed permutation
+    return [_plain(x) for x in vals]
+  key = _plain(vals[0]) if n_keys == 1 else _inf(_CARRIED)
+  return [key, *[_inf(_CARRIED)] * (len(vals) - 1)]
+
+
+_CARRIED = "sort that moves values by keys computed from the inputs (they jump where keys cross)"
+
+
 def _each_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """``optimization_barrier``, ``device_put``: each output is its operand."""
   return [_plain(x) for x in vals]
@@ -614,6 +627,7 @@ _RULES: dict[str, Callable[..., list[_Value]]] = {
   "reduce_window_max": _window_max_rule,
   "reduce_window_min": _window_max_rule,
   **dict.fromkeys(_INDEXED, _indexed_rule),
+  "sort": _sort_rule,
   "optimization_barrier": _each_rule,
   "device_put": _each_rule,
   "cond": _cond_rule,

@@ -99,6 +99,7 @@ def test_a_product_of_two_branches_gets_a_reason():
     (nn.sigmoid, 0.25),
     (nn.silu, 1.0999),
     (nn.softplus, 1.0),
+    (lambda h: jnp.sort(h, axis=-1), 1.0),  # GroupSort (one group): sorting is 1-Lipschitz
   ],
   ids=[
     "times2",
@@ -111,6 +112,7 @@ def test_a_product_of_two_branches_gets_a_reason():
     "sigmoid",
     "silu",
     "softplus",
+    "groupsort",
   ],
 )
 def test_what_the_model_computes_between_layers_counts(between, factor):
@@ -194,11 +196,12 @@ def test_an_rnn_returning_its_sequence_is_certified():
     (lambda h: h / jnp.linalg.norm(h), "div by a value that depends"),
     (lambda h: jnp.exp(h), "no Lipschitz rule for exp"),
     (lambda h: h**2, "no Lipschitz rule for integer_pow"),
-    (lambda h: jnp.sort(h), "no Lipschitz rule for sort"),
+    (lambda h: jnp.take_along_axis(h, jnp.argsort(h), -1), "gather at indices"),
+    (lambda h: jax.lax.sort((h, 2.0 * h), num_keys=1)[1], "sort that moves values"),
     (lambda h: h * jnp.sum(jnp.ones(3) * 2.0) ** 3, None),  # a constant, folded: 216
     (lambda h: (h > 0).astype(h.dtype), "jumps"),
   ],
-  ids=["normalize", "exp", "square", "sort", "folded", "step"],
+  ids=["normalize", "exp", "square", "argsort", "sort-carried", "folded", "step"],
 )
 def test_what_no_rule_bounds_gets_a_reason(between, why):
   model = nn.Sequential([nn.Dense(3, use_bias=False), between])
