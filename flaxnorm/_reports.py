@@ -164,10 +164,10 @@ def lipschitz_bound(
   ``dot_general`` or ``conv_general_dilated``, a module's own ``self.param``,
   a Conv with ``REFLECT`` or negative padding, an empty output or
   ``input_dilation``) makes the certificate ``None``, with the reason under
-  its path in ``reasons``; so do spectral states stacked by
-  ``nn.scan``/``nn.vmap`` (a ``ValueError``: bound each member's variables), a
-  layer in an ``nn.while_loop``, and a layer called on inputs of different
-  sizes (a ``ValueError``).
+  its path in ``reasons``, as does a layer in an ``nn.while_loop`` or a plain
+  layer stacked by ``nn.scan``/``nn.vmap``. Stacked spectral states and a
+  layer called on inputs of different sizes are a ``ValueError`` (bound each
+  member's variables).
 
   The layers' bounds are then carried through the traced program, value by
   value (``L(y)`` with ``|dy| <= L(y) |dx|``, all floating-point inputs as
@@ -181,143 +181,10 @@ def lipschitz_bound(
   bounds gets a reason under ``"<top level>"``: a product of two values that
   depend on the inputs (gates, attention), a scale or matrix the model
   computes outside the certified layers (dropout in training, a computed
-  statistic), ``exp``, powers, ``sort``, a gather at indices computed from
-  the inputs, a comparison used as data, and a branch or loop trip count
-  picked from the inputs. Selects on the inputs (``jnp.where``, leaky ReLU)
+  statistic), ``exp``, powers, a gather at indices computed from the inputs,
+  values sorted by keys from the inputs, a comparison used as data, and a
+  branch or loop trip count picked from the inputs. Selects on the inputs (``jnp.where``, leaky ReLU)
   are taken as continuous: a precondition, not checked.
-
-  Args:
-    variables: Linen variables with ``collection`` (or that collection itself, as
-      ``flaxnorm.tree.spectral_norm_init`` returns it).
-    collection: the collection holding the spectral state.
-
-  Returns:
-    ``{"Dense_0/kernel": sigma, ...}`` in path order, each sigma of shape ``()``.
-
-  Raises:
-    TypeError: ``variables`` is not a mapping, or ``collection`` not a str.
-    ValueError: Linen variables without ``collection`` (the message lists the
-      collections they hold), or a state entry that is not ``{x}_u``,
-      ``{x}_v`` or ``{x}_sigma``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> import flaxnorm
-    >>> model = nn.Sequential([flaxnorm.spectral_norm(nn.Dense(4)), nn.relu,
-    ...                        flaxnorm.spectral_norm(nn.Dense(2))])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> sorted(flaxnorm.spectral_sigmas(variables))
-    ['layers_0/kernel', 'layers_2/kernel']
-  """
-  return _sigmas(variables, collection, "spectral_sigmas")
-
-
-def _sigmas(variables: Any, collection: Any, fn: str, hint: str = "") -> dict[str, jax.Array]:
-  """:func:`spectral_sigmas`, its messages naming ``fn`` (``hint`` ends a missing collection's)."""
-  collection = _checks.check_collection(collection, fn)
-  if not isinstance(variables, Mapping):
-    raise TypeError(
-      f"{fn}: variables must be a mapping with a '{collection}' collection, got "
-      f"{type(variables).__name__}."
-    )
-  state = variables.get(collection, variables)
-  if collection not in variables and "params" in variables:  # Linen variables without it
-    raise ValueError(
-      f"{fn}: collection '{collection}' is not in the variables, which hold the collections "
-      f"{sorted(map(str, variables))}: no layer is spectrally normalized (plain or "
-      "weight-normed variables), or its state is under another collection name." + hint
-    )
-  if not isinstance(state, Mapping):
-    raise TypeError(
-      f"{fn}: collection '{collection}' must be a mapping, got {type(state).__name__}."
-    )
-  entries = _fold.spectral_entries(state, fn)
-  return {"/".join((*path, name)): meta.unbox(s) for path, name, (_, _, s) in entries}
-
-
-class LipschitzBound(NamedTuple):
-  """What :func:`lipschitz_bound` reports.
-
-  Attributes:
-    estimate: shape ``()``: the product of the layers' norms in ``layers``: a
-      spectrally normalized layer's effective norm from its stored sigma
-      (``target``, or ``min(sigma, target)`` with ``"clip"``), and (with a
-      model) a plain linear layer's certified norm, as it has no sigma.
-    certified: a certified upper bound of the model's Lipschitz constant: each
-      linear layer's certified norm (Gram iteration) carried through what the
-      model computes between its layers (sums, branches, scalings, pools,
-      activations, loops); ``None`` when no model was given, some layer has no
-      bound, or no rule bounds what the model computes (see ``reasons``).
-    layers: per param path (``"Dense_0/kernel"``): ``(estimate, certified)``.
-    reasons: why ``certified`` is ``None``, per layer or param path (empty
-      without a model, and when ``certified`` is a float).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> import flaxnorm
-    >>> variables = flaxnorm.spectral_norm(nn.Dense(2)).init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> estimate, certified, layers, reasons = flaxnorm.lipschitz_bound(variables)
-    >>> list(layers), certified, reasons
-    (['kernel'], None, {})
-  """
-
-  estimate: jax.Array
-  certified: float | None
-  layers: dict[str, tuple[jax.Array, float | None]]
-  reasons: dict[str, str]
-
-
-def lipschitz_bound(
-  variables: Mapping[str, Any],
-  collection: str = "spectral",
-  *,
-  target: float = 1.0,
-  mode: str = "normalize",
-  model: nn.Module | None = None,
-  inputs: tuple[Any, ...] = (),
-  n_gram_steps: int | None = None,
-) -> LipschitzBound:
-  """The Lipschitz constant of a feed-forward chain after spectral norm: estimate and bound.
-
-  Each spectrally normalized layer's effective norm is ``target`` with
-  ``mode="normalize"`` and ``min(sigma, target)`` with ``"clip"`` (sigma the
-  stored estimate); the estimate is their product. It holds for a *chain*
-  ``f = f_L ∘ a ∘ ... ∘ a ∘ f_1`` whose activations ``a`` are 1-Lipschitz (ReLU,
-  leaky ReLU, tanh, ...), whose every linear layer is spectrally normalized, and
-  with no skip connections or normalization layers: those change the constant.
-  Power iteration's sigma is a lower estimate of a kernel's norm, and the kernel
-  mode's matrix view is not a convolution's operator norm, so the estimate is
-  not a certificate.
-
-  With ``model`` and ``inputs`` the bound is also *certified*: the model is
-  traced shape-only on ``inputs`` to see every layer it calls, with its kind,
-  options and input size, and each layer that holds variables gets a
-  guaranteed upper bound on the norm of what it computes in evaluation (Gram
-  iteration on the kernel's matrix, or on a convolution's FFT-domain blocks,
-  times the largest scale ``target / sigma`` a wrapped layer can compute: its
-  sigma as it computes it, in its own dtype, with a rigorous rounding margin).
-  Certified layers: ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` (any
-  strides, zero or circular padding, groups, kernel dilation, ``mask``) run by
-  Flax's own code, spectrally normalized, weight-normed or plain (then the
-  estimate counts their certified norm too); biases add no factor. A model
-  with no spectrally normalized layer (no ``collection`` in the variables) is
-  certified from its ``params``. Any other layer holding variables
-  (``ConvTranspose``, ``LayerNorm``, ``BatchNorm``, ``Embed``, a subclass, a
-  custom ``dot_general`` or ``conv_general_dilated``, a module's own
-  ``self.param``, a Conv with ``REFLECT`` or negative padding, an empty output
-  or ``input_dilation``) makes the product ``None``, with the reason under its
-  path in ``reasons``. A layer the model runs ``k`` times (weight tying, or
-  an ``nn.scan`` of length ``k``) counts ``k`` times; one in an
-  ``nn.while_loop`` gets a reason; on inputs of different sizes it is refused.
-  A branch or loop trip count picked from the inputs, and a scan whose steps
-  are no chain (every step's output made from the carry used, as
-  ``nn.RNN``'s outputs, or a carry taking in two input-dependent values at a
-  step), get a reason under ``"<top level>"``. Spectral states stacked
-  by ``nn.scan``/``nn.vmap`` are refused (bound each member's variables); a
-  plain stacked layer gets a reason. Layers without variables (activations,
-  dropout in evaluation) and what the model computes between layers (skip
-  connections, scalings, normalization without params) are taken as
-  1-Lipschitz: a precondition, not checked.
 
   Args:
     variables: Linen variables with ``collection`` (or the collection itself
