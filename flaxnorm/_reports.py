@@ -447,13 +447,6 @@ _JUMP = (
 _UNCHAINED = {  # see flaxnorm._call_counts.Counts
   "cond": "the model picks a branch (nn.cond, nn.switch, lax.cond)" + _JUMP,
   "while": "the model picks a loop's trip count (nn.while_loop, lax.while_loop)" + _JUMP,
-  "scan": (
-    "the model has a scan whose steps are no chain: it uses every step's output made from "
-    "the carry (nn.RNN's outputs, nn.scan's ys), or its carry takes in two values that "
-    "depend on the inputs at a step (an RNN cell's h and x, an LSTM's cell state, a buffer "
-    "of steps); the steps then stand side by side, b, b², ..., b^L for a layer of bound "
-    "b, which no power of b bounds"
-  ),
   "inputs": (
     "no input is a floating-point array the bound could be over (Python scalars, "
     "integers, bools and PRNG keys are held fixed): pass the inputs as arrays"
