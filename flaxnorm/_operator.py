@@ -95,7 +95,13 @@ def operator_power_iteration(
   v = jax.lax.stop_gradient(jnp.asarray(v, dtype))
   if not n_steps:  # unit vectors give sigma (a zero one, 0)
     u, v = (_power.start_vector(x, eps, restart=False) for x in (u, v))
-  out, transpose = jax.vjp(apply, v)  # a layer computing in bfloat16 takes a bfloat16 ``u``
+  try:
+    out, transpose = jax.vjp(apply, v)  # a layer computing in bfloat16 takes a bfloat16 ``u``
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+      f"operator_power_iteration: apply fails on v of shape {v.shape} ({v.dtype}); v must "
+      f"be an input apply takes (one example of its input's shape): {e}"
+    ) from e
   if not isinstance(out, jax.Array):
     raise TypeError(
       f"operator_power_iteration: apply must return one array (u's shape), got "

@@ -186,6 +186,14 @@ BAD_INPUTS = [
     r"u must have the shape of apply\(v\), \(3,\) for v of shape \(2,\), got \(2,\)",
   ),
   (
+    "v of another shape than the map's input",
+    lambda: flaxnorm.operator_power_iteration(
+      lambda x: x @ jnp.ones((2, 3)), jnp.ones(3), jnp.ones(4), n_steps=1
+    ),
+    ValueError,
+    r"apply fails on v of shape \(4,\) \(float32\); v must be an input apply takes .*dot_general",
+  ),
+  (
     "an apply that returns a tuple",
     lambda: flaxnorm.operator_power_iteration(
       lambda x: (x, x), jnp.ones(2), jnp.ones(2), n_steps=1
