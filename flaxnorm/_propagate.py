@@ -83,25 +83,43 @@ _ACTIVATIONS = {
   "silu": 1.0999,  # max of σ(x)(1 + x(1 - σ(x))): 1.09984 at x = 2.3994
   "hard_silu": 1.5,  # (relu6(x + 3) + x) / 6 at x = 3
   "selu": 1.7581,  # scale · alpha = 1.0507 · 1.67326
+  "mish": 1.089,  # 1.0885 at x = 1.19
+}
+
+
+# Those with an ``alpha`` argument: their largest slope for a given ``alpha`` (or None).
+_ACTIVATIONS_OF_ALPHA: dict[str, Callable[[float], float | None]] = {
+  "elu": lambda a: max(1.0, abs(a)),  # alpha · exp(x) below 0
+  "celu": lambda a: 1.0 if a > 0 else None,  # exp(x / alpha) below 0: unbounded for alpha < 0
 }
 
 
 @functools.lru_cache(maxsize=256)
-def _reference(name: str, shape: tuple[int, ...], dtype: Any, weak: bool) -> str:
-  """The program of ``jax.nn.<name>`` on such an array, printed."""
-  arg = jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
-  (eqn,) = jax.make_jaxpr(getattr(jax.nn, name))(arg).jaxpr.eqns
+def _reference(name: str, avals: tuple[tuple[tuple[int, ...], Any, bool], ...]) -> str:
+  """The program of ``jax.nn.<name>`` on such arguments, printed."""
+  args = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak) for shape, dtype, weak in avals]
+  (eqn,) = jax.make_jaxpr(getattr(jax.nn, name))(*args).jaxpr.eqns
   return str(eqn.params["jaxpr"])
 
 
-def _activation_slope(eqn: Any) -> float | None:
-  """The largest slope of a ``jax.nn`` activation ``eqn`` calls, or None."""
+def _activation_slope(eqn: Any, value: Callable[[Any], Any]) -> float | None:
+  """The largest slope of a ``jax.nn`` activation ``eqn`` calls (real, with a known
+  ``alpha`` if it takes one), or None."""
   name = str(eqn.params.get("name", ""))
-  if eqn.primitive.name != "jit" or name not in _ACTIVATIONS or len(eqn.invars) != 1:
+  if eqn.primitive.name != "jit" or not _is_real_floating(eqn.invars[0]):
     return None
-  aval = eqn.invars[0].aval
-  key = (name, tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
-  return _ACTIVATIONS[name] if str(eqn.params["jaxpr"]) == _reference(*key) else None
+  if len(eqn.invars) == 1 and name in _ACTIVATIONS:
+    slope = _ACTIVATIONS[name]
+  elif len(eqn.invars) == 2 and name in _ACTIVATIONS_OF_ALPHA and value(eqn.invars[1]) is not None:
+    alpha = np.asarray(value(eqn.invars[1]))
+    slope = _ACTIVATIONS_OF_ALPHA[name](float(alpha)) if alpha.size == 1 else None
+  else:
+    return None
+  avals = tuple(
+    (tuple(v.aval.shape), v.aval.dtype, bool(getattr(v.aval, "weak_type", False)))
+    for v in eqn.invars
+  )
+  return slope if str(eqn.params["jaxpr"]) == _reference(name, avals) else None
 
 
 # Elementwise primitives of one operand: their largest slope (a value made from them is
@@ -115,13 +133,15 @@ _SLOPES = {
   "atan": 1.0,
   "logistic": 0.25,
   "erf": 1.1284,  # 2 / √π
-  "convert_element_type": 1.0,
+  "convert_element_type": 1.0,  # complex to real: its real part
   "reduce_precision": 1.0,
   "copy": 1.0,
   "copy_p": 1.0,
 }
+_REAL_SLOPES = {"tanh", "sin", "cos", "atan", "logistic", "erf"}  # on the real line only
 # Rearrangements of their first operand (the others: shapes or nothing).
 _MOVES = {
+  "stop_gradient",
   "reshape",
   "squeeze",
   "expand_dims",
@@ -256,18 +276,21 @@ class _Walk:
     if rule is not None:
       return rule(self, eqn, vals, value)
     if name in _SLOPES:
+      if name in _REAL_SLOPES and not _is_real_floating(eqn.invars[0]):
+        return [_inf(f"{name} of a complex value (its slope is unbounded off the real line)")]
       return [_elementwise(eqn.invars[0], vals[0], _SLOPES[name])]
     if name in _MOVES:
       return [_plain(vals[0])]
     if name in _DISCRETE:
       return [_inf(f"{name} of a value that depends on the inputs jumps")] * len(eqn.outvars)
     subs = list(jex_core.jaxprs_in_params(eqn.params))
-    if len(subs) == 1 and len(subs[0].invars) == len(vals):  # jit, remat, custom derivatives
-      slope = _activation_slope(eqn)
+    if name in _CALLS and len(subs) == 1 and len(subs[0].invars) == len(vals):
+      slope = _activation_slope(eqn, value)
       if slope is not None:
         return [_elementwise(eqn.invars[0], vals[0], slope)]
       ins = [_with_origin(x, v) for x, v in zip(vals, eqn.invars, strict=True)]
-      return self.run(subs[0], ins, _sub_consts(eqn), eqn.invars)
+      known = _passed(subs[0].invars, eqn.invars, value, _sub_consts(eqn))
+      return self.run(subs[0], ins, known, eqn.invars)
     why = f"no Lipschitz rule for {name} of a value that depends on the inputs"
     return [_inf(why)] * len(eqn.outvars)
 
@@ -307,6 +330,37 @@ def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
 
 _FOLD_LIMIT = 1 << 20  # elements
 _NOT_FOLDED = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "rng_bit_generator"}
+
+
+# Primitives that call their one subprogram once on their operands, in order.
+_CALLS = {
+  "jit",
+  "pjit",
+  "closed_call",
+  "core_call",
+  "remat",
+  "remat2",
+  "checkpoint",
+  "custom_jvp_call",
+  "custom_vjp_call",
+  "custom_vjp_call_jaxpr",
+}
+
+
+def _passed(
+  invars: Sequence[Any], operands: Sequence[Any], value: Callable[[Any], Any], known: Mapping
+) -> dict[Any, Any]:
+  """``known`` with a subprogram's inputs whose operands' values are known."""
+  found = dict(known)
+  for inner, outer in zip(invars, operands, strict=True):
+    c = value(outer)
+    if c is not None:
+      found[inner] = c
+  return found
+
+
+def _is_real_floating(v: Any) -> bool:
+  return jnp.issubdtype(v.aval.dtype, jnp.floating)
 
 
 def _renamed(x: _Value, rename: Mapping[Any, Any], inner: set[Any]) -> _Value:
@@ -406,7 +460,7 @@ def _largest(value: Any) -> float | None:
   """``max |c|`` of a known constant, or None."""
   if value is None:
     return None
-  a = np.abs(np.asarray(value, np.float64))
+  a = np.abs(np.asarray(value)).astype(np.float64)  # |c| of a complex c too
   return float(a.max()) if a.size else 0.0
 
 
@@ -437,7 +491,7 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   if vals[1].bound:
     return [_inf("div by a value that depends on the inputs (not Lipschitz)")]
   c = value(eqn.invars[1])
-  smallest = None if c is None else np.abs(np.asarray(c, np.float64)).min(initial=np.inf)
+  smallest = None if c is None else np.abs(np.asarray(c)).astype(np.float64).min(initial=np.inf)
   if smallest == 0.0:
     return [_inf("div by a constant that holds 0")]
   return _scale_by(
@@ -474,14 +528,20 @@ def _reduce_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> l
 
 def _pad_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """The operand side by side with its padding value (copied to every padded element)."""
-  return [_side_by_side([x for x, _ in _grown(vals, eqn)])]
+  padding = _grown([_ZERO, vals[1]], eqn)
+  return [_side_by_side([_plain(vals[0]), *(x for x, _ in padding)])]
+
+
+def _split_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``split``: each part is a slice."""
+  return [_plain(vals[0])] * len(eqn.outvars)
 
 
 # Indexing primitives: ``(where the indices start, where they end, the data operands)``.
 _INDEXED = {
   "dynamic_slice": (slice(1, None), (0,)),
   "dynamic_update_slice": (slice(2, None), (0, 1)),
-  "scatter": (slice(1, 2), (0, 2)),  # a set: each element from the operand or one update
+  "scatter": (slice(1, 2), (0, 2)),  # a set (no update_jaxpr): each element from one source
   "gather": (slice(1, 2), (0,)),
 }
 
@@ -492,9 +552,28 @@ def _indexed_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list
   indices, data = _INDEXED[name]
   if any(x.bound for x in vals[indices]):
     return [_inf(f"{name} at indices computed from the inputs (what it picks can jump)")]
-  if name == "gather" and not eqn.params.get("unique_indices", False):
-    return [_inf("gather of a value that depends on the inputs: an element may repeat")]
+  if name == "scatter" and eqn.params.get("update_jaxpr") is not None:
+    return [_inf("scatter that combines updates with the operand (.at[].apply)")]
+  if name == "gather":
+    repeats = _repeats(eqn, value)
+    if repeats is None:
+      return [_inf("gather of a value that depends on the inputs at indices not known here")]
+    return [_scaled(vals[0], math.sqrt(repeats))]
   return [_side_by_side([vals[i] for i in data])]
+
+
+def _repeats(eqn: Any, value: Callable[[Any], Any]) -> int | None:
+  """How many times a ``gather`` with known indices copies its most copied element: the
+  gather run on the operand's element numbers."""
+  indices, operand = value(eqn.invars[1]), eqn.invars[0].aval
+  size = math.prod(operand.shape)
+  if indices is None or size >= 2**31 or _size(eqn.outvars[0]) > _FOLD_LIMIT:
+    return None
+  numbers = jnp.arange(size, dtype=jnp.int32).reshape(operand.shape)
+  params = {**eqn.params, "fill_value": -1}
+  picked = np.asarray(eqn.primitive.bind(numbers, jnp.asarray(indices), **params)).ravel()
+  picked = picked[(picked >= 0) & (picked < size)]
+  return int(np.bincount(picked, minlength=1).max()) if picked.size else 0
 
 
 def _window_overlap(params: Mapping[str, Any]) -> tuple[int, int]:
@@ -541,8 +620,21 @@ def _each_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
 def _cond_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """One branch runs: the largest bound over the branches (a branch picked from the
   inputs is refused by :mod:`flaxnorm._call_counts`)."""
-  runs = [walk.run(b.jaxpr, vals[1:], _consts(b)) for b in eqn.params["branches"]]
-  return [max(outs, key=lambda o: o.bound) for outs in zip(*runs, strict=True)]
+  runs = [
+    walk.run(b.jaxpr, vals[1:], _passed(b.jaxpr.invars, eqn.invars[1:], value, _consts(b)))
+    for b in eqn.params["branches"]
+  ]
+  return [_one_of(outs) for outs in zip(*runs, strict=True)]
+
+
+def _one_of(outs: Sequence[_Value]) -> _Value:
+  """One of ``outs`` (a branch's): the largest bound; an elementwise function of a value
+  only when every branch's is one of that value."""
+  top = max(outs, key=lambda o: o.bound)
+  bases = {o.origin[0] if o.origin else None for o in outs}
+  if top.bound == _INF or len(bases) != 1 or None in bases:
+    return _plain(top)
+  return _Value(top.bound, None, (bases.pop(), max(o.origin[1] for o in outs if o.origin)))
 
 
 def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -553,15 +645,16 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   """
   p = eqn.params
   n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
-  body, known = p["jaxpr"].jaxpr, _consts(p["jaxpr"])
+  body = p["jaxpr"].jaxpr
+  known = _passed(body.invars[:n_consts], eqn.invars[:n_consts], value, _consts(p["jaxpr"]))
   ins = [_plain(x) for x in vals]  # a slice moves at most as much as the whole
   consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
   if not length:
     return carry + [_ZERO] * (len(eqn.outvars) - n_carry)
   outs = [_plain(o) for o in walk.run(body, consts + carry + xs, known)]
-  if not any(x.bound for x in consts + carry + outs[:n_carry]):  # slices side by side
-    return outs
-  squares = [0.0] * (len(eqn.outvars) - n_carry)
+  if not any(x.bound for x in consts + carry + outs[:n_carry]) and not _chooses(body):
+    return outs  # slices side by side, each step one function of its slice
+  squares = [0.0] * (len(eqn.outvars) - n_carry)  # steps side by side: √Σ L(y_t)²
   for t in range(length):
     if t:
       outs = [_plain(o) for o in walk.run(body, consts + carry + xs, known)]
@@ -577,14 +670,25 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   return carry + [_Value(_up(math.sqrt(s)) if s else 0.0) for s in squares]
 
 
+def _chooses(jaxpr: jex_core.Jaxpr) -> bool:
+  """Whether ``jaxpr`` runs a ``cond`` or ``while``: their bound is the largest over the
+  choices, which differ from step to step of a scan (no bound of one step's map)."""
+  return any(
+    e.primitive.name in ("cond", "while") or any(map(_chooses, jex_core.jaxprs_in_params(e.params)))
+    for e in jaxpr.eqns
+  )
+
+
 def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """A while loop's carry: bounded when a step no longer grows its bound (any trip count)."""
   p = eqn.params
   n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
   consts, carry = vals[n_cond : n_cond + n_body], [_plain(x) for x in vals[n_cond + n_body :]]
   body = p["body_jaxpr"]
+  operands = eqn.invars[n_cond : n_cond + n_body]
+  known = _passed(body.jaxpr.invars[:n_body], operands, value, _consts(body))
   for _ in range(_WHILE_STEPS):
-    outs = walk.run(body.jaxpr, consts + carry, _consts(body))
+    outs = walk.run(body.jaxpr, consts + carry, known)
     if all(o.bound <= c.bound for c, o in zip(carry, outs, strict=True)):
       return carry  # zero steps or more: none larger
     carry = [
@@ -622,6 +726,7 @@ _RULES: dict[str, Callable[..., list[_Value]]] = {
   "reduce_max": _reduce_max_rule,
   "reduce_min": _reduce_max_rule,
   "pad": _pad_rule,
+  "split": _split_rule,
   "clamp": _max_rule,
   "reduce_window_sum": _window_sum_rule,
   "reduce_window_max": _window_max_rule,

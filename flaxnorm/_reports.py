@@ -350,7 +350,7 @@ def _check_has_params(variables: Any) -> None:
     raise TypeError(
       f"{_AT}: variables must be a mapping (the model's variables), got {type(variables).__name__}."
     )
-  if "params" not in variables:
+  if variables and "params" not in variables:  # {}: a model without params
     raise ValueError(
       f"{_AT}: with model, variables must be the model's variables with a 'params' "
       f"collection (as model.init returns them), got the collections "
