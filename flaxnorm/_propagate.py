@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from flaxnorm import _call_counts
+from flaxnorm import _call_counts, _certify
 
 _INF = math.inf
 
@@ -175,7 +175,10 @@ _DISCRETE = {  # outputs that jump: fine as a predicate, not as data
 
 
 def bound(
-  jaxpr: jex_core.ClosedJaxpr, dependent: Sequence[bool], layers: Mapping[str, float]
+  jaxpr: jex_core.ClosedJaxpr,
+  dependent: Sequence[bool],
+  layers: Mapping[str, float],
+  fixed: Mapping[int, Any] | None = None,
 ) -> tuple[float, str | None]:
   """The Lipschitz bound of ``jaxpr``'s real outputs, as one vector, in its inputs.
 
@@ -184,13 +187,15 @@ def bound(
     dependent: which ``invars`` are the inputs the bound is over.
     layers: a certified norm per layer (its module path); a marked layer not
       here is followed primitive by primitive.
+    fixed: the values of inputs held fixed (an integer array), by ``invars`` index.
 
   Returns:
     ``(L, None)``, or ``(inf, reason)``.
   """
   walk = _Walk(layers)
   ins = [_Value(1.0) if d else _ZERO for d in dependent]
-  outs = walk.run(jaxpr.jaxpr, ins, _consts(jaxpr))
+  known = _consts(jaxpr) | {jaxpr.jaxpr.invars[i]: x for i, x in (fixed or {}).items()}
+  outs = walk.run(jaxpr.jaxpr, ins, known)
   real = [o for o, v in zip(outs, jaxpr.jaxpr.outvars, strict=True) if _is_real(v)]
   for o in real:
     if o.bound == _INF:
@@ -311,12 +316,12 @@ class _Walk:
 
 def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
   """The outputs of ``eqn`` when its operands are known constants (a constant broadcast
-  or reshaped before it scales): computed, for a small primitive without subprograms."""
+  or reshaped before it scales, indices computed from an integer input): computed, when
+  they are small."""
   args = [value(v) for v in eqn.invars]
   if (
     any(a is None for a in args)
     or eqn.primitive.name in _NOT_FOLDED
-    or any(True for _ in jex_core.jaxprs_in_params(eqn.params))
     or sum(_size(v) for v in eqn.outvars) > _FOLD_LIMIT
   ):
     return {}
@@ -533,7 +538,7 @@ def _pad_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
 
 
 def _split_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
-  """``split``: each part is a slice."""
+  """``split``, ``unstack``: each part is a slice."""
   return [_plain(vals[0])] * len(eqn.outvars)
 
 
@@ -679,6 +684,25 @@ def _chooses(jaxpr: jex_core.Jaxpr) -> bool:
   )
 
 
+def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A matrix product with a known constant (a resize, ``x @ np_matrix``): the largest
+  certified norm of its matrix per batch index (:func:`flaxnorm.matrix_norm_bound`)."""
+  deps = [k for k, x in enumerate(vals) if x.bound]
+  if len(deps) > 1:
+    return [_inf("dot_general of two values that depend on the inputs (not Lipschitz)")]
+  i = deps[0]
+  c = value(eqn.invars[1 - i])
+  if c is None or not np.isrealobj(c) or not np.all(np.isfinite(c)):
+    return [_inf(_OUTSIDE.format("a matrix product (dot_general)"))]
+  (contracted, batched) = (d[1 - i] for d in eqn.params["dimension_numbers"])
+  c = np.asarray(c, np.float64)
+  free = [d for d in range(c.ndim) if d not in contracted and d not in batched]
+  sizes = [math.prod(c.shape[d] for d in dims) for dims in (batched, contracted, free)]
+  blocks = c.transpose([*batched, *contracted, *free]).reshape(sizes)
+  norm = max((_certify.matrix_norm_bound(b) for b in blocks), default=0.0)
+  return [_scaled(vals[i], norm)]
+
+
 def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """A while loop's carry: bounded when a step no longer grows its bound (any trip count)."""
   p = eqn.params
@@ -721,6 +745,9 @@ _RULES: dict[str, Callable[..., list[_Value]]] = {
   "div": _div_rule,
   "select_n": _select_rule,
   "concatenate": _concat_rule,
+  "stack": _concat_rule,
+  "unstack": _split_rule,
+  "tile": _broadcast_rule,
   "broadcast_in_dim": _broadcast_rule,
   "reduce_sum": _reduce_sum_rule,
   "reduce_max": _reduce_max_rule,
@@ -738,6 +765,6 @@ _RULES: dict[str, Callable[..., list[_Value]]] = {
   "cond": _cond_rule,
   "scan": _scan_rule,
   "while": _while_rule,
-  "dot_general": _unbounded(_OUTSIDE.format("a matrix product (dot_general)")),
+  "dot_general": _dot_rule,
   "conv_general_dilated": _unbounded(_OUTSIDE.format("a convolution (conv_general_dilated)")),
 }

@@ -310,8 +310,8 @@ def _propagated(trace: _Trace, per_run: dict[str, float], reasons: dict[str, str
   """The certificate: each layer's bound carried through the traced program (its
   reason under ``"<top level>"`` where no rule bounds what the model computes)."""
   assert trace.program is not None
-  closed, dependent = trace.program
-  bound, why = _propagate.bound(closed, dependent, per_run)
+  closed, dependent, fixed = trace.program
+  bound, why = _propagate.bound(closed, dependent, per_run, fixed)
   if why is not None:
     reasons[_TOP] = why
     return None
@@ -430,7 +430,8 @@ class _Trace(NamedTuple):
   unbounded: dict[str, str]
   idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
   unchained: frozenset[str] = frozenset()  # see _call_counts.Counts
-  program: tuple[Any, tuple[bool, ...]] | None = None  # the jaxpr, which invars are the inputs
+  # The jaxpr, which invars are the inputs, and the values of those held fixed (by index).
+  program: tuple[Any, tuple[bool, ...], dict[int, Any]] | None = None
 
 
 _WHILE = (
@@ -513,7 +514,9 @@ def _trace_once(
       out = next_fun(*args, **kwargs)
     finally:
       active.pop()
-    return out if call is None else _call_counts.mark_output(out, path, call)
+    if call is None or _subclass.base_of(type(module)) not in _CERTIFIED:
+      return out  # only a certified layer's output is its bound times its input's
+    return _call_counts.mark_output(out, path, call)
 
   leaves, treedef = jax.tree.flatten(inputs)
 
@@ -530,7 +533,13 @@ def _trace_once(
   data = _call_counts.inexact(closed.jaxpr)  # keys, flags and indices are held fixed
   dependent = tuple(d and i >= n_vars for i, d in enumerate(data))
   counts = _call_counts.runs(closed.jaxpr, dependent)
-  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent))
+  fixed = {  # integer and bool arrays with values (an nn.RNN's seq_lengths)
+    n_vars + j: np.asarray(leaves[i])
+    for j, i in enumerate(traced)
+    if not isinstance(leaves[i], jax.ShapeDtypeStruct)
+    and (jnp.issubdtype(leaves[i].dtype, jnp.integer) or leaves[i].dtype == np.bool_)
+  }
+  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed))
   for table, path, seen, module in calls:
     fewest, most = counts.runs.get(module, (0.0, 0.0))
     if most == math.inf:
@@ -568,7 +577,7 @@ def _count(seen: dict[str, _Seen], path: str, new: _Seen) -> None:
       if old is None
       else old._replace(input_shape=new.input_shape, calls=new.calls, fewest=new.fewest)
     )
-  elif old.input_shape != new.input_shape:  # a conv's bound depends on its input size
+  elif _size_key(old) != _size_key(new):  # a conv's bound depends on its input size
     raise ValueError(
       f"{_AT}: the model calls '{path}' on inputs of shapes {old.input_shape} and "
       f"{new.input_shape}; a certificate covers one size per layer."
@@ -576,12 +585,24 @@ def _count(seen: dict[str, _Seen], path: str, new: _Seen) -> None:
   # else: the same layer's runs, counted already
 
 
+def _size_key(seen: _Seen) -> tuple[int, ...]:
+  """What of a layer's input shape its bound depends on: a Conv's spatial sizes; nothing
+  for a dense layer (one size per batch, or with another batch); all of it otherwise."""
+  base = _subclass.base_of(type(seen.module))
+  if base is nn.Conv:
+    n = len(seen.module.kernel_size)
+    return seen.input_shape[-n - 1 : -1]
+  return () if base in (nn.Dense, nn.DenseGeneral) else seen.input_shape
+
+
 def _record_module(modules: dict[str, _Seen], path: str, module: nn.Module) -> None:
   """Records ``module`` (uncounted: :func:`_trace_layers` counts its runs)."""
   old = modules.get(path)
   if old is None or _subclass.specs_of(type(module)):  # a wrapped (recursive) clone: its specs
     own = module.variables.get("params", {})
-    shapes = {k: tuple(jnp.shape(x)) for k, x in own.items() if not isinstance(x, Mapping)}
+    shapes = {
+      k: tuple(jnp.shape(meta.unbox(x))) for k, x in own.items() if not isinstance(x, Mapping)
+    }
     runs = (old.calls, old.fewest) if old is not None else (0, 0)
     shape = old.input_shape if old is not None else ()
     modules[path] = _Seen(module, "", None, shape, *runs, param_shapes=shapes)
