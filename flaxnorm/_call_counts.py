@@ -1,4 +1,4 @@
-"""How many times a traced program runs each marked layer: an interval, ``(fewest, most)``.
+"""How many times a traced program runs each marked layer, at most.
 
 A shape-only trace sees a loop's body once (or more, for traces a transform
 throws away), so counting calls while tracing undercounts a layer that
@@ -6,25 +6,17 @@ throws away), so counting calls while tracing undercounts a layer that
 ``nn.while_loop``. Instead each call marks one of its array arguments with
 ``jax.ad_checkpoint.checkpoint_name`` (the identity, a ``name`` equation in the
 jaxpr) named after the layer, and the finished jaxpr says how often each
-layer runs. A mark in a trace that was thrown away is not in the jaxpr:
-``(0, 0)``.
+layer runs: a ``scan`` of length ``L`` runs its body ``L`` times, a ``while``
+body an unknown number (inf), a ``cond`` one branch (the most over them), and
+``jit``, ``remat`` and custom-derivative calls once. A mark in a trace that was
+thrown away is not in the jaxpr: 0. The count is each layer's power in the
+report's per-layer table, and says which layers run in a loop of unknown length.
 
-The interval is each layer's power in the report's per-layer product
-(``b ** most`` when ``b >= 1``, ``b ** fewest`` when ``b < 1``):
-
-- a ``scan`` of length ``L`` runs its body ``L`` times, chained through the
-  carry or side by side over the scanned slices (a map, whose Lipschitz
-  constant is one slice's): ``(fewest * min(L, 1), most * L)``;
-- a ``while`` body runs an unknown number of times: ``(0, inf)``;
-- ``cond`` runs one branch: the minimum and maximum over the branches of the
-  layer's runs in each;
-- ``jit``, ``remat`` and custom-derivative calls run once.
-
-A run on a constant argument counts among the most runs only. The certificate
-itself is :mod:`flaxnorm._propagate`'s, which also reads each call's output
-mark (:func:`mark_output`). The walk follows which values depend on the model's
-inputs, to find what no Lipschitz bound covers (:class:`Counts`'
-``unchained``): a branch or a loop's trip count picked from the inputs.
+The certificate itself is :mod:`flaxnorm._propagate`'s, which also reads each
+call's output mark (:func:`mark_output`). The walk here follows which values
+depend on the model's inputs, to find what no Lipschitz bound covers
+(:class:`Counts`' ``unchained``): a branch or a loop's trip count picked from
+the inputs.
 """
 
 from __future__ import annotations
@@ -77,21 +69,16 @@ def call_of(tag: str) -> tuple[str, str, str] | None:
   return None
 
 
-Runs = tuple[float, float]  # (fewest, most) times a mark runs
-
-
 class Counts(NamedTuple):
   """What :func:`runs` reads from a jaxpr.
 
-  ``runs``: ``{layer: (fewest, most)}``; ``most`` is inf in a loop. A run on
-  an argument that does not depend on the inputs (a constant) counts among the
-  most, not the fewest: it adds no factor to a chain.
+  ``runs``: ``{layer: most runs}``, inf in a loop of unknown length.
   ``unchained``: what no Lipschitz bound covers: ``"cond"`` or ``"while"``
   whose branch or trip count depends on the inputs (what it computes can jump
   there).
   """
 
-  runs: dict[str, Runs]
+  runs: dict[str, float]
   unchained: frozenset[str]
 
 
@@ -120,7 +107,7 @@ class _Walk:
   """One pass over a jaxpr: each mark's runs, and which values depend on the inputs."""
 
   def __init__(self) -> None:
-    self.out: dict[str, Runs] = {}
+    self.out: dict[str, float] = {}
     self.unchained: set[str] = set()
 
   def run(self, jaxpr: jex_core.Jaxpr, dependent: list[bool]) -> list[bool]:
@@ -141,7 +128,7 @@ class _Walk:
     name, params = eqn.primitive.name, eqn.params
     call = call_of(str(params["name"])) if name == "name" else None
     if call is not None and call[0] == "in":
-      _add(self.out, {call[1]: (1.0 if ins[0] else 0.0, 1.0)})
+      _add(self.out, {call[1]: 1.0})
       return ins
     if name == "cond":  # one branch runs, chosen by the first operand
       return self._cond(params["branches"], ins)
@@ -158,7 +145,7 @@ class _Walk:
         outs = sub_outs
     return outs
 
-  def _nested(self, jaxpr: jex_core.Jaxpr, ins: list[bool]) -> tuple[dict[str, Runs], list[bool]]:
+  def _nested(self, jaxpr: jex_core.Jaxpr, ins: list[bool]) -> tuple[dict[str, float], list[bool]]:
     """One run of ``jaxpr``'s marks, apart from ``out``, and its outputs' dependence."""
     outer, self.out = self.out, {}
     try:
@@ -173,7 +160,7 @@ class _Walk:
       self.unchained.add("cond")
     walked = [self._nested(b.jaxpr, ops) for b in branches]
     tags = set().union(*(w for w, _ in walked))
-    _add(self.out, {t: _one_of([w.get(t, (0.0, 0.0)) for w, _ in walked]) for t in tags})
+    _add(self.out, {t: max(w.get(t, 0.0) for w, _ in walked) for t in tags})  # one branch
     return [index or any(o) for o in zip(*(outs for _, outs in walked), strict=True)]
 
   def _loop(self, body: jex_core.Jaxpr, consts: list[bool], carry: list[bool], rest: list[bool]):
@@ -191,10 +178,7 @@ class _Walk:
     body, consts, carry = params["jaxpr"].jaxpr, ins[:n_consts], ins[n_consts : n_consts + n_carry]
     xs = ins[n_consts + n_carry :]
     marks, outs, carry = self._loop(body, consts, carry, xs)
-    scaled = {
-      t: (lo * min(length, 1), hi * length if length else 0.0) for t, (lo, hi) in marks.items()
-    }
-    _add(self.out, scaled)
+    _add(self.out, {t: n * length for t, n in marks.items()})
     return carry + outs[n_carry:]
 
   def _while(self, params: Mapping[str, Any], ins: list[bool]) -> list[bool]:
@@ -206,17 +190,11 @@ class _Walk:
     cond_marks, (stop,) = self._nested(params["cond_jaxpr"].jaxpr, cond_consts + carry)
     if stop:
       self.unchained.add("while")
-    _add(self.out, {t: (0.0, math.inf) for t in {**marks, **cond_marks}})
+    _add(self.out, dict.fromkeys({**marks, **cond_marks}, math.inf))
     return [c or stop for c in carry]
 
 
-def _one_of(counts: list[Runs]) -> Runs:
-  """The runs of one of several alternatives (``cond`` branches)."""
-  return min(lo for lo, _ in counts), max(hi for _, hi in counts)
-
-
-def _add(out: dict[str, Runs], more: dict[str, Runs]) -> None:
+def _add(out: dict[str, float], more: dict[str, float]) -> None:
   """Adds ``more``'s runs, one after the other, to ``out`` (in place)."""
-  for t, (lo, hi) in more.items():
-    old_lo, old_hi = out.get(t, (0.0, 0.0))
-    out[t] = (old_lo + lo, old_hi + hi)
+  for t, n in more.items():
+    out[t] = out.get(t, 0.0) + n

@@ -106,7 +106,9 @@ class LipschitzBound(NamedTuple):
       model computes between its layers (sums, branches, scalings, pools,
       activations, loops); ``None`` when no model was given, some layer has no
       bound, or no rule bounds what the model computes (see ``reasons``).
-    layers: per param path (``"Dense_0/kernel"``): ``(estimate, certified)``.
+    layers: per param path (``"Dense_0/kernel"``): ``(estimate, certified)``,
+      the layer's effective and certified norms, each to the power of the most
+      times the model runs it.
     reasons: why ``certified`` is ``None``, per layer or param path (empty
       without a model, and when ``certified`` is a float).
 
@@ -284,7 +286,7 @@ def _model_bound(
     bound = _guarded(
       reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
-    layers[path] = (norm, None if bound is None else _runs_power(bound, seen))
+    layers[path] = (norm, None if bound is None else bound**seen.calls)
     if bound is not None:
       _times(per_run, _module_path(seen.module), bound)
   cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
@@ -414,7 +416,6 @@ class _Seen(NamedTuple):
   options: Any  # flaxnorm._options.SpectralNormOptions (None for a plain layer)
   input_shape: tuple[int, ...]
   calls: int = 1  # how many times the model runs it, at most
-  fewest: int = 1  # and at least, in a chain (a scan's map over slices: once)
   param_shapes: dict[str, tuple[int, ...]] | None = None  # its own params', as it sees them
 
 
@@ -541,19 +542,14 @@ def _trace_once(
   }
   trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed))
   for table, path, seen, module in calls:
-    fewest, most = counts.runs.get(module, (0.0, 0.0))
+    most = counts.runs.get(module, 0.0)
     if most == math.inf:
       trace.unbounded[path] = _WHILE
     elif most:
-      _count(table, path, seen._replace(calls=int(most), fewest=int(fewest)))
+      _count(table, path, seen._replace(calls=int(most)))
     else:
       trace.idle.add(path)
   return trace
-
-
-def _runs_power(bound: float, seen: _Seen) -> float:
-  """``bound`` to the power of the layer's runs: the most when ``>= 1``, else the fewest."""
-  return bound ** (seen.calls if bound >= 1 else seen.fewest)
 
 
 def _spectral_names(key: Any, spec: Any, module: nn.Module, variables: Mapping) -> list[str]:
@@ -572,11 +568,7 @@ def _count(seen: dict[str, _Seen], path: str, new: _Seen) -> None:
   """Records a call of the layer at ``path`` on ``new.input_shape``; it runs ``new.calls`` times."""
   old = seen.get(path)
   if old is None or not old.calls:
-    seen[path] = (
-      new
-      if old is None
-      else old._replace(input_shape=new.input_shape, calls=new.calls, fewest=new.fewest)
-    )
+    seen[path] = new if old is None else old._replace(input_shape=new.input_shape, calls=new.calls)
   elif _size_key(old) != _size_key(new):  # a conv's bound depends on its input size
     raise ValueError(
       f"{_AT}: the model calls '{path}' on inputs of shapes {old.input_shape} and "
@@ -603,9 +595,9 @@ def _record_module(modules: dict[str, _Seen], path: str, module: nn.Module) -> N
     shapes = {
       k: tuple(jnp.shape(meta.unbox(x))) for k, x in own.items() if not isinstance(x, Mapping)
     }
-    runs = (old.calls, old.fewest) if old is not None else (0, 0)
+    calls = old.calls if old is not None else 0
     shape = old.input_shape if old is not None else ()
-    modules[path] = _Seen(module, "", None, shape, *runs, param_shapes=shapes)
+    modules[path] = _Seen(module, "", None, shape, calls, param_shapes=shapes)
 
 
 def _selected(variables: Mapping[str, Any], spec: Any, module: nn.Module) -> list:
@@ -679,7 +671,7 @@ def _plain_layer(
     at = _join(path, "kernel")
     bound = _guarded(reasons, at, lambda: _plain_bound(seen, params, path, n_steps))
     if bound is not None:
-      power = _runs_power(bound, seen)
+      power = bound**seen.calls
       with np.errstate(over="ignore"):  # b ** runs beyond float32: inf
         layers[at] = (jnp.asarray(power, jnp.float32), power)
   if names:

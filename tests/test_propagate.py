@@ -306,8 +306,8 @@ def _lower(model, variables, x, extra=()) -> float:
   random points and ``extra`` points."""
 
   def f(z):
-    out = model.apply(variables, z.reshape(x.shape))
-    return jnp.concatenate([jnp.real(out).ravel(), jnp.imag(out).ravel()])
+    outs = jax.tree.leaves(model.apply(variables, z.reshape(x.shape)))
+    return jnp.concatenate([jnp.ravel(part(o)) for o in outs for part in (jnp.real, jnp.imag)])
 
   points = [x.ravel(), *jax.random.normal(KEY, (8, x.size)), *extra]
   try:
@@ -437,3 +437,83 @@ def test_a_model_without_params_is_certified():
   model, x = nn.Sequential([nn.relu, lambda h: nn.max_pool(h, (2,), (2,))]), jnp.ones((1, 4, 1))
   bound = flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=(x,))
   assert bound.reasons == {} and bound.certified == 1.0
+
+
+class _SharedScope(nn.Module):
+  """A normalized Dense sharing its container's scope: their calls share one path."""
+
+  def setup(self):
+    self.d = flaxnorm.spectral_norm(nn.Dense(4))
+    nn.share_scope(self, self.d)
+
+  def __call__(self, x):
+    return 10.0 * self.d(x)
+
+
+def test_a_layer_sharing_its_containers_scope_does_not_bound_the_container():
+  """The container's output took the Dense's bound: 10 d(x) was certified at ||d|| = 1."""
+  model, x = _SharedScope(), jnp.ones((1, 4))
+  variables = model.init(KEY, x)
+  bound = _bound(model, variables, x)
+  lower = _lower(model, variables, x)
+  assert lower > 9.0
+  assert bound.certified is None or bound.certified >= lower
+
+
+class _TwoBatches(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    d = nn.Dense(4, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None,)))
+    c = nn.Conv(2, (3,), padding="SAME")
+    return c(d(x)[:, :, None]).sum(axis=(1, 2)), c(jnp.concatenate([d(x), d(x)], 0)[:, :, None])
+
+
+def test_layers_on_two_batch_sizes_and_partitioned_kernels_are_certified():
+  """A Dense on batches 1 and 2, a Conv on two batch sizes of one spatial size: it raised
+  'a certificate covers one size per layer'; a with_partitioning kernel got a
+  stacked-params reason."""
+  model, x = _TwoBatches(), jnp.ones((1, 4))
+  variables = model.init(KEY, x)
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {}
+  assert bound.certified >= _lower(model, variables, x)
+
+
+@pytest.mark.parametrize(
+  ("fn", "true"),
+  [
+    (lambda h: jnp.stack([h, 2.0 * h]), np.sqrt(5.0)),
+    (lambda h: jnp.unstack(h, axis=1)[0], 1.0),
+    (lambda h: jnp.tile(h, (1, 3)), np.sqrt(3.0)),
+    (lambda h: h @ np.float32([[3.0, 0], [0, 1], [0, 0], [0, 0]]), 3.0),  # a constant matrix
+    (lambda h: jax.image.resize(h, (1, 8), "bilinear"), 1.45),  # an interpolation matrix
+  ],
+  ids=["stack", "unstack", "tile", "matmul-constant", "resize"],
+)
+def test_stacks_tiles_and_constant_matrices(fn, true):
+  model, variables, x = _between(fn)
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {}
+  assert bound.certified >= _lower(model, variables, x) - 1e-6
+  assert bound.certified == pytest.approx(true, rel=0.05)
+
+
+class _Reversed(nn.Module):
+  @nn.compact
+  def __call__(self, xs, lengths):
+    return nn.RNN(nn.SimpleCell(3), reverse=True, keep_order=True)(xs, seq_lengths=lengths)
+
+
+def test_an_integer_input_is_a_known_value():
+  """seq_lengths pick the elements to reverse: a gather at indices from an integer input,
+  which is held fixed, so known (it was refused: indices not known)."""
+  model, xs, lengths = _Reversed(), jax.random.normal(KEY, (1, 5, 3)), jnp.array([3])
+  variables = model.init(KEY, xs, lengths)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(xs, lengths))
+  assert bound.reasons == {}
+
+  def f(z):
+    return model.apply(variables, z.reshape(xs.shape), lengths).ravel()
+
+  points = [xs.ravel(), *jax.random.normal(KEY, (8, xs.size))]
+  assert bound.certified >= max(np.linalg.norm(np.asarray(jax.jacfwd(f)(p)), 2) for p in points)
