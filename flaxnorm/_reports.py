@@ -168,8 +168,8 @@ def lipschitz_bound(
   ``input_dilation``) makes the certificate ``None``, with the reason under
   its path in ``reasons``, as does a layer in an ``nn.while_loop`` or a plain
   layer stacked by ``nn.scan``/``nn.vmap``. Stacked spectral states and a
-  layer called on inputs of different sizes are a ``ValueError`` (bound each
-  member's variables).
+  Conv called on inputs of different spatial sizes are a ``ValueError`` (bound
+  each member's variables).
 
   The layers' bounds are then carried through the traced program, value by
   value (``L(y)`` with ``|dy| <= L(y) |dx|``, all floating-point inputs as
@@ -214,9 +214,10 @@ def lipschitz_bound(
       real floating-point.
     ValueError: ``variables`` lack ``collection`` (with ``model``: only when
       the model has a spectrally normalized layer), or lack ``params`` with
-      ``model``, ``model`` without ``inputs`` or ``inputs`` without
-      ``model``, ``n_gram_steps`` not in ``[1, 40]``, a stacked spectral
-      state, or a layer called on inputs of different shapes.
+      ``model`` (``{}``, a model without params, is accepted), ``model``
+      without ``inputs`` or ``inputs`` without ``model``, ``n_gram_steps``
+      not in ``[1, 40]``, a stacked spectral state, or a Conv called on
+      inputs of different spatial sizes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
