@@ -322,6 +322,7 @@ def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
   if (
     any(a is None for a in args)
     or eqn.primitive.name in _NOT_FOLDED
+    or eqn.effects  # a callback, a print: not run here
     or sum(_size(v) for v in eqn.outvars) > _FOLD_LIMIT
   ):
     return {}
