@@ -518,7 +518,12 @@ def _concat_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[
 
 
 def _broadcast_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
-  return [x for x, _ in _grown(vals[:1], eqn)]
+  """``broadcast_in_dim``, ``tile``: copies, ``√k``; an elementwise function of its
+  operand only when nothing moves (a ``broadcast_in_dim`` may also permute axes)."""
+  (x, _), *_ = _grown(vals[:1], eqn)
+  dims = eqn.params.get("broadcast_dimensions", ())
+  moves = list(dims) != sorted(dims) or _size(eqn.invars[0]) != _size(eqn.outvars[0])
+  return [_plain(x) if moves or eqn.primitive.name == "tile" else x]
 
 
 def _reduce_sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:

@@ -517,3 +517,23 @@ def test_an_integer_input_is_a_known_value():
 
   points = [xs.ravel(), *jax.random.normal(KEY, (8, xs.size))]
   assert bound.certified >= max(np.linalg.norm(np.asarray(jax.jacfwd(f)(p)), 2) for p in points)
+
+
+class _Permuted(nn.Module):
+  """Two elementwise functions of g, each moved by a broadcast_in_dim that permutes axes."""
+
+  @nn.compact
+  def __call__(self, g):
+    g = g[0]
+    a = jax.lax.broadcast_in_dim(jnp.tanh(g), (3, 2, 3), (1, 0, 2))  # a[i,j,k] = tanh g[j,i,k]
+    b = jax.lax.broadcast_in_dim(2.0 * g, (3, 2, 3), (1, 2, 0))  # b[i,j,k] = 2 g[j,k,i]
+    return jnp.maximum(a, b)
+
+
+def test_a_permuting_broadcast_is_no_elementwise_function():
+  """The max took the larger slope, 2, as for functions of one value elementwise: one
+  element of g feeds two outputs, √(1 + 4)."""
+  model, x = _Permuted(), jnp.zeros((1, 2, 3, 3))
+  bound = flaxnorm.lipschitz_bound({}, model=model, inputs=(x,))
+  assert bound.certified >= _lower(model, {}, x) - 1e-6
+  assert bound.certified == pytest.approx(np.sqrt(5.0))
