@@ -649,7 +649,8 @@ def _one_of(outs: Sequence[_Value]) -> _Value:
 
 
 def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
-  """A scan, step by step (or one step, once the carry's bounds stop changing).
+  """A scan, step by step (or one step, once the carry's bounds stop changing, or after
+  ``_EXACT_STEPS`` once they stop growing).
 
   The stacked outputs get ``√Σₜ L(yₜ)²``; a scan that carries nothing from the
   inputs maps its slices side by side: one step's bound.
@@ -673,12 +674,17 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
     if bad is not None:
       return [bad] * len(eqn.outvars)
     fixed = [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+    if t >= _EXACT_STEPS:  # the rules are monotone: a step that grows no bound bounds the rest
+      fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))
     steps = length - t if fixed else 1  # at a fixed point every later step is this one
     squares = [_up(s + steps * _times(y.bound, y.bound)) for s, y in zip(squares, outs[n_carry:])]
     carry = outs[:n_carry]
     if fixed:
       break
   return carry + [_Value(_up(math.sqrt(s)) if s else 0.0) for s in squares]
+
+
+_EXACT_STEPS = 4096  # a scan's steps followed one by one, at least
 
 
 def _chooses(jaxpr: jex_core.Jaxpr) -> bool:
