@@ -537,3 +537,13 @@ def test_a_permuting_broadcast_is_no_elementwise_function():
   bound = flaxnorm.lipschitz_bound({}, model=model, inputs=(x,))
   assert bound.certified >= _lower(model, {}, x) - 1e-6
   assert bound.certified == pytest.approx(np.sqrt(5.0))
+
+
+def test_a_long_scan_is_bounded_by_a_step_once_its_bound_stops_growing():
+  """10,000 steps of 0.9999 h: followed one by one for 4096 steps, then bounded by the
+  step that grew nothing (0.9999^4097, above the true 0.9999^10000)."""
+  model, variables, x = _between(
+    lambda h: jax.lax.scan(lambda c, _: (0.9999 * c, None), h, length=10_000)[0]
+  )
+  bound = _bound(model, variables, x)
+  assert 0.9999**10_000 <= bound.certified == pytest.approx(0.9999**4097, rel=1e-3)
