@@ -455,11 +455,21 @@ def _picked(cases: list[tuple[_Value, Any]], eqn: Any) -> _Value:
   bad = _first_inf([x for x, _ in cases])
   if bad is not None:
     return bad
-  bases = {x.origin[0] if x.origin else v for x, v in cases}
-  if len(bases) == 1 and all(_size(v) == _size(eqn.outvars[0]) for _, v in cases):
-    slope = max(x.origin[1] if x.origin else 1.0 for x, _ in cases)
-    return _Value(max(x.bound for x, _ in cases), None, (bases.pop(), slope))
+  origins = [x.origin or (v, 1.0) for x, v in cases]  # a value is a function of itself
+  if all(_size(v) == _size(eqn.outvars[0]) for _, v in cases):
+    shared = _shared(origins)
+    if shared is not None:
+      return _Value(max(x.bound for x, _ in cases), None, shared)
   return _side_by_side([x for x, _ in cases])
+
+
+def _shared(origins: Sequence[tuple[Any, float] | None]) -> tuple[Any, float] | None:
+  """One origin for values that are all elementwise functions of one value (the largest
+  slope), or None."""
+  found = [o for o in origins if o is not None]
+  if len(found) != len(origins) or len({base for base, _ in found}) != 1:
+    return None
+  return found[0][0], max(slope for _, slope in found)
 
 
 def _largest(value: Any) -> float | None:
@@ -642,10 +652,8 @@ def _one_of(outs: Sequence[_Value]) -> _Value:
   """One of ``outs`` (a branch's): the largest bound; an elementwise function of a value
   only when every branch's is one of that value."""
   top = max(outs, key=lambda o: o.bound)
-  bases = {o.origin[0] if o.origin else None for o in outs}
-  if top.bound == _INF or len(bases) != 1 or None in bases:
-    return _plain(top)
-  return _Value(top.bound, None, (bases.pop(), max(o.origin[1] for o in outs if o.origin)))
+  shared = _shared([o.origin for o in outs])
+  return _plain(top) if top.bound == _INF or shared is None else top._replace(origin=shared)
 
 
 def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:

@@ -494,7 +494,7 @@ def _trace_once(
     module = context.module
     if module.scope is None:
       return next_fun(*args, **kwargs)
-    path = "/".join(map(str, module.scope.path))
+    path = _module_path(module)
     first = args[0] if args else next(iter(kwargs.values()), None)  # layer(x) or layer(inputs=x)
     shape = tuple(getattr(first, "shape", ())) if context.method_name == "__call__" else None
     _record_module(trace.modules, path, module)
