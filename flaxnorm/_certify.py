@@ -625,6 +625,113 @@ def conv_norm_bound(
     return float(_up_from_subnormal(np.ldexp(scaled, e)))
 
 
+def dilated_conv_norm_bound(
+  kernel: np.ndarray,
+  input_shape: Sequence[int],
+  output_shape: Sequence[int],
+  *,
+  strides: Sequence[int],
+  padding: Sequence[tuple[int, int]],
+  input_dilation: Sequence[int],
+  kernel_dilation: Sequence[int],
+  feature_group_count: int,
+) -> float:
+  """Certified upper bound on the norm of ``lax.conv_general_dilated`` with this kernel.
+
+  :func:`conv_norm_bound` after two rewrites, per spatial axis: negative
+  padding crops the input (a row selection of it, so the bound of the conv
+  on the cropped size holds); an input dilation ``d`` (a transposed
+  convolution) at stride 1 makes output ``d a + φ`` a stride-1 convolution in
+  ``a`` of the undilated input (:func:`_input_phases`), the ``d`` phases ``φ``
+  side by side as output channels: the same operator, whose norm
+  :func:`conv_norm_bound` then bounds tightly. At a stride above 1 the
+  dilated input is bounded instead (zeros between its elements embed it
+  isometrically: ``√s`` looser for a kernel that repeats each input ``s`` times).
+
+  Args:
+    kernel: ``(*window, in // groups, out)``, real, finite.
+    input_shape: the spatial sizes of one input.
+    output_shape: the spatial sizes of one output.
+    strides: per spatial axis (``window_strides``).
+    padding: ``(low, high)`` per spatial axis, negative to crop.
+    input_dilation: per axis (``lhs_dilation``).
+    kernel_dilation: per axis (``rhs_dilation``).
+    feature_group_count: as in ``lax.conv_general_dilated``.
+
+  Returns:
+    A float ``>=`` the operator's norm on one example.
+
+  Raises:
+    TypeError, ValueError: what :func:`conv_norm_bound` raises for these.
+
+  Examples:
+    >>> import numpy as np
+    >>> from flaxnorm._certify import dilated_conv_norm_bound
+    >>> ones = np.ones((4, 1, 1))  # a transposed conv copying each input 4 times: norm 2
+    >>> bound = dilated_conv_norm_bound(
+    ...   ones, (16,), (64,), strides=(1,), padding=((3, 3),), input_dilation=(4,),
+    ...   kernel_dilation=(1,), feature_group_count=1,
+    ... )
+    >>> f"{bound:.6f}"
+    '2.000000'
+  """
+  sizes, pads, strides_, dilation = [], [], list(strides), list(kernel_dilation)
+  for i, (n, q, d, (lo, hi)) in enumerate(zip(input_shape, output_shape, input_dilation, padding)):
+    if d > 1 and strides[i] == 1:
+      kernel, pad = _input_phases(kernel, i, d, dilation[i], lo, n, q, feature_group_count)
+      sizes.append(n)
+      pads.append(pad)
+      dilation[i] = 1
+    else:  # zeros between the elements embed the input; negative padding crops it
+      sizes.append((n - 1) * d + 1 + min(lo, 0) + min(hi, 0))
+      pads.append((max(lo, 0), max(hi, 0)))
+  if kernel.size == 0 or min(sizes, default=1) < 1:  # no tap reads an input, or all cropped
+    return 0.0
+  return conv_norm_bound(
+    kernel,
+    sizes,
+    strides=strides_,
+    padding=pads,
+    feature_group_count=feature_group_count,
+    kernel_dilation=dilation,
+  )
+
+
+def _input_phases(
+  kernel: np.ndarray, axis: int, d: int, r: int, lo: int, n: int, q: int, groups: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+  """Axis ``axis`` of a convolution with input dilation ``d`` (stride 1) rewritten.
+
+  Output ``d a + φ`` reads dilated position ``d a + φ + x r - lo`` at tap ``x``:
+  an input element exactly when ``d`` divides ``φ + x r - lo``, then element ``a
+  + o`` with ``o = (φ + x r - lo) / d``. So phase ``φ`` is a stride-1 convolution
+  in ``a`` whose tap ``x`` sits at offset ``o``; the phases become output
+  channels (``g·d·cout_g + φ·cout_g + c``, group ``g`` kept contiguous), and
+  the padding ``(-min(o, 0), ...)`` gives at least the ``⌈q / d⌉`` outputs
+  every phase needs (more outputs are more rows: the bound still holds).
+
+  Returns:
+    ``(kernel', (low, high))``: ``kernel'`` with a window of the offsets' span
+    on ``axis`` (an empty one where no tap reads an input) and ``d`` times the
+    output channels.
+  """
+  taps = [
+    (phi, x, (phi + x * r - lo) // d)
+    for phi in range(d)
+    for x in range(kernel.shape[axis])
+    if (phi + x * r - lo) % d == 0
+  ]
+  first = min([0, *(o for *_, o in taps)])
+  width = max([first - 1, *(o for *_, o in taps)]) - first + 1
+  src = np.moveaxis(kernel.reshape(*kernel.shape[:-1], groups, -1), axis, 0)
+  out = np.zeros((width, *src.shape[1:-1], d, src.shape[-1]), kernel.dtype)
+  for phi, x, o in taps:
+    out[o - first, ..., phi, :] = src[x]
+  out = np.moveaxis(out, 0, axis)
+  high = max(0, -(-q // d) + width - 1 - n + first)
+  return out.reshape(*out.shape[:-3], -1), (-first, high)
+
+
 def _polyphase(
   kernel: np.ndarray,
   dilation: tuple[int, ...],

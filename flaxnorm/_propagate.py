@@ -6,8 +6,9 @@ vector): 0 for what does not depend on them, 1 for an input. Each primitive has
 a rule: ``L(a + b) ≤ L(a) + L(b)``, ``L(c · a) ≤ max|c| L(a)`` for a known
 constant ``c``, ``L(concat(a, b)) ≤ √(L(a)² + L(b)²)``, broadcasting ``k``
 copies multiplies by ``√k``, a sum of ``k`` elements by ``√k``, a pool by the
-square root of how many windows share an element, elementwise functions by
-their largest slope. A layer with a certified norm ``b`` (marked by
+square root of how many windows share an element, a matrix product or a
+convolution with a known constant by that constant's certified norm, elementwise
+functions by their largest slope. A layer with a certified norm ``b`` (marked by
 :mod:`flaxnorm._call_counts`: its input and its output) maps ``L`` to ``b·L``,
 whatever the primitives inside it. Loops are followed step by step: a scan's
 stacked outputs get ``√Σₜ L(yₜ)²``, one over slices alone (nothing carried
@@ -563,6 +564,8 @@ _INDEXED = {
   "dynamic_slice": (slice(1, None), (0,)),
   "dynamic_update_slice": (slice(2, None), (0, 1)),
   "scatter": (slice(1, 2), (0, 2)),  # a set (no update_jaxpr): each element from one source
+  "scatter-max": (slice(1, 2), (0, 2)),  # each element the largest of those sent to it
+  "scatter-min": (slice(1, 2), (0, 2)),
   "gather": (slice(1, 2), (0,)),
 }
 
@@ -723,6 +726,79 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   return [_scaled(vals[i], norm)]
 
 
+def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A convolution with a known constant kernel (a blur, an anti-aliasing filter,
+  ``jnp.convolve``): :func:`flaxnorm.conv_norm_bound` of that kernel on the input's
+  spatial size; each example is mapped alone, by the same operator."""
+  if vals[1].bound:
+    return [_inf("conv_general_dilated with a kernel that depends on the inputs")]
+  kernel, p = value(eqn.invars[1]), eqn.params
+  if kernel is None:
+    return [_inf(_OUTSIDE.format("a convolution (conv_general_dilated)"))]
+  if not _size(eqn.outvars[0]):
+    return [_ZERO]
+  if p["batch_group_count"] != 1:
+    return [_inf("conv_general_dilated with batch_group_count > 1 (no rule here)")]
+  lhs, rhs, out = p["dimension_numbers"]
+  shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  try:
+    norm = _certify.dilated_conv_norm_bound(
+      np.asarray(kernel).transpose([*rhs[2:], rhs[1], rhs[0]]),
+      [shape[i] for i in lhs[2:]],
+      [out_shape[i] for i in out[2:]],
+      strides=p["window_strides"],
+      padding=p["padding"],
+      input_dilation=p["lhs_dilation"],
+      kernel_dilation=p["rhs_dilation"],
+      feature_group_count=p["feature_group_count"],
+    )
+  except (TypeError, ValueError) as e:
+    return [_inf(f"conv_general_dilated with a known kernel that conv_norm_bound refuses: {e}")]
+  return [_scaled(vals[0], norm)]
+
+
+def _cumsum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """Running sums along an axis of ``n``: the lower-triangular matrix of ones, whose
+  norm is ``1 / (2 sin(π / (4n + 2)))`` (its singular values are known in closed form)."""
+  n = eqn.invars[0].aval.shape[eqn.params["axis"]]
+  return [_scaled(vals[0], _up(1.0 / (2.0 * math.sin(math.pi / (4 * n + 2)))) if n else 0.0)]
+
+
+def _running_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``cummax``, ``cummin``, ``cumlogsumexp`` along an axis of ``n``: each output moves
+  by at most the largest change of the elements before it (all ``n`` outputs, when it
+  is the first): ``√n``."""
+  return [_scaled(vals[0], math.sqrt(eqn.invars[0].aval.shape[eqn.params["axis"]]))]
+
+
+def _scatter_add_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``.at[i].add(u)``, ``segment_sum`` at known indices ``i``: ``operand + S u`` with
+  ``S`` sending each update to one element (or none), ``‖S‖₂ ≤ √(most updates one
+  element receives)`` (Schur's test)."""
+  name = eqn.primitive.name
+  if vals[1].bound:
+    return [_inf(f"{name} at indices computed from the inputs (what it adds where can jump)")]
+  hits = _hits(eqn, value)
+  if hits is None:
+    return [_inf(f"{name} of a value that depends on the inputs at indices not known here")]
+  parts = [x for x in (_plain(vals[0]), _scaled(vals[2], math.sqrt(hits))) if x.bound]
+  bad = _first_inf(parts)
+  return [bad or _Value(_up(math.fsum(x.bound for x in parts)))]
+
+
+def _hits(eqn: Any, value: Callable[[Any], Any]) -> int | None:
+  """The most updates a scatter with known indices sends to one element: it run on
+  ones into zeros."""
+  indices = value(eqn.invars[1])
+  if indices is None or _size(eqn.outvars[0]) > _FOLD_LIMIT:
+    return None
+  zeros = jnp.zeros(eqn.invars[0].aval.shape, jnp.int32)
+  ones = jnp.ones(eqn.invars[2].aval.shape, jnp.int32)
+  numbers, mode = eqn.params["dimension_numbers"], eqn.params["mode"]
+  counts = jax.lax.scatter_add(zeros, jnp.asarray(indices), ones, numbers, mode=mode)
+  return int(np.asarray(counts).max(initial=0))
+
+
 def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """A while loop's carry: bounded when a step no longer grows its bound (any trip count)."""
   p = eqn.params
@@ -749,10 +825,6 @@ _OUTSIDE = (
   "the model computes {} on a value that depends on the inputs outside the layers a "
   "certificate covers"
 )
-
-
-def _unbounded(why: str) -> Callable[..., list[_Value]]:
-  return lambda walk, eqn, vals, value: [_inf(why)] * len(eqn.outvars)
 
 
 _RULES: dict[str, Callable[..., list[_Value]]] = {
@@ -786,5 +858,11 @@ _RULES: dict[str, Callable[..., list[_Value]]] = {
   "scan": _scan_rule,
   "while": _while_rule,
   "dot_general": _dot_rule,
-  "conv_general_dilated": _unbounded(_OUTSIDE.format("a convolution (conv_general_dilated)")),
+  "conv_general_dilated": _conv_rule,
+  "cumsum": _cumsum_rule,
+  "cummax": _running_max_rule,
+  "cummin": _running_max_rule,
+  "cumlogsumexp": _running_max_rule,
+  "scatter-add": _scatter_add_rule,
+  "scatter-sub": _scatter_add_rule,
 }

@@ -7,6 +7,7 @@ to every one-hot input, in the layer's own dtype (float64 under ``jax.enable_x64
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import assume, given, reject, settings
+from hypothesis import strategies as st
 
 import flaxnorm
 from flaxnorm import _certify
@@ -670,3 +673,81 @@ def test_numpy_data_beside_a_flag_read_in_python_is_traced():
   variables = model.init(KEY, x, flag)
   bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x, flag))
   assert bound.reasons == {} and bound.certified is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+  dims=st.integers(1, 2),
+  groups=st.sampled_from([1, 2]),
+  window=st.integers(1, 4),
+  size=st.integers(1, 6),
+  input_dilation=st.integers(1, 3),
+  kernel_dilation=st.integers(1, 2),
+  stride=st.integers(1, 2),
+  pad=st.tuples(st.integers(-2, 4), st.integers(-2, 4)),
+  seed=st.integers(0, 2**16),
+)
+def test_dilated_conv_bound_holds_for_any_conv_general_dilated(
+  dims, groups, window, size, input_dilation, kernel_dilation, stride, pad, seed
+):
+  """Negative padding, input dilation (a transposed conv), kernel dilation, strides and
+  groups: never below sigma_1 of lax.conv_general_dilated's dense Jacobian."""
+  rng = np.random.default_rng(seed)
+  k = rng.normal(size=(*(window,) * dims, 2, 2 * groups)).astype(np.float32)
+  spatial = "HW"[:dims]
+  numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+  x = jnp.zeros((1, *(size,) * dims, 2 * groups))
+
+  def conv(z):
+    return jax.lax.conv_general_dilated(
+      z.reshape(x.shape), k, (stride,) * dims, (pad,) * dims, (input_dilation,) * dims,
+      (kernel_dilation,) * dims, numbers, feature_group_count=groups,
+    )  # fmt: skip
+
+  try:
+    out = jax.eval_shape(conv, x).shape
+  except ValueError:  # a crop larger than the input: JAX refuses it
+    reject()
+  assume(0 not in out)
+  jacobian = np.asarray(jax.jacfwd(lambda z: conv(z).ravel())(x.ravel()), np.float64)
+  bound = _certify.dilated_conv_norm_bound(
+    k,
+    x.shape[1:-1],
+    out[1:-1],
+    strides=(stride,) * dims,
+    padding=(pad,) * dims,
+    input_dilation=(input_dilation,) * dims,
+    kernel_dilation=(kernel_dilation,) * dims,
+    feature_group_count=groups,
+  )
+  assert bound >= np.linalg.norm(jacobian, 2) * (1 - 1e-9)
+
+
+def test_a_transposed_conv_is_bounded_through_its_phases():
+  """Upsampling by 4 with a kernel of ones copies each input 4 times: norm 2 (√4); the
+  dilated input's bound is the kernel's sum, 4."""
+  k = np.ones((4, 1, 1), np.float32)
+  x = jnp.zeros((1, 16, 1))
+  conv = functools.partial(
+    jax.lax.conv_transpose,
+    rhs=k,
+    strides=(4,),
+    padding="VALID",
+    dimension_numbers=("NWC", "WIO", "NWC"),
+  )
+  out = jax.eval_shape(conv, x).shape
+  jacobian = np.asarray(jax.jacfwd(lambda z: conv(z.reshape(x.shape)).ravel())(x.ravel()))
+  assert np.linalg.norm(jacobian, 2) == pytest.approx(2.0)
+  (eqn,) = jax.make_jaxpr(conv)(x).jaxpr.eqns
+  p = eqn.params
+  bound = _certify.dilated_conv_norm_bound(
+    k,
+    (16,),
+    out[1:-1],
+    strides=p["window_strides"],
+    padding=p["padding"],
+    input_dilation=p["lhs_dilation"],
+    kernel_dilation=p["rhs_dilation"],
+    feature_group_count=1,
+  )
+  assert 2.0 <= bound <= 2.0 * (1 + 1e-9)
