@@ -13,7 +13,8 @@ thrown away is not in the jaxpr: 0. The count is each layer's power in the
 report's per-layer table, and says which layers run in a loop of unknown length.
 
 The certificate itself is :mod:`flaxnorm._propagate`'s, which also reads each
-call's output mark (:func:`mark_output`). The walk here follows which values
+call's output mark (:func:`mark_output`: a certified layer's bound, or where
+another layer's run ends). The walk here follows which values
 depend on the model's inputs, to find what no Lipschitz bound covers
 (:class:`Counts`' ``unchained``): a branch or a loop's trip count picked from
 the inputs.
@@ -32,6 +33,7 @@ from jax.extend import core as jex_core
 
 _PREFIX = "flaxnorm_call_"
 _OUT = "flaxnorm_out_"
+_END = "flaxnorm_end_"
 _SEP = "|"  # between the layer's path and the call's number
 
 
@@ -54,15 +56,22 @@ def mark(
   return args, kwargs
 
 
-def mark_output(out: Any, layer: str, call: int) -> Any:
-  """``out`` of the run ``call`` of ``layer``, its arrays marked (for :mod:`flaxnorm._propagate`)."""
-  tag = f"{_OUT}{layer}{_SEP}{call}"
+def mark_output(out: Any, layer: str, call: int, *, certified: bool) -> Any:
+  """``out`` of the run ``call`` of ``layer``, its arrays marked.
+
+  A certified layer's output mark takes its bound (:mod:`flaxnorm._propagate`);
+  another's only says where the run ends (a marked constant when it returns no
+  array), so that a reason found in between names the layer.
+  """
+  tag = f"{_OUT if certified else _END}{layer}{_SEP}{call}"
+  if not any(isinstance(a, jax.Array) for a in jax.tree.leaves(out)):
+    checkpoint_name(jnp.zeros((), jnp.float32), tag)
   return jax.tree.map(lambda a: checkpoint_name(a, tag) if isinstance(a, jax.Array) else a, out)
 
 
 def call_of(tag: str) -> tuple[str, str, str] | None:
-  """``("in" or "out", layer, call)`` of a mark's name, or None for another name."""
-  for kind, prefix in (("in", _PREFIX), ("out", _OUT)):
+  """``("in", "out" or "end", layer, call)`` of a mark's name, or None for another name."""
+  for kind, prefix in (("in", _PREFIX), ("out", _OUT), ("end", _END)):
     if tag.startswith(prefix):
       layer, _, call = tag[len(prefix) :].rpartition(_SEP)
       return kind, layer, call

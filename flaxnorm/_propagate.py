@@ -10,20 +10,22 @@ square root of how many windows share an element, a matrix product or a
 convolution with a known constant by that constant's certified norm, elementwise
 functions by their largest slope. A layer with a certified norm ``b`` (marked by
 :mod:`flaxnorm._call_counts`: its input and its output) maps ``L`` to ``b·L``,
-whatever the primitives inside it. Loops are followed step by step: a scan's
-stacked outputs get ``√Σₜ L(yₜ)²``, one over slices alone (nothing carried
-from the inputs) the largest step's. So a residual block gets ``1 + b``, an
-RNN's whole output sequence the sum over its steps, where a product of layer
-bounds is no bound at all.
+whatever the primitives inside it; any other layer is followed primitive by
+primitive, its variables' values known. Loops are followed step by step: a
+scan's stacked outputs get ``√Σₜ L(yₜ)²``, one over slices alone (nothing
+carried from the inputs) the largest step's. So a residual block gets ``1 +
+b``, an RNN's whole output sequence the sum over its steps, where a product of
+layer bounds is no bound at all.
 
-What gets ``inf`` (with the reason, reported where it reaches an output): a
-product of two input-dependent values, a scale or matrix the model computes
-(not a literal or a traced constant) outside a certified layer, a primitive
-without a rule (``exp``, ``integer_pow``: not Lipschitz, or not known here), a
-discrete value made from the inputs used as data or as an index, and a loop of
-unknown trip count whose bound grows. Selects on an input-dependent predicate
-(``jnp.where``, leaky ReLU) are taken as continuous: the one precondition, as
-everywhere in ``lipschitz_bound``. A branch picked from the inputs is refused
+What gets ``inf`` (with the reason and the innermost layer running where it
+arose, reported where it reaches an output): a product of two input-dependent
+values, a scale or matrix not known here (not a literal, a constant, or a value
+computed from them), a primitive without a rule (``exp``, ``integer_pow``: not
+Lipschitz, or not known here), a discrete value made from the inputs used as
+data or as an index, and a loop of unknown trip count whose bound grows.
+Selects on an input-dependent predicate (``jnp.where``, leaky ReLU) are taken
+as continuous: the one precondition, as everywhere in ``lipschitz_bound``.
+A branch picked from the inputs is refused
 by :mod:`flaxnorm._call_counts`.
 """
 
@@ -50,7 +52,8 @@ def _up(x: float) -> float:
 
 
 class _Value(NamedTuple):
-  """``bound``: L of a value; ``why``: when it is inf, the reason; ``origin``: see below.
+  """``bound``: L of a value; ``why``: when it is inf, the reason, and ``where``: the
+  path of the innermost layer running where it arose; ``origin``: see below.
 
   ``origin`` is ``(base, slope)`` when the value is an elementwise function of
   the value ``base`` (same shape) whose slope is at most ``slope``: a select
@@ -61,6 +64,7 @@ class _Value(NamedTuple):
   bound: float
   why: str | None = None
   origin: tuple[Any, float] | None = None
+  where: str | None = None
 
 
 _ZERO = _Value(0.0)
@@ -175,12 +179,21 @@ _DISCRETE = {  # outputs that jump: fine as a predicate, not as data
 }
 
 
+class Bound(NamedTuple):
+  """What :func:`bound` found: ``value``, or inf with ``why`` and ``where`` (the path of
+  the innermost layer the model was running there, ``""`` at the top level)."""
+
+  value: float
+  why: str | None = None
+  where: str | None = None
+
+
 def bound(
   jaxpr: jex_core.ClosedJaxpr,
   dependent: Sequence[bool],
   layers: Mapping[str, float],
-  fixed: Mapping[int, Any] | None = None,
-) -> tuple[float, str | None]:
+  known: Mapping[int, Any] | None = None,
+) -> Bound:
   """The Lipschitz bound of ``jaxpr``'s real outputs, as one vector, in its inputs.
 
   Args:
@@ -188,20 +201,22 @@ def bound(
     dependent: which ``invars`` are the inputs the bound is over.
     layers: a certified norm per layer (its module path); a marked layer not
       here is followed primitive by primitive.
-    fixed: the values of inputs held fixed (an integer array), by ``invars`` index.
+    known: the values of inputs that do not depend on the inputs the bound is
+      over (integers held fixed, the variables of layers without a certificate
+      of their own), by ``invars`` index.
 
   Returns:
-    ``(L, None)``, or ``(inf, reason)``.
+    A :class:`Bound`.
   """
   walk = _Walk(layers)
   ins = [_Value(1.0) if d else _ZERO for d in dependent]
-  known = _consts(jaxpr) | {jaxpr.jaxpr.invars[i]: x for i, x in (fixed or {}).items()}
-  outs = walk.run(jaxpr.jaxpr, ins, known)
+  values = _consts(jaxpr) | {jaxpr.jaxpr.invars[i]: x for i, x in (known or {}).items()}
+  outs = walk.run(jaxpr.jaxpr, ins, values)
   real = [o for o, v in zip(outs, jaxpr.jaxpr.outvars, strict=True) if _is_real(v)]
   for o in real:
     if o.bound == _INF:
-      return _INF, o.why
-  return _norm([o.bound for o in real]), None
+      return Bound(_INF, o.why, o.where)
+  return Bound(_norm([o.bound for o in real]))
 
 
 def _consts(closed: Any) -> dict[Any, Any]:
@@ -236,6 +251,7 @@ class _Walk:
   def __init__(self, layers: Mapping[str, float]) -> None:
     self.layers = layers
     self.entered: dict[str, _Value] = {}  # each marked call's input (by call id)
+    self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
 
   def run(
     self,
@@ -262,7 +278,11 @@ class _Walk:
     for eqn in jaxpr.eqns:
       vals = [read(v) for v in eqn.invars]
       if any(x.bound for x in vals) or eqn.primitive.name == "name":
-        outs = self._eqn(eqn, vals, value)
+        where = next(reversed(self.running.values()), "")
+        outs = [
+          o._replace(where=where) if o.bound == _INF and o.where is None else o
+          for o in self._eqn(eqn, vals, value)
+        ]
       else:
         outs = [_ZERO] * len(eqn.outvars)
         known.update(_folded(eqn, value))
@@ -308,9 +328,11 @@ class _Walk:
     kind, path, key = call
     if kind == "in":
       self.entered[key] = x
+      self.running[key] = path
       return x
+    self.running.pop(key, None)
     entered = self.entered.get(key)
-    if path not in self.layers or entered is None:
+    if kind == "end" or path not in self.layers or entered is None:
       return x
     return _scaled(entered, self.layers[path])
 
@@ -335,7 +357,7 @@ def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
   return dict(zip(eqn.outvars, (np.asarray(o) for o in outs), strict=True))
 
 
-_FOLD_LIMIT = 1 << 20  # elements
+_FOLD_LIMIT = 1 << 24  # elements (a 64 MiB float32 kernel)
 _NOT_FOLDED = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "rng_bit_generator"}
 
 
@@ -392,7 +414,7 @@ def _with_origin(x: _Value, var: Any) -> _Value:
 
 def _plain(x: _Value) -> _Value:
   """``x`` without its origin."""
-  return _Value(x.bound, x.why)
+  return x._replace(origin=None)
 
 
 def _scaled(x: _Value, factor: float) -> _Value:
@@ -482,8 +504,9 @@ def _largest(value: Any) -> float | None:
 
 
 _COMPUTED = (
-  "the model {} a value it computes (not a literal or a constant) outside the layers "
-  "a certificate covers"
+  "the model {} a value it computes that is not known here (not a literal, a constant, "
+  "or a variable of a module without a certificate of its own: noise from a key, a "
+  "certified layer's param used outside it, an array too large to compute here)"
 )
 
 
@@ -812,7 +835,8 @@ def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_
     if all(o.bound <= c.bound for c, o in zip(carry, outs, strict=True)):
       return carry  # zero steps or more: none larger
     carry = [
-      _Value(max(c.bound, o.bound), o.why or c.why) for c, o in zip(carry, outs, strict=True)
+      _Value(max(c.bound, o.bound), o.why or c.why, None, o.where or c.where)
+      for c, o in zip(carry, outs, strict=True)
     ]
   why = "a loop of unknown trip count (nn.while_loop) whose carry's bound grows at each step"
   return [_inf(why)] * len(eqn.outvars)
@@ -822,8 +846,9 @@ _WHILE_STEPS = 32
 
 
 _OUTSIDE = (
-  "the model computes {} on a value that depends on the inputs outside the layers a "
-  "certificate covers"
+  "the model computes {} of a value that depends on the inputs with an operand not known "
+  "here (not a literal, a constant, or a variable of a module without a certificate of its "
+  "own: a certified layer's param used outside it, an array too large to compute here)"
 )
 
 

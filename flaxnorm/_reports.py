@@ -161,12 +161,14 @@ def lipschitz_bound(
   normalized, weight-normed or plain (then the estimate counts their
   certified norm too); biases add no factor. A model with no spectrally
   normalized layer (no ``collection`` in the variables) is certified from its
-  ``params``. Any other layer holding variables (``ConvTranspose``,
-  ``LayerNorm``, ``BatchNorm``, ``Embed``, a subclass, a custom
-  ``dot_general`` or ``conv_general_dilated``, a module's own ``self.param``,
-  a Conv with ``REFLECT`` or negative padding, an empty output or
-  ``input_dilation``) makes the certificate ``None``, with the reason under
-  its path in ``reasons``, as does a layer in an ``nn.while_loop`` or a plain
+  ``params``. Any other module holding variables (``ConvTranspose``,
+  ``BatchNorm``, ``Embed``, a module's own ``self.param``) is followed
+  primitive by primitive with its variables' values (below). A certified
+  kind the certificate cannot bound (a subclass, a custom ``dot_general`` or
+  ``conv_general_dilated``, a Conv with ``REFLECT`` or negative padding, an
+  empty output or ``input_dilation``, a spectrally normalized layer of
+  another kind) makes the certificate ``None``, with the reason under its
+  path in ``reasons``, as does a layer in an ``nn.while_loop`` or a plain
   layer stacked by ``nn.scan``/``nn.vmap``. Stacked spectral states and a
   Conv called on inputs of different spatial sizes are a ``ValueError`` (bound
   each member's variables).
@@ -175,18 +177,23 @@ def lipschitz_bound(
   value (``L(y)`` with ``|dy| <= L(y) |dx|``, all floating-point inputs as
   one vector, all real outputs as one): a sum adds bounds (a residual block
   ``x + f(x)``: ``1 + b``), values side by side (``concatenate``, a max of
-  two branches) get the root of the sum of squares, a constant scale its
-  largest magnitude, broadcasting or summing ``k`` elements ``sqrt(k)``, a
-  pool the square root of how many windows share an element (times the
-  window for a sum), an activation its largest slope; loops are followed
-  step by step (an RNN's whole output sequence, a sum of steps). What no rule
-  bounds gets a reason under ``"<top level>"``: a product of two values that
-  depend on the inputs (gates, attention), a scale or matrix the model
-  computes outside the certified layers (dropout in training, a computed
-  statistic), ``exp``, powers, a gather at indices computed from the inputs,
-  values sorted by keys from the inputs, a comparison used as data, and a
-  branch or loop trip count picked from the inputs. Selects on the inputs (``jnp.where``, leaky ReLU)
-  are taken as continuous: a precondition, not checked.
+  two branches) get the root of the sum of squares, a known scale its
+  largest magnitude, a matrix product or convolution with a known operand
+  that operand's certified norm (a transposed convolution through its
+  phases), broadcasting or summing ``k`` elements ``sqrt(k)``, a pool the
+  square root of how many windows share an element (times the window for a
+  sum), an activation its largest slope; loops are followed step by step (an
+  RNN's whole output sequence, a sum of steps). Known: literals, constants,
+  what the model computes from them, integer inputs held fixed, and the
+  variables of the modules followed. What no rule bounds gets a reason under
+  the path of the module running there (``"<top level>"`` for the model's
+  own code): a product of two values that depend on the inputs (gates,
+  attention, normalization by a statistic of the input), a scale or matrix
+  that is not known (dropout in training), ``exp``, powers, a gather at
+  indices computed from the inputs, values sorted by keys from the inputs,
+  a comparison used as data, and a branch or loop trip count picked from the
+  inputs. Selects on the inputs (``jnp.where``, leaky ReLU) are taken as
+  continuous: a precondition, not checked.
 
   Args:
     variables: Linen variables with ``collection`` (or the collection itself
@@ -292,11 +299,12 @@ def _model_bound(
       _times(per_run, _module_path(seen.module), bound)
   cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
   skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
+  followed: set[str] = set()  # modules without a certificate, followed primitive by primitive
   for path, seen in trace.modules.items():
     if path in trace.idle and not seen.calls:
       continue
     if path not in trace.unbounded:
-      bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons)
+      bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons, followed)
       if bound is not None:
         _times(per_run, path, bound)
     elif _own_variables(variables, path, cols):  # a module without variables adds no factor
@@ -305,20 +313,29 @@ def _model_bound(
     top = [reasons[_TOP]] if _TOP in reasons else []
     reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(trace.unchained)])
   estimate = _product([e for e, _ in layers.values()])
-  certified = None if reasons else _propagated(trace, per_run, reasons)
+  certified = None if reasons else _propagated(trace, per_run, variables, followed, reasons)
   return LipschitzBound(estimate, certified, layers, reasons)
 
 
-def _propagated(trace: _Trace, per_run: dict[str, float], reasons: dict[str, str]) -> float | None:
-  """The certificate: each layer's bound carried through the traced program (its
-  reason under ``"<top level>"`` where no rule bounds what the model computes)."""
+def _propagated(
+  trace: _Trace,
+  per_run: dict[str, float],
+  variables: Mapping[str, Any],
+  followed: set[str],
+  reasons: dict[str, str],
+) -> float | None:
+  """The certificate: each layer's bound carried through the traced program, the
+  variables of the ``followed`` modules known there (the reason under the path of
+  the layer running where no rule bounds what the model computes)."""
   assert trace.program is not None
-  closed, dependent, fixed = trace.program
-  bound, why = _propagate.bound(closed, dependent, per_run, fixed)
-  if why is not None:
-    reasons[_TOP] = why
+  closed, dependent, fixed, owners = trace.program
+  leaves = jax.tree.leaves(dict(variables))
+  known = {i: np.asarray(x) for i, x in enumerate(leaves) if owners[i] in followed}
+  found = _propagate.bound(closed, dependent, per_run, {**known, **fixed})
+  if found.why is not None:
+    reasons[found.where or _TOP] = found.why
     return None
-  return bound
+  return found.value
 
 
 def _times(per_run: dict[str, float], path: str, bound: float) -> None:
@@ -432,8 +449,9 @@ class _Trace(NamedTuple):
   unbounded: dict[str, str]
   idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
   unchained: frozenset[str] = frozenset()  # see _call_counts.Counts
-  # The jaxpr, which invars are the inputs, and the values of those held fixed (by index).
-  program: tuple[Any, tuple[bool, ...], dict[int, Any]] | None = None
+  # The jaxpr, which invars are the inputs, the values of those held fixed (by index), and
+  # the path of the module holding each variable (the first invars).
+  program: tuple[Any, tuple[bool, ...], dict[int, Any], tuple[str, ...]] | None = None
 
 
 _WHILE = (
@@ -516,9 +534,11 @@ def _trace_once(
       out = next_fun(*args, **kwargs)
     finally:
       active.pop()
-    if call is None or _subclass.base_of(type(module)) not in _CERTIFIED:
-      return out  # only a certified layer's output is its bound times its input's
-    return _call_counts.mark_output(out, path, call)
+    if call is None:
+      return out
+    # Only a certified layer's output is its bound times its input's.
+    certified = _subclass.base_of(type(module)) in _CERTIFIED
+    return _call_counts.mark_output(out, path, call, certified=certified)
 
   leaves, treedef = jax.tree.flatten(inputs)
 
@@ -541,7 +561,8 @@ def _trace_once(
     if not isinstance(leaves[i], jax.ShapeDtypeStruct)
     and (jnp.issubdtype(leaves[i].dtype, jnp.integer) or leaves[i].dtype == np.bool_)
   }
-  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed))
+  owners = tuple(_owner(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0])
+  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed, owners))
   for table, path, seen, module in calls:
     most = counts.runs.get(module, 0.0)
     if most == math.inf:
@@ -551,6 +572,13 @@ def _trace_once(
     else:
       trace.idle.add(path)
   return trace
+
+
+def _owner(path: tuple) -> str:
+  """The path of the module holding the variable at ``path`` (``(collection, *module,
+  name)``, boxes' fields left out)."""
+  keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return "/".join(keys[1:-1])
 
 
 def _spectral_names(key: Any, spec: Any, module: nn.Module, variables: Mapping) -> list[str]:
@@ -641,11 +669,14 @@ def _plain_layer(
   n_steps: int,
   layers: dict[str, tuple[jax.Array, float | None]],
   reasons: dict[str, str],
+  followed: set[str],
 ) -> float | None:
   """Adds the certified norm of a called module's kernel that spectral norm left plain.
 
-  A Flax linear layer's plain or weight-normed kernel gets a bound (its bias adds
-  no factor); any other variable the module holds gets a reason.
+  A certified layer's plain or weight-normed kernel gets a bound (its bias adds no
+  factor), any other variable it holds a reason. Any other module holding
+  variables is followed primitive by primitive, its variables' values known
+  (``nn.ConvTranspose``, ``nn.Embed``, ``nn.BatchNorm``, a ``self.param``).
 
   Args:
     seen: the module as the trace saw it.
@@ -656,6 +687,7 @@ def _plain_layer(
     n_steps: Gram steps.
     layers: where the bound goes, under ``{path}/kernel``.
     reasons: where a reason goes when there is no bound.
+    followed: where the path goes when the module is followed.
 
   Returns:
     The kernel's bound for one run, or None.
@@ -663,6 +695,10 @@ def _plain_layer(
   spectral, cols = skip
   own = _own_variables(variables, path, cols)
   names = [f"{c}/{n}" for c, n in own if c != "params" or _join(path, n) not in spectral]
+  if _subclass.base_of(type(seen.module)) not in _CERTIFIED:
+    if names:
+      followed.add(path)
+    return None
   bound = None
   if _subclass.base_of(type(seen.module)) in _linen._LINEAR_LAYERS:
     names = [n for n in names if n not in [f"params/{b}" for b in _BIASES]]

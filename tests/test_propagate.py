@@ -636,3 +636,97 @@ def test_an_anti_aliased_model_is_certified():
   bound = _bound(model, variables, x)
   assert bound.reasons == {}
   assert bound.certified >= _lower(model, variables, x[:1]) - 1e-6
+
+
+class _Upsampler(nn.Module):
+  """HiFi-GAN's shape, small: weight-normed Conv and ConvTranspose (x2, x3), dilated
+  residual blocks, leaky ReLU, tanh."""
+
+  @nn.compact
+  def __call__(self, x):
+    conv = flaxnorm.weight_norm(nn.Conv)
+    x = conv(4, (5,))(x)
+    for r in (2, 3):
+      up = flaxnorm.weight_norm(nn.ConvTranspose, axis=-2)(4, (2 * r,), strides=(r,))
+      x = up(nn.leaky_relu(x, 0.1))
+      for d in (1, 3):
+        x = x + conv(4, (3,), kernel_dilation=(d,))(nn.leaky_relu(x, 0.1))
+    return jnp.tanh(conv(1, (5,))(x))
+
+
+def test_a_vocoder_with_weight_normed_transposed_convs_is_certified():
+  """ConvTranspose has no certificate of its own: it is followed, its kernel g·v/‖v‖
+  computed from the params. It gave the reason 'ConvTranspose holds [...], which no
+  certificate covers'."""
+  model, x = _Upsampler(), jax.random.normal(KEY, (1, 6, 2))
+  variables = model.init(KEY, x)
+  bound = _bound(model, variables, x)
+  assert bound.reasons == {}
+  assert bound.certified >= _lower(model, variables, x) - 1e-6
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 2),)])
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_transposed_conv_layer_is_certified_within_one_percent(padding, stride):
+  model, x = nn.ConvTranspose(3, (4,), strides=(stride,), padding=padding), jnp.ones((1, 8, 2))
+  variables = model.init(KEY, x)
+  bound = _bound(model, variables, x)
+  exact = _lower(model, variables, x)
+  assert bound.reasons == {} and exact - 1e-6 <= bound.certified <= 1.01 * exact
+
+
+class _Followed(nn.Module):
+  """A learned scale, BatchNorm in evaluation, an embedding added at fixed ids."""
+
+  @nn.compact
+  def __call__(self, x, ids):
+    h = nn.Dense(4, name="d")(x)
+    h = nn.BatchNorm(use_running_average=True, name="bn")(h)
+    alpha = self.param("alpha", nn.initializers.constant(-3.0), ())
+    return alpha * h + nn.Embed(5, 4, name="e")(ids)
+
+
+def test_modules_without_a_certificate_are_followed_with_their_variables():
+  """BatchNorm's running statistics and the model's own scale are known: the bound is
+  |α| · max|γ / √(var + ε)| · ‖d‖; they gave 'holds [...], which no certificate covers'."""
+  model, x, ids = _Followed(), jnp.ones((1, 3)), jnp.array([2])
+  variables = model.init(KEY, x, ids)
+  stats = {"mean": jnp.arange(4.0), "var": jnp.array([0.25, 1.0, 4.0, 1.0])}
+  variables = {**variables, "batch_stats": {"bn": stats}}
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x, ids))
+  assert bound.reasons == {}
+  d = bound.layers["d/kernel"][1]
+  assert bound.certified == pytest.approx(3.0 * d / np.sqrt(0.25 + 1e-5), rel=1e-6)
+
+  def f(z):
+    return model.apply(variables, z.reshape(x.shape), ids).ravel()
+
+  jacobian = np.asarray(jax.jacfwd(f)(x.ravel()), np.float64)
+  assert bound.certified >= np.linalg.norm(jacobian, 2)
+
+
+class _Exp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.exp(x)
+
+
+class _Normalized(nn.Module):
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4)(x)
+    h = nn.LayerNorm(name="ln")(h) if self.how == "ln" else _Exp(name="exp")(h)
+    return nn.Dense(2)(h)
+
+
+@pytest.mark.parametrize(
+  ("how", "why"), [("ln", "mul of two values"), ("exp", "no Lipschitz rule for exp")]
+)
+def test_a_reason_names_the_module_running_where_it_arose(how, why):
+  """Under '<top level>' before, for a module without variables."""
+  model, x = _Normalized(how), jnp.ones((1, 3))
+  bound = _bound(model, model.init(KEY, x), x)
+  assert bound.certified is None and list(bound.reasons) == [how]
+  assert why in bound.reasons[how]
