@@ -162,14 +162,15 @@ def lipschitz_bound(
   certified norm too); biases add no factor. A model with no spectrally
   normalized layer (no ``collection`` in the variables) is certified from its
   ``params``. Any other module holding variables (``ConvTranspose``,
-  ``BatchNorm``, ``Embed``, a module's own ``self.param``) is followed
-  primitive by primitive with its variables' values (below). A certified
-  kind the certificate cannot bound (a subclass, a custom ``dot_general`` or
-  ``conv_general_dilated``, a Conv with ``REFLECT`` or negative padding, an
-  empty output or ``input_dilation``, a spectrally normalized layer of
-  another kind) makes the certificate ``None``, with the reason under its
-  path in ``reasons``, as does a layer in an ``nn.while_loop`` or a plain
-  layer stacked by ``nn.scan``/``nn.vmap``. Stacked spectral states and a
+  ``BatchNorm``, ``Embed``, a subclass, a module's own ``self.param``) is
+  followed primitive by primitive with its variables' values (below), as is a
+  plain or weight-normed layer with options the layer bound does not cover (a
+  custom ``dot_general`` or ``conv_general_dilated``, a Conv with
+  ``REFLECT`` or negative padding or ``input_dilation``). A spectrally
+  normalized layer with such options or of another kind makes the
+  certificate ``None``, with the reason under its path in ``reasons``, as
+  does a layer in an ``nn.while_loop`` or a plain layer stacked by
+  ``nn.scan``/``nn.vmap``. Stacked spectral states and a
   Conv called on inputs of different spatial sizes are a ``ValueError`` (bound
   each member's variables).
 
@@ -426,6 +427,11 @@ class _UncertifiedError(Exception):
   """A layer without a certificate; the message says why."""
 
 
+class _StackedError(_UncertifiedError):
+  """A layer whose params ``nn.scan``/``nn.vmap`` stacked: followed, its steps would read
+  slices not known here, so the reason says what to do instead."""
+
+
 class _Seen(NamedTuple):
   """A layer as the model's trace saw it."""
 
@@ -676,7 +682,11 @@ def _plain_layer(
   A certified layer's plain or weight-normed kernel gets a bound (its bias adds no
   factor), any other variable it holds a reason. Any other module holding
   variables is followed primitive by primitive, its variables' values known
-  (``nn.ConvTranspose``, ``nn.Embed``, ``nn.BatchNorm``, a ``self.param``).
+  (``nn.ConvTranspose``, ``nn.Embed``, ``nn.BatchNorm``, a ``self.param``), and
+  so is a certified kind whose options or code the layer bound does not cover (a
+  subclass, a custom ``dot_general``, ``input_dilation``, ``REFLECT`` or negative
+  padding, ``batch_dims``, a mask the model computes); one whose params are
+  stacked gets a reason.
 
   Args:
     seen: the module as the trace saw it.
@@ -706,7 +716,12 @@ def _plain_layer(
     names = [n for n in names if n not in [f"params/{k}" for k in _KERNELS]]
     params = _node(variables["params"], path)
     at = _join(path, "kernel")
-    bound = _guarded(reasons, at, lambda: _plain_bound(seen, params, path, n_steps))
+    try:
+      bound = _plain_bound(seen, params, path, n_steps)
+    except _StackedError as e:
+      reasons[at] = str(e)
+    except (_UncertifiedError, _certify.UnsupportedError):  # an option or use no bound covers:
+      followed.add(path)  # its kernel is known, bounded where the layer's code uses it
     if bound is not None:
       power = bound**seen.calls
       with np.errstate(over="ignore"):  # b ** runs beyond float32: inf
@@ -742,7 +757,7 @@ def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int
     stored = tuple(jnp.shape(meta.unbox(params[name])))
     inside = (seen.param_shapes or {}).get(name, stored)
     if stored != inside:
-      raise _UncertifiedError(
+      raise _StackedError(
         f"its param {name} has shape {stored} in the variables and {inside} in the layer: "
         "stacked by nn.scan or nn.vmap; bound each member's variables on their own"
       )

@@ -730,3 +730,31 @@ def test_a_reason_names_the_module_running_where_it_arose(how, why):
   bound = _bound(model, model.init(KEY, x), x)
   assert bound.certified is None and list(bound.reasons) == [how]
   assert why in bound.reasons[how]
+
+
+class _Doubled(nn.Dense):
+  def __call__(self, x):
+    return 2.0 * super().__call__(x)
+
+
+@pytest.mark.parametrize(
+  ("layer", "shape"),
+  [
+    (nn.Conv(3, (3,), input_dilation=(2,), padding=1), (1, 6, 2)),
+    (nn.Conv(3, (3,), padding="REFLECT"), (1, 6, 2)),
+    (nn.Conv(3, (3,), padding=((-1, 2),)), (1, 6, 2)),
+    (_Doubled(3), (1, 4)),
+    (nn.DenseGeneral(3, batch_dims=(0,), axis=-1), (2, 4)),
+    (flaxnorm.weight_norm(nn.Conv(3, (3,), input_dilation=(2,), padding=1)), (1, 6, 2)),
+  ],
+  ids=["input-dilation", "reflect", "crop", "subclass", "batch-dims", "weight-normed"],
+)
+def test_layers_whose_options_no_layer_bound_covers_are_followed(layer, shape):
+  """A plain or weight-normed layer the layer bound refuses (an option, a subclass) is
+  followed with its kernel known; it gave a reason ('is not certified', 'not supported',
+  'does not run Flax's own code')."""
+  x = jax.random.normal(KEY, shape)
+  variables = layer.init(KEY, x)
+  bound = _bound(layer, variables, x)
+  assert bound.reasons == {}
+  assert bound.certified >= _lower(layer, variables, x) - 1e-6
