@@ -522,14 +522,22 @@ def _scale_by(eqn: Any, vals: list[_Value], factor: float | None, verb: str) -> 
 
 def _mul_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   if all(x.bound for x in vals):
-    return [_inf("mul of two values that depend on the inputs (not Lipschitz)")]
+    return [
+      _inf(
+        "mul of two values that depend on the inputs (no rule bounds it: not Lipschitz in general)"
+      )
+    ]
   other = eqn.invars[1] if vals[0].bound else eqn.invars[0]
   return _scale_by(eqn, vals, _largest(value(other)), "multiplies by")
 
 
 def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   if vals[1].bound:
-    return [_inf("div by a value that depends on the inputs (not Lipschitz)")]
+    return [
+      _inf(
+        "div by a value that depends on the inputs (no rule bounds it: not Lipschitz in general)"
+      )
+    ]
   c = value(eqn.invars[1])
   smallest = None if c is None else np.abs(np.asarray(c)).astype(np.float64).min(initial=np.inf)
   if smallest == 0.0:
@@ -735,7 +743,11 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   certified norm of its matrix per batch index (:func:`flaxnorm.matrix_norm_bound`)."""
   deps = [k for k, x in enumerate(vals) if x.bound]
   if len(deps) > 1:
-    return [_inf("dot_general of two values that depend on the inputs (not Lipschitz)")]
+    return [
+      _inf(
+        "dot_general of two values that depend on the inputs (no rule bounds it: not Lipschitz in general)"
+      )
+    ]
   i = deps[0]
   c = value(eqn.invars[1 - i])
   if c is None or not np.isrealobj(c) or not np.all(np.isfinite(c)):

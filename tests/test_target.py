@@ -241,7 +241,8 @@ def test_certificate_is_none_with_a_reason_for_layers_without_a_bound():
   # The model's own scale is known (followed, not refused); LayerNorm divides by a statistic
   # of its input: the reason names it.
   assert bound.certified is None and bound.reasons == {
-    "LayerNorm_0": "mul of two values that depend on the inputs (not Lipschitz)"
+    "LayerNorm_0": "mul of two values that depend on the inputs (no rule bounds it: not "
+    "Lipschitz in general)"
   }
   bound = flaxnorm.lipschitz_bound(_Scanned().init(KEY, x), model=_Scanned(), inputs=(x,))
   assert bound.certified is None
