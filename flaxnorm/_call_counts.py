@@ -34,7 +34,8 @@ from jax.extend import core as jex_core
 _PREFIX = "flaxnorm_call_"
 _OUT = "flaxnorm_out_"
 _END = "flaxnorm_end_"
-_SEP = "|"  # between the layer's path and the call's number
+_VAR = "flaxnorm_var_"
+SEP = "|"  # between the layer's path and the call's number (and a variable's key)
 
 
 def mark(
@@ -46,7 +47,7 @@ def mark(
   otherwise a marked constant stands in (unused: a jaxpr keeps it), a run on no
   input (no layer Flax runs on a container is certified, so no bound is looser).
   """
-  tag = f"{_PREFIX}{layer}{_SEP}{call}"
+  tag = f"{_PREFIX}{layer}{SEP}{call}"
   if args and isinstance(args[0], jax.Array):
     return (checkpoint_name(args[0], tag), *args[1:]), kwargs
   first = next(iter(kwargs), None)
@@ -63,17 +64,34 @@ def mark_output(out: Any, layer: str, call: int, *, certified: bool) -> Any:
   another's only says where the run ends (a marked constant when it returns no
   array), so that a reason found in between names the layer.
   """
-  tag = f"{_OUT if certified else _END}{layer}{_SEP}{call}"
+  tag = f"{_OUT if certified else _END}{layer}{SEP}{call}"
   if not any(isinstance(a, jax.Array) for a in jax.tree.leaves(out)):
     checkpoint_name(jnp.zeros((), jnp.float32), tag)
   return jax.tree.map(lambda a: checkpoint_name(a, tag) if isinstance(a, jax.Array) else a, out)
 
 
+def mark_variables(variables: Mapping[str, Any], layer: str, call: int) -> None:
+  """Marks the variables the run ``call`` of ``layer`` reads (its own, as its scope
+  holds them: changed there by ``nn.map_variables``), each by its key
+  ``"collection/layer/name"``: the marks' operands must be the stored variables."""
+  for collection, tree in variables.items():
+    for name, leaf in tree.items():
+      if not isinstance(leaf, Mapping):
+        key = "/".join([collection, *([layer] if layer else []), name])
+        for a in jax.tree.leaves(leaf):
+          if isinstance(a, jax.Array):
+            checkpoint_name(a, f"{_VAR}{layer}{SEP}{call}{SEP}{key}")
+
+
 def call_of(tag: str) -> tuple[str, str, str] | None:
-  """``("in", "out" or "end", layer, call)`` of a mark's name, or None for another name."""
+  """``(kind, layer, call)`` of a mark's name (kind ``"in"``, ``"out"``, ``"end"``, or
+  ``"var"`` with ``call`` then ``"<call>|<key>"``), or None for another name."""
+  if tag.startswith(_VAR):
+    layer, call, key = tag[len(_VAR) :].rsplit(SEP, 2)
+    return "var", layer, f"{call}{SEP}{key}"
   for kind, prefix in (("in", _PREFIX), ("out", _OUT), ("end", _END)):
     if tag.startswith(prefix):
-      layer, _, call = tag[len(prefix) :].rpartition(_SEP)
+      layer, _, call = tag[len(prefix) :].rpartition(SEP)
       return kind, layer, call
   return None
 

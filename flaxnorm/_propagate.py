@@ -70,6 +70,28 @@ class _Value(NamedTuple):
 _ZERO = _Value(0.0)
 
 
+class _Raw(NamedTuple):
+  """A variable as stored (its ``"collection/module/name"`` key), passed along unchanged
+  but not known: a certified layer's, whose value no rule reads."""
+
+  key: str
+
+
+class _Lookup:
+  """The values known in one jaxpr: a call gives a literal's or a known value, else None;
+  :meth:`entry` also gives a stored variable's :class:`_Raw`."""
+
+  def __init__(self, known: dict[Any, Any]) -> None:
+    self.known = known
+
+  def entry(self, v: Any) -> Any:
+    return v.val if isinstance(v, jex_core.Literal) else self.known.get(v)
+
+  def __call__(self, v: Any) -> Any:
+    found = self.entry(v)
+    return None if isinstance(found, _Raw) else found
+
+
 def _inf(why: str) -> _Value:
   return _Value(_INF, why)
 
@@ -193,6 +215,7 @@ def bound(
   dependent: Sequence[bool],
   layers: Mapping[str, float],
   known: Mapping[int, Any] | None = None,
+  stored: Mapping[int, str] | None = None,
 ) -> Bound:
   """The Lipschitz bound of ``jaxpr``'s real outputs, as one vector, in its inputs.
 
@@ -204,13 +227,18 @@ def bound(
     known: the values of inputs that do not depend on the inputs the bound is
       over (integers held fixed, the variables of layers without a certificate
       of their own), by ``invars`` index.
+    stored: the key (``"collection/module/name"``) of each other variable, by
+      ``invars`` index: a certified layer's variables must reach it unchanged
+      (its :func:`flaxnorm._call_counts.mark_variables` marks).
 
   Returns:
     A :class:`Bound`.
   """
   walk = _Walk(layers)
   ins = [_Value(1.0) if d else _ZERO for d in dependent]
-  values = _consts(jaxpr) | {jaxpr.jaxpr.invars[i]: x for i, x in (known or {}).items()}
+  invars = jaxpr.jaxpr.invars
+  values = {invars[i]: _Raw(k) for i, k in (stored or {}).items()}
+  values |= _consts(jaxpr) | {invars[i]: x for i, x in (known or {}).items()}
   outs = walk.run(jaxpr.jaxpr, ins, values)
   real = [o for o, v in zip(outs, jaxpr.jaxpr.outvars, strict=True) if _is_real(v)]
   for o in real:
@@ -252,6 +280,7 @@ class _Walk:
     self.layers = layers
     self.entered: dict[str, _Value] = {}  # each marked call's input (by call id)
     self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
+    self.changed: dict[str, str] = {}  # calls whose layer reads a variable not as stored
 
   def run(
     self,
@@ -268,36 +297,45 @@ class _Walk:
     """
     env: dict[Any, _Value] = dict(zip(jaxpr.invars, ins, strict=True))
     known = dict(known)
+    value = _Lookup(known)
 
     def read(v: Any) -> _Value:
       return _ZERO if isinstance(v, jex_core.Literal) else env.get(v, _ZERO)
 
-    def value(v: Any) -> Any:  # a literal's or a traced constant's value, else None
-      return v.val if isinstance(v, jex_core.Literal) else known.get(v)
-
     for eqn in jaxpr.eqns:
       vals = [read(v) for v in eqn.invars]
-      if any(x.bound for x in vals) or eqn.primitive.name == "name":
-        where = next(reversed(self.running.values()), "")
-        outs = [
-          o._replace(where=where) if o.bound == _INF and o.where is None else o
-          for o in self._eqn(eqn, vals, value)
-        ]
+      where = next(reversed(self.running.values()), "")
+      if eqn.primitive.name == "name":  # a mark: the identity, known values passed along
+        outs = self._eqn(eqn, vals, value)
+        if value.entry(eqn.invars[0]) is not None:
+          known[eqn.outvars[0]] = value.entry(eqn.invars[0])
+      elif any(x.bound for x in vals):
+        outs = self._eqn(eqn, vals, value)
       else:
         outs = [_ZERO] * len(eqn.outvars)
         known.update(_folded(eqn, value))
       for var, out in zip(eqn.outvars, outs, strict=True):
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
+        if math.isnan(out.bound) or (out.bound == _INF and out.why is None):
+          out = _inf("the bound overflows float64 here, or is NaN (a NaN constant)")
+        if out.bound == _INF and out.where is None:
+          out = out._replace(where=where)
         env[var] = out
     inner = {*jaxpr.constvars, *(v for e in jaxpr.eqns for v in e.outvars)}
     rename = dict(zip(jaxpr.invars, outer or (), strict=False))
     return [_renamed(read(v), rename, inner | set(jaxpr.invars)) for v in jaxpr.outvars]
 
-  def _eqn(self, eqn: Any, vals: list[_Value], value: Callable[[Any], Any]) -> list[_Value]:
+  def _eqn(self, eqn: Any, vals: list[_Value], value: _Lookup) -> list[_Value]:
     name = eqn.primitive.name
     if name == "name":
-      return [self._mark(str(eqn.params.get("name", "")), vals[0])]
+      return [self._mark(str(eqn.params.get("name", "")), vals[0], value.entry(eqn.invars[0]))]
+    if name in _ORDERED and any(
+      x.bound and not _is_real_floating(v) for x, v in zip(vals, eqn.invars, strict=True)
+    ):
+      return [_inf(f"{name} of complex values (ordered lexicographically: it jumps)")] * len(
+        eqn.outvars
+      )
     rule = _RULES.get(name)
     if rule is not None:
       return rule(self, eqn, vals, value)
@@ -320,8 +358,9 @@ class _Walk:
     why = f"no Lipschitz rule for {name} of a value that depends on the inputs"
     return [_inf(why)] * len(eqn.outvars)
 
-  def _mark(self, tag: str, x: _Value) -> _Value:
-    """A layer's marked input (recorded) or output (``b`` times its input's bound)."""
+  def _mark(self, tag: str, x: _Value, entry: Any) -> _Value:
+    """A layer's marked input (recorded), a variable it reads (checked: as stored), or
+    its output (``b`` times its input's bound)."""
     call = _call_counts.call_of(tag)
     if call is None:
       return x
@@ -330,11 +369,24 @@ class _Walk:
       self.entered[key] = x
       self.running[key] = path
       return x
+    if kind == "var":
+      key, _, name = key.partition(_call_counts.SEP)
+      if not (isinstance(entry, _Raw) and entry.key == name) and path in self.layers:
+        self.changed[key] = name
+      return x
     self.running.pop(key, None)
     entered = self.entered.get(key)
     if kind == "end" or path not in self.layers or entered is None:
       return x
+    if key in self.changed:
+      return _Value(_INF, _CHANGED.format(self.changed[key]), None, path)
     return _scaled(entered, self.layers[path])
+
+
+_CHANGED = (
+  "the layer computes with {} changed from the stored variable (nn.map_variables, "
+  "nn.WeightNorm, nn.SpectralNorm): its certificate bounds the stored one"
+)
 
 
 def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
@@ -358,7 +410,30 @@ def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
 
 
 _FOLD_LIMIT = 1 << 24  # elements (a 64 MiB float32 kernel)
-_NOT_FOLDED = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "rng_bit_generator"}
+_NOT_FOLDED = {  # a value each run draws anew
+  "random_bits",
+  "random_seed",
+  "random_wrap",
+  "random_unwrap",
+  "rng_bit_generator",
+  "rng_uniform",
+}
+# Primitives that order their operands: of complex values (ordered lexicographically) they jump.
+_ORDERED = {
+  "max",
+  "min",
+  "clamp",
+  "reduce_max",
+  "reduce_min",
+  "reduce_window_max",
+  "reduce_window_min",
+  "cummax",
+  "cummin",
+  "cumlogsumexp",
+  "scatter-max",
+  "scatter-min",
+  "sort",
+}
 
 
 # Primitives that call their one subprogram once on their operands, in order.
@@ -377,12 +452,13 @@ _CALLS = {
 
 
 def _passed(
-  invars: Sequence[Any], operands: Sequence[Any], value: Callable[[Any], Any], known: Mapping
+  invars: Sequence[Any], operands: Sequence[Any], value: _Lookup, known: Mapping
 ) -> dict[Any, Any]:
-  """``known`` with a subprogram's inputs whose operands' values are known."""
+  """``known`` with a subprogram's inputs whose operands' values are known (or stored
+  variables: :class:`_Raw`)."""
   found = dict(known)
   for inner, outer in zip(invars, operands, strict=True):
-    c = value(outer)
+    c = value.entry(outer)
     if c is not None:
       found[inner] = c
   return found
@@ -506,7 +582,8 @@ def _largest(value: Any) -> float | None:
 _COMPUTED = (
   "the model {} a value it computes that is not known here (not a literal, a constant, "
   "or a variable of a module without a certificate of its own: noise from a key, a "
-  "certified layer's param used outside it, an array too large to compute here)"
+  "certified layer's param used outside it, params nn.scan slices per step, an array "
+  "too large to compute here)"
 )
 
 
@@ -515,6 +592,8 @@ def _scale_by(eqn: Any, vals: list[_Value], factor: float | None, verb: str) -> 
   ((x, v),) = _grown(vals, eqn)
   if factor is None:
     return [_inf(_COMPUTED.format(verb))]
+  if not math.isfinite(factor):
+    return [_inf(f"the model {verb} a constant that holds inf or NaN")]
   if _size(v) == _size(eqn.outvars[0]):
     return [_elementwise(v, x, factor)]
   return [_scaled(x, factor)]
@@ -540,8 +619,10 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
     ]
   c = value(eqn.invars[1])
   smallest = None if c is None else np.abs(np.asarray(c)).astype(np.float64).min(initial=np.inf)
-  if smallest == 0.0:
-    return [_inf("div by a constant that holds 0")]
+  dtype = eqn.invars[1].aval.dtype
+  tiny = jnp.finfo(dtype).tiny if jnp.issubdtype(dtype, jnp.inexact) else 1
+  if smallest is not None and smallest < tiny:
+    return [_inf("div by a constant that holds 0 or a subnormal number (flushed to 0)")]
   return _scale_by(
     eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by"
   )
@@ -860,7 +941,8 @@ _WHILE_STEPS = 32
 _OUTSIDE = (
   "the model computes {} of a value that depends on the inputs with an operand not known "
   "here (not a literal, a constant, or a variable of a module without a certificate of its "
-  "own: a certified layer's param used outside it, an array too large to compute here)"
+  "own: a certified layer's param used outside it, params nn.scan slices per step, an "
+  "array too large to compute here)"
 )
 
 

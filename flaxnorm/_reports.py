@@ -329,10 +329,11 @@ def _propagated(
   variables of the ``followed`` modules known there (the reason under the path of
   the layer running where no rule bounds what the model computes)."""
   assert trace.program is not None
-  closed, dependent, fixed, owners = trace.program
+  closed, dependent, fixed, keys = trace.program
   leaves = jax.tree.leaves(dict(variables))
-  known = {i: np.asarray(x) for i, x in enumerate(leaves) if owners[i] in followed}
-  found = _propagate.bound(closed, dependent, per_run, {**known, **fixed})
+  known = {i: np.asarray(x) for i, x in enumerate(leaves) if keys[i][0] in followed}
+  stored = {i: key for i, (owner, key) in enumerate(keys) if owner not in followed}
+  found = _propagate.bound(closed, dependent, per_run, {**known, **fixed}, stored)
   if found.why is not None:
     reasons[found.where or _TOP] = found.why
     return None
@@ -456,8 +457,8 @@ class _Trace(NamedTuple):
   idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
   unchained: frozenset[str] = frozenset()  # see _call_counts.Counts
   # The jaxpr, which invars are the inputs, the values of those held fixed (by index), and
-  # the path of the module holding each variable (the first invars).
-  program: tuple[Any, tuple[bool, ...], dict[int, Any], tuple[str, ...]] | None = None
+  # each variable's (module path, key) (the first invars).
+  program: tuple[Any, tuple[bool, ...], dict[int, Any], tuple[tuple[str, str], ...]] | None = None
 
 
 _WHILE = (
@@ -532,6 +533,8 @@ def _trace_once(
       if path not in active:
         call = len(calls)
         args, kwargs = _call_counts.mark(args, kwargs, path, call)
+        if _subclass.base_of(type(module)) in _CERTIFIED:
+          _call_counts.mark_variables(module.variables, path, call)
         calls.append((trace.modules, path, _Seen(module, "", None, shape), path))
     if context.method_name != "__call__":  # a lifted transform's function run as its method
       return next_fun(*args, **kwargs)
@@ -567,8 +570,8 @@ def _trace_once(
     if not isinstance(leaves[i], jax.ShapeDtypeStruct)
     and (jnp.issubdtype(leaves[i].dtype, jnp.integer) or leaves[i].dtype == np.bool_)
   }
-  owners = tuple(_owner(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0])
-  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed, owners))
+  keys = tuple(_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0])
+  trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed, keys))
   for table, path, seen, module in calls:
     most = counts.runs.get(module, 0.0)
     if most == math.inf:
@@ -580,11 +583,11 @@ def _trace_once(
   return trace
 
 
-def _owner(path: tuple) -> str:
-  """The path of the module holding the variable at ``path`` (``(collection, *module,
-  name)``, boxes' fields left out)."""
+def _key(path: tuple) -> tuple[str, str]:
+  """``(module path, "collection/module/name")`` of the variable at ``path`` (boxes'
+  fields left out)."""
   keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-  return "/".join(keys[1:-1])
+  return "/".join(keys[1:-1]), "/".join(keys)
 
 
 def _spectral_names(key: Any, spec: Any, module: nn.Module, variables: Mapping) -> list[str]:

@@ -758,3 +758,147 @@ def test_layers_whose_options_no_layer_bound_covers_are_followed(layer, shape):
   bound = _bound(layer, variables, x)
   assert bound.reasons == {}
   assert bound.certified >= _lower(layer, variables, x) - 1e-6
+
+
+class _FlaxWrapped(nn.Module):
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(4, use_bias=False)
+    if self.how == "weight":
+      return nn.WeightNorm(dense)(x)
+    if self.how == "spectral":
+      return nn.SpectralNorm(dense)(x, update_stats=False)
+    times_10 = nn.map_variables(
+      nn.Dense, "params", trans_in_fn=lambda t: jax.tree.map(lambda a: 10.0 * a, t), init=True
+    )
+    return times_10(4, use_bias=False)(x)
+
+
+@pytest.mark.parametrize("how", ["weight", "spectral", "map"])
+def test_a_layer_computing_with_changed_params_is_refused(how):
+  """Flax's WeightNorm and SpectralNorm run the Dense through nn.map_variables: its
+  stored kernel (x 0.01 here) is not the one it computes with. Certified 0.013 and 0.017
+  where the norm is 6.6 and 1.7 (the wrapper holding variables had hidden it); a
+  map_variables(x 10) Dense 15.7 where it is 157."""
+  model, x = _FlaxWrapped(how), jnp.ones((1, 4))
+  variables = model.init(KEY, x)
+  params = dict(variables["params"])
+  params["Dense_0" if how != "map" else "Map_variablesDense_0"] = {
+    "kernel": 0.01 * jax.random.normal(KEY, (4, 4))
+  }
+  if how == "weight":
+    params["WeightNorm_0"] = {"Dense_0/kernel/scale": jnp.full((4,), 5.0)}
+  variables = {**variables, "params": params}
+  bound = _bound(model, variables, x)
+  assert bound.certified is None, (bound.certified, _lower(model, variables, x))
+  assert "changed from the stored variable" in next(iter(bound.reasons.values()))
+
+
+def _complex(h):
+  return h[:, :4] + 1j * h[:, 4:]
+
+
+@pytest.mark.parametrize(
+  "fn",
+  [
+    lambda h: jax.lax.cummax(_complex(h), 1),
+    lambda h: jax.lax.cumlogsumexp(_complex(h), 1),
+    lambda h: jnp.zeros(2, jnp.complex64).at[jnp.array([0, 0, 1, 1])].max(_complex(h)[0]),
+    lambda h: jax.ops.segment_max(_complex(h)[0], jnp.array([0, 0, 1, 1]), 2),
+    lambda h: jnp.max(_complex(h)),
+    lambda h: jnp.maximum(_complex(h), 0.0),
+  ],
+  ids=["cummax", "cumlogsumexp", "max-at", "segment-max", "reduce-max", "maximum"],
+)
+def test_orders_of_complex_values_are_refused(fn):
+  """A max of complex values orders them lexicographically: it jumps (secant 1e4 at
+  inputs 2e-4 apart); they were certified 2 to 2.83."""
+  model, variables, x = _between(fn, 8)
+  bound = _bound(model, variables, x)
+  assert bound.certified is None and "ordered lexicographically" in bound.reasons["<top level>"]
+
+
+class _Stat(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.BatchNorm(use_running_average=True, epsilon=0.0)(nn.Dense(4)(x))
+
+
+@pytest.mark.parametrize(
+  ("case", "why"),
+  [
+    ("rng", "not known"),
+    ("subnormal", "subnormal"),
+    ("zero-variance", "inf or NaN"),
+    ("overflow", "overflows"),
+  ],
+)
+def test_draws_subnormals_non_finite_scales_and_overflow_get_a_reason(case, why):
+  """rng_uniform was folded to one draw (certified 14.7, slopes up to 48 over runs); a
+  divisor 1e-40 (flushed to 0: the output is inf) certified 1e40; BatchNorm with a zero
+  variance certified inf without a reason, with a negative one NaN."""
+  x = jnp.ones((1, 4))
+  if case == "rng":
+    model, variables, x = _between(lambda h: h / jax.lax.rng_uniform(0.01, 1.0, (4,)))
+  elif case == "subnormal":
+    model, variables, x = _between(lambda h: h / np.float32(1e-40))
+  elif case == "zero-variance":
+    model = _Stat()
+    variables = model.init(KEY, x)
+    variables = {
+      **variables,
+      "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(4), "var": jnp.zeros(4)}},
+    }
+  else:
+    model, variables, x = _between(lambda h: jax.lax.fori_loop(0, 400, lambda _, c: 10.0 * c, h))
+  bound = _bound(model, variables, x)
+  assert bound.certified is None and why in next(iter(bound.reasons.values()))
+
+
+class _Constant(nn.Module):
+  @nn.compact
+  def __call__(self, n):
+    return jnp.full((4,), n, jnp.float32)
+
+
+class _OwnScale(nn.Module):
+  @nn.compact
+  def __call__(self):
+    return self.param("s", nn.initializers.constant(-2.0), (4,))
+
+
+class _ThroughMarks(nn.Module):
+  @nn.compact
+  def __call__(self, x, ids):
+    return x * _Constant()(4) + x * _OwnScale()() + nn.Embed(5, 4)(ids)
+
+
+def test_known_values_pass_through_module_calls():
+  """A module returning a constant or its own param, an Embed at integer inputs: each
+  call's marks lost the value (refused as 'not known')."""
+  model, x, ids = _ThroughMarks(), jnp.ones((1, 4)), jnp.array([1])
+  variables = model.init(KEY, x, ids)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x, ids))
+  assert bound.reasons == {} and bound.certified == pytest.approx(6.0)
+
+
+class _TakesTwo(nn.Module):
+  @nn.compact
+  def __call__(self, x, n):
+    return x + n
+
+
+def test_a_discrete_value_is_named_where_it_is_made():
+  """It was named after the module that first used it ('m')."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return _TakesTwo(name="m")(x, (3.0 * x).astype(jnp.int32))
+
+  model, x = Model(), jnp.ones((1, 4))
+  bound = _bound(model, model.init(KEY, x), x)
+  assert bound.certified is None and list(bound.reasons) == ["<top level>"]
+  assert "makes a discrete value" in bound.reasons["<top level>"]
