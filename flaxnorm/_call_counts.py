@@ -22,6 +22,7 @@ the inputs.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -73,21 +74,21 @@ def mark_output(out: Any, layer: str, call: int, *, certified: bool) -> Any:
 def mark_variables(variables: Mapping[str, Any], layer: str, call: int) -> None:
   """Marks the variables the run ``call`` of ``layer`` reads (its own, as its scope
   holds them: changed there by ``nn.map_variables``), each by its key
-  ``"collection/layer/name"``: the marks' operands must be the stored variables."""
+  ``"collection/layer/name"``: the marks' operands must be the stored variables (a
+  numpy array or a number there is a constant: never one)."""
   for collection, tree in variables.items():
     for name, leaf in tree.items():
       if not isinstance(leaf, Mapping):
         key = "/".join([collection, *([layer] if layer else []), name])
         for a in jax.tree.leaves(leaf):
-          if isinstance(a, jax.Array):
-            checkpoint_name(a, f"{_VAR}{layer}{SEP}{call}{SEP}{key}")
+          checkpoint_name(jnp.asarray(a), _VAR + json.dumps([layer, call, key]))
 
 
 def call_of(tag: str) -> tuple[str, str, str] | None:
   """``(kind, layer, call)`` of a mark's name (kind ``"in"``, ``"out"``, ``"end"``, or
   ``"var"`` with ``call`` then ``"<call>|<key>"``), or None for another name."""
-  if tag.startswith(_VAR):
-    layer, call, key = tag[len(_VAR) :].rsplit(SEP, 2)
+  if tag.startswith(_VAR):  # JSON: names may hold any character
+    layer, call, key = json.loads(tag[len(_VAR) :])
     return "var", layer, f"{call}{SEP}{key}"
   for kind, prefix in (("in", _PREFIX), ("out", _OUT), ("end", _END)):
     if tag.startswith(prefix):

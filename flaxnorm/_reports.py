@@ -313,6 +313,12 @@ def _model_bound(
   if trace.unchained:
     top = [reasons[_TOP]] if _TOP in reasons else []
     reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(trace.unchained)])
+  slashed = sorted(p for p, seen in trace.modules.items() if "/" in "".join(_names(seen.module)))
+  if slashed:
+    reasons[_TOP] = (
+      f"the names of the modules at {slashed} hold '/', which makes paths ambiguous (one "
+      "layer's variables could be read as another's): rename them"
+    )
   estimate = _product([e for e, _ in layers.values()])
   certified = None if reasons else _propagated(trace, per_run, variables, followed, reasons)
   return LipschitzBound(estimate, certified, layers, reasons)
@@ -345,7 +351,12 @@ def _times(per_run: dict[str, float], path: str, bound: float) -> None:
 
 
 def _module_path(module: nn.Module) -> str:
-  return "/".join(map(str, module.scope.path)) if module.scope is not None else ""
+  return "/".join(_names(module))
+
+
+def _names(module: nn.Module) -> list[str]:
+  """The names on the path to ``module``."""
+  return list(map(str, module.scope.path)) if module.scope is not None else []
 
 
 _NO_MODEL_HINT = (
