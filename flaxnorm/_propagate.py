@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -208,6 +209,9 @@ class Bound(NamedTuple):
   value: float
   why: str | None = None
   where: str | None = None
+  # Each followed layer's output bound over its input's, the most over its runs: a
+  # certified norm of a layer linear in its one input (a Dense, a Conv), by module path.
+  layers: Mapping[str, float] = types.MappingProxyType({})
 
 
 def bound(
@@ -243,8 +247,8 @@ def bound(
   real = [o for o, v in zip(outs, jaxpr.jaxpr.outvars, strict=True) if _is_real(v)]
   for o in real:
     if o.bound == _INF:
-      return Bound(_INF, o.why, o.where)
-  return Bound(_norm([o.bound for o in real]))
+      return Bound(_INF, o.why, o.where, walk.ratios)
+  return Bound(_norm([o.bound for o in real]), layers=walk.ratios)
 
 
 def _consts(closed: Any) -> dict[Any, Any]:
@@ -281,6 +285,7 @@ class _Walk:
     self.entered: dict[str, _Value] = {}  # each marked call's input (by call id)
     self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
     self.changed: dict[str, str] = {}  # calls whose layer reads a variable not as stored
+    self.ratios: dict[str, float] = {}  # see Bound.layers
 
   def run(
     self,
@@ -376,6 +381,9 @@ class _Walk:
       return x
     self.running.pop(key, None)
     entered = self.entered.get(key)
+    if kind == "end" and entered is not None and entered.bound and x.bound < _INF:
+      ratio = _up(x.bound / entered.bound)
+      self.ratios[path] = max(self.ratios.get(path, 0.0), ratio)
     if kind == "end" or path not in self.layers or entered is None:
       return x
     if key in self.changed:
@@ -399,12 +407,19 @@ def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
     or eqn.primitive.name in _NOT_FOLDED
     or eqn.effects  # a callback, a print: not run here
     or sum(_size(v) for v in eqn.outvars) > _FOLD_LIMIT
-  ):
+    or any(jnp.issubdtype(v.aval.dtype, jax.dtypes.extended) for v in eqn.outvars)
+  ):  # (PRNG keys: the draws they make are not folded either)
     return {}
   try:
     outs = eqn.primitive.bind(*args, **eqn.params)
-  except Exception:  # not foldable here: left unknown
-    return {}
+  except Exception:  # a custom_jvp_call binds with its rule: its program is what it computes
+    call = eqn.params.get("call_jaxpr")
+    try:
+      outs = jex_core.jaxpr_as_fun(call)(*args) if isinstance(call, jex_core.ClosedJaxpr) else None
+    except Exception:
+      outs = None
+    if outs is None:  # not foldable here: left unknown
+      return {}
   outs = outs if eqn.primitive.multiple_results else [outs]
   return dict(zip(eqn.outvars, (np.asarray(o) for o in outs), strict=True))
 
@@ -773,10 +788,11 @@ def _one_of(outs: Sequence[_Value]) -> _Value:
 
 def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """A scan, step by step (or one step, once the carry's bounds stop changing, or after
-  ``_EXACT_STEPS`` once they stop growing).
+  ``_EXACT_STEPS`` once they stop growing; every step when it slices known values,
+  a stack of layers' params, as each step's are then its own).
 
   The stacked outputs get ``√Σₜ L(yₜ)²``; a scan that carries nothing from the
-  inputs maps its slices side by side: one step's bound.
+  inputs maps its slices side by side: the largest step's bound.
   """
   p = eqn.params
   n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
@@ -786,25 +802,61 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
   if not length:
     return carry + [_ZERO] * (len(eqn.outvars) - n_carry)
-  outs = [_plain(o) for o in walk.run(body, consts + carry + xs, known)]
+  sliced = _sliced(eqn, value)
+  step = functools.partial(_scan_step, walk, body, known, sliced, p["reverse"], n_consts + n_carry)
+  outs = step(0, consts + carry + xs)
   if not any(x.bound for x in consts + carry + outs[:n_carry]) and not _chooses(body):
-    return outs  # slices side by side, each step one function of its slice
+    for t in range(1, length if sliced else 1):  # slices side by side: the largest step's
+      outs = [max(a, b, key=_worse) for a, b in zip(outs, step(t, consts + carry + xs))]
+    return outs
   squares = [0.0] * (len(eqn.outvars) - n_carry)  # steps side by side: √Σ L(y_t)²
   for t in range(length):
     if t:
-      outs = [_plain(o) for o in walk.run(body, consts + carry + xs, known)]
+      outs = step(t, consts + carry + xs)
     bad = _first_inf(outs[n_carry:])
     if bad is not None:
       return [bad] * len(eqn.outvars)
-    fixed = [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
-    if t >= _EXACT_STEPS:  # the rules are monotone: a step that grows no bound bounds the rest
-      fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))
+    fixed = not sliced and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+    if t >= _EXACT_STEPS and not sliced:  # the rules are monotone: a step that grows no
+      fixed = all(
+        o.bound <= c.bound for o, c in zip(outs, carry, strict=False)
+      )  # bound bounds the rest
     steps = length - t if fixed else 1  # at a fixed point every later step is this one
     squares = [_up(s + steps * _times(y.bound, y.bound)) for s, y in zip(squares, outs[n_carry:])]
     carry = outs[:n_carry]
     if fixed:
       break
   return carry + [_Value(_up(math.sqrt(s)) if s else 0.0) for s in squares]
+
+
+def _sliced(eqn: Any, value: _Lookup) -> dict[int, Any]:
+  """The known values a scan slices (by position among its ``xs``)."""
+  first = eqn.params["num_consts"] + eqn.params["num_carry"]
+  found = {i: value(v) for i, v in enumerate(eqn.invars[first:])}
+  return {i: np.asarray(c) for i, c in found.items() if c is not None}
+
+
+def _scan_step(
+  walk: _Walk,
+  body: jex_core.Jaxpr,
+  known: Mapping[Any, Any],
+  sliced: Mapping[int, Any],
+  reverse: bool,
+  first: int,
+  t: int,
+  ins: list[_Value],
+) -> list[_Value]:
+  """The bounds of step ``t``'s outputs (``first``: where the body's slices begin), the
+  known slices it reads known."""
+  if sliced:
+    length = next(iter(sliced.values())).shape[0]
+    k = length - 1 - t if reverse else t
+    known = {**known, **{body.invars[first + i]: c[k] for i, c in sliced.items()}}
+  return [_plain(o) for o in walk.run(body, ins, known)]
+
+
+def _worse(x: _Value) -> float:
+  return x.bound
 
 
 _EXACT_STEPS = 4096  # a scan's steps followed one by one, at least

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,7 @@ from flaxnorm import (
 from flaxnorm import linen as _linen
 
 _AT = "lipschitz_bound"
+_T = TypeVar("_T")
 
 
 def spectral_sigmas(
@@ -408,8 +409,9 @@ def _check_model_args(model: Any, inputs: Any, n_gram_steps: Any) -> int:
       f"{_AT}: model must be the flax.linen Module the variables belong to, got "
       f"{type(model).__name__}"
       + (
-        " (a flax.nnx module: bound its layers with flaxnorm.matrix_norm_bound or "
-        "flaxnorm.conv_norm_bound, and read its sigmas with flaxnorm.nnx.spectral_sigmas)."
+        " (a flax.nnx module holds its variables: certify it with "
+        "flaxnorm.nnx.lipschitz_bound(model, inputs), and read its sigmas with "
+        "flaxnorm.nnx.spectral_sigmas)."
         if isinstance(model, nnx.Module)
         else "."
       )
@@ -498,8 +500,18 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
 
   A layer is counted as often as the traced program runs it
   (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``. The
-  arrays in ``inputs`` (JAX, numpy, ``ShapeDtypeStruct``) are traced, and the
-  bound is over the floating-point ones: integers, bools and PRNG keys are
+  inputs are traced as :func:`traced_inputs` says.
+  """
+  trace, floats = traced_inputs(functools.partial(_trace_once, model, variables, inputs), inputs)
+  return trace if floats else trace._replace(unchained=trace.unchained | {"inputs"})
+
+
+def traced_inputs(trace: Callable[[list[int]], _T], inputs: tuple) -> tuple[_T, bool]:
+  """``trace(traced)``, ``traced`` the indices of the leaves of ``inputs`` to trace;
+  and whether any of them is floating-point.
+
+  The arrays in ``inputs`` (JAX, numpy, ``ShapeDtypeStruct``) are traced, and
+  the bound is over the floating-point ones: integers, bools and PRNG keys are
   held fixed, as Python scalars are. A model that reads an input's values in
   Python (a flag, a size) is traced again with only the floating-point arrays.
   """
@@ -507,12 +519,38 @@ def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple)
   traced = [i for i, x in enumerate(leaves) if isinstance(x, _ARRAYS)]
   floats = [i for i in traced if jnp.issubdtype(leaves[i].dtype, jnp.inexact)]
   try:
-    trace = _trace_once(model, variables, inputs, traced)
+    return trace(traced), bool(floats)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     if floats == traced:
       raise
-    trace = _trace_once(model, variables, inputs, floats)
-  return trace if floats else trace._replace(unchained=trace.unchained | {"inputs"})
+    return trace(floats), bool(floats)
+
+
+def with_traced(inputs: tuple, traced: list[int], arrays: list[Any]) -> tuple:
+  """``inputs`` with the leaves at ``traced`` replaced by ``arrays``."""
+  leaves, treedef = jax.tree.flatten(inputs)
+  for i, x in zip(traced, arrays, strict=True):
+    leaves[i] = x
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def read_program(
+  closed: Any, n_vars: int, inputs: tuple, traced: list[int]
+) -> tuple[tuple[bool, ...], dict[int, Any], _call_counts.Counts]:
+  """What the bound needs of a program traced on ``n_vars`` variables, then the
+  ``traced`` leaves of ``inputs``: which invars are inputs it is over, the values
+  of those held fixed (integer and bool arrays with values: an RNN's
+  ``seq_lengths``), by invar index, and how often each marked layer runs."""
+  leaves = jax.tree.leaves(inputs)
+  data = _call_counts.inexact(closed.jaxpr)  # keys, flags and indices are held fixed
+  dependent = tuple(d and i >= n_vars for i, d in enumerate(data))
+  fixed = {
+    n_vars + j: np.asarray(leaves[i])
+    for j, i in enumerate(traced)
+    if not isinstance(leaves[i], jax.ShapeDtypeStruct)
+    and (jnp.issubdtype(leaves[i].dtype, jnp.integer) or leaves[i].dtype == np.bool_)
+  }
+  return dependent, fixed, _call_counts.runs(closed.jaxpr, dependent)
 
 
 _ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
@@ -560,27 +598,14 @@ def _trace_once(
     certified = _subclass.base_of(type(module)) in _CERTIFIED
     return _call_counts.mark_output(out, path, call, certified=certified)
 
-  leaves, treedef = jax.tree.flatten(inputs)
-
   def run(variables, arrays):
-    args = list(leaves)
-    for i, x in zip(traced, arrays, strict=True):
-      args[i] = x
     with nn.intercept_methods(interceptor):
-      return model.apply(variables, *jax.tree.unflatten(treedef, args))
+      return model.apply(variables, *with_traced(inputs, traced, arrays))
 
   variables = dict(variables)
+  leaves = jax.tree.leaves(inputs)
   closed = jax.make_jaxpr(run)(variables, [leaves[i] for i in traced])
-  n_vars = len(jax.tree.leaves(variables))
-  data = _call_counts.inexact(closed.jaxpr)  # keys, flags and indices are held fixed
-  dependent = tuple(d and i >= n_vars for i, d in enumerate(data))
-  counts = _call_counts.runs(closed.jaxpr, dependent)
-  fixed = {  # integer and bool arrays with values (an nn.RNN's seq_lengths)
-    n_vars + j: np.asarray(leaves[i])
-    for j, i in enumerate(traced)
-    if not isinstance(leaves[i], jax.ShapeDtypeStruct)
-    and (jnp.issubdtype(leaves[i].dtype, jnp.integer) or leaves[i].dtype == np.bool_)
-  }
+  dependent, fixed, counts = read_program(closed, len(jax.tree.leaves(variables)), inputs, traced)
   keys = tuple(_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0])
   trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed, keys))
   for table, path, seen, module in calls:

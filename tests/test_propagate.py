@@ -953,3 +953,39 @@ def test_module_names_holding_a_slash_are_refused():
   variables = {"params": params}
   bound = _bound(model, variables, x)
   assert bound.certified is None and "hold '/'" in bound.reasons["<top level>"]
+
+
+class _KnownStack(nn.Module):
+  """A scan over a stack of known matrices: each step its own."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = np.stack([np.diag([4.0, 1.0]), np.diag([0.25, 1.0]), np.eye(2)]).astype(np.float32)
+    h, _ = jax.lax.scan(lambda h, w: (h @ w, None), x, jnp.asarray(stack))
+    return h
+
+
+def test_a_scan_over_known_slices_bounds_each_step_by_its_own_slice():
+  """diag(4, 1) · diag(1/4, 1) · I = I: exact 1; one bound for every step would give 64,
+  and before each step read its slice the matrices were unknown (refused)."""
+  x = jnp.ones((1, 2))
+  bound = _bound(_KnownStack(), {}, x)
+  assert _local_norm(_KnownStack(), {}, x) == pytest.approx(1.0)
+  assert bound.reasons == {} and 4.0 <= bound.certified <= 4.0 * 1.001  # ‖diag(4, 1)‖ · ‖diag(1/4, 1)‖ · 1
+
+
+class _ReluScale(nn.Module):
+  """A learned scale passed through a custom-JVP function (jax.nn.relu) before it scales."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jax.nn.relu(self.param("alpha", lambda _: jnp.array(-3.0))) * x + jax.nn.relu(
+      self.param("beta", lambda _: jnp.array(2.0))
+    ) * x
+
+
+def test_known_values_through_a_custom_jvp_function_are_computed():
+  x = jnp.ones((1, 3))
+  variables = _ReluScale().init(KEY, x)
+  bound = _bound(_ReluScale(), variables, x)
+  assert bound.reasons == {} and bound.certified == pytest.approx(2.0)

@@ -1,0 +1,187 @@
+"""The certified Lipschitz bound of a ``flax.nnx`` model (:func:`flaxnorm.nnx.lipschitz_bound`).
+
+An NNX model holds its variables, so every layer is followed primitive by
+primitive with their values known (:mod:`flaxnorm._propagate`): a kernel,
+spectrally normalized or not, is bounded by the certified norm of what the
+layer computes with it (``W · target / σ`` from the stored vectors, ``g · v /
+‖v‖``), not by its stored σ. Each module's calls are marked
+(:mod:`flaxnorm._call_counts`) by a subclass standing in for its class in a
+copy of the model, so runs are counted, a reason names the module running where
+it arose, and a linear layer's certified norm is read from the walk (its
+output's bound over its input's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxnorm import _call_counts, _nnx_layer, _propagate, _reports, _subclass
+
+_AT = "lipschitz_bound"
+_PATH = "_flaxnorm_bound_path"  # a module's path, on the model's copy (kept by nnx transforms)
+#: Layers whose kernel gets a row in the report (NNX's linear layers).
+LINEAR = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
+
+
+class _Calls:
+  """The marked calls of one trace."""
+
+  def __init__(self) -> None:
+    self.count = 0
+    self.active: list[str] = []  # paths being called: a nested call is the same run
+
+
+_RUNNING: contextvars.ContextVar[_Calls | None] = contextvars.ContextVar("flaxnorm_nnx_bound")
+
+
+def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
+  """:func:`flaxnorm.nnx.lipschitz_bound` (``inputs`` not yet checked)."""
+  _check_args(model, inputs)
+  graphdef, state = nnx.split(model)
+  values, state_def = jax.tree.flatten(state)
+
+  def trace(traced: list[int]) -> Any:
+    def run(values: list[Any], arrays: list[Any]) -> Any:
+      copy = nnx.merge(graphdef, jax.tree.unflatten(state_def, values))
+      with _marked(copy):
+        return copy(*_reports.with_traced(inputs, traced, arrays))
+
+    leaves = jax.tree.leaves(inputs)
+    closed = jax.make_jaxpr(run)(values, [leaves[i] for i in traced])
+    return closed, _reports.read_program(closed, len(values), inputs, traced)
+
+  (closed, (dependent, fixed, counts)), floats = _reports.traced_inputs(trace, inputs)
+  known = {i: np.asarray(x) for i, x in enumerate(values) if not _is_key(x)}
+  found = _propagate.bound(closed, dependent, {}, {**known, **fixed})
+  reasons = {} if found.why is None else {found.where or _reports._TOP: found.why}
+  unchained = sorted(counts.unchained | (set() if floats else {"inputs"}))
+  if unchained:
+    top = [reasons[_reports._TOP]] if _reports._TOP in reasons else []
+    reasons[_reports._TOP] = "; ".join(top + [_reports._UNCHAINED[u] for u in unchained])
+  layers = _layers(model, counts.runs, found.layers)
+  estimate = _reports._product([e for e, _ in layers.values()])
+  return _reports.LipschitzBound(estimate, None if reasons else found.value, layers, reasons)
+
+
+def _check_args(model: Any, inputs: Any) -> None:
+  if not isinstance(model, nnx.Module):
+    hint = ""
+    if isinstance(model, nn.Module):
+      hint = " (a Linen model: use flaxnorm.lipschitz_bound(variables, model=..., inputs=...))"
+    raise TypeError(
+      f"{_AT}: model must be a flax.nnx.Module instance, got {type(model).__name__}{hint}."
+    )
+  if not isinstance(inputs, tuple):
+    raise TypeError(
+      f"{_AT}: inputs must be a tuple of the model's call arguments, e.g. (x,), got "
+      f"{type(inputs).__name__}."
+    )
+  if not inputs:
+    raise ValueError(
+      f"{_AT}: the model needs example inputs to trace: inputs must hold its call "
+      "arguments, e.g. inputs=(x,), got ()."
+    )
+
+
+def _is_key(x: Any) -> bool:
+  """Whether ``x`` is a PRNG key (an ``nnx.Rngs`` stream's: what it draws is not known)."""
+  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _layers(
+  model: nnx.Module, runs: Mapping[str, float], certified: Mapping[str, float]
+) -> dict[str, tuple[jax.Array, float | None]]:
+  """The report's rows: each spectrally normalized param's effective norm (the
+  largest member's in an ``nnx.vmap`` ensemble) and each other linear layer's
+  kernel's certified norm, with the layer's certified norm, to the power of its
+  most runs; layers the model does not run are left out."""
+  rows: dict[str, tuple[jax.Array, float | None]] = {}
+  for path, module in _modules(model):
+    most = runs.get(path, 0.0)
+    if not most:
+      continue
+    bound = certified.get(path)
+    power = None if bound is None else _power(bound, most)
+    spectral = {
+      n: s
+      for n, s in _subclass.specs_of(type(module)).items()
+      if isinstance(s, _nnx_layer.SpectralNormSpec)
+    }
+    for name, spec in spectral.items():
+      sigma = vars(module)[spec.attrs(name)[2]][...]
+      norm = _reports._effective_norm(sigma, spec.options.target, spec.options.mode).max()
+      rows[_reports._join(path, name)] = (_power(norm, most), power)
+    if not spectral and isinstance(module, LINEAR) and power is not None:
+      rows[_reports._join(path, "kernel")] = (jnp.asarray(power, np.float32), power)
+  return rows
+
+
+def _power(b: Any, runs: float) -> Any:
+  """``b`` to the most of ``runs`` runs (``runs`` inf: unbounded above 1)."""
+  with np.errstate(over="ignore"):
+    return b**runs if runs != float("inf") else (b if b <= 1 else b * float("inf"))
+
+
+def _modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+  """Each module of ``model`` once, with its path (``""`` for the model)."""
+  seen: set[int] = set()
+  for parts, module in nnx.iter_modules(model):
+    if id(module) not in seen:
+      seen.add(id(module))
+      yield "/".join(map(str, parts)), module
+
+
+@contextlib.contextmanager
+def _marked(copy: nnx.Module) -> Iterator[None]:
+  """Marks the calls of every module of ``copy`` (a copy of the model: its classes are
+  swapped for marking subclasses, and its modules told their paths)."""
+  classes = []
+  for path, module in list(_modules(copy)):
+    classes.append((module, type(module)))
+    object.__setattr__(module, _PATH, path)  # NNX's __setattr__ would make it a field
+    object.__setattr__(module, "__class__", _marking(type(module)))
+  token = _RUNNING.set(_Calls())
+  try:
+    yield
+  finally:
+    _RUNNING.reset(token)
+    for module, cls in classes:
+      object.__setattr__(module, "__class__", cls)
+
+
+@functools.cache
+def _marking(cls: type) -> type:
+  """``cls`` with each call marked; a normalized class keeps its base."""
+
+  def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return _call(cls, self, args, kwargs)
+
+  body = {"__call__": call, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+  return type(cls.__name__, (cls,), {**body, "_flaxnorm_base": _subclass.base_of(cls)})
+
+
+def _call(cls: type, module: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+  """One call of ``module``, marked when a trace is running and it is not nested in
+  another call of the same module."""
+  calls, path = _RUNNING.get(), vars(module).get(_PATH)
+  if calls is None or path is None or path in calls.active:
+    return cls.__call__(module, *args, **kwargs)
+  call = calls.count
+  calls.count += 1
+  args, kwargs = _call_counts.mark(args, kwargs, path, call)
+  calls.active.append(path)
+  try:
+    out = cls.__call__(module, *args, **kwargs)
+  finally:
+    calls.active.pop()
+  return _call_counts.mark_output(out, path, call, certified=False)

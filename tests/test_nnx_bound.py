@@ -1,0 +1,257 @@
+"""flaxnorm.nnx.lipschitz_bound: the certificate of an NNX model, every layer followed.
+
+Each certificate is checked against the exact constant (the largest singular value
+of a linear model's dense Jacobian) or local Jacobian norms at several points (a
+lower bound of the constant): a certificate below either is wrong.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flaxnorm
+import flaxnorm.nnx as fnx
+
+
+def _functional(model: nnx.Module):
+  """``model``'s call as a pure function of its input (the model is not changed)."""
+  graphdef, state = nnx.split(model)
+  return lambda x: nnx.merge(graphdef, state)(x)
+
+
+def _local_norm(model: nnx.Module, x: jax.Array) -> float:
+  """The largest local Jacobian norm of ``model`` at ``x``'s rows."""
+  f = _functional(model)
+  norms = []
+  for row in x:
+
+    def one(z, row=row):
+      return f(z.reshape(1, *row.shape)).ravel()
+
+    jac = np.asarray(jax.jacfwd(one)(row.ravel()), np.float64)
+    norms.append(np.linalg.norm(jac, 2))
+  return max(norms)
+
+
+def _linear_norm(model: nnx.Module, shape: tuple[int, ...]) -> float:
+  """The exact norm of a model linear in its input, from its columns ``f(e_i) - f(0)``."""
+  f = _functional(model)
+  zero = np.asarray(f(jnp.zeros(shape)), np.float64).ravel()
+  eye = np.eye(int(np.prod(shape)), dtype=np.float32)
+  cols = [np.asarray(f(jnp.asarray(e).reshape(shape)), np.float64).ravel() - zero for e in eye]
+  return float(np.linalg.norm(np.stack(cols, axis=1), 2))
+
+
+def _numpy(x: jax.Array) -> np.ndarray:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return np.asarray(jax.random.key_data(x))
+  return np.asarray(x)
+
+
+class _Vocoderish(nnx.Module):
+  """Spectral and plain convs, a residual branch, a weight-normed transposed conv and
+  dense layer, BatchNorm and Dropout (in evaluation)."""
+
+  def __init__(self, rngs: nnx.Rngs) -> None:
+    self.c1 = fnx.spectral_norm(nnx.Conv(3, 8, (3, 3), rngs=rngs), n_init_iterations=50)
+    self.c2 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+    self.up = fnx.weight_norm(nnx.ConvTranspose(8, 4, (3, 3), strides=(2, 2), rngs=rngs))
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.out = fnx.weight_norm(nnx.Linear(8 * 8 * 4, 3, rngs=rngs))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = nnx.relu(self.c1(x))
+    h = self.bn(h + nnx.leaky_relu(self.c2(h), 0.2))
+    h = self.drop(self.up(h))
+    return self.out(h.reshape(h.shape[0], -1))
+
+
+def _vocoderish() -> tuple[_Vocoderish, jax.Array]:
+  model = _Vocoderish(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 4, 4, 3))
+  model(x)  # training: moves the batch statistics and the spectral state
+  model.eval()
+  return model, x
+
+
+def test_a_conv_model_is_certified_above_its_local_norms():
+  model, x = _vocoderish()
+  bound = fnx.lipschitz_bound(model, (x[:1],))
+  assert bound.reasons == {}
+  assert bound.certified >= _local_norm(model, x)
+  assert sorted(bound.layers) == ["c1/kernel", "c2/kernel", "out/kernel", "up/kernel"]
+  estimate, certified = bound.layers["c1/kernel"]
+  assert float(estimate) == pytest.approx(1.0, abs=1e-6)  # target / sigma times sigma
+  assert certified is not None and certified > 1.0  # the conv's operator norm, not the matrix's
+  assert float(bound.estimate) == pytest.approx(
+    np.prod([float(e) for e, _ in bound.layers.values()]), rel=1e-6
+  )
+
+
+def test_the_model_is_left_as_it_was():
+  """Tracing a copy in training mode changes neither the model's state nor its classes."""
+  model, x = _vocoderish()
+  model.train()
+  before = jax.tree.map(_numpy, nnx.state(model))
+  classes = [type(m) for _, m in nnx.iter_modules(model)]
+  fnx.lipschitz_bound(model, (x[:1],))
+  after = jax.tree.map(_numpy, nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  assert [type(m) for _, m in nnx.iter_modules(model)] == classes
+  assert model.c1(x).shape == (3, 4, 4, 8)  # and it still runs
+
+
+def test_training_mode_gets_reasons_naming_the_modules():
+  model, x = _vocoderish()
+  model.train()
+  bound = fnx.lipschitz_bound(model, (x[:1],))
+  assert bound.certified is None and list(bound.reasons) == ["bn"]
+  assert "mul of two values that depend on the inputs" in bound.reasons["bn"]
+  model.bn.eval()  # dropout in training: 1 / (1 - rate), whatever mask it draws
+  bound = fnx.lipschitz_bound(model, (x[:1],))
+  assert bound.reasons == {} and bound.certified is not None
+  model.drop.eval()
+  assert bound.certified >= 2.0 * fnx.lipschitz_bound(model, (x[:1],)).certified * (1 - 1e-6)
+
+
+def test_a_spectrally_normalized_mlp_is_certified_at_its_norm():
+  model = nnx.Sequential(
+    nnx.Linear(5, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 16, rngs=nnx.Rngs(1))
+  )
+  model = fnx.wrap_modules(model, fnx.spectral_norm, where=nnx.Linear, n_init_iterations=300)
+  model.eval()
+  x = jax.random.normal(jax.random.key(2), (4, 5))
+  bound = fnx.lipschitz_bound(model, (x,))
+  assert _local_norm(model, x) <= bound.certified <= 1.01
+  for path in ("layers/0/kernel", "layers/2/kernel"):
+    estimate, certified = bound.layers[path]
+    assert float(estimate) == pytest.approx(1.0, abs=1e-6)
+    assert 1.0 - 1e-4 <= certified <= 1.01
+
+
+def test_a_plain_layer_row_is_its_kernels_certified_norm_to_its_runs():
+  """A layer run twice: its certified norm squared (the Gram bound of its kernel)."""
+
+  class Twice(nnx.Module):
+    def __init__(self) -> None:
+      self.d = nnx.Linear(6, 6, use_bias=False, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.d(self.d(x))
+
+  model = Twice()
+  bound = fnx.lipschitz_bound(model, (jnp.ones((1, 6)),))
+  kernel = np.asarray(model.d.kernel[...], np.float64)
+  exact = np.linalg.norm(kernel, 2)
+  estimate, certified = bound.layers["d/kernel"]
+  assert exact**2 <= certified <= (exact * 1.01) ** 2 and float(estimate) == pytest.approx(
+    certified
+  )
+  assert _linear_norm(model, (1, 6)) <= bound.certified <= certified * 1.0001
+
+
+def test_an_nnx_vmap_ensemble_is_certified_as_one_map():
+  """Four spectrally normalized members on one input: at most √4 · 1 (each member's
+  output is scaled by its own 1/σ after one product with the stacked raw kernels, so
+  the bound is the stacked raw kernels' norm times the largest scale: not tight)."""
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def members(key):
+    return fnx.spectral_norm(nnx.Linear(3, 5, rngs=nnx.Rngs(key)), n_init_iterations=100)
+
+  class Ensemble(nnx.Module):
+    def __init__(self) -> None:
+      self.members = members(jax.random.split(jax.random.key(0), 4))
+
+    def __call__(self, x):
+      return nnx.vmap(lambda m, x: m(x), in_axes=(0, None))(self.members, x)
+
+  model = Ensemble()
+  model.eval()
+  bound = fnx.lipschitz_bound(model, (jnp.ones((1, 3)),))
+  exact = _linear_norm(model, (1, 3))
+  assert bound.reasons == {} and exact <= bound.certified <= 2.0 * 1.01
+  estimate, certified = bound.layers["members/kernel"]
+  assert float(estimate) == pytest.approx(1.0, abs=1e-5)  # the largest member's
+  assert certified == pytest.approx(bound.certified)
+
+
+def test_a_scan_over_stacked_layers_bounds_each_step_with_its_own_params():
+  class Stack(nnx.Module):
+    def __init__(self) -> None:
+      @nnx.split_rngs(splits=3)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def layers(rngs):
+        return nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+
+      self.layers = layers(nnx.Rngs(0))
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def step(h, layer):
+        return layer(h)
+
+      return step(x, self.layers)
+
+  model = Stack()
+  bound = fnx.lipschitz_bound(model, (jnp.ones((1, 4)),))
+  kernels = np.asarray(model.layers.kernel[...], np.float64)
+  product = np.prod([np.linalg.norm(k, 2) for k in kernels])
+  assert _linear_norm(model, (1, 4)) <= bound.certified <= product * 1.01
+  assert product <= bound.certified * 1.0001  # each step's own kernel, not one shared bound
+
+
+def test_a_branch_picked_from_the_inputs_is_refused():
+  class Pick(nnx.Module):
+    def __init__(self) -> None:
+      self.d = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return jax.lax.cond(x.sum() > 0, lambda x: self.d(x), lambda x: -x, x)
+
+  bound = fnx.lipschitz_bound(Pick(), (jnp.ones((1, 2)),))
+  assert bound.certified is None and "picks a branch" in bound.reasons["<top level>"]
+
+
+def test_integer_inputs_are_held_fixed():
+  class Lookup(nnx.Module):
+    def __init__(self) -> None:
+      self.embed = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+      self.d = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+    def __call__(self, ids, x):
+      return self.d(self.embed(ids) + x)
+
+  model = Lookup()
+  bound = fnx.lipschitz_bound(model, (jnp.array([[1, 2]]), jnp.ones((1, 2, 4))))
+  exact = np.linalg.norm(np.asarray(model.d.kernel[...], np.float64), 2)
+  assert bound.reasons == {} and exact <= bound.certified <= exact * 1.01
+  only_ids = fnx.lipschitz_bound(model.embed, (jnp.array([[1, 2]]),))
+  assert only_ids.certified is None and "no input is a floating-point array" in str(
+    only_ids.reasons
+  )
+
+
+def test_attention_is_refused_with_the_module_named():
+  model = nnx.MultiHeadAttention(2, 4, qkv_features=4, decode=False, rngs=nnx.Rngs(0))
+  bound = fnx.lipschitz_bound(model, (jnp.ones((1, 3, 4)),))
+  assert bound.certified is None and list(bound.reasons) == ["<top level>"]
+  assert "dot_general of two values that depend on the inputs" in bound.reasons["<top level>"]
+
+
+def test_bad_arguments_say_what_to_pass():
+  dense = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"lipschitz_bound: model must be a flax.nnx.Module.*Linen"):
+    fnx.lipschitz_bound(nn.Dense(2), (jnp.ones((1, 2)),))  # type: ignore[arg-type]
+  with pytest.raises(TypeError, match=r"lipschitz_bound: inputs must be a tuple.*got ArrayImpl"):
+    fnx.lipschitz_bound(dense, jnp.ones((1, 2)))  # type: ignore[arg-type]
+  with pytest.raises(ValueError, match=r"lipschitz_bound: .*inputs=\(x,\), got \(\)"):
+    fnx.lipschitz_bound(dense, ())
+  with pytest.raises(TypeError, match=r"flaxnorm.nnx.lipschitz_bound\(model, inputs"):
+    flaxnorm.lipschitz_bound({"params": {}}, model=dense, inputs=(jnp.ones((1, 2)),))  # type: ignore[arg-type]
