@@ -971,7 +971,8 @@ def test_a_scan_over_known_slices_bounds_each_step_by_its_own_slice():
   x = jnp.ones((1, 2))
   bound = _bound(_KnownStack(), {}, x)
   assert _local_norm(_KnownStack(), {}, x) == pytest.approx(1.0)
-  assert bound.reasons == {} and 4.0 <= bound.certified <= 4.0 * 1.001  # ‖diag(4, 1)‖ · ‖diag(1/4, 1)‖ · 1
+  # ‖diag(4, 1)‖ · ‖diag(1/4, 1)‖ · 1
+  assert bound.reasons == {} and 4.0 <= bound.certified <= 4.0 * 1.001
 
 
 class _ReluScale(nn.Module):
@@ -979,9 +980,10 @@ class _ReluScale(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return jax.nn.relu(self.param("alpha", lambda _: jnp.array(-3.0))) * x + jax.nn.relu(
-      self.param("beta", lambda _: jnp.array(2.0))
-    ) * x
+    return (
+      jax.nn.relu(self.param("alpha", lambda _: jnp.array(-3.0))) * x
+      + jax.nn.relu(self.param("beta", lambda _: jnp.array(2.0))) * x
+    )
 
 
 def test_known_values_through_a_custom_jvp_function_are_computed():
