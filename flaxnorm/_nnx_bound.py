@@ -5,8 +5,7 @@ primitive with their values known (:mod:`flaxnorm._propagate`): a kernel,
 spectrally normalized or not, is bounded by the certified norm of what the
 layer computes with it (``W · target / σ`` from the stored vectors, ``g · v /
 ‖v‖``), not by its stored σ. Each module's calls are marked
-(:mod:`flaxnorm._call_counts`) by a subclass standing in for its class in a
-copy of the model, so runs are counted, a reason names the module running where
+(:mod:`flaxnorm._call_counts`) in a copy of the model while it is traced, so runs are counted, a reason names the module running where
 it arose, and a linear layer's certified norm is read from the walk (its
 output's bound over its input's).
 """
@@ -16,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -95,7 +94,7 @@ def _check_args(model: Any, inputs: Any) -> None:
 
 def _is_key(x: Any) -> bool:
   """Whether ``x`` is a PRNG key (an ``nnx.Rngs`` stream's: what it draws is not known)."""
-  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _layers(
@@ -143,45 +142,52 @@ def _modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
 
 @contextlib.contextmanager
 def _marked(copy: nnx.Module) -> Iterator[None]:
-  """Marks the calls of every module of ``copy`` (a copy of the model: its classes are
-  swapped for marking subclasses, and its modules told their paths)."""
-  classes = []
-  for path, module in list(_modules(copy)):
-    classes.append((module, type(module)))
+  """Marks the calls of every module of ``copy`` (a copy of the model, its modules told
+  their paths) while the trace runs: their classes' ``__call__`` is wrapped for that
+  time (no subclass: that would change how NNX flattens a ``pytree=False`` module and
+  run the user's ``__init_subclass__``); a module of another model passes through."""
+  modules = list(_modules(copy))
+  for path, module in modules:
     object.__setattr__(module, _PATH, path)  # NNX's __setattr__ would make it a field
-    object.__setattr__(module, "__class__", _marking(type(module)))
+  classes = {type(m) for _, m in modules}
+  calls = {cls: cls.__call__ for cls in classes}  # as resolved before any is wrapped
+  own = {cls: vars(cls).get("__call__") for cls in classes}
   token = _RUNNING.set(_Calls())
   try:
+    for cls, call in calls.items():
+      type.__setattr__(cls, "__call__", _marking(call))
     yield
   finally:
     _RUNNING.reset(token)
-    for module, cls in classes:
-      object.__setattr__(module, "__class__", cls)
+    for cls, call in own.items():
+      if call is None:
+        type.__delattr__(cls, "__call__")
+      else:
+        type.__setattr__(cls, "__call__", call)
 
 
-@functools.cache
-def _marking(cls: type) -> type:
-  """``cls`` with each call marked; a normalized class keeps its base."""
+def _marking(call: Callable[..., Any]) -> Callable[..., Any]:
+  """``call`` (a class's ``__call__``) with each call marked."""
 
-  def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    return _call(cls, self, args, kwargs)
+  @functools.wraps(call)
+  def marked(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return _call(call, self, args, kwargs)
 
-  body = {"__call__": call, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
-  return type(cls.__name__, (cls,), {**body, "_flaxnorm_base": _subclass.base_of(cls)})
+  return marked
 
 
-def _call(cls: type, module: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+def _call(call: Callable[..., Any], module: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
   """One call of ``module``, marked when a trace is running and it is not nested in
   another call of the same module."""
   calls, path = _RUNNING.get(), vars(module).get(_PATH)
   if calls is None or path is None or path in calls.active:
-    return cls.__call__(module, *args, **kwargs)
-  call = calls.count
+    return call(module, *args, **kwargs)
+  number = calls.count
   calls.count += 1
-  args, kwargs = _call_counts.mark(args, kwargs, path, call)
+  args, kwargs = _call_counts.mark(args, kwargs, path, number)
   calls.active.append(path)
   try:
-    out = cls.__call__(module, *args, **kwargs)
+    out = call(module, *args, **kwargs)
   finally:
     calls.active.pop()
-  return _call_counts.mark_output(out, path, call, certified=False)
+  return _call_counts.mark_output(out, path, number, certified=False)

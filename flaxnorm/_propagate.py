@@ -883,8 +883,10 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
     ]
   i = deps[0]
   c = value(eqn.invars[1 - i])
-  if c is None or not np.isrealobj(c) or not np.all(np.isfinite(c)):
+  if c is None:
     return [_inf(_OUTSIDE.format("a matrix product (dot_general)"))]
+  if not np.isrealobj(c) or not np.all(np.isfinite(c)):
+    return [_inf("dot_general with a known operand that is complex or not finite (no rule here)")]
   (contracted, batched) = (d[1 - i] for d in eqn.params["dimension_numbers"])
   c = np.asarray(c, np.float64)
   free = [d for d in range(c.ndim) if d not in contracted and d not in batched]

@@ -255,3 +255,54 @@ def test_bad_arguments_say_what_to_pass():
     fnx.lipschitz_bound(dense, ())
   with pytest.raises(TypeError, match=r"flaxnorm.nnx.lipschitz_bound\(model, inputs"):
     flaxnorm.lipschitz_bound({"params": {}}, model=dense, inputs=(jnp.ones((1, 2)),))  # type: ignore[arg-type]
+
+
+def test_python_scalar_variables_and_pytree_false_modules():
+  """A Param holding a Python float; a ``pytree=False`` module running an NNX transform on
+  itself (a subclass standing in for its class would be flattened as a pytree)."""
+
+  class Scaled(nnx.Module, pytree=False):
+    def __init__(self) -> None:
+      self.d = nnx.Linear(3, 3, use_bias=False, rngs=nnx.Rngs(0))
+      self.scale = nnx.Param(2.0)
+      self.count = nnx.BatchStat(0)
+
+    def __call__(self, x):
+      return nnx.jit(lambda m, x: m.scale[...] * m.d(x))(self, x)
+
+  model = Scaled()
+  bound = fnx.lipschitz_bound(model, (jnp.ones((1, 3)),))
+  exact = 2.0 * np.linalg.norm(np.asarray(model.d.kernel[...], np.float64), 2)
+  assert bound.reasons == {} and exact <= bound.certified <= exact * 1.01
+
+
+def test_the_users_classes_are_not_subclassed():
+  """A registry filled by ``__init_subclass__`` sees no new class; ``__call__`` is the
+  class's own again afterwards."""
+  registry: dict[str, type] = {}
+
+  class Registered(nnx.Module):
+    def __init_subclass__(cls, **kwargs):
+      super().__init_subclass__(**kwargs)
+      registry[cls.__name__] = cls
+
+  class Block(Registered):
+    def __init__(self) -> None:
+      self.d = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.d(x)
+
+  call, linear_call = Block.__call__, nnx.Linear.__call__
+  assert fnx.lipschitz_bound(Block(), (jnp.ones((1, 3)),)).reasons == {}
+  assert registry == {"Block": Block}
+  assert Block.__call__ is call and nnx.Linear.__call__ is linear_call
+  assert "__call__" not in vars(nnx.Linear) or vars(nnx.Linear)["__call__"] is linear_call
+
+
+def test_a_complex_input_is_refused_with_its_reason():
+  bound = fnx.lipschitz_bound(
+    nnx.Linear(3, 3, rngs=nnx.Rngs(0)), (jnp.ones((1, 3), jnp.complex64),)
+  )
+  assert bound.certified is None
+  assert "known operand that is complex" in bound.reasons["<top level>"]
