@@ -32,10 +32,11 @@ by :mod:`flaxnorm._call_counts`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ from jax.extend import core as jex_core
 from flaxnorm import _call_counts, _certify
 
 _INF = math.inf
+_T = TypeVar("_T")
 
 
 def _up(x: float) -> float:
@@ -286,6 +288,18 @@ class _Walk:
     self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
     self.changed: dict[str, str] = {}  # calls whose layer reads a variable not as stored
     self.ratios: dict[str, float] = {}  # see Bound.layers
+    self.norms: dict[tuple[Any, ...], Any] = {}  # see norm
+
+  def norm(self, eqn: Any, known: Any, compute: Callable[[], _T], *more: Any) -> _T:
+    """``compute()``: a norm of the ``known`` operand of ``eqn`` (with ``more`` that it
+    depends on), or what it gave for the same values before (a loop's steps meet the
+    same kernel again)."""
+    data = np.ascontiguousarray(known)
+    digest = hashlib.blake2b(data.tobytes(), digest_size=16).digest()
+    key = (id(eqn), data.shape, str(data.dtype), digest, *more)
+    if key not in self.norms:
+      self.norms[key] = compute()
+    return self.norms[key]
 
   def run(
     self,
@@ -293,12 +307,15 @@ class _Walk:
     ins: Sequence[_Value],
     known: Mapping[Any, Any],
     outer: Sequence[Any] | None = None,
+    keep: dict[Any, Any] | None = None,
   ) -> list[_Value]:
     """The values of ``jaxpr``'s outputs.
 
     ``known``: constants' values. ``outer``: the caller's variables for
     ``jaxpr``'s inputs, to which an output's ``origin`` is translated (dropped
     when None or a literal: a jaxpr run twice must not share its variables).
+    ``keep``: where the values known at the end go (a loop's next step reuses
+    those computed from its constants alone).
     """
     env: dict[Any, _Value] = dict(zip(jaxpr.invars, ins, strict=True))
     known = dict(known)
@@ -318,7 +335,8 @@ class _Walk:
         outs = self._eqn(eqn, vals, value)
       else:
         outs = [_ZERO] * len(eqn.outvars)
-        known.update(_folded(eqn, value))
+        if not all(v in known for v in eqn.outvars):  # (else: computed by an earlier step)
+          known.update(_folded(eqn, [value(v) for v in eqn.invars]))
       for var, out in zip(eqn.outvars, outs, strict=True):
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
@@ -327,6 +345,8 @@ class _Walk:
         if out.bound == _INF and out.where is None:
           out = out._replace(where=where)
         env[var] = out
+    if keep is not None:
+      keep.update(known)
     inner = {*jaxpr.constvars, *(v for e in jaxpr.eqns for v in e.outvars)}
     rename = dict(zip(jaxpr.invars, outer or (), strict=False))
     return [_renamed(read(v), rename, inner | set(jaxpr.invars)) for v in jaxpr.outvars]
@@ -397,11 +417,10 @@ _CHANGED = (
 )
 
 
-def _folded(eqn: Any, value: Callable[[Any], Any]) -> dict[Any, Any]:
-  """The outputs of ``eqn`` when its operands are known constants (a constant broadcast
-  or reshaped before it scales, indices computed from an integer input): computed, when
-  they are small."""
-  args = [value(v) for v in eqn.invars]
+def _folded(eqn: Any, args: Sequence[Any]) -> dict[Any, Any]:
+  """The outputs of ``eqn`` when its operands ``args`` are known constants (a constant
+  broadcast or reshaped before it scales, indices computed from an integer input):
+  computed, when they are small."""
   if (
     any(a is None for a in args)
     or eqn.primitive.name in _NOT_FOLDED
@@ -803,8 +822,11 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   if not length:
     return carry + [_ZERO] * (len(eqn.outvars) - n_carry)
   sliced = _sliced(eqn, value)
-  step = functools.partial(_scan_step, walk, body, known, sliced, p["reverse"], n_consts + n_carry)
-  outs = step(0, consts + carry + xs)
+  step = functools.partial(_scan_step, walk, body, sliced, p["reverse"], n_consts + n_carry)
+  found: dict[Any, Any] = {}
+  outs = step(known, 0, consts + carry + xs, found)
+  same = _from_consts(body, n_consts)  # what every step computes alike: computed once
+  step = functools.partial(step, {**known, **{v: x for v, x in found.items() if v in same}})
   if not any(x.bound for x in consts + carry + outs[:n_carry]) and not _chooses(body):
     for t in range(1, length if sliced else 1):  # slices side by side: the largest step's
       outs = [max(a, b, key=_worse) for a, b in zip(outs, step(t, consts + carry + xs))]
@@ -817,16 +839,23 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
     if bad is not None:
       return [bad] * len(eqn.outvars)
     fixed = not sliced and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
-    if t >= _EXACT_STEPS and not sliced:  # the rules are monotone: a step that grows no
-      fixed = all(
-        o.bound <= c.bound for o, c in zip(outs, carry, strict=False)
-      )  # bound bounds the rest
+    if t >= _EXACT_STEPS and not sliced:  # the rules are monotone: a step that grows
+      fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))  # no bound
     steps = length - t if fixed else 1  # at a fixed point every later step is this one
     squares = [_up(s + steps * _times(y.bound, y.bound)) for s, y in zip(squares, outs[n_carry:])]
     carry = outs[:n_carry]
     if fixed:
       break
   return carry + [_Value(_up(math.sqrt(s)) if s else 0.0) for s in squares]
+
+
+def _from_consts(body: jex_core.Jaxpr, n_consts: int) -> set[Any]:
+  """The variables of ``body`` computed from its first ``n_consts`` inputs alone."""
+  varying = set(body.invars[n_consts:])
+  for e in body.eqns:
+    if any(v in varying for v in e.invars if not isinstance(v, jex_core.Literal)):
+      varying.update(e.outvars)
+  return {*body.invars[:n_consts], *(v for e in body.eqns for v in e.outvars)} - varying
 
 
 def _sliced(eqn: Any, value: _Lookup) -> dict[int, Any]:
@@ -839,20 +868,21 @@ def _sliced(eqn: Any, value: _Lookup) -> dict[int, Any]:
 def _scan_step(
   walk: _Walk,
   body: jex_core.Jaxpr,
-  known: Mapping[Any, Any],
   sliced: Mapping[int, Any],
   reverse: bool,
   first: int,
+  known: Mapping[Any, Any],
   t: int,
   ins: list[_Value],
+  keep: dict[Any, Any] | None = None,
 ) -> list[_Value]:
   """The bounds of step ``t``'s outputs (``first``: where the body's slices begin), the
-  known slices it reads known."""
+  known slices it reads known (``keep``: see :meth:`_Walk.run`)."""
   if sliced:
     length = next(iter(sliced.values())).shape[0]
     k = length - 1 - t if reverse else t
     known = {**known, **{body.invars[first + i]: c[k] for i, c in sliced.items()}}
-  return [_plain(o) for o in walk.run(body, ins, known)]
+  return [_plain(o) for o in walk.run(body, ins, known, keep=keep)]
 
 
 def _worse(x: _Value) -> float:
@@ -888,12 +918,18 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   if not np.isrealobj(c) or not np.all(np.isfinite(c)):
     return [_inf("dot_general with a known operand that is complex or not finite (no rule here)")]
   (contracted, batched) = (d[1 - i] for d in eqn.params["dimension_numbers"])
+  norm = walk.norm(eqn, c, functools.partial(_matrix_norm, c, contracted, batched), i)
+  return [_scaled(vals[i], norm)]
+
+
+def _matrix_norm(c: Any, contracted: Sequence[int], batched: Sequence[int]) -> float:
+  """The largest certified norm of ``c``'s matrices (``contracted`` by the rest), one per
+  index of its ``batched`` axes."""
   c = np.asarray(c, np.float64)
   free = [d for d in range(c.ndim) if d not in contracted and d not in batched]
   sizes = [math.prod(c.shape[d] for d in dims) for dims in (batched, contracted, free)]
   blocks = c.transpose([*batched, *contracted, *free]).reshape(sizes)
-  norm = max((_certify.matrix_norm_bound(b) for b in blocks), default=0.0)
-  return [_scaled(vals[i], norm)]
+  return max((_certify.matrix_norm_bound(b) for b in blocks), default=0.0)
 
 
 def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -911,19 +947,25 @@ def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
     return [_inf("conv_general_dilated with batch_group_count > 1 (no rule here)")]
   lhs, rhs, out = p["dimension_numbers"]
   shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-  try:
-    norm = _certify.dilated_conv_norm_bound(
-      np.asarray(kernel).transpose([*rhs[2:], rhs[1], rhs[0]]),
-      [shape[i] for i in lhs[2:]],
-      [out_shape[i] for i in out[2:]],
-      strides=p["window_strides"],
-      padding=p["padding"],
-      input_dilation=p["lhs_dilation"],
-      kernel_dilation=p["rhs_dilation"],
-      feature_group_count=p["feature_group_count"],
-    )
-  except (TypeError, ValueError) as e:
-    return [_inf(f"conv_general_dilated with a known kernel that conv_norm_bound refuses: {e}")]
+
+  def bound() -> float | str:  # the norm, or why conv_norm_bound refuses
+    try:
+      return _certify.dilated_conv_norm_bound(
+        np.asarray(kernel).transpose([*rhs[2:], rhs[1], rhs[0]]),
+        [shape[i] for i in lhs[2:]],
+        [out_shape[i] for i in out[2:]],
+        strides=p["window_strides"],
+        padding=p["padding"],
+        input_dilation=p["lhs_dilation"],
+        kernel_dilation=p["rhs_dilation"],
+        feature_group_count=p["feature_group_count"],
+      )
+    except (TypeError, ValueError) as e:
+      return str(e)
+
+  norm = walk.norm(eqn, kernel, bound)
+  if isinstance(norm, str):
+    return [_inf(f"conv_general_dilated with a known kernel that conv_norm_bound refuses: {norm}")]
   return [_scaled(vals[0], norm)]
 
 

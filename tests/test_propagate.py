@@ -991,3 +991,20 @@ def test_known_values_through_a_custom_jvp_function_are_computed():
   variables = _ReluScale().init(KEY, x)
   bound = _bound(_ReluScale(), variables, x)
   assert bound.reasons == {} and bound.certified == pytest.approx(2.0)
+
+
+def test_a_loops_kernel_is_bounded_once_per_value(monkeypatch):
+  """An RNN over 50 steps: each kernel's certified norm is computed once, not per step."""
+  import flax.nnx as nnx
+
+  import flaxnorm.nnx as fnx
+  from flaxnorm import _certify
+
+  calls = []
+  real = _certify.matrix_norm_bound
+  monkeypatch.setattr(
+    _certify, "matrix_norm_bound", lambda *a, **k: calls.append(1) or real(*a, **k)
+  )
+  rnn = nnx.RNN(nnx.SimpleCell(3, 4, rngs=nnx.Rngs(0)))
+  bound = fnx.lipschitz_bound(rnn, (jnp.ones((1, 50, 3)),))
+  assert bound.reasons == {} and len(calls) <= 4  # the input and the hidden kernels
