@@ -290,13 +290,13 @@ class _Walk:
     self.ratios: dict[str, float] = {}  # see Bound.layers
     self.norms: dict[tuple[Any, ...], Any] = {}  # see norm
 
-  def norm(self, eqn: Any, known: Any, compute: Callable[[], _T], *more: Any) -> _T:
-    """``compute()``: a norm of the ``known`` operand of ``eqn`` (with ``more`` that it
-    depends on), or what it gave for the same values before (a loop's steps meet the
-    same kernel again)."""
+  def norm(self, known: Any, compute: Callable[[], _T], *more: Any) -> _T:
+    """``compute()``: a norm of the value ``known``, ``more`` (hashable) being all else
+    it depends on, or what it gave for the same before (a loop's steps meet the same
+    kernel again)."""
     data = np.ascontiguousarray(known)
     digest = hashlib.blake2b(data.tobytes(), digest_size=16).digest()
-    key = (id(eqn), data.shape, str(data.dtype), digest, *more)
+    key = (data.shape, str(data.dtype), digest, *more)
     if key not in self.norms:
       self.norms[key] = compute()
     return self.norms[key]
@@ -918,7 +918,8 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   if not np.isrealobj(c) or not np.all(np.isfinite(c)):
     return [_inf("dot_general with a known operand that is complex or not finite (no rule here)")]
   (contracted, batched) = (d[1 - i] for d in eqn.params["dimension_numbers"])
-  norm = walk.norm(eqn, c, functools.partial(_matrix_norm, c, contracted, batched), i)
+  matrices = functools.partial(_matrix_norm, c, contracted, batched)
+  norm = walk.norm(c, matrices, "dot", tuple(contracted), tuple(batched))
   return [_scaled(vals[i], norm)]
 
 
@@ -963,7 +964,7 @@ def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
     except (TypeError, ValueError) as e:
       return str(e)
 
-  norm = walk.norm(eqn, kernel, bound)
+  norm = walk.norm(kernel, bound, "conv", shape, out_shape, repr(sorted(p.items())))
   if isinstance(norm, str):
     return [_inf(f"conv_general_dilated with a known kernel that conv_norm_bound refuses: {norm}")]
   return [_scaled(vals[0], norm)]
