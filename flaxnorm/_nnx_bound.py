@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ class _Calls:
     self.active: list[str] = []  # paths being called: a nested call is the same run
 
 
+_WRAPPING = threading.Lock()
 _RUNNING: contextvars.ContextVar[_Calls | None] = contextvars.ContextVar("flaxnorm_nnx_bound")
 
 
@@ -150,20 +152,21 @@ def _marked(copy: nnx.Module) -> Iterator[None]:
   for path, module in modules:
     object.__setattr__(module, _PATH, path)  # NNX's __setattr__ would make it a field
   classes = {type(m) for _, m in modules}
-  calls = {cls: cls.__call__ for cls in classes}  # as resolved before any is wrapped
-  own = {cls: vars(cls).get("__call__") for cls in classes}
-  token = _RUNNING.set(_Calls())
-  try:
-    for cls, call in calls.items():
-      type.__setattr__(cls, "__call__", _marking(call))
-    yield
-  finally:
-    _RUNNING.reset(token)
-    for cls, call in own.items():
-      if call is None:
-        type.__delattr__(cls, "__call__")
-      else:
-        type.__setattr__(cls, "__call__", call)
+  with _WRAPPING:  # one trace at a time wraps classes (each restores what it found)
+    calls = {cls: cls.__call__ for cls in classes}  # as resolved before any is wrapped
+    own = {cls: vars(cls).get("__call__") for cls in classes}
+    token = _RUNNING.set(_Calls())
+    try:
+      for cls, call in calls.items():
+        type.__setattr__(cls, "__call__", _marking(call))
+      yield
+    finally:
+      _RUNNING.reset(token)
+      for cls, call in own.items():
+        if call is None:
+          type.__delattr__(cls, "__call__")
+        else:
+          type.__setattr__(cls, "__call__", call)
 
 
 def _marking(call: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,6 +7,8 @@ lower bound of the constant): a certificate below either is wrong.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -306,3 +308,12 @@ def test_a_complex_input_is_refused_with_its_reason():
   )
   assert bound.certified is None
   assert "known operand that is complex" in bound.reasons["<top level>"]
+
+
+def test_bounds_in_two_threads_leave_the_classes_as_they_were():
+  model, x = _vocoderish()
+  calls = {cls: vars(cls).get("__call__") for cls in (nnx.Conv, nnx.Linear, type(model))}
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    bounds = list(pool.map(lambda _: fnx.lipschitz_bound(model, (x[:1],)).certified, range(2)))
+  assert bounds[0] == bounds[1] and bounds[0] is not None
+  assert {cls: vars(cls).get("__call__") for cls in calls} == calls
