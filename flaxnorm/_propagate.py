@@ -827,10 +827,11 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   outs = step(known, 0, consts + carry + xs, found)
   same = _from_consts(body, n_consts)  # what every step computes alike: computed once
   step = functools.partial(step, {**known, **{v: x for v, x in found.items() if v in same}})
+  settled = _settled(sliced, p["reverse"], length)  # from here on every step reads alike
   if not any(x.bound for x in consts + carry + outs[:n_carry]) and not _chooses(body):
-    for t in range(1, length if sliced else 1):  # slices side by side: the largest step's
-      outs = [max(a, b, key=_worse) for a, b in zip(outs, step(t, consts + carry + xs))]
-    return outs
+    side = _side_by_side_steps(step, consts + carry + xs, outs, n_carry, min(settled + 1, length))
+    if side is not None:
+      return side
   squares = [0.0] * (len(eqn.outvars) - n_carry)  # steps side by side: √Σ L(y_t)²
   for t in range(length):
     if t:
@@ -838,9 +839,9 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
     bad = _first_inf(outs[n_carry:])
     if bad is not None:
       return [bad] * len(eqn.outvars)
-    fixed = not sliced and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
-    if t >= _EXACT_STEPS and not sliced:  # the rules are monotone: a step that grows
-      fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))  # no bound
+    fixed = t >= settled and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+    if t >= max(_EXACT_STEPS, settled):  # the rules are monotone: a step that grows no
+      fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))  # bound
     steps = length - t if fixed else 1  # at a fixed point every later step is this one
     squares = [_up(s + steps * _times(y.bound, y.bound)) for s, y in zip(squares, outs[n_carry:])]
     carry = outs[:n_carry]
@@ -883,6 +884,32 @@ def _scan_step(
     k = length - 1 - t if reverse else t
     known = {**known, **{body.invars[first + i]: c[k] for i, c in sliced.items()}}
   return [_plain(o) for o in walk.run(body, ins, known, keep=keep)]
+
+
+def _side_by_side_steps(
+  step: Callable[..., list[_Value]], ins: list[_Value], outs: list[_Value], n_carry: int, n: int
+) -> list[_Value] | None:
+  """The outputs of a scan whose first step carries nothing from the inputs, its first
+  ``n`` steps (``outs``: the first's) walked: each slice mapped alone, the largest
+  step's bound; None when a later step carries something from the inputs after all
+  (it reads another known slice)."""
+  for t in range(1, n):
+    more = step(t, ins)
+    if any(o.bound for o in more[:n_carry]):
+      return None
+    outs = [max(a, b, key=_worse) for a, b in zip(outs, more, strict=True)]
+  return outs
+
+
+def _settled(sliced: Mapping[int, Any], reverse: bool, length: int) -> int:
+  """The first step from which every later step reads the same known slices (0 when the
+  scan reads none)."""
+  last = 0
+  for c in sliced.values():
+    flat = c.reshape(length, -1)[::-1] if reverse else c.reshape(length, -1)
+    changes = np.flatnonzero((flat[1:] != flat[:-1]).any(axis=1))
+    last = max(last, int(changes[-1]) + 1 if changes.size else 0)
+  return last
 
 
 def _worse(x: _Value) -> float:

@@ -1008,3 +1008,58 @@ def test_a_loops_kernel_is_bounded_once_per_value(monkeypatch):
   rnn = nnx.RNN(nnx.SimpleCell(3, 4, rngs=nnx.Rngs(0)))
   bound = fnx.lipschitz_bound(rnn, (jnp.ones((1, 50, 3)),))
   assert bound.reasons == {} and len(calls) <= 4  # the input and the hidden kernels
+
+
+class _LateCarry(nn.Module):
+  """A scan whose first known slice is 0: its first step carries nothing from the inputs,
+  its later steps do (the carry sums x_1 + x_2)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scales = jnp.asarray(np.array([0.0, 1.0, 1.0], np.float32))
+
+    def step(c, xs):
+      row, s = xs
+      return c + s * row, None
+
+    c, _ = jax.lax.scan(step, jnp.zeros(x.shape[1:]), (x, scales))
+    return c
+
+
+def test_a_scan_whose_later_steps_carry_the_inputs_is_followed_step_by_step():
+  x = jnp.ones((3, 2))
+  bound = _bound(_LateCarry(), {}, x)
+  f = lambda z: _LateCarry().apply({}, z.reshape(3, 2))
+  exact = np.linalg.norm(np.asarray(jax.jacfwd(f)(x.ravel()), np.float64), 2)
+  assert exact == pytest.approx(np.sqrt(2.0))
+  assert bound.reasons == {} and exact <= bound.certified <= 2.0 * 1.0001
+
+
+class _MaskedRNN(nn.Module):
+  """A linear RNN reading a known mask per step: all ones after its first three steps."""
+
+  @nn.compact
+  def __call__(self, x):
+    mask = np.ones((x.shape[1], 1), np.float32)
+    mask[:3] = 0.5
+
+    def step(h, xs):
+      row, m = xs
+      return 0.5 * h + m * row, None
+
+    h0 = jnp.zeros((x.shape[0], x.shape[2]))
+    h, _ = jax.lax.scan(step, h0, (jnp.swapaxes(x, 0, 1), jnp.asarray(mask)))
+    return h
+
+
+def test_a_scan_over_slices_that_stop_changing_stops_walking_at_its_fixed_point(monkeypatch):
+  """5,000 steps: the slices settle after step 3, the carry's bound converges (to 2),
+  so the walk stops there instead of walking every step."""
+  from flaxnorm import _propagate
+
+  steps = []
+  real = _propagate._scan_step
+  monkeypatch.setattr(_propagate, "_scan_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+  bound = _bound(_MaskedRNN(), {}, jnp.ones((1, 5000, 2)))
+  assert bound.reasons == {} and 1.9 <= bound.certified <= 2.0 * 1.0001
+  assert len(steps) < 200
