@@ -906,7 +906,10 @@ def _settled(sliced: Mapping[int, Any], reverse: bool, length: int) -> int:
   scan reads none)."""
   last = 0
   for c in sliced.values():
-    flat = c.reshape(length, -1)[::-1] if reverse else c.reshape(length, -1)
+    if not c.size:
+      continue
+    flat = np.ascontiguousarray(c).view(np.uint8).reshape(length, -1)  # bits: -0.0 is not 0.0
+    flat = flat[::-1] if reverse else flat
     changes = np.flatnonzero((flat[1:] != flat[:-1]).any(axis=1))
     last = max(last, int(changes[-1]) + 1 if changes.size else 0)
   return last

@@ -1063,3 +1063,24 @@ def test_a_scan_over_slices_that_stop_changing_stops_walking_at_its_fixed_point(
   bound = _bound(_MaskedRNN(), {}, jnp.ones((1, 5000, 2)))
   assert bound.reasons == {} and 1.9 <= bound.certified <= 2.0 * 1.0001
   assert len(steps) < 200
+
+
+class _SignedZeros(nn.Module):
+  """Known slices that differ in the sign of zero only: atan2(∓0, -1) + π is 0 or 2π."""
+
+  @nn.compact
+  def __call__(self, x):
+    signs = jnp.asarray(np.array([-0.0, -0.0, 0.0, 0.0], np.float32))
+
+    def step(h, xs):
+      s, row = xs
+      return h + (jnp.arctan2(s, -1.0) + jnp.pi) * row, None
+
+    return jax.lax.scan(step, x[:, 0], (signs, jnp.swapaxes(x[:, 1:], 0, 1)))[0]
+
+
+def test_slices_differing_in_the_sign_of_zero_are_different_steps():
+  x = jnp.ones((1, 5))
+  bound = _bound(_SignedZeros(), {}, x)
+  assert _local_norm(_SignedZeros(), {}, x) == pytest.approx(np.sqrt(1 + 2 * (2 * np.pi) ** 2))
+  assert bound.reasons == {} and bound.certified >= _local_norm(_SignedZeros(), {}, x)
