@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _call_counts, _nnx_layer, _propagate, _reports, _subclass
+from flaxnorm import _call_counts, _nnx_layer, _nnx_plan, _propagate, _reports, _subclass
 
 _AT = "lipschitz_bound"
 _PATH = "_flaxnorm_bound_path"  # a module's path, on the model's copy (kept by nnx transforms)
@@ -135,11 +135,8 @@ def _power(b: Any, runs: float) -> Any:
 
 def _modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
   """Each module of ``model`` once, with its path (``""`` for the model)."""
-  seen: set[int] = set()
-  for parts, module in nnx.iter_modules(model):
-    if id(module) not in seen:
-      seen.add(id(module))
-      yield "/".join(map(str, parts)), module
+  for parts, module in _nnx_plan.iter_modules(model):
+    yield "/".join(map(str, parts)), module
 
 
 @contextlib.contextmanager

@@ -81,6 +81,17 @@ def check_module(module: Any, method: str) -> None:
   )
 
 
+def iter_modules(model: nnx.Module) -> list[tuple[PathParts, nnx.Module]]:
+  """Each module of ``model`` once (a shared layer at its first path), with its path."""
+  seen: set[int] = set()
+  out = []
+  for path, module in nnx.iter_modules(model):
+    if id(module) not in seen:
+      seen.add(id(module))
+      out.append((tuple(path), module))
+  return out
+
+
 def param_names(module: nnx.Module) -> list[str]:
   return sorted(k for k, x in vars(module).items() if isinstance(x, nnx.Param))
 

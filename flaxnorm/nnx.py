@@ -317,14 +317,7 @@ def _input_shape(input_shape: Any, operator: bool) -> tuple[int, ...] | None:
   return shape
 
 
-def _iter_modules(model: nnx.Module) -> list[tuple[PathParts, nnx.Module]]:
-  seen: set[int] = set()
-  out = []
-  for path, module in nnx.iter_modules(model):
-    if id(module) not in seen:  # a shared layer is wrapped once
-      seen.add(id(module))
-      out.append((tuple(path), module))
-  return out
+_iter_modules = _nnx_plan.iter_modules
 
 
 def wrap_modules(
