@@ -65,10 +65,7 @@ def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
   known = {i: np.asarray(x) for i, x in enumerate(values) if not _is_key(x)}
   found = _propagate.bound(closed, dependent, {}, {**known, **fixed})
   reasons = {} if found.why is None else {found.where or _reports._TOP: found.why}
-  unchained = sorted(counts.unchained | (set() if floats else {"inputs"}))
-  if unchained:
-    top = [reasons[_reports._TOP]] if _reports._TOP in reasons else []
-    reasons[_reports._TOP] = "; ".join(top + [_reports._UNCHAINED[u] for u in unchained])
+  _reports.add_unchained(reasons, counts.unchained | (set() if floats else {"inputs"}))
   layers = _layers(model, counts.runs, found.layers)
   estimate = _reports._product([e for e, _ in layers.values()])
   return _reports.LipschitzBound(estimate, None if reasons else found.value, layers, reasons)
@@ -82,16 +79,7 @@ def _check_args(model: Any, inputs: Any) -> None:
     raise TypeError(
       f"{_AT}: model must be a flax.nnx.Module instance, got {type(model).__name__}{hint}."
     )
-  if not isinstance(inputs, tuple):
-    raise TypeError(
-      f"{_AT}: inputs must be a tuple of the model's call arguments, e.g. (x,), got "
-      f"{type(inputs).__name__}."
-    )
-  if not inputs:
-    raise ValueError(
-      f"{_AT}: the model needs example inputs to trace: inputs must hold its call "
-      "arguments, e.g. inputs=(x,), got ()."
-    )
+  _reports.check_inputs(inputs, "the model's call arguments")
 
 
 def _is_key(x: Any) -> bool:

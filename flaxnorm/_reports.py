@@ -311,9 +311,7 @@ def _model_bound(
         _times(per_run, path, bound)
     elif _own_variables(variables, path, cols):  # a module without variables adds no factor
       reasons[path or _TOP] = trace.unbounded[path]
-  if trace.unchained:
-    top = [reasons[_TOP]] if _TOP in reasons else []
-    reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(trace.unchained)])
+  add_unchained(reasons, trace.unchained)
   slashed = sorted(p for p, seen in trace.modules.items() if "/" in "".join(_names(seen.module)))
   if slashed:
     reasons[_TOP] = (
@@ -416,17 +414,21 @@ def _check_model_args(model: Any, inputs: Any, n_gram_steps: Any) -> int:
         else "."
       )
     )
+  check_inputs(inputs, "model.apply's arguments after the variables")
+  return steps
+
+
+def check_inputs(inputs: Any, arguments: str) -> None:
+  """Raises unless ``inputs`` is a non-empty tuple (of ``arguments``, for the message)."""
   if not isinstance(inputs, tuple):
     raise TypeError(
-      f"{_AT}: inputs must be a tuple of model.apply's arguments, e.g. (x,), got "
-      f"{type(inputs).__name__}."
+      f"{_AT}: inputs must be a tuple of {arguments}, e.g. (x,), got {type(inputs).__name__}."
     )
   if not inputs:
     raise ValueError(
-      f"{_AT}: model needs example inputs to trace: inputs must hold model.apply's "
-      "arguments after the variables, e.g. inputs=(x,), got ()."
+      f"{_AT}: model needs example inputs to trace: inputs must hold {arguments}, e.g. "
+      "inputs=(x,), got ()."
     )
-  return steps
 
 
 def _product(factors: list[Any], one: Any = None) -> Any:
@@ -493,6 +495,14 @@ _UNCHAINED = {  # see flaxnorm._call_counts.Counts
     "integers, bools and PRNG keys are held fixed): pass the inputs as arrays"
   ),
 }
+
+
+def add_unchained(reasons: dict[str, str], unchained: frozenset[str] | set[str]) -> None:
+  """Adds the reasons for what no Lipschitz bound covers (:data:`_UNCHAINED`) under
+  ``"<top level>"``, after any reason there."""
+  if unchained:
+    top = [reasons[_TOP]] if _TOP in reasons else []
+    reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(unchained)])
 
 
 def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple) -> _Trace:

@@ -317,9 +317,6 @@ def _input_shape(input_shape: Any, operator: bool) -> tuple[int, ...] | None:
   return shape
 
 
-_iter_modules = _nnx_plan.iter_modules
-
-
 def wrap_modules(
   model: M,
   transform: Callable[..., Any],
@@ -379,7 +376,7 @@ def wrap_modules(
   bound.apply_defaults()
   args = bound.arguments
   predicate = nnx.filterlib.to_predicate(where)
-  modules = _iter_modules(model)
+  modules = _nnx_plan.iter_modules(model)
   chosen = [(p, m) for p, m in modules if predicate(p, m)]
   if not chosen:
     found = [f"{path_str(p)} ({type(m).__name__})" for p, m in modules]
@@ -496,11 +493,11 @@ def data_init(model: nnx.Module, /, *args: Any, init_scale: float = 1.0, **kwarg
   _nnx_plan.check_module(model, "data_init")
   init_scale = _checks.check_init_scale(init_scale, "data_init")
   pending = {}
-  for path, m in _iter_modules(model):
+  for path, m in _nnx_plan.iter_modules(model):
     if any(isinstance(s, WeightNormSpec) for s in _subclass.specs_of(type(m)).values()):
       pending[id(m)] = _nnx_layer.data_init_axes(m, path_str(path))
   if not pending:
-    found = [f"{path_str(p)} ({type(m).__name__})" for p, m in _iter_modules(model)]
+    found = [f"{path_str(p)} ({type(m).__name__})" for p, m in _nnx_plan.iter_modules(model)]
     raise ValueError(
       f"data_init: {type(model).__name__} has no layer wrapped by flaxnorm.nnx.weight_norm "
       f"(its modules are {found}). Wrap them first, e.g. "
@@ -525,7 +522,7 @@ def _remove(module: Any, name: Any, kind: type, method: str) -> None:
   wanted = None if name is None else set(_checks.check_names(name))
   plans = []
   wrapped = []
-  for path, m in _iter_modules(module):
+  for path, m in _nnx_plan.iter_modules(module):
     specs = {n: s for n, s in _subclass.specs_of(type(m)).items() if isinstance(s, kind)}
     wrapped += [f"{path_str(path)}:{n}" for n in specs]
     chosen = {n: s for n, s in specs.items() if wanted is None or n in wanted}
@@ -654,7 +651,7 @@ def spectral_sigmas(model: nnx.Module) -> dict[str, jax.Array]:
   """
   _nnx_plan.check_module(model, "spectral_sigmas")
   out = {}
-  for path, m in _iter_modules(model):
+  for path, m in _nnx_plan.iter_modules(model):
     for name, spec in _subclass.specs_of(type(m)).items():
       if isinstance(spec, SpectralNormSpec):
         out["/".join((*map(str, path), name))] = vars(m)[spec.attrs(name)[2]][...]
