@@ -8,7 +8,8 @@ constant ``c``, ``L(concat(a, b)) ≤ √(L(a)² + L(b)²)``, broadcasting ``k``
 copies multiplies by ``√k``, a sum of ``k`` elements by ``√k``, a pool by the
 square root of how many windows share an element, a matrix product or a
 convolution with a known constant by that constant's certified norm, elementwise
-functions by their largest slope. A layer with a certified norm ``b`` (marked by
+functions by their largest slope (GELU and softmax, which JAX inlines, found by
+:mod:`flaxnorm._inline`). A layer with a certified norm ``b`` (marked by
 :mod:`flaxnorm._call_counts`: its input and its output) maps ``L`` to ``b·L``,
 whatever the primitives inside it; any other layer is followed primitive by
 primitive, its variables' values known. Loops are followed step by step: a
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from flaxnorm import _call_counts, _certify
+from flaxnorm import _call_counts, _certify, _inline
 
 _INF = math.inf
 _T = TypeVar("_T")
@@ -253,6 +254,14 @@ def bound(
   return Bound(_norm([o.bound for o in real]), layers=walk.ratios)
 
 
+def _better(out: _Value, fn: _inline.Inline, x: _Value) -> _Value:
+  """``out``, or the bound of the inlined function ``fn`` of ``x`` when lower."""
+  if x.bound == _INF or not x.bound:
+    return out
+  mine = _elementwise(fn.x, x, fn.slope) if fn.elementwise else _scaled(x, fn.slope)
+  return mine if mine.bound < out.bound else out
+
+
 def _consts(closed: Any) -> dict[Any, Any]:
   """The known values of a closed jaxpr's constants."""
   return dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
@@ -289,6 +298,13 @@ class _Walk:
     self.changed: dict[str, str] = {}  # calls whose layer reads a variable not as stored
     self.ratios: dict[str, float] = {}  # see Bound.layers
     self.norms: dict[tuple[Any, ...], Any] = {}  # see norm
+    self.inlined: dict[int, tuple[jex_core.Jaxpr, dict[Any, _inline.Inline]]] = {}
+
+  def inline(self, jaxpr: jex_core.Jaxpr) -> dict[Any, _inline.Inline]:
+    """:func:`flaxnorm._inline.found` of ``jaxpr``, once (a loop's body runs every step)."""
+    if id(jaxpr) not in self.inlined:
+      self.inlined[id(jaxpr)] = (jaxpr, _inline.found(jaxpr))  # (holds jaxpr: its id stays)
+    return self.inlined[id(jaxpr)][1]
 
   def norm(self, known: Any, compute: Callable[[], _T], *more: Any) -> _T:
     """``compute()``: a norm of the value ``known``, ``more`` (hashable) being all else
@@ -320,6 +336,7 @@ class _Walk:
     env: dict[Any, _Value] = dict(zip(jaxpr.invars, ins, strict=True))
     known = dict(known)
     value = _Lookup(known)
+    inlined = self.inline(jaxpr)
 
     def read(v: Any) -> _Value:
       return _ZERO if isinstance(v, jex_core.Literal) else env.get(v, _ZERO)
@@ -338,6 +355,8 @@ class _Walk:
         if not all(v in known for v in eqn.outvars):  # (else: computed by an earlier step)
           known.update(_folded(eqn, [value(v) for v in eqn.invars]))
       for var, out in zip(eqn.outvars, outs, strict=True):
+        if var in inlined:
+          out = _better(out, inlined[var], env.get(inlined[var].x, _ZERO))
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
         if math.isnan(out.bound) or (out.bound == _INF and out.why is None):

@@ -137,6 +137,26 @@ def test_a_spectrally_normalized_mlp_is_certified_at_its_norm():
     assert 1.0 - 1e-4 <= certified <= 1.01
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_and_softmax_between_spectral_layers_are_bounded(dtype):
+  """JAX inlines both: they are found by their programs (GELU 1.13, softmax 1/2)."""
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(
+    nnx.Linear(5, 8, rngs=rngs, param_dtype=dtype, dtype=dtype),
+    nnx.gelu,
+    nnx.Linear(8, 4, rngs=rngs, param_dtype=dtype, dtype=dtype),
+    nnx.softmax,
+  )
+  model = fnx.wrap_modules(model, fnx.spectral_norm, where=nnx.Linear, n_init_iterations=300)
+  model.eval()
+  x = 2.0 * jax.random.normal(jax.random.key(2), (4, 5), dtype)
+  bound = fnx.lipschitz_bound(model, (x,))
+  assert bound.reasons == {}
+  assert 1.13 * 0.5 * (1 - 1e-3) <= bound.certified <= 1.13 * 0.5 * 1.01
+  if dtype == jnp.float32:
+    assert _local_norm(model, x) <= bound.certified
+
+
 def test_a_plain_layer_row_is_its_kernels_certified_norm_to_its_runs():
   """A layer run twice: its certified norm squared (the Gram bound of its kernel)."""
 

@@ -8,6 +8,8 @@ either is wrong.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,10 @@ def test_a_product_of_two_branches_gets_a_reason():
     (nn.silu, 1.0999),
     (nn.softplus, 1.0),
     (lambda h: jnp.sort(h, axis=-1), 1.0),  # GroupSort (one group): sorting is 1-Lipschitz
+    (nn.gelu, 1.13),  # inlined by JAX: found by its program
+    (lambda h: nn.gelu(h, approximate=False), 1.13),
+    (nn.softmax, 0.5),
+    (lambda h: jax.nn.softmax(h[:, :, None] * np.ones(2, np.float32), axis=1).mean(-1), 0.5),
   ],
   ids=[
     "times2",
@@ -113,6 +119,10 @@ def test_a_product_of_two_branches_gets_a_reason():
     "silu",
     "softplus",
     "groupsort",
+    "gelu",
+    "gelu-erf",
+    "softmax",
+    "softmax-axis",
   ],
 )
 def test_what_the_model_computes_between_layers_counts(between, factor):
@@ -136,6 +146,58 @@ def test_the_activation_table_bounds_each_slope(name):
   grid = jnp.linspace(-12.0, 12.0, 200_001)
   slopes = jnp.abs(jax.vmap(jax.grad(f))(grid))
   assert float(slopes.max()) <= _propagate._ACTIVATIONS[name]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("approximate", [True, False])
+def test_the_gelu_slope_bounds_both_forms_with_their_rounded_constants(approximate, dtype):
+  """GELU's slope on a fine grid (float64), computed with the constants its program holds
+  in ``dtype`` (bfloat16 rounds the tanh form's: its peak rises to 1.129032)."""
+  from flaxnorm import _inline
+
+  x = jax.ShapeDtypeStruct((3,), dtype)
+  program = jax.make_jaxpr(lambda h: jax.nn.gelu(h, approximate=approximate))(x).jaxpr
+  literals = [float(v.val) for e in program.eqns for v in e.invars if hasattr(v, "val")]
+  assert _inline.found(program)
+  t = np.linspace(-12.0, 12.0, 2_400_001)
+  if approximate:  # 0.5·x·(1 + tanh(c·(x + a·x³)))
+    a, c, half = (v for v in literals if v != 1.0)
+    u = np.tanh(c * (t + a * t**3))
+    slope = half * (1 + u) + half * t * (1 - u**2) * c * (1 + 3 * a * t**2)
+  else:  # 0.5·x·erfc(−k·x)
+    half, k = literals
+    erfc = np.vectorize(math.erfc)(-k * t)
+    slope = half * erfc + half * t * (2 * k / math.sqrt(math.pi)) * np.exp(-((k * t) ** 2))
+  assert 1.1289 < np.abs(slope).max() <= _inline._GELU_SLOPE
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 6), st.floats(0.1, 30.0), st.integers(0, 2**16))
+def test_softmax_jacobians_are_within_one_half(n, scale, seed):
+  """``diag(p) − p pᵀ``: at most 1/2 (reached when two probabilities are 1/2)."""
+  x = scale * jax.random.normal(jax.random.key(seed), (n,))
+  jac = np.asarray(jax.jacfwd(jax.nn.softmax)(x), np.float64)
+  assert np.linalg.norm(jac, 2) <= 0.5 + 1e-6
+  half = jnp.array([0.0, 0.0] + [-50.0] * (n - 2))
+  assert np.linalg.norm(np.asarray(jax.jacfwd(jax.nn.softmax)(half)), 2) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+  "fn",
+  [
+    lambda h: 0.5 * h * (1 + jnp.tanh(0.8 * (h + 0.044715 * h**3))),  # not jax.nn's constants
+    lambda h: h * jax.nn.sigmoid(1.702 * h),  # GELU's sigmoid form: a product
+    lambda h: jax.nn.softmax(h, where=jnp.array([True, True, False])),
+    lambda h: jax.nn.softmax(2.0 * jax.nn.gelu(h)) * jax.nn.gelu(h),
+  ],
+  ids=["tanh-other-constants", "sigmoid-form", "softmax-where", "product-of-found"],
+)
+def test_only_jax_nn_programs_are_taken_for_gelu_and_softmax(fn):
+  """Near misses are followed primitive by primitive, and refused there."""
+  model = nn.Sequential([nn.Dense(3, use_bias=False), fn])
+  bound = _bound(model, {"params": {"layers_0": _scaled_eye(3, 1.0)}}, jnp.ones((1, 3)))
+  assert bound.certified is None
+  assert bound.reasons["<top level>"].startswith(("mul of two", "div by a value"))
 
 
 def test_a_jit_named_like_an_activation_is_not_trusted():
