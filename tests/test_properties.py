@@ -45,7 +45,7 @@ def _pair(kind, features, dtype, method, axis):
   return run, x.shape
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
   kind=st.sampled_from(sorted(_LAYERS)),
   features=st.sampled_from([1, 3]),
