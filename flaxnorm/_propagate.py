@@ -420,7 +420,7 @@ class _Walk:
       return x
     self.running.pop(key, None)
     entered = self.entered.get(key)
-    if kind == "end" and entered is not None and entered.bound and x.bound < _INF:
+    if entered is not None and entered.bound and x.bound < _INF:
       ratio = _up(x.bound / entered.bound)
       self.ratios[path] = max(self.ratios.get(path, 0.0), ratio)
     if kind == "end" or path not in self.layers or entered is None:

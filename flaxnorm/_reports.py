@@ -170,10 +170,12 @@ def lipschitz_bound(
   ``REFLECT`` or negative padding or ``input_dilation``). A spectrally
   normalized layer with such options or of another kind makes the
   certificate ``None``, with the reason under its path in ``reasons``, as
-  does a layer in an ``nn.while_loop`` or a plain layer stacked by
-  ``nn.scan``/``nn.vmap``. Stacked spectral states and a
-  Conv called on inputs of different spatial sizes are a ``ValueError`` (bound
-  each member's variables).
+  does a layer in an ``nn.while_loop``. A layer whose params (and spectral
+  state) ``nn.scan``/``nn.vmap`` stacked is followed too, each step or member
+  with its own slice; its row is the walk's norm of its largest member. A
+  Conv called on inputs of different spatial sizes is a ``ValueError``, and so
+  are stacked spectral states without ``model`` (a product of sigmas is no
+  one layer's).
 
   The layers' bounds are then carried through the traced program, value by
   value (``L(y)`` with ``|dy| <= L(y) |dx|``, all floating-point inputs as
@@ -225,8 +227,8 @@ def lipschitz_bound(
       the model has a spectrally normalized layer), or lack ``params`` with
       ``model`` (``{}``, a model without params, is accepted), ``model``
       without ``inputs`` or ``inputs`` without ``model``, ``n_gram_steps``
-      not in ``[1, 40]``, a stacked spectral state, or a Conv called on
-      inputs of different spatial sizes.
+      not in ``[1, 40]``, a stacked spectral state without ``model``, or a
+      Conv called on inputs of different spatial sizes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -272,14 +274,18 @@ def _model_bound(
   trace = _trace_layers(model, variables, inputs)
   sigmas: dict[str, jax.Array] = {}
   if collection in variables or trace.spectral:  # else: no layer is spectrally normalized
-    sigmas = _unstacked(_sigmas(variables, collection, _AT))
+    sigmas = _sigmas(variables, collection, _AT)
   layers: dict[str, tuple[jax.Array, float | None]] = {}
   per_run: dict[str, float] = {}  # each layer's bound for one run, by module path
+  stacked: dict[str, tuple[str, int]] = {}  # a stacked layer's row: (module path, runs)
   reasons = {  # a layer whose state is under another collection: its sigma is not read
     p: f"spectrally normalized, but its state is not in collection '{collection}'"
     for p in trace.spectral
     if p not in sigmas
   }
+  cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
+  skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
+  followed: set[str] = set()  # modules without a certificate, followed primitive by primitive
   for path, sigma in sigmas.items():
     seen = trace.spectral.get(path)
     if path in trace.unbounded:
@@ -293,20 +299,22 @@ def _model_bound(
       layers[path] = (_effective_norm(sigma, *wrapped), None)
       continue
     norm = _effective_norm(sigma, seen.options.target, seen.options.mode) ** seen.calls
+    if jnp.ndim(sigma):  # stacked by nn.scan/nn.vmap: followed, each member its own state
+      followed.add(_module_path(seen.module))
+      stacked[path] = (_module_path(seen.module), seen.calls)
+      layers[path] = (jnp.max(norm), None)
+      continue
     bound = _guarded(
       reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
     layers[path] = (norm, None if bound is None else bound**seen.calls)
     if bound is not None:
       _times(per_run, _module_path(seen.module), bound)
-  cols = {collection, "intermediates", *(s.options.collection for s in trace.spectral.values())}
-  skip = (set(sigmas) | set(trace.spectral), cols)  # spectral kernels: bounded above, or not
-  followed: set[str] = set()  # modules without a certificate, followed primitive by primitive
   for path, seen in trace.modules.items():
     if path in trace.idle and not seen.calls:
       continue
     if path not in trace.unbounded:
-      bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons, followed)
+      bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons, followed, stacked)
       if bound is not None:
         _times(per_run, path, bound)
     elif _own_variables(variables, path, cols):  # a module without variables adds no factor
@@ -318,8 +326,18 @@ def _model_bound(
       f"the names of the modules at {slashed} hold '/', which makes paths ambiguous (one "
       "layer's variables could be read as another's): rename them"
     )
+  certified = None
+  if not reasons:
+    found = _propagated(trace, per_run, variables, followed, reasons)
+    certified = found.value if found.why is None else None
+    for at, (module, runs) in stacked.items():  # the walk's norm of the largest member
+      ratio = found.layers.get(module)
+      power = None if ratio is None else ratio**runs
+      if at in layers:  # spectral: its estimate from the stored sigmas
+        layers[at] = (layers[at][0], power)
+      elif power is not None:
+        layers[at] = (jnp.asarray(power, jnp.float32), power)
   estimate = _product([e for e, _ in layers.values()])
-  certified = None if reasons else _propagated(trace, per_run, variables, followed, reasons)
   return LipschitzBound(estimate, certified, layers, reasons)
 
 
@@ -329,7 +347,7 @@ def _propagated(
   variables: Mapping[str, Any],
   followed: set[str],
   reasons: dict[str, str],
-) -> float | None:
+) -> _propagate.Bound:
   """The certificate: each layer's bound carried through the traced program, the
   variables of the ``followed`` modules known there (the reason under the path of
   the layer running where no rule bounds what the model computes)."""
@@ -341,8 +359,7 @@ def _propagated(
   found = _propagate.bound(closed, dependent, per_run, {**known, **fixed}, stored)
   if found.why is not None:
     reasons[found.where or _TOP] = found.why
-    return None
-  return found.value
+  return found
 
 
 def _times(per_run: dict[str, float], path: str, bound: float) -> None:
@@ -370,7 +387,8 @@ def _unstacked(sigmas: dict[str, jax.Array]) -> dict[str, jax.Array]:
     if jnp.ndim(sigma):
       raise ValueError(
         f"{_AT}: the state at '{path}' holds {jnp.shape(sigma)} sigmas (a layer "
-        "stacked by nn.scan or nn.vmap): its bound is not one layer's. Bound each member's "
+        "stacked by nn.scan or nn.vmap): its bound is not one layer's. Pass model= and "
+        "inputs= (each member is then followed with its own state), or bound each member's "
         "variables on their own."
       )
   return sigmas
@@ -444,8 +462,8 @@ class _UncertifiedError(Exception):
 
 
 class _StackedError(_UncertifiedError):
-  """A layer whose params ``nn.scan``/``nn.vmap`` stacked: followed, its steps would read
-  slices not known here, so the reason says what to do instead."""
+  """A layer whose params ``nn.scan``/``nn.vmap`` stacked: followed, each step (or member)
+  with its own slice known."""
 
 
 class _Seen(NamedTuple):
@@ -725,6 +743,7 @@ def _plain_layer(
   layers: dict[str, tuple[jax.Array, float | None]],
   reasons: dict[str, str],
   followed: set[str],
+  stacked: dict[str, tuple[str, int]],
 ) -> float | None:
   """Adds the certified norm of a called module's kernel that spectral norm left plain.
 
@@ -734,8 +753,8 @@ def _plain_layer(
   (``nn.ConvTranspose``, ``nn.Embed``, ``nn.BatchNorm``, a ``self.param``), and
   so is a certified kind whose options or code the layer bound does not cover (a
   subclass, a custom ``dot_general``, ``input_dilation``, ``REFLECT`` or negative
-  padding, ``batch_dims``, a mask the model computes); one whose params are
-  stacked gets a reason.
+  padding, ``batch_dims``, a mask the model computes), and one whose params
+  ``nn.scan``/``nn.vmap`` stacked (each step reads its own member).
 
   Args:
     seen: the module as the trace saw it.
@@ -747,6 +766,8 @@ def _plain_layer(
     layers: where the bound goes, under ``{path}/kernel``.
     reasons: where a reason goes when there is no bound.
     followed: where the path goes when the module is followed.
+    stacked: where a stacked kernel's row goes: ``(path, runs)``, its norm read
+      from the walk.
 
   Returns:
     The kernel's bound for one run, or None.
@@ -767,8 +788,9 @@ def _plain_layer(
     at = _join(path, "kernel")
     try:
       bound = _plain_bound(seen, params, path, n_steps)
-    except _StackedError as e:
-      reasons[at] = str(e)
+    except _StackedError:
+      followed.add(path)
+      stacked[at] = (path, seen.calls)
     except (_UncertifiedError, _certify.UnsupportedError):  # an option or use no bound covers:
       followed.add(path)  # its kernel is known, bounded where the layer's code uses it
     if bound is not None:
@@ -806,10 +828,7 @@ def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int
     stored = tuple(jnp.shape(meta.unbox(params[name])))
     inside = (seen.param_shapes or {}).get(name, stored)
     if stored != inside:
-      raise _StackedError(
-        f"its param {name} has shape {stored} in the variables and {inside} in the layer: "
-        "stacked by nn.scan or nn.vmap; bound each member's variables on their own"
-      )
+      raise _StackedError(f"{at}: {name} stacked: {stored} stored, {inside} in the layer")
   w = meta.unbox(params["kernel"]) if "kernel" in params else _weight_normed(seen, params)
   w = jnp.asarray(w)  # as the layer sees it (float32 without x64)
   _checks.check_float_array(w, f"param '{at}'", _AT, complex_ok=False)
