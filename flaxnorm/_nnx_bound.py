@@ -36,9 +36,10 @@ LINEAR = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum
 class _Calls:
   """The marked calls of one trace."""
 
-  def __init__(self) -> None:
+  def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
     self.count = 0
     self.active: list[str] = []  # paths being called: a nested call is the same run
+    self.shapes = shapes  # each called module's variables' shapes, as it sees them
 
 
 _WRAPPING = threading.Lock()
@@ -50,11 +51,12 @@ def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
   _check_args(model, inputs)
   graphdef, state = nnx.split(model)
   values, state_def = jax.tree.flatten(state)
+  inside: dict[str, dict[str, tuple[int, ...]]] = {}
 
   def trace(traced: list[int]) -> Any:
     def run(values: list[Any], arrays: list[Any]) -> Any:
       copy = nnx.merge(graphdef, jax.tree.unflatten(state_def, values))
-      with _marked(copy):
+      with _marked(copy, inside):
         return copy(*_reports.with_traced(inputs, traced, arrays))
 
     leaves = jax.tree.leaves(inputs)
@@ -66,7 +68,8 @@ def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
   found = _propagate.bound(closed, dependent, {}, {**known, **fixed})
   reasons = {} if found.why is None else {found.where or _reports._TOP: found.why}
   _reports.add_unchained(reasons, counts.unchained | (set() if floats else {"inputs"}))
-  layers = _layers(model, counts.runs, found.layers)
+  sliced = {p for p, m in _modules(model) if p in found.unmeasured and _sliced(m, inside.get(p))}
+  layers = _layers(model, counts.runs, {p: b for p, b in found.layers.items() if p not in sliced})
   estimate = _reports._product([e for e, _ in layers.values()])
   return _reports.LipschitzBound(estimate, None if reasons else found.value, layers, reasons)
 
@@ -115,6 +118,23 @@ def _layers(
   return rows
 
 
+def _shapes(module: Any) -> dict[str, tuple[int, ...]]:
+  """The shapes of ``module``'s own array variables."""
+  found = {}
+  for k, v in vars(module).items():
+    shape = getattr(v.get_value(), "shape", None) if isinstance(v, nnx.Variable) else None
+    if shape is not None:
+      found[k] = tuple(shape)
+  return found
+
+
+def _sliced(module: nnx.Module, inside: Mapping[str, tuple[int, ...]] | None) -> bool:
+  """Whether ``module`` computed with slices of its variables (stacked by ``nnx.vmap``,
+  each step of an ``nnx.scan`` its own member): then a run on a constant (an RNN's zero
+  initial carry) leaves a member's norm out of its row."""
+  return inside is not None and any(inside.get(k, s) != s for k, s in _shapes(module).items())
+
+
 def _power(b: Any, runs: float) -> Any:
   """``b`` to the most of ``runs`` runs (``runs`` inf: unbounded above 1)."""
   with np.errstate(over="ignore"):
@@ -128,11 +148,12 @@ def _modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
 
 
 @contextlib.contextmanager
-def _marked(copy: nnx.Module) -> Iterator[None]:
+def _marked(copy: nnx.Module, inside: dict[str, dict[str, tuple[int, ...]]]) -> Iterator[None]:
   """Marks the calls of every module of ``copy`` (a copy of the model, its modules told
   their paths) while the trace runs: their classes' ``__call__`` is wrapped for that
   time (no subclass: that would change how NNX flattens a ``pytree=False`` module and
-  run the user's ``__init_subclass__``); a module of another model passes through."""
+  run the user's ``__init_subclass__``); a module of another model passes through.
+  ``inside`` gets each called module's variables' shapes as it sees them."""
   modules = list(_modules(copy))
   for path, module in modules:
     object.__setattr__(module, _PATH, path)  # NNX's __setattr__ would make it a field
@@ -140,7 +161,7 @@ def _marked(copy: nnx.Module) -> Iterator[None]:
   with _WRAPPING:  # one trace at a time wraps classes (each restores what it found)
     calls = {cls: cls.__call__ for cls in classes}  # as resolved before any is wrapped
     own = {cls: vars(cls).get("__call__") for cls in classes}
-    token = _RUNNING.set(_Calls())
+    token = _RUNNING.set(_Calls(inside))
     try:
       for cls, call in calls.items():
         type.__setattr__(cls, "__call__", _marking(call))
@@ -172,6 +193,7 @@ def _call(call: Callable[..., Any], module: Any, args: tuple, kwargs: dict[str, 
     return call(module, *args, **kwargs)
   number = calls.count
   calls.count += 1
+  calls.shapes.setdefault(path, _shapes(module))
   args, kwargs = _call_counts.mark(args, kwargs, path, number)
   calls.active.append(path)
   try:

@@ -215,6 +215,9 @@ class Bound(NamedTuple):
   # Each followed layer's output bound over its input's, the most over its runs: a
   # certified norm of a layer linear in its one input (a Dense, a Conv), by module path.
   layers: Mapping[str, float] = types.MappingProxyType({})
+  # Layers run on a value that does not depend on the inputs (an RNN's zero initial
+  # carry): that run's norm is not in ``layers`` (a stacked layer's member may be missed).
+  unmeasured: frozenset[str] = frozenset()
 
 
 def bound(
@@ -248,10 +251,11 @@ def bound(
   values |= _consts(jaxpr) | {invars[i]: x for i, x in (known or {}).items()}
   outs = walk.run(jaxpr.jaxpr, ins, values)
   real = [o for o, v in zip(outs, jaxpr.jaxpr.outvars, strict=True) if _is_real(v)]
+  unmeasured = frozenset(walk.unmeasured)
   for o in real:
     if o.bound == _INF:
-      return Bound(_INF, o.why, o.where, walk.ratios)
-  return Bound(_norm([o.bound for o in real]), layers=walk.ratios)
+      return Bound(_INF, o.why, o.where, walk.ratios, unmeasured)
+  return Bound(_norm([o.bound for o in real]), layers=walk.ratios, unmeasured=unmeasured)
 
 
 def _better(out: _Value, fn: _inline.Inline, x: _Value) -> _Value:
@@ -297,6 +301,7 @@ class _Walk:
     self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
     self.changed: dict[str, str] = {}  # calls whose layer reads a variable not as stored
     self.ratios: dict[str, float] = {}  # see Bound.layers
+    self.unmeasured: set[str] = set()  # see Bound.unmeasured
     self.norms: dict[tuple[Any, ...], Any] = {}  # see norm
     self.inlined: dict[int, tuple[jex_core.Jaxpr, dict[Any, _inline.Inline]]] = {}
 
@@ -423,6 +428,8 @@ class _Walk:
     if entered is not None and entered.bound and x.bound < _INF:
       ratio = _up(x.bound / entered.bound)
       self.ratios[path] = max(self.ratios.get(path, 0.0), ratio)
+    elif entered is not None and not entered.bound:
+      self.unmeasured.add(path)
     if kind == "end" or path not in self.layers or entered is None:
       return x
     if key in self.changed:

@@ -299,7 +299,7 @@ def _model_bound(
       layers[path] = (_effective_norm(sigma, *wrapped), None)
       continue
     norm = _effective_norm(sigma, seen.options.target, seen.options.mode) ** seen.calls
-    if jnp.ndim(sigma):  # stacked by nn.scan/nn.vmap: followed, each member its own state
+    if jnp.ndim(sigma) or _stacked_param(trace, seen, variables):  # nn.scan/nn.vmap: followed
       followed.add(_module_path(seen.module))
       stacked[path] = (_module_path(seen.module), seen.calls)
       layers[path] = (jnp.max(norm), None)
@@ -331,7 +331,7 @@ def _model_bound(
     found = _propagated(trace, per_run, variables, followed, reasons)
     certified = found.value if found.why is None else None
     for at, (module, runs) in stacked.items():  # the walk's norm of the largest member
-      ratio = found.layers.get(module)
+      ratio = None if module in found.unmeasured else found.layers.get(module)
       power = None if ratio is None else ratio**runs
       if at in layers:  # spectral: its estimate from the stored sigmas
         layers[at] = (layers[at][0], power)
@@ -360,6 +360,15 @@ def _propagated(
   if found.why is not None:
     reasons[found.where or _TOP] = found.why
   return found
+
+
+def _stacked_param(trace: _Trace, seen: _Seen, variables: Mapping[str, Any]) -> bool:
+  """Whether the spectral layer ``seen`` computes with a slice of its stored param (its
+  state unstacked: one sigma for members ``nn.vmap`` stacked)."""
+  path = _module_path(seen.module)
+  inside = (trace.modules[path].param_shapes or {}) if path in trace.modules else {}
+  stored = _node(variables.get("params", {}), path).get(seen.name)
+  return seen.name in inside and tuple(jnp.shape(meta.unbox(stored))) != inside[seen.name]
 
 
 def _times(per_run: dict[str, float], path: str, bound: float) -> None:

@@ -829,3 +829,62 @@ def _member_kernels(model, variables) -> list[np.ndarray]:
     (state,) = variables["spectral"].values()
     stack = params["kernel"] / state["Dense_0"]["kernel_sigma"][:, None, None]
   return [np.asarray(w, np.float64) for w in stack]
+
+
+class _StepCell(nn.Module):
+  @nn.compact
+  def __call__(self, c, xt):
+    c = nn.Dense(4)(c) + xt
+    return c, c
+
+
+class _PerStepRNN(nn.Module):
+  """An RNN with its own layer per step, from a zero carry: step 0's layer reads a constant."""
+
+  @nn.compact
+  def __call__(self, xs):
+    axes = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
+    return nn.scan(_StepCell, length=3, **axes)()(jnp.zeros((4,)), xs)[1]
+
+
+def test_a_stacked_member_that_reads_only_a_constant_gets_no_row_below_its_norm():
+  """Step 0's member (100x the others) only reads the zero carry: the walk never measures
+  it, so its row was the other members' norm (6.0 where the largest member's is 190³);
+  now there is no row. The certificate stays sound."""
+  model, x = _PerStepRNN(), jnp.ones((3, 4))
+  variables = model.init(KEY, x)
+  kernel = variables["params"]["Scan_StepCell_0"]["Dense_0"]["kernel"]
+  variables["params"]["Scan_StepCell_0"]["Dense_0"]["kernel"] = kernel.at[0].multiply(100.0)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  f = lambda z: model.apply(variables, z.reshape(3, 4)).ravel()  # linear: the exact norm
+  exact = np.linalg.norm(np.asarray(jax.jacfwd(f)(x.ravel()), np.float64), 2)
+  assert bound.reasons == {} and exact <= bound.certified
+  assert bound.layers == {}
+
+
+class _SharedStateEnsemble(nn.Module):
+  state_axis: int | None = 0
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.vmap(
+      lambda m, h: m(h),
+      in_axes=None,
+      axis_size=3,
+      split_rngs={"params": True, "spectral": True},
+      variable_axes={"params": 0, "spectral": self.state_axis},
+    )
+    return block(flaxnorm.spectral_norm(nn.Dense(4), operator=True), x)
+
+
+def test_stacked_params_with_one_spectral_state_are_followed():
+  """Members' kernels stacked, one (unstacked) operator-mode sigma for all: the layer
+  bound read the stored (3, 4, 4) kernel as one matrix, the members' inputs side by side
+  (1.447 where the norm is 1.505). Now the stack is followed."""
+  x = jnp.ones((1, 4))
+  full = _SharedStateEnsemble(0).init(KEY, x)
+  model = _SharedStateEnsemble(None)
+  variables = {**full, "spectral": jax.tree.map(lambda a: a[0], full["spectral"])}
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  exact = _jacobian_norm(model, variables, (4,))
+  assert bound.reasons == {} and exact * (1 - 1e-6) <= bound.certified <= exact * 1.01

@@ -338,3 +338,39 @@ def test_bounds_in_two_threads_leave_the_classes_as_they_were():
     bounds = list(pool.map(lambda _: fnx.lipschitz_bound(model, (x[:1],)).certified, range(2)))
   assert bounds[0] == bounds[1] and bounds[0] is not None
   assert {cls: vars(cls).get("__call__") for cls in calls} == calls
+
+
+def test_a_stacked_member_that_reads_only_a_constant_gets_no_row_below_its_norm():
+  """An nnx.scan with one member of an nnx.vmap stack per step, from a zero carry: step
+  0's member only reads a constant, so the walk never measures it (its row left it out);
+  a cell shared by every step keeps its row."""
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
+
+  class PerStep(nnx.Module):
+    def __init__(self, shared: bool) -> None:
+      self.layers = make(jax.random.split(jax.random.key(0), 3))
+      self.cell = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+      self.shared = shared
+
+    def __call__(self, xs):
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+      def step(c, layer, xt):
+        c = (self.cell(c) if self.shared else layer(c)) + xt
+        return c, c
+
+      return step(jnp.zeros((4,)), self.layers, xs)[1]
+
+  x = jnp.ones((3, 4))
+  model = PerStep(shared=False)
+  model.layers.kernel[...] = model.layers.kernel[...].at[0].multiply(100.0)
+  bound = fnx.lipschitz_bound(model, (x,))
+  assert bound.reasons == {} and _linear_norm(model, (3, 4)) <= bound.certified
+  assert "layers/kernel" not in bound.layers
+  model = PerStep(shared=True)
+  bound = fnx.lipschitz_bound(model, (x,))
+  norm = np.linalg.norm(np.asarray(model.cell.kernel[...], np.float64), 2)
+  _, certified = bound.layers["cell/kernel"]
+  assert norm**3 <= certified <= (norm * 1.01) ** 3
