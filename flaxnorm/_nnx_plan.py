@@ -280,7 +280,8 @@ def _concrete_copy(module: nnx.Module) -> nnx.Module:
 
   The linearity checks run eagerly, also when the layer is built under
   ``nnx.jit`` or ``nnx.eval_shape`` (abstract params): they do not depend on
-  the params' values, so random floats (zeros for other dtypes) stand in.
+  the params' values, so fixed floats (``_operator.probe``; zeros for other dtypes)
+  stand in.
   """
   graphdef, state = nnx.split(module)
 
@@ -289,7 +290,7 @@ def _concrete_copy(module: nnx.Module) -> nnx.Module:
       return leaf
     with jax.ensure_compile_time_eval():
       if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-        return jax.random.normal(jax.random.key(2), leaf.shape, leaf.dtype)
+        return jax.numpy.asarray(_operator.probe(leaf.shape, 2.0), leaf.dtype)
       if jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         return jax.random.split(jax.random.key(2), leaf.shape)
       return jax.numpy.zeros(leaf.shape, leaf.dtype)

@@ -15,10 +15,13 @@ the stored sigma, so that a variables tree alone can remove the norm.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxnorm import _checks, _math, _options, _power
 
@@ -136,14 +139,22 @@ def _real_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(a * b)
 
 
+def probe(shape: tuple[int, ...], seed: float = 0.0, dtype: Any = np.float32) -> np.ndarray:
+  """A fixed array of ``shape`` with values of both signs and many magnitudes in [-1, 1]
+  (``sin`` of a golden-ratio ramp): a stand-in for random values in the linearity
+  checks that costs no compile (``jax.random`` compiles once per shape, about 1 s on CPU)."""
+  ramp = np.arange(math.prod(shape), dtype=np.float64) * 1.6180339887 + seed
+  return np.sin(ramp).reshape(shape).astype(dtype)
+
+
 def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], at: str) -> None:
   """Raises unless ``f`` is linear in its input: ``f(2x) - f(0) = 2 (f(x) - f(0))``.
 
-  Runs eagerly on concrete random values (also under ``jit``): the layer's
-  linearity in its input does not depend on the kernel's value.
+  Runs eagerly on concrete values (:func:`probe`, also under ``jit``): the
+  layer's linearity in its input does not depend on the kernel's value.
   """
   with jax.ensure_compile_time_eval():
-    x = jax.random.normal(jax.random.key(0), example)
+    x = jnp.asarray(probe(example))
     zero = f(jnp.zeros_like(x))
     _check_close(f(2 * x) - zero, 2 * (f(x) - zero), at, "input")
 
@@ -155,12 +166,12 @@ def check_kernel_linear(
 
   :func:`iterate` computes sigma as ``<w, d sigma / d w>``, which is
   ``<u, A_w v>`` exactly when ``A_w`` is linear in ``w`` (every Flax linear
-  layer). Runs eagerly on a random kernel and input; ``linear`` must close over
-  concrete values.
+  layer). Runs eagerly on a fixed kernel and input (:func:`probe`); ``linear`` must
+  close over concrete values.
   """
   with jax.ensure_compile_time_eval():
-    w = jax.random.normal(jax.random.key(1), w_shape)
-    x = jax.random.normal(jax.random.key(0), example)
+    w = jnp.asarray(probe(w_shape, seed=1.0))
+    x = jnp.asarray(probe(example))
     _check_close(linear(2 * w)(x), 2 * linear(w)(x), at, "kernel")
 
 
