@@ -366,9 +366,17 @@ def _stacked_param(trace: _Trace, seen: _Seen, variables: Mapping[str, Any]) -> 
   """Whether the spectral layer ``seen`` computes with a slice of its stored param (its
   state unstacked: one sigma for members ``nn.vmap`` stacked)."""
   path = _module_path(seen.module)
-  inside = (trace.modules[path].param_shapes or {}) if path in trace.modules else {}
-  stored = _node(variables.get("params", {}), path).get(seen.name)
-  return seen.name in inside and tuple(jnp.shape(meta.unbox(stored))) != inside[seen.name]
+  return _sliced(trace.modules.get(path, seen), _node(variables.get("params", {}), path), seen.name)
+
+
+def _sliced(seen: _Seen, params: Mapping[str, Any], name: str) -> bool:
+  """Whether the module ``seen`` computes with a slice of its stored param ``name``
+  (``params``: its own): stacked by ``nn.scan``/``nn.vmap``."""
+  inside = (seen.param_shapes or {}).get(name)
+  stored = params.get(name)
+  return (
+    inside is not None and stored is not None and tuple(jnp.shape(meta.unbox(stored))) != inside
+  )
 
 
 def _times(per_run: dict[str, float], path: str, bound: float) -> None:
@@ -834,10 +842,8 @@ def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int
     )
   names = ("kernel",) if "kernel" in params else ("kernel_g", "kernel_v")
   for name in names:
-    stored = tuple(jnp.shape(meta.unbox(params[name])))
-    inside = (seen.param_shapes or {}).get(name, stored)
-    if stored != inside:
-      raise _StackedError(f"{at}: {name} stacked: {stored} stored, {inside} in the layer")
+    if _sliced(seen, params, name):
+      raise _StackedError(f"{at}: {name} stacked by nn.scan or nn.vmap")
   w = meta.unbox(params["kernel"]) if "kernel" in params else _weight_normed(seen, params)
   w = jnp.asarray(w)  # as the layer sees it (float32 without x64)
   _checks.check_float_array(w, f"param '{at}'", _AT, complex_ok=False)
