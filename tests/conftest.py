@@ -11,8 +11,28 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"])
   )
 
+import shutil
+import tempfile
+
+# Many tests compile the same program from different closures (the same layer
+# on the same shapes), which JAX's in-memory cache, keyed on the function,
+# misses; its persistent cache is keyed on the program. One directory per run,
+# shared by the xdist workers (they inherit the controller's environment) and
+# removed at the end; a directory given in JAX_COMPILATION_CACHE_DIR is kept.
+if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flaxnorm-jax-cache-")
+  os.environ["FLAXNORM_TESTS_OWN_JAX_CACHE"] = "1"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax
 import pytest
+
+
+def pytest_unconfigure(config):
+  """Removes the run's own compilation cache (in the controller, after the workers)."""
+  if os.environ.get("FLAXNORM_TESTS_OWN_JAX_CACHE") and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
