@@ -41,7 +41,7 @@ case "${1:-}" in
     "$BIN/python" -m pytest -n 2 -m "not slow and not multidevice" flaxnorm tests
     # Multi-device SPMD tests need 8 simulated CPU devices, set before JAX starts.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-      "$BIN/python" -m pytest -m multidevice tests
+      "$BIN/python" -m pytest -n 2 -m multidevice tests
     ;;
   docs)
     setup

@@ -33,14 +33,11 @@ def run_example(script: str, out: pathlib.Path, *python_args: str) -> subprocess
     **os.environ,
     "MPLBACKEND": "Agg",
     "TQDM_DISABLE": "1",
-    # Compile time dominates a 2-step run, so compile faster; the runs stay the
-    # same apart from float rounding and the random streams. JAX's default
-    # (partitionable) threefry compiles slowly on CPU for some shapes (a conv
-    # net's init: 25 s instead of 7), and LLVM's -O0 halves XLA's compile time.
+    # Compile time dominates a 2-step run, so compile faster (the XLA_FLAGS
+    # conftest.py sets are inherited); the runs stay the same apart from float
+    # rounding and the random streams. JAX's default (partitionable) threefry
+    # compiles slowly on CPU for some shapes (a conv net's init: 25 s instead of 7).
     "JAX_THREEFRY_PARTITIONABLE": "0",
-    "XLA_FLAGS": " ".join(
-      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"])
-    ),
     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
   }
   cmd = [sys.executable, *python_args, str(ROOT / "examples" / script)]
