@@ -20,6 +20,7 @@ init) are two uses of it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -291,39 +292,35 @@ def power_iteration(
   if v is None:
     if n_steps == 0:
       raise ValueError("power_iteration: n_steps=0 needs v.")
-    v_start = restart_vector((n,), w.dtype)  # replaced by the first step, unless W^H u = 0
   elif v.shape != (n,):
     raise ValueError(
       f"power_iteration: v must have shape ({n},) for w of shape {w.shape}, got {v.shape}."
     )
-  else:
-    v_start = v
-
   _check_vectors_fit(w, u, v)
+  return _estimate(w, u, v, n_steps=n_steps, eps=eps)
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps", "eps"))
+def _estimate(
+  w: Array, u: Array, v: Array | None, *, n_steps: int, eps: float
+) -> tuple[Array, Array, Array]:
+  """:func:`power_iteration` on checked arguments. Jitted, so that eager calls
+  (an ``init`` or ``apply`` outside ``jit``) compile once per shape instead of
+  once per operation, and the loop once instead of once per call."""
   dtype = compute_dtype(w.dtype)
   w32 = w.astype(dtype)
-  w_fixed = jax.lax.stop_gradient(w32)
-
-  def step(_, carry):
-    u, v, _ = carry
-    # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
-    # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
-    # W^H u = conj(conj(u) @ W): two vector conjugations, no conjugated W.
-    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w_fixed, v)), v, eps)  # W^H u
-    wv = _dot(v, w_fixed.T, u)  # W v
-    u = normalize_or_keep(wv, u, eps)
-    return u, v, _vdot(u, wv)  # sigma = Re(u^H W v), from the product just made
-
   # Iterating, a zero u restarts (the first step makes v from it); in
   # evaluation both are normalized (stored ones may be scaled), and a zero one
   # gives sigma 0 (an unnormalized kernel).
   u_out = jax.lax.stop_gradient(start_vector(u.astype(dtype), eps, restart=n_steps > 0))
   # Iterating, v is only what a zero W^H u keeps: taken as it is (no reduction on the
-  # training path; a missing one is the restart vector).
+  # training path; a missing one is the restart vector, replaced by the first step
+  # unless W^H u = 0).
+  v_start = restart_vector(w.shape[1:], w.dtype) if v is None else v
   v_out = jax.lax.stop_gradient(v_start.astype(dtype))
   if n_steps:
-    carry = (u_out, v_out, jnp.zeros((), real_dtype(dtype)))
-    u_out, v_out, value = jax.lax.fori_loop(0, n_steps, step, carry)
+    w_fixed = jax.lax.stop_gradient(w32)
+    u_out, v_out, value = _iterate(w_fixed, u_out, v_out, n_steps=n_steps, eps=eps)
     # The value comes from the loop (no extra pass over W); the gradient is
     # d sigma / dW = u v^T with u, v held fixed (conj(u) v^T in JAX's complex convention).
     sigma = _bilinear(w32, u_out, v_out, value)
@@ -331,6 +328,27 @@ def power_iteration(
     v_out = start_vector(v_out, eps, restart=False)
     sigma = _u_w_v(u_out, w32, v_out)
   return u_out, v_out, sigma
+
+
+def _iterate(
+  w: Array, u: Array, v: Array, *, n_steps: int, eps: float
+) -> tuple[Array, Array, Array]:
+  """``n_steps`` power-iteration steps on ``w`` (m, n) from ``u`` (m,), ``v`` (n,).
+
+  Returns the new ``u``, ``v`` and the last step's ``Re(u^H W v)``.
+  """
+
+  def step(_, carry):
+    u, v, _ = carry
+    # Vectors on the left: XLA:CPU runs `W.T @ x` (W from as_matrix's
+    # moveaxis) through a slow strided loop, 15-30x slower than `x @ W`.
+    # W^H u = conj(conj(u) @ W): two vector conjugations, no conjugated W.
+    v = normalize_or_keep(jnp.conj(_dot(jnp.conj(u), w, v)), v, eps)  # W^H u
+    wv = _dot(v, w.T, u)  # W v
+    u = normalize_or_keep(wv, u, eps)
+    return u, v, _vdot(u, wv)  # sigma = Re(u^H W v), from the product just made
+
+  return jax.lax.fori_loop(0, n_steps, step, (u, v, jnp.zeros((), real_dtype(w.dtype))))
 
 
 def _check_vectors_fit(w: Array, u: Array, v: Array | None) -> None:
