@@ -112,10 +112,15 @@ class LayerMap:
   def check_linear(self, w_shape: tuple[int, ...], at: str) -> None:
     """Raises unless the layer is linear in its input and its kernel (see ``_operator``)."""
     args, kwargs = self.rest
-    with jax.ensure_compile_time_eval():  # concrete: the layer's own params may be traced
-      made = self.plain.init(jax.random.key(0), self.example, *args, **kwargs)
-      others = meta.unbox(made["params"])
-      params = {**others, self.name: jnp.asarray(_operator.probe(w_shape, seed=2.0))}
+    # Concrete params (the layer's own may be traced), fixed values of the shapes
+    # its init makes: running the initializers here would compile them once more
+    # (under ensure_compile_time_eval), ~6 s for a truncated normal on CPU.
+    shapes = jax.eval_shape(self.plain.init, jax.random.key(0), self.example, *args, **kwargs)
+    leaves, tree = jax.tree.flatten(meta.unbox(shapes["params"]))
+    others = tree.unflatten(
+      [_operator.probe(s.shape, 3.0 + i, s.dtype) for i, s in enumerate(leaves)]
+    )  # numpy: concrete inside a trace
+    params = {**others, self.name: _operator.probe(w_shape, seed=2.0)}
 
     def f(x: jax.Array) -> jax.Array:
       return jnp.asarray(self.plain.apply({"params": params}, x, *args, **kwargs))

@@ -278,7 +278,7 @@ def _operator_example(
 def _concrete_copy(module: nnx.Module) -> nnx.Module:
   """A copy of ``module`` whose traced values are concrete stand-ins of their shapes.
 
-  The linearity checks run eagerly, also when the layer is built under
+  The linearity checks run on concrete values, also when the layer is built under
   ``nnx.jit`` or ``nnx.eval_shape`` (abstract params): they do not depend on
   the params' values, so fixed floats (``_operator.probe``; zeros for other dtypes)
   stand in.

@@ -150,13 +150,16 @@ def probe(shape: tuple[int, ...], seed: float = 0.0, dtype: Any = np.float32) ->
 def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], at: str) -> None:
   """Raises unless ``f`` is linear in its input: ``f(2x) - f(0) = 2 (f(x) - f(0))``.
 
-  Runs eagerly on concrete values (:func:`probe`, also under ``jit``): the
+  Computed now, on concrete values (:func:`probe`; also inside ``jit``): the
   layer's linearity in its input does not depend on the kernel's value.
   """
-  with jax.ensure_compile_time_eval():
-    x = jnp.asarray(probe(example))
+
+  def sides(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     zero = f(jnp.zeros_like(x))
-    _check_close(f(2 * x) - zero, 2 * (f(x) - zero), at, "input")
+    return f(2 * x) - zero, 2 * (f(x) - zero)
+
+  lhs, rhs = _concrete(sides, probe(example))
+  _check_close(lhs, rhs, at, "input")
 
 
 def check_kernel_linear(
@@ -166,18 +169,33 @@ def check_kernel_linear(
 
   :func:`iterate` computes sigma as ``<w, d sigma / d w>``, which is
   ``<u, A_w v>`` exactly when ``A_w`` is linear in ``w`` (every Flax linear
-  layer). Runs eagerly on a fixed kernel and input (:func:`probe`); ``linear`` must
-  close over concrete values.
+  layer). Computed now, on a fixed kernel and input (:func:`probe`); ``linear``
+  must close over concrete values.
   """
-  with jax.ensure_compile_time_eval():
-    w = jnp.asarray(probe(w_shape, seed=1.0))
-    x = jnp.asarray(probe(example))
-    _check_close(linear(2 * w)(x), 2 * linear(w)(x), at, "kernel")
+
+  def sides(w: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return linear(2 * w)(x), 2 * linear(w)(x)
+
+  lhs, rhs = _concrete(sides, probe(w_shape, seed=1.0), probe(example))
+  _check_close(lhs, rhs, at, "kernel")
 
 
-def _check_close(lhs: jax.Array, rhs: jax.Array, at: str, what: str) -> None:
-  err = float(jnp.max(jnp.abs(lhs - rhs)))
-  scale = max(float(jnp.max(jnp.abs(rhs))), 1e-30)
+def _concrete(
+  f: Callable[..., tuple[jax.Array, jax.Array]], *args: np.ndarray
+) -> tuple[jax.Array, jax.Array]:
+  """``f(*args)`` computed now, also inside a trace (``f`` must close over concrete values).
+
+  One compiled call, outside any trace: op by op (``ensure_compile_time_eval``),
+  a Flax layer's ``apply`` would also run its initializers for real (its shape
+  check evaluates them) and compile each op.
+  """
+  return jax.jit(f).lower(*args).compile()(*args)
+
+
+def _check_close(lhs: Any, rhs: Any, at: str, what: str) -> None:
+  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)  # concrete, as numpy
+  err = float(np.max(np.abs(lhs - rhs)))
+  scale = max(float(np.max(np.abs(rhs))), 1e-30)
   if not err <= 1e-4 * scale:
     doubled = (
       "f(2x) - f(0) differs from 2 (f(x) - f(0))"

@@ -186,6 +186,10 @@ def test_errors():
     flaxnorm.spectral_norm(_Tanh(), operator=True).init(KEY, x)
   with pytest.raises(ValueError, match=r"\(_Squared\).*not linear in its kernel.*operator=False"):
     flaxnorm.spectral_norm(_Squared(), operator=True).init(KEY, x)
+  # The checks run on concrete values also when init is traced.
+  for bad, what in [(_Tanh(), "input"), (_Squared(), "kernel")]:
+    with pytest.raises(ValueError, match=f"not linear in its {what}"):
+      jax.jit(flaxnorm.spectral_norm(bad, operator=True).init)(KEY, x)
   with pytest.raises(TypeError, match="operator must be a bool at spectral_norm"):
     flaxnorm.spectral_norm(nn.Dense(3), operator=1)
   layer = flaxnorm.spectral_norm(nn.Conv(2, (3, 3)), operator=True)
