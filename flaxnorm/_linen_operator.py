@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
+from jax.core import Tracer
 
 from flaxnorm import _math, _operator, _subclass
 
@@ -59,6 +60,19 @@ def _check_one_batch_axis(module: nn.Module, shape: tuple[int, ...], at: str) ->
     raise ValueError(
       f"spectral_norm(operator=True): {at} needs inputs with one batch axis, {want}; got "
       f"shape {tuple(shape)}. Its sigma is the norm for one example: add or merge batch axes."
+    )
+
+
+def _check_concrete(args: tuple, kwargs: dict[str, Any], at: str) -> None:
+  """Raises for call arguments beyond the input that are traced: the checks need values."""
+  named = [(f"positional argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
+  traced = [name for name, a in named if any(isinstance(x, Tracer) for x in jax.tree.leaves(a))]
+  if traced:
+    raise ValueError(
+      f"spectral_norm(operator=True): {at}: the layer's call argument(s) {', '.join(traced)} "
+      "(beyond its input) are traced where its spectral state is created (an init under jit "
+      "or vmap), but the checks that the layer is linear run on concrete values: call init "
+      "outside jit, or with concrete values for these arguments."
     )
 
 
@@ -112,6 +126,7 @@ class LayerMap:
   def check_linear(self, w_shape: tuple[int, ...], at: str) -> None:
     """Raises unless the layer is linear in its input and its kernel (see ``_operator``)."""
     args, kwargs = self.rest
+    _check_concrete(args, kwargs, at)
     # Concrete params (the layer's own may be traced), fixed values of the shapes
     # its init makes: running the initializers here would compile them once more
     # (under ensure_compile_time_eval), ~6 s for a truncated normal on CPU.

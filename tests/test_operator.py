@@ -180,6 +180,12 @@ class _Squared(nn.Module):
     return x @ (k * k)
 
 
+class _Masked(nn.Module):
+  @nn.compact
+  def __call__(self, x, mask):
+    return (x * mask) @ self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], 3))
+
+
 def test_errors():
   x = jnp.ones((2, 4))
   with pytest.raises(ValueError, match=r"layer '<top level>' \(_Tanh\).*not linear in its input"):
@@ -190,6 +196,10 @@ def test_errors():
   for bad, what in [(_Tanh(), "input"), (_Squared(), "kernel")]:
     with pytest.raises(ValueError, match=f"not linear in its {what}"):
       jax.jit(flaxnorm.spectral_norm(bad, operator=True).init)(KEY, x)
+  masked = flaxnorm.spectral_norm(_Masked(), operator=True)
+  masked.init(KEY, x, x)  # concrete: checked
+  with pytest.raises(ValueError, match=r"\(_Masked\).*positional argument 1 .*traced.*outside jit"):
+    jax.jit(masked.init)(KEY, x, x)
   with pytest.raises(TypeError, match="operator must be a bool at spectral_norm"):
     flaxnorm.spectral_norm(nn.Dense(3), operator=1)
   layer = flaxnorm.spectral_norm(nn.Conv(2, (3, 3)), operator=True)
