@@ -133,7 +133,7 @@ class LayerMap:
     shapes = jax.eval_shape(self.plain.init, jax.random.key(0), self.example, *args, **kwargs)
     leaves, tree = jax.tree.flatten(meta.unbox(shapes["params"]))
     others = tree.unflatten(
-      [_operator.probe(s.shape, 3.0 + i, s.dtype) for i, s in enumerate(leaves)]
+      [_operator.stand_in(s.shape, s.dtype, 3.0 + i) for i, s in enumerate(leaves)]
     )  # numpy: concrete inside a trace
     params = {**others, self.name: _operator.probe(w_shape, seed=2.0)}
 

@@ -280,8 +280,8 @@ def _concrete_copy(module: nnx.Module) -> nnx.Module:
 
   The linearity checks run on concrete values, also when the layer is built under
   ``nnx.jit`` or ``nnx.eval_shape`` (abstract params): they do not depend on
-  the params' values, so fixed floats (``_operator.probe``; zeros for other dtypes)
-  stand in.
+  the params' values, so fixed values stand in (``_operator.stand_in``; split
+  fixed keys for keys).
   """
   graphdef, state = nnx.split(module)
 
@@ -289,11 +289,9 @@ def _concrete_copy(module: nnx.Module) -> nnx.Module:
     if not isinstance(leaf, Tracer):
       return leaf
     with jax.ensure_compile_time_eval():
-      if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-        return jax.numpy.asarray(_operator.probe(leaf.shape, 2.0), leaf.dtype)
       if jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         return jax.random.split(jax.random.key(2), leaf.shape)
-      return jax.numpy.zeros(leaf.shape, leaf.dtype)
+      return jax.numpy.asarray(_operator.stand_in(leaf.shape, leaf.dtype))
 
   return nnx.merge(graphdef, jax.tree.map(stand_in, state))
 

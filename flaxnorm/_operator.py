@@ -147,6 +147,14 @@ def probe(shape: tuple[int, ...], seed: float = 0.0, dtype: Any = np.float32) ->
   return np.sin(ramp).reshape(shape).astype(dtype)
 
 
+def stand_in(shape: tuple[int, ...], dtype: Any, seed: float = 2.0) -> np.ndarray:
+  """Fixed values of ``shape`` and ``dtype`` for a param the linearity checks need
+  concrete: :func:`probe` for floats, zeros for other dtypes."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    return probe(shape, seed, dtype)
+  return np.zeros(shape, dtype)
+
+
 def check_linear(f: Callable[[jax.Array], jax.Array], example: tuple[int, ...], at: str) -> None:
   """Raises unless ``f`` is linear in its input: ``f(2x) - f(0) = 2 (f(x) - f(0))``.
 
