@@ -635,6 +635,7 @@ def dilated_conv_norm_bound(
   input_dilation: Sequence[int],
   kernel_dilation: Sequence[int],
   feature_group_count: int,
+  n_steps: int = DEFAULT_GRAM_STEPS,
 ) -> float:
   """Certified upper bound on the norm of ``lax.conv_general_dilated`` with this kernel.
 
@@ -657,6 +658,7 @@ def dilated_conv_norm_bound(
     input_dilation: per axis (``lhs_dilation``).
     kernel_dilation: per axis (``rhs_dilation``).
     feature_group_count: as in ``lax.conv_general_dilated``.
+    n_steps: Gram steps, 1 to 40.
 
   Returns:
     A float ``>=`` the operator's norm on one example.
@@ -694,6 +696,7 @@ def dilated_conv_norm_bound(
     padding=pads,
     feature_group_count=feature_group_count,
     kernel_dilation=dilation,
+    n_steps=n_steps,
   )
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _call_counts, _nnx_layer, _nnx_plan, _propagate, _reports, _subclass
+from flaxnorm import _call_counts, _certify, _nnx_layer, _nnx_plan, _propagate, _reports, _subclass
 
 _AT = "lipschitz_bound"
 _PATH = "_flaxnorm_bound_path"  # a module's path, on the model's copy (kept by nnx transforms)
@@ -46,9 +46,11 @@ _WRAPPING = threading.Lock()
 _RUNNING: contextvars.ContextVar[_Calls | None] = contextvars.ContextVar("flaxnorm_nnx_bound")
 
 
-def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
-  """:func:`flaxnorm.nnx.lipschitz_bound` (``inputs`` not yet checked)."""
-  _check_args(model, inputs)
+def lipschitz_bound(
+  model: nnx.Module, inputs: Any, kwargs: Any, n_gram_steps: Any
+) -> _reports.LipschitzBound:
+  """:func:`flaxnorm.nnx.lipschitz_bound` (its arguments not yet checked)."""
+  call, steps = _check_args(model, inputs, kwargs, n_gram_steps)
   graphdef, state = nnx.split(model)
   values, state_def = jax.tree.flatten(state)
   inside: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -56,16 +58,17 @@ def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
   def trace(traced: list[int]) -> Any:
     def run(values: list[Any], arrays: list[Any]) -> Any:
       copy = nnx.merge(graphdef, jax.tree.unflatten(state_def, values))
+      args, kwargs = _reports.with_traced(call, traced, arrays)
       with _marked(copy, inside):
-        return copy(*_reports.with_traced(inputs, traced, arrays))
+        return copy(*args, **kwargs)
 
-    leaves = jax.tree.leaves(inputs)
+    leaves = jax.tree.leaves(call)
     closed = jax.make_jaxpr(run)(values, [leaves[i] for i in traced])
-    return closed, _reports.read_program(closed, len(values), inputs, traced)
+    return closed, _reports.read_program(closed, len(values), call, traced)
 
-  (closed, (dependent, fixed, counts)), floats = _reports.traced_inputs(trace, inputs)
+  (closed, (dependent, fixed, counts)), floats = _reports.traced_inputs(trace, call)
   known = {i: np.asarray(x) for i, x in enumerate(values) if not _is_key(x)}
-  found = _propagate.bound(closed, dependent, {}, {**known, **fixed})
+  found = _propagate.bound(closed, dependent, {}, {**known, **fixed}, n_steps=steps)
   reasons = {} if found.why is None else {found.where or _reports._TOP: found.why}
   _reports.add_unchained(reasons, counts.unchained | (set() if floats else {"inputs"}))
   sliced = {p for p, m in _modules(model) if p in found.unmeasured and _sliced(m, inside.get(p))}
@@ -74,7 +77,10 @@ def lipschitz_bound(model: nnx.Module, inputs: Any) -> _reports.LipschitzBound:
   return _reports.LipschitzBound(estimate, None if reasons else found.value, layers, reasons)
 
 
-def _check_args(model: Any, inputs: Any) -> None:
+def _check_args(
+  model: Any, inputs: Any, kwargs: Any, n_gram_steps: Any
+) -> tuple[_reports.Call, int]:
+  """The model's call and the Gram steps, checked."""
   if not isinstance(model, nnx.Module):
     hint = ""
     if isinstance(model, nn.Module):
@@ -82,7 +88,10 @@ def _check_args(model: Any, inputs: Any) -> None:
     raise TypeError(
       f"{_AT}: model must be a flax.nnx.Module instance, got {type(model).__name__}{hint}."
     )
-  _reports.check_inputs(inputs, "the model's call arguments")
+  call = _reports.check_call(inputs, kwargs, "the model's call arguments")
+  if n_gram_steps is None:
+    return call, _certify.DEFAULT_GRAM_STEPS
+  return call, _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
 
 
 def _is_key(x: Any) -> bool:

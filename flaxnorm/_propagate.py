@@ -226,6 +226,7 @@ def bound(
   layers: Mapping[str, float],
   known: Mapping[int, Any] | None = None,
   stored: Mapping[int, str] | None = None,
+  n_steps: int = _certify.DEFAULT_GRAM_STEPS,
 ) -> Bound:
   """The Lipschitz bound of ``jaxpr``'s real outputs, as one vector, in its inputs.
 
@@ -240,11 +241,13 @@ def bound(
     stored: the key (``"collection/module/name"``) of each other variable, by
       ``invars`` index: a certified layer's variables must reach it unchanged
       (its :func:`flaxnorm._call_counts.mark_variables` marks).
+    n_steps: Gram steps for each known matrix or convolution kernel the walk
+      bounds (:func:`flaxnorm.matrix_norm_bound`, :func:`flaxnorm.conv_norm_bound`).
 
   Returns:
     A :class:`Bound`.
   """
-  walk = _Walk(layers)
+  walk = _Walk(layers, n_steps)
   ins = [_Value(1.0) if d else _ZERO for d in dependent]
   invars = jaxpr.jaxpr.invars
   values = {invars[i]: _Raw(k) for i, k in (stored or {}).items()}
@@ -295,8 +298,9 @@ def _times(a: float, b: float) -> float:
 class _Walk:
   """One pass: each jaxpr variable's :class:`_Value`."""
 
-  def __init__(self, layers: Mapping[str, float]) -> None:
+  def __init__(self, layers: Mapping[str, float], n_steps: int) -> None:
     self.layers = layers
+    self.n_steps = n_steps  # Gram steps of each known kernel's norm
     self.entered: dict[str, _Value] = {}  # each marked call's input (by call id)
     self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
     self.changed: dict[str, str] = {}  # calls whose layer reads a variable not as stored
@@ -974,19 +978,19 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   if not np.isrealobj(c) or not np.all(np.isfinite(c)):
     return [_inf("dot_general with a known operand that is complex or not finite (no rule here)")]
   (contracted, batched) = (d[1 - i] for d in eqn.params["dimension_numbers"])
-  matrices = functools.partial(_matrix_norm, c, contracted, batched)
+  matrices = functools.partial(_matrix_norm, c, contracted, batched, walk.n_steps)
   norm = walk.norm(c, matrices, "dot", tuple(contracted), tuple(batched))
   return [_scaled(vals[i], norm)]
 
 
-def _matrix_norm(c: Any, contracted: Sequence[int], batched: Sequence[int]) -> float:
+def _matrix_norm(c: Any, contracted: Sequence[int], batched: Sequence[int], n_steps: int) -> float:
   """The largest certified norm of ``c``'s matrices (``contracted`` by the rest), one per
-  index of its ``batched`` axes."""
+  index of its ``batched`` axes, with ``n_steps`` Gram steps."""
   c = np.asarray(c, np.float64)
   free = [d for d in range(c.ndim) if d not in contracted and d not in batched]
   sizes = [math.prod(c.shape[d] for d in dims) for dims in (batched, contracted, free)]
   blocks = c.transpose([*batched, *contracted, *free]).reshape(sizes)
-  return max((_certify.matrix_norm_bound(b) for b in blocks), default=0.0)
+  return max((_certify.matrix_norm_bound(b, n_steps=n_steps) for b in blocks), default=0.0)
 
 
 def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -1016,6 +1020,7 @@ def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
         input_dilation=p["lhs_dilation"],
         kernel_dilation=p["rhs_dilation"],
         feature_group_count=p["feature_group_count"],
+        n_steps=walk.n_steps,
       )
     except (TypeError, ValueError) as e:
       return str(e)

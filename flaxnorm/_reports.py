@@ -136,6 +136,7 @@ def lipschitz_bound(
   mode: str = "normalize",
   model: nn.Module | None = None,
   inputs: tuple[Any, ...] = (),
+  kwargs: Mapping[str, Any] | None = None,
   n_gram_steps: int | None = None,
 ) -> LipschitzBound:
   """The Lipschitz constant of a network after spectral norm: estimate and certified bound.
@@ -211,22 +212,25 @@ def lipschitz_bound(
     inputs: example inputs of ``model.apply`` (shapes matter, not values:
       arrays or ``jax.ShapeDtypeStruct``; the bound is over the floating-point
       arrays, Python scalars, integers, bools and keys being held fixed); needed
-      with ``model``, refused without it.
-    n_gram_steps: Gram iterations per layer, 1 to 40 (default
+      with ``model`` (or ``kwargs``), refused without it.
+    kwargs: keyword arguments of ``model.apply`` (``{"train": False}``), held
+      fixed or traced as ``inputs`` are; refused without ``model``.
+    n_gram_steps: Gram iterations per kernel, 1 to 40 (default
       ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
-      Gaussian kernels).
+      Gaussian kernels), for the certified layers and every known kernel the
+      walk meets alike.
 
   Returns:
     A :class:`LipschitzBound`.
 
   Raises:
     TypeError: ``model`` is not a Linen module (an NNX module, say),
-      ``inputs`` not a tuple, ``n_gram_steps`` not an int, or a kernel not
-      real floating-point.
+      ``inputs`` not a tuple, ``kwargs`` not a mapping by ``str``,
+      ``n_gram_steps`` not an int, or a kernel not real floating-point.
     ValueError: ``variables`` lack ``collection`` (with ``model``: only when
       the model has a spectrally normalized layer), or lack ``params`` with
       ``model`` (``{}``, a model without params, is accepted), ``model``
-      without ``inputs`` or ``inputs`` without ``model``, ``n_gram_steps``
+      without ``inputs`` or ``kwargs``, either of them without ``model``, ``n_gram_steps``
       not in ``[1, 40]``, a stacked spectral state without ``model``, or a
       Conv called on inputs of different spatial sizes.
 
@@ -251,27 +255,27 @@ def lipschitz_bound(
   """
   _checks.check_mode(mode, _AT)
   target = _checks.check_target(target, _AT)
-  steps = _check_model_args(model, inputs, n_gram_steps)
+  steps, call = _check_model_args(model, inputs, kwargs, n_gram_steps)
   if model is None:
     sigmas = _unstacked(_sigmas(variables, collection, _AT, _NO_MODEL_HINT))
     layers: dict[str, tuple[jax.Array, float | None]] = {
       p: (_effective_norm(s, target, mode), None) for p, s in sigmas.items()
     }
     return LipschitzBound(_product([e for e, _ in layers.values()]), None, layers, {})
-  return _model_bound(variables, collection, model, inputs, steps, (target, mode))
+  return _model_bound(variables, collection, model, call, steps, (target, mode))
 
 
 def _model_bound(
   variables: Mapping[str, Any],
   collection: str,
   model: nn.Module,
-  inputs: tuple,
+  call: Call,
   steps: int,
   wrapped: tuple[float, str],
 ) -> LipschitzBound:
   """:func:`lipschitz_bound` with a model (``wrapped``: ``(target, mode)`` for uncalled layers)."""
   _check_has_params(variables)
-  trace = _trace_layers(model, variables, inputs)
+  trace = _trace_layers(model, variables, call)
   sigmas: dict[str, jax.Array] = {}
   if collection in variables or trace.spectral:  # else: no layer is spectrally normalized
     sigmas = _sigmas(variables, collection, _AT)
@@ -328,7 +332,7 @@ def _model_bound(
     )
   certified = None
   if not reasons:
-    found = _propagated(trace, per_run, variables, followed, reasons)
+    found = _propagated(trace, per_run, variables, followed, reasons, steps)
     certified = found.value if found.why is None else None
     for at, (module, runs) in stacked.items():  # the walk's norm of the largest member
       ratio = None if module in found.unmeasured else found.layers.get(module)
@@ -347,16 +351,18 @@ def _propagated(
   variables: Mapping[str, Any],
   followed: set[str],
   reasons: dict[str, str],
+  steps: int,
 ) -> _propagate.Bound:
   """The certificate: each layer's bound carried through the traced program, the
   variables of the ``followed`` modules known there (the reason under the path of
-  the layer running where no rule bounds what the model computes)."""
+  the layer running where no rule bounds what the model computes), each known kernel
+  bounded with ``steps`` Gram steps."""
   assert trace.program is not None
   closed, dependent, fixed, keys = trace.program
   leaves = jax.tree.leaves(dict(variables))
   known = {i: np.asarray(x) for i, x in enumerate(leaves) if keys[i][0] in followed}
   stored = {i: key for i, (owner, key) in enumerate(keys) if owner not in followed}
-  found = _propagate.bound(closed, dependent, per_run, {**known, **fixed}, stored)
+  found = _propagate.bound(closed, dependent, per_run, {**known, **fixed}, stored, steps)
   if found.why is not None:
     reasons[found.where or _TOP] = found.why
   return found
@@ -425,18 +431,25 @@ def _check_has_params(variables: Any) -> None:
     )
 
 
-def _check_model_args(model: Any, inputs: Any, n_gram_steps: Any) -> int:
-  """Checks ``model``, ``inputs`` and ``n_gram_steps``; returns the Gram steps."""
+def _check_model_args(model: Any, inputs: Any, kwargs: Any, n_gram_steps: Any) -> tuple[int, Call]:
+  """Checks ``model``, ``inputs``, ``kwargs`` and ``n_gram_steps``; returns the Gram
+  steps and the model's call."""
   steps = _certify.DEFAULT_GRAM_STEPS
   if n_gram_steps is not None:
     steps = _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
   if model is None:
-    if not (isinstance(inputs, tuple) and not inputs):
-      raise ValueError(
-        f"{_AT}: inputs are given without model; pass the Linen model too (model=...) to "
-        f"certify the bound, or leave inputs out, got inputs of type {type(inputs).__name__}."
-      )
-    return steps
+    unused = (
+      isinstance(inputs, tuple) and not inputs,
+      kwargs is None or (isinstance(kwargs, Mapping) and not kwargs),
+    )
+    for name, given, empty in zip(("inputs", "kwargs"), (inputs, kwargs), unused, strict=True):
+      if not empty:
+        raise ValueError(
+          f"{_AT}: {name} are given without model; pass the Linen model too (model=...) to "
+          f"certify the bound, or leave {name} out, got {name} of type "
+          f"{type(given).__name__}."
+        )
+    return steps, ((), {})
   if not isinstance(model, nn.Module):
     raise TypeError(
       f"{_AT}: model must be the flax.linen Module the variables belong to, got "
@@ -449,21 +462,35 @@ def _check_model_args(model: Any, inputs: Any, n_gram_steps: Any) -> int:
         else "."
       )
     )
-  check_inputs(inputs, "model.apply's arguments after the variables")
-  return steps
+  return steps, check_call(inputs, kwargs, "model.apply's arguments after the variables")
 
 
-def check_inputs(inputs: Any, arguments: str) -> None:
-  """Raises unless ``inputs`` is a non-empty tuple (of ``arguments``, for the message)."""
+#: A model's call: its positional arguments and its keyword arguments by name.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def check_call(inputs: Any, kwargs: Any, arguments: str) -> Call:
+  """``(inputs, kwargs)`` checked: a tuple (of ``arguments``, for the messages) and
+  ``None`` or a mapping of keyword arguments by name, not both empty."""
   if not isinstance(inputs, tuple):
     raise TypeError(
       f"{_AT}: inputs must be a tuple of {arguments}, e.g. (x,), got {type(inputs).__name__}."
     )
-  if not inputs:
+  kwargs = {} if kwargs is None else kwargs
+  if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+    got = type(kwargs).__name__
+    if isinstance(kwargs, Mapping):
+      got = f"a {got} with keys [{', '.join(map(repr, kwargs))}]"
+    raise TypeError(
+      f"{_AT}: kwargs must be a mapping of keyword arguments by name (str), e.g. "
+      f"{{'train': False}}, got {got}."
+    )
+  if not inputs and not kwargs:
     raise ValueError(
       f"{_AT}: model needs example inputs to trace: inputs must hold {arguments}, e.g. "
-      "inputs=(x,), got ()."
+      "inputs=(x,), got () and no kwargs (keyword arguments go in kwargs=)."
     )
+  return inputs, dict(kwargs)
 
 
 def _product(factors: list[Any], one: Any = None) -> Any:
@@ -540,14 +567,14 @@ def add_unchained(reasons: dict[str, str], unchained: frozenset[str] | set[str])
     reasons[_TOP] = "; ".join(top + [_UNCHAINED[u] for u in sorted(unchained)])
 
 
-def _trace_layers(model: nn.Module, variables: Mapping[str, Any], inputs: tuple) -> _Trace:
+def _trace_layers(model: nn.Module, variables: Mapping[str, Any], call: Call) -> _Trace:
   """Traces ``model.apply`` shape-only; counts how often each module and spectral layer runs.
 
   A layer is counted as often as the traced program runs it
   (:mod:`flaxnorm._call_counts`): ``length`` times in an ``nn.scan``. The
   inputs are traced as :func:`traced_inputs` says.
   """
-  trace, floats = traced_inputs(functools.partial(_trace_once, model, variables, inputs), inputs)
+  trace, floats = traced_inputs(functools.partial(_trace_once, model, variables, call), call)
   return trace if floats else trace._replace(unchained=trace.unchained | {"inputs"})
 
 
@@ -602,9 +629,9 @@ _ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 
 
 def _trace_once(
-  model: nn.Module, variables: Mapping[str, Any], inputs: tuple, traced: list[int]
+  model: nn.Module, variables: Mapping[str, Any], call: Call, traced: list[int]
 ) -> _Trace:
-  """:func:`_trace_layers` with the ``traced`` leaves of ``inputs`` as the traced inputs."""
+  """:func:`_trace_layers` with the ``traced`` leaves of ``call`` as the traced inputs."""
   trace = _Trace({}, {}, {}, set())
   calls: list[tuple[dict[str, _Seen], str, _Seen, str]] = []  # (table, path, seen, module)
   active: list[str] = []  # module paths being called: a nested call on one is the same use
@@ -645,12 +672,13 @@ def _trace_once(
 
   def run(variables, arrays):
     with nn.intercept_methods(interceptor):
-      return model.apply(variables, *with_traced(inputs, traced, arrays))
+      args, kwargs = with_traced(call, traced, arrays)
+      return model.apply(variables, *args, **kwargs)
 
   variables = dict(variables)
-  leaves = jax.tree.leaves(inputs)
+  leaves = jax.tree.leaves(call)
   closed = jax.make_jaxpr(run)(variables, [leaves[i] for i in traced])
-  dependent, fixed, counts = read_program(closed, len(jax.tree.leaves(variables)), inputs, traced)
+  dependent, fixed, counts = read_program(closed, len(jax.tree.leaves(variables)), call, traced)
   keys = tuple(_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0])
   trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed, keys))
   for table, path, seen, module in calls:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -658,11 +658,17 @@ def spectral_sigmas(model: nnx.Module) -> dict[str, jax.Array]:
   return out
 
 
-def lipschitz_bound(model: nnx.Module, inputs: tuple[Any, ...]) -> LipschitzBound:
+def lipschitz_bound(
+  model: nnx.Module,
+  inputs: tuple[Any, ...],
+  *,
+  kwargs: Mapping[str, Any] | None = None,
+  n_gram_steps: int | None = None,
+) -> LipschitzBound:
   """A certified upper bound of an NNX model's Lipschitz constant, with its layers' norms.
 
   The NNX counterpart of :func:`flaxnorm.lipschitz_bound` with ``model=``:
-  ``model(*inputs)`` is traced shape-only, and the bound is over its
+  ``model(*inputs, **kwargs)`` is traced shape-only, and the bound is over its
   floating-point inputs, in the ℓ2 norm of all of them as one vector and of
   all its real outputs as one vector, for inputs of these shapes. The model
   holds its variables, so every layer is followed with their values known: a
@@ -682,10 +688,14 @@ def lipschitz_bound(model: nnx.Module, inputs: tuple[Any, ...]) -> LipschitzBoun
   statistics gets a reason). The model is not changed.
 
   Args:
-    model: an ``nnx.Module``, called as ``model(*inputs)``.
-    inputs: a tuple of its call arguments (shapes matter, not values: arrays
-      or ``jax.ShapeDtypeStruct``; integer and bool arrays, PRNG keys and
-      Python values are held fixed).
+    model: an ``nnx.Module``, called as ``model(*inputs, **kwargs)``.
+    inputs: a tuple of its positional call arguments (shapes matter, not
+      values: arrays or ``jax.ShapeDtypeStruct``; integer and bool arrays,
+      PRNG keys and Python values are held fixed).
+    kwargs: its keyword call arguments (``{"mask": m}``), held fixed or traced
+      as ``inputs`` are.
+    n_gram_steps: Gram iterations per kernel, 1 to 40 (default
+      ``flaxnorm.DEFAULT_GRAM_STEPS``).
 
   Returns:
     A :class:`flaxnorm.LipschitzBound`: ``certified`` (a float, or None with
@@ -698,8 +708,10 @@ def lipschitz_bound(model: nnx.Module, inputs: tuple[Any, ...]) -> LipschitzBoun
     ``estimate``, their product.
 
   Raises:
-    TypeError: ``model`` is not an ``nnx.Module``, or ``inputs`` not a tuple.
-    ValueError: ``inputs`` is empty.
+    TypeError: ``model`` is not an ``nnx.Module``, ``inputs`` not a tuple,
+      ``kwargs`` not a mapping by ``str``, or ``n_gram_steps`` not an int.
+    ValueError: ``inputs`` and ``kwargs`` are both empty, or ``n_gram_steps``
+      is not in ``[1, 40]``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -720,4 +732,4 @@ def lipschitz_bound(model: nnx.Module, inputs: tuple[Any, ...]) -> LipschitzBoun
     Delattre, Barthélemy, Araujo & Allauzen, "Efficient Bound of Lipschitz
     Constant for Convolutional Layers by Gram Iteration", ICML 2023.
   """
-  return _nnx_bound.lipschitz_bound(model, inputs)
+  return _nnx_bound.lipschitz_bound(model, inputs, kwargs, n_gram_steps)

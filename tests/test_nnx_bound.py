@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -278,6 +279,67 @@ def test_bad_arguments_say_what_to_pass():
     fnx.lipschitz_bound(dense, ())
   with pytest.raises(TypeError, match=r"flaxnorm.nnx.lipschitz_bound\(model, inputs"):
     flaxnorm.lipschitz_bound({"params": {}}, model=dense, inputs=(jnp.ones((1, 2)),))  # type: ignore[arg-type]
+
+
+class _Gated(nnx.Module):
+  """Keyword-only arguments: a float array the bound is over, a fixed scale and a flag."""
+
+  def __init__(self) -> None:
+    self.d = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+    self.up = nnx.ConvTranspose(5, 2, (3,), strides=(2,), rngs=nnx.Rngs(1))
+
+  def __call__(self, *, x: jax.Array, scale: float, skip: bool) -> jax.Array:
+    y = self.up(self.d(x) * scale)
+    return y if skip else 2 * y
+
+
+def test_keyword_arguments_are_passed_and_held_fixed_or_bounded_over():
+  model, x = _Gated(), jnp.ones((1, 4, 6))
+  call = {"x": x, "scale": 3.0, "skip": True}
+  bound = fnx.lipschitz_bound(model, (), kwargs=call)
+  positional = fnx.lipschitz_bound(_keywords(model, call), (x,))
+  assert bound.reasons == {} and bound.certified == positional.certified
+  assert _linear_norm(_keywords(model, call), x.shape) <= bound.certified
+  chex.assert_trees_all_equal({f"inner/{k}": v for k, v in bound.layers.items()}, positional.layers)
+  doubled = fnx.lipschitz_bound(model, (), kwargs={**call, "skip": False}).certified
+  np.testing.assert_allclose(doubled, 2 * bound.certified, rtol=1e-6)
+
+
+def _keywords(model: nnx.Module, call: dict) -> nnx.Module:
+  """``model`` called as ``model(x=x, **rest)`` from a positional ``x``."""
+  rest = {k: v for k, v in call.items() if k != "x"}
+
+  class Positional(nnx.Module):
+    def __init__(self) -> None:
+      self.inner = model
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+      return self.inner(x=x, **rest)
+
+  return Positional()
+
+
+def test_n_gram_steps_reaches_every_kernel_and_is_checked():
+  """Fewer Gram steps: a looser bound, still above the exact norm (a transposed conv and a
+  dense layer, both bounded by the walk)."""
+  model, x = _Gated(), jnp.ones((1, 4, 6))
+  call = {"x": x, "scale": 1.0, "skip": True}
+  exact = _linear_norm(_keywords(model, call), x.shape)
+  loose = fnx.lipschitz_bound(model, (), kwargs=call, n_gram_steps=1).certified
+  tight = fnx.lipschitz_bound(model, (), kwargs=call, n_gram_steps=12).certified
+  default = fnx.lipschitz_bound(model, (), kwargs=call).certified
+  assert exact <= tight <= default < loose
+  rows = fnx.lipschitz_bound(model, (), kwargs=call, n_gram_steps=12).layers
+  svd = np.linalg.norm(np.asarray(model.d.kernel[...], np.float64), 2)
+  assert svd <= rows["d/kernel"][1] < svd * (1 + 1e-5)
+  with pytest.raises(ValueError, match=r"n_gram_steps must be <= 40 at lipschitz_bound"):
+    fnx.lipschitz_bound(model, (), kwargs=call, n_gram_steps=41)
+  with pytest.raises(TypeError, match=r"n_gram_steps must be an int"):
+    fnx.lipschitz_bound(model, (), kwargs=call, n_gram_steps=2.0)  # type: ignore[arg-type]
+  with pytest.raises(TypeError, match=r"lipschitz_bound: kwargs must be a mapping .* got list"):
+    fnx.lipschitz_bound(model, (x,), kwargs=[1.0])  # type: ignore[arg-type]
+  with pytest.raises(TypeError, match=r"kwargs must be a mapping .* with keys \[0\]"):
+    fnx.lipschitz_bound(model, (x,), kwargs={0: 1.0})  # type: ignore[dict-item]
 
 
 def test_python_scalar_variables_and_pytree_false_modules():
