@@ -1,12 +1,14 @@
-"""``jax.nn`` functions that JAX inlines, found in a traced program by their equations.
+"""``jax.nn`` functions found in a traced program by their equations.
 
 ``jax.nn.gelu`` and ``jax.nn.softmax`` have no ``jit`` of their own: a model's
 program holds their primitives one by one, and no rule of :mod:`flaxnorm._propagate`
 bounds them (GELU's ``x·Φ(x)`` is a product of two values of the input, softmax
-divides by a sum of it). Here a run of equations is taken for one of them when it
-is, equation for equation, the program JAX gives for that function on the same
-operand: the same primitives, parameters and literals, each reading what the
-function's own program reads there. Then its bound is the function's:
+divides by a sum of it); ``jax.nn.log_softmax``'s ``jit`` holds the same kind of
+program, which the walk enters. Here a run of equations is taken for one of them
+when it is, equation for equation, the program JAX gives for that function on the
+same operand (inside its ``jit``, for a jitted one): the same primitives, parameters
+and literals, each reading what the function's own program reads there. Then its
+bound is the function's:
 
 - GELU, either form (``approximate=True``, Flax's default, or ``False``): an
   elementwise function of largest slope 1.13 (the ``erf`` form's ``Φ(x) + x·φ(x)``
@@ -15,11 +17,19 @@ function's own program reads there. Then its bound is the function's:
 - softmax along one axis: 1/2 (its Jacobian ``diag(p) − p pᵀ`` is a covariance,
   ``xᵀJx = Var_p(x) ≤ (max x − min x)² / 4 ≤ ‖x‖² / 2``); each slice along the
   axis is its own function, so the whole value's bound is 1/2 of its input's.
+- log_softmax along an axis of size ``n``: ``√n`` (its Jacobian ``I − 1 pᵀ`` is an
+  oblique projection, whose norm is that of ``1 pᵀ`` (Szyld, 2006): ``√n ‖p‖ ≤
+  √n``, approached as ``p`` nears a one-hot vector); per slice, as for softmax.
+
+References:
+  Szyld, "The many proofs of an identity on the norm of oblique projections",
+  Numerical Algorithms 42, 2006.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -40,25 +50,41 @@ class Inline(NamedTuple):
 
 class _Function(NamedTuple):
   make: Callable[[int], Callable[[jax.Array], jax.Array]]  # by axis (ignored if elementwise)
-  slope: float
+  slope: Callable[[int], float]  # by the axis's size
   elementwise: bool
+
+
+def _root_up(n: int) -> float:
+  """``√n``, rounded up."""
+  return float(np.nextafter(math.sqrt(n), np.inf))
 
 
 _GELU_SLOPE = 1.13
 _FUNCTIONS = {
-  "gelu": _Function(lambda _: functools.partial(jax.nn.gelu, approximate=True), _GELU_SLOPE, True),
-  "gelu_erf": _Function(
-    lambda _: functools.partial(jax.nn.gelu, approximate=False), _GELU_SLOPE, True
+  "gelu": _Function(
+    lambda _: functools.partial(jax.nn.gelu, approximate=True), lambda _: _GELU_SLOPE, True
   ),
-  "softmax": _Function(lambda axis: functools.partial(jax.nn.softmax, axis=axis), 0.5, False),
+  "gelu_erf": _Function(
+    lambda _: functools.partial(jax.nn.gelu, approximate=False), lambda _: _GELU_SLOPE, True
+  ),
+  "softmax": _Function(
+    lambda axis: functools.partial(jax.nn.softmax, axis=axis), lambda _: 0.5, False
+  ),
+  "log_softmax": _Function(
+    lambda axis: functools.partial(jax.nn.log_softmax, axis=axis), _root_up, False
+  ),
 }
 
 
 @functools.lru_cache(maxsize=512)
 def _program(name: str, shape: tuple[int, ...], dtype: Any, weak: bool, axis: int) -> Any:
-  """``jax.nn``'s program for ``name`` on such an operand, or None when it has constants."""
+  """``jax.nn``'s program for ``name`` on such an operand (inside its ``jit``, if it has
+  one), or None when it has constants."""
   arg = jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
   closed = jax.make_jaxpr(_FUNCTIONS[name].make(axis))(arg)
+  (first, *rest) = closed.jaxpr.eqns or [None]
+  if first is not None and not rest and first.primitive.name == "jit" and not closed.consts:
+    closed = first.params["jaxpr"]
   return None if closed.consts or len(closed.jaxpr.outvars) != 1 else closed.jaxpr
 
 
@@ -145,5 +171,5 @@ def _found_at(name: str, x: Any, eqns: Sequence[Any]) -> dict[Any, Inline]:
     program = _program(name, shape, dtype, weak, axis)
     y = None if program is None or len(program.eqns) != len(eqns) else _output(program, eqns, x)
     if y is not None:
-      return {y: Inline(x, fn.slope, fn.elementwise)}
+      return {y: Inline(x, fn.slope(shape[axis] if shape else 1), fn.elementwise)}
   return {}

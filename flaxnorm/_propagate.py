@@ -8,8 +8,8 @@ constant ``c``, ``L(concat(a, b)) ≤ √(L(a)² + L(b)²)``, broadcasting ``k``
 copies multiplies by ``√k``, a sum of ``k`` elements by ``√k``, a pool by the
 square root of how many windows share an element, a matrix product or a
 convolution with a known constant by that constant's certified norm, elementwise
-functions by their largest slope (GELU and softmax, which JAX inlines, found by
-:mod:`flaxnorm._inline`). A layer with a certified norm ``b`` (marked by
+functions by their largest slope (GELU, softmax and log-softmax, found by their
+programs in :mod:`flaxnorm._inline`). A layer with a certified norm ``b`` (marked by
 :mod:`flaxnorm._call_counts`: its input and its output) maps ``L`` to ``b·L``,
 whatever the primitives inside it; any other layer is followed primitive by
 primitive, its variables' values known. Loops are followed step by step: a

@@ -159,6 +159,20 @@ def test_gelu_and_softmax_between_spectral_layers_are_bounded(dtype):
     assert _local_norm(model, x) <= bound.certified
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_log_softmax_after_a_spectral_layer_is_bounded_by_root_n(dtype):
+  """JAX jits log-softmax: its program is found inside the jit (√4 along 4 classes)."""
+  linear = nnx.Linear(5, 4, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype)
+  model = nnx.Sequential(fnx.spectral_norm(linear, n_init_iterations=300), nnx.log_softmax)
+  model.eval()
+  x = 3.0 * jax.random.normal(jax.random.key(2), (4, 5), dtype)
+  bound = fnx.lipschitz_bound(model, (x,))
+  assert bound.reasons == {}
+  assert 2.0 * (1 - 1e-3) <= bound.certified <= 2.0 * 1.01
+  if dtype == jnp.float32:
+    assert _local_norm(model, x) <= bound.certified
+
+
 def test_a_plain_layer_row_is_its_kernels_certified_norm_to_its_runs():
   """A layer run twice: its certified norm squared (the Gram bound of its kernel)."""
 

@@ -106,6 +106,11 @@ def test_a_product_of_two_branches_gets_a_reason():
     (lambda h: nn.gelu(h, approximate=False), 1.13),
     (nn.softmax, 0.5),
     (lambda h: jax.nn.softmax(h[:, :, None] * np.ones(2, np.float32), axis=1).mean(-1), 0.5),
+    (nn.log_softmax, math.sqrt(3.0)),  # jitted by JAX: found by its program inside the jit
+    (
+      lambda h: jax.nn.log_softmax(h[:, :, None] * np.ones(2, np.float32), axis=1).mean(-1),
+      math.sqrt(3.0),
+    ),
   ],
   ids=[
     "times2",
@@ -123,6 +128,8 @@ def test_a_product_of_two_branches_gets_a_reason():
     "gelu-erf",
     "softmax",
     "softmax-axis",
+    "log-softmax",
+    "log-softmax-axis",
   ],
 )
 def test_what_the_model_computes_between_layers_counts(between, factor):
@@ -182,6 +189,21 @@ def test_softmax_jacobians_are_within_one_half(n, scale, seed):
   assert np.linalg.norm(np.asarray(jax.jacfwd(jax.nn.softmax)(half)), 2) == pytest.approx(0.5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.floats(0.1, 30.0), st.integers(0, 2**16))
+def test_log_softmax_jacobians_are_within_root_n(n, scale, seed):
+  """``I − 1 pᵀ``: at most ``√n``, approached as ``p`` nears a one-hot vector."""
+  from flaxnorm import _inline
+
+  x = scale * jax.random.normal(jax.random.key(seed), (n,))
+  jac = np.asarray(jax.jacfwd(jax.nn.log_softmax)(x), np.float64)
+  assert np.linalg.norm(jac, 2) <= _inline._root_up(n) * (1 + 1e-6)
+  if n > 1:
+    one_hot = jnp.array([60.0] + [0.0] * (n - 1))
+    jac = np.asarray(jax.jacfwd(jax.nn.log_softmax)(one_hot), np.float64)
+    assert np.linalg.norm(jac, 2) == pytest.approx(math.sqrt(n), rel=1e-6)
+
+
 @pytest.mark.parametrize(
   "fn",
   [
@@ -189,15 +211,26 @@ def test_softmax_jacobians_are_within_one_half(n, scale, seed):
     lambda h: h * jax.nn.sigmoid(1.702 * h),  # GELU's sigmoid form: a product
     lambda h: jax.nn.softmax(h, where=jnp.array([True, True, False])),
     lambda h: jax.nn.softmax(2.0 * jax.nn.gelu(h)) * jax.nn.gelu(h),
+    lambda h: jax.nn.log_softmax(h, where=jnp.array([True, True, False])),
+    lambda h: h - jnp.log(jnp.sum(jnp.exp(h), axis=-1, keepdims=True)),  # by hand: exp, log
   ],
-  ids=["tanh-other-constants", "sigmoid-form", "softmax-where", "product-of-found"],
+  ids=[
+    "tanh-other-constants",
+    "sigmoid-form",
+    "softmax-where",
+    "product-of-found",
+    "log-softmax-where",
+    "log-softmax-by-hand",
+  ],
 )
 def test_only_jax_nn_programs_are_taken_for_gelu_and_softmax(fn):
   """Near misses are followed primitive by primitive, and refused there."""
   model = nn.Sequential([nn.Dense(3, use_bias=False), fn])
   bound = _bound(model, {"params": {"layers_0": _scaled_eye(3, 1.0)}}, jnp.ones((1, 3)))
   assert bound.certified is None
-  assert bound.reasons["<top level>"].startswith(("mul of two", "div by a value"))
+  assert bound.reasons["<top level>"].startswith(
+    ("mul of two", "div by a value", "no Lipschitz rule for log")
+  )
 
 
 def test_a_jit_named_like_an_activation_is_not_trusted():
