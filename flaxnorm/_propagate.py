@@ -838,7 +838,8 @@ def _one_of(outs: Sequence[_Value]) -> _Value:
 def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """A scan, step by step (or one step, once the carry's bounds stop changing, or after
   ``_EXACT_STEPS`` once they stop growing; every step when it slices known values,
-  a stack of layers' params, as each step's are then its own).
+  a stack of layers' params, as each step's are then its own, or carries known
+  values that change, a ``fori_loop``'s index).
 
   The stacked outputs get ``√Σₜ L(yₜ)²``; a scan that carries nothing from the
   inputs maps its slices side by side: the largest step's bound.
@@ -852,24 +853,31 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   if not length:
     return carry + [_ZERO] * (len(eqn.outvars) - n_carry)
   sliced = _sliced(eqn, value)
-  step = functools.partial(_scan_step, walk, body, sliced, p["reverse"], n_consts + n_carry)
+  step = functools.partial(_scan_step, walk, body, sliced, p["reverse"], n_consts, n_carry)
   found: dict[Any, Any] = {}
-  outs = step(known, 0, consts + carry + xs, found)
+  carried = _known_carry(eqn, vals, value) if length <= _EXACT_STEPS else {}
+  outs, after = step(known, 0, consts + carry + xs, carried, found)
   same = _from_consts(body, n_consts)  # what every step computes alike: computed once
   step = functools.partial(step, {**known, **{v: x for v, x in found.items() if v in same}})
   settled = _settled(sliced, p["reverse"], length)  # from here on every step reads alike
   if not any(x.bound for x in consts + carry + outs[:n_carry]) and not _chooses(body):
-    side = _side_by_side_steps(step, consts + carry + xs, outs, n_carry, min(settled + 1, length))
+    first = (outs, carried, after)
+    side = _side_by_side_steps(step, consts + carry + xs, first, n_carry, length, settled)
     if side is not None:
       return side
   squares = [0.0] * (len(eqn.outvars) - n_carry)  # steps side by side: √Σ L(y_t)²
   for t in range(length):
     if t:
-      outs = step(t, consts + carry + xs)
+      carried = after
+      outs, after = step(t, consts + carry + xs, carried)
     bad = _first_inf(outs[n_carry:])
     if bad is not None:
       return [bad] * len(eqn.outvars)
-    fixed = t >= settled and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+    fixed = (
+      t >= settled
+      and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+      and _same_values(carried, after)
+    )
     if t >= max(_EXACT_STEPS, settled):  # the rules are monotone: a step that grows no
       fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))  # bound
     steps = length - t if fixed else 1  # at a fixed point every later step is this one
@@ -896,38 +904,76 @@ def _sliced(eqn: Any, value: _Lookup) -> dict[int, Any]:
   return {i: np.asarray(c) for i, c in found.items() if c is not None}
 
 
+def _known_carry(eqn: Any, vals: list[_Value], value: _Lookup) -> dict[int, np.ndarray]:
+  """A scan's initial carries known here (independent of the inputs), by position."""
+  first = eqn.params["num_consts"]
+  found = {}
+  for j in range(eqn.params["num_carry"]):
+    c = None if vals[first + j].bound else value(eqn.invars[first + j])
+    if c is not None:
+      found[j] = np.asarray(c)
+  return found
+
+
+def _same_values(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]) -> bool:
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def _scan_step(
   walk: _Walk,
   body: jex_core.Jaxpr,
   sliced: Mapping[int, Any],
   reverse: bool,
-  first: int,
+  n_consts: int,
+  n_carry: int,
   known: Mapping[Any, Any],
   t: int,
   ins: list[_Value],
+  carried: Mapping[int, np.ndarray],
   keep: dict[Any, Any] | None = None,
-) -> list[_Value]:
-  """The bounds of step ``t``'s outputs (``first``: where the body's slices begin), the
-  known slices it reads known (``keep``: see :meth:`_Walk.run`)."""
+) -> tuple[list[_Value], dict[int, np.ndarray]]:
+  """The bounds of step ``t``'s outputs, the known slices it reads and the ``carried``
+  values (by carry position) known; and the carries it gives that are known (``keep``:
+  see :meth:`_Walk.run`)."""
+  first = n_consts + n_carry  # where the body's slices begin
+  known = {**known, **{body.invars[n_consts + j]: c for j, c in carried.items()}}
   if sliced:
     length = next(iter(sliced.values())).shape[0]
     k = length - 1 - t if reverse else t
     known = {**known, **{body.invars[first + i]: c[k] for i, c in sliced.items()}}
-  return [_plain(o) for o in walk.run(body, ins, known, keep=keep)]
+  kept: dict[Any, Any] = {} if keep is None else keep
+  outs = [_plain(o) for o in walk.run(body, ins, known, keep=kept)]
+  lookup, after = _Lookup(kept), {}
+  for j, v in enumerate(body.outvars[:n_carry]):
+    c = None if outs[j].bound else lookup(v)
+    if c is not None:
+      after[j] = np.asarray(c)
+  return outs, after
 
 
 def _side_by_side_steps(
-  step: Callable[..., list[_Value]], ins: list[_Value], outs: list[_Value], n_carry: int, n: int
+  step: Callable[..., tuple[list[_Value], dict[int, np.ndarray]]],
+  ins: list[_Value],
+  first: tuple[list[_Value], dict[int, np.ndarray], dict[int, np.ndarray]],
+  n_carry: int,
+  length: int,
+  settled: int,
 ) -> list[_Value] | None:
-  """The outputs of a scan whose first step carries nothing from the inputs, its first
-  ``n`` steps (``outs``: the first's) walked: each slice mapped alone, the largest
-  step's bound; None when a later step carries something from the inputs after all
-  (it reads another known slice)."""
-  for t in range(1, n):
-    more = step(t, ins)
+  """The outputs of a scan whose first step carries nothing from the inputs, its steps
+  (``first``: the first's outputs, and the known carries it read and gave) walked
+  until every later one reads what the last did (its slices ``settled``, its known
+  carries unchanged): each slice mapped alone, the largest step's bound; None when a
+  later step carries something from the inputs after all (it reads another known
+  slice)."""
+  outs, before, after = first
+  for t in range(1, length):
+    if t > settled and _same_values(before, after):
+      break
+    more, following = step(t, ins, after)
     if any(o.bound for o in more[:n_carry]):
       return None
     outs = [max(a, b, key=_worse) for a, b in zip(outs, more, strict=True)]
+    before, after = after, following
   return outs
 
 

@@ -1179,3 +1179,87 @@ def test_slices_differing_in_the_sign_of_zero_are_different_steps():
   bound = _bound(_SignedZeros(), {}, x)
   assert _local_norm(_SignedZeros(), {}, x) == pytest.approx(np.sqrt(1 + 2 * (2 * np.pi) ** 2))
   assert bound.reasons == {} and bound.certified >= _local_norm(_SignedZeros(), {}, x)
+
+
+_STACK = np.stack([np.diag([4.0, 1.0]), np.diag([0.25, 1.0]), np.eye(2)]).astype(np.float32)
+
+
+class _ForiStack(nn.Module):
+  """``_KnownStack`` as a ``fori_loop`` over a param: each step indexes the stack with the
+  loop's counter, a carry known at every step."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = self.param("stack", lambda _: jnp.asarray(_STACK))
+    return jax.lax.fori_loop(0, 3, lambda i, h: h @ stack[i], x)
+
+
+def test_a_fori_loop_indexing_a_known_stack_reads_each_steps_slice():
+  """Before the walk followed known carries, the counter was unknown, so each step's
+  matrix was (refused)."""
+  x = jnp.ones((1, 2))
+  variables = _ForiStack().init(KEY, x)
+  bound = _bound(_ForiStack(), variables, x)
+  assert _local_norm(_ForiStack(), variables, x) == pytest.approx(1.0)
+  assert bound.reasons == {} and 4.0 <= bound.certified <= 4.0 * 1.001  # 4 · 1/… · 1 per step
+
+
+class _CountedRows(nn.Module):
+  """Each row mapped alone by the matrix a counter carry picks: side by side, the largest."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = jnp.asarray(_STACK * np.array([1.0, 8.0, 2.0], np.float32)[:, None, None])
+    _, ys = jax.lax.scan(lambda i, row: (i + 1, row @ stack[i]), 0, x)
+    return ys
+
+
+def test_a_scan_mapping_each_slice_by_a_counter_picked_matrix_is_the_largest_step():
+  x = jnp.ones((3, 2))
+  bound = _bound(_CountedRows(), {}, x)
+  f = lambda z: _CountedRows().apply({}, z.reshape(3, 2)).ravel()
+  exact = np.linalg.norm(np.asarray(jax.jacfwd(f)(x.ravel()), np.float64), 2)
+  assert exact == pytest.approx(8.0)  # ‖diag(2, 8)‖
+  assert bound.reasons == {} and 8.0 <= bound.certified <= 8.0 * 1.0001
+
+
+class _SaturatingCounter(nn.Module):
+  """A linear RNN whose input matrix a counter picks, the counter stopping at 2."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = jnp.asarray(_STACK)
+
+    def step(carry, row):
+      i, h = carry
+      return (jnp.minimum(i + 1, 2), 0.5 * h + row @ stack[i]), None
+
+    (_, h), _ = jax.lax.scan(step, (0, jnp.zeros(x.shape[1:])), x)
+    return h
+
+
+def test_known_carries_that_stop_changing_let_the_walk_stop_at_its_fixed_point(monkeypatch):
+  """4,000 steps: the counter settles at step 2 and the carry's bound converges (to
+  2 · ‖I‖), so the walk stops there instead of walking every step."""
+  from flaxnorm import _propagate
+
+  steps = []
+  real = _propagate._scan_step
+  monkeypatch.setattr(_propagate, "_scan_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+  bound = _bound(_SaturatingCounter(), {}, jnp.ones((4000, 2)))
+  assert bound.reasons == {} and 2.0 <= bound.certified <= 2.0 * 1.0001 + 4.0 * 0.5**4000
+  assert len(steps) < 200
+
+
+def test_known_carries_of_a_scan_longer_than_the_exact_steps_are_not_followed():
+  """Past ``_EXACT_STEPS`` steps the counter is left unknown: a reason, not a long walk."""
+  from flaxnorm import _propagate
+
+  class Long(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      n = _propagate._EXACT_STEPS + 1
+      return jax.lax.fori_loop(0, n, lambda i, h: h @ jnp.asarray(_STACK)[i % 3], x)
+
+  bound = _bound(Long(), {}, jnp.ones((1, 2)))
+  assert bound.certified is None and "operand not known here" in bound.reasons["<top level>"]
