@@ -211,10 +211,12 @@ def lipschitz_bound(
     model: the Linen model the variables belong to, for the certificate.
     inputs: example inputs of ``model.apply`` (shapes matter, not values:
       arrays or ``jax.ShapeDtypeStruct``; the bound is over the floating-point
-      arrays, Python scalars, integers, bools and keys being held fixed); needed
-      with ``model`` (or ``kwargs``), refused without it.
-    kwargs: keyword arguments of ``model.apply`` (``{"train": False}``), held
-      fixed or traced as ``inputs`` are; refused without ``model``.
+      arrays, Python scalars, integers, bools and keys being held fixed). With
+      ``model``, ``inputs`` or ``kwargs`` must hold some argument; without it
+      both are refused.
+    kwargs: keyword arguments of ``model.apply``, the module's
+      (``{"train": False}``) or its own (``{"method": "encode"}``), held fixed
+      or traced as ``inputs`` are.
     n_gram_steps: Gram iterations per kernel, 1 to 40 (default
       ``flaxnorm.DEFAULT_GRAM_STEPS``: within 1% of the true norm for
       Gaussian kernels), for the certified layers and every known kernel the
@@ -230,9 +232,9 @@ def lipschitz_bound(
     ValueError: ``variables`` lack ``collection`` (with ``model``: only when
       the model has a spectrally normalized layer), or lack ``params`` with
       ``model`` (``{}``, a model without params, is accepted), ``model``
-      without ``inputs`` or ``kwargs``, either of them without ``model``, ``n_gram_steps``
-      not in ``[1, 40]``, a stacked spectral state without ``model``, or a
-      Conv called on inputs of different spatial sizes.
+      with neither ``inputs`` nor ``kwargs``, either of them without
+      ``model``, ``n_gram_steps`` not in ``[1, 40]``, a stacked spectral state
+      without ``model``, or a Conv called on inputs of different spatial sizes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn

@@ -381,6 +381,28 @@ def test_lipschitz_bound_passes_keyword_arguments():
     flaxnorm.lipschitz_bound(variables, model=model, kwargs=(x,))  # type: ignore[arg-type]
 
 
+class _Coder(nn.Module):
+  def setup(self):
+    self.a = nn.Dense(4, use_bias=False)
+    self.b = nn.Dense(4, use_bias=False)
+
+  def __call__(self, x):
+    return self.b(self.a(x))
+
+  def encode(self, x):
+    return 3.0 * self.a(x)
+
+
+def test_kwargs_reach_model_apply_itself_a_method_say():
+  """``kwargs`` are ``model.apply``'s: ``method=`` bounds another method (its layers only)."""
+  model, x = _Coder(), jnp.ones((1, 4))
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,), kwargs={"method": "encode"})
+  norm = _top_sigma(variables["params"]["a"]["kernel"])
+  assert bound.reasons == {} and list(bound.layers) == ["a/kernel"]
+  assert 3.0 * norm <= bound.certified <= 3.0 * norm * (1 + 1e-6)
+
+
 def test_n_gram_steps_reaches_the_kernels_the_walk_follows():
   """The transposed conv is bounded by the walk: fewer Gram steps, a looser bound, all
   above the exact norm of the (linear) model."""
