@@ -25,7 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _call_counts, _certify, _nnx_layer, _nnx_plan, _propagate, _reports, _subclass
+from flaxnorm import (
+  _call_counts,
+  _certify,
+  _nnx_layer,
+  _nnx_plan,
+  _output_scale,
+  _propagate,
+  _reports,
+  _subclass,
+)
 
 _AT = "lipschitz_bound"
 _PATH = "_flaxnorm_bound_path"  # a module's path, on the model's copy (kept by nnx transforms)
@@ -59,7 +68,7 @@ def lipschitz_bound(
     def run(values: list[Any], arrays: list[Any]) -> Any:
       copy = nnx.merge(graphdef, jax.tree.unflatten(state_def, values))
       args, kwargs = _reports.with_traced(call, traced, arrays)
-      with _marked(copy, inside):
+      with _marked(copy, inside), _output_scale.kernel_side():
         return copy(*args, **kwargs)
 
     leaves = jax.tree.leaves(call)

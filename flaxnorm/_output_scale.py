@@ -15,12 +15,18 @@ Which side is cheaper depends on the call: a Dense over a small batch has an
 output far smaller than its kernel, a convolution over a long sequence one far
 larger (a 3x3x64x128 kernel against a 64x8x8x128 output). The choice is made
 per call at trace time from the static shapes (:meth:`OutputScale.take_scale`);
-both sides give the same numbers.
+both sides give the same numbers. The certified bound's traces take the kernel
+side (:func:`kernel_side`): there the walk sees each layer's kernel as it is
+used, ``W · s``, where on the output side an ensemble's stacked raw kernels and
+its members' scales would be bounded apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +119,19 @@ def _computes_32(layer, inputs) -> bool:
   return jnp.dtype(jnp.result_type(*dtypes) if dtypes else jnp.float32).itemsize >= 4
 
 
+_KERNEL_SIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("flaxnorm_kernel_side")
+
+
+@contextlib.contextmanager
+def kernel_side() -> Iterator[None]:
+  """Every layer traced inside scales its kernel (:func:`for_call` gives None)."""
+  token = _KERNEL_SIDE.set(True)
+  try:
+    yield
+  finally:
+    _KERNEL_SIDE.reset(token)
+
+
 def for_call(layer, args: tuple, kwargs: dict, operator: bool = False) -> OutputScale | None:
   """The :class:`OutputScale` for one call of a linear layer, or None to scale the kernel.
 
@@ -134,11 +153,12 @@ def for_call(layer, args: tuple, kwargs: dict, operator: bool = False) -> Output
       several times its kernel's bytes on the suite's discriminator).
 
   Returns:
-    None for float16 compute (the unscaled output could overflow), else an
-    empty :class:`OutputScale` that knows the call's output size.
+    None for float16 compute (the unscaled output could overflow) or inside
+    :func:`kernel_side`, else an empty :class:`OutputScale` that knows the
+    call's output size.
   """
   inputs = args[0] if args else kwargs.get("inputs")
-  if not _computes_wide(layer.dtype, layer.param_dtype, inputs):
+  if _KERNEL_SIDE.get(False) or not _computes_wide(layer.dtype, layer.param_dtype, inputs):
     return None
   # A transposed ConvTranspose kernel holds the output features on axis -2.
   features = getattr(layer, "features", getattr(layer, "out_features", 1))

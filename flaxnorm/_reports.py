@@ -27,6 +27,7 @@ from flaxnorm import (
   _fold,
   _math,
   _options,
+  _output_scale,
   _power,
   _propagate,
   _subclass,
@@ -673,7 +674,7 @@ def _trace_once(
     return _call_counts.mark_output(out, path, call, certified=certified)
 
   def run(variables, arrays):
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), _output_scale.kernel_side():
       args, kwargs = with_traced(call, traced, arrays)
       return model.apply(variables, *args, **kwargs)
 

@@ -195,9 +195,10 @@ def test_a_plain_layer_row_is_its_kernels_certified_norm_to_its_runs():
 
 
 def test_an_nnx_vmap_ensemble_is_certified_as_one_map():
-  """Four spectrally normalized members on one input: at most √4 · 1 (each member's
-  output is scaled by its own 1/σ after one product with the stacked raw kernels, so
-  the bound is the stacked raw kernels' norm times the largest scale: not tight)."""
+  """Four spectrally normalized members on one input: the norm of the stacked map (its
+  traces scale each member's kernel: with its output scaled after one product with the
+  stacked raw kernels the bound was that product's norm times the largest scale, 1.89
+  where the map's norm is 1.67)."""
 
   @nnx.vmap(in_axes=0, out_axes=0)
   def members(key):
@@ -214,7 +215,7 @@ def test_an_nnx_vmap_ensemble_is_certified_as_one_map():
   model.eval()
   bound = fnx.lipschitz_bound(model, (jnp.ones((1, 3)),))
   exact = _linear_norm(model, (1, 3))
-  assert bound.reasons == {} and exact <= bound.certified <= 2.0 * 1.01
+  assert bound.reasons == {} and exact <= bound.certified <= exact * 1.01
   estimate, certified = bound.layers["members/kernel"]
   assert float(estimate) == pytest.approx(1.0, abs=1e-5)  # the largest member's
   assert certified == pytest.approx(bound.certified)
