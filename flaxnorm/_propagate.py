@@ -855,7 +855,9 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   sliced = _sliced(eqn, value)
   step = functools.partial(_scan_step, walk, body, sliced, p["reverse"], n_consts, n_carry)
   found: dict[Any, Any] = {}
-  carried = _known_carry(eqn, vals, value) if length <= _EXACT_STEPS else {}
+  carried = {}
+  if length <= _EXACT_STEPS:  # a scan's initial carries known here
+    carried = _known_values(eqn.invars[n_consts : n_consts + n_carry], carry, value)
   outs, after = step(known, 0, consts + carry + xs, carried, found)
   same = _from_consts(body, n_consts)  # what every step computes alike: computed once
   step = functools.partial(step, {**known, **{v: x for v, x in found.items() if v in same}})
@@ -904,17 +906,6 @@ def _sliced(eqn: Any, value: _Lookup) -> dict[int, Any]:
   return {i: np.asarray(c) for i, c in found.items() if c is not None}
 
 
-def _known_carry(eqn: Any, vals: list[_Value], value: _Lookup) -> dict[int, np.ndarray]:
-  """A scan's initial carries known here (independent of the inputs), by position."""
-  first = eqn.params["num_consts"]
-  found = {}
-  for j in range(eqn.params["num_carry"]):
-    c = None if vals[first + j].bound else value(eqn.invars[first + j])
-    if c is not None:
-      found[j] = np.asarray(c)
-  return found
-
-
 def _same_values(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]) -> bool:
   return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -943,12 +934,7 @@ def _scan_step(
     known = {**known, **{body.invars[first + i]: c[k] for i, c in sliced.items()}}
   kept: dict[Any, Any] = {} if keep is None else keep
   outs = [_plain(o) for o in walk.run(body, ins, known, keep=kept)]
-  lookup, after = _Lookup(kept), {}
-  for j, v in enumerate(body.outvars[:n_carry]):
-    c = None if outs[j].bound else lookup(v)
-    if c is not None:
-      after[j] = np.asarray(c)
-  return outs, after
+  return outs, _known_values(body.outvars[:n_carry], outs[:n_carry], _Lookup(kept))
 
 
 def _side_by_side_steps(
@@ -1120,13 +1106,18 @@ def _hits(eqn: Any, value: Callable[[Any], Any]) -> int | None:
 
 
 def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
-  """A while loop's carry: bounded when a step no longer grows its bound (any trip count)."""
+  """A while loop's carry: step by step when its condition reads only values known here
+  (a counter: the exact trip count, up to ``_EXACT_STEPS``), else bounded when a step
+  no longer grows its bound (any trip count)."""
   p = eqn.params
   n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
   consts, carry = vals[n_cond : n_cond + n_body], [_plain(x) for x in vals[n_cond + n_body :]]
   body = p["body_jaxpr"]
   operands = eqn.invars[n_cond : n_cond + n_body]
   known = _passed(body.jaxpr.invars[:n_body], operands, value, _consts(body))
+  counted = _counted_loop(walk, eqn, value, consts + carry, known)
+  if counted is not None:
+    return counted
   for _ in range(_WHILE_STEPS):
     outs = walk.run(body.jaxpr, consts + carry, known)
     if all(o.bound <= c.bound for c, o in zip(carry, outs, strict=True)):
@@ -1140,6 +1131,46 @@ def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_
 
 
 _WHILE_STEPS = 32
+
+
+def _counted_loop(
+  walk: _Walk, eqn: Any, value: _Lookup, ins: list[_Value], known: Mapping[Any, Any]
+) -> list[_Value] | None:
+  """A while loop's carry, its steps walked while its condition, computed from the
+  values known here (its constants, the carries that do not depend on the inputs),
+  holds; None when a step's condition is not known or after ``_EXACT_STEPS`` steps."""
+  p = eqn.params
+  n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+  cond, body = p["cond_jaxpr"], p["body_jaxpr"].jaxpr
+  cond_known = _passed(cond.jaxpr.invars[:n_cond], eqn.invars[:n_cond], value, _consts(cond))
+  carry = ins[n_body:]
+  carried = _known_values(eqn.invars[n_cond + n_body :], carry, value)
+  for _ in range(_EXACT_STEPS + 1):
+    kept: dict[Any, Any] = {}
+    at = {cond.jaxpr.invars[n_cond + j]: c for j, c in carried.items()}
+    walk.run(cond.jaxpr, [_ZERO] * n_cond + carry, {**cond_known, **at}, keep=kept)
+    go = _Lookup(kept)(cond.jaxpr.outvars[0])
+    if go is None:
+      return None
+    if not bool(np.asarray(go)):
+      return carry
+    kept = {}
+    at = {body.invars[n_body + j]: c for j, c in carried.items()}
+    carry = [_plain(o) for o in walk.run(body, ins[:n_body] + carry, {**known, **at}, keep=kept)]
+    carried = _known_values(body.outvars, carry, _Lookup(kept))
+  return None
+
+
+def _known_values(
+  variables: Sequence[Any], bounds: Sequence[_Value], value: Callable[[Any], Any]
+) -> dict[int, np.ndarray]:
+  """The values of ``variables`` known (those that do not depend on the inputs), by position."""
+  found = {}
+  for j, (v, x) in enumerate(zip(variables, bounds, strict=True)):
+    c = None if x.bound else value(v)
+    if c is not None:
+      found[j] = np.asarray(c)
+  return found
 
 
 _OUTSIDE = (

@@ -323,24 +323,58 @@ def test_a_scale_the_model_computes_gets_a_reason():
   assert "multiplies by a value it computes" in bound.reasons["<top level>"]
 
 
-def test_a_while_loop_that_does_not_grow_its_carry_is_bounded():
-  """Halving until a counter runs out: at most the identity whatever the trip count; a
-  doubling loop gets a reason."""
+class _CountedLoop(nn.Module):
+  """``factor`` times the input, ``n`` times: a while loop on a counter."""
 
-  class Loop(nn.Module):
-    factor: float
+  factor: float
 
-    @nn.compact
-    def __call__(self, x):
-      h = nn.Dense(3, use_bias=False, name="d")(x)
-      body = lambda c: (c[0] * self.factor, c[1] + 1)
-      return jax.lax.while_loop(lambda c: c[1] < 3, body, (h, 0))[0]
+  @nn.compact
+  def __call__(self, x, n):
+    h = nn.Dense(3, use_bias=False, name="d")(x)
+    body = lambda c: (c[0] * self.factor, c[1] + 1)
+    return jax.lax.while_loop(lambda c: c[1] < n, body, (h, 0))[0]
 
+
+def test_a_while_loop_on_a_known_counter_is_walked_for_its_trip_count():
+  """The condition reads only known values: each step is walked (halving 3 times: 1/8;
+  doubling: 8, where a loop of unknown trip count that grows gets a reason)."""
   variables = {"params": {"d": _scaled_eye(3, 1.0)}}
   x = jnp.ones((1, 3))
-  assert _bound(Loop(0.5), variables, x).certified == pytest.approx(1.0)
-  grows = _bound(Loop(2.0), variables, x)
+  for factor, true in ((0.5, 0.125), (2.0, 8.0)):
+    bound = flaxnorm.lipschitz_bound(variables, model=_CountedLoop(factor), inputs=(x, 3))
+    assert bound.reasons == {} and bound.certified == pytest.approx(true)
+
+
+def test_a_while_loop_of_unknown_trip_count_is_bounded_when_it_does_not_grow():
+  """The counter's limit an integer input without a value: at most the identity whatever
+  the trip count when halving; a doubling loop gets a reason."""
+  variables = {"params": {"d": _scaled_eye(3, 1.0)}}
+  x, n = jnp.ones((1, 3)), jax.ShapeDtypeStruct((), jnp.int32)
+  halves = flaxnorm.lipschitz_bound(variables, model=_CountedLoop(0.5), inputs=(x, n))
+  assert halves.certified == pytest.approx(1.0)
+  grows = flaxnorm.lipschitz_bound(variables, model=_CountedLoop(2.0), inputs=(x, n))
   assert grows.certified is None and "grows" in grows.reasons["<top level>"]
+
+
+_STAIRS = np.stack([np.diag([4.0, 1.0]), np.diag([0.25, 1.0]), 2 * np.eye(2)]).astype(np.float32)
+
+
+class _WhileStack(nn.Module):
+  """A while loop indexing a known stack with its counter."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = jnp.asarray(_STAIRS)
+    body = lambda c: (c[0] + 1, c[1] @ stack[c[0]])
+    return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+
+def test_a_while_loop_indexing_a_known_stack_reads_each_steps_matrix():
+  """4 · 1 · 2 (the product of the steps' norms); the matrices were unknown before."""
+  x = jnp.ones((1, 2))
+  bound = _bound(_WhileStack(), {}, x)
+  assert bound.reasons == {} and 8.0 <= bound.certified <= 8.0 * 1.0001
+  assert bound.certified >= _local_norm(_WhileStack(), {}, x)
 
 
 _BLOCKS = st.lists(
