@@ -378,7 +378,20 @@ def test_a_while_loop_indexing_a_known_stack_reads_each_steps_matrix():
 
 
 _BLOCKS = st.lists(
-  st.sampled_from(["dense", "residual", "concat", "double", "relu", "tanh", "pool", "leaky"]),
+  st.sampled_from(
+    [
+      "dense",
+      "residual",
+      "concat",
+      "double",
+      "relu",
+      "tanh",
+      "pool",
+      "leaky",
+      "log_softmax",
+      "fori_stack",
+    ]
+  ),
   min_size=1,
   max_size=4,
 )
@@ -391,7 +404,7 @@ class _Random(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for b in self.blocks:
+    for k, b in enumerate(self.blocks):
       n = x.shape[-1]
       if b == "dense":
         x = nn.Dense(n)(x)
@@ -403,6 +416,11 @@ class _Random(nn.Module):
         x = 2.0 * x
       elif b == "pool":
         x = nn.max_pool(x[..., None], (2,), (1,), "SAME")[..., 0]
+      elif b == "log_softmax":
+        x = nn.log_softmax(x)
+      elif b == "fori_stack":  # a counter indexing a stack of params
+        stack = self.param(f"stack_{k}", nn.initializers.normal(1.0), (2, n, n))
+        x = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ stack[i]), x)
       else:
         x = {"relu": nn.relu, "tanh": jnp.tanh, "leaky": nn.leaky_relu}[b](x)
     return nn.Dense(2)(x)
