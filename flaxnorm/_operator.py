@@ -273,12 +273,19 @@ def init_state(
   apply = linear(jax.lax.stop_gradient(w))
   dtype = _math.compute_dtype(w.dtype)  # float32 at least, as kernel mode's state
   out = jax.eval_shape(apply, jnp.zeros(example, dtype))
-  u = _math.l2_normalize(jax.random.normal(ku, out.shape, dtype), eps=options.eps)
-  v = _math.l2_normalize(jax.random.normal(kv, example, dtype), eps=options.eps)
+  u = _math.l2_normalize(_normal(ku, out.shape, dtype), eps=options.eps)
+  v = _math.l2_normalize(_normal(kv, example, dtype), eps=options.eps)
   u, v, sigma = operator_power_iteration(
     apply, u, v, n_steps=options.n_init_iterations, eps=options.eps
   )
   return _power.SpectralState(u, v, sigma)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """``jax.random.normal(key, shape, dtype)``, the same values, drawn flat: XLA:CPU
+  compiles a many-axis draw far more slowly (3.0 s for ``(2, 16, 16, 16)``, 0.4 s for
+  its 8,192 values flat), and each PRNG draws a shape's values in its flat order."""
+  return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def iterate(

@@ -134,6 +134,21 @@ def test_gradient_is_that_of_w_over_sigma_of_w():
   chex.assert_trees_all_close(hvp, ref_hvp, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+@pytest.mark.parametrize(
+  ("shape", "dtype"), [((2, 6, 5, 3), jnp.float32), ((3, 7), jnp.bfloat16), ((4,), jnp.float32)]
+)
+def test_the_initial_vectors_are_jax_random_normal_drawn_flat(shape, dtype, impl):
+  """The state's random start is ``jax.random.normal``'s values for the shape, drawn flat
+  (a many-axis draw compiles several times slower on XLA:CPU)."""
+  from flaxnorm import _operator
+
+  key = jax.random.key(7, impl=impl)
+  chex.assert_trees_all_equal(
+    _operator._normal(key, shape, dtype), jax.random.normal(key, shape, dtype)
+  )
+
+
 def test_zero_kernel_is_finite():
   x = jnp.ones((1, 4, 4, 2))
   layer = flaxnorm.spectral_norm(
