@@ -1115,7 +1115,7 @@ def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_
   body = p["body_jaxpr"]
   operands = eqn.invars[n_cond : n_cond + n_body]
   known = _passed(body.jaxpr.invars[:n_body], operands, value, _consts(body))
-  counted = _counted_loop(walk, eqn, value, consts + carry, known)
+  counted = _counted_loop(walk, eqn, [_plain(x) for x in vals], value, known)
   if counted is not None:
     return counted
   for _ in range(_WHILE_STEPS):
@@ -1134,29 +1134,34 @@ _WHILE_STEPS = 32
 
 
 def _counted_loop(
-  walk: _Walk, eqn: Any, value: _Lookup, ins: list[_Value], known: Mapping[Any, Any]
+  walk: _Walk, eqn: Any, vals: list[_Value], value: _Lookup, known: Mapping[Any, Any]
 ) -> list[_Value] | None:
   """A while loop's carry, its steps walked while its condition, computed from the
   values known here (its constants, the carries that do not depend on the inputs),
-  holds; None when a step's condition is not known or after ``_EXACT_STEPS`` steps."""
+  holds; None when a step's condition is not known or after ``_EXACT_STEPS`` steps.
+  ``vals``: the loop's operands; ``known``: its body's constants' values."""
   p = eqn.params
   n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
-  cond, body = p["cond_jaxpr"], p["body_jaxpr"].jaxpr
-  cond_known = _passed(cond.jaxpr.invars[:n_cond], eqn.invars[:n_cond], value, _consts(cond))
-  carry = ins[n_body:]
+  cond, body = p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr
+  cond_consts, consts, carry = (
+    vals[:n_cond],
+    vals[n_cond : n_cond + n_body],
+    vals[n_cond + n_body :],
+  )
+  cond_known = _passed(cond.invars[:n_cond], eqn.invars[:n_cond], value, _consts(p["cond_jaxpr"]))
   carried = _known_values(eqn.invars[n_cond + n_body :], carry, value)
   for _ in range(_EXACT_STEPS + 1):
     kept: dict[Any, Any] = {}
-    at = {cond.jaxpr.invars[n_cond + j]: c for j, c in carried.items()}
-    walk.run(cond.jaxpr, [_ZERO] * n_cond + carry, {**cond_known, **at}, keep=kept)
-    go = _Lookup(kept)(cond.jaxpr.outvars[0])
+    at = {cond.invars[n_cond + j]: c for j, c in carried.items()}
+    walk.run(cond, cond_consts + carry, {**cond_known, **at}, keep=kept)
+    go = _Lookup(kept)(cond.outvars[0])
     if go is None:
       return None
     if not bool(np.asarray(go)):
       return carry
     kept = {}
     at = {body.invars[n_body + j]: c for j, c in carried.items()}
-    carry = [_plain(o) for o in walk.run(body, ins[:n_body] + carry, {**known, **at}, keep=kept)]
+    carry = [_plain(o) for o in walk.run(body, consts + carry, {**known, **at}, keep=kept)]
     carried = _known_values(body.outvars, carry, _Lookup(kept))
   return None
 
