@@ -27,7 +27,6 @@ from flax import nnx
 
 from flaxnorm import (
   _call_counts,
-  _certify,
   _nnx_layer,
   _nnx_plan,
   _output_scale,
@@ -98,9 +97,7 @@ def _check_args(
       f"{_AT}: model must be a flax.nnx.Module instance, got {type(model).__name__}{hint}."
     )
   call = _reports.check_call(inputs, kwargs, "the model's call arguments")
-  if n_gram_steps is None:
-    return call, _certify.DEFAULT_GRAM_STEPS
-  return call, _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
+  return call, _reports.check_gram_steps(n_gram_steps)
 
 
 def _is_key(x: Any) -> bool:

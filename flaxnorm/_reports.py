@@ -437,9 +437,7 @@ def _check_has_params(variables: Any) -> None:
 def _check_model_args(model: Any, inputs: Any, kwargs: Any, n_gram_steps: Any) -> tuple[int, Call]:
   """Checks ``model``, ``inputs``, ``kwargs`` and ``n_gram_steps``; returns the Gram
   steps and the model's call."""
-  steps = _certify.DEFAULT_GRAM_STEPS
-  if n_gram_steps is not None:
-    steps = _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
+  steps = check_gram_steps(n_gram_steps)
   if model is None:
     unused = (
       isinstance(inputs, tuple) and not inputs,
@@ -466,6 +464,13 @@ def _check_model_args(model: Any, inputs: Any, kwargs: Any, n_gram_steps: Any) -
       )
     )
   return steps, check_call(inputs, kwargs, "model.apply's arguments after the variables")
+
+
+def check_gram_steps(n_gram_steps: Any) -> int:
+  """``n_gram_steps`` checked (None: ``flaxnorm.DEFAULT_GRAM_STEPS``)."""
+  if n_gram_steps is None:
+    return _certify.DEFAULT_GRAM_STEPS
+  return _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
 
 
 #: A model's call: its positional arguments and its keyword arguments by name.
