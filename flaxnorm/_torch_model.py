@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta
@@ -43,7 +42,14 @@ from flaxnorm._torch_layouts import (
 )
 from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
 from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
-from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, state_variables, to_nnx_state
+from flaxnorm._torch_targets import (
+  FlaxLayer,
+  LinenCall,
+  from_linen,
+  from_nnx,
+  state_variables,
+  to_nnx_state,
+)
 
 _WHERE = "load_torch_state_dict"
 
@@ -197,15 +203,18 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def _targets(
-  variables: Any, inputs: Any, collection: str
+  variables: Any, call: LinenCall | None, collection: str
 ) -> tuple[Mapping[str, Any], dict[tuple[str, ...], FlaxLayer], Any]:
   """The variables to fill, the model's layers, and the NNX tree to write back (or ``None``)."""
   _check_instance(variables, "variables")
   if isinstance(variables, nn.Module):
-    shapes, model = from_linen(variables, inputs)
+    shapes, model = from_linen(variables, call)
     return shapes, model, None
-  if inputs is not None:
-    raise ValueError(f"{_WHERE}: inputs= is for a Linen model, but variables is a tree.")
+  if call is not None:
+    raise ValueError(
+      f"{_WHERE}: inputs= is for a Linen model, and so is kwargs=, but variables is a "
+      f"{'NNX module' if isinstance(variables, nnx.Module) else 'tree'}."
+    )
   if isinstance(variables, nnx.Module):
     tree, model = from_nnx(variables, collection)
     return tree.variables, model, tree
@@ -280,12 +289,13 @@ def load(
 ) -> TorchLoadResult:
   """``load_torch_state_dict``: group the keys by layer, load each, report what is left.
 
-  ``options`` is ``(kinds, axes, inputs, spectral_dims)``; ``None`` entries of
-  the mappings mean "not given" (read from the model or the tree).
+  ``options`` is ``(kinds, axes, call, spectral_dims)`` (``call``: a Linen
+  model's example call); ``None`` entries of the mappings mean "not given"
+  (read from the model or the tree).
   """
-  kinds, axes, inputs, spectral_dims = options
+  kinds, axes, call, spectral_dims = options
   _check_args(state_dict, kinds, axes, spectral_dims, strict, collection)
-  tree, model, nnx_tree = _targets(variables, inputs, collection)
+  tree, model, nnx_tree = _targets(variables, call, collection)
   job = _Load(
     state_dict=state_dict,
     out=_copy(tree),
@@ -317,7 +327,7 @@ def load(
   if strict and (unused or unmatched):
     raise ValueError(_strict_message(unused, tuple("/".join(p) for p in unmatched)))
   if unmatched and isinstance(variables, nn.Module):
-    _init_unmatched(variables, inputs, out, unmatched)
+    _init_unmatched(variables, call, out, unmatched)
   filled = out if nnx_tree is None else to_nnx_state(nnx_tree, out)
   plain = {key: job.plain[key] for key in state_dict if key in job.plain}
   return TorchLoadResult(filled, layers, unused, tuple("/".join(p) for p in unmatched), plain)
@@ -339,18 +349,16 @@ def _check_overrides(job: _Load, groups: Mapping[str, Any]) -> None:
 
 
 def _init_unmatched(
-  model: nn.Module, inputs: Any, out: dict[str, Any], leaves: list[tuple[str, ...]]
+  model: nn.Module, call: LinenCall | None, out: dict[str, Any], leaves: list[tuple[str, ...]]
 ) -> None:
   """Gives the unmatched leaves of a Linen model their initial values (``jax.random.key(0)``).
 
   Its variables were traced shape-only, so they are ``jax.ShapeDtypeStruct``
   until a value is put there.
   """
-  args = inputs if isinstance(inputs, tuple) else (inputs,)
-  args = jax.tree.map(
-    lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, args
-  )
-  init = model.init(jax.random.key(0), *args)
+  assert call is not None  # (from_linen has traced the model with it)
+  args, kwargs = call.zeros()
+  init = model.init(jax.random.key(0), *args, **kwargs)
   for leaf in leaves:
     src, dst = init, out
     for p in leaf[:-1]:
@@ -888,7 +896,7 @@ def save(
   style: str | None,
   collection: str,
   model: nn.Module | None = None,
-  inputs: Any = None,
+  call: LinenCall | None = None,
   spectral_dims: Mapping[str, int | None] | None = None,
   plain: Mapping[str, TorchParam | str] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -909,7 +917,7 @@ def save(
   elif isinstance(variables, nnx.State):  # TorchLoadResult.variables of an NNX model
     variables = state_variables(variables, collection)[0]
   if model is not None and not info:
-    info = from_linen(model, inputs)[1]
+    info = from_linen(model, call)[1]
   if layers is None:
     if not info:
       raise ValueError(

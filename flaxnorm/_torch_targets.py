@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 
@@ -171,23 +172,54 @@ def describe(
 # --------------------------------------------------------------------------- #
 
 
-def from_linen(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[Path, FlaxLayer]]:
+class LinenCall(NamedTuple):
+  """A Linen model's example call: positional and keyword arguments of ``__call__``."""
+
+  args: tuple[Any, ...]
+  kwargs: dict[str, Any]
+
+  def zeros(self) -> LinenCall:
+    """The call with zeros for each ``jax.ShapeDtypeStruct``."""
+    return jax.tree.map(
+      lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, self
+    )
+
+
+def linen_call(inputs: Any, kwargs: Any, where: str) -> LinenCall | None:
+  """``inputs`` (one argument or a tuple) and ``kwargs`` (checked) as a :class:`LinenCall`,
+  or None when neither is given."""
+  if kwargs is not None and (
+    not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)
+  ):
+    raise TypeError(
+      f"{where}: kwargs must be a mapping of the Linen model's keyword arguments by name "
+      f"(str), e.g. {{'train': False}}, got {type(kwargs).__name__}."
+    )
+  if inputs is None and kwargs is None:
+    return None
+  args = () if inputs is None else inputs if isinstance(inputs, tuple) else (inputs,)
+  return LinenCall(args, dict(kwargs or {}))
+
+
+def from_linen(
+  model: nn.Module, call: LinenCall | None
+) -> tuple[dict[str, Any], dict[Path, FlaxLayer]]:
   """Traces ``model.init`` shape-only; returns its variable shapes and its layers.
 
   Args:
     model: an unbound Linen module.
-    inputs: the example inputs of ``model.__call__``: one array (or
-      ``jax.ShapeDtypeStruct``) or a tuple of them.
+    call: the example call of ``model.__call__``: arrays (or
+      ``jax.ShapeDtypeStruct``) are traced, Python scalars (a train flag) passed
+      as they are.
 
   Returns:
     ``(variables, layers)``: ``jax.ShapeDtypeStruct`` leaves, and path -> layer.
   """
-  if inputs is None:
+  if call is None:
     raise ValueError(
       "load_torch_state_dict: a Linen model needs its example inputs: pass "
-      "inputs=x (or a tuple of the arguments of its __call__)."
+      "inputs=x (or a tuple of the arguments of its __call__; kwargs= its keyword arguments)."
     )
-  args = inputs if isinstance(inputs, tuple) else (inputs,)
   seen: dict[Path, Any] = {}
 
   def record(next_fun: Callable[..., Any], a: Any, kw: Any, context: Any) -> Any:
@@ -197,14 +229,17 @@ def from_linen(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[Path
     return next_fun(*a, **kw)
 
   # Python scalars (a train flag) stay static; arrays and array trees are traced.
-  static = [isinstance(a, (bool, int, float, complex, str, type(None))) for a in args]
+  values = [*call.args, *call.kwargs.values()]
+  static = [isinstance(a, (bool, int, float, complex, str, type(None))) for a in values]
 
   def init(*traced: Any) -> Any:
     it = iter(traced)
-    return model.init(jax.random.key(0), *(a if s else next(it) for a, s in zip(args, static)))
+    given = [a if s else next(it) for a, s in zip(values, static, strict=True)]
+    n = len(call.args)
+    return model.init(jax.random.key(0), *given[:n], **dict(zip(call.kwargs, given[n:])))
 
   with nn.intercept_methods(record):
-    shapes = jax.eval_shape(init, *(a for a, s in zip(args, static) if not s))
+    shapes = jax.eval_shape(init, *(a for a, s in zip(values, static, strict=True) if not s))
   variables = dict(shapes)
   return variables, describe(list(seen.items()), variables.get("params", {}))
 

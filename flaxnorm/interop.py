@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flaxnorm import _checks, _torch_convert, _torch_layouts, _torch_model
+from flaxnorm import _checks, _torch_convert, _torch_layouts, _torch_model, _torch_targets
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import TorchLayer
 from flaxnorm._torch_keys import STYLES
@@ -236,6 +236,7 @@ def load_torch_state_dict(
   key_map: KeyMap = None,
   *,
   inputs: Any = None,
+  kwargs: Mapping[str, Any] | None = None,
   kinds: Mapping[str, str | None] | None = None,
   axes: Mapping[str, Axis] | None = None,
   strict: bool = True,
@@ -280,6 +281,8 @@ def load_torch_state_dict(
     inputs: a Linen model's example inputs (an array or
       ``jax.ShapeDtypeStruct``, or a tuple of its ``__call__`` arguments;
       Python scalars among them, such as a train flag, are passed as they are).
+    kwargs: a Linen model's keyword arguments (``{"train": False}``), passed
+      or traced as ``inputs`` are.
     kinds: PyTorch layer prefix -> kind (one of :data:`KINDS`; ``None`` means
       not given). A prefix covers the layers below it too (``{"ups":
       "conv_transpose1d"}`` names ``ups.0``, ``ups.1``, ...; the longest
@@ -345,8 +348,9 @@ def load_torch_state_dict(
     >>> result.variables["params"]["ups_0"]["kernel_v"].shape
     (4, 2, 2)
   """
+  call = _torch_targets.linen_call(inputs, kwargs, "load_torch_state_dict")
   return _torch_model.load(
-    state_dict, variables, key_map, (kinds, axes, inputs, spectral_dims), strict, collection
+    state_dict, variables, key_map, (kinds, axes, call, spectral_dims), strict, collection
   )
 
 
@@ -356,6 +360,7 @@ def to_torch_state_dict(
   *,
   model: nn.Module | None = None,
   inputs: Any = None,
+  kwargs: Mapping[str, Any] | None = None,
   style: str | None = None,
   collection: str = "spectral",
   spectral_dims: Mapping[str, int | None] | None = None,
@@ -381,6 +386,8 @@ def to_torch_state_dict(
     model: a Linen module to read the layers from (with ``inputs``, its
       example inputs, as for :func:`load_torch_state_dict`).
     inputs: the Linen ``model``'s example inputs.
+    kwargs: the Linen ``model``'s keyword arguments, as for
+      :func:`load_torch_state_dict`.
     style: a key style for every layer, or ``None`` for each layer's own.
     collection: the collection holding the spectral state.
     spectral_dims: PyTorch layer prefix -> the ``dim`` of its PyTorch
@@ -415,8 +422,9 @@ def to_torch_state_dict(
     >>> sorted(to_torch_state_dict(result.variables, result.layers, style="parametrizations"))
     ['fc.bias', 'fc.parametrizations.weight.original0', 'fc.parametrizations.weight.original1']
   """
+  call = _torch_targets.linen_call(inputs, kwargs, "to_torch_state_dict")
   return _emit(
-    _torch_model.save(variables, layers, style, collection, model, inputs, spectral_dims, params)
+    _torch_model.save(variables, layers, style, collection, model, call, spectral_dims, params)
   )
 
 

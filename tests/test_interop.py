@@ -946,6 +946,33 @@ def test_load_from_a_model_errors():
     interop.load_torch_state_dict(sd, _Up(transpose_kernel=True), inputs=x)
 
 
+class _KeywordUp(nn.Module):
+  """``_Up`` behind keyword-only arguments: a train flag and a gate, with a param of its own
+  (no PyTorch tensor: given its initial value when loading with strict=False)."""
+
+  @nn.compact
+  def __call__(self, *, x, train: bool, gate):
+    y = _Up(name="up")(x)
+    return y * gate * self.param("alpha", nn.initializers.ones, ()) if train else y
+
+
+def test_a_linen_model_with_keyword_only_arguments_loads_and_saves_with_kwargs():
+  sd, x = _up_sd(), jnp.zeros((1, 5, 16))
+  call = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype), "train": True, "gate": jnp.ones(8)}
+  key_map = {"ups.0": "up/ups_0", "fc": "up/fc"}
+  res = interop.load_torch_state_dict(sd, _KeywordUp(), key_map, kwargs=call, strict=False)
+  ref = interop.load_torch_state_dict(sd, _Up(), inputs=x)
+  chex.assert_trees_all_equal(res.variables["params"]["up"], ref.variables["params"])
+  assert res.unmatched_keys == ("params/alpha",) and float(res.variables["params"]["alpha"]) == 1.0
+  saved = interop.to_torch_state_dict(res.variables, model=_KeywordUp(), kwargs=call)
+  plain = interop.to_torch_state_dict(ref.variables, model=_Up(), inputs=x)
+  chex.assert_trees_all_equal({k.removeprefix("up."): v for k, v in saved.items()}, plain)
+  with pytest.raises(TypeError, match=r"load_torch_state_dict: kwargs must be a mapping"):
+    interop.load_torch_state_dict(sd, _KeywordUp(), kwargs=[x])  # type: ignore[arg-type]
+  with pytest.raises(ValueError, match=r"inputs= is for a Linen model, and so is kwargs="):
+    interop.load_torch_state_dict(sd, {"params": {}}, kwargs=call)
+
+
 def test_to_torch_bare_params_with_state_and_vector_dtypes():
   """Bare (tree-face) params carry their spectral state; each PyTorch vector keeps its dtype."""
   state = {
