@@ -118,7 +118,7 @@ def _layers(
     if not most:
       continue
     bound = certified.get(path)
-    power = None if bound is None else _power(bound, most)
+    power = None if bound is None else _reports.power(bound, most)
     spectral = {
       n: s
       for n, s in _subclass.specs_of(type(module)).items()
@@ -127,7 +127,7 @@ def _layers(
     for name, spec in spectral.items():
       sigma = vars(module)[spec.attrs(name)[2]][...]
       norm = _reports._effective_norm(sigma, spec.options.target, spec.options.mode).max()
-      rows[_reports._join(path, name)] = (_power(norm, most), power)
+      rows[_reports._join(path, name)] = (_reports.power(norm, most), power)
     if not spectral and isinstance(module, LINEAR) and power is not None:
       rows[_reports._join(path, "kernel")] = (jnp.asarray(power, np.float32), power)
   return rows
@@ -148,12 +148,6 @@ def _sliced(module: nnx.Module, inside: Mapping[str, tuple[int, ...]] | None) ->
   each step of an ``nnx.scan`` its own member): then a run on a constant (an RNN's zero
   initial carry) leaves a member's norm out of its row."""
   return inside is not None and any(inside.get(k, s) != s for k, s in _shapes(module).items())
-
-
-def _power(b: Any, runs: float) -> Any:
-  """``b`` to the most of ``runs`` runs (``runs`` inf: unbounded above 1)."""
-  with np.errstate(over="ignore"):
-    return b**runs if runs != float("inf") else (b if b <= 1 else b * float("inf"))
 
 
 def _modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:

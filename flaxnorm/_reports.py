@@ -171,8 +171,9 @@ def lipschitz_bound(
   custom ``dot_general`` or ``conv_general_dilated``, a Conv with
   ``REFLECT`` or negative padding or ``input_dilation``). A spectrally
   normalized layer with such options or of another kind makes the
-  certificate ``None``, with the reason under its path in ``reasons``, as
-  does a layer in an ``nn.while_loop``. A layer whose params (and spectral
+  certificate ``None``, with the reason under its path in ``reasons``. A
+  layer in an ``nn.while_loop`` is followed through the loop's steps (its
+  row: to the power inf, the runs not being counted). A layer whose params (and spectral
   state) ``nn.scan``/``nn.vmap`` stacked is followed too, each step or member
   with its own slice; its row is the walk's norm of its largest member. A
   Conv called on inputs of different spatial sizes is a ``ValueError``, and so
@@ -284,7 +285,7 @@ def _model_bound(
     sigmas = _sigmas(variables, collection, _AT)
   layers: dict[str, tuple[jax.Array, float | None]] = {}
   per_run: dict[str, float] = {}  # each layer's bound for one run, by module path
-  stacked: dict[str, tuple[str, int]] = {}  # a stacked layer's row: (module path, runs)
+  stacked: dict[str, tuple[str, float]] = {}  # a stacked layer's row: (module path, runs)
   reasons = {  # a layer whose state is under another collection: its sigma is not read
     p: f"spectrally normalized, but its state is not in collection '{collection}'"
     for p in trace.spectral
@@ -295,17 +296,13 @@ def _model_bound(
   followed: set[str] = set()  # modules without a certificate, followed primitive by primitive
   for path, sigma in sigmas.items():
     seen = trace.spectral.get(path)
-    if path in trace.unbounded:
-      reasons[path] = trace.unbounded[path]
-      layers[path] = (_effective_norm(sigma, *wrapped), None)
-      continue
     if seen is None and path in trace.idle:  # never runs: no factor
       continue
     if seen is None:
       reasons[path] = "the model did not call this spectrally normalized layer on these inputs"
       layers[path] = (_effective_norm(sigma, *wrapped), None)
       continue
-    norm = _effective_norm(sigma, seen.options.target, seen.options.mode) ** seen.calls
+    norm = power(_effective_norm(sigma, seen.options.target, seen.options.mode), seen.calls)
     if jnp.ndim(sigma) or _stacked_param(trace, seen, variables):  # nn.scan/nn.vmap: followed
       followed.add(_module_path(seen.module))
       stacked[path] = (_module_path(seen.module), seen.calls)
@@ -314,18 +311,15 @@ def _model_bound(
     bound = _guarded(
       reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
-    layers[path] = (norm, None if bound is None else bound**seen.calls)
+    layers[path] = (norm, None if bound is None else power(bound, seen.calls))
     if bound is not None:
       _times(per_run, _module_path(seen.module), bound)
   for path, seen in trace.modules.items():
     if path in trace.idle and not seen.calls:
       continue
-    if path not in trace.unbounded:
-      bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons, followed, stacked)
-      if bound is not None:
-        _times(per_run, path, bound)
-    elif _own_variables(variables, path, cols):  # a module without variables adds no factor
-      reasons[path or _TOP] = trace.unbounded[path]
+    bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons, followed, stacked)
+    if bound is not None:
+      _times(per_run, path, bound)
   add_unchained(reasons, trace.unchained)
   slashed = sorted(p for p, seen in trace.modules.items() if "/" in "".join(_names(seen.module)))
   if slashed:
@@ -339,11 +333,11 @@ def _model_bound(
     certified = found.value if found.why is None else None
     for at, (module, runs) in stacked.items():  # the walk's norm of the largest member
       ratio = None if module in found.unmeasured else found.layers.get(module)
-      power = None if ratio is None else ratio**runs
+      most = None if ratio is None else power(ratio, runs)
       if at in layers:  # spectral: its estimate from the stored sigmas
-        layers[at] = (layers[at][0], power)
-      elif power is not None:
-        layers[at] = (jnp.asarray(power, jnp.float32), power)
+        layers[at] = (layers[at][0], most)
+      elif most is not None:
+        layers[at] = (jnp.asarray(most, jnp.float32), most)
   estimate = _product([e for e, _ in layers.values()])
   return LipschitzBound(estimate, certified, layers, reasons)
 
@@ -466,6 +460,17 @@ def _check_model_args(model: Any, inputs: Any, kwargs: Any, n_gram_steps: Any) -
   return steps, check_call(inputs, kwargs, "model.apply's arguments after the variables")
 
 
+def power(b: Any, runs: float) -> Any:
+  """``b`` (a float or an array) to the most of ``runs`` runs; ``runs`` inf (a while loop,
+  whose trip count is not counted): ``b`` where ``b <= 1``, else inf."""
+  if isinstance(b, jax.Array):
+    return b**runs if runs != math.inf else jnp.where(b <= 1, b, jnp.inf)
+  if runs == math.inf:
+    return float(b) if b <= 1 else math.inf
+  with np.errstate(over="ignore"):  # b ** runs beyond float64: inf
+    return float(np.float64(b) ** runs)
+
+
 def check_gram_steps(n_gram_steps: Any) -> int:
   """``n_gram_steps`` checked (None: ``flaxnorm.DEFAULT_GRAM_STEPS``)."""
   if n_gram_steps is None:
@@ -525,31 +530,20 @@ class _Seen(NamedTuple):
   name: str
   options: Any  # flaxnorm._options.SpectralNormOptions (None for a plain layer)
   input_shape: tuple[int, ...]
-  calls: int = 1  # how many times the model runs it, at most
+  calls: float = 1  # how many times the model runs it, at most (inf: in a while loop)
   param_shapes: dict[str, tuple[int, ...]] | None = None  # its own params', as it sees them
 
 
 class _Trace(NamedTuple):
-  """What the model's trace saw: spectral layers by param path, all modules by path.
-
-  ``unbounded``: layers (by param path for spectral ones, module path for
-  the others) that run in a loop of unknown length, with the reason.
-  """
+  """What the model's trace saw: spectral layers by param path, all modules by path."""
 
   spectral: dict[str, _Seen]
   modules: dict[str, _Seen]
-  unbounded: dict[str, str]
   idle: set[str]  # layers called in the trace that the program never runs (a scan of length 0)
   unchained: frozenset[str] = frozenset()  # see _call_counts.Counts
   # The jaxpr, which invars are the inputs, the values of those held fixed (by index), and
   # each variable's (module path, key) (the first invars).
   program: tuple[Any, tuple[bool, ...], dict[int, Any], tuple[tuple[str, str], ...]] | None = None
-
-
-_WHILE = (
-  "called inside a loop whose trip count is not static (nn.while_loop, lax.while_loop): "
-  "how many times it runs, so the bound's power, is unknown"
-)
 
 
 _TOP = "<top level>"
@@ -640,7 +634,7 @@ def _trace_once(
   model: nn.Module, variables: Mapping[str, Any], call: Call, traced: list[int]
 ) -> _Trace:
   """:func:`_trace_layers` with the ``traced`` leaves of ``call`` as the traced inputs."""
-  trace = _Trace({}, {}, {}, set())
+  trace = _Trace({}, {}, set())
   calls: list[tuple[dict[str, _Seen], str, _Seen, str]] = []  # (table, path, seen, module)
   active: list[str] = []  # module paths being called: a nested call on one is the same use
 
@@ -691,10 +685,8 @@ def _trace_once(
   trace = trace._replace(unchained=counts.unchained, program=(closed, dependent, fixed, keys))
   for table, path, seen, module in calls:
     most = counts.runs.get(module, 0.0)
-    if most == math.inf:
-      trace.unbounded[path] = _WHILE
-    elif most:
-      _count(table, path, seen._replace(calls=int(most)))
+    if most:  # inf in a while loop: its trip count is not counted here (the walk follows it)
+      _count(table, path, seen._replace(calls=most if most == math.inf else int(most)))
     else:
       trace.idle.add(path)
   return trace
@@ -796,7 +788,7 @@ def _plain_layer(
   layers: dict[str, tuple[jax.Array, float | None]],
   reasons: dict[str, str],
   followed: set[str],
-  stacked: dict[str, tuple[str, int]],
+  stacked: dict[str, tuple[str, float]],
 ) -> float | None:
   """Adds the certified norm of a called module's kernel that spectral norm left plain.
 
@@ -847,9 +839,9 @@ def _plain_layer(
     except (_UncertifiedError, _certify.UnsupportedError):  # an option or use no bound covers:
       followed.add(path)  # its kernel is known, bounded where the layer's code uses it
     if bound is not None:
-      power = bound**seen.calls
+      most = power(bound, seen.calls)
       with np.errstate(over="ignore"):  # b ** runs beyond float32: inf
-        layers[at] = (jnp.asarray(power, jnp.float32), power)
+        layers[at] = (jnp.asarray(most, jnp.float32), most)
   if names:
     reasons[path or _TOP] = (
       f"{type(seen.module).__name__} holds {names}, which no certificate covers: only the "
