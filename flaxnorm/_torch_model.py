@@ -917,7 +917,7 @@ def save(
   elif isinstance(variables, nnx.State):  # TorchLoadResult.variables of an NNX model
     variables = state_variables(variables, collection)[0]
   if model is not None and not info:
-    info = from_linen(model, call)[1]
+    info = from_linen(model, call, "to_torch_state_dict")[1]
   if layers is None:
     if not info:
       raise ValueError(

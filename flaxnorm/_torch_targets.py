@@ -202,7 +202,7 @@ def linen_call(inputs: Any, kwargs: Any, where: str) -> LinenCall | None:
 
 
 def from_linen(
-  model: nn.Module, call: LinenCall | None
+  model: nn.Module, call: LinenCall | None, where: str = "load_torch_state_dict"
 ) -> tuple[dict[str, Any], dict[Path, FlaxLayer]]:
   """Traces ``model.init`` shape-only; returns its variable shapes and its layers.
 
@@ -211,13 +211,14 @@ def from_linen(
     call: the example call of ``model.__call__``: arrays (or
       ``jax.ShapeDtypeStruct``) are traced, Python scalars (a train flag) passed
       as they are.
+    where: the public function, for the message.
 
   Returns:
     ``(variables, layers)``: ``jax.ShapeDtypeStruct`` leaves, and path -> layer.
   """
   if call is None:
     raise ValueError(
-      "load_torch_state_dict: a Linen model needs its example inputs: pass "
+      f"{where}: a Linen model needs its example inputs: pass "
       "inputs=x (or a tuple of the arguments of its __call__; kwargs= its keyword arguments)."
     )
   seen: dict[Path, Any] = {}

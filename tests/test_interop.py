@@ -971,6 +971,8 @@ def test_a_linen_model_with_keyword_only_arguments_loads_and_saves_with_kwargs()
     interop.load_torch_state_dict(sd, _KeywordUp(), kwargs=[x])  # type: ignore[arg-type]
   with pytest.raises(ValueError, match=r"inputs= is for a Linen model, and so is kwargs="):
     interop.load_torch_state_dict(sd, {"params": {}}, kwargs=call)
+  with pytest.raises(ValueError, match=r"^to_torch_state_dict: a Linen model needs its example"):
+    interop.to_torch_state_dict(res.variables, model=_KeywordUp())
 
 
 def test_to_torch_bare_params_with_state_and_vector_dtypes():
