@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -366,3 +366,25 @@ def check_shape(shape: Any, argname: str, at: str = "") -> tuple[int, ...] | Non
   if not items or any(d < 1 for d in items):  # the right type, a wrong value
     raise ValueError(f"{argname} must be a tuple of positive ints{_at(at)}, got {shape!r}.")
   return items
+
+
+class Call(NamedTuple):
+  """A model's example call (a pytree): positional and keyword arguments."""
+
+  args: tuple[Any, ...]
+  kwargs: dict[str, Any]
+
+
+def check_kwargs(kwargs: Any, at: str) -> dict[str, Any]:
+  """A model's keyword arguments: ``None`` (none) or a mapping by ``str``, as a dict."""
+  if kwargs is None:
+    return {}
+  if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+    got = type(kwargs).__name__
+    if isinstance(kwargs, Mapping):
+      got = f"a {got} with keys [{', '.join(map(repr, kwargs))}]"
+    raise TypeError(
+      f"{at}: kwargs must be a mapping of keyword arguments by name (str), e.g. "
+      f"{{'train': False}}, got {got}."
+    )
+  return dict(kwargs)

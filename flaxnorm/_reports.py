@@ -33,6 +33,7 @@ from flaxnorm import (
   _subclass,
 )
 from flaxnorm import linen as _linen
+from flaxnorm._checks import Call
 
 _AT = "lipschitz_bound"
 _T = TypeVar("_T")
@@ -444,7 +445,7 @@ def _check_model_args(model: Any, inputs: Any, kwargs: Any, n_gram_steps: Any) -
           f"certify the bound, or leave {name} out, got {name} of type "
           f"{type(given).__name__}."
         )
-    return steps, ((), {})
+    return steps, Call((), {})
   if not isinstance(model, nn.Module):
     raise TypeError(
       f"{_AT}: model must be the flax.linen Module the variables belong to, got "
@@ -478,10 +479,6 @@ def check_gram_steps(n_gram_steps: Any) -> int:
   return _certify.check_steps(n_gram_steps, _AT, "n_gram_steps")
 
 
-#: A model's call: its positional arguments and its keyword arguments by name.
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
 def check_call(inputs: Any, kwargs: Any, arguments: str) -> Call:
   """``(inputs, kwargs)`` checked: a tuple (of ``arguments``, for the messages) and
   ``None`` or a mapping of keyword arguments by name, not both empty."""
@@ -489,21 +486,13 @@ def check_call(inputs: Any, kwargs: Any, arguments: str) -> Call:
     raise TypeError(
       f"{_AT}: inputs must be a tuple of {arguments}, e.g. (x,), got {type(inputs).__name__}."
     )
-  kwargs = {} if kwargs is None else kwargs
-  if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-    got = type(kwargs).__name__
-    if isinstance(kwargs, Mapping):
-      got = f"a {got} with keys [{', '.join(map(repr, kwargs))}]"
-    raise TypeError(
-      f"{_AT}: kwargs must be a mapping of keyword arguments by name (str), e.g. "
-      f"{{'train': False}}, got {got}."
-    )
+  kwargs = _checks.check_kwargs(kwargs, _AT)
   if not inputs and not kwargs:
     raise ValueError(
       f"{_AT}: model needs example inputs to trace: inputs must hold {arguments}, e.g. "
       "inputs=(x,), got () and no kwargs (keyword arguments go in kwargs=)."
     )
-  return inputs, dict(kwargs)
+  return Call(inputs, kwargs)
 
 
 def _product(factors: list[Any], one: Any = None) -> Any:

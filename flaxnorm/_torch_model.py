@@ -14,12 +14,13 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta
 
 from flaxnorm import _checks, _options
-from flaxnorm._checks import Axis
+from flaxnorm._checks import Axis, Call
 from flaxnorm._torch_convert import (
   Sources,
   TorchLayer,
@@ -44,7 +45,6 @@ from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
 from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
 from flaxnorm._torch_targets import (
   FlaxLayer,
-  LinenCall,
   from_linen,
   from_nnx,
   state_variables,
@@ -203,7 +203,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def _targets(
-  variables: Any, call: LinenCall | None, collection: str
+  variables: Any, call: Call | None, collection: str
 ) -> tuple[Mapping[str, Any], dict[tuple[str, ...], FlaxLayer], Any]:
   """The variables to fill, the model's layers, and the NNX tree to write back (or ``None``)."""
   _check_instance(variables, "variables")
@@ -349,7 +349,7 @@ def _check_overrides(job: _Load, groups: Mapping[str, Any]) -> None:
 
 
 def _init_unmatched(
-  model: nn.Module, call: LinenCall | None, out: dict[str, Any], leaves: list[tuple[str, ...]]
+  model: nn.Module, call: Call | None, out: dict[str, Any], leaves: list[tuple[str, ...]]
 ) -> None:
   """Gives the unmatched leaves of a Linen model their initial values (``jax.random.key(0)``).
 
@@ -357,7 +357,9 @@ def _init_unmatched(
   until a value is put there.
   """
   assert call is not None  # (from_linen has traced the model with it)
-  args, kwargs = call.zeros()
+  args, kwargs = jax.tree.map(
+    lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, call
+  )
   init = model.init(jax.random.key(0), *args, **kwargs)
   for leaf in leaves:
     src, dst = init, out
@@ -896,7 +898,7 @@ def save(
   style: str | None,
   collection: str,
   model: nn.Module | None = None,
-  call: LinenCall | None = None,
+  call: Call | None = None,
   spectral_dims: Mapping[str, int | None] | None = None,
   plain: Mapping[str, TorchParam | str] | None = None,
 ) -> dict[str, np.ndarray]:

@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 
 from flaxnorm import _axes, _checks, _subclass
+from flaxnorm._checks import Call
 from flaxnorm._nnx_plan import SpectralStateVar
 
 Path = tuple[str, ...]
@@ -172,37 +172,18 @@ def describe(
 # --------------------------------------------------------------------------- #
 
 
-class LinenCall(NamedTuple):
-  """A Linen model's example call: positional and keyword arguments of ``__call__``."""
-
-  args: tuple[Any, ...]
-  kwargs: dict[str, Any]
-
-  def zeros(self) -> LinenCall:
-    """The call with zeros for each ``jax.ShapeDtypeStruct``."""
-    return jax.tree.map(
-      lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, self
-    )
-
-
-def linen_call(inputs: Any, kwargs: Any, where: str) -> LinenCall | None:
-  """``inputs`` (one argument or a tuple) and ``kwargs`` (checked) as a :class:`LinenCall`,
-  or None when neither is given."""
-  if kwargs is not None and (
-    not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)
-  ):
-    raise TypeError(
-      f"{where}: kwargs must be a mapping of the Linen model's keyword arguments by name "
-      f"(str), e.g. {{'train': False}}, got {type(kwargs).__name__}."
-    )
+def linen_call(inputs: Any, kwargs: Any, where: str) -> Call | None:
+  """A Linen model's example call: ``inputs`` (one argument or a tuple) and ``kwargs``
+  (checked), or None when neither is given."""
+  checked = _checks.check_kwargs(kwargs, where)
   if inputs is None and kwargs is None:
     return None
   args = () if inputs is None else inputs if isinstance(inputs, tuple) else (inputs,)
-  return LinenCall(args, dict(kwargs or {}))
+  return Call(args, checked)
 
 
 def from_linen(
-  model: nn.Module, call: LinenCall | None, where: str = "load_torch_state_dict"
+  model: nn.Module, call: Call | None, where: str = "load_torch_state_dict"
 ) -> tuple[dict[str, Any], dict[Path, FlaxLayer]]:
   """Traces ``model.init`` shape-only; returns its variable shapes and its layers.
 
