@@ -18,9 +18,14 @@ carried from the inputs) the largest step's. So a residual block gets ``1 +
 b``, an RNN's whole output sequence the sum over its steps, where a product of
 layer bounds is no bound at all.
 
+Beside its bound, each value carries a span (:mod:`flaxnorm._spans`): an interval
+holding its elements whatever the inputs (a sigmoid's ``[0, 1]``). A product of two
+input-dependent values is bounded by them: ``L(a ⊙ b) ≤ max|a| L(b) + max|b| L(a)``
+(an LSTM's or GRU's gates, a gated ``tanh ⊙ σ`` unit).
+
 What gets ``inf`` (with the reason and the innermost layer running where it
 arose, reported where it reaches an output): a product of two input-dependent
-values, a scale or matrix not known here (not a literal, a constant, or a value
+values one of which has no finite span, a scale or matrix not known here (not a literal, a constant, or a value
 computed from them), a primitive without a rule (``exp``, ``integer_pow``: not
 Lipschitz, or not known here), a discrete value made from the inputs used as
 data or as an index, and a loop of unknown trip count whose bound grows.
@@ -44,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from flaxnorm import _call_counts, _certify, _inline
+from flaxnorm import _call_counts, _certify, _inline, _spans
 
 _INF = math.inf
 _T = TypeVar("_T")
@@ -57,7 +62,7 @@ def _up(x: float) -> float:
 
 class _Value(NamedTuple):
   """``bound``: L of a value; ``why``: when it is inf, the reason, and ``where``: the
-  path of the innermost layer running where it arose; ``origin``: see below.
+  path of the innermost layer running where it arose; ``origin`` and ``span``: see below.
 
   ``origin`` is ``(base, slope)`` when the value is an elementwise function of
   the value ``base`` (same shape) whose slope is at most ``slope``: a select
@@ -69,6 +74,9 @@ class _Value(NamedTuple):
   why: str | None = None
   origin: tuple[Any, float] | None = None
   where: str | None = None
+  # An interval holding every element of a value that depends on the inputs, whatever
+  # they are (:mod:`flaxnorm._spans`); a known value's is read from it (:func:`_span`).
+  span: _spans.Span = _spans.ANY
 
 
 _ZERO = _Value(0.0)
@@ -100,6 +108,19 @@ def _inf(why: str) -> _Value:
   return _Value(_INF, why)
 
 
+def _span(x: _Value, var: Any, value: Callable[[Any], Any]) -> _spans.Span:
+  """The span of the value ``x`` held by ``var``: its own when it depends on the
+  inputs, else its known value's (``ANY`` when not known)."""
+  if x.bound:
+    return x.span
+  c = var.val if isinstance(var, jex_core.Literal) else value(var)
+  return x.span if c is None else _spans.of_array(c)  # (a certified layer's output: its own)
+
+
+def _spans_of(vals: Sequence[_Value], eqn: Any, value: Callable[[Any], Any]) -> list[_spans.Span]:
+  return [_span(x, v, value) for x, v in zip(vals, eqn.invars, strict=True)]
+
+
 # ``jax.nn``'s jitted elementwise activations (by the jit's name): their largest slope.
 # A jit of that name counts only when its program is ``jax.nn``'s own (at default
 # arguments): anything else is followed primitive by primitive.
@@ -115,6 +136,14 @@ _ACTIVATIONS = {
   "hard_silu": 1.5,  # (relu6(x + 3) + x) / 6 at x = 3
   "selu": 1.7581,  # scale · alpha = 1.0507 · 1.67326
   "mish": 1.089,  # 1.0885 at x = 1.19
+}
+
+
+# The bounded ones' ranges.
+_ACTIVATION_SPANS: dict[str, _spans.Span] = {
+  "hard_tanh": (-1.0, 1.0),
+  "soft_sign": (-1.0, 1.0),
+  "hard_sigmoid": (0.0, 1.0),
 }
 
 
@@ -170,6 +199,46 @@ _SLOPES = {
   "copy_p": 1.0,
 }
 _REAL_SLOPES = {"tanh", "sin", "cos", "atan", "logistic", "erf"}  # on the real line only
+
+
+def _logistic(x: float) -> float:
+  return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+_HALF_PI = math.nextafter(math.pi / 2, _INF)
+# Increasing elementwise primitives: the function, and its range.
+_INCREASING: dict[str, tuple[Callable[[float], float], float, float]] = {
+  "tanh": (math.tanh, -1.0, 1.0),
+  "logistic": (_logistic, 0.0, 1.0),
+  "erf": (math.erf, -1.0, 1.0),
+  "atan": (math.atan, -_HALF_PI, _HALF_PI),
+}
+
+
+def _unary_span(eqn: Any, s: _spans.Span) -> _spans.Span:
+  """The span of a :data:`_SLOPES` primitive's output, its operand's span ``s``."""
+  name = eqn.primitive.name
+  if name in _INCREASING:
+    return _spans.monotone(s, *_INCREASING[name])
+  if name in ("sin", "cos"):
+    return (-1.0, 1.0)
+  if name == "neg":
+    return (-s[1], -s[0])
+  if name == "abs":
+    return s if s[0] >= 0 else (-s[1], -s[0]) if s[1] <= 0 else (0.0, _spans.magnitude(s))
+  if name in ("copy", "copy_p"):
+    return s
+  if name == "reduce_precision":
+    bias = 2 ** (eqn.params["exponent_bits"] - 1) - 1
+    eps, tiny, top = 2.0 ** -eqn.params["mantissa_bits"], 2.0 ** (1 - bias), 2.0 ** (bias + 1)
+  elif _is_real_floating(eqn.invars[0]) and _is_real_floating(eqn.outvars[0]):
+    info = jnp.finfo(eqn.outvars[0].aval.dtype)  # convert_element_type
+    eps, tiny, top = float(info.eps), float(info.tiny), float(info.max)
+  else:
+    return _spans.ANY
+  return _spans.rounded(s, eps, tiny) if _spans.magnitude(s) < top / 2 else _spans.ANY
+
+
 # Rearrangements of their first operand (the others: shapes or nothing).
 _MOVES = {
   "stop_gradient",
@@ -227,6 +296,7 @@ def bound(
   known: Mapping[int, Any] | None = None,
   stored: Mapping[int, str] | None = None,
   n_steps: int = _certify.DEFAULT_GRAM_STEPS,
+  gains: Mapping[str, tuple[float, float]] | None = None,
 ) -> Bound:
   """The Lipschitz bound of ``jaxpr``'s real outputs, as one vector, in its inputs.
 
@@ -243,11 +313,15 @@ def bound(
       (its :func:`flaxnorm._call_counts.mark_variables` marks).
     n_steps: Gram steps for each known matrix or convolution kernel the walk
       bounds (:func:`flaxnorm.matrix_norm_bound`, :func:`flaxnorm.conv_norm_bound`).
+    gains: per layer of ``layers``, ``(gain, offset)`` with ``max|y| ≤ gain ·
+      max|x| + offset`` for its output ``y`` on an input ``x`` (its kernel's largest
+      sum of absolute values per output, its bias's largest ``|b|``): the span of
+      its output (:mod:`flaxnorm._spans`), else not known.
 
   Returns:
     A :class:`Bound`.
   """
-  walk = _Walk(layers, n_steps)
+  walk = _Walk(layers, n_steps, gains or {})
   ins = [_Value(1.0) if d else _ZERO for d in dependent]
   invars = jaxpr.jaxpr.invars
   values = {invars[i]: _Raw(k) for i, k in (stored or {}).items()}
@@ -298,8 +372,11 @@ def _times(a: float, b: float) -> float:
 class _Walk:
   """One pass: each jaxpr variable's :class:`_Value`."""
 
-  def __init__(self, layers: Mapping[str, float], n_steps: int) -> None:
+  def __init__(
+    self, layers: Mapping[str, float], n_steps: int, gains: Mapping[str, tuple[float, float]]
+  ) -> None:
     self.layers = layers
+    self.gains = gains
     self.n_steps = n_steps  # Gram steps of each known kernel's norm
     self.entered: dict[str, _Value] = {}  # each marked call's input (by call id)
     self.running: dict[str, str] = {}  # the calls begun and not ended: their paths, in order
@@ -368,6 +445,8 @@ class _Walk:
           out = _better(out, inlined[var], env.get(inlined[var].x, _ZERO))
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
+        if out.span != _spans.ANY and not _is_real_floating(var):  # (a complex value)
+          out = out._replace(span=_spans.ANY)
         if math.isnan(out.bound) or (out.bound == _INF and out.why is None):
           out = _inf("the bound overflows float64 here, or is NaN (a NaN constant)")
         if out.bound == _INF and out.where is None:
@@ -395,7 +474,7 @@ class _Walk:
     if name in _SLOPES:
       if name in _REAL_SLOPES and not _is_real_floating(eqn.invars[0]):
         return [_inf(f"{name} of a complex value (its slope is unbounded off the real line)")]
-      return [_elementwise(eqn.invars[0], vals[0], _SLOPES[name])]
+      return [_elementwise(eqn.invars[0], vals[0], _SLOPES[name], _unary_span(eqn, vals[0].span))]
     if name in _MOVES:
       return [_plain(vals[0])]
     if name in _DISCRETE:
@@ -404,7 +483,8 @@ class _Walk:
     if name in _CALLS and len(subs) == 1 and len(subs[0].invars) == len(vals):
       slope = _activation_slope(eqn, value)
       if slope is not None:
-        return [_elementwise(eqn.invars[0], vals[0], slope)]
+        span = _ACTIVATION_SPANS.get(str(eqn.params.get("name")), _spans.ANY)
+        return [_elementwise(eqn.invars[0], vals[0], slope, span)]
       ins = [_with_origin(x, v) for x, v in zip(vals, eqn.invars, strict=True)]
       known = _passed(subs[0].invars, eqn.invars, value, _sub_consts(eqn))
       return self.run(subs[0], ins, known, eqn.invars)
@@ -418,8 +498,9 @@ class _Walk:
     if call is None:
       return x
     kind, path, key = call
-    if kind == "in":
-      self.entered[key] = x
+    if kind == "in":  # (recorded with its span: a known value's when it is one)
+      known = entry is not None and not isinstance(entry, _Raw) and not x.bound
+      self.entered[key] = x._replace(span=_spans.of_array(entry)) if known else x
       self.running[key] = path
       return x
     if kind == "var":
@@ -438,7 +519,14 @@ class _Walk:
       return x
     if key in self.changed:
       return _Value(_INF, _CHANGED.format(self.changed[key]), None, path)
-    return _scaled(entered, self.layers[path])
+    out = _scaled(entered, self.layers[path])
+    return out if out.bound == _INF else out._replace(span=self._output_span(path, entered))
+
+  def _output_span(self, path: str, entered: _Value) -> _spans.Span:
+    """The span of a certified layer's output, its input ``entered``: from its gain."""
+    gain, offset = self.gains.get(path, (_INF, _INF))
+    r = _up(_up(gain * _spans.magnitude(entered.span)) + offset)
+    return (-r, r) if math.isfinite(r) else _spans.ANY
 
 
 _CHANGED = (
@@ -570,12 +658,13 @@ def _sub_consts(eqn: Any) -> dict[Any, Any]:
   return {}
 
 
-def _elementwise(var: Any, x: _Value, slope: float) -> _Value:
-  """An elementwise function, of slope at most ``slope``, of ``x`` (held by ``var``)."""
+def _elementwise(var: Any, x: _Value, slope: float, span: _spans.Span = _spans.ANY) -> _Value:
+  """An elementwise function, of slope at most ``slope`` and values in ``span``, of
+  ``x`` (held by ``var``)."""
   if x.bound == _INF:
     return x
   base, s = x.origin if x.origin is not None else (var, 1.0)
-  return _Value(_times(x.bound, slope), None, (base, _times(s, slope)))
+  return _Value(_times(x.bound, slope), None, (base, _times(s, slope)), span=span)
 
 
 def _grown(vals: Sequence[_Value], eqn: Any) -> list[tuple[_Value, Any]]:
@@ -586,7 +675,8 @@ def _grown(vals: Sequence[_Value], eqn: Any) -> list[tuple[_Value, Any]]:
   for x, v in zip(vals, eqn.invars, strict=True):
     if x.bound:
       n = _size(v)
-      found.append((_scaled(x, math.sqrt(out / n)) if n and out > n else x, v))
+      copied = _scaled(x, math.sqrt(out / n))._replace(span=x.span)  # copies: the same span
+      found.append((copied if n and out > n else x, v))
   return found
 
 
@@ -597,9 +687,13 @@ def _first_inf(parts: Sequence[_Value]) -> _Value | None:
 def _sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   parts = [x for x, _ in _grown(vals, eqn)]
   bad = _first_inf(parts)
-  if bad is not None or len(parts) == 1:
-    return [_plain(bad or parts[0])]
-  return [_Value(_up(math.fsum(x.bound for x in parts)))]
+  if bad is not None:
+    return [_plain(bad)]
+  signs = [1, -1] if eqn.primitive.name == "sub" else [1] * len(vals)
+  span = _spans.total(_spans_of(vals, eqn, value), signs)
+  if len(parts) == 1:
+    return [_plain(parts[0])._replace(span=span)]
+  return [_Value(_up(math.fsum(x.bound for x in parts)), span=span)]
 
 
 def _side_by_side(parts: Sequence[_Value]) -> _Value:
@@ -609,7 +703,15 @@ def _side_by_side(parts: Sequence[_Value]) -> _Value:
 
 def _max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """``max``/``min``/``clamp``: elementwise, each output moves with one operand."""
-  return [_picked(_grown(vals, eqn), eqn)]
+  out = _picked(_grown(vals, eqn), eqn)
+  spans = _spans_of(vals, eqn, value)
+  if eqn.primitive.name == "clamp":  # clamp(a, x, b) = min(max(x, a), b)
+    (a0, a1), (x0, x1), (b0, b1) = spans
+    span = (min(max(x0, a0), b0), min(max(x1, a1), b1))
+  else:
+    pick = max if eqn.primitive.name == "max" else min
+    span = (pick(lo for lo, _ in spans), pick(hi for _, hi in spans))
+  return [out if out.bound == _INF else out._replace(span=span)]
 
 
 def _picked(cases: list[tuple[_Value, Any]], eqn: Any) -> _Value:
@@ -651,27 +753,44 @@ _COMPUTED = (
 )
 
 
-def _scale_by(eqn: Any, vals: list[_Value], factor: float | None, verb: str) -> list[_Value]:
-  """The one input-dependent operand of ``eqn`` times a constant of largest ``|c|`` ``factor``."""
+def _scale_by(
+  eqn: Any, vals: list[_Value], factor: float | None, verb: str, span: _spans.Span
+) -> list[_Value]:
+  """The one input-dependent operand of ``eqn`` times a constant of largest ``|c|``
+  ``factor``, giving values in ``span``."""
   ((x, v),) = _grown(vals, eqn)
   if factor is None:
     return [_inf(_COMPUTED.format(verb))]
   if not math.isfinite(factor):
     return [_inf(f"the model {verb} a constant that holds inf or NaN")]
   if _size(v) == _size(eqn.outvars[0]):
-    return [_elementwise(v, x, factor)]
-  return [_scaled(x, factor)]
+    return [_elementwise(v, x, factor, span)]
+  return [_scaled(x, factor)._replace(span=span)]
 
 
 def _mul_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A scale by a known constant; or, of two values that both depend on the inputs, a
+  product bounded by their spans: ``max|a| L(b) + max|b| L(a)`` (:mod:`flaxnorm._spans`)."""
+  span = _spans.product(*_spans_of(vals, eqn, value))
   if all(x.bound for x in vals):
-    return [
-      _inf(
-        "mul of two values that depend on the inputs (no rule bounds it: not Lipschitz in general)"
-      )
-    ]
-  other = eqn.invars[1] if vals[0].bound else eqn.invars[0]
-  return _scale_by(eqn, vals, _largest(value(other)), "multiplies by")
+    (a, _), (b, _) = _grown(vals, eqn)
+    ra, rb = _spans.magnitude(a.span), _spans.magnitude(b.span)
+    if not all(map(math.isfinite, (ra, rb, a.bound, b.bound))):
+      return [_inf(_PRODUCT)]
+    return [_Value(_up(_times(ra, b.bound) + _times(rb, a.bound)), span=span)]
+  k = 1 if vals[0].bound else 0
+  factor = _largest(value(eqn.invars[k]))
+  if factor is None:  # not known, but within a span (a certified layer's output)
+    factor = _spans.magnitude(vals[k].span)
+    factor = factor if math.isfinite(factor) else None
+  return _scale_by(eqn, vals, factor, "multiplies by", span)
+
+
+_PRODUCT = (
+  "mul of two values that depend on the inputs, one of them not known to stay in a bounded "
+  "interval (a product is bounded where both factors are, as a sigmoid's or tanh's output: "
+  "not Lipschitz in general)"
+)
 
 
 def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -687,8 +806,11 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   tiny = jnp.finfo(dtype).tiny if jnp.issubdtype(dtype, jnp.inexact) else 1
   if smallest is not None and smallest < tiny:
     return [_inf("div by a constant that holds 0 or a subnormal number (flushed to 0)")]
+  span = _spans.ANY
+  if smallest is not None:
+    span = _spans.quotient(vals[0].span, _spans.of_array(c), float(smallest))
   return _scale_by(
-    eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by"
+    eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by", span
   )
 
 
@@ -697,11 +819,16 @@ def _select_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[
   cases = _grown([_ZERO, *vals[1:]], eqn)
   if not cases:  # constants picked by the inputs: a step
     return [_inf("select_n between values fixed by the inputs, picked by them (a step)")]
-  return [_picked(cases, eqn)]
+  return [_hulled(_picked(cases, eqn), _spans_of(vals, eqn, value)[1:])]
+
+
+def _hulled(x: _Value, spans: Sequence[_spans.Span]) -> _Value:
+  """``x``, one of values of ``spans`` side by side or picked: in their hull."""
+  return x if x.bound == _INF else x._replace(span=_spans.hull(spans))
 
 
 def _concat_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
-  return [_side_by_side(vals)]
+  return [_hulled(_side_by_side(vals), _spans_of(vals, eqn, value))]
 
 
 def _broadcast_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -716,7 +843,8 @@ def _broadcast_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> li
 def _reduce_sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """A sum of ``k`` elements moves by at most ``√k`` times their change (Cauchy-Schwarz)."""
   n, m = _size(eqn.invars[0]), max(_size(eqn.outvars[0]), 1)
-  return [_scaled(vals[0], math.sqrt(n / m))]
+  out = _scaled(vals[0], math.sqrt(n / m))
+  return [out if out.bound == _INF else out._replace(span=_spans.times(vals[0].span, n / m))]
 
 
 def _reduce_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -727,7 +855,8 @@ def _reduce_max_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> l
 def _pad_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """The operand side by side with its padding value (copied to every padded element)."""
   padding = _grown([_ZERO, vals[1]], eqn)
-  return [_side_by_side([_plain(vals[0]), *(x for x, _ in padding)])]
+  out = _side_by_side([_plain(vals[0]), *(x for x, _ in padding)])
+  return [_hulled(out, _spans_of(vals, eqn, value))]
 
 
 def _split_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -832,6 +961,7 @@ def _one_of(outs: Sequence[_Value]) -> _Value:
   only when every branch's is one of that value."""
   top = max(outs, key=lambda o: o.bound)
   shared = _shared([o.origin for o in outs])
+  top = _hulled(top, [o.span for o in outs])
   return _plain(top) if top.bound == _INF or shared is None else top._replace(origin=shared)
 
 
@@ -868,6 +998,7 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
     if side is not None:
       return side
   squares = [0.0] * (len(eqn.outvars) - n_carry)  # steps side by side: √Σ L(y_t)²
+  spans = [o.span for o in outs[n_carry:]]  # the stacked outputs': the hull of the steps'
   for t in range(length):
     if t:
       carried = after
@@ -877,17 +1008,40 @@ def _scan_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
       return [bad] * len(eqn.outvars)
     fixed = (
       t >= settled
-      and [o.bound for o in outs[:n_carry]] == [c.bound for c in carry]
+      and [(o.bound, o.span) for o in outs[:n_carry]] == [(c.bound, c.span) for c in carry]
       and _same_values(carried, after)
     )
     if t >= max(_EXACT_STEPS, settled):  # the rules are monotone: a step that grows no
-      fixed = all(o.bound <= c.bound for o, c in zip(outs, carry, strict=False))  # bound
+      fixed = not _grows(outs[:n_carry], carry)  # bound and no span
+      outs = _widened(outs, carry)
     steps = length - t if fixed else 1  # at a fixed point every later step is this one
     squares = [_up(s + steps * _times(y.bound, y.bound)) for s, y in zip(squares, outs[n_carry:])]
+    spans = [_spans.hull([s, y.span]) for s, y in zip(spans, outs[n_carry:], strict=True)]
     carry = outs[:n_carry]
     if fixed:
       break
-  return carry + [_Value(_up(math.sqrt(s)) if s else 0.0) for s in squares]
+  return carry + [
+    _Value(_up(math.sqrt(s)), span=span) if s else _ZERO
+    for s, span in zip(squares, spans, strict=True)
+  ]
+
+
+def _grows(outs: Sequence[_Value], carry: Sequence[_Value]) -> bool:
+  """Whether a loop step's carries ``outs`` exceed its input ``carry`` in bound or span."""
+  return any(
+    o.bound > c.bound or not _spans.within(o.span, c.span) for o, c in zip(outs, carry, strict=True)
+  )
+
+
+def _widened(outs: list[_Value], carry: Sequence[_Value]) -> list[_Value]:
+  """``outs`` with the spans of carries that outgrow ``carry``'s given up (``ANY``):
+  so that a loop walked to a fixed point reaches one."""
+  n = len(carry)
+  wide = [
+    o if _spans.within(o.span, c.span) else o._replace(span=_spans.ANY)
+    for o, c in zip(outs[:n], carry, strict=True)
+  ]
+  return wide + outs[n:]
 
 
 def _from_consts(body: jex_core.Jaxpr, n_consts: int) -> set[Any]:
@@ -958,7 +1112,9 @@ def _side_by_side_steps(
     more, following = step(t, ins, after)
     if any(o.bound for o in more[:n_carry]):
       return None
-    outs = [max(a, b, key=_worse) for a, b in zip(outs, more, strict=True)]
+    outs = [
+      _hulled(max(a, b, key=_worse), [a.span, b.span]) for a, b in zip(outs, more, strict=True)
+    ]
     before, after = after, following
   return outs
 
@@ -1012,7 +1168,7 @@ def _dot_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   (contracted, batched) = (d[1 - i] for d in eqn.params["dimension_numbers"])
   matrices = functools.partial(_matrix_norm, c, contracted, batched, walk.n_steps)
   norm = walk.norm(c, matrices, "dot", tuple(contracted), tuple(batched))
-  return [_scaled(vals[i], norm)]
+  return [_scaled(vals[i], norm)._replace(span=_spans.dot(vals[i].span, c, contracted))]
 
 
 def _matrix_norm(c: Any, contracted: Sequence[int], batched: Sequence[int], n_steps: int) -> float:
@@ -1060,7 +1216,9 @@ def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   norm = walk.norm(kernel, bound, "conv", shape, out_shape, repr(sorted(p.items())))
   if isinstance(norm, str):
     return [_inf(f"conv_general_dilated with a known kernel that conv_norm_bound refuses: {norm}")]
-  return [_scaled(vals[0], norm)]
+  summed = [d for d in range(len(rhs)) if d != rhs[0]]  # all but the output feature axis
+  span = _spans.dot(_spans.hull([vals[0].span, _spans.ZERO]), kernel, summed)  # (0: padding)
+  return [_scaled(vals[0], norm)._replace(span=span)]
 
 
 def _cumsum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
@@ -1120,10 +1278,16 @@ def _while_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_
     return counted
   for _ in range(_WHILE_STEPS):
     outs = walk.run(body.jaxpr, consts + carry, known)
-    if all(o.bound <= c.bound for c, o in zip(carry, outs, strict=True)):
+    if not _grows(outs, carry):
       return carry  # zero steps or more: none larger
     carry = [
-      _Value(max(c.bound, o.bound), o.why or c.why, None, o.where or c.where)
+      _Value(
+        max(c.bound, o.bound),
+        o.why or c.why,
+        None,
+        o.where or c.where,
+        c.span if _spans.within(o.span, c.span) else _spans.ANY,
+      )
       for c, o in zip(carry, outs, strict=True)
     ]
   why = "a loop of unknown trip count (nn.while_loop) whose carry's bound grows at each step"

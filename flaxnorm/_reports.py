@@ -286,6 +286,7 @@ def _model_bound(
     sigmas = _sigmas(variables, collection, _AT)
   layers: dict[str, tuple[jax.Array, float | None]] = {}
   per_run: dict[str, float] = {}  # each layer's bound for one run, by module path
+  gains: dict[str, float] = {}  # and its kernel's ∞-norm (see _Norm), by module path
   stacked: dict[str, tuple[str, float]] = {}  # a stacked layer's row: (module path, runs)
   reasons = {  # a layer whose state is under another collection: its sigma is not read
     p: f"spectrally normalized, but its state is not in collection '{collection}'"
@@ -312,15 +313,15 @@ def _model_bound(
     bound = _guarded(
       reasons, path, functools.partial(_certified, seen, variables, collection, path, steps)
     )
-    layers[path] = (norm, None if bound is None else power(bound, seen.calls))
+    layers[path] = (norm, None if bound is None else power(bound.norm, seen.calls))
     if bound is not None:
-      _times(per_run, _module_path(seen.module), bound)
+      _times(per_run, gains, _module_path(seen.module), bound)
   for path, seen in trace.modules.items():
     if path in trace.idle and not seen.calls:
       continue
     bound = _plain_layer(seen, path, variables, skip, steps, layers, reasons, followed, stacked)
     if bound is not None:
-      _times(per_run, path, bound)
+      _times(per_run, gains, path, bound)
   add_unchained(reasons, trace.unchained)
   slashed = sorted(p for p, seen in trace.modules.items() if "/" in "".join(_names(seen.module)))
   if slashed:
@@ -330,7 +331,7 @@ def _model_bound(
     )
   certified = None
   if not reasons:
-    found = _propagated(trace, per_run, variables, followed, reasons, steps)
+    found = _propagated(trace, (per_run, gains), variables, followed, reasons, steps)
     certified = found.value if found.why is None else None
     for at, (module, runs) in stacked.items():  # the walk's norm of the largest member
       ratio = None if module in found.unmeasured else found.layers.get(module)
@@ -345,22 +346,27 @@ def _model_bound(
 
 def _propagated(
   trace: _Trace,
-  per_run: dict[str, float],
+  certified: tuple[dict[str, float], dict[str, float]],
   variables: Mapping[str, Any],
   followed: set[str],
   reasons: dict[str, str],
   steps: int,
 ) -> _propagate.Bound:
-  """The certificate: each layer's bound carried through the traced program, the
+  """The certificate: each ``certified`` layer's bound (and kernel's ∞-norm, for its
+  output's span), by module path, carried through the traced program, the
   variables of the ``followed`` modules known there (the reason under the path of
   the layer running where no rule bounds what the model computes), each known kernel
   bounded with ``steps`` Gram steps."""
   assert trace.program is not None
   closed, dependent, fixed, keys = trace.program
+  per_run, gains = certified
   leaves = jax.tree.leaves(dict(variables))
   known = {i: np.asarray(x) for i, x in enumerate(leaves) if keys[i][0] in followed}
   stored = {i: key for i, (owner, key) in enumerate(keys) if owner not in followed}
-  found = _propagate.bound(closed, dependent, per_run, {**known, **fixed}, stored, steps)
+  spans = {path: (gain, _largest_bias(variables, path)) for path, gain in gains.items()}
+  found = _propagate.bound(
+    closed, dependent, per_run, {**known, **fixed}, stored, steps, gains=spans
+  )
   if found.why is not None:
     reasons[found.where or _TOP] = found.why
   return found
@@ -383,8 +389,28 @@ def _sliced(seen: _Seen, params: Mapping[str, Any], name: str) -> bool:
   )
 
 
-def _times(per_run: dict[str, float], path: str, bound: float) -> None:
-  per_run[path] = per_run.get(path, 1.0) * bound
+def _times(per_run: dict[str, float], gains: dict[str, float], path: str, found: _Norm) -> None:
+  per_run[path] = per_run.get(path, 1.0) * found.norm
+  gains[path] = math.inf if path in gains else found.gain  # (two kernels: not known)
+
+
+def _largest_bias(variables: Mapping[str, Any], path: str) -> float:
+  """``max |b|`` of a certified layer's bias (a weight-normed one's: at most its ``g``'s)."""
+  node = _node(variables["params"], path)
+  for name in ("bias", "bias_g"):
+    if name in node:
+      b = np.abs(np.asarray(meta.unbox(node[name]))).astype(np.float64)
+      return float(b.max()) if b.size else 0.0
+  return 0.0
+
+
+class _Norm(NamedTuple):
+  """A certified layer kernel's bounds: ``norm`` (its operator norm), ``gain`` (its
+  largest sum of ``|w|`` over one output's inputs, rounded up: ``max|y| ≤ gain ·
+  max|x|`` for the kernel's map ``y`` of ``x``, whatever its padding or strides)."""
+
+  norm: float
+  gain: float
 
 
 def _module_path(module: nn.Module) -> str:
@@ -753,7 +779,7 @@ def _node(tree: Any, path: str) -> Any:
   return tree if isinstance(tree, Mapping) else {}
 
 
-def _guarded(reasons: dict[str, str], path: str, bound: Callable[[], float]) -> float | None:
+def _guarded(reasons: dict[str, str], path: str, bound: Callable[[], _T]) -> _T | None:
   """``bound()``, or None with the reason under ``path`` when the layer has no certificate."""
   try:
     return bound()
@@ -778,7 +804,7 @@ def _plain_layer(
   reasons: dict[str, str],
   followed: set[str],
   stacked: dict[str, tuple[str, float]],
-) -> float | None:
+) -> _Norm | None:
   """Adds the certified norm of a called module's kernel that spectral norm left plain.
 
   A certified layer's plain or weight-normed kernel gets a bound (its bias adds no
@@ -804,7 +830,7 @@ def _plain_layer(
       from the walk.
 
   Returns:
-    The kernel's bound for one run, or None.
+    The kernel's bounds for one run, or None.
   """
   spectral, cols = skip
   own = _own_variables(variables, path, cols)
@@ -828,7 +854,7 @@ def _plain_layer(
     except (_UncertifiedError, _certify.UnsupportedError):  # an option or use no bound covers:
       followed.add(path)  # its kernel is known, bounded where the layer's code uses it
     if bound is not None:
-      most = power(bound, seen.calls)
+      most = power(bound.norm, seen.calls)
       with np.errstate(over="ignore"):  # b ** runs beyond float32: inf
         layers[at] = (jnp.asarray(most, jnp.float32), most)
   if names:
@@ -850,8 +876,8 @@ def _own_variables(variables: Mapping[str, Any], path: str, cols: set[str]) -> l
   return found
 
 
-def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int) -> float:
-  """The certified norm of a module's plain or weight-normed kernel."""
+def _plain_bound(seen: _Seen, params: Mapping[str, Any], path: str, n_steps: int) -> _Norm:
+  """The certified bounds of a module's plain or weight-normed kernel."""
   at = _join(path, "kernel")
   if not seen.calls:
     raise _UncertifiedError(
@@ -881,8 +907,8 @@ def _weight_normed(seen: _Seen, params: Mapping[str, Any]) -> jax.Array:
 
 def _certified(
   seen: _Seen, variables: Mapping[str, Any], collection: str, path: str, n_steps: int
-) -> float:
-  """A certified bound on the norm of what one wrapped layer computes in evaluation."""
+) -> _Norm:
+  """Certified bounds of the kernel one wrapped layer computes with in evaluation."""
   parts = path.split("/")
   w = variables["params"]
   state = variables[collection]
@@ -894,7 +920,13 @@ def _certified(
   w64 = np.asarray(w, np.float64)
   bound = _kernel_bound(seen, w64, n_steps)
   u, v, sigma = (meta.unbox(state[k]) for k in _options.spectral_keys(seen.name))
-  return bound * _largest_scale(seen, path, w64, w.dtype, (u, v, sigma))
+  scale = _largest_scale(seen, path, w64, w.dtype, (u, v, sigma))
+  return _Norm(bound.norm * scale, _prop_up(bound.gain * scale))
+
+
+def _prop_up(x: float) -> float:
+  """``x`` rounded up by one ulp."""
+  return math.nextafter(x, math.inf) if math.isfinite(x) else x
 
 
 def _largest_scale(seen: _Seen, path: str, w: np.ndarray, w_dtype: Any, state: tuple) -> float:
@@ -926,8 +958,8 @@ def _largest_scale(seen: _Seen, path: str, w: np.ndarray, w_dtype: Any, state: t
 _CERTIFIED = (nn.Conv, nn.Dense, nn.DenseGeneral)
 
 
-def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
-  """A bound on the kernel's own norm, for Flax's own layers run by their own code.
+def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> _Norm:
+  """Bounds of the kernel's own norms, for Flax's own layers run by their own code.
 
   A subclass may override ``__call__`` and a custom ``dot_general`` scale the
   product: neither is what the kernel's norm bounds; they raise
@@ -952,6 +984,22 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
         "and give it to the layer as an attribute to certify the layer"
       )
     w = w * np.asarray(m.mask, np.float64)
+  n_out = len(m.features) if base is nn.DenseGeneral and isinstance(m.features, tuple) else 1
+  return _Norm(_operator_norm(seen, w, n_steps, n_out), _gain(w, n_out))
+
+
+def _gain(w: np.ndarray, n_out: int) -> float:
+  """The largest sum of ``|w|`` over the inputs of one of the last ``n_out`` axes'
+  outputs, rounded up for float64's summation."""
+  sums = np.abs(w).sum(axis=tuple(range(w.ndim - n_out)))
+  n = w.size // max(sums.size, 1)
+  return _prop_up(float(sums.max(initial=0.0)) * (1 + (n + 2) * 2.0**-52))
+
+
+def _operator_norm(seen: _Seen, w: np.ndarray, n_steps: int, n_out: int) -> float:
+  """The certified norm of a certified layer's (masked) kernel ``w`` (``n_out`` output axes)."""
+  m = seen.module
+  base = _subclass.base_of(type(m))
   if base is nn.Conv:
     if not _all_ones(getattr(m, "input_dilation", 1)):
       raise _UncertifiedError(f"nn.Conv with input_dilation={m.input_dilation!r} is not certified")
@@ -969,7 +1017,6 @@ def _kernel_bound(seen: _Seen, w: np.ndarray, n_steps: int) -> float:
     return _certify.matrix_norm_bound(w, axis=-1, n_steps=n_steps)
   if m.batch_dims:
     raise _UncertifiedError("nn.DenseGeneral with batch_dims is not certified")
-  n_out = len(m.features) if isinstance(m.features, tuple) else 1
   kept = tuple(range(w.ndim - n_out, w.ndim))
   return _certify.matrix_norm_bound(w, axis=kept, n_steps=n_steps)
 

@@ -241,8 +241,9 @@ def test_certificate_is_none_with_a_reason_for_layers_without_a_bound():
   # The model's own scale is known (followed, not refused); LayerNorm divides by a statistic
   # of its input: the reason names it.
   assert bound.certified is None and bound.reasons == {
-    "LayerNorm_0": "mul of two values that depend on the inputs (no rule bounds it: not "
-    "Lipschitz in general)"
+    "LayerNorm_0": "mul of two values that depend on the inputs, one of them not known to stay "
+    "in a bounded interval (a product is bounded where both factors are, as a sigmoid's or "
+    "tanh's output: not Lipschitz in general)"
   }
   # A layer stack under nn.scan after a spectral layer: followed, each step its own slice.
   bound = flaxnorm.lipschitz_bound(_Scanned().init(KEY, x), model=_Scanned(), inputs=(x,))

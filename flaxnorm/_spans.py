@@ -1,0 +1,132 @@
+"""Intervals holding every element of a value whatever the inputs (its *span*).
+
+A product of two values that both depend on the inputs is not Lipschitz in
+general, but it is where both stay bounded: for ``y = a ⊙ b``,
+
+    y(x) − y(x') = a(x) ⊙ (b(x) − b(x')) + b(x') ⊙ (a(x) − a(x')),
+
+so ``L(y) ≤ max|a| · L(b) + max|b| · L(a)``. An LSTM's gates (sigmoids, in
+``[0, 1]``) times its cell, a GRU's reset gate times its hidden state's
+projection, a WaveNet-style gated unit ``tanh(a) ⊙ σ(b)``: each factor has a
+span, which :mod:`flaxnorm._propagate` carries through the program beside the
+bound, as intervals ``(lo, hi)`` (``ANY``: not known). Spans are of the program
+in exact arithmetic, as the bound is; their endpoints are rounded outward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+Span = tuple[float, float]
+ANY: Span = (-math.inf, math.inf)
+ZERO: Span = (0.0, 0.0)
+
+
+def _down(x: float) -> float:
+  return math.nextafter(x, -math.inf) if math.isfinite(x) else x
+
+
+def _up(x: float) -> float:
+  return math.nextafter(x, math.inf) if math.isfinite(x) else x
+
+
+def _checked(lo: float, hi: float) -> Span:
+  """``(lo, hi)``, or ``ANY`` when an endpoint is NaN (``inf − inf``)."""
+  return ANY if math.isnan(lo) or math.isnan(hi) else (lo, hi)
+
+
+def of_array(c: Any) -> Span:
+  """The span of a known array: its smallest and largest element (``ANY`` for a
+  complex one or one holding NaN; ``ZERO`` for an empty one)."""
+  a = np.asarray(c)
+  if a.dtype.kind not in "fiub" and not jnp.issubdtype(a.dtype, jnp.floating):  # (bfloat16)
+    return ANY
+  if not a.size:
+    return ZERO
+  a = a.astype(np.float64)
+  lo, hi = float(a.min()), float(a.max())
+  return _checked(lo, hi)
+
+
+def magnitude(s: Span) -> float:
+  """``max |y|`` over the span."""
+  return max(abs(s[0]), abs(s[1]))
+
+
+def within(inner: Span, outer: Span) -> bool:
+  return outer[0] <= inner[0] and inner[1] <= outer[1]
+
+
+def hull(spans: Iterable[Span]) -> Span:
+  """The smallest span holding all of ``spans``."""
+  found = list(spans)
+  return (min(s[0] for s in found), max(s[1] for s in found)) if found else ANY
+
+
+def total(spans: Sequence[Span], signs: Sequence[int]) -> Span:
+  """The span of ``Σ signs[i] · y_i`` (``add``, ``sub``)."""
+  lo = hi = 0.0
+  for (a, b), sign in zip(spans, signs, strict=True):
+    lo, hi = (lo + a, hi + b) if sign > 0 else (lo - b, hi - a)
+  return _checked(_down(lo), _up(hi))
+
+
+def product(a: Span, b: Span) -> Span:
+  """The span of ``y · z`` for ``y`` in ``a`` and ``z`` in ``b``."""
+  if a == ZERO or b == ZERO:
+    return ZERO
+  ends = [x * y for x in a for y in b]
+  if any(math.isnan(e) for e in ends):  # 0 · inf: not known
+    return ANY
+  return _down(min(ends)), _up(max(ends))
+
+
+def quotient(a: Span, c: Span, smallest: float) -> Span:
+  """The span of ``y / z`` for ``y`` in ``a`` and ``z`` in a constant's span ``c``,
+  whose smallest ``|z|`` is ``smallest > 0``."""
+  if c[0] > 0 or c[1] < 0:
+    return product(a, (_down(1.0 / c[1]), _up(1.0 / c[0])))
+  r = _up(magnitude(a) / smallest)  # c has both signs: |y / z| ≤ max|y| / min|z|
+  return _checked(-r, r)
+
+
+def times(s: Span, k: float) -> Span:
+  """The span of a sum of ``k`` elements of span ``s`` (``k ≥ 0``)."""
+  return _checked(_down(s[0] * k), _up(s[1] * k))
+
+
+def rounded(s: Span, eps: float, tiny: float) -> Span:
+  """``s`` widened by one rounding to a precision of relative ``eps`` (smallest normal
+  ``tiny``): a conversion or ``reduce_precision`` stays within it (rounding is monotone)."""
+  return _checked(_down(s[0] - abs(s[0]) * eps - tiny), _up(s[1] + abs(s[1]) * eps + tiny))
+
+
+def monotone(s: Span, f: Any, lo: float, hi: float) -> Span:
+  """The span of an increasing ``f`` of a value in ``s``, within ``[lo, hi]`` (``f``'s
+  range), its ends widened by a few ulps for ``f``'s own rounding."""
+  ends = [f(x) if math.isfinite(x) else (lo if x < 0 else hi) for x in s]
+  widen = [e - 4 * math.ulp(e) for e in ends[:1]] + [e + 4 * math.ulp(e) for e in ends[1:]]
+  return max(lo, widen[0]), min(hi, widen[1])
+
+
+def dot(s: Span, c: np.ndarray, contracted: Sequence[int]) -> Span:
+  """The span of ``Σₖ yₖ cₖⱼ`` (summed over ``c``'s ``contracted`` axes; the others
+  index the outputs) for every ``yₖ`` in ``s``: ``mid · Σₖ cₖⱼ ± rad · Σₖ |cₖⱼ|``,
+  widened by float64's summation error."""
+  if not all(map(math.isfinite, s)):
+    return ANY
+  c = np.asarray(c, np.float64)
+  mid, rad = (s[0] + s[1]) / 2, (s[1] - s[0]) / 2
+  axes = tuple(contracted)
+  sums, abs_sums = c.sum(axis=axes), np.abs(c).sum(axis=axes)
+  n = math.prod(c.shape[a] for a in axes) + 2
+  slack = abs_sums * ((abs(mid) + rad) * (1 + n * 2.0**-52)) * (n * 2.0**-52)
+  lo, hi = mid * sums - rad * abs_sums - slack, mid * sums + rad * abs_sums + slack
+  if not lo.size:
+    return ZERO
+  return _checked(_down(float(lo.min())), _up(float(hi.max())))

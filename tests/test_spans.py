@@ -1,0 +1,241 @@
+"""Products of two input-dependent values, bounded by the spans of their factors.
+
+Each certificate is checked against local Jacobian norms at many points, large
+inputs included (a lower bound of the constant: a certificate below one is wrong),
+and each interval rule against values drawn inside its operands' spans.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flaxnorm
+import flaxnorm.nnx as fnnx
+from flaxnorm import _reports, _spans
+
+KEY = jax.random.key(0)
+_FINITE = st.floats(-1e3, 1e3, allow_nan=False)
+
+
+def _span(draw_a: float, draw_b: float) -> _spans.Span:
+  return (min(draw_a, draw_b), max(draw_a, draw_b))
+
+
+def _inside(s: _spans.Span, rng: np.random.Generator, n: int = 64) -> np.ndarray:
+  """Points of ``s``, its ends included."""
+  return np.concatenate([np.array(s), rng.uniform(s[0], s[1], n)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(_FINITE, _FINITE, _FINITE, _FINITE, st.integers(0, 2**16))
+def test_interval_rules_hold_every_value_drawn_inside(a0, a1, b0, b1, seed):
+  rng = np.random.default_rng(seed)
+  a, b = _span(a0, a1), _span(b0, b1)
+  x, y = _inside(a, rng), _inside(b, rng)[:, None]
+  checks = [
+    (_spans.product(a, b), x * y),
+    (_spans.total([a, b], [1, -1]), x - y),
+    (_spans.total([a, b], [1, 1]), x + y),
+    (_spans.times(a, 3.0), 3.0 * x),
+    (_spans.monotone(a, math.tanh, -1.0, 1.0), np.tanh(x)),
+  ]
+  if b[0] > 1e-300 or b[1] < -1e-300:  # (the walk divides by normal numbers only)
+    checks.append((_spans.quotient(a, b, min(abs(b[0]), abs(b[1]))), x / y))
+  for (lo, hi), values in checks:
+    assert lo <= values.min() and values.max() <= hi
+
+
+@settings(max_examples=30, deadline=None)
+@given(_FINITE, _FINITE, st.integers(0, 2**16))
+def test_a_dot_with_a_known_matrix_stays_in_its_span(a0, a1, seed):
+  rng = np.random.default_rng(seed)
+  a = _span(a0, a1)
+  c = rng.normal(size=(5, 3))
+  lo, hi = _spans.dot(a, c, [0])
+  corners = np.array(np.meshgrid(*[a] * 5)).reshape(5, -1).T  # every vertex of the box
+  values = corners @ c
+  assert lo <= values.min() and values.max() <= hi
+  assert values.min() == pytest.approx(lo, rel=1e-9, abs=1e-9)  # and it is exact there
+
+
+def _lower(f, shape, scales=(0.5, 3.0, 10.0), n=6) -> float:
+  """The largest local Jacobian norm of ``f`` over random points at several scales."""
+  size = math.prod(shape)
+  best = 0.0
+  for k, scale in enumerate(scales):
+    for p in jax.random.normal(jax.random.key(k), (n, *shape)) * scale:
+      jac = jax.jacfwd(lambda z: jnp.ravel(f(z.reshape(shape))))(p.ravel())
+      best = max(best, float(np.linalg.norm(np.asarray(jac, np.float64).reshape(-1, size), 2)))
+  return best
+
+
+class _Gated(nn.Module):
+  """WaveNet's gated unit, ``tanh(conv(x)) ⊙ σ(conv(x))``, with a 1x1 projection."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(4, (3,), name="f")(x)) * nn.sigmoid(nn.Conv(4, (3,), name="g")(x))
+    return nn.Conv(2, (1,), name="out")(h)
+
+
+def test_a_gated_unit_is_certified_by_its_factors_spans():
+  """L ≤ max|tanh| L(σ part) + max|σ| L(tanh part): each factor's bound times the other's span."""
+  model, x = _Gated(), jnp.ones((1, 6, 3))
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.reasons == {}
+  f, g, out = (bound.layers[f"{k}/kernel"][1] for k in ("f", "g", "out"))
+  assert bound.certified == pytest.approx(out * (f + g / 4), rel=1e-6)
+  assert bound.certified >= _lower(lambda z: model.apply(variables, z), x.shape)
+
+
+def _linen_cells():
+  return {
+    "lstm": nn.LSTMCell(3),
+    "optimized_lstm": nn.OptimizedLSTMCell(3),
+    "gru": nn.GRUCell(3),
+    "mgu": nn.MGUCell(3),
+    "spectral_gru": flaxnorm.spectral_norm(nn.GRUCell(3), recursive=True),
+    "weight_normed_lstm": flaxnorm.weight_norm(nn.LSTMCell(3), recursive=True),
+  }
+
+
+@pytest.mark.parametrize("name", list(_linen_cells()))
+def test_gated_linen_rnns_are_certified_above_their_local_norms(name):
+  """Their gates (in [0, 1]) multiply values of known spans: tanh's, and a certified
+  layer's output (its kernel's ∞-norm times its input's span, plus its bias)."""
+  model, x = nn.RNN(_linen_cells()[name]), jnp.ones((1, 3, 2))
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.reasons == {} and math.isfinite(bound.certified)
+  assert bound.certified >= _lower(lambda z: model.apply(variables, z), x.shape)
+
+
+@pytest.mark.parametrize("cell", [nnx.LSTMCell, nnx.GRUCell, nnx.OptimizedLSTMCell])
+def test_gated_nnx_rnns_are_certified_above_their_local_norms(cell):
+  model, x = nnx.RNN(cell(2, 3, rngs=nnx.Rngs(0))), jnp.ones((1, 3, 2))
+  bound = fnnx.lipschitz_bound(model, (x,))
+  assert bound.reasons == {} and math.isfinite(bound.certified)
+  carry = model.cell.initialize_carry((1, 2), nnx.Rngs(0))  # zeros
+  graph, state = nnx.split(model.cell)
+
+  def unrolled(z):  # the RNN step by step (nnx.RNN's scan does not run under jacfwd here)
+    cell, c, ys = nnx.merge(graph, state), carry, []
+    for t in range(z.shape[1]):
+      c, y = cell(c, z[:, t])
+      ys.append(y)
+    return jnp.stack(ys, 1)
+
+  chex.assert_trees_all_close(unrolled(x), model(x), rtol=1e-6)
+  assert bound.certified >= _lower(unrolled, x.shape)
+
+
+class _BiasGate(nn.Module):
+  """``tanh(x) ⊙ d(tanh(x))``: ``d``'s bias sets its output's span."""
+
+  @nn.compact
+  def __call__(self, x):
+    t = jnp.tanh(x)
+    return t * nn.Dense(3, name="d")(t)
+
+
+def test_a_certified_layers_output_span_counts_its_bias():
+  """At x = 0 the Jacobian is d(0) = its bias, 100: a span without it certified 2."""
+  model, x = _BiasGate(), jnp.zeros((1, 3))
+  variables = {"params": {"d": {"kernel": jnp.eye(3), "bias": jnp.full(3, 100.0)}}}
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  lower = _lower(lambda z: model.apply(variables, z), x.shape, scales=(0.0, 0.5, 3.0))
+  assert lower >= 99.0
+  assert bound.reasons == {} and bound.certified >= lower
+
+
+@pytest.mark.parametrize(
+  "layer",
+  [nn.Dense(3), nn.DenseGeneral((2, 2)), nn.Conv(2, (3,)), nn.Conv(3, (2, 2), strides=2)],
+  ids=["dense", "dense_general", "conv", "conv_2d"],
+)
+def test_a_layers_gain_is_its_largest_output_over_the_unit_box(layer):
+  """A linear map's largest |output| over inputs in [-1, 1] is at a vertex: all of them."""
+  shape = (1, 4, 2) if isinstance(layer, nn.Conv) and len(layer.kernel_size) == 1 else (1, 4)
+  shape = (1, 2, 2, 2) if isinstance(layer, nn.Conv) and len(layer.kernel_size) == 2 else shape
+  variables = layer.init(KEY, jnp.ones(shape))
+  kernel = variables["params"]["kernel"]
+  size = math.prod(shape)
+  vertices = np.array(np.meshgrid(*[[-1.0, 1.0]] * size)).reshape(size, -1).T
+  apply = jax.vmap(
+    lambda v: (
+      layer.apply(variables, v.reshape(shape)) - layer.apply(variables, 0 * v.reshape(shape))
+    )
+  )
+  most = float(np.abs(np.asarray(apply(jnp.asarray(vertices, jnp.float32)), np.float64)).max())
+  n_out = len(layer.features) if isinstance(layer, nn.DenseGeneral) else 1
+  gain = _reports._gain(np.asarray(kernel, np.float64), n_out)
+  assert most <= gain * (1 + 1e-6) and gain <= most * (1 + 1e-6)  # (float32 sums)
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_a_branch_keeps_the_span_of_every_branch(offset):
+  """A branch picked by a param: the product after it holds for the branch it picks."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      pick = self.param("pick", nn.initializers.ones, ())
+      h = jax.lax.cond(pick > 0, lambda: jnp.tanh(x) + offset, lambda: jnp.tanh(x))
+      return h * nn.sigmoid(x)
+
+  model, x = Model(), jnp.ones((1, 3))
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  assert bound.reasons == {}
+  assert bound.certified >= _lower(lambda z: model.apply(variables, z), x.shape)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_a_loop_of_unknown_trip_count_gives_up_a_growing_span(grow):
+  """``h ← h + 1`` keeps h's bound but not its span: a product with it is refused after
+  the loop (the initial span would certify 1.25 where 100 steps give about 25)."""
+
+  def step(h):
+    return h + 1.0 if grow else 0.5 * jnp.tanh(h)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, n):
+      h = jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(c[1])), (0, jnp.tanh(x)))
+      return h[1] * nn.sigmoid(x)
+
+  model, x = Model(), jnp.ones((1, 3))
+  n = jax.ShapeDtypeStruct((), jnp.int32)  # a trip count the walk cannot know
+  bound = flaxnorm.lipschitz_bound({"params": {}}, model=model, inputs=(x, n))
+  if grow:
+    assert bound.certified is None and "bounded interval" in bound.reasons["<top level>"]
+  else:
+    assert bound.certified == pytest.approx(1.25, rel=1e-6)
+    for trips in (0, 1, 100):
+      local = _lower(lambda z, t=trips: model.apply({}, z, t), x.shape)
+      assert bound.certified >= local
+
+
+def test_a_product_of_unbounded_values_still_gets_a_reason():
+  """Attention's scores, a GLU's linear half: not Lipschitz, however the spans go."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="a")(x) * nn.sigmoid(nn.Dense(3, name="b")(x))
+
+  model, x = Model(), jnp.ones((1, 3))
+  bound = flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=(x,))
+  assert bound.certified is None
+  assert "not known to stay in a bounded interval" in bound.reasons["<top level>"]
