@@ -343,6 +343,56 @@ def _better(out: _Value, fn: _inline.Inline, x: _Value) -> _Value:
   return mine if mine.bound < out.bound else out
 
 
+def _mixed(
+  out: _Value, eqn: Any, made: Mapping[Any, Any], read: Callable[[Any], _Value], value: _Lookup
+) -> _Value:
+  """``out``, the sum ``eqn``, or better when it is ``(1 − z) ⊙ a + z ⊙ b`` with ``z`` in
+  ``[0, 1]`` (a GRU's or MGU's update): a convex combination, in the
+  hull of ``a``'s and ``b``'s spans, and since ``y − y' = (1 − z)(a − a') + z(b − b') +
+  (z − z')(b' − a')``, with ``L ≤ √(L(a)² + L(b)²) + max|b − a| L(z)`` (each element
+  moves by at most the larger of ``a``'s and ``b``'s moves, plus ``z``'s)."""
+  found = _mix_operands(eqn, made, value)
+  if found is None:
+    return out
+  a, b, z = (read(v) for v in found)
+  sa, sb, sz = (_span(x, v, value) for x, v in zip((a, b, z), found, strict=True))
+  if not _spans.within(sz, (0.0, 1.0)) or _INF in (a.bound, b.bound, z.bound):
+    return out
+  apart = _spans.magnitude(_spans.total([sb, sa], [1, -1]))
+  moved = _times(apart, z.bound) if z.bound else 0.0
+  bound = _up(_norm([a.bound, b.bound]) + moved)
+  span = _spans.hull([sa, sb])
+  if out.bound != _INF:  # both hold: the tighter of each
+    bound, span = min(bound, out.bound), (max(span[0], out.span[0]), min(span[1], out.span[1]))
+  return _Value(bound, span=span) if math.isfinite(bound) else out
+
+
+def _mix_operands(eqn: Any, made: Mapping[Any, Any], value: _Lookup) -> tuple | None:
+  """``(a, b, z)`` when ``eqn`` adds ``(1 − z) ⊙ a`` and ``z ⊙ b`` (either order, all of
+  the output's shape), else None."""
+  products = [made.get(v) for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+  if len(products) != 2:
+    return None
+  p, q = products
+  if p is None or q is None or p.primitive.name != "mul" or q.primitive.name != "mul":
+    return None
+  size = _size(eqn.outvars[0])
+  for first, second in ((p, q), (q, p)):
+    for i in (0, 1):
+      w = first.invars[i]
+      sub = None if isinstance(w, jex_core.Literal) else made.get(w)
+      if sub is None or sub.primitive.name != "sub" or isinstance(sub.invars[1], jex_core.Literal):
+        continue
+      one, z = sub.invars
+      ones = value(one)
+      if ones is None or not np.all(np.asarray(ones) == 1) or z not in second.invars:
+        continue
+      a, b = first.invars[1 - i], second.invars[1 - second.invars.index(z)]
+      if all(not isinstance(v, jex_core.Literal) and _size(v) == size for v in (a, b, z)):
+        return a, b, z
+  return None
+
+
 def _consts(closed: Any) -> dict[Any, Any]:
   """The known values of a closed jaxpr's constants."""
   return dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
@@ -385,12 +435,19 @@ class _Walk:
     self.unmeasured: set[str] = set()  # see Bound.unmeasured
     self.norms: dict[tuple[Any, ...], Any] = {}  # see norm
     self.inlined: dict[int, tuple[jex_core.Jaxpr, dict[Any, _inline.Inline]]] = {}
+    self.made: dict[int, tuple[jex_core.Jaxpr, dict[Any, Any]]] = {}  # see producers
 
   def inline(self, jaxpr: jex_core.Jaxpr) -> dict[Any, _inline.Inline]:
     """:func:`flaxnorm._inline.found` of ``jaxpr``, once (a loop's body runs every step)."""
     if id(jaxpr) not in self.inlined:
       self.inlined[id(jaxpr)] = (jaxpr, _inline.found(jaxpr))  # (holds jaxpr: its id stays)
     return self.inlined[id(jaxpr)][1]
+
+  def producers(self, jaxpr: jex_core.Jaxpr) -> dict[Any, Any]:
+    """The equation computing each variable of ``jaxpr``, once."""
+    if id(jaxpr) not in self.made:
+      self.made[id(jaxpr)] = (jaxpr, {v: e for e in jaxpr.eqns for v in e.outvars})
+    return self.made[id(jaxpr)][1]
 
   def norm(self, known: Any, compute: Callable[[], _T], *more: Any) -> _T:
     """``compute()``: a norm of the value ``known``, ``more`` (hashable) being all else
@@ -423,6 +480,7 @@ class _Walk:
     known = dict(known)
     value = _Lookup(known)
     inlined = self.inline(jaxpr)
+    made = self.producers(jaxpr)
 
     def read(v: Any) -> _Value:
       return _ZERO if isinstance(v, jex_core.Literal) else env.get(v, _ZERO)
@@ -443,6 +501,8 @@ class _Walk:
       for var, out in zip(eqn.outvars, outs, strict=True):
         if var in inlined:
           out = _better(out, inlined[var], env.get(inlined[var].x, _ZERO))
+        if eqn.primitive.name == "add" and out.bound:
+          out = _mixed(out, eqn, made, read, value)
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
         if out.span != _spans.ANY and not _is_real_floating(var):  # (a complex value)

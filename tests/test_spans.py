@@ -227,6 +227,29 @@ def test_a_loop_of_unknown_trip_count_gives_up_a_growing_span(grow):
       assert bound.certified >= local
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "tanh"])
+def test_a_convex_combination_stays_in_its_hull(gate):
+  """``(1 − z) a + z b`` with ``z = σ(·)`` is in ``[−1, 1]`` for tanh's ``a``, ``b`` (the
+  product after it: ``1 · L``, not ``2 · L``); with ``z = tanh(·)`` it is not a convex
+  combination, and the rule must not apply (a local norm above it would show it)."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a, b = jnp.tanh(2.0 * x), jnp.tanh(-3.0 * x)
+      z = nn.sigmoid(x) if gate == "sigmoid" else jnp.tanh(4.0 * x)
+      return ((1.0 - z) * a + z * b) * jnp.tanh(x)
+
+  model, x = Model(), jnp.ones((1, 3))
+  bound = flaxnorm.lipschitz_bound({"params": {}}, model=model, inputs=(x,))
+  assert bound.reasons == {}
+  assert bound.certified >= _lower(
+    lambda z: model.apply({}, z), x.shape, scales=(0.2, 0.5, 1.0, 3.0)
+  )
+  if gate == "sigmoid":  # √(2² + 3²) + max|b − a| · ¼ = 3.61 + 0.5; then times max|tanh x| = 1, + 1
+    assert bound.certified == pytest.approx(math.sqrt(13.0) + 0.5 + 1.0, rel=1e-6)
+
+
 def test_a_product_of_unbounded_values_still_gets_a_reason():
   """Attention's scores, a GLU's linear half: not Lipschitz, however the spans go."""
 
