@@ -390,6 +390,8 @@ _BLOCKS = st.lists(
       "leaky",
       "log_softmax",
       "fori_stack",
+      "gated",
+      "mix",
     ]
   ),
   min_size=1,
@@ -418,6 +420,11 @@ class _Random(nn.Module):
         x = nn.max_pool(x[..., None], (2,), (1,), "SAME")[..., 0]
       elif b == "log_softmax":
         x = nn.log_softmax(x)
+      elif b == "gated":  # a product of two bounded values (test_spans.py)
+        x = jnp.tanh(nn.Dense(n)(x)) * nn.sigmoid(nn.Dense(n)(x))
+      elif b == "mix":  # a GRU's convex update
+        z = nn.sigmoid(nn.Dense(n)(x))
+        x = (1.0 - z) * jnp.tanh(nn.Dense(n)(x)) + z * jnp.tanh(x)
       elif b == "fori_stack":  # a counter indexing a stack of params
         stack = self.param(f"stack_{k}", nn.initializers.normal(1.0), (2, n, n))
         x = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ stack[i]), x)
