@@ -1281,6 +1281,39 @@ def _conv_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_V
   return [_scaled(vals[0], norm)._replace(span=span)]
 
 
+def _smooth_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """``yⁿ`` (``integer_pow``, ``square``, ``pow`` by a known scalar, ``sqrt``, ``rsqrt``),
+  ``exp``, ``log`` of a real value: elementwise, their largest slope over the
+  operand's span (:mod:`flaxnorm._spans`: sin² in Snake, BigVGAN's activation, is
+  ``2 max|sin|``); a reason where the span does not bound it (or ``yⁿ`` is not real)."""
+  name = eqn.primitive.name
+  x, s = vals[0], vals[0].span
+  why = (
+    f"no Lipschitz rule for {name} of a value that depends on the inputs and is not known "
+    "to stay in an interval where its slope is bounded"
+  )
+  if not _is_real_floating(eqn.invars[0]):
+    return [_inf(why)]
+  if name == "pow":
+    if len(vals) > 1 and vals[1].bound:
+      return [_inf("pow with an exponent that depends on the inputs (no rule here)")]
+    n = value(eqn.invars[1])
+    if n is None or np.size(n) != 1:
+      return [_inf(why)]
+    found = _spans.power(s, float(np.asarray(n)))
+  elif name == "exp":
+    found = _spans.exp(s)
+  elif name == "log":
+    found = _spans.log(s)
+  else:
+    n = {"square": 2, "sqrt": 0.5, "rsqrt": -0.5}.get(name, eqn.params.get("y"))
+    found = _spans.power(s, float(n))
+  if found is None or x.bound == _INF:
+    return [_inf(why) if x.bound != _INF else x]
+  slope, span = found
+  return [_elementwise(eqn.invars[0], x, slope, span)]
+
+
 def _cumsum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
   """Running sums along an axis of ``n``: the lower-triangular matrix of ones, whose
   norm is ``1 / (2 sin(π / (4n + 2)))`` (its singular values are known in closed form)."""
@@ -1447,5 +1480,6 @@ _RULES: dict[str, Callable[..., list[_Value]]] = {
   "cummin": _running_max_rule,
   "cumlogsumexp": _running_max_rule,
   "scatter-add": _scatter_add_rule,
+  **dict.fromkeys(("integer_pow", "square", "pow", "sqrt", "rsqrt", "exp", "log"), _smooth_rule),
   "scatter-sub": _scatter_add_rule,
 }

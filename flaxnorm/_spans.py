@@ -130,3 +130,62 @@ def dot(s: Span, c: np.ndarray, contracted: Sequence[int]) -> Span:
   if not lo.size:
     return ZERO
   return _checked(_down(float(lo.min())), _up(float(hi.max())))
+
+
+def _outward(s: Span) -> Span:
+  """``s`` widened by 4 ulps each way (for ``math.pow``, ``exp``, ``log``: within 1 ulp)."""
+  lo = s[0] - 4 * math.ulp(s[0]) if math.isfinite(s[0]) else s[0]
+  hi = s[1] + 4 * math.ulp(s[1]) if math.isfinite(s[1]) else s[1]
+  return _checked(lo, hi)
+
+
+def _slope(x: float) -> float:
+  return x * (1 + 2.0**-49) if math.isfinite(x) else x
+
+
+def power(s: Span, n: float) -> tuple[float, Span] | None:
+  """``yⁿ`` for ``y`` in ``s``: its largest ``|slope|`` there and its span, or None where
+  the slope is unbounded or ``yⁿ`` is not real (a negative base, a non-integer ``n``)."""
+  lo, hi = s
+  small = 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))  # the smallest |y|
+  big = magnitude(s)
+  try:
+    if n == 0:
+      return 0.0, (1.0, 1.0)
+    if n == 1:
+      return 1.0, s
+    if float(n).is_integer() and n > 0:
+      if not math.isfinite(big):
+        return None
+      span = (lo**n, hi**n) if n % 2 else (small**n, big**n)
+      return _slope(n * big ** (n - 1)), _outward(span)
+    if float(n).is_integer():  # n < 0: 1 / y^|n|
+      if not small:
+        return None
+      top = small**n
+      span = (0.0, top) if n % 2 == 0 else (hi**n, lo**n)
+      return _slope(-n * small ** (n - 1)), _outward(span)
+    if lo < 0 or (n < 1 and lo == 0) or (n > 1 and not math.isfinite(hi)):
+      return None  # (a negative base: NaN; a slope unbounded at 0 or at inf)
+    slope = n * (hi if n > 1 else lo) ** (n - 1)
+    span = (lo**n, hi**n) if n > 0 else (hi**n, lo**n)
+    return _slope(abs(slope)), _outward(span)
+  except (OverflowError, ZeroDivisionError):
+    return None
+
+
+def exp(s: Span) -> tuple[float, Span] | None:
+  """``exp`` over ``s``: its largest slope, ``exp(hi)``, and its span."""
+  try:
+    top = math.exp(s[1])
+  except OverflowError:
+    return None
+  low = math.exp(s[0]) if math.isfinite(s[0]) else 0.0
+  return (_slope(top), _outward((low, top))) if math.isfinite(top) else None
+
+
+def log(s: Span) -> tuple[float, Span] | None:
+  """``log`` over ``s``: its largest slope, ``1 / lo``, and its span (``lo > 0``)."""
+  if not s[0] > 0:
+    return None
+  return _slope(1.0 / s[0]), _outward((math.log(s[0]), math.log(s[1])))

@@ -262,3 +262,108 @@ def test_a_product_of_unbounded_values_still_gets_a_reason():
   bound = flaxnorm.lipschitz_bound(model.init(KEY, x), model=model, inputs=(x,))
   assert bound.certified is None
   assert "not known to stay in a bounded interval" in bound.reasons["<top level>"]
+
+
+_EXPONENTS = st.sampled_from([-3, -2, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.floats(-20, 20), st.floats(-20, 20), _EXPONENTS, st.integers(0, 2**16))
+def test_power_exp_and_log_spans_and_slopes_hold_inside(a0, a1, n, seed):
+  """Each value drawn inside the span maps inside the returned span, and each secant
+  slope between two of them is at most the returned slope."""
+  rng = np.random.default_rng(seed)
+  s = _span(a0, a1)
+  y = np.sort(_inside(s, rng))
+  with np.errstate(all="ignore"):
+    cases = [
+      (_spans.power(s, n), np.power(y, n)),
+      (_spans.exp(s), np.exp(y)),
+      (_spans.log(s), np.log(y)),
+    ]
+  for found, values in cases:
+    if found is None:  # refused: only where the slope is unbounded or the value not real
+      continue
+    slope, (lo, hi) = found
+    assert np.all(np.isfinite(values))
+    assert lo <= values.min() and values.max() <= hi
+    apart = np.diff(y) > 1e-9
+    secants = np.abs(np.diff(values)[apart] / np.diff(y)[apart])
+    assert secants.max(initial=0.0) <= slope * (1 + 1e-9)
+
+
+def _snake(x, alpha):
+  """BigVGAN's Snake: ``x + sin²(αx) / α``, per channel."""
+  return x + (1.0 / (alpha + 1e-9)) * jnp.sin(x * alpha) ** 2
+
+
+class _LinenSnake(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    alpha = self.param("alpha", lambda k, s: jax.random.uniform(k, s, minval=0.5, maxval=2.0), (4,))
+    return nn.Conv(2, (3,), name="out")(_snake(nn.Conv(4, (3,), name="conv")(x), alpha))
+
+
+class _NNXSnake(nnx.Module):
+  def __init__(self, rngs):
+    self.conv, self.out = nnx.Conv(3, 4, (3,), rngs=rngs), nnx.Conv(4, 2, (3,), rngs=rngs)
+    self.alpha = nnx.Param(jax.random.uniform(rngs.params(), (4,), minval=0.5, maxval=2.0))
+
+  def __call__(self, x):
+    return self.out(_snake(self.conv(x), self.alpha[...]))
+
+
+def test_snake_is_certified_in_both_faces():
+  """Snake's slope ``1 + sin(2αx)`` is at most 2; the certificate takes sin²'s slope over
+  sin's span, ``2 · 1``, times ``max α · max 1/α``: ``1 + 2 max α / min α``."""
+  x = jnp.ones((1, 6, 3))
+  model = _LinenSnake()
+  variables = model.init(KEY, x)
+  bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
+  alpha = np.asarray(variables["params"]["alpha"], np.float64)
+  conv, out = (bound.layers[f"{k}/kernel"][1] for k in ("conv", "out"))
+  snake = 1 + 2 * alpha.max() / (alpha.min() + 1e-9)
+  assert bound.reasons == {} and bound.certified == pytest.approx(conv * snake * out, rel=1e-5)
+  assert bound.certified >= _lower(lambda z: model.apply(variables, z), x.shape)
+  nnx_model = _NNXSnake(nnx.Rngs(0))
+  nnx_bound = fnnx.lipschitz_bound(nnx_model, (x,))
+  graph, state = nnx.split(nnx_model)
+  assert nnx_bound.reasons == {} and math.isfinite(nnx_bound.certified)
+  assert nnx_bound.certified >= _lower(lambda z: nnx.merge(graph, state)(z), x.shape)
+
+
+@pytest.mark.parametrize(
+  ("fn", "certified"),
+  [
+    (lambda h: jnp.exp(jnp.tanh(h)), math.e),  # exp's slope at tanh's largest value
+    (lambda h: jnp.sqrt(1.5 + jnp.sin(h)), 0.5 / math.sqrt(0.5)),
+    (lambda h: jnp.log(2.0 + jnp.tanh(h)), 1.0),
+    (lambda h: jnp.power(jnp.tanh(h), 3), 3.0),
+    (lambda h: jnp.power(jax.nn.sigmoid(h), 2.0), 0.5),  # pow by a float: 2 · 1 · 1/4
+  ],
+)
+def test_smooth_functions_of_bounded_values_get_their_slope_over_the_span(fn, certified):
+  x = jnp.ones((1, 3))
+  bound = _bound_of(fn, x)
+  assert bound.reasons == {} and bound.certified == pytest.approx(certified, rel=1e-6)
+  assert bound.certified >= _lower(fn, x.shape, scales=(0.3, 1.0, 3.0))
+
+
+def _bound_of(fn, x):
+  """The certificate of a model without variables that computes ``fn``."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return fn(x)
+
+  return flaxnorm.lipschitz_bound({"params": {}}, model=Model(), inputs=(x,))
+
+
+@pytest.mark.parametrize("fn", [jnp.exp, jnp.sqrt, lambda h: h**2, lambda h: jnp.log(jnp.tanh(h))])
+def test_smooth_functions_without_a_bounding_span_get_a_reason(fn):
+  bound = _bound_of(fn, jnp.ones((1, 3)))
+  assert bound.certified is None
+  assert (
+    "not known to stay in an interval where its slope is bounded" in bound.reasons["<top level>"]
+  )
