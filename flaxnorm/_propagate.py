@@ -25,10 +25,11 @@ input-dependent values is bounded by them: ``L(a ⊙ b) ≤ max|a| L(b) + max|b|
 
 What gets ``inf`` (with the reason and the innermost layer running where it
 arose, reported where it reaches an output): a product of two input-dependent
-values one of which has no finite span, a scale or matrix not known here (not a literal, a constant, or a value
-computed from them), a primitive without a rule (``exp``, ``integer_pow``: not
-Lipschitz, or not known here), a discrete value made from the inputs used as
-data or as an index, and a loop of unknown trip count whose bound grows.
+values one of which has no finite span, a scale or matrix not known here (not a
+literal, a constant, or a value computed from them), ``exp`` or a power of a
+value whose span does not bound its slope, a primitive without a rule, a
+discrete value made from the inputs used as data or as an index, and a loop of
+unknown trip count whose bound grows.
 Selects on an input-dependent predicate (``jnp.where``, leaky ReLU) are taken
 as continuous: the one precondition, as everywhere in ``lipschitz_bound``.
 A branch picked from the inputs is refused
@@ -346,9 +347,9 @@ def _better(out: _Value, fn: _inline.Inline, x: _Value) -> _Value:
 def _mixed(
   out: _Value, eqn: Any, made: Mapping[Any, Any], read: Callable[[Any], _Value], value: _Lookup
 ) -> _Value:
-  """``out``, the sum ``eqn``, or better when it is ``(1 − z) ⊙ a + z ⊙ b`` with ``z`` in
-  ``[0, 1]`` (a GRU's or MGU's update): a convex combination, in the
-  hull of ``a``'s and ``b``'s spans, and since ``y − y' = (1 − z)(a − a') + z(b − b') +
+  """The value ``out`` of the sum ``eqn``, tightened when the sum is ``(1 − z) ⊙ a + z ⊙ b``
+  with ``z`` in ``[0, 1]`` (a GRU's or MGU's update): a convex combination, in the hull
+  of ``a``'s and ``b``'s spans, and since ``y − y' = (1 − z)(a − a') + z(b − b') +
   (z − z')(b' − a')``, with ``L ≤ √(L(a)² + L(b)²) + max|b − a| L(z)`` (each element
   moves by at most the larger of ``a``'s and ``b``'s moves, plus ``z``'s)."""
   found = _mix_operands(eqn, made, value)
@@ -503,6 +504,8 @@ class _Walk:
           out = _better(out, inlined[var], env.get(inlined[var].x, _ZERO))
         if eqn.primitive.name == "add" and out.bound:
           out = _mixed(out, eqn, made, read, value)
+        if out.bound and not _size(var):  # no element: nothing moves
+          out = _ZERO
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
         if out.span != _spans.ANY and not _is_real_floating(var):  # (a complex value)
@@ -735,8 +738,9 @@ def _grown(vals: Sequence[_Value], eqn: Any) -> list[tuple[_Value, Any]]:
   for x, v in zip(vals, eqn.invars, strict=True):
     if x.bound:
       n = _size(v)
-      copied = _scaled(x, math.sqrt(out / n))._replace(span=x.span)  # copies: the same span
-      found.append((copied if n and out > n else x, v))
+      if n and out > n:  # copies: the same span
+        x = _scaled(x, math.sqrt(out / n))._replace(span=x.span)
+      found.append((x, v))
   return found
 
 

@@ -367,3 +367,9 @@ def test_smooth_functions_without_a_bounding_span_get_a_reason(fn):
   assert (
     "not known to stay in an interval where its slope is bounded" in bound.reasons["<top level>"]
   )
+
+
+def test_an_empty_value_that_depends_on_the_inputs_adds_nothing():
+  """An empty slice scaled and shifted (its span rules see no element): the bound is 1."""
+  bound = _bound_of(lambda h: jnp.concatenate([h, h[:, :0] * 2.0 + 1.0], -1), jnp.ones((1, 3)))
+  assert bound.reasons == {} and bound.certified == pytest.approx(1.0)
