@@ -394,6 +394,47 @@ def _mix_operands(eqn: Any, made: Mapping[Any, Any], value: _Lookup) -> tuple | 
   return None
 
 
+def _fused_product(
+  eqn: Any, made: Mapping[Any, Any], read: Callable[[Any], _Value], value: _Lookup
+) -> tuple | None:
+  """For a ``split`` of ``x @ C`` (through layer marks, plus a constant ``b``) along one
+  of the known ``C``'s free axes: ``(x's value, C, that axis of C, C's contracted and
+  batch axes, b's span)``, else None."""
+  v, bias = eqn.invars[0], _spans.ZERO
+  while not isinstance(v, jex_core.Literal) and v in made:
+    e = made[v]
+    if e.primitive.name == "name":  # a layer's mark: the identity
+      v = e.invars[0]
+    elif e.primitive.name == "add" and len(e.invars) == 2:
+      deps = [read(u).bound > 0 for u in e.invars]
+      if deps.count(True) != 1:
+        return None
+      j = deps.index(True)
+      bias = _spans.total([bias, _span(read(e.invars[1 - j]), e.invars[1 - j], value)], [1, 1])
+      v = e.invars[j]
+    else:
+      break
+  dot = None if isinstance(v, jex_core.Literal) else made.get(v)
+  if dot is None or dot.primitive.name != "dot_general":
+    return None
+  deps = [read(u).bound > 0 for u in dot.invars]
+  if deps.count(True) != 1 or not all(_size(u) for u in dot.invars):
+    return None
+  i = deps.index(True)
+  c = value(dot.invars[1 - i])
+  if c is None or not np.isrealobj(c) or not np.all(np.isfinite(c)):
+    return None
+  (contracted, batched) = (d[1 - i] for d in dot.params["dimension_numbers"])
+  (x_contracted, x_batched) = (d[i] for d in dot.params["dimension_numbers"])
+  c_free = [d for d in range(np.ndim(c)) if d not in contracted and d not in batched]
+  n_x_free = np.ndim(dot.invars[i].aval) - len(x_contracted) - len(x_batched)
+  first = len(batched) + (n_x_free if i == 0 else 0)  # where C's free axes sit in the output
+  at = eqn.params["axis"] - first
+  if not 0 <= at < len(c_free):
+    return None
+  return read(dot.invars[i]), np.asarray(c), c_free[at], contracted, batched, bias
+
+
 def _consts(closed: Any) -> dict[Any, Any]:
   """The known values of a closed jaxpr's constants."""
   return dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
@@ -506,6 +547,8 @@ class _Walk:
           out = _mixed(out, eqn, made, read, value)
         if out.bound and not _size(var):  # no element: nothing moves
           out = _ZERO
+        if eqn.primitive.name == "split" and out.bound:
+          out = self._part(out, eqn, eqn.outvars.index(var), made, read, value)
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
         if out.span != _spans.ANY and not _is_real_floating(var):  # (a complex value)
@@ -553,6 +596,33 @@ class _Walk:
       return self.run(subs[0], ins, known, eqn.invars)
     why = f"no Lipschitz rule for {name} of a value that depends on the inputs"
     return [_inf(why)] * len(eqn.outvars)
+
+  def _part(
+    self,
+    out: _Value,
+    eqn: Any,
+    k: int,
+    made: Mapping[Any, Any],
+    read: Callable[[Any], _Value],
+    value: _Lookup,
+  ) -> _Value:
+    """Part ``k`` of the ``split`` ``eqn`` (its value ``out``), tightened when the split
+    cuts the free axis of a known matrix in a product ``x @ C`` (plus a constant: a
+    bias): that part is ``x @ C_k``, bounded by ``C_k``'s norm (a fused kernel, an
+    ``nn.OptimizedLSTMCell``'s or ``nnx.GRUCell``'s gates, each its own)."""
+    found = _fused_product(eqn, made, read, value)
+    if found is None:
+      return out
+    x, c, axis, contracted, batched, bias = found
+    start = sum(int(n) for n in eqn.params["sizes"][:k])
+    part = np.take(c, range(start, start + int(eqn.params["sizes"][k])), axis=axis)
+    matrices = functools.partial(_matrix_norm, part, contracted, batched, self.n_steps)
+    mine = _scaled(x, self.norm(part, matrices, "dot", tuple(contracted), tuple(batched)))
+    span = _spans.total([_spans.dot(x.span, part, contracted), bias], [1, 1])
+    if mine.bound >= out.bound:
+      return out
+    both = (max(span[0], out.span[0]), min(span[1], out.span[1]))
+    return mine._replace(span=both)
 
   def _mark(self, tag: str, x: _Value, entry: Any) -> _Value:
     """A layer's marked input (recorded), a variable it reads (checked: as stored), or
