@@ -61,19 +61,29 @@ def _up(x: float) -> float:
   return math.nextafter(x, _INF) if 0.0 < x < _INF else x
 
 
+class _Origin(NamedTuple):
+  """A value is an elementwise function of the value ``base`` (same shape), of slope at
+  most ``slope`` (a number, or one per element, flattened), ``base`` having bound ``bound``.
+
+  A select between such functions of one base is one of them (leaky ReLU: slope 1, not
+  ``√(1 + 0.01²)``), a sum of them one whose slopes add, element by element (Snake,
+  ``x + sin²(αx)/α`` per channel: slope ``1 + 2`` in each, where the largest ``α``
+  times the largest ``1/α`` gave ``1 + 2 max α / min α``).
+  """
+
+  base: Any
+  slope: float | np.ndarray
+  bound: float
+
+
 class _Value(NamedTuple):
   """``bound``: L of a value; ``why``: when it is inf, the reason, and ``where``: the
-  path of the innermost layer running where it arose; ``origin`` and ``span``: see below.
-
-  ``origin`` is ``(base, slope)`` when the value is an elementwise function of
-  the value ``base`` (same shape) whose slope is at most ``slope``: a select
-  between such functions of one base is one of them (leaky ReLU: slope 1, not
-  ``√(1 + 0.01²)``).
-  """
+  path of the innermost layer running where it arose; ``origin`` (an :class:`_Origin`)
+  and ``span``: see those."""
 
   bound: float
   why: str | None = None
-  origin: tuple[Any, float] | None = None
+  origin: _Origin | None = None
   where: str | None = None
   # An interval holding every element of a value that depends on the inputs, whatever
   # they are (:mod:`flaxnorm._spans`); a known value's is read from it (:func:`_span`).
@@ -757,12 +767,12 @@ def _renamed(x: _Value, rename: Mapping[Any, Any], inner: set[Any]) -> _Value:
   """``x`` as its caller sees it: an origin among the callee's inputs becomes the
   caller's operand; one among the callee's own values is dropped (a jaxpr run twice
   must not share them); one in the caller's scope stays."""
-  if x.origin is None or x.origin[0] not in inner:
+  if x.origin is None or x.origin.base not in inner:
     return x
-  base = rename.get(x.origin[0])
+  base = rename.get(x.origin.base)
   if base is None or isinstance(base, jex_core.Literal):
     return _plain(x)
-  return x._replace(origin=(base, x.origin[1]))
+  return x._replace(origin=x.origin._replace(base=base))
 
 
 def _with_origin(x: _Value, var: Any) -> _Value:
@@ -770,7 +780,7 @@ def _with_origin(x: _Value, var: Any) -> _Value:
   a select there between functions of it is one of them)."""
   if x.origin is not None or not 0.0 < x.bound < _INF or isinstance(var, jex_core.Literal):
     return x
-  return x._replace(origin=(var, 1.0))
+  return x._replace(origin=_Origin(var, 1.0, x.bound))
 
 
 def _plain(x: _Value) -> _Value:
@@ -791,13 +801,50 @@ def _sub_consts(eqn: Any) -> dict[Any, Any]:
   return {}
 
 
-def _elementwise(var: Any, x: _Value, slope: float, span: _spans.Span = _spans.ANY) -> _Value:
-  """An elementwise function, of slope at most ``slope`` and values in ``span``, of
-  ``x`` (held by ``var``)."""
+def _elementwise(
+  var: Any, x: _Value, slope: float | np.ndarray, span: _spans.Span = _spans.ANY
+) -> _Value:
+  """An elementwise function, of slope at most ``slope`` (a number, or one per element
+  of ``x``) and values in ``span``, of ``x`` (held by ``var``)."""
   if x.bound == _INF:
     return x
-  base, s = x.origin if x.origin is not None else (var, 1.0)
-  return _Value(_times(x.bound, slope), None, (base, _times(s, slope)), span=span)
+  o = _origin_of(x, var)
+  composed = _Origin(o.base, _slopes_times(o.slope, slope), o.bound)
+  return _Value(_through(composed, _times(x.bound, _top(slope))), None, composed, span=span)
+
+
+def _origin_of(x: _Value, var: Any) -> _Origin:
+  """``x``'s origin: a value is an elementwise function of itself, slope 1."""
+  return x.origin if x.origin is not None else _Origin(var, 1.0, x.bound)
+
+
+def _top(slope: float | np.ndarray) -> float:
+  """The largest of slopes (rounded up: an array's are float64, rounded as they were made)."""
+  return float(np.max(slope, initial=0.0)) if isinstance(slope, np.ndarray) else slope
+
+
+def _through(o: _Origin, bound: float) -> float:
+  """``bound``, or ``L(base) · max slope`` when lower (a chain of per-element scales)."""
+  return min(bound, _times(o.bound, _top(o.slope)))
+
+
+_SLOPES_LIMIT = 1 << 22  # elements: past this, per-element slopes collapse to their largest
+
+
+def _slopes_times(a: float | np.ndarray, b: float | np.ndarray) -> float | np.ndarray:
+  """Slopes ``a · b`` per element (each rounded up)."""
+  if not isinstance(a, np.ndarray) and not isinstance(b, np.ndarray):
+    return _times(a, b)
+  product = np.nextafter(np.multiply(a, b, dtype=np.float64), np.inf)
+  return product if product.size <= _SLOPES_LIMIT else float(product.max(initial=0.0))
+
+
+def _slopes_plus(slopes: Sequence[float | np.ndarray]) -> float | np.ndarray:
+  """Slopes added, element by element (rounded up)."""
+  if not any(isinstance(s, np.ndarray) for s in slopes):
+    return _up(math.fsum(slopes))  # (a sum of two or more: at most one rounding per term)
+  total = np.sum(np.broadcast_arrays(*[np.asarray(s, np.float64) for s in slopes]), axis=0)
+  return np.nextafter(total * (1 + len(slopes) * 2.0**-52), np.inf)
 
 
 def _grown(vals: Sequence[_Value], eqn: Any) -> list[tuple[_Value, Any]]:
@@ -827,7 +874,22 @@ def _sum_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   span = _spans.total(_spans_of(vals, eqn, value), signs)
   if len(parts) == 1:
     return [_plain(parts[0])._replace(span=span)]
-  return [_Value(_up(math.fsum(x.bound for x in parts)), span=span)]
+  out = _Value(_up(math.fsum(x.bound for x in parts)), span=span)
+  return [_added(out, vals, eqn)]
+
+
+def _added(out: _Value, vals: list[_Value], eqn: Any) -> _Value:
+  """The sum ``out`` of ``vals``, or better when every part that depends on the inputs
+  is an elementwise function of one value, of its shape: one too, whose slopes add."""
+  size = _size(eqn.outvars[0])
+  parts = [(x, v) for x, v in zip(vals, eqn.invars, strict=True) if x.bound]
+  if not all(_size(v) == size for _, v in parts):
+    return out
+  origins = [_origin_of(x, v) for x, v in parts]
+  if len({o.base for o in origins}) != 1:
+    return out
+  summed = _Origin(origins[0].base, _slopes_plus([o.slope for o in origins]), origins[0].bound)
+  return out._replace(bound=_through(summed, out.bound), origin=summed)
 
 
 def _side_by_side(parts: Sequence[_Value]) -> _Value:
@@ -854,21 +916,26 @@ def _picked(cases: list[tuple[_Value, Any]], eqn: Any) -> _Value:
   bad = _first_inf([x for x, _ in cases])
   if bad is not None:
     return bad
-  origins = [x.origin or (v, 1.0) for x, v in cases]  # a value is a function of itself
+  origins = [_origin_of(x, v) for x, v in cases]
   if all(_size(v) == _size(eqn.outvars[0]) for _, v in cases):
     shared = _shared(origins)
     if shared is not None:
-      return _Value(max(x.bound for x, _ in cases), None, shared)
+      return _Value(_through(shared, max(x.bound for x, _ in cases)), None, shared)
   return _side_by_side([x for x, _ in cases])
 
 
-def _shared(origins: Sequence[tuple[Any, float] | None]) -> tuple[Any, float] | None:
+def _shared(origins: Sequence[_Origin | None]) -> _Origin | None:
   """One origin for values that are all elementwise functions of one value (the largest
-  slope), or None."""
+  slope, element by element), or None."""
   found = [o for o in origins if o is not None]
-  if len(found) != len(origins) or len({base for base, _ in found}) != 1:
+  if len(found) != len(origins) or len({o.base for o in found}) != 1:
     return None
-  return found[0][0], max(slope for _, slope in found)
+  slopes = [o.slope for o in found]
+  if any(isinstance(s, np.ndarray) for s in slopes):
+    slope = np.maximum.reduce(np.broadcast_arrays(*[np.asarray(s, np.float64) for s in slopes]))
+  else:
+    slope = max(slopes)
+  return _Origin(found[0].base, slope, found[0].bound)
 
 
 def _largest(value: Any) -> float | None:
@@ -888,17 +955,25 @@ _COMPUTED = (
 
 
 def _scale_by(
-  eqn: Any, vals: list[_Value], factor: float | None, verb: str, span: _spans.Span
+  eqn: Any,
+  vals: list[_Value],
+  factor: float | None,
+  verb: str,
+  span: _spans.Span,
+  each: np.ndarray | None = None,
 ) -> list[_Value]:
   """The one input-dependent operand of ``eqn`` times a constant of largest ``|c|``
-  ``factor``, giving values in ``span``."""
+  ``factor`` (``each``: ``|c|`` per element, when known), giving values in ``span``."""
   ((x, v),) = _grown(vals, eqn)
   if factor is None:
     return [_inf(_COMPUTED.format(verb))]
   if not math.isfinite(factor):
     return [_inf(f"the model {verb} a constant that holds inf or NaN")]
   if _size(v) == _size(eqn.outvars[0]):
-    return [_elementwise(v, x, factor, span)]
+    slope: float | np.ndarray = factor
+    if each is not None and np.size(each) > 1:  # (a same-shape constant: one per element)
+      slope = np.asarray(each, np.float64).reshape(-1)
+    return [_elementwise(v, x, slope, span)]
   return [_scaled(x, factor)._replace(span=span)]
 
 
@@ -913,11 +988,13 @@ def _mul_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
       return [_inf(_PRODUCT)]
     return [_Value(_up(_times(ra, b.bound) + _times(rb, a.bound)), span=span)]
   k = 1 if vals[0].bound else 0
-  factor = _largest(value(eqn.invars[k]))
+  c = value(eqn.invars[k])
+  factor = _largest(c)
   if factor is None:  # not known, but within a span (a certified layer's output)
     factor = _spans.magnitude(vals[k].span)
     factor = factor if math.isfinite(factor) else None
-  return _scale_by(eqn, vals, factor, "multiplies by", span)
+  each = None if c is None else np.abs(np.asarray(c)).astype(np.float64)
+  return _scale_by(eqn, vals, factor, "multiplies by", span, each)
 
 
 _PRODUCT = (
@@ -940,11 +1017,12 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   tiny = jnp.finfo(dtype).tiny if jnp.issubdtype(dtype, jnp.inexact) else 1
   if smallest is not None and smallest < tiny:
     return [_inf("div by a constant that holds 0 or a subnormal number (flushed to 0)")]
-  span = _spans.ANY
+  span, each = _spans.ANY, None
   if smallest is not None:
     span = _spans.quotient(vals[0].span, _spans.of_array(c), float(smallest))
+    each = np.nextafter(1.0 / np.abs(np.asarray(c)).astype(np.float64), np.inf)
   return _scale_by(
-    eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by", span
+    eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by", span, each
   )
 
 
