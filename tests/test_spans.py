@@ -456,3 +456,23 @@ def test_a_bigvgan_amp_block_is_certified():
   bound = flaxnorm.lipschitz_bound(variables, model=model, inputs=(x,))
   assert bound.reasons == {} and math.isfinite(bound.certified)
   assert bound.certified >= _lower(lambda z: model.apply(variables, z), x.shape, n=3)
+
+
+def test_a_split_of_a_fused_product_with_the_matrix_first_or_batched():
+  """``C @ x`` split along ``C``'s rows, and a batched product split along its output axis:
+  each part is bounded by its own block (the largest over the batch)."""
+  fused = np.concatenate([10.0 * np.eye(3), 0.1 * np.eye(3)], axis=1).astype(np.float32)
+  batched = np.stack([fused, np.concatenate([np.eye(3), 0.5 * np.eye(3)], axis=1)])
+
+  def first(h):
+    return jnp.split(fused.T @ h.T, 2, axis=0)[1]
+
+  def per_batch(h):
+    return jnp.split(jnp.einsum("bij,bjk->bik", h.reshape(2, 1, 3), batched), 2, axis=-1)[1]
+
+  for fn, exact in ((first, 0.1), (per_batch, 0.5)):
+    x = jnp.ones((2, 3))
+    bound = _bound_of(fn, x)
+    assert bound.reasons == {}
+    assert bound.certified >= _lower(fn, x.shape, scales=(1.0,))
+    assert bound.certified == pytest.approx(exact, rel=1e-4)
