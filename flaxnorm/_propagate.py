@@ -1005,12 +1005,11 @@ _PRODUCT = (
 
 
 def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:
+  """A division by a known constant; or by a value that depends on the inputs and whose
+  span keeps away from 0, by at least ``m``: since ``a/b − a'/b' = (a − a')/b +
+  a'(b' − b)/(b b')``, ``L ≤ L(a)/m + max|a| L(b)/m²``."""
   if vals[1].bound:
-    return [
-      _inf(
-        "div by a value that depends on the inputs (no rule bounds it: not Lipschitz in general)"
-      )
-    ]
+    return [_quotient(eqn, vals, value)]
   c = value(eqn.invars[1])
   smallest = None if c is None else np.abs(np.asarray(c)).astype(np.float64).min(initial=np.inf)
   dtype = eqn.invars[1].aval.dtype
@@ -1024,6 +1023,22 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   return _scale_by(
     eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by", span, each
   )
+
+
+def _quotient(eqn: Any, vals: list[_Value], value: Any) -> _Value:
+  """:func:`_div_rule` by a value that depends on the inputs."""
+  grown = [x for x, _ in _grown(vals, eqn)]
+  a, b = grown if len(grown) == 2 else (_ZERO, grown[0])
+  sa, sb = _spans_of(vals, eqn, value)
+  m = 0.0 if sb[0] <= 0 <= sb[1] else min(abs(sb[0]), abs(sb[1]))
+  ra = _spans.magnitude(sa)
+  if not m or _INF in (a.bound, b.bound) or not math.isfinite(ra):
+    return _inf(
+      "div by a value that depends on the inputs, not known to stay away from 0 (or of a "
+      "numerator not known to stay bounded): not Lipschitz in general"
+    )
+  moved = _up(_up(_times(ra, b.bound) / m) / m) if ra else 0.0
+  return _Value(_up(_up(a.bound / m) + moved), span=_spans.quotient(sa, sb, m))
 
 
 def _select_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Value]:

@@ -393,6 +393,7 @@ _BLOCKS = st.lists(
       "gated",
       "mix",
       "snake",
+      "ratio",
     ]
   ),
   min_size=1,
@@ -423,6 +424,8 @@ class _Random(nn.Module):
         x = nn.log_softmax(x)
       elif b == "gated":  # a product of two bounded values (test_spans.py)
         x = jnp.tanh(nn.Dense(n)(x)) * nn.sigmoid(nn.Dense(n)(x))
+      elif b == "ratio":  # a division by a value kept away from 0
+        x = jnp.tanh(x) / (2.0 + jnp.sin(x))
       elif b == "snake":  # BigVGAN's activation: a power of a bounded value
         x = x + jnp.sin(1.5 * x) ** 2 / 1.5
       elif b == "mix":  # a GRU's convex update
