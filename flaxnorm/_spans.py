@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,6 +44,8 @@ def _checked(lo: float, hi: float) -> Span:
 def of_array(c: Any) -> Span:
   """The span of a known array: its smallest and largest element (``ANY`` for a
   complex one or one holding NaN; ``ZERO`` for an empty one)."""
+  if jnp.issubdtype(getattr(c, "dtype", np.float64), jax.dtypes.extended):
+    return ANY  # (a PRNG key)
   a = np.asarray(c)
   if a.dtype.kind not in "fiub" and not jnp.issubdtype(a.dtype, jnp.floating):  # (bfloat16)
     return ANY

@@ -488,3 +488,22 @@ def test_a_split_of_a_fused_product_with_the_matrix_first_or_batched():
     assert bound.reasons == {}
     assert bound.certified >= _lower(fn, x.shape, scales=(1.0,))
     assert bound.certified == pytest.approx(exact, rel=1e-4)
+
+
+def test_a_layer_called_on_a_key_held_fixed_is_not_a_span():
+  """A layer's known input gives its span; a PRNG key has none (and is no error)."""
+
+  class Noisy(nn.Module):
+    @nn.compact
+    def __call__(self, key):
+      return jax.random.normal(key, (3,))
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, key):
+      return jnp.tanh(x) * Noisy()(key)
+
+  x = jnp.ones((1, 3))
+  bound = flaxnorm.lipschitz_bound({"params": {}}, model=Model(), inputs=(x, jax.random.key(0)))
+  assert bound.certified is None and bound.reasons  # a scale by noise not known here
+  assert _spans.of_array(jax.random.key(0)) == _spans.ANY
