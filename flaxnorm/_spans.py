@@ -16,7 +16,7 @@ in exact arithmetic, as the bound is; their endpoints are rounded outward.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -90,8 +90,8 @@ def product(a: Span, b: Span) -> Span:
 
 
 def quotient(a: Span, c: Span, smallest: float) -> Span:
-  """The span of ``y / z`` for ``y`` in ``a`` and ``z`` in a constant's span ``c``,
-  whose smallest ``|z|`` is ``smallest > 0``."""
+  """The span of ``y / z`` for ``y`` in ``a`` and ``z`` in ``c`` (a constant's, or a
+  divisor's that keeps away from 0), whose smallest ``|z|`` is ``smallest > 0``."""
   if c[0] > 0 or c[1] < 0:
     return product(a, (_down(1.0 / c[1]), _up(1.0 / c[0])))
   r = _up(magnitude(a) / smallest)  # c has both signs: |y / z| ≤ max|y| / min|z|
@@ -109,7 +109,7 @@ def rounded(s: Span, eps: float, tiny: float) -> Span:
   return _checked(_down(s[0] - abs(s[0]) * eps - tiny), _up(s[1] + abs(s[1]) * eps + tiny))
 
 
-def monotone(s: Span, f: Any, lo: float, hi: float) -> Span:
+def monotone(s: Span, f: Callable[[float], float], lo: float, hi: float) -> Span:
   """The span of an increasing ``f`` of a value in ``s``, within ``[lo, hi]`` (``f``'s
   range), its ends widened by a few ulps for ``f``'s own rounding."""
   ends = [f(x) if math.isfinite(x) else (lo if x < 0 else hi) for x in s]
