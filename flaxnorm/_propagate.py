@@ -546,6 +546,8 @@ class _Walk:
           known[eqn.outvars[0]] = value.entry(eqn.invars[0])
       elif any(x.bound for x in vals):
         outs = self._eqn(eqn, vals, value)
+        if eqn.primitive.name == "split":
+          outs = self._parts(outs, eqn, made, read, value)
       else:
         outs = [_ZERO] * len(eqn.outvars)
         if not all(v in known for v in eqn.outvars):  # (else: computed by an earlier step)
@@ -557,8 +559,6 @@ class _Walk:
           out = _mixed(out, eqn, made, read, value)
         if out.bound and not _size(var):  # no element: nothing moves
           out = _ZERO
-        if eqn.primitive.name == "split" and out.bound:
-          out = self._part(out, eqn, eqn.outvars.index(var), made, read, value)
         if out.bound and out.bound != _INF and not _is_real(var):
           out = _inf(f"{eqn.primitive.name} makes a discrete value from the inputs")
         if out.span != _spans.ANY and not _is_real_floating(var):  # (a complex value)
@@ -607,32 +607,34 @@ class _Walk:
     why = f"no Lipschitz rule for {name} of a value that depends on the inputs"
     return [_inf(why)] * len(eqn.outvars)
 
-  def _part(
+  def _parts(
     self,
-    out: _Value,
+    outs: list[_Value],
     eqn: Any,
-    k: int,
     made: Mapping[Any, Any],
     read: Callable[[Any], _Value],
     value: _Lookup,
-  ) -> _Value:
-    """Part ``k`` of the ``split`` ``eqn`` (its value ``out``), tightened when the split
-    cuts the free axis of a known matrix in a product ``x @ C`` (plus a constant: a
-    bias): that part is ``x @ C_k``, bounded by ``C_k``'s norm (a fused kernel, an
+  ) -> list[_Value]:
+    """The parts ``outs`` of the ``split`` ``eqn``, tightened when the split cuts the
+    free axis of a known matrix in a product ``x @ C`` (plus a constant: a bias): part
+    ``k`` is ``x @ C_k``, bounded by ``C_k``'s norm (a fused kernel, an
     ``nn.OptimizedLSTMCell``'s or ``nnx.GRUCell``'s gates, each its own)."""
     found = _fused_product(eqn, made, read, value)
     if found is None:
-      return out
+      return outs
     x, c, axis, contracted, batched, bias = found
-    start = sum(int(n) for n in eqn.params["sizes"][:k])
-    part = np.take(c, range(start, start + int(eqn.params["sizes"][k])), axis=axis)
-    matrices = functools.partial(_matrix_norm, part, contracted, batched, self.n_steps)
-    mine = _scaled(x, self.norm(part, matrices, "dot", tuple(contracted), tuple(batched)))
-    span = _spans.total([_spans.dot(x.span, part, contracted), bias], [1, 1])
-    if mine.bound >= out.bound:
-      return out
-    both = (max(span[0], out.span[0]), min(span[1], out.span[1]))
-    return mine._replace(span=both)
+    ends = np.cumsum([0, *(int(n) for n in eqn.params["sizes"])])
+    tightened = []
+    for out, start, end in zip(outs, ends[:-1], ends[1:], strict=True):
+      part = np.take(c, range(start, end), axis=axis)
+      matrices = functools.partial(_matrix_norm, part, contracted, batched, self.n_steps)
+      mine = _scaled(x, self.norm(part, matrices, "dot", tuple(contracted), tuple(batched)))
+      if mine.bound >= out.bound:
+        tightened.append(out)
+        continue
+      span = _spans.total([_spans.dot(x.span, part, contracted), bias], [1, 1])
+      tightened.append(mine._replace(span=(max(span[0], out.span[0]), min(span[1], out.span[1]))))
+    return tightened
 
   def _mark(self, tag: str, x: _Value, entry: Any) -> _Value:
     """A layer's marked input (recorded), a variable it reads (checked: as stored), or
@@ -960,10 +962,12 @@ def _scale_by(
   factor: float | None,
   verb: str,
   span: _spans.Span,
-  each: np.ndarray | None = None,
+  c: Any = None,
+  invert: bool = False,
 ) -> list[_Value]:
   """The one input-dependent operand of ``eqn`` times a constant of largest ``|c|``
-  ``factor`` (``each``: ``|c|`` per element, when known), giving values in ``span``."""
+  ``factor`` (``c``: the constant, when known; ``invert``: divided by it), giving
+  values in ``span``."""
   ((x, v),) = _grown(vals, eqn)
   if factor is None:
     return [_inf(_COMPUTED.format(verb))]
@@ -971,8 +975,9 @@ def _scale_by(
     return [_inf(f"the model {verb} a constant that holds inf or NaN")]
   if _size(v) == _size(eqn.outvars[0]):
     slope: float | np.ndarray = factor
-    if each is not None and np.size(each) > 1:  # (a same-shape constant: one per element)
-      slope = np.asarray(each, np.float64).reshape(-1)
+    if c is not None and np.size(c) > 1:  # (a same-shape constant: one slope per element)
+      slope = np.abs(np.asarray(c)).astype(np.float64).reshape(-1)
+      slope = np.nextafter(1.0 / slope, np.inf) if invert else slope
     return [_elementwise(v, x, slope, span)]
   return [_scaled(x, factor)._replace(span=span)]
 
@@ -993,8 +998,7 @@ def _mul_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   if factor is None:  # not known, but within a span (a certified layer's output)
     factor = _spans.magnitude(vals[k].span)
     factor = factor if math.isfinite(factor) else None
-  each = None if c is None else np.abs(np.asarray(c)).astype(np.float64)
-  return _scale_by(eqn, vals, factor, "multiplies by", span, each)
+  return _scale_by(eqn, vals, factor, "multiplies by", span, c)
 
 
 _PRODUCT = (
@@ -1016,13 +1020,11 @@ def _div_rule(walk: _Walk, eqn: Any, vals: list[_Value], value: Any) -> list[_Va
   tiny = jnp.finfo(dtype).tiny if jnp.issubdtype(dtype, jnp.inexact) else 1
   if smallest is not None and smallest < tiny:
     return [_inf("div by a constant that holds 0 or a subnormal number (flushed to 0)")]
-  span, each = _spans.ANY, None
+  span = _spans.ANY
   if smallest is not None:
     span = _spans.quotient(vals[0].span, _spans.of_array(c), float(smallest))
-    each = np.nextafter(1.0 / np.abs(np.asarray(c)).astype(np.float64), np.inf)
-  return _scale_by(
-    eqn, vals, None if smallest is None else _up(1.0 / float(smallest)), "divides by", span, each
-  )
+  factor = None if smallest is None else _up(1.0 / float(smallest))
+  return _scale_by(eqn, vals, factor, "divides by", span, c, invert=True)
 
 
 def _quotient(eqn: Any, vals: list[_Value], value: Any) -> _Value:

@@ -30,6 +30,7 @@ from flaxnorm import (
   _output_scale,
   _power,
   _propagate,
+  _spans,
   _subclass,
 )
 from flaxnorm import linen as _linen
@@ -921,12 +922,7 @@ def _certified(
   bound = _kernel_bound(seen, w64, n_steps)
   u, v, sigma = (meta.unbox(state[k]) for k in _options.spectral_keys(seen.name))
   scale = _largest_scale(seen, path, w64, w.dtype, (u, v, sigma))
-  return _Norm(bound.norm * scale, _prop_up(bound.gain * scale))
-
-
-def _prop_up(x: float) -> float:
-  """``x`` rounded up by one ulp."""
-  return math.nextafter(x, math.inf) if math.isfinite(x) else x
+  return _Norm(bound.norm * scale, _spans.up(bound.gain * scale))
 
 
 def _largest_scale(seen: _Seen, path: str, w: np.ndarray, w_dtype: Any, state: tuple) -> float:
@@ -993,7 +989,7 @@ def _gain(w: np.ndarray, n_out: int) -> float:
   outputs, rounded up for float64's summation."""
   sums = np.abs(w).sum(axis=tuple(range(w.ndim - n_out)))
   n = w.size // max(sums.size, 1)
-  return _prop_up(float(sums.max(initial=0.0)) * (1 + (n + 2) * 2.0**-52))
+  return _spans.up(float(sums.max(initial=0.0)) * (1 + (n + 2) * 2.0**-52))
 
 
 def _operator_norm(seen: _Seen, w: np.ndarray, n_steps: int, n_out: int) -> float:

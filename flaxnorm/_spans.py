@@ -28,11 +28,13 @@ ANY: Span = (-math.inf, math.inf)
 ZERO: Span = (0.0, 0.0)
 
 
-def _down(x: float) -> float:
+def down(x: float) -> float:
+  """``x`` rounded down by one ulp (inf and NaN as they are)."""
   return math.nextafter(x, -math.inf) if math.isfinite(x) else x
 
 
-def _up(x: float) -> float:
+def up(x: float) -> float:
+  """``x`` rounded up by one ulp (inf and NaN as they are)."""
   return math.nextafter(x, math.inf) if math.isfinite(x) else x
 
 
@@ -76,7 +78,7 @@ def total(spans: Sequence[Span], signs: Sequence[int]) -> Span:
   lo = hi = 0.0
   for (a, b), sign in zip(spans, signs, strict=True):
     lo, hi = (lo + a, hi + b) if sign > 0 else (lo - b, hi - a)
-  return _checked(_down(lo), _up(hi))
+  return _checked(down(lo), up(hi))
 
 
 def product(a: Span, b: Span) -> Span:
@@ -86,27 +88,27 @@ def product(a: Span, b: Span) -> Span:
   ends = [x * y for x in a for y in b]
   if any(math.isnan(e) for e in ends):  # 0 · inf: not known
     return ANY
-  return _down(min(ends)), _up(max(ends))
+  return down(min(ends)), up(max(ends))
 
 
 def quotient(a: Span, c: Span, smallest: float) -> Span:
   """The span of ``y / z`` for ``y`` in ``a`` and ``z`` in ``c`` (a constant's, or a
   divisor's that keeps away from 0), whose smallest ``|z|`` is ``smallest > 0``."""
   if c[0] > 0 or c[1] < 0:
-    return product(a, (_down(1.0 / c[1]), _up(1.0 / c[0])))
-  r = _up(magnitude(a) / smallest)  # c has both signs: |y / z| ≤ max|y| / min|z|
+    return product(a, (down(1.0 / c[1]), up(1.0 / c[0])))
+  r = up(magnitude(a) / smallest)  # c has both signs: |y / z| ≤ max|y| / min|z|
   return _checked(-r, r)
 
 
 def times(s: Span, k: float) -> Span:
   """The span of a sum of ``k`` elements of span ``s`` (``k ≥ 0``)."""
-  return _checked(_down(s[0] * k), _up(s[1] * k))
+  return _checked(down(s[0] * k), up(s[1] * k))
 
 
 def rounded(s: Span, eps: float, tiny: float) -> Span:
   """``s`` widened by one rounding to a precision of relative ``eps`` (smallest normal
   ``tiny``): a conversion or ``reduce_precision`` stays within it (rounding is monotone)."""
-  return _checked(_down(s[0] - abs(s[0]) * eps - tiny), _up(s[1] + abs(s[1]) * eps + tiny))
+  return _checked(down(s[0] - abs(s[0]) * eps - tiny), up(s[1] + abs(s[1]) * eps + tiny))
 
 
 def monotone(s: Span, f: Callable[[float], float], lo: float, hi: float) -> Span:
@@ -132,7 +134,7 @@ def dot(s: Span, c: np.ndarray, contracted: Sequence[int]) -> Span:
   lo, hi = mid * sums - rad * abs_sums - slack, mid * sums + rad * abs_sums + slack
   if not lo.size:
     return ZERO
-  return _checked(_down(float(lo.min())), _up(float(hi.max())))
+  return _checked(down(float(lo.min())), up(float(hi.max())))
 
 
 def _outward(s: Span) -> Span:
