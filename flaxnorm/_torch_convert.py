@@ -49,7 +49,9 @@ class TorchLayer(NamedTuple):
       arrays; ``"spectral"`` only for spectral norm): ``{name}`` or
       ``{name}_g``/``{name}_v``, ``bias``, and ``{name}_u``/``{name}_v``/
       ``{name}_sigma``.
-    kind: the layer kind, one of :data:`KINDS`.
+    kind: the layer kind, one of :data:`KINDS`; or ``"lstm"``, ``"gru"``,
+      ``"rnn"`` for one side (``weight_ih_l0``, ``weight_hh_l0``) of a PyTorch
+      recurrent module loaded into a Flax cell.
     method: ``"weight_norm"``, ``"spectral_norm"`` or ``None`` (plain weight).
     axis: the ``axis`` to give flaxnorm's transform (``None`` for a plain
       weight, or for a whole-tensor weight norm, PyTorch's ``dim=None``).
@@ -64,6 +66,11 @@ class TorchLayer(NamedTuple):
     spectral_dim: spectral norm only: PyTorch's ``dim`` (non-negative) the
       state was read with; :func:`to_torch_state_dict` writes it back with
       the same. ``None`` for other layers.
+    bias: one side of a recurrent cell only (``kind`` ``"lstm"``, ``"gru"``
+      or ``"rnn"``, ``path`` the Flax cell): whether the PyTorch module has
+      biases (``bias=True``), so that :func:`to_torch_state_dict` writes
+      ``bias_ih_l*``/``bias_hh_l*``. ``None`` for other layers, whose bias is
+      the Flax layer's.
 
   Examples:
     >>> import numpy as np
@@ -82,6 +89,7 @@ class TorchLayer(NamedTuple):
   path: str = ""
   continues: str | None = None
   spectral_dim: int | None = None
+  bias: bool | None = None
 
   def wrap(self, target: Any, **kwargs: Any) -> Any:
     """Applies the matching flaxnorm Linen transform to ``target``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -41,8 +41,22 @@ from flaxnorm._torch_layouts import (
   spectral_dim_of,
   spectral_views,
 )
-from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
+from flaxnorm._torch_paths import KeyMap, Path, resolve, torch_prefix
 from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
+from flaxnorm._torch_rnn import (
+  GATES,
+  KIND_OF_GATES,
+  Layout,
+  RnnKey,
+  expected_children,
+  flax_biases,
+  join,
+  layout_of,
+  rnn_key,
+  rows,
+  split_rnn_key,
+  torch_bias,
+)
 from flaxnorm._torch_targets import (
   FlaxLayer,
   from_linen,
@@ -309,9 +323,14 @@ def load(
     model=model,
     strict=strict,
   )
-  groups, loose = _group(job)
-  _check_overrides(job, groups)
+  groups, loose, cells = _group(job)
+  _check_overrides(
+    job, [*groups, *(c._replace(side=s).prefix for c, sides in cells.items() for s in sides)]
+  )
   layers: dict[str, TorchLayer] = {}
+  for cell, sides in cells.items():
+    single = all(c.layer == 0 for c in cells if c.module == cell.module)
+    layers.update(_load_cell(job, key_map, cell, sides, single))
   for prefix, entries in groups.items():
     target = _target(job, key_map, prefix, entries)
     layer = None if target is None else _load_layer(job, target)
@@ -333,7 +352,7 @@ def load(
   return TorchLoadResult(filled, layers, unused, tuple("/".join(p) for p in unmatched), plain)
 
 
-def _check_overrides(job: _Load, groups: Mapping[str, Any]) -> None:
+def _check_overrides(job: _Load, groups: Collection[str]) -> None:
   """Raises if ``kinds``/``axes``/``spectral_dims`` name a prefix that is no layer."""
   for argname, given in (
     ("kinds", job.kinds),
@@ -415,14 +434,26 @@ _NORM_HINT = (
 )
 
 
-def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-  """Layer prefix -> layer key -> state-dict key; and the other keys -> why they are no layer.
+Cells = dict[RnnKey, dict[str, dict[str, str]]]
 
-  A bias without a weight is no layer either: those keys load by name, if at all.
+
+def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str], Cells]:
+  """Layer prefix -> layer key -> state-dict key; the other keys -> why they are no layer; cells.
+
+  A bias without a weight is no layer either: those keys load by name, if at
+  all. Keys of PyTorch recurrent modules are grouped by cell (an
+  ``RnnKey`` with empty ``side`` and ``key``), then side, then their key as a
+  linear layer's.
   """
   groups: dict[str, dict[str, str]] = {}
   loose: dict[str, str] = {}
+  cells: Cells = {}
   for key in job.state_dict:
+    rk = split_rnn_key(key)
+    if rk is not None:
+      cell = cells.setdefault(rk._replace(side="", key=""), {})
+      cell.setdefault(rk.side, {})[rk.key] = key
+      continue
     split = split_key(key)
     if split is None:
       norm = key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
@@ -431,7 +462,7 @@ def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
       groups.setdefault(split[0], {})[split[1]] = key
   for prefix in [p for p, entries in groups.items() if set(entries) == {"bias"}]:
     loose[groups.pop(prefix)["bias"]] = "a bias without a weight"
-  return groups, loose
+  return groups, loose, cells
 
 
 def _strict_message(unused: Mapping[str, str], unmatched: tuple[str, ...]) -> str:
@@ -827,8 +858,235 @@ def _mismatch(
 
 
 # --------------------------------------------------------------------------- #
+# Recurrent cells: each side of a PyTorch nn.LSTM/GRU/RNN layer as linear layers.
+# --------------------------------------------------------------------------- #
+
+
+def _cell_path(job: _Load, key_map: KeyMap, cell: RnnKey, single: bool) -> Path | str | None:
+  """The Flax cell that PyTorch cell ``cell`` fills; ``None`` if ``key_map`` skips it, else why not.
+
+  Tried in order: the cell's name (``lstm.l0``, ``lstm.l0_reverse``), the
+  forward name, the layer as an index (``lstm.0``: ``lstm_0``, ``lstm/0``,
+  ...) and, for a one-layer module, the module (``lstm``). Below the match, an
+  ``nn.Bidirectional``'s ``forward_rnn``/``backward_rnn`` and an ``nn.RNN``'s
+  ``cell`` are followed.
+  """
+  names = [cell.cell, cell._replace(reverse=False).cell, join(cell.module, str(cell.layer))]
+  names += [cell.module] if single else []
+  params, whys, skipped = job.out["params"], [], True
+  for name in dict.fromkeys(names):
+    path = resolve(key_map, name, params) if name or key_map is None else ()
+    if path is None:
+      continue
+    skipped = False
+    if isinstance(path, str) or _get(params, path) is None:
+      whys.append(path if isinstance(path, str) else f"no Flax module at 'params/{'/'.join(path)}'")
+      continue
+    if cell.reverse and name != cell.cell:
+      if "backward_rnn" not in _get(params, path):
+        whys.append(f"'params/{'/'.join(path)}' has no backward_rnn (an nn.Bidirectional)")
+        continue
+      path = (*path, "backward_rnn")
+    elif "forward_rnn" in _get(params, path):
+      path = (*path, "forward_rnn")
+    return (*path, "cell") if "cell" in _get(params, path) else path
+  hint = " (key_map maps PyTorch prefixes to Flax paths)"
+  whys = [w.removesuffix(hint).removeprefix("no Flax layer for it; ") for w in whys]
+  named = f"key_map={{'{cell.cell}': 'path/to/cell'}} names it"
+  tried = "; ".join(dict.fromkeys(whys))
+  return None if skipped else f"{tried if len(tried) < 240 else tried[:240] + ' ...'} ({named})"
+
+
+def _load_cell(
+  job: _Load, key_map: KeyMap, cell: RnnKey, sides: dict[str, dict[str, str]], single: bool
+) -> dict[str, TorchLayer]:
+  """Loads one layer and direction of a PyTorch recurrent module into a Flax cell.
+
+  Returns:
+    ``{"lstm.weight_ih_l0": layer, "lstm.weight_hh_l0": layer}``, or ``{}``
+    when there is no Flax cell for it (its keys are then unused).
+  """
+  where = f"{_WHERE}: PyTorch recurrent layer '{cell.cell}'"
+  if "hr" in sides:
+    raise ValueError(
+      f"{where}: '{cell._replace(side='hr').prefix}' is an LSTM projection (proj_size > 0), "
+      "which no Flax cell has."
+    )
+  missing = [s for s in ("ih", "hh") if not set(sides.get(s, {})) - {"bias"}]
+  if missing:
+    raise ValueError(
+      f"{where}: no '{cell._replace(side=missing[0]).prefix}' among its keys "
+      f"{sorted(k for side in sides.values() for k in side.values())}."
+    )
+  hh = cell._replace(side="hh")
+  _, _, roles = detect([k for k in sides["hh"] if k != "bias"], where)
+  shape = tuple(np.shape(job.state_dict[sides["hh"][roles["v" if "v" in roles else "w"]]]))
+  kind = KIND_OF_GATES.get(shape[0] // shape[1]) if len(shape) == 2 and shape[1] else None
+  if kind is None or shape[0] % shape[1]:
+    raise ValueError(
+      f"{where}: '{hh.prefix}' has shape {shape}, which is (G*hidden, hidden) for no G of "
+      "1 (nn.RNN), 3 (nn.GRU) or 4 (nn.LSTM)."
+    )
+  hidden = shape[1]
+  path = _cell_path(job, key_map, cell, single)
+  if not isinstance(path, tuple):
+    reason = "key_map skips it" if path is None else f"no Flax cell for it: {path}"
+    keys = [k for side in sides.values() for k in side.values()]
+    job.unused.update({key: f"recurrent layer '{cell.cell}': {reason}" for key in keys})
+    return {}
+  node = _get(job.out["params"], path) or {}
+  layout = layout_of(kind, node)
+  where = f"{where} -> 'params/{'/'.join(path)}'"
+  if layout is None:
+    raise ValueError(
+      f"{where}: PyTorch's is an nn.{kind.upper()} layer, but the "
+      f"Flax module there has {sorted(node)}; expected a cell with {expected_children(kind)} "
+      f"(does key_map map '{cell.cell}' to the right module?)."
+    )
+  biases = _cell_biases(job, sides, layout, node, hidden, where)
+  has_bias = "bias" in sides["ih"] or "bias" in sides["hh"]
+  out = {}
+  for side in ("ih", "hh"):
+    layer = _load_side(job, cell._replace(side=side), sides[side], (layout, path, hidden), biases)
+    out[cell._replace(side=side).prefix] = layer._replace(bias=has_bias)
+  return out
+
+
+def _cell_biases(
+  job: _Load,
+  sides: dict[str, dict[str, str]],
+  layout: Layout,
+  node: Mapping[str, Any],
+  hidden: int,
+  where: str,
+) -> dict[tuple[str, str], np.ndarray]:
+  """The Flax cell's biases, ``(side, child) -> bias``; raises if PyTorch's cannot all go there."""
+  size = len(GATES[layout.kind]) * hidden
+  b = {}
+  for side in ("ih", "hh"):
+    key = sides[side].get("bias")
+    b[side] = (
+      np.zeros(size, np.float32) if key is None else _to_numpy(job.state_dict[key], key, where)
+    )
+    if b[side].shape != (size,):
+      raise ValueError(
+        f"{where}: '{key}' has shape {b[side].shape}, expected ({size},) (G*hidden)."
+      )
+  biases, lost = flax_biases(layout, node, b["ih"], b["hh"], hidden)
+  if lost:
+    gate, side = lost[0]
+    raise ValueError(
+      f"{where}: PyTorch's bias of gate "
+      f"'{gate}' ({side}) is nonzero, but the Flax {layout.cls} has no bias for that term "
+      f"(its children with a bias: {sorted(c for _, c in biases)}). "
+      + (
+        "Its GRU computes n = tanh(W_in x + b_in + r * (W_hn h)) without PyTorch's b_hn: "
+        "use Linen's nn.GRUCell, which has it."
+        if layout.kind == "gru"
+        else "Build the cell with its biases."
+      )
+    )
+  return biases
+
+
+def _load_side(
+  job: _Load,
+  rk: RnnKey,
+  entries: dict[str, str],
+  cell: tuple[Layout, Path, int],
+  biases: dict[tuple[str, str], np.ndarray],
+) -> TorchLayer:
+  """Loads one side's weight (``rk.prefix``) into the cell's children, each as a linear layer.
+
+  A child that holds one gate gets that gate's rows of the weight (and of a
+  weight norm's ``g``); a packed child gets all of them, as they are.
+  """
+  layout, path, hidden = cell
+  where = f"{_WHERE}: '{rk.prefix}' -> 'params/{'/'.join(path)}'"
+  keys = {k: key for k, key in entries.items() if k != "bias"}
+  method, _, roles = detect(list(keys), where)
+  role_of = {k: r for r, k in roles.items()}
+  arrays = {k: _to_numpy(job.state_dict[key], key, where) for k, key in keys.items()}
+  n = len(GATES[layout.kind]) * hidden
+  parts: dict[str, TorchLayer] = {}
+  for child, gates in layout.gates_of(rk.side):
+    packed = len(gates) == len(GATES[layout.kind])
+    vprefix = rk.prefix if packed else f"{rk.prefix}[{gates}]"
+    tensors = {}
+    for k, x in arrays.items():
+      sliceable = role_of[k] in ("w", "v", "w_sn") or (
+        role_of[k] == "g" and x.shape[:1] == (n,) and x.size == n
+      )
+      if not (packed or sliceable):
+        raise ValueError(_unsliced(where, rk, method, x.shape, layout))
+      tensors[k] = x if packed else x[rows(gates, layout.kind, hidden)]
+    if (rk.side, child) in biases:
+      tensors["bias"] = biases[rk.side, child]
+    sd = {f"{vprefix}.{k}": x for k, x in tensors.items()}
+    params = _get(job.out["params"], (*path, child)) or {}
+    state = _get(job.out.get(job.collection, {}), (*path, child))
+    t = _Target(
+      vprefix,
+      {k: f"{vprefix}.{k}" for k in tensors},
+      (*path, child),
+      params,
+      state,
+      job.collection,
+      f"{_WHERE}: '{vprefix}' -> 'params/{'/'.join((*path, child))}'",
+    )
+    vjob = job._replace(
+      state_dict=sd,
+      kinds={"": "linear"},
+      axes=_one(job.axes, rk.prefix, vprefix),
+      spectral_dims=_one(job.spectral_dims, rk.prefix, vprefix),
+    )
+    layer = _load_layer(vjob, t)
+    if isinstance(layer, str):
+      raise ValueError(f"{t.where}: {layer}.")
+    parts[child] = layer
+  first = next(iter(parts.values()))
+  variables: dict[str, Any] = {}
+  for child, layer in parts.items():
+    for col, leaves in layer.variables.items():
+      variables.setdefault(col, {})[child] = leaves
+  return first._replace(variables=variables, kind=layout.kind, path="/".join(path))
+
+
+def _one(given: Mapping[str, Any], prefix: str, vprefix: str) -> dict[str, Any]:
+  """``{vprefix: given's entry for prefix}``, or ``{}`` when it has none."""
+  value = _lookup(given, prefix)
+  return {} if value is None else {vprefix: value}
+
+
+def _unsliced(
+  where: str, rk: RnnKey, method: str | None, shape: tuple[int, ...], layout: Layout
+) -> str:
+  """Why a normalized PyTorch weight cannot be split into the cell's per-gate layers."""
+  gates = len(GATES[layout.kind])
+  if method == "spectral_norm":
+    what = (
+      f"PyTorch's spectral norm divides all {gates} gates of '{rk.prefix}' by one sigma of the "
+      "packed matrix"
+    )
+  else:
+    what = (
+      f"PyTorch's weight norm of '{rk.prefix}' (g of shape {shape}: dim is not 0) takes its "
+      "norms across the gates"
+    )
+  return (
+    f"{where}: {what}, but the Flax {layout.cls} keeps one Dense per gate, so no per-gate "
+    "wrapping reproduces it. Load it into a cell with packed kernels in PyTorch's gate order "
+    "(NNX OptimizedLSTMCell, GRUCell or SimpleCell) wrapped the same way."
+  )
+
+
+# --------------------------------------------------------------------------- #
 # Saving.
 # --------------------------------------------------------------------------- #
+
+
+#: Flax cell classes -> the PyTorch recurrent module they are one layer of.
+_CELLS = {"LSTMCell": "lstm", "OptimizedLSTMCell": "lstm", "GRUCell": "gru", "SimpleCell": "rnn"}
 
 
 def _layers_of_model(
@@ -842,10 +1100,27 @@ def _layers_of_model(
   Kind, wrapping and axis come from the model; a spectral layer gets the key
   style whose power iteration its axis continues, other layers the
   parametrizations style. Prefixes follow :func:`~flaxnorm._torch_paths.torch_prefix`.
+  A recurrent cell (Linen or NNX ``LSTMCell``, ``OptimizedLSTMCell``,
+  ``GRUCell``, ``SimpleCell``) is one layer of a PyTorch ``nn.LSTM``/``GRU``/
+  ``RNN`` named after the module holding it (an ``nn.RNN``'s ``cell`` and an
+  ``nn.Bidirectional``'s ``forward_rnn``/``backward_rnn`` left out):
+  ``{prefix}.weight_ih_l0``, ``{prefix}.weight_hh_l0`` (``_reverse`` for a
+  backward RNN).
   """
   sequential = {path for path, info in model.items() if info.cls == "Sequential"}
+  cells = {
+    path: _CELLS[info.cls]
+    for path, info in model.items()
+    if info.cls in _CELLS and layout_of(_CELLS[info.cls], _get(variables["params"], path) or {})
+  }
   out: dict[str, TorchLayer] = {}
   for path, info in model.items():
+    if any(path[: len(c)] == c for c in cells):
+      if path in cells:
+        out.update(
+          _cell_layers(model, variables, path, cells[path], (sequential, nnx_model), spectral_dims)
+        )
+      continue
     params = _get(variables["params"], path)
     name = "embedding" if info.family == "embedding" else "kernel"
     leaf = None if params is None else params.get(name, params.get(f"{name}_v"))
@@ -863,15 +1138,55 @@ def _layers_of_model(
     if kind not in LAYOUTS:
       continue
     prefix = torch_prefix(path, variables["params"], sequential, nnx_model)
-    method, kept = info.wrapped.get(name, (None, ()))
-    style, dim = "parametrizations", None
-    if method == "spectral_norm":
-      k = LAYOUTS[kind]
-      dim = spectral_dim_of(k, _lookup(spectral_dims, prefix), f"to_torch_state_dict: '{prefix}'")
-      style = "parametrizations" if kept == spectral_views(k, dim, shape).transposed else "legacy"
-    axis = neg_axis(kept, len(shape)) if method and kept else None
-    sdim = dim if method == "spectral_norm" else None
+    method, axis, style, sdim = _wrapping(info, name, LAYOUTS[kind], shape, prefix, spectral_dims)
     out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path), None, sdim)
+  return out
+
+
+def _wrapping(
+  info: FlaxLayer | None,
+  name: str,
+  k: Kind,
+  shape: tuple[int, ...],
+  prefix: str,
+  spectral_dims: Mapping[str, int],
+) -> tuple[str | None, Axis, str, int | None]:
+  """A model layer's ``(method, axis, style, spectral dim)`` as :class:`TorchLayer` has them."""
+  method, kept = (None, ()) if info is None else info.wrapped.get(name, (None, ()))
+  style, dim = "parametrizations", None
+  if method == "spectral_norm":
+    dim = spectral_dim_of(k, _lookup(spectral_dims, prefix), f"to_torch_state_dict: '{prefix}'")
+    style = "parametrizations" if kept == spectral_views(k, dim, shape).transposed else "legacy"
+  axis = neg_axis(kept, len(shape)) if method and kept else None
+  return method, axis, style, dim
+
+
+def _cell_layers(
+  model: Mapping[tuple[str, ...], FlaxLayer],
+  variables: Mapping[str, Any],
+  path: Path,
+  kind: str,
+  naming: tuple[set[Path], bool],
+  spectral_dims: Mapping[str, int],
+) -> dict[str, TorchLayer]:
+  """The two sides of a Flax cell as one layer of a PyTorch recurrent module (see above)."""
+  params = variables["params"]
+  layout = layout_of(kind, _get(params, path) or {})
+  assert layout is not None  # (only cells with a layout are passed)
+  holder, reverse = path[:-1] if path[-1] == "cell" else path, False
+  if holder and holder[-1] in ("forward_rnn", "backward_rnn"):
+    holder, reverse = holder[:-1], holder[-1] == "backward_rnn"
+  module = torch_prefix(holder, params, *naming)
+  out = {}
+  for side in ("ih", "hh"):
+    child = (*path, layout.children(side)[0])
+    node = _get(params, child) or {}
+    shape = _shape(node.get("kernel", node.get("kernel_v")))
+    prefix = RnnKey(module, 0, reverse, side, "weight").prefix
+    how = _wrapping(model.get(child), "kernel", LAYOUTS["linear"], shape, prefix, spectral_dims)
+    out[prefix] = TorchLayer(
+      {}, kind, how[0], how[1], "kernel", how[2], "/".join(path), None, how[3], True
+    )
   return out
 
 
@@ -890,6 +1205,62 @@ def _check_state_saved(
     "norm was removed (flaxnorm.remove_spectral_norm), pass layers with method=None "
     "(layer._replace(method=None, axis=None))."
   )
+
+
+def _save_side(
+  prefix: str,
+  layer: TorchLayer,
+  cell: dict[str, Any],
+  how: tuple[str, Axis, int | None],
+  variables: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+  """One side of a Flax cell as PyTorch's packed ``weight_{side}_l{k}`` keys (and its bias).
+
+  ``cell`` is ``{"params": ..., collection: ...}`` of the cell; ``how`` the
+  key style, axis and spectral ``dim``. Each child is written as a linear
+  layer and the children's rows are joined in PyTorch's gate order.
+  """
+  where = f"to_torch_state_dict: '{prefix}' -> 'params/{layer.path}'"
+  rk = split_rnn_key(prefix)
+  if rk is None or rk.key != "weight" or rk.side == "hr":
+    raise ValueError(
+      f"{where}: a {layer.kind} layer's prefix must name one side of a PyTorch recurrent "
+      "module, like 'lstm.weight_ih_l0' or 'gru.weight_hh_l1_reverse' (TorchLoadResult.layers)."
+    )
+  (collection,) = [c for c in cell if c != "params"]
+  layout = layout_of(layer.kind, cell["params"])
+  if layout is None:
+    raise ValueError(
+      f"{where}: the Flax module has {sorted(cell['params'])}, no {layer.kind} cell "
+      f"({expected_children(layer.kind)})."
+    )
+  style, axis, sdim = how
+  children = layout.gates_of(rk.side)
+  parts, biases = [], {}
+  for child, _ in children:
+    sub = {col: _get(cell[col], (child,)) or {} for col in cell}
+    _check_state_saved(
+      layer._replace(path=f"{layer.path}/{child}"), sub[collection], prefix, collection, variables
+    )
+    arrays = layer_to_numpy(sub, "linear", style, axis, sdim, collection)
+    if "bias" in arrays:
+      biases[child] = arrays.pop("bias")
+    parts.append(arrays)
+  if len(parts) > 1 and layer.method == "spectral_norm":
+    raise ValueError(
+      f"{where}: its gates are {len(parts)} spectral-normed Dense layers, each with its own "
+      "sigma; PyTorch's spectral norm of a recurrent weight has one sigma for all gates."
+    )
+  if any(set(p) != set(parts[0]) for p in parts):
+    raise ValueError(
+      f"{where}: its gates are not wrapped alike ({[sorted(p) for p in parts]}); PyTorch "
+      "normalizes the packed weight of all gates one way."
+    )
+  out = {rnn_key(k, rk.param): np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  if layer.bias is not False:
+    hidden = next(iter(parts[0].values())).shape[0] // len(children[0][1])
+    out[rnn_key("bias", rk.param)] = torch_bias(layout, biases, rk.side, hidden)
+  return {join(rk.module, k): x for k, x in out.items()}
 
 
 def save(
@@ -936,11 +1307,14 @@ def save(
         f"to_torch_state_dict: no Flax layer at 'params/{layer.path}' for '{prefix}'."
       )
     sub = {"params": params, collection: _get(variables.get(collection, {}), path) or {}}
-    _check_state_saved(layer, sub[collection], prefix, collection, variables)
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
     sdim = _lookup(dims, prefix)
     sdim = layer.spectral_dim if sdim is None else sdim
+    if layer.kind in GATES:
+      out.update(_save_side(prefix, layer, sub, (st, axis, sdim), variables))
+      continue
+    _check_state_saved(layer, sub[collection], prefix, collection, variables)
     for key, x in layer_to_numpy(sub, layer.kind, st, axis, sdim, collection).items():
       out[f"{prefix}.{key}" if prefix else key] = x
   if plain is not None:

@@ -1562,6 +1562,9 @@ def test_save_takes_the_nnx_state_a_load_returns(torch):
 
 
 def test_from_torch_wrap_keeps_the_collection(torch):
+  # Seeded: the stored u, v are random and never iterated here, and some draws give a sigma
+  # near 0, whose outputs are too large for the tolerance (it failed after other tests).
+  torch.manual_seed(0)
   t = torch.nn.utils.spectral_norm(torch.nn.Linear(4, 3))
   layer = interop.from_torch(t.state_dict(), "linear", collection="sn")
   dense = layer.wrap(nn.Dense(3))  # it used the default 'spectral' and failed at apply
