@@ -22,6 +22,11 @@ Layouts (``kind`` -> PyTorch weight -> Flax param)::
                                                nn.ConvTranspose has no feature groups)
   embedding         (num, features)            nn.Embed embedding (num, features)
 
+PyTorch's recurrent modules (``weight_ih_l0``, ``weight_hh_l0``, ...) load into
+and save from Flax's LSTM, GRU and simple cells with
+:func:`load_torch_state_dict` and :func:`to_torch_state_dict` (not
+:func:`from_torch`): each gate's rows of a side are a ``linear`` layer.
+
 Which flaxnorm wrapping and ``axis`` reproduce the PyTorch layer is part of the
 checkpoint, so :func:`from_torch` returns it (:class:`TorchLayer`), and
 :func:`load_torch_state_dict` checks it against the Flax model (read from the
@@ -247,7 +252,13 @@ def load_torch_state_dict(
 
   Keys are grouped by layer (``"ups.0.weight_g"`` is layer ``"ups.0"``); each
   layer maps to a Flax path through ``key_map`` and is converted with
-  :func:`from_torch`. The Flax side is the source of truth. Given the model
+  :func:`from_torch`. A PyTorch ``nn.LSTM``/``nn.GRU``/``nn.RNN`` loads into
+  Flax cells, one per layer and direction (``"lstm.l0"``, ``"lstm.l0_reverse"``,
+  looked up as that name, as an index ``"lstm.0"``, then for one layer as
+  ``"lstm"``; an ``nn.RNN``'s ``cell`` and an ``nn.Bidirectional``'s
+  ``forward_rnn``/``backward_rnn`` are followed), its gates split into the
+  cell's Dense layers or kept packed, its two biases summed where the cell has
+  one (docs: porting, "Recurrent modules"). The Flax side is the source of truth. Given the model
   (a Linen module with ``inputs``, traced shape-only with ``jax.eval_shape``;
   or an NNX module), each layer's kind (Dense, Conv, ConvTranspose, Embed),
   wrapping and ``axis`` are read from it, so ``kinds`` and ``axes`` are only
