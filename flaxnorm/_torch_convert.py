@@ -71,6 +71,11 @@ class TorchLayer(NamedTuple):
       biases (``bias=True``), so that :func:`to_torch_state_dict` writes
       ``bias_ih_l*``/``bias_hh_l*``. ``None`` for other layers, whose bias is
       the Flax layer's.
+    in_axes: a ``linear`` layer whose Flax kernel has more than two axes (a
+      ``DenseGeneral``/``LinearGeneral``, an attention's ``query`` ``(E, H,
+      D)`` or ``out`` ``(H, D, E)``): how many of its leading axes are
+      PyTorch's input features; the weight is read and written as the kernel
+      reshaped to ``(prod(in), prod(out))``. ``None`` for a 2-D kernel.
 
   Examples:
     >>> import numpy as np
@@ -90,6 +95,7 @@ class TorchLayer(NamedTuple):
   continues: str | None = None
   spectral_dim: int | None = None
   bias: bool | None = None
+  in_axes: int | None = None
 
   def wrap(self, target: Any, **kwargs: Any) -> Any:
     """Applies the matching flaxnorm Linen transform to ``target``.

@@ -8,6 +8,7 @@ names them). The table is in ``flaxnorm.interop``'s docstring.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 
 STYLES = ("parametrizations", "legacy")
@@ -136,3 +137,42 @@ def split_key(key: str) -> tuple[str, str] | None:
     if key.endswith("." + suffix):
       return key[: -len(suffix) - 1], suffix
   return None
+
+
+def join(prefix: str, name: str) -> str:
+  """``"enc" + "lstm"`` -> ``"enc.lstm"``; a name at the root stays bare."""
+  return f"{prefix}.{name}" if prefix else name
+
+
+_ROLES = "|".join(re.escape(k[len(PREFIX) :]) for k in _WEIGHT_KEYS if k.startswith(PREFIX))
+_SUFFIXES = "|".join(k[len("weight") :] for k in _LEGACY)
+
+
+def split_named(key: str, names: str) -> tuple[str, str, str] | None:
+  """A key of a weight PyTorch keeps under its own name, read as a layer's key.
+
+  Recurrent and attention modules name their weights (``weight_hh_l0``,
+  ``in_proj_weight``), and a norm applied to one keeps that name where a
+  layer has ``weight``: ``weight_hh_l0_g``,
+  ``parametrizations.in_proj_weight.original0``.
+
+  Args:
+    key: the state-dict key.
+    names: a regex of the weight names (no groups).
+
+  Returns:
+    ``(prefix, name, key as a layer's)``, e.g. ``("enc.lstm", "weight_hh_l0",
+    "weight_g")``; ``None`` if ``key`` is no such key.
+  """
+  if m := re.fullmatch(rf"(?:(.*)\.)?parametrizations\.({names})\.({_ROLES})", key):
+    return m[1] or "", m[2], PREFIX + m[3]
+  if m := re.fullmatch(rf"(?:(.*)\.)?({names})({_SUFFIXES})?", key):
+    return m[1] or "", m[2], "weight" + (m[3] or "")
+  return None
+
+
+def named(key: str, name: str) -> str:
+  """The inverse of :func:`split_named`: ``("weight_g", "weight_hh_l0")`` -> ``"weight_hh_l0_g"``."""
+  if key.startswith(PREFIX):
+    return f"parametrizations.{name}.{key[len(PREFIX) :]}"
+  return name + key[len("weight") :]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -21,6 +21,7 @@ from flax.core import meta
 
 from flaxnorm import _checks, _options
 from flaxnorm._checks import Axis, Call
+from flaxnorm._torch_attention import CLASSES, PARTS, WEIGHTS, parts_of, split_attention_key
 from flaxnorm._torch_convert import (
   Sources,
   TorchLayer,
@@ -28,7 +29,7 @@ from flaxnorm._torch_convert import (
   layer_from_torch,
   layer_to_numpy,
 )
-from flaxnorm._torch_keys import detect, split_key
+from flaxnorm._torch_keys import detect, join, named, split_key
 from flaxnorm._torch_layouts import (
   KIND_BY_RANK,
   LAYOUTS,
@@ -50,7 +51,6 @@ from flaxnorm._torch_rnn import (
   RnnKey,
   expected_children,
   flax_biases,
-  join,
   layout_of,
   rnn_key,
   rows,
@@ -323,15 +323,16 @@ def load(
     model=model,
     strict=strict,
   )
-  groups, loose, cells = _group(job)
-  _check_overrides(
-    job, [*groups, *(c._replace(side=s).prefix for c, sides in cells.items() for s in sides)]
-  )
+  groups = _group(job)
+  _check_overrides(job, groups.names())
+  loose = groups.loose
   layers: dict[str, TorchLayer] = {}
-  for cell, sides in cells.items():
-    single = all(c.layer == 0 for c in cells if c.module == cell.module)
+  for cell, sides in groups.cells.items():
+    single = all(c.layer == 0 for c in groups.cells if c.module == cell.module)
     layers.update(_load_cell(job, key_map, cell, sides, single))
-  for prefix, entries in groups.items():
+  for module, parts in groups.attentions.items():
+    layers.update(_load_attention(job, key_map, module, parts))
+  for prefix, entries in groups.layers.items():
     target = _target(job, key_map, prefix, entries)
     layer = None if target is None else _load_layer(job, target)
     if isinstance(layer, TorchLayer):
@@ -435,34 +436,57 @@ _NORM_HINT = (
 
 
 Cells = dict[RnnKey, dict[str, dict[str, str]]]
+Attentions = dict[str, dict[str, dict[str, str]]]
 
 
-def _group(job: _Load) -> tuple[dict[str, dict[str, str]], dict[str, str], Cells]:
-  """Layer prefix -> layer key -> state-dict key; the other keys -> why they are no layer; cells.
+class _Groups(NamedTuple):
+  """A state dict's keys, grouped.
 
-  A bias without a weight is no layer either: those keys load by name, if at
-  all. Keys of PyTorch recurrent modules are grouped by cell (an
+  ``layers``: layer prefix -> layer key -> state-dict key. ``loose``: the keys
+  of no layer -> why (a bias without a weight is none either: those keys load
+  by name, if at all). ``cells``: PyTorch recurrent modules' keys by cell (an
   ``RnnKey`` with empty ``side`` and ``key``), then side, then their key as a
-  linear layer's.
+  linear layer's. ``attentions``: ``nn.MultiheadAttention`` keys by module
+  prefix, then weight name (``"in_proj_weight"``, ..., ``"out_proj"``), then
+  key as a linear layer's.
   """
-  groups: dict[str, dict[str, str]] = {}
-  loose: dict[str, str] = {}
-  cells: Cells = {}
+
+  layers: dict[str, dict[str, str]]
+  loose: dict[str, str]
+  cells: Cells
+  attentions: Attentions
+
+  def names(self) -> list[str]:
+    """Every layer's name, for ``kinds``/``axes``/``spectral_dims``."""
+    cells = [c._replace(side=s).prefix for c, sides in self.cells.items() for s in sides]
+    attentions = [join(m, n) for m, parts in self.attentions.items() for n in parts]
+    return [*self.layers, *cells, *attentions]
+
+
+def _group(job: _Load) -> _Groups:
+  """The state dict's keys by layer, recurrent cell and attention module (see :class:`_Groups`)."""
+  g = _Groups({}, {}, {}, {})
   for key in job.state_dict:
     rk = split_rnn_key(key)
     if rk is not None:
-      cell = cells.setdefault(rk._replace(side="", key=""), {})
-      cell.setdefault(rk.side, {})[rk.key] = key
+      g.cells.setdefault(rk._replace(side="", key=""), {}).setdefault(rk.side, {})[rk.key] = key
+      continue
+    ak = split_attention_key(key)
+    if ak is not None:
+      g.attentions.setdefault(ak.module, {}).setdefault(ak.name, {})[ak.key] = key
       continue
     split = split_key(key)
     if split is None:
       norm = key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-      loose[key] = _NORM_HINT if norm else "not a weight/bias key of a supported layer"
+      g.loose[key] = _NORM_HINT if norm else "not a weight/bias key of a supported layer"
     else:
-      groups.setdefault(split[0], {})[split[1]] = key
-  for prefix in [p for p, entries in groups.items() if set(entries) == {"bias"}]:
-    loose[groups.pop(prefix)["bias"]] = "a bias without a weight"
-  return groups, loose, cells
+      g.layers.setdefault(split[0], {})[split[1]] = key
+  for module, parts in g.attentions.items():
+    if join(module, "out_proj") in g.layers:
+      parts["out_proj"] = g.layers.pop(join(module, "out_proj"))
+  for prefix in [p for p, entries in g.layers.items() if set(entries) == {"bias"}]:
+    g.loose[g.layers.pop(prefix)["bias"]] = "a bias without a weight"
+  return g
 
 
 def _strict_message(unused: Mapping[str, str], unmatched: tuple[str, ...]) -> str:
@@ -544,6 +568,9 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
     The layer (with its Flax ``path``), or why it is no layer interop
     converts (its kind cannot be told; its tensors may still load by name).
   """
+  split = _in_axes(job, t)
+  if split is not None:
+    return _load_as_matrix(job, t, split)
   info = job.model.get(t.path)
   if info is not None and info.unsupported:
     raise ValueError(f"{t.where}: the Flax {info.cls}: {info.unsupported}.")
@@ -596,6 +623,119 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   _check_order(job, layer, t, k, dim)
   variables = _fill(job, layer, src, t, k)
   return layer._replace(variables=variables, path="/".join(t.path))
+
+
+# --------------------------------------------------------------------------- #
+# A PyTorch Linear into a Flax kernel of more axes (DenseGeneral, LinearGeneral).
+# --------------------------------------------------------------------------- #
+
+
+def _in_axes(job: _Load, t: _Target) -> int | None:
+  """How many leading axes of the target's kernel are a PyTorch Linear's inputs, when it has > 2.
+
+  ``None`` for a 2-D kernel, a layer that is no Linear (by ``kinds`` or the
+  weight's rank), or a kernel no split of which gives the weight's sizes.
+  """
+  kernel = t.params.get("kernel", t.params.get("kernel_v"))
+  given = _lookup(job.kinds, t.prefix)
+  if kernel is None or len(_shape(kernel)) <= 2 or given not in (None, "linear"):
+    return None
+  try:
+    wshape = tuple(np.shape(job.state_dict[_weight_key(t)]))
+  except ValueError:  # no weight among the keys: the normal path says so
+    return None
+  shape = _shape(kernel)
+  if len(wshape) != 2:
+    return None
+  fits = [
+    k
+    for k in range(1, len(shape))
+    if _size(shape[:k]) == wshape[1] and _size(shape[k:]) == wshape[0]
+  ]
+  return fits[0] if len(fits) == 1 else None
+
+
+def _kernel_shape(params: Mapping[str, Any]) -> tuple[int, ...]:
+  return _shape(params.get("kernel", params.get("kernel_v")))
+
+
+def _kernel_ndim(params: Mapping[str, Any]) -> int:
+  return len(_kernel_shape(params))
+
+
+def _size(shape: tuple[int, ...]) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+def _as_matrix(x: Any, name: str, k: int) -> Any:
+  """``x`` (unboxed) reshaped to its 2-D view: a kernel (or its ``g``/``v``) ``(in, out)``, a bias ``(out,)``."""
+  x = meta.unbox(x)
+  shape = tuple(x.shape)
+  view = (_size(shape),) if name == "bias" else (_size(shape[:k]), _size(shape[k:]))
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(view, x.dtype)
+  return np.reshape(np.asarray(x), view)
+
+
+def _matrix_info(info: FlaxLayer | None, where: str, k: int, ndim: int) -> FlaxLayer | None:
+  """The model's layer as a Linear: its kernel's kept axes in the 2-D view."""
+  if info is None:
+    return None
+  wrapped = {}
+  for name, (method, kept) in info.wrapped.items():
+    view = {(): (), tuple(range(k, ndim)): (1,), tuple(range(k)): (0,)}.get(tuple(sorted(kept)))
+    if view is None:
+      raise ValueError(
+        f"{where}: the Flax layer's {method} keeps axes {kept} of its {ndim}-D '{name}', "
+        f"whose first {k} axes are PyTorch's inputs: no axis of PyTorch's (out, in) weight "
+        f"does that. Wrap it keeping all output axes {tuple(range(k - ndim, 0))} (PyTorch's "
+        f"dim=0) or all input axes {tuple(range(-ndim, k - ndim))}."
+      )
+    wrapped[name] = (method, view)
+  return info._replace(family="linear", wrapped=wrapped)
+
+
+def _load_as_matrix(job: _Load, t: _Target, k: int) -> TorchLayer | str:
+  """Loads a PyTorch Linear into a kernel of more axes through its ``(in, out)`` view."""
+  names = [n for n in t.params if n in ("kernel", "kernel_g", "kernel_v", "bias")]
+  view = {n: _as_matrix(t.params[n], n, k) for n in names}
+  ndim = len(_shape(t.params.get("kernel", t.params.get("kernel_v"))))
+  model = dict(job.model)
+  if t.path in model:
+    model[t.path] = _matrix_info(model[t.path], t.where, k, ndim)  # type: ignore[assignment]
+  layer = _load_layer(job._replace(model=model), t._replace(params=view))
+  if isinstance(layer, str):
+    return layer
+  params = {}
+  for name, arr in layer.variables["params"].items():
+    raw = t.params[name]
+    arr = jax.device_put(np.reshape(np.asarray(arr), _shape(raw)))  # no op to compile
+    t.params[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
+    params[name] = arr
+  axis = _kernel_axis(layer.axis, k, ndim)
+  return layer._replace(variables={**layer.variables, "params": params}, axis=axis, in_axes=k)
+
+
+def _kernel_axis(axis: Axis, k: int, ndim: int) -> Axis:
+  """A 2-D view's axis (``-1``: outputs, ``-2``: inputs) as the axes of the ``ndim``-D kernel."""
+  if axis is None:
+    return None
+  picked = range(k - ndim, 0) if axis in (-1, 1, (-1,), (1,)) else range(-ndim, k - ndim)
+  return tuple(picked) if len(picked) > 1 else picked[0]
+
+
+def _view_axis(axis: Axis, k: int, ndim: int) -> Axis:
+  """The inverse of :func:`_kernel_axis`: the 2-D view's axis of the kernel's axes ``axis``."""
+  if axis is None:
+    return None
+  kept = _checks.normalize_axes(axis, ndim)
+  views = {tuple(range(k, ndim)): -1, tuple(range(k)): -2}
+  if kept not in views:
+    raise ValueError(
+      f"to_torch_state_dict: axis {axis!r} of a {ndim}-D kernel whose first {k} axes are "
+      "PyTorch's inputs is no axis of PyTorch's (out, in) weight."
+    )
+  return views[kept]
 
 
 def _grouped(converted: tuple[int, ...], flax_shape: tuple[int, ...]) -> bool:
@@ -892,9 +1032,9 @@ def _cell_path(job: _Load, key_map: KeyMap, cell: RnnKey, single: bool) -> Path 
     return (*path, "cell") if "cell" in _get(params, path) else path
   hint = " (key_map maps PyTorch prefixes to Flax paths)"
   whys = [w.removesuffix(hint).removeprefix("no Flax layer for it; ") for w in whys]
-  named = f"key_map={{'{cell.cell}': 'path/to/cell'}} names it"
+  hint = f"key_map={{'{cell.cell}': 'path/to/cell'}} names it"
   tried = "; ".join(dict.fromkeys(whys))
-  return None if skipped else f"{tried if len(tried) < 240 else tried[:240] + ' ...'} ({named})"
+  return None if skipped else f"{tried if len(tried) < 240 else tried[:240] + ' ...'} ({hint})"
 
 
 def _load_cell(
@@ -989,6 +1129,83 @@ def _cell_biases(
   return biases
 
 
+class _Packed(NamedTuple):
+  """One PyTorch weight of several parts (gates, or attention's q, k, v) packed by rows."""
+
+  prefix: str  # its PyTorch name, "lstm.weight_hh_l0"
+  method: str | None
+  roles: dict[str, str]  # key as a linear layer's -> role ("w", "v", "g", "u", ...)
+  arrays: dict[str, np.ndarray]  # key as a linear layer's -> array, PyTorch layout
+  rows: int  # rows of the packed weight
+
+  def part(
+    self, rows: np.ndarray | None, why: Callable[[tuple[int, ...]], str]
+  ) -> dict[str, np.ndarray]:
+    """The tensors of the part on ``rows`` (``None``: all of them, as they are).
+
+    A weight's rows and a weight norm's ``g`` per row split; a ``g`` taken
+    across the rows, or a spectral norm's vectors, do not: ``why(shape)``
+    says so in the error.
+    """
+    out = {}
+    for k, x in self.arrays.items():
+      per_row = self.roles[k] in ("w", "v", "w_sn") or (
+        self.roles[k] == "g" and x.shape[:1] == (self.rows,) and x.size == self.rows
+      )
+      if rows is not None and not per_row:
+        raise ValueError(why(x.shape))
+      out[k] = x if rows is None else x[rows]
+    return out
+
+
+def _packed(job: _Load, prefix: str, entries: Mapping[str, str], where: str) -> _Packed:
+  """Reads one PyTorch weight kept under its own name (``entries``: its keys as a linear layer's)."""
+  keys = {k: key for k, key in entries.items() if k != "bias"}
+  method, _, roles = detect(list(keys), where)
+  arrays = {k: _to_numpy(job.state_dict[key], key, where) for k, key in keys.items()}
+  wkey = roles["v" if "v" in roles else "w"]
+  role_of = {k: r for r, k in roles.items()}
+  return _Packed(prefix, method, role_of, arrays, arrays[wkey].shape[0])
+
+
+def _load_part(
+  job: _Load, name: str, vprefix: str, path: Path, tensors: dict[str, np.ndarray]
+) -> TorchLayer:
+  """Loads one part (``tensors``, keys as a linear layer's) into the Flax linear layer at ``path``.
+
+  ``name`` is the PyTorch weight the part is of: its ``axes``/``spectral_dims``
+  entries apply; ``vprefix`` names the part in messages.
+  """
+  t = _Target(
+    vprefix,
+    {k: f"{vprefix}.{k}" for k in tensors},
+    path,
+    _get(job.out["params"], path) or {},
+    _get(job.out.get(job.collection, {}), path),
+    job.collection,
+    f"{_WHERE}: '{vprefix}' -> 'params/{'/'.join(path)}'",
+  )
+  vjob = job._replace(
+    state_dict={f"{vprefix}.{k}": x for k, x in tensors.items()},
+    kinds={"": "linear"},
+    axes=_one(job.axes, name, vprefix),
+    spectral_dims=_one(job.spectral_dims, name, vprefix),
+  )
+  layer = _load_layer(vjob, t)
+  if isinstance(layer, str):
+    raise ValueError(f"{t.where}: {layer}.")
+  return layer
+
+
+def _joined(parts: Mapping[str, TorchLayer], **fields: Any) -> TorchLayer:
+  """One layer of several Flax children: ``variables`` ``{col: {child: ...}}``, the first's wrapping."""
+  variables: dict[str, Any] = {}
+  for child, layer in parts.items():
+    for col, leaves in layer.variables.items():
+      variables.setdefault(col, {})[child] = leaves
+  return next(iter(parts.values()))._replace(variables=variables, **fields)
+
+
 def _load_side(
   job: _Load,
   rk: RnnKey,
@@ -1003,53 +1220,17 @@ def _load_side(
   """
   layout, path, hidden = cell
   where = f"{_WHERE}: '{rk.prefix}' -> 'params/{'/'.join(path)}'"
-  keys = {k: key for k, key in entries.items() if k != "bias"}
-  method, _, roles = detect(list(keys), where)
-  role_of = {k: r for r, k in roles.items()}
-  arrays = {k: _to_numpy(job.state_dict[key], key, where) for k, key in keys.items()}
-  n = len(GATES[layout.kind]) * hidden
+  w = _packed(job, rk.prefix, entries, where)
   parts: dict[str, TorchLayer] = {}
   for child, gates in layout.gates_of(rk.side):
     packed = len(gates) == len(GATES[layout.kind])
-    vprefix = rk.prefix if packed else f"{rk.prefix}[{gates}]"
-    tensors = {}
-    for k, x in arrays.items():
-      sliceable = role_of[k] in ("w", "v", "w_sn") or (
-        role_of[k] == "g" and x.shape[:1] == (n,) and x.size == n
-      )
-      if not (packed or sliceable):
-        raise ValueError(_unsliced(where, rk, method, x.shape, layout))
-      tensors[k] = x if packed else x[rows(gates, layout.kind, hidden)]
+    picked = None if packed else rows(gates, layout.kind, hidden)
+    tensors = w.part(picked, lambda shape: _unsliced(where, rk, w.method, shape, layout))
     if (rk.side, child) in biases:
       tensors["bias"] = biases[rk.side, child]
-    sd = {f"{vprefix}.{k}": x for k, x in tensors.items()}
-    params = _get(job.out["params"], (*path, child)) or {}
-    state = _get(job.out.get(job.collection, {}), (*path, child))
-    t = _Target(
-      vprefix,
-      {k: f"{vprefix}.{k}" for k in tensors},
-      (*path, child),
-      params,
-      state,
-      job.collection,
-      f"{_WHERE}: '{vprefix}' -> 'params/{'/'.join((*path, child))}'",
-    )
-    vjob = job._replace(
-      state_dict=sd,
-      kinds={"": "linear"},
-      axes=_one(job.axes, rk.prefix, vprefix),
-      spectral_dims=_one(job.spectral_dims, rk.prefix, vprefix),
-    )
-    layer = _load_layer(vjob, t)
-    if isinstance(layer, str):
-      raise ValueError(f"{t.where}: {layer}.")
-    parts[child] = layer
-  first = next(iter(parts.values()))
-  variables: dict[str, Any] = {}
-  for child, layer in parts.items():
-    for col, leaves in layer.variables.items():
-      variables.setdefault(col, {})[child] = leaves
-  return first._replace(variables=variables, kind=layout.kind, path="/".join(path))
+    vprefix = rk.prefix if packed else f"{rk.prefix}[{gates}]"
+    parts[child] = _load_part(job, rk.prefix, vprefix, (*path, child), tensors)
+  return _joined(parts, kind=layout.kind, path="/".join(path))
 
 
 def _one(given: Mapping[str, Any], prefix: str, vprefix: str) -> dict[str, Any]:
@@ -1077,6 +1258,105 @@ def _unsliced(
     f"{where}: {what}, but the Flax {layout.cls} keeps one Dense per gate, so no per-gate "
     "wrapping reproduces it. Load it into a cell with packed kernels in PyTorch's gate order "
     "(NNX OptimizedLSTMCell, GRUCell or SimpleCell) wrapped the same way."
+  )
+
+
+# --------------------------------------------------------------------------- #
+# Attention: a PyTorch nn.MultiheadAttention into Flax's query, key, value, out.
+# --------------------------------------------------------------------------- #
+
+
+def _attention_path(job: _Load, key_map: KeyMap, module: str, keys: list[str]) -> Path | None:
+  """The Flax attention module PyTorch ``module`` fills; ``None`` (its keys unused) if none."""
+  params = job.out["params"]
+  path = resolve(key_map, module, params) if module or key_map is not None else ()
+  node = None if path is None or isinstance(path, str) else _get(params, path)
+  if node is not None and isinstance(path, tuple):
+    missing = [p for p in (*PARTS, "out") if p not in node]
+    if missing:
+      raise ValueError(
+        f"{_WHERE}: PyTorch attention '{module}' -> 'params/{'/'.join(path)}': an "
+        f"nn.MultiheadAttention, but the Flax module there has {sorted(node)}, not "
+        "query, key, value and out (a Flax MultiHeadDotProductAttention, SelfAttention or "
+        f"nnx.MultiHeadAttention); does key_map map '{module}' to the right module?"
+      )
+    return path
+  if path is None:
+    reason = "key_map skips it"
+  else:
+    reason = path if isinstance(path, str) else f"no Flax module at 'params/{'/'.join(path)}'"
+  job.unused.update({key: f"attention '{module}': {reason}" for key in keys})
+  return None
+
+
+def _load_attention(
+  job: _Load, key_map: KeyMap, module: str, parts: dict[str, dict[str, str]]
+) -> dict[str, TorchLayer]:
+  """Loads one ``nn.MultiheadAttention`` into a Flax attention module's four parts.
+
+  Returns:
+    ``{"attn.in_proj_weight": layer, "attn.out_proj": layer}`` (or one layer
+    per ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``); ``{}`` when
+    there is no Flax module for it.
+  """
+  where = f"{_WHERE}: PyTorch attention '{module}'"
+  if "bias_k" in parts or "bias_v" in parts:
+    raise ValueError(
+      f"{where}: '{join(module, 'bias_k')}'/'bias_v' (add_bias_kv=True) append a learned key "
+      "and value to every sequence, which no Flax attention module does."
+    )
+  weights = [n for n in parts if n not in ("in_proj_bias", "out_proj")]
+  if not weights:
+    raise ValueError(f"{where}: no in_proj_weight nor q/k/v_proj_weight among its keys.")
+  path = _attention_path(job, key_map, module, [k for p in parts.values() for k in p.values()])
+  if path is None:
+    return {}
+  bias = parts.get("in_proj_bias", {}).get("bias")
+  b = None if bias is None else _to_numpy(job.state_dict[bias], bias, where)
+  out: dict[str, TorchLayer] = {}
+  for name in weights:
+    prefix = join(module, name)
+    w = _packed(job, prefix, parts[name], f"{where}: '{prefix}'")
+    loaded = {}
+    for child in parts_of(name):
+      i = PARTS.index(child)
+      packed = name == "in_proj_weight"
+      e = w.rows // 3 if packed else w.rows
+      picked = np.arange(i * e, (i + 1) * e) if packed else None
+      tensors = w.part(picked, lambda shape: _across_parts(where, prefix, w.method, shape))
+      if b is not None:
+        tensors["bias"] = b[np.arange(i * e, (i + 1) * e)]
+      vprefix = f"{prefix}[{child}]" if packed else prefix
+      loaded[child] = _load_part(job, prefix, vprefix, (*path, child), tensors)
+    out[prefix] = _joined(loaded, kind="multihead_attention", path="/".join(path))
+  if "out_proj" in parts:
+    prefix = join(module, "out_proj")
+    t = _Target(
+      prefix,
+      parts["out_proj"],
+      (*path, "out"),
+      _get(job.out["params"], (*path, "out")) or {},
+      _get(job.out.get(job.collection, {}), (*path, "out")),
+      job.collection,
+      f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join((*path, 'out'))}'",
+    )
+    layer = _load_layer(job, t)
+    if isinstance(layer, str):
+      raise ValueError(f"{t.where}: {layer}.")
+    out[prefix] = layer
+  return out
+
+
+def _across_parts(where: str, prefix: str, method: str | None, shape: tuple[int, ...]) -> str:
+  """Why a normalized packed ``in_proj_weight`` cannot be split into query, key and value."""
+  what = (
+    "a spectral norm divides q, k and v by one sigma of the packed (3E, E) matrix"
+    if method == "spectral_norm"
+    else f"a weight norm with g of shape {shape} (dim is not 0) takes its norms across q, k, v"
+  )
+  return (
+    f"{where}: on '{prefix}' {what}, but Flax's query, key and value are three layers: no "
+    "wrapping of theirs reproduces it."
   )
 
 
@@ -1113,13 +1393,21 @@ def _layers_of_model(
     for path, info in model.items()
     if info.cls in _CELLS and layout_of(_CELLS[info.cls], _get(variables["params"], path) or {})
   }
+  attentions = {
+    path
+    for path, info in model.items()
+    if info.cls in CLASSES and {*PARTS, "out"} <= set(_get(variables["params"], path) or {})
+  }
+  naming = (sequential, nnx_model)
   out: dict[str, TorchLayer] = {}
   for path, info in model.items():
     if any(path[: len(c)] == c for c in cells):
       if path in cells:
-        out.update(
-          _cell_layers(model, variables, path, cells[path], (sequential, nnx_model), spectral_dims)
-        )
+        out.update(_cell_layers(model, variables, path, cells[path], naming, spectral_dims))
+      continue
+    if any(path[: len(a)] == a for a in attentions):
+      if path in attentions:
+        out.update(_attention_layers(model, variables, path, naming, spectral_dims))
       continue
     params = _get(variables["params"], path)
     name = "embedding" if info.family == "embedding" else "kernel"
@@ -1159,6 +1447,45 @@ def _wrapping(
     style = "parametrizations" if kept == spectral_views(k, dim, shape).transposed else "legacy"
   axis = neg_axis(kept, len(shape)) if method and kept else None
   return method, axis, style, dim
+
+
+def _attention_layers(
+  model: Mapping[tuple[str, ...], FlaxLayer],
+  variables: Mapping[str, Any],
+  path: Path,
+  naming: tuple[set[Path], bool],
+  spectral_dims: Mapping[str, int],
+) -> dict[str, TorchLayer]:
+  """A Flax attention module as a PyTorch ``nn.MultiheadAttention``.
+
+  Its query, key and value are ``in_proj_weight`` when they take inputs of one
+  size, else ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``; its
+  ``out`` is ``out_proj``.
+  """
+  params = variables["params"]
+  module = torch_prefix(path, params, *naming)
+  shapes = {p: _kernel_shape(_get(params, (*path, p)) or {}) for p in (*PARTS, "out")}
+  packed = len({shapes[p][0] for p in PARTS}) == 1
+  weights = ["in_proj_weight"] if packed else list(WEIGHTS[1:])
+  out = {}
+  for name in [*weights, "out_proj"]:
+    child = (*path, "out" if name == "out_proj" else parts_of(name)[0])
+    shape = shapes[child[-1]]
+    k = len(shape) - 1 if name == "out_proj" else 1
+    where = f"to_torch_state_dict: 'params/{'/'.join(child)}'"
+    info = _matrix_info(model.get(child), where, k, len(shape))
+    view = (_size(shape[:k]), _size(shape[k:]))
+    prefix = join(module, name)
+    how = _wrapping(info, "kernel", LAYOUTS["linear"], view, prefix, spectral_dims)
+    axis = _kernel_axis(how[1], k, len(shape))
+    if name == "out_proj":
+      kind, tpath = "linear", child
+    else:
+      kind, tpath = "multihead_attention", path
+    out[prefix] = TorchLayer(
+      {}, kind, how[0], axis, "kernel", how[2], "/".join(tpath), None, how[3], None, k
+    )
+  return out
 
 
 def _cell_layers(
@@ -1227,40 +1554,96 @@ def _save_side(
       f"{where}: a {layer.kind} layer's prefix must name one side of a PyTorch recurrent "
       "module, like 'lstm.weight_ih_l0' or 'gru.weight_hh_l1_reverse' (TorchLoadResult.layers)."
     )
-  (collection,) = [c for c in cell if c != "params"]
   layout = layout_of(layer.kind, cell["params"])
   if layout is None:
     raise ValueError(
       f"{where}: the Flax module has {sorted(cell['params'])}, no {layer.kind} cell "
       f"({expected_children(layer.kind)})."
     )
-  style, axis, sdim = how
   children = layout.gates_of(rk.side)
+  joined, biases = _save_parts(layer, cell, [c for c, _ in children], how, (prefix, variables))
+  out = {rnn_key(k, rk.param): x for k, x in joined.items()}
+  if layer.bias is not False:
+    hidden = next(iter(joined.values())).shape[0] // len(GATES[layer.kind])
+    out[rnn_key("bias", rk.param)] = torch_bias(layout, biases, rk.side, hidden)
+  return {join(rk.module, k): x for k, x in out.items()}
+
+
+def _save_parts(
+  layer: TorchLayer,
+  holder: dict[str, Any],
+  children: list[str],
+  how: tuple[str, Axis, int | None],
+  context: tuple[str, Mapping[str, Any]],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Writes children of ``holder`` as linear layers and joins their rows, in order.
+
+  ``holder`` is ``{"params": ..., collection: ...}`` of the Flax module; ``how``
+  the key style, axis and spectral ``dim``; ``context`` the PyTorch prefix and
+  all variables (for messages). A child kernel of more than two axes (an
+  attention's query) is read as ``(in, out)`` with ``layer.in_axes`` input axes.
+
+  Returns:
+    Key as a linear layer's -> the joined tensor; and child -> its bias.
+  """
+  prefix, variables = context
+  where = f"to_torch_state_dict: '{prefix}' -> 'params/{layer.path}'"
+  (collection,) = [c for c in holder if c != "params"]
   parts, biases = [], {}
-  for child, _ in children:
-    sub = {col: _get(cell[col], (child,)) or {} for col in cell}
+  for child in children:
+    sub = {col: _get(holder[col], (child,)) or {} for col in holder}
     _check_state_saved(
       layer._replace(path=f"{layer.path}/{child}"), sub[collection], prefix, collection, variables
     )
+    style, axis, sdim = how
+    if layer.in_axes is not None:
+      ndim = _kernel_ndim(sub["params"])
+      axis = _view_axis(axis, layer.in_axes, ndim)
+      sub["params"] = {n: _as_matrix(x, n, layer.in_axes) for n, x in sub["params"].items()}
     arrays = layer_to_numpy(sub, "linear", style, axis, sdim, collection)
     if "bias" in arrays:
       biases[child] = arrays.pop("bias")
     parts.append(arrays)
   if len(parts) > 1 and layer.method == "spectral_norm":
     raise ValueError(
-      f"{where}: its gates are {len(parts)} spectral-normed Dense layers, each with its own "
-      "sigma; PyTorch's spectral norm of a recurrent weight has one sigma for all gates."
+      f"{where}: its {', '.join(children)} are {len(parts)} spectral-normed layers, each with "
+      f"its own sigma; PyTorch's '{prefix}' is one weight with one sigma for all of them."
     )
   if any(set(p) != set(parts[0]) for p in parts):
     raise ValueError(
-      f"{where}: its gates are not wrapped alike ({[sorted(p) for p in parts]}); PyTorch "
-      "normalizes the packed weight of all gates one way."
+      f"{where}: its {', '.join(children)} are not wrapped alike "
+      f"({[sorted(p) for p in parts]}); PyTorch normalizes the packed weight one way."
     )
-  out = {rnn_key(k, rk.param): np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  if layer.bias is not False:
-    hidden = next(iter(parts[0].values())).shape[0] // len(children[0][1])
-    out[rnn_key("bias", rk.param)] = torch_bias(layout, biases, rk.side, hidden)
-  return {join(rk.module, k): x for k, x in out.items()}
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, biases
+
+
+def _save_attention(
+  prefix: str,
+  layer: TorchLayer,
+  holder: dict[str, Any],
+  how: tuple[str, Axis, int | None],
+  variables: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+  """A Flax attention's query, key, value as ``in_proj_weight`` (or one ``q/k/v_proj_weight``).
+
+  The ``in_proj_weight`` or ``q_proj_weight`` layer also writes
+  ``in_proj_bias``, when the Flax parts have biases.
+  """
+  module, _, name = prefix.rpartition(".")
+  if name not in WEIGHTS:
+    raise ValueError(
+      f"to_torch_state_dict: '{prefix}' -> 'params/{layer.path}': a multihead_attention "
+      f"layer's prefix must end with one of {list(WEIGHTS)} (TorchLoadResult.layers)."
+    )
+  layer = layer._replace(in_axes=1 if layer.in_axes is None else layer.in_axes)
+  joined, _ = _save_parts(layer, holder, list(parts_of(name)), how, (prefix, variables))
+  out = {named(k, name): x for k, x in joined.items()}
+  biases = [(holder["params"].get(p) or {}).get("bias") for p in PARTS]
+  if name in ("in_proj_weight", "q_proj_weight") and all(b is not None for b in biases):
+    out["in_proj_bias"] = np.concatenate(
+      [np.reshape(np.asarray(meta.unbox(b)), -1) for b in biases]
+    )
+  return {join(module, k): x for k, x in out.items()}
 
 
 def save(
@@ -1314,7 +1697,13 @@ def save(
     if layer.kind in GATES:
       out.update(_save_side(prefix, layer, sub, (st, axis, sdim), variables))
       continue
+    if layer.kind == "multihead_attention":
+      out.update(_save_attention(prefix, layer, sub, (st, axis, sdim), variables))
+      continue
     _check_state_saved(layer, sub[collection], prefix, collection, variables)
+    if layer.in_axes is not None:
+      axis = _view_axis(axis, layer.in_axes, _kernel_ndim(sub["params"]))
+      sub["params"] = {n: _as_matrix(x, n, layer.in_axes) for n, x in sub["params"].items()}
     for key, x in layer_to_numpy(sub, layer.kind, st, axis, sdim, collection).items():
       out[f"{prefix}.{key}" if prefix else key] = x
   if plain is not None:

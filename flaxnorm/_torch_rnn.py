@@ -28,18 +28,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flaxnorm._torch_keys import join, named, split_named
+
 #: Gates per kind, in PyTorch's packed order.
 GATES = {"lstm": "ifgo", "gru": "rzn", "rnn": "h"}
 KIND_OF_GATES = {len(g): kind for kind, g in GATES.items()}
 #: Gates whose hidden term is not summed with the input term: their biases stay apart.
 _APART = {"gru": "n"}
 
-_NAME = r"(?P<name>weight_(?P<side>ih|hh|hr)_l(?P<layer>\d+)(?P<rev>_reverse)?)"
-_LEGACY = re.compile(rf"(?:(?P<pre>.*)\.)?{_NAME}(?P<suffix>_g|_v|_orig|_u)?")
-_PARAM = re.compile(
-  rf"(?:(?P<pre>.*)\.)?parametrizations\.{_NAME}\.(?P<role>original0|original1|original|0\._u|0\._v)"
-)
-_BIAS = re.compile(r"(?:(?P<pre>.*)\.)?bias_(?P<side>ih|hh|hr)_l(?P<layer>\d+)(?P<rev>_reverse)?")
+_NAME = re.compile(r"weight_(ih|hh|hr)_l(\d+)(_reverse)?")
+_BIAS = re.compile(r"(?:(.*)\.)?bias_(ih|hh|hr)_l(\d+)(_reverse)?")
 
 
 class RnnKey(NamedTuple):
@@ -75,30 +73,22 @@ class RnnKey(NamedTuple):
     return f"weight_{self.side}_l{self.layer}{'_reverse' if self.reverse else ''}"
 
 
-def join(module: str, name: str) -> str:
-  return f"{module}.{name}" if module else name
-
-
 def split_rnn_key(key: str) -> RnnKey | None:
   """``"lstm.weight_hh_l0_g"`` -> ``RnnKey("lstm", 0, False, "hh", "weight_g")``; ``None`` if no RNN key."""
   if m := _BIAS.fullmatch(key):
-    return RnnKey(m["pre"] or "", int(m["layer"]), bool(m["rev"]), m["side"], "bias")
-  if m := _PARAM.fullmatch(key):
-    std = f"parametrizations.weight.{m['role']}"
-  elif m := _LEGACY.fullmatch(key):
-    std = "weight" + (m["suffix"] or "")
-  else:
+    return RnnKey(m[1] or "", int(m[3]), bool(m[4]), m[2], "bias")
+  split = split_named(key, _NAME.pattern.replace("(", "(?:"))
+  if split is None:
     return None
-  return RnnKey(m["pre"] or "", int(m["layer"]), bool(m["rev"]), m["side"], std)
+  module, name, std = split
+  m = _NAME.fullmatch(name)
+  assert m is not None
+  return RnnKey(module, int(m[2]), bool(m[3]), m[1], std)
 
 
 def rnn_key(std: str, param: str) -> str:
   """The inverse of :func:`split_rnn_key` for one side: ``("weight_g", "weight_hh_l0")`` -> ``"weight_hh_l0_g"``."""
-  if std == "bias":
-    return param.replace("weight", "bias", 1)
-  if std.startswith("parametrizations.weight."):
-    return f"parametrizations.{param}.{std[len('parametrizations.weight.') :]}"
-  return param + std[len("weight") :]
+  return param.replace("weight", "bias", 1) if std == "bias" else named(std, param)
 
 
 class Layout(NamedTuple):
