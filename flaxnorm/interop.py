@@ -22,10 +22,11 @@ Layouts (``kind`` -> PyTorch weight -> Flax param)::
                                                nn.ConvTranspose has no feature groups)
   embedding         (num, features)            nn.Embed embedding (num, features)
 
-PyTorch's recurrent modules (``weight_ih_l0``, ``weight_hh_l0``, ...) load into
-and save from Flax's LSTM, GRU and simple cells with
+PyTorch's recurrent modules (``weight_ih_l0``, ``weight_hh_l0``, ...) and
+``nn.MultiheadAttention`` (``in_proj_weight``, ``out_proj``) load into and save
+from Flax's LSTM, GRU and simple cells and Flax's attention modules with
 :func:`load_torch_state_dict` and :func:`to_torch_state_dict` (not
-:func:`from_torch`): each gate's rows of a side are a ``linear`` layer.
+:func:`from_torch`): each gate's (or q's, k's, v's) rows are a ``linear`` layer.
 
 Which flaxnorm wrapping and ``axis`` reproduce the PyTorch layer is part of the
 checkpoint, so :func:`from_torch` returns it (:class:`TorchLayer`), and
@@ -258,7 +259,10 @@ def load_torch_state_dict(
   ``"lstm"``; an ``nn.RNN``'s ``cell`` and an ``nn.Bidirectional``'s
   ``forward_rnn``/``backward_rnn`` are followed), its gates split into the
   cell's Dense layers or kept packed, its two biases summed where the cell has
-  one (docs: porting, "Recurrent modules"). The Flax side is the source of truth. Given the model
+  one (docs: porting, "Recurrent modules"). An ``nn.MultiheadAttention``
+  (``in_proj_weight``, ``out_proj``) loads into a Flax attention module's
+  ``query``, ``key``, ``value`` and ``out``, and any Linear into a
+  ``DenseGeneral``/``LinearGeneral`` kernel through its ``(in, out)`` view. The Flax side is the source of truth. Given the model
   (a Linen module with ``inputs``, traced shape-only with ``jax.eval_shape``;
   or an NNX module), each layer's kind (Dense, Conv, ConvTranspose, Embed),
   wrapping and ``axis`` are read from it, so ``kinds`` and ``axes`` are only
