@@ -21,7 +21,10 @@ PyTorch then JAX) to ``--out``.
 **Parity checks.** The generator block alone and a spectral-normed Conv1d
 discriminator stack, after one training-mode step (so the spectral state is a
 trained one), are saved, loaded and compared, outputs, weights after
-``remove_weight_norm`` and the round trip back to PyTorch. Two things to mirror
+``remove_weight_norm`` and the round trip back to PyTorch. So is a
+conditioning encoder: a bidirectional ``nn.LSTM`` with weight-normed weights
+and an ``nn.MultiheadAttention``, into Flax's ``LSTMCell`` and
+``MultiHeadDotProductAttention``. Two things to mirror
 in Flax (``interop.from_torch(...).axis`` tells both):
 
 * weight norm's ``dim=0`` on a ConvTranspose keeps its **input** channels:
@@ -120,6 +123,23 @@ class TorchDiscriminator(tnn.Module):
     return self.post(x)
 
 
+class TorchEncoder(tnn.Module):
+  """A conditioning encoder (batch, L, 8) -> (batch, L, 8): a bidirectional LSTM whose
+  weights are weight-normed, self-attention over its outputs, a Linear."""
+
+  def __init__(self, features: int = 8, hidden: int = 4, heads: int = 2):
+    super().__init__()
+    self.lstm = tnn.LSTM(features, hidden, batch_first=True, bidirectional=True)
+    for name in ("weight_ih_l0", "weight_hh_l0", "weight_ih_l0_reverse", "weight_hh_l0_reverse"):
+      parametrizations.weight_norm(self.lstm, name)  # keys lstm.parametrizations.weight_ih_l0...
+    self.attn = tnn.MultiheadAttention(2 * hidden, heads, batch_first=True)  # in_proj_weight
+    self.proj = tnn.Linear(2 * hidden, features)
+
+  def forward(self, x):
+    h = self.lstm(x)[0]
+    return self.proj(h + self.attn(h, h, h, need_weights=False)[0])
+
+
 # --------------------------------------------------------------------------- #
 # The same models in Flax (layout NLC). Submodule names follow PyTorch's
 # ("convs.0" -> "convs_0"), so load_torch_state_dict needs no key map.
@@ -160,6 +180,24 @@ class FlaxDiscriminator(nn.Module):
     )(x)
     x = nn.leaky_relu(x, SLOPE)
     return legacy(1, (3,), padding=[(1, 1)], name="post")(x)
+
+
+class FlaxEncoder(nn.Module):
+  """PyTorch's per-row weight norm of the packed LSTM weights is a weight norm of each gate's
+  Dense; its packed q, k, v rows are the attention's query, key and value kernels."""
+
+  hidden: int = 4
+  heads: int = 2
+
+  def setup(self):
+    cell = lambda: flaxnorm.weight_norm(nn.LSTMCell(self.hidden), recursive=True)
+    self.lstm = nn.Bidirectional(nn.RNN(cell()), nn.RNN(cell()))  # lstm.l0, lstm.l0_reverse
+    self.attn = nn.MultiHeadDotProductAttention(num_heads=self.heads)
+    self.proj = nn.Dense(8)
+
+  def __call__(self, x):
+    h = self.lstm(x)
+    return self.proj(h + self.attn(h))
 
 
 # --------------------------------------------------------------------------- #
@@ -351,6 +389,14 @@ def check_parity(seed: int = 0, verbose: bool = False) -> dict[str, float]:
     ckpt = torch.load(path)
 
   g, d = load_generator(ckpt["generator"]), load_discriminator(ckpt["discriminator"])
+  encoder = TorchEncoder().eval()
+  frames = torch.randn(2, 6, 8)
+  # The LSTM's gates split into the cells' Dense layers (its two biases summed), and the
+  # attention's packed q, k, v into query, key and value: one call, no key map.
+  e = interop.load_torch_state_dict(encoder.state_dict(), FlaxEncoder(), inputs=frames.numpy())
+  with torch.no_grad():
+    e_torch = encoder(frames).numpy()
+  e_flax = jax.jit(FlaxEncoder().apply)(e.variables, frames.numpy())
   mel = torch.randn(2, 8, 16)
   with torch.no_grad():
     g_torch, d_torch = gen(mel), disc(audio)
@@ -359,6 +405,7 @@ def check_parity(seed: int = 0, verbose: bool = False) -> dict[str, float]:
   diffs = {
     "generator output": float(np.abs(np.asarray(g_flax) - ncl_to_nlc(g_torch)).max()),
     "discriminator output": float(np.abs(np.asarray(d_flax) - ncl_to_nlc(d_torch)).max()),
+    "encoder output (LSTM, attention)": float(np.abs(np.asarray(e_flax) - e_torch).max()),
   }
 
   # Removing weight norm on both sides gives the same plain weights.
@@ -385,6 +432,11 @@ def check_parity(seed: int = 0, verbose: bool = False) -> dict[str, float]:
     assert set(back) == set(sd), sorted(set(back) ^ set(sd))
     round_trip = max(round_trip, max(float((back[k] - sd[k]).abs().max()) for k in sd))
   diffs["round trip"] = round_trip
+  # The encoder's LSTM biases come back summed on one side (PyTorch adds the two), so its
+  # round trip is checked on the outputs: the written state dict loads strictly.
+  encoder.load_state_dict(interop.to_torch_state_dict(e.variables, e.layers), strict=True)
+  with torch.no_grad():
+    diffs["encoder round trip (outputs)"] = float(np.abs(encoder(frames).numpy() - e_torch).max())
 
   if verbose:
     for what, diff in diffs.items():

@@ -223,7 +223,11 @@ def _in_axes(job: _Load, t: _Target) -> int | None:
   """
   kernel = t.params.get("kernel", t.params.get("kernel_v"))
   given = _lookup(job.kinds, t.prefix)
+  info = job.model.get(t.path)
+  family = None if info is None else info.family
   if kernel is None or len(_shape(kernel)) <= 2 or given not in (None, "linear"):
+    return None
+  if family not in (None, "linear"):  # a Conv's kernel: the normal path checks the kind
     return None
   try:
     wshape = tuple(np.shape(job.state_dict[_weight_key(t)]))
