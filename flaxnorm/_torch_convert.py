@@ -76,6 +76,10 @@ class TorchLayer(NamedTuple):
       D)`` or ``out`` ``(H, D, E)``): how many of its leading axes are
       PyTorch's input features; the weight is read and written as the kernel
       reshaped to ``(prod(in), prod(out))``. ``None`` for a 2-D kernel.
+    member: a layer of a stack (``nn.scan`` over layers, an ``nn.vmap`` or
+      ``nnx.vmap`` ensemble; PyTorch's ``layers.3.fc`` into Flax's
+      ``layers/fc``): its index on the params' leading axis, ``variables``
+      holding its slices. ``None`` for other layers.
 
   Examples:
     >>> import numpy as np
@@ -96,6 +100,7 @@ class TorchLayer(NamedTuple):
   spectral_dim: int | None = None
   bias: bool | None = None
   in_axes: int | None = None
+  member: int | None = None
 
   def wrap(self, target: Any, **kwargs: Any) -> Any:
     """Applies the matching flaxnorm Linen transform to ``target``.

@@ -58,6 +58,9 @@ class _Load(NamedTuple):
   filled: set[tuple[str, ...]]  # (collection, *path, name)
   model: dict[tuple[str, ...], FlaxLayer]  # what the Flax model says per path ({}: no model)
   strict: bool
+  # Stacked leaves being filled one member at a time: (collection, *path, name) -> the numpy
+  # array and the members written.
+  stacks: dict[tuple[str, ...], tuple[np.ndarray, set[int]]]
 
 
 class _Target(NamedTuple):
@@ -70,6 +73,7 @@ class _Target(NamedTuple):
   state: dict[str, Any] | None  # the Flax layer's entries in the spectral collection
   collection: str
   where: str  # "load_torch_state_dict: layer 'ups.0' -> 'params/ups_0'"
+  member: int | None = None  # a member of a stacked layer: its index on the leading axis
 
   @property
   def fpath(self) -> str:
@@ -153,6 +157,8 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
     The layer (with its Flax ``path``), or why it is no layer interop
     converts (its kind cannot be told; its tensors may still load by name).
   """
+  if t.member is not None:
+    return _load_member(job, t, t.member)
   split = _in_axes(job, t)
   if split is not None:
     return _load_as_matrix(job, t, split)
@@ -208,6 +214,88 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   _check_order(job, layer, t, k, dim)
   variables = _fill(job, layer, src, t, k)
   return layer._replace(variables=variables, path="/".join(t.path))
+
+
+# --------------------------------------------------------------------------- #
+# A member of a stacked layer (nn.scan over layers, nn.vmap or nnx.vmap ensembles).
+# --------------------------------------------------------------------------- #
+
+
+def _member(x: Any, i: int) -> Any:
+  """Member ``i`` of a stacked leaf (unboxed): its slice on the leading axis."""
+  x = meta.unbox(x)
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+  return np.asarray(x)[i]
+
+
+def _member_info(info: FlaxLayer, where: str) -> FlaxLayer:
+  """The model's stacked layer as one member: kept axes without the stack axis."""
+  wrapped = {}
+  for name, (method, kept) in info.wrapped.items():
+    if any(a < info.stacked for a in kept):
+      raise ValueError(
+        f"{where}: the Flax layer's {method} keeps axis {min(kept)} of its stacked '{name}', "
+        "the stack axis: each member would be normalized with the others, which no PyTorch "
+        "layer of the stack is."
+      )
+    wrapped[name] = (method, tuple(a - info.stacked for a in kept))
+  return info._replace(wrapped=wrapped, stacked=0)
+
+
+def _load_member(job: _Load, t: _Target, i: int) -> TorchLayer | str:
+  """Loads a PyTorch layer into member ``i`` of a stacked Flax layer.
+
+  The member's slices are filled as a layer of their own, then copied into
+  ``job.stacks``; :func:`write_stacks` puts the stacked arrays in place.
+  """
+  view = t._replace(
+    params={n: _member(x, i) for n, x in t.params.items()},
+    state=None if t.state is None else {n: _member(x, i) for n, x in t.state.items()},
+    member=None,
+  )
+  model = dict(job.model)
+  if t.path in model:
+    model[t.path] = _member_info(model[t.path], t.where)
+  member = job._replace(model=model, filled=set())
+  layer = _load_layer(member, view)
+  if isinstance(layer, str):
+    return layer
+  for col, *_, name in member.filled:
+    src = view.params if col == "params" else view.state or {}
+    raw = meta.unbox((t.params if col == "params" else t.state or {})[name])
+    key = (col, *t.path, name)
+    if key not in job.stacks:
+      job.stacks[key] = (np.zeros(raw.shape, raw.dtype), set())
+    array, done = job.stacks[key]
+    array[i] = np.asarray(src[name])
+    done.add(i)
+  return layer._replace(member=i)
+
+
+def write_stacks(job: _Load, complete: bool) -> None:
+  """Puts the stacked arrays filled member by member into ``job.out``.
+
+  Args:
+    job: the load.
+    complete: ``True``: mark those with every member written as filled (call
+      before the unmatched leaves are listed); ``False``: write them all, a
+      partial one over the target's values (its other members kept).
+  """
+  for key, (array, done) in job.stacks.items():
+    if complete:
+      if done == set(range(array.shape[0])):
+        job.filled.add(key)
+      continue
+    node = _get(job.out[key[0]], key[1:-1])
+    assert node is not None
+    raw = node[key[-1]]
+    base = meta.unbox(raw)
+    out = array if isinstance(base, jax.ShapeDtypeStruct) else np.array(base)
+    members = sorted(done)
+    out[members] = array[members]
+    arr = jax.device_put(out)
+    node[key[-1]] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
 
 
 # --------------------------------------------------------------------------- #

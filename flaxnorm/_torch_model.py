@@ -30,7 +30,7 @@ from flaxnorm._torch_composite import (
   _save_side,
 )
 from flaxnorm._torch_convert import TorchLayer, _to_numpy, layer_to_numpy
-from flaxnorm._torch_keys import join, split_key
+from flaxnorm._torch_keys import detect, join, split_key
 from flaxnorm._torch_layer import (
   _WHERE,
   _as_matrix,
@@ -40,11 +40,13 @@ from flaxnorm._torch_layer import (
   _Load,
   _load_layer,
   _lookup,
+  _member,
   _shape,
   _Target,
   _under,
   _view_axis,
   _wrapping,
+  write_stacks,
 )
 from flaxnorm._torch_layouts import LAYOUTS
 from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
@@ -115,7 +117,8 @@ class TorchLoadResult(NamedTuple):
     rows = []
     for prefix, layer in self.layers.items():
       how = "plain" if layer.method is None else f"{layer.method}(axis={layer.axis!r})"
-      row = [prefix, "->", layer.path, "", layer.kind, how, f"{layer.style} keys"]
+      path = layer.path if layer.member is None else f"{layer.path}[{layer.member}]"
+      row = [prefix, "->", path, "", layer.kind, how, f"{layer.style} keys"]
       if layer.continues is not None:
         row.append(f"continues {layer.continues}")
       rows.append(row)
@@ -257,6 +260,7 @@ def load(
     filled=set(),
     model=model,
     strict=strict,
+    stacks={},
   )
   groups = _group(job)
   _check_overrides(job, groups.names())
@@ -277,12 +281,14 @@ def load(
   for key, why in loose.items():
     _load_plain(job, key_map, key, why)
   out = job.out
+  write_stacks(job, complete=True)
   unmatched = [leaf for col in out for leaf in _leaves(out[col], (col,)) if leaf not in job.filled]
   unused = {key: job.unused[key] for key in state_dict if key in job.unused}
   if strict and (unused or unmatched):
     raise ValueError(_strict_message(unused, tuple("/".join(p) for p in unmatched)))
   if unmatched and isinstance(variables, nn.Module):
     _init_unmatched(variables, call, out, unmatched)
+  write_stacks(job, complete=False)  # partial stacks over the initial values
   filled = out if nnx_tree is None else to_nnx_state(nnx_tree, out)
   plain = {key: job.plain[key] for key in state_dict if key in job.plain}
   return TorchLoadResult(filled, layers, unused, tuple("/".join(p) for p in unmatched), plain)
@@ -426,10 +432,19 @@ def _strict_message(unused: Mapping[str, str], unmatched: tuple[str, ...]) -> st
 
 
 def _target(job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]) -> _Target | None:
-  """The Flax layer ``prefix`` maps to; ``None`` (its keys marked unused) if there is none."""
+  """The Flax layer ``prefix`` maps to; ``None`` (its keys marked unused) if there is none.
+
+  A prefix with an index (``layers.3.fc``) that no Flax layer spells may be a
+  member of a stacked layer: the prefix without the index (``layers.fc``)
+  finds it, with its params one axis larger than the PyTorch weight's and
+  the index on that axis.
+  """
   path = resolve(key_map, prefix, job.out["params"])
   params = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
   if path is None or isinstance(path, str) or params is None:
+    stacked = None if path is None else _stacked_target(job, key_map, prefix, entries)
+    if stacked is not None:
+      return stacked
     if path is None:
       reason = "key_map skips it"
     else:
@@ -439,6 +454,35 @@ def _target(job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]) -
   state = _get(job.out.get(job.collection, {}), path)
   where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'"
   return _Target(prefix, entries, path, params, state, job.collection, where)
+
+
+def _stacked_target(
+  job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]
+) -> _Target | None:
+  """The member of a stacked Flax layer that PyTorch layer ``prefix`` is, or ``None``."""
+  parts = prefix.split(".")
+  try:
+    _, _, roles = detect(list(entries), _WHERE)
+  except ValueError:  # no layer's key set: the caller reports it
+    return None
+  rank = len(np.shape(job.state_dict[entries[roles["v" if "g" in roles else "w"]]]))
+  for j, part in enumerate(parts):
+    if not part.isdigit():
+      continue
+    path = resolve(key_map, ".".join(parts[:j] + parts[j + 1 :]), job.out["params"])
+    params = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
+    leaf = None if params is None else params.get("kernel", params.get("kernel_v"))
+    leaf = params.get("embedding") if leaf is None and params is not None else leaf
+    if params is None or leaf is None or not isinstance(path, tuple):
+      continue
+    shape = _shape(leaf)
+    info = job.model.get(path)
+    stacked = info.stacked if info is not None else len(shape) - rank
+    if stacked == 1 and int(part) < shape[0]:
+      state = _get(job.out.get(job.collection, {}), path)
+      where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'[{part}]"
+      return _Target(prefix, entries, path, params, state, job.collection, where, int(part))
+  return None
 
 
 # --------------------------------------------------------------------------- #
@@ -465,6 +509,14 @@ def _layers_of_model(
   backward RNN).
   """
   sequential = {path for path, info in model.items() if info.cls == "Sequential"}
+  stacked = [path for path, info in model.items() if info.stacked and info.family]
+  if stacked:
+    raise ValueError(
+      f"to_torch_state_dict: the Flax layer at 'params/{'/'.join(stacked[0])}' is stacked "
+      "(nn.scan, nn.vmap or nnx.vmap: its params have a leading axis), and the model does not "
+      "say which PyTorch prefix each member has: pass layers= (TorchLoadResult.layers of a "
+      "load, whose stacked layers have member= set)."
+    )
   cells = {
     path: _CELLS[info.cls]
     for path, info in model.items()
@@ -552,6 +604,8 @@ def save(
         f"to_torch_state_dict: no Flax layer at 'params/{layer.path}' for '{prefix}'."
       )
     sub = {"params": params, collection: _get(variables.get(collection, {}), path) or {}}
+    if layer.member is not None:  # one layer of a stack: its slices
+      sub = {col: {n: _member(x, layer.member) for n, x in d.items()} for col, d in sub.items()}
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
     sdim = _lookup(dims, prefix)

@@ -41,6 +41,9 @@ class FlaxLayer(NamedTuple):
       transform normalizes (kept axes non-negative; ``()`` is a whole-tensor
       weight norm).
     unsupported: why this layer cannot take a PyTorch weight (``""`` if it can).
+    stacked: how many leading axes its params have beyond the layer's own (a
+      layer stacked by ``nn.scan``/``nn.vmap``/``nnx.vmap``: 1); the kept
+      axes in ``wrapped`` count them.
   """
 
   path: Path
@@ -48,6 +51,7 @@ class FlaxLayer(NamedTuple):
   cls: str
   wrapped: dict[str, tuple[str, tuple[int, ...]]]
   unsupported: str = ""
+  stacked: int = 0
 
 
 def wrapped_axes(
@@ -154,17 +158,39 @@ def describe(
           specs.setdefault(n, (owner, s))
     inherited[path] = specs
     ndims = _ndims(params, path)
+    family, why = _family(module)
+    own = _own_rank(module)
+    ndim = _param_ndim(ndims, "embedding" if family == "embedding" else "kernel")
+    stacked = ndim - own if own is not None and ndim is not None and ndim > own else 0
     wrapped = {}
     for key, (owner, s) in specs.items():
       rel = path[len(owner) :]
       names = [key] if isinstance(key, str) else _selected(key, params, path, rel)
       for n in names:
         ndim = _param_ndim(ndims, n)
-        if ndim is not None:
-          wrapped[n] = (s.method, wrapped_axes(module, n, ndim, s, rel))
-    family, why = _family(module)
-    out[path] = FlaxLayer(path, family, _subclass.base_of(type(module)).__name__, wrapped, why)
+        if ndim is not None:  # the wrapper sees one member (stack axes lead): its axes, shifted
+          kept = wrapped_axes(module, n, ndim - stacked, s, rel)
+          wrapped[n] = (s.method, tuple(a + stacked for a in kept))
+    cls = _subclass.base_of(type(module)).__name__
+    out[path] = FlaxLayer(path, family, cls, wrapped, why, stacked)
   return out
+
+
+def _own_rank(module: Any) -> int | None:
+  """The rank of the layer's own kernel (or embedding), from its attributes; ``None`` if unknown."""
+  base = _subclass.base_of(type(module))
+  if issubclass(base, (nn.Dense, nn.Embed, nnx.Linear, nnx.Embed)):
+    return 2
+  if issubclass(base, (nn.Conv, nn.ConvTranspose, nnx.Conv, nnx.ConvTranspose)):
+    size = module.kernel_size
+    return (1 if isinstance(size, int) else len(size)) + 2
+  if issubclass(base, nn.DenseGeneral):
+    axis, features = module.axis, module.features
+    n_axis = 1 if isinstance(axis, int) else len(axis)
+    return n_axis + (1 if isinstance(features, int) else len(features))
+  if issubclass(base, nnx.LinearGeneral):
+    return len(module.in_features) + len(module.out_features)
+  return None
 
 
 # --------------------------------------------------------------------------- #

@@ -406,8 +406,10 @@ def test_example_runs(example):
   assert set(diffs) == {
     "generator output",
     "discriminator output",
+    "encoder output (LSTM, attention)",
     "weights after remove_weight_norm",
     "round trip",
+    "encoder round trip (outputs)",
   }
   assert max(diffs.values()) <= TOL
   assert diffs["round trip"] == 0.0
