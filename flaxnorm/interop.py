@@ -262,7 +262,11 @@ def load_torch_state_dict(
   one (docs: porting, "Recurrent modules"). An ``nn.MultiheadAttention``
   (``in_proj_weight``, ``out_proj``) loads into a Flax attention module's
   ``query``, ``key``, ``value`` and ``out``, and any Linear into a
-  ``DenseGeneral``/``LinearGeneral`` kernel through its ``(in, out)`` view. The Flax side is the source of truth. Given the model
+  ``DenseGeneral``/``LinearGeneral`` kernel through its ``(in, out)`` view. A
+  prefix with an index that no Flax layer spells (``layers.3.fc``) may be a
+  member of a stacked layer (``nn.scan``, ``nn.vmap``, ``nnx.vmap``): without
+  the index (``layers.fc``) it names a Flax layer whose params have one
+  leading axis more, and loads into that member's slice. The Flax side is the source of truth. Given the model
   (a Linen module with ``inputs``, traced shape-only with ``jax.eval_shape``;
   or an NNX module), each layer's kind (Dense, Conv, ConvTranspose, Embed),
   wrapping and ``axis`` are read from it, so ``kinds`` and ``axes`` are only
