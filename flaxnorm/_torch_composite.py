@@ -88,8 +88,8 @@ def _cell_path(job: _Load, key_map: KeyMap, cell: RnnKey, single: bool) -> Path 
     elif "forward_rnn" in _get(params, path):
       path = (*path, "forward_rnn")
     return (*path, "cell") if "cell" in _get(params, path) else path
-  hint = " (key_map maps PyTorch prefixes to Flax paths)"
-  whys = [w.removesuffix(hint).removeprefix("no Flax layer for it; ") for w in whys]
+  said = " (key_map maps PyTorch prefixes to Flax paths)"  # resolve's hint, said once below
+  whys = [w.removesuffix(said).removeprefix("no Flax layer for it; ") for w in whys]
   hint = f"key_map={{'{cell.cell}': 'path/to/cell'}} names it"
   tried = "; ".join(dict.fromkeys(whys))
   return None if skipped else f"{tried if len(tried) < 240 else tried[:240] + ' ...'} ({hint})"

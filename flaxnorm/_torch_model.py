@@ -41,6 +41,7 @@ from flaxnorm._torch_layer import (
   _load_layer,
   _lookup,
   _member,
+  _member_info,
   _shape,
   _Target,
   _under,
@@ -49,7 +50,7 @@ from flaxnorm._torch_layer import (
   write_stacks,
 )
 from flaxnorm._torch_layouts import LAYOUTS
-from flaxnorm._torch_paths import KeyMap, resolve, torch_prefix
+from flaxnorm._torch_paths import KeyMap, Path, resolve, torch_prefix
 from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
 from flaxnorm._torch_rnn import GATES, RnnKey, layout_of, split_rnn_key
 from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, state_variables, to_nnx_state
@@ -509,14 +510,6 @@ def _layers_of_model(
   backward RNN).
   """
   sequential = {path for path, info in model.items() if info.cls == "Sequential"}
-  stacked = [path for path, info in model.items() if info.stacked and info.family]
-  if stacked:
-    raise ValueError(
-      f"to_torch_state_dict: the Flax layer at 'params/{'/'.join(stacked[0])}' is stacked "
-      "(nn.scan, nn.vmap or nnx.vmap: its params have a leading axis), and the model does not "
-      "say which PyTorch prefix each member has: pass layers= (TorchLoadResult.layers of a "
-      "load, whose stacked layers have member= set)."
-    )
   cells = {
     path: _CELLS[info.cls]
     for path, info in model.items()
@@ -538,6 +531,9 @@ def _layers_of_model(
       if path in attentions:
         out.update(_attention_layers(model, variables, path, naming, spectral_dims))
       continue
+    if info.stacked and info.family:
+      out.update(_stacked_layers(model, variables, path, naming, spectral_dims))
+      continue
     params = _get(variables["params"], path)
     name = "embedding" if info.family == "embedding" else "kernel"
     leaf = None if params is None else params.get(name, params.get(f"{name}_v"))
@@ -558,6 +554,54 @@ def _layers_of_model(
     method, axis, style, sdim = _wrapping(info, name, LAYOUTS[kind], shape, prefix, spectral_dims)
     out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path), None, sdim)
   return out
+
+
+def _stacked_layers(
+  model: Mapping[tuple[str, ...], FlaxLayer],
+  variables: Mapping[str, Any],
+  path: Path,
+  naming: tuple[set[Path], bool],
+  spectral_dims: Mapping[str, int],
+) -> dict[str, TorchLayer]:
+  """A stacked layer as one PyTorch layer per member: ``layers/fc`` -> ``layers.0.fc``, ...
+
+  The index goes after the outermost module of the path whose params all have
+  the stack's leading size (the ``nn.scan``/``nn.vmap`` module, or the
+  ``nnx.vmap``-made layer itself).
+  """
+  info = model[path]
+  where = f"to_torch_state_dict: 'params/{'/'.join(path)}'"
+  if info.stacked != 1:
+    raise ValueError(f"{where}: {info.stacked} stack axes; one is supported.")
+  params = variables["params"]
+  name = "embedding" if info.family == "embedding" else "kernel"
+  node = _get(params, path) or {}
+  shape = _shape(node.get(name, node.get(f"{name}_v")))
+  family = info.family or ""
+  kind = family if family in ("linear", "embedding") else f"{family}{len(shape) - 3}d"
+  if kind not in LAYOUTS:
+    return {}
+  member = _member_info(info, where)
+  k = next(
+    k
+    for k in range(1, len(path) + 1)
+    if all(s[:1] == shape[:1] for s in _leaf_shapes(_get(params, path[:k])))
+  )
+  head, full = (torch_prefix(p, params, *naming) for p in (path[:k], path))
+  out = {}
+  for i in range(shape[0]):
+    prefix = f"{join(head, str(i))}{full[len(head) :]}"
+    how = _wrapping(member, name, LAYOUTS[kind], shape[1:], prefix, spectral_dims)
+    out[prefix] = TorchLayer(
+      {}, kind, how[0], how[1], name, how[2], "/".join(path), None, how[3], member=i
+    )
+  return out
+
+
+def _leaf_shapes(tree: Any) -> list[tuple[int, ...]]:
+  if isinstance(tree, Mapping):
+    return [s for x in tree.values() for s in _leaf_shapes(x)]
+  return [_shape(tree)]
 
 
 def save(

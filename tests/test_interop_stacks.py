@@ -85,6 +85,11 @@ def test_linen_scan_stack_continues_pytorch(torch):
   assert sorted(back) == sorted(model.state_dict())
   for key, x in model.state_dict().items():
     np.testing.assert_array_equal(back[key].numpy(), x.numpy())
+  # Read from the model: the index goes after the scanned module, layers.0.fc, ...
+  got = interop.to_torch_state_dict(result.variables, model=_Scanned(), inputs=X)
+  assert sorted(got) == sorted(back)
+  for key, x in back.items():
+    np.testing.assert_array_equal(got[key].numpy(), x.numpy())
 
 
 def test_nnx_ensemble_with_weight_norm(torch):
@@ -114,8 +119,11 @@ def test_nnx_ensemble_with_weight_norm(torch):
   np.testing.assert_allclose(model(jnp.asarray(X)), want, atol=1e-6)
   back = interop.to_torch_state_dict(result.variables, result.layers)
   holder.load_state_dict(back, strict=True)
-  with pytest.raises(ValueError, match=r"'params/members' is stacked .* pass layers="):
-    interop.to_torch_state_dict(model)
+  # Read from the model: the stack's members are members.0, members.1, ...
+  got = interop.to_torch_state_dict(model)
+  assert sorted(got) == sorted(holder.state_dict())
+  for key, x in holder.state_dict().items():
+    np.testing.assert_array_equal(got[key].numpy(), x.numpy())
 
 
 def test_variables_only_and_a_partial_stack():
