@@ -32,11 +32,13 @@ from flaxnorm._torch_layer import (
   _load_layer,
   _lookup,
   _matrix_info,
+  _member_info,
   _shape,
   _size,
   _Target,
   _view_axis,
   _wrapping,
+  member_prefixes,
 )
 from flaxnorm._torch_layouts import LAYOUTS
 from flaxnorm._torch_paths import KeyMap, Path, resolve, torch_prefix
@@ -227,12 +229,18 @@ def _packed(job: _Load, prefix: str, entries: Mapping[str, str], where: str) -> 
 
 
 def _load_part(
-  job: _Load, name: str, vprefix: str, path: Path, tensors: dict[str, np.ndarray]
+  job: _Load,
+  name: str,
+  vprefix: str,
+  path: Path,
+  tensors: dict[str, np.ndarray],
+  member: int | None = None,
 ) -> TorchLayer:
   """Loads one part (``tensors``, keys as a linear layer's) into the Flax linear layer at ``path``.
 
   ``name`` is the PyTorch weight the part is of: its ``axes``/``spectral_dims``
-  entries apply; ``vprefix`` names the part in messages.
+  entries apply; ``vprefix`` names the part in messages; ``member`` is the
+  index into a stacked layer, if it is one.
   """
   t = _Target(
     vprefix,
@@ -242,6 +250,7 @@ def _load_part(
     _get(job.out.get(job.collection, {}), path),
     job.collection,
     f"{_WHERE}: '{vprefix}' -> 'params/{'/'.join(path)}'",
+    member,
   )
   vjob = job._replace(
     state_dict={f"{vprefix}.{k}": x for k, x in tensors.items()},
@@ -324,11 +333,23 @@ def _unsliced(
 # --------------------------------------------------------------------------- #
 
 
-def _attention_path(job: _Load, key_map: KeyMap, module: str, keys: list[str]) -> Path | None:
-  """The Flax attention module PyTorch ``module`` fills; ``None`` (its keys unused) if none."""
+def _attention_path(
+  job: _Load, key_map: KeyMap, module: str, keys: list[str]
+) -> tuple[Path, int | None] | None:
+  """The Flax attention module PyTorch ``module`` fills; ``None`` (its keys unused) if none.
+
+  Returns:
+    Its path, and the member when it is one of a stack (``layers.3.attn`` in
+    the ``nn.scan``-stacked ``layers/attn``, whose query kernel has a leading
+    axis), else ``None``.
+  """
   params = job.out["params"]
   path = resolve(key_map, module, params) if module or key_map is not None else ()
   node = None if path is None or isinstance(path, str) else _get(params, path)
+  if node is None and path is not None:
+    stacked = _stacked_attention(job, key_map, module)
+    if stacked is not None:
+      return stacked
   if node is not None and isinstance(path, tuple):
     missing = [p for p in (*PARTS, "out") if p not in node]
     if missing:
@@ -338,12 +359,28 @@ def _attention_path(job: _Load, key_map: KeyMap, module: str, keys: list[str]) -
         "query, key, value and out (a Flax MultiHeadDotProductAttention, SelfAttention or "
         f"nnx.MultiHeadAttention); does key_map map '{module}' to the right module?"
       )
-    return path
+    return path, None
   if path is None:
     reason = "key_map skips it"
   else:
     reason = path if isinstance(path, str) else f"no Flax module at 'params/{'/'.join(path)}'"
   job.unused.update({key: f"attention '{module}': {reason}" for key in keys})
+  return None
+
+
+def _stacked_attention(job: _Load, key_map: KeyMap, module: str) -> tuple[Path, int] | None:
+  """The stacked Flax attention and member that ``module`` (with an index) is, or ``None``."""
+  parts = module.split(".")
+  for j, part in enumerate(parts):
+    if not part.isdigit():
+      continue
+    path = resolve(key_map, ".".join(parts[:j] + parts[j + 1 :]), job.out["params"])
+    node = None if not isinstance(path, tuple) else _get(job.out["params"], path)
+    query = None if node is None else _get(node, ("query",))
+    kernel = None if query is None else query.get("kernel", query.get("kernel_v"))
+    shape = () if kernel is None else _shape(kernel)
+    if isinstance(path, tuple) and len(shape) == 4 and int(part) < shape[0]:
+      return path, int(part)
   return None
 
 
@@ -366,9 +403,10 @@ def _load_attention(
   weights = [n for n in parts if n not in ("in_proj_bias", "out_proj")]
   if not weights:
     raise ValueError(f"{where}: no in_proj_weight nor q/k/v_proj_weight among its keys.")
-  path = _attention_path(job, key_map, module, [k for p in parts.values() for k in p.values()])
-  if path is None:
+  found = _attention_path(job, key_map, module, [k for p in parts.values() for k in p.values()])
+  if found is None:
     return {}
+  path, member = found
   bias = parts.get("in_proj_bias", {}).get("bias")
   b = None if bias is None else _to_numpy(job.state_dict[bias], bias, where)
   out: dict[str, TorchLayer] = {}
@@ -385,7 +423,7 @@ def _load_attention(
       if b is not None:
         tensors["bias"] = b[np.arange(i * e, (i + 1) * e)]
       vprefix = f"{prefix}[{child}]" if packed else prefix
-      loaded[child] = _load_part(job, prefix, vprefix, (*path, child), tensors)
+      loaded[child] = _load_part(job, prefix, vprefix, (*path, child), tensors, member)
     out[prefix] = _joined(loaded, kind="multihead_attention", path="/".join(path))
   if "out_proj" in parts:
     prefix = join(module, "out_proj")
@@ -397,6 +435,7 @@ def _load_attention(
       _get(job.out.get(job.collection, {}), (*path, "out")),
       job.collection,
       f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join((*path, 'out'))}'",
+      member,
     )
     layer = _load_layer(job, t)
     if isinstance(layer, str):
@@ -434,15 +473,23 @@ def _attention_layers(
   naming: tuple[set[Path], bool],
   spectral_dims: Mapping[str, int],
 ) -> dict[str, TorchLayer]:
-  """A Flax attention module as a PyTorch ``nn.MultiheadAttention``.
+  """A Flax attention module as a PyTorch ``nn.MultiheadAttention`` (one per member of a stack).
 
   Its query, key and value are ``in_proj_weight`` when they take inputs of one
   size, else ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``; its
-  ``out`` is ``out_proj``.
+  ``out`` is ``out_proj``. In an ``nn.scan`` stack (a query kernel of four
+  axes), member ``i`` is ``layers.i.attn``.
   """
   params = variables["params"]
-  module = torch_prefix(path, params, *naming)
   shapes = {p: _kernel_shape(_get(params, (*path, p)) or {}) for p in (*PARTS, "out")}
+  stacked = len(shapes["query"]) - 3
+  if stacked not in (0, 1):
+    raise ValueError(f"to_torch_state_dict: 'params/{'/'.join(path)}': {stacked} stack axes.")
+  shapes = {p: shape[stacked:] for p, shape in shapes.items()}
+  if stacked:
+    modules = member_prefixes(params, path, naming)
+  else:
+    modules = [torch_prefix(path, params, *naming)]
   packed = len({shapes[p][0] for p in PARTS}) == 1
   weights = ["in_proj_weight"] if packed else list(WEIGHTS[1:])
   out = {}
@@ -451,18 +498,29 @@ def _attention_layers(
     shape = shapes[child[-1]]
     k = len(shape) - 1 if name == "out_proj" else 1
     where = f"to_torch_state_dict: 'params/{'/'.join(child)}'"
-    info = _matrix_info(model.get(child), where, k, len(shape))
+    info = model.get(child)
+    info = info if info is None or not stacked else _member_info(info, where)
+    info = _matrix_info(info, where, k, len(shape))
     view = (_size(shape[:k]), _size(shape[k:]))
-    prefix = join(module, name)
-    how = _wrapping(info, "kernel", LAYOUTS["linear"], view, prefix, spectral_dims)
-    axis = _kernel_axis(how[1], k, len(shape))
-    if name == "out_proj":
-      kind, tpath = "linear", child
-    else:
-      kind, tpath = "multihead_attention", path
-    out[prefix] = TorchLayer(
-      {}, kind, how[0], axis, "kernel", how[2], "/".join(tpath), None, how[3], None, k
-    )
+    kind, tpath = ("linear", child) if name == "out_proj" else ("multihead_attention", path)
+    for i, module in enumerate(modules):
+      prefix = join(module, name)
+      how = _wrapping(info, "kernel", LAYOUTS["linear"], view, prefix, spectral_dims)
+      axis = _kernel_axis(how[1], k, len(shape))
+      out[prefix] = TorchLayer(
+        {},
+        kind,
+        how[0],
+        axis,
+        "kernel",
+        how[2],
+        "/".join(tpath),
+        None,
+        how[3],
+        None,
+        k,
+        i if stacked else None,
+      )
   return out
 
 

@@ -21,7 +21,7 @@ from flax.core import meta
 from flaxnorm import _checks, _options
 from flaxnorm._checks import Axis
 from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch
-from flaxnorm._torch_keys import detect
+from flaxnorm._torch_keys import detect, join
 from flaxnorm._torch_layouts import (
   KIND_BY_RANK,
   LAYOUTS,
@@ -34,6 +34,7 @@ from flaxnorm._torch_layouts import (
   spectral_dim_of,
   spectral_views,
 )
+from flaxnorm._torch_paths import Path, torch_prefix
 from flaxnorm._torch_plain import TorchParam
 from flaxnorm._torch_targets import FlaxLayer
 
@@ -271,6 +272,33 @@ def _load_member(job: _Load, t: _Target, i: int) -> TorchLayer | str:
     array[i] = np.asarray(src[name])
     done.add(i)
   return layer._replace(member=i)
+
+
+def member_prefixes(
+  params: Mapping[str, Any], path: Path, naming: tuple[set[Path], bool]
+) -> list[str]:
+  """The PyTorch prefix of each member of the stacked module at ``path``.
+
+  The index goes after the outermost module of the path whose params all have
+  the stack's leading size (the ``nn.scan``/``nn.vmap`` module, or the
+  ``nnx.vmap``-made layer itself): ``layers/fc`` -> ``layers.0.fc``, ...
+  ``naming`` is :func:`~flaxnorm._torch_paths.torch_prefix`'s Sequential
+  paths and NNX flag.
+  """
+  size = _leaf_shapes(_get(params, path))[0][:1]
+  k = next(
+    k
+    for k in range(1, len(path) + 1)
+    if all(s[:1] == size for s in _leaf_shapes(_get(params, path[:k])))
+  )
+  head, full = (torch_prefix(p, params, *naming) for p in (path[:k], path))
+  return [f"{join(head, str(i))}{full[len(head) :]}" for i in range(size[0])]
+
+
+def _leaf_shapes(tree: Any) -> list[tuple[int, ...]]:
+  if isinstance(tree, Mapping):
+    return [s for x in tree.values() for s in _leaf_shapes(x)]
+  return [_shape(tree)]
 
 
 def write_stacks(job: _Load, complete: bool) -> None:

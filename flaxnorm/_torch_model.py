@@ -47,6 +47,7 @@ from flaxnorm._torch_layer import (
   _under,
   _view_axis,
   _wrapping,
+  member_prefixes,
   write_stacks,
 )
 from flaxnorm._torch_layouts import LAYOUTS
@@ -582,15 +583,8 @@ def _stacked_layers(
   if kind not in LAYOUTS:
     return {}
   member = _member_info(info, where)
-  k = next(
-    k
-    for k in range(1, len(path) + 1)
-    if all(s[:1] == shape[:1] for s in _leaf_shapes(_get(params, path[:k])))
-  )
-  head, full = (torch_prefix(p, params, *naming) for p in (path[:k], path))
   out = {}
-  for i in range(shape[0]):
-    prefix = f"{join(head, str(i))}{full[len(head) :]}"
+  for i, prefix in enumerate(member_prefixes(params, path, naming)):
     how = _wrapping(member, name, LAYOUTS[kind], shape[1:], prefix, spectral_dims)
     out[prefix] = TorchLayer(
       {}, kind, how[0], how[1], name, how[2], "/".join(path), None, how[3], member=i
@@ -598,10 +592,11 @@ def _stacked_layers(
   return out
 
 
-def _leaf_shapes(tree: Any) -> list[tuple[int, ...]]:
+def _members(tree: Any, i: int) -> Any:
+  """Member ``i`` of every stacked leaf of a nested dict."""
   if isinstance(tree, Mapping):
-    return [s for x in tree.values() for s in _leaf_shapes(x)]
-  return [_shape(tree)]
+    return {k: _members(x, i) for k, x in tree.items()}
+  return _member(tree, i)
 
 
 def save(
@@ -649,7 +644,7 @@ def save(
       )
     sub = {"params": params, collection: _get(variables.get(collection, {}), path) or {}}
     if layer.member is not None:  # one layer of a stack: its slices
-      sub = {col: {n: _member(x, layer.member) for n, x in d.items()} for col, d in sub.items()}
+      sub = _members(sub, layer.member)
     st = style or ("parametrizations" if layer.style == "plain" else layer.style)
     axis = layer.axis if layer.method else None
     sdim = _lookup(dims, prefix)

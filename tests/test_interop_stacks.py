@@ -181,3 +181,47 @@ def test_positive_axis_of_a_stacked_layer_is_the_members():
   with pytest.warns(UserWarning, match=r"next training step would differ"):
     result = interop.load_torch_state_dict(sd, Scanned0(), inputs=X, strict=False)
   assert result.layers["layers.0.fc"].axis == -2
+
+
+def test_scanned_transformer_blocks_with_attention(torch):
+  """A ModuleList of attention blocks into one nn.scan-stacked block, both ways."""
+  e, heads = 8, 2
+  torch.manual_seed(4)
+  model = torch.nn.Module()
+  model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(N))
+  for block in model.layers:
+    block.attn = torch.nn.MultiheadAttention(e, heads, batch_first=True)
+    block.fc = torch.nn.Linear(e, e)
+
+  def run(h):
+    for block in model.layers:
+      h = h + block.attn(h, h, h, need_weights=False)[0]
+      h = h + torch.relu(block.fc(h))
+    return h
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      h = h + nn.MultiHeadDotProductAttention(num_heads=heads, name="attn")(h)
+      return h + nn.relu(nn.Dense(e, name="fc")(h)), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+      stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=N)
+      return stack(name="layers")(h, None)[0]
+
+  x = np.random.RandomState(5).randn(2, 5, e).astype(np.float32)
+  with torch.no_grad():
+    want = run(torch.from_numpy(x)).numpy()
+  result = interop.load_torch_state_dict(model.state_dict(), Net(), inputs=x)
+  assert result.layers["layers.2.attn.in_proj_weight"].member == 2
+  assert result.layers["layers.1.attn.out_proj"].path == "layers/attn/out"
+  np.testing.assert_allclose(Net().apply(result.variables, x), want, atol=2e-6)
+  for got in (
+    interop.to_torch_state_dict(result.variables, result.layers),
+    interop.to_torch_state_dict(result.variables, model=Net(), inputs=x),
+  ):
+    assert sorted(got) == sorted(model.state_dict())
+    for key, value in model.state_dict().items():
+      np.testing.assert_array_equal(got[key].numpy(), value.numpy())
