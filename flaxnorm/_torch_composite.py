@@ -33,6 +33,7 @@ from flaxnorm._torch_layer import (
   _lookup,
   _matrix_info,
   _member_info,
+  _Model,
   _shape,
   _size,
   _Target,
@@ -41,7 +42,7 @@ from flaxnorm._torch_layer import (
   member_prefixes,
 )
 from flaxnorm._torch_layouts import LAYOUTS
-from flaxnorm._torch_paths import KeyMap, Path, resolve, torch_prefix
+from flaxnorm._torch_paths import KeyMap, Path, resolve
 from flaxnorm._torch_rnn import (
   GATES,
   KIND_OF_GATES,
@@ -55,7 +56,6 @@ from flaxnorm._torch_rnn import (
   split_rnn_key,
   torch_bias,
 )
-from flaxnorm._torch_targets import FlaxLayer
 
 # --------------------------------------------------------------------------- #
 # Recurrent cells: each side of a PyTorch nn.LSTM/GRU/RNN layer as linear layers.
@@ -466,13 +466,7 @@ def _across_parts(where: str, prefix: str, method: str | None, shape: tuple[int,
 _CELLS = {"LSTMCell": "lstm", "OptimizedLSTMCell": "lstm", "GRUCell": "gru", "SimpleCell": "rnn"}
 
 
-def _attention_layers(
-  model: Mapping[tuple[str, ...], FlaxLayer],
-  variables: Mapping[str, Any],
-  path: Path,
-  naming: tuple[set[Path], bool],
-  spectral_dims: Mapping[str, int],
-) -> dict[str, TorchLayer]:
+def _attention_layers(m: _Model, path: Path) -> dict[str, TorchLayer]:
   """A Flax attention module as a PyTorch ``nn.MultiheadAttention`` (one per member of a stack).
 
   Its query, key and value are ``in_proj_weight`` when they take inputs of one
@@ -480,16 +474,16 @@ def _attention_layers(
   ``out`` is ``out_proj``. In an ``nn.scan`` stack (a query kernel of four
   axes), member ``i`` is ``layers.i.attn``.
   """
-  params = variables["params"]
+  params = m.variables["params"]
   shapes = {p: _kernel_shape(_get(params, (*path, p)) or {}) for p in (*PARTS, "out")}
   stacked = len(shapes["query"]) - 3
   if stacked not in (0, 1):
     raise ValueError(f"to_torch_state_dict: 'params/{'/'.join(path)}': {stacked} stack axes.")
   shapes = {p: shape[stacked:] for p, shape in shapes.items()}
   if stacked:
-    modules = member_prefixes(params, path, naming)
+    modules = member_prefixes(params, path, m.naming)
   else:
-    modules = [torch_prefix(path, params, *naming)]
+    modules = [m.prefix(path)]
   packed = len({shapes[p][0] for p in PARTS}) == 1
   weights = ["in_proj_weight"] if packed else list(WEIGHTS[1:])
   out = {}
@@ -498,14 +492,14 @@ def _attention_layers(
     shape = shapes[child[-1]]
     k = len(shape) - 1 if name == "out_proj" else 1
     where = f"to_torch_state_dict: 'params/{'/'.join(child)}'"
-    info = model.get(child)
+    info = m.layers.get(child)
     info = info if info is None or not stacked else _member_info(info, where)
     info = _matrix_info(info, where, k, len(shape))
     view = (_size(shape[:k]), _size(shape[k:]))
     kind, tpath = ("linear", child) if name == "out_proj" else ("multihead_attention", path)
     for i, module in enumerate(modules):
       prefix = join(module, name)
-      how = _wrapping(info, "kernel", LAYOUTS["linear"], view, prefix, spectral_dims)
+      how = _wrapping(info, "kernel", LAYOUTS["linear"], view, prefix, m.spectral_dims)
       axis = _kernel_axis(how[1], k, len(shape))
       out[prefix] = TorchLayer(
         {},
@@ -524,29 +518,24 @@ def _attention_layers(
   return out
 
 
-def _cell_layers(
-  model: Mapping[tuple[str, ...], FlaxLayer],
-  variables: Mapping[str, Any],
-  path: Path,
-  kind: str,
-  naming: tuple[set[Path], bool],
-  spectral_dims: Mapping[str, int],
-) -> dict[str, TorchLayer]:
+def _cell_layers(m: _Model, path: Path, kind: str) -> dict[str, TorchLayer]:
   """The two sides of a Flax cell as one layer of a PyTorch recurrent module (see above)."""
-  params = variables["params"]
+  params = m.variables["params"]
   layout = layout_of(kind, _get(params, path) or {})
   assert layout is not None  # (only cells with a layout are passed)
   holder, reverse = path[:-1] if path[-1] == "cell" else path, False
   if holder and holder[-1] in ("forward_rnn", "backward_rnn"):
     holder, reverse = holder[:-1], holder[-1] == "backward_rnn"
-  module = torch_prefix(holder, params, *naming)
+  module = m.prefix(holder)
   out = {}
   for side in ("ih", "hh"):
     child = (*path, layout.children(side)[0])
     node = _get(params, child) or {}
     shape = _shape(node.get("kernel", node.get("kernel_v")))
     prefix = RnnKey(module, 0, reverse, side, "weight").prefix
-    how = _wrapping(model.get(child), "kernel", LAYOUTS["linear"], shape, prefix, spectral_dims)
+    how = _wrapping(
+      m.layers.get(child), "kernel", LAYOUTS["linear"], shape, prefix, m.spectral_dims
+    )
     out[prefix] = TorchLayer(
       {}, kind, how[0], how[1], "kernel", how[2], "/".join(path), None, how[3], True
     )

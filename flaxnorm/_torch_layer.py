@@ -274,6 +274,18 @@ def _load_member(job: _Load, t: _Target, i: int) -> TorchLayer | str:
   return layer._replace(member=i)
 
 
+class _Model(NamedTuple):
+  """What saving reads from a Flax model: its layers, variables, naming and spectral dims."""
+
+  layers: Mapping[tuple[str, ...], FlaxLayer]
+  variables: Mapping[str, Any]
+  naming: tuple[set[Path], bool]  # torch_prefix's Sequential paths and NNX flag
+  spectral_dims: Mapping[str, int]
+
+  def prefix(self, path: Path) -> str:
+    return torch_prefix(path, self.variables["params"], *self.naming)
+
+
 def member_prefixes(
   params: Mapping[str, Any], path: Path, naming: tuple[set[Path], bool]
 ) -> list[str]:

@@ -42,6 +42,7 @@ from flaxnorm._torch_layer import (
   _lookup,
   _member,
   _member_info,
+  _Model,
   _shape,
   _Target,
   _under,
@@ -51,7 +52,7 @@ from flaxnorm._torch_layer import (
   write_stacks,
 )
 from flaxnorm._torch_layouts import LAYOUTS
-from flaxnorm._torch_paths import KeyMap, Path, resolve, torch_prefix
+from flaxnorm._torch_paths import KeyMap, Path, resolve
 from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
 from flaxnorm._torch_rnn import GATES, RnnKey, layout_of, split_rnn_key
 from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, state_variables, to_nnx_state
@@ -521,19 +522,19 @@ def _layers_of_model(
     for path, info in model.items()
     if info.cls in CLASSES and {*PARTS, "out"} <= set(_get(variables["params"], path) or {})
   }
-  naming = (sequential, nnx_model)
+  m = _Model(model, variables, (sequential, nnx_model), spectral_dims)
   out: dict[str, TorchLayer] = {}
   for path, info in model.items():
     if any(path[: len(c)] == c for c in cells):
       if path in cells:
-        out.update(_cell_layers(model, variables, path, cells[path], naming, spectral_dims))
+        out.update(_cell_layers(m, path, cells[path]))
       continue
     if any(path[: len(a)] == a for a in attentions):
       if path in attentions:
-        out.update(_attention_layers(model, variables, path, naming, spectral_dims))
+        out.update(_attention_layers(m, path))
       continue
     if info.stacked and info.family:
-      out.update(_stacked_layers(model, variables, path, naming, spectral_dims))
+      out.update(_stacked_layers(m, path))
       continue
     params = _get(variables["params"], path)
     name = "embedding" if info.family == "embedding" else "kernel"
@@ -551,30 +552,24 @@ def _layers_of_model(
     )
     if kind not in LAYOUTS:
       continue
-    prefix = torch_prefix(path, variables["params"], sequential, nnx_model)
+    prefix = m.prefix(path)
     method, axis, style, sdim = _wrapping(info, name, LAYOUTS[kind], shape, prefix, spectral_dims)
     out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path), None, sdim)
   return out
 
 
-def _stacked_layers(
-  model: Mapping[tuple[str, ...], FlaxLayer],
-  variables: Mapping[str, Any],
-  path: Path,
-  naming: tuple[set[Path], bool],
-  spectral_dims: Mapping[str, int],
-) -> dict[str, TorchLayer]:
+def _stacked_layers(m: _Model, path: Path) -> dict[str, TorchLayer]:
   """A stacked layer as one PyTorch layer per member: ``layers/fc`` -> ``layers.0.fc``, ...
 
   The index goes after the outermost module of the path whose params all have
   the stack's leading size (the ``nn.scan``/``nn.vmap`` module, or the
   ``nnx.vmap``-made layer itself).
   """
-  info = model[path]
+  info = m.layers[path]
   where = f"to_torch_state_dict: 'params/{'/'.join(path)}'"
   if info.stacked != 1:
     raise ValueError(f"{where}: {info.stacked} stack axes; one is supported.")
-  params = variables["params"]
+  params = m.variables["params"]
   name = "embedding" if info.family == "embedding" else "kernel"
   node = _get(params, path) or {}
   shape = _shape(node.get(name, node.get(f"{name}_v")))
@@ -584,8 +579,8 @@ def _stacked_layers(
     return {}
   member = _member_info(info, where)
   out = {}
-  for i, prefix in enumerate(member_prefixes(params, path, naming)):
-    how = _wrapping(member, name, LAYOUTS[kind], shape[1:], prefix, spectral_dims)
+  for i, prefix in enumerate(member_prefixes(params, path, m.naming)):
+    how = _wrapping(member, name, LAYOUTS[kind], shape[1:], prefix, m.spectral_dims)
     out[prefix] = TorchLayer(
       {}, kind, how[0], how[1], name, how[2], "/".join(path), None, how[3], member=i
     )

@@ -38,6 +38,8 @@ class _Block(nn.Module):
 class _Scanned(nn.Module):
   """Three blocks stacked by nn.scan: params layers/fc/kernel (3, D, D)."""
 
+  axis: int = -2  # the blocks' spectral-norm axis
+
   @nn.compact
   def __call__(self, x):
     stack = nn.scan(
@@ -46,7 +48,7 @@ class _Scanned(nn.Module):
       split_rngs={"params": True, "spectral": True},
       length=N,
     )
-    return stack(name="layers")(x, None)[0]
+    return stack(axis=self.axis, name="layers")(x, None)[0]
 
 
 def _torch_stack(torch):
@@ -165,21 +167,10 @@ def test_positive_axis_of_a_stacked_layer_is_the_members():
     }.items()
   }
 
-  class Scanned0(_Scanned):
-    @nn.compact
-    def __call__(self, x):
-      stack = nn.scan(
-        _Block,
-        variable_axes={"params": 0, "spectral": 0},
-        split_rngs={"params": True, "spectral": True},
-        length=N,
-      )
-      return stack(axis=0, name="layers")(x, None)[0]
-
   with pytest.raises(ValueError, match=r"wrapped with spectral_norm\(\.\.\., axis=-2\)"):
-    interop.load_torch_state_dict(sd, Scanned0(), inputs=X)  # legacy order wants axis=-1
+    interop.load_torch_state_dict(sd, _Scanned(axis=0), inputs=X)  # legacy order wants axis=-1
   with pytest.warns(UserWarning, match=r"next training step would differ"):
-    result = interop.load_torch_state_dict(sd, Scanned0(), inputs=X, strict=False)
+    result = interop.load_torch_state_dict(sd, _Scanned(axis=0), inputs=X, strict=False)
   assert result.layers["layers.0.fc"].axis == -2
 
 
