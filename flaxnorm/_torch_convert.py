@@ -51,7 +51,10 @@ class TorchLayer(NamedTuple):
       ``{name}_sigma``.
     kind: the layer kind, one of :data:`KINDS`; or ``"lstm"``, ``"gru"``,
       ``"rnn"`` for one side (``weight_ih_l0``, ``weight_hh_l0``) of a PyTorch
-      recurrent module loaded into a Flax cell.
+      recurrent module loaded into a Flax cell; ``"multihead_attention"`` for
+      an ``nn.MultiheadAttention``'s packed q, k, v; ``"norm"`` for a
+      normalization layer (``variables`` its ``scale``, ``bias`` and
+      ``batch_stats``).
     method: ``"weight_norm"``, ``"spectral_norm"`` or ``None`` (plain weight).
     axis: the ``axis`` to give flaxnorm's transform (``None`` for a plain
       weight, or for a whole-tensor weight norm, PyTorch's ``dim=None``).

@@ -20,7 +20,7 @@ from flax.core import meta
 
 from flaxnorm import _checks, _options
 from flaxnorm._checks import Axis
-from flaxnorm._torch_convert import Sources, TorchLayer, layer_from_torch
+from flaxnorm._torch_convert import Sources, TorchLayer, _to_numpy, layer_from_torch
 from flaxnorm._torch_keys import detect, join
 from flaxnorm._torch_layouts import (
   KIND_BY_RANK,
@@ -75,6 +75,11 @@ class _Target(NamedTuple):
   collection: str
   where: str  # "load_torch_state_dict: layer 'ups.0' -> 'params/ups_0'"
   member: int | None = None  # a member of a stacked layer: its index on the leading axis
+  stats: dict[str, Any] | None = None  # a BatchNorm's entries in batch_stats
+
+  def dicts(self) -> dict[str, dict[str, Any] | None]:
+    """Collection -> the layer's dict in it (``None`` where it has none)."""
+    return {"params": self.params, self.collection: self.state, "batch_stats": self.stats}
 
   @property
   def fpath(self) -> str:
@@ -160,6 +165,10 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   """
   if t.member is not None:
     return _load_member(job, t, t.member)
+  if _is_norm(job, t):
+    return _load_norm(job, t)
+  if set(t.entries) & set(NORM_BUFFERS):
+    return NORM_HINT
   split = _in_axes(job, t)
   if split is not None:
     return _load_as_matrix(job, t, split)
@@ -218,6 +227,86 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
 
 
 # --------------------------------------------------------------------------- #
+# Normalization layers: LayerNorm, GroupNorm, BatchNorm, RMSNorm, InstanceNorm.
+# --------------------------------------------------------------------------- #
+
+#: PyTorch's buffers of a BatchNorm (or an InstanceNorm with track_running_stats).
+NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+#: PyTorch key -> (Flax collection, name) of a normalization layer.
+_NORM_KEYS = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
+NORM_HINT = (
+  "a normalization layer's tensors, but its Flax target is no LayerNorm, GroupNorm, BatchNorm, "
+  "RMSNorm or InstanceNorm (no 'scale')"
+)
+
+
+def _is_norm(job: _Load, t: _Target) -> bool:
+  """Whether the target is a normalization layer: by the model's class, else by its ``scale``."""
+  info = job.model.get(t.path)
+  if info is not None and info.family is not None:
+    return info.family == "norm"
+  return "scale" in t.params and not {"kernel", "kernel_v", "embedding"} & set(t.params)
+
+
+def _load_norm(job: _Load, t: _Target) -> TorchLayer:
+  """Fills a Flax normalization layer: weight -> scale, bias, running_mean/var -> batch_stats.
+
+  ``num_batches_tracked`` has no Flax counterpart (a cumulative average,
+  PyTorch's ``momentum=None``, has none either) and is read as used.
+  """
+  written: dict[str, dict[str, Any]] = {}
+  for key, sd_key in t.entries.items():
+    if key == "num_batches_tracked":
+      continue
+    if key not in _NORM_KEYS:
+      raise ValueError(
+        f"{t.where}: PyTorch '{sd_key}' is no key of a normalization layer (weight, bias, "
+        f"running_mean, running_var, num_batches_tracked)."
+      )
+    col, name = _NORM_KEYS[key]
+    tgt = t.dicts()[col]
+    if tgt is None or name not in tgt:
+      raise ValueError(
+        f"{t.where}: PyTorch '{sd_key}' has no Flax counterpart '{col}/{t.fpath}/{name}' (the "
+        f"layer has params {sorted(t.params)}{'' if t.stats is None else f', batch_stats {sorted(t.stats)}'}); "
+        "e.g. use_scale=False or use_bias=False in Flax, elementwise_affine=True or affine=True "
+        "in PyTorch?"
+      )
+    raw = tgt[name]
+    shape = _shape(raw)
+    arr = _to_numpy(job.state_dict[sd_key], sd_key, t.where)
+    if arr.size != _size(shape):
+      raise ValueError(
+        f"{t.where}: shape mismatch for PyTorch '{sd_key}' of shape {arr.shape}: the Flax "
+        f"'{col}/{t.fpath}/{name}' has shape {shape}."
+      )
+    arr = jax.device_put(arr.reshape(shape).astype(meta.unbox(raw).dtype, copy=False))
+    tgt[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
+    written.setdefault(col, {})[name] = arr
+    job.filled.add((col, *t.path, name))
+  return TorchLayer(written, "norm", None, None, "scale", "plain", t.fpath)
+
+
+def norm_to_numpy(
+  params: Mapping[str, Any], stats: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+  """A Flax normalization layer's PyTorch tensors (a BatchNorm's buffers with ``stats``)."""
+  out = {}
+  for key, (col, name) in _NORM_KEYS.items():
+    src = params if col == "params" else stats or {}
+    if name in src:
+      out[key] = np.asarray(meta.unbox(src[name]))
+  if stats:
+    out["num_batches_tracked"] = np.array(0, np.int64)
+  return out
+
+
+# --------------------------------------------------------------------------- #
 # A member of a stacked layer (nn.scan over layers, nn.vmap or nnx.vmap ensembles).
 # --------------------------------------------------------------------------- #
 
@@ -250,9 +339,14 @@ def _load_member(job: _Load, t: _Target, i: int) -> TorchLayer | str:
   The member's slices are filled as a layer of their own, then copied into
   ``job.stacks``; :func:`write_stacks` puts the stacked arrays in place.
   """
+  sliced = {
+    col: None if d is None else {n: _member(x, i) for n, x in d.items()}
+    for col, d in t.dicts().items()
+  }
   view = t._replace(
-    params={n: _member(x, i) for n, x in t.params.items()},
-    state=None if t.state is None else {n: _member(x, i) for n, x in t.state.items()},
+    params=sliced["params"],
+    state=sliced[t.collection],
+    stats=sliced["batch_stats"],
     member=None,
   )
   model = dict(job.model)
@@ -263,8 +357,8 @@ def _load_member(job: _Load, t: _Target, i: int) -> TorchLayer | str:
   if isinstance(layer, str):
     return layer
   for col, *_, name in member.filled:
-    src = view.params if col == "params" else view.state or {}
-    raw = meta.unbox((t.params if col == "params" else t.state or {})[name])
+    src = view.dicts()[col] or {}
+    raw = meta.unbox((t.dicts()[col] or {})[name])
     key = (col, *t.path, name)
     if key not in job.stacks:
       job.stacks[key] = (np.zeros(raw.shape, raw.dtype), set())

@@ -33,6 +33,7 @@ from flaxnorm._torch_convert import TorchLayer, _to_numpy, layer_to_numpy
 from flaxnorm._torch_keys import detect, join, split_key
 from flaxnorm._torch_layer import (
   _WHERE,
+  NORM_BUFFERS,
   _as_matrix,
   _check_state_saved,
   _get,
@@ -49,6 +50,7 @@ from flaxnorm._torch_layer import (
   _view_axis,
   _wrapping,
   member_prefixes,
+  norm_to_numpy,
   write_stacks,
 )
 from flaxnorm._torch_layouts import LAYOUTS
@@ -361,13 +363,6 @@ def _load_plain(job: _Load, key_map: KeyMap, key: str, why: str) -> None:
   job.unused[key] = f"{why}; {reason}"
 
 
-_NORM_HINT = (
-  "a normalization layer's buffer: interop converts linear, conv and embedding layers; map "
-  "a BatchNorm by hand (weight -> params scale, bias -> params bias, running_mean/var -> "
-  "batch_stats mean/var) or skip it with key_map"
-)
-
-
 Cells = dict[RnnKey, dict[str, dict[str, str]]]
 
 
@@ -410,10 +405,10 @@ def _group(job: _Load) -> _Groups:
     if ak is not None:
       g.attentions.setdefault(ak.module, {}).setdefault(ak.name, {})[ak.key] = key
       continue
-    split = split_key(key)
+    prefix, _, name = key.rpartition(".")
+    split = (prefix, name) if name in NORM_BUFFERS else split_key(key)
     if split is None:
-      norm = key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-      g.loose[key] = _NORM_HINT if norm else "not a weight/bias key of a supported layer"
+      g.loose[key] = "not a weight/bias key of a supported layer"
     else:
       g.layers.setdefault(split[0], {})[split[1]] = key
   for module, parts in g.attentions.items():
@@ -455,8 +450,9 @@ def _target(job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]) -
     job.unused.update({key: reason for key in entries.values()})
     return None
   state = _get(job.out.get(job.collection, {}), path)
+  stats = _get(job.out.get("batch_stats", {}), path)
   where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'"
-  return _Target(prefix, entries, path, params, state, job.collection, where)
+  return _Target(prefix, entries, path, params, state, job.collection, where, stats=stats)
 
 
 def _stacked_target(
@@ -465,7 +461,7 @@ def _stacked_target(
   """The member of a stacked Flax layer that PyTorch layer ``prefix`` is, or ``None``."""
   parts = prefix.split(".")
   try:
-    _, _, roles = detect(list(entries), _WHERE)
+    _, _, roles = detect([k for k in entries if k not in NORM_BUFFERS], _WHERE)
   except ValueError:  # no layer's key set: the caller reports it
     return None
   rank = len(np.shape(job.state_dict[entries[roles["v" if "g" in roles else "w"]]]))
@@ -474,8 +470,8 @@ def _stacked_target(
       continue
     path = resolve(key_map, ".".join(parts[:j] + parts[j + 1 :]), job.out["params"])
     params = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
-    leaf = None if params is None else params.get("kernel", params.get("kernel_v"))
-    leaf = params.get("embedding") if leaf is None and params is not None else leaf
+    names = ("kernel", "kernel_v", "embedding", "scale")
+    leaf = next((params[n] for n in names if n in params), None) if params else None
     if params is None or leaf is None or not isinstance(path, tuple):
       continue
     shape = _shape(leaf)
@@ -483,8 +479,9 @@ def _stacked_target(
     stacked = info.stacked if info is not None else len(shape) - rank
     if stacked == 1 and int(part) < shape[0]:
       state = _get(job.out.get(job.collection, {}), path)
+      stats = _get(job.out.get("batch_stats", {}), path)
       where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'[{part}]"
-      return _Target(prefix, entries, path, params, state, job.collection, where, int(part))
+      return _Target(prefix, entries, path, params, state, job.collection, where, int(part), stats)
   return None
 
 
@@ -536,6 +533,9 @@ def _layers_of_model(
     if info.stacked and info.family:
       out.update(_stacked_layers(m, path))
       continue
+    if info.family == "norm":
+      out[m.prefix(path)] = TorchLayer({}, "norm", None, None, "scale", "plain", "/".join(path))
+      continue
     params = _get(variables["params"], path)
     name = "embedding" if info.family == "embedding" else "kernel"
     leaf = None if params is None else params.get(name, params.get(f"{name}_v"))
@@ -570,10 +570,15 @@ def _stacked_layers(m: _Model, path: Path) -> dict[str, TorchLayer]:
   if info.stacked != 1:
     raise ValueError(f"{where}: {info.stacked} stack axes; one is supported.")
   params = m.variables["params"]
-  name = "embedding" if info.family == "embedding" else "kernel"
+  name = {"embedding": "embedding", "norm": "scale"}.get(info.family or "", "kernel")
   node = _get(params, path) or {}
   shape = _shape(node.get(name, node.get(f"{name}_v")))
   family = info.family or ""
+  if family == "norm":
+    return {
+      prefix: TorchLayer({}, "norm", None, None, name, "plain", "/".join(path), member=i)
+      for i, prefix in enumerate(member_prefixes(params, path, m.naming))
+    }
   kind = family if family in ("linear", "embedding") else f"{family}{len(shape) - 3}d"
   if kind not in LAYOUTS:
     return {}
@@ -649,6 +654,12 @@ def save(
       continue
     if layer.kind == "multihead_attention":
       out.update(_save_attention(prefix, layer, sub, (st, axis, sdim), variables))
+      continue
+    if layer.kind == "norm":
+      stats = _get(variables.get("batch_stats", {}), path)
+      if stats is not None and layer.member is not None:
+        stats = _members(stats, layer.member)
+      out.update({join(prefix, k): x for k, x in norm_to_numpy(sub["params"], stats).items()})
       continue
     _check_state_saved(layer, sub[collection], prefix, collection, variables)
     if layer.in_axes is not None:

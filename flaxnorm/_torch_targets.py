@@ -119,7 +119,12 @@ def _family(module: Any) -> tuple[str | None, str]:
     nnx.Linear: "linear",
     nnx.Embed: "embedding",
   }
+  norms = (
+    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm, nn.RMSNorm, nn.InstanceNorm,
+    nnx.LayerNorm, nnx.GroupNorm, nnx.BatchNorm, nnx.RMSNorm, nnx.InstanceNorm,
+  )  # fmt: skip
   family = next((f for cls, f in {**linen, **faces}.items() if issubclass(base, cls)), None)
+  family = "norm" if issubclass(base, norms) else family
   why = ""
   if family == "conv_transpose" and getattr(module, "transpose_kernel", False):
     why = (
@@ -160,7 +165,9 @@ def describe(
     ndims = _ndims(params, path)
     family, why = _family(module)
     own = _own_rank(module)
-    ndim = _param_ndim(ndims, "embedding" if family == "embedding" else "kernel")
+    ndim = _param_ndim(
+      ndims, {"embedding": "embedding", "norm": "scale"}.get(family or "", "kernel")
+    )
     stacked = ndim - own if own is not None and ndim is not None and ndim > own else 0
     wrapped = {}
     for key, (owner, s) in specs.items():
@@ -190,6 +197,11 @@ def _own_rank(module: Any) -> int | None:
     return n_axis + (1 if isinstance(features, int) else len(features))
   if issubclass(base, nnx.LinearGeneral):
     return len(module.in_features) + len(module.out_features)
+  if issubclass(base, (nn.LayerNorm, nn.RMSNorm)):  # scale over the feature axes
+    axes = module.feature_axes
+    return 1 if isinstance(axes, int) else len(axes)
+  if _family(module)[0] == "norm":
+    return 1
   return None
 
 
@@ -282,14 +294,16 @@ def state_variables(
   state: Any, collection: str
 ) -> tuple[dict[str, Any], dict[tuple[str, ...], tuple[Any, ...]]]:
   """An ``nnx.State``'s params and spectral state as ``{"params", collection}``, and each leaf's path back."""
-  variables: dict[str, Any] = {"params": {}, collection: {}}
+  variables: dict[str, Any] = {"params": {}, collection: {}, "batch_stats": {}}
   back: dict[tuple[str, ...], tuple[Any, ...]] = {}
   for path, var in nnx.to_flat_state(state):
     if isinstance(var, nnx.Param):
       col = "params"
     elif isinstance(var, SpectralStateVar):
       col = collection
-    else:  # rng state, batch stats, ...: no PyTorch weight fills them
+    elif isinstance(var, nnx.BatchStat):  # a BatchNorm's running_mean / running_var
+      col = "batch_stats"
+    else:  # rng state, ...: no PyTorch tensor fills them
       continue
     spath = tuple(str(p) for p in path)
     node = variables[col]
@@ -297,8 +311,9 @@ def state_variables(
       node = node.setdefault(p, {})
     node[spath[-1]] = var.get_value()
     back[(col, *spath)] = tuple(path)
-  if not variables[collection]:
-    del variables[collection]
+  for col in (collection, "batch_stats"):
+    if not variables[col]:
+      del variables[col]
   return variables, back
 
 

@@ -266,7 +266,10 @@ def load_torch_state_dict(
   prefix with an index that no Flax layer spells (``layers.3.fc``) may be a
   member of a stacked layer (``nn.scan``, ``nn.vmap``, ``nnx.vmap``): without
   the index (``layers.fc``) it names a Flax layer whose params have one
-  leading axis more, and loads into that member's slice. The Flax side is the source of truth. Given the model
+  leading axis more, and loads into that member's slice. A normalization
+  layer (LayerNorm, GroupNorm, BatchNorm, RMSNorm, InstanceNorm) takes
+  ``weight`` as its ``scale`` and a BatchNorm's ``running_mean``/``running_var``
+  as its ``batch_stats`` ``mean``/``var``. The Flax side is the source of truth. Given the model
   (a Linen module with ``inputs``, traced shape-only with ``jax.eval_shape``;
   or an NNX module), each layer's kind (Dense, Conv, ConvTranspose, Embed),
   wrapping and ``axis`` are read from it, so ``kinds`` and ``axes`` are only
