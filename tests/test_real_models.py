@@ -5,9 +5,11 @@ frameworks: a HiFi-GAN generator (ResBlock1 and ResBlock2, weight-normed
 ConvTranspose1d upsamplers, ``remove_weight_norm`` for inference), Wav2Vec2's
 positional conv embedding (``weight_norm(..., dim=2)`` on a grouped Conv1d) and
 an SN-GAN projection discriminator (spectral-normed Conv2d, Linear and
-Embedding, both PyTorch key styles, a square 1x1 shortcut). Each is trained a
-few steps in PyTorch, then loaded with ``load_torch_state_dict`` from the Flax
-model alone (no ``kinds``, ``axes`` or ``key_map``) and compared.
+Embedding, both PyTorch key styles, a square 1x1 shortcut); and PyTorch's own
+``nn.TransformerEncoder`` into a Flax encoder whose layers are one ``nn.scan``.
+Each is trained a few steps in PyTorch, then loaded with
+``load_torch_state_dict`` from the Flax model alone (no ``kinds``, ``axes`` or
+``key_map``) and compared.
 """
 
 from __future__ import annotations
@@ -461,6 +463,58 @@ def test_sngan_head_nnx():
     head.embed.embedding_v[...], sd["embed.parametrizations.weight.0._u"]
   )
   np.testing.assert_array_equal(head.l_y.kernel_u[...], sd["l_y.weight_u"])
+
+
+# --------------------------------------------------------------------------- #
+# PyTorch's own nn.TransformerEncoder, into a Flax encoder whose layers are one nn.scan.
+# --------------------------------------------------------------------------- #
+
+
+class _EncoderLayer(nn.Module):
+  """nn.TransformerEncoderLayer (post-norm, ReLU), as Flax modules of PyTorch's names."""
+
+  heads: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    e = x.shape[-1]
+    x = nn.LayerNorm(epsilon=1e-5, name="norm1")(
+      x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="self_attn")(x)
+    )
+    h = nn.Dense(e, name="linear2")(nn.relu(nn.Dense(self.hidden, name="linear1")(x)))
+    return nn.LayerNorm(epsilon=1e-5, name="norm2")(x + h), None
+
+
+class _Encoder(nn.Module):
+  depth: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(
+      _EncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth
+    )
+    return stack(heads=2, hidden=16, name="layers")(x, None)[0]
+
+
+def test_torch_transformer_encoder_into_a_scanned_flax_encoder():
+  """Three trained nn.TransformerEncoderLayer (attention, LayerNorm, Linear) in one call, no
+  key map: ``layers.2.self_attn.in_proj_weight`` is member 2 of the scanned ``self_attn``."""
+  torch.manual_seed(0)
+  layer = tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+  encoder = tnn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+  x = torch.randn(2, 5, 8)
+  train(encoder, lambda: encoder(x).pow(2).mean())
+  encoder.eval()
+  with torch.no_grad():
+    want = encoder(x).numpy()
+  result = interop.load_torch_state_dict(encoder.state_dict(), _Encoder(), inputs=x.numpy())
+  assert result.layers["layers.2.norm2"].member == 2
+  chex.assert_trees_all_close(_Encoder().apply(result.variables, x.numpy()), want, atol=TOL)
+  back = interop.to_torch_state_dict(result.variables, model=_Encoder(), inputs=x.numpy())
+  encoder.load_state_dict(back, strict=True)
+  with torch.no_grad():
+    chex.assert_trees_all_close(encoder(x).numpy(), want, atol=TOL)
 
 
 # --------------------------------------------------------------------------- #
