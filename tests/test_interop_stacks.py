@@ -216,3 +216,16 @@ def test_scanned_transformer_blocks_with_attention(torch):
     assert sorted(got) == sorted(model.state_dict())
     for key, value in model.state_dict().items():
       np.testing.assert_array_equal(got[key].numpy(), value.numpy())
+
+
+def test_a_norm_over_the_stack_axis_has_no_member_view():
+  """Flax's wrappers normalize each member (they see one); a layer description that keeps
+  the stack axis (as a hand-built stack could) is refused rather than sliced."""
+  from flaxnorm._torch_layer import _member_info
+  from flaxnorm._torch_targets import FlaxLayer
+
+  info = FlaxLayer(("layers", "fc"), "linear", "Dense", {"kernel": ("weight_norm", (0, 2))}, "", 1)
+  with pytest.raises(ValueError, match=r"keeps axis 0 of its stacked 'kernel', the stack axis"):
+    _member_info(info, "here")
+  kept = _member_info(info._replace(wrapped={"kernel": ("weight_norm", (2,))}), "here")
+  assert (kept.wrapped, kept.stacked) == ({"kernel": ("weight_norm", (1,))}, 0)
