@@ -74,7 +74,8 @@ def _sn19():
       sd[p + "bias"] = np.zeros(ch, np.float32)
   sd |= {"head.weight_orig": rng.normal(size=(1, ch)).astype(np.float32), "head.bias": np.zeros(1)}
   sd |= {"head.weight_u": unit(1), "head.weight_v": unit(ch)}
-  return Disc(), np.zeros((1, 32, 32, 3), np.float32), sd, {}
+  # Square convs fit both Conv and ConvTranspose layouts: without a model, kinds names them.
+  return Disc(), np.zeros((1, 32, 32, 3), np.float32), sd, {"": "conv2d", "head": "linear"}
 
 
 def _hifigan_v1():
@@ -147,7 +148,7 @@ def _hifigan_v1():
     Generator(),
     np.zeros((1, 32, 80), np.float32),
     sd,
-    {f"ups.{i}": "conv_transpose1d" for i in range(4)},
+    {"": "conv1d", **{f"ups.{i}": "conv_transpose1d" for i in range(4)}},  # square convs too
   )
 
 
