@@ -25,19 +25,17 @@ from flaxnorm._torch_layer import (
   _as_matrix,
   _check_state_saved,
   _get,
-  _kernel_axis,
   _kernel_ndim,
   _kernel_shape,
   _Load,
   _load_layer,
   _lookup,
-  _matrix_info,
   _member_info,
   _Model,
   _shape,
-  _size,
   _Target,
   _view_axis,
+  _view_wrapping,
   _wrapping,
   member_prefixes,
 )
@@ -494,27 +492,14 @@ def _attention_layers(m: _Model, path: Path) -> dict[str, TorchLayer]:
     where = f"to_torch_state_dict: 'params/{'/'.join(child)}'"
     info = m.layers.get(child)
     info = info if info is None or not stacked else _member_info(info, where)
-    info = _matrix_info(info, where, k, len(shape))
-    view = (_size(shape[:k]), _size(shape[k:]))
     kind, tpath = ("linear", child) if name == "out_proj" else ("multihead_attention", path)
     for i, module in enumerate(modules):
       prefix = join(module, name)
-      how = _wrapping(info, "kernel", LAYOUTS["linear"], view, prefix, m.spectral_dims)
-      axis = _kernel_axis(how[1], k, len(shape))
+      method, axis, style, dim = _view_wrapping(info, shape, k, prefix, m.spectral_dims)
       out[prefix] = TorchLayer(
-        {},
-        kind,
-        how[0],
-        axis,
-        "kernel",
-        how[2],
-        "/".join(tpath),
-        None,
-        how[3],
-        None,
-        k,
+        {}, kind, method, axis, "kernel", style, "/".join(tpath), None, dim, None, k,
         i if stacked else None,
-      )
+      )  # fmt: skip
   return out
 
 

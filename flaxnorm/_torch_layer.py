@@ -506,6 +506,26 @@ def _matrix_info(info: FlaxLayer | None, where: str, k: int, ndim: int) -> FlaxL
   return info._replace(family="linear", wrapped=wrapped)
 
 
+def _view_wrapping(
+  info: FlaxLayer | None,
+  shape: tuple[int, ...],
+  k: int,
+  prefix: str,
+  spectral_dims: Mapping[str, int],
+) -> tuple[str | None, Axis, str, int | None]:
+  """:func:`_wrapping` of a kernel of more axes read as PyTorch's Linear (``k`` input axes).
+
+  The axis is returned in the kernel's axes.
+  """
+  where = f"to_torch_state_dict: '{prefix}'"
+  view = (_size(shape[:k]), _size(shape[k:]))
+  info = _matrix_info(info, where, k, len(shape))
+  method, axis, style, dim = _wrapping(
+    info, "kernel", LAYOUTS["linear"], view, prefix, spectral_dims
+  )
+  return method, _kernel_axis(axis, k, len(shape)), style, dim
+
+
 def _load_as_matrix(job: _Load, t: _Target, k: int) -> TorchLayer | str:
   """Loads a PyTorch Linear into a kernel of more axes through its ``(in, out)`` view."""
   names = [n for n in t.params if n in ("kernel", "kernel_g", "kernel_v", "bias")]

@@ -48,6 +48,7 @@ from flaxnorm._torch_layer import (
   _Target,
   _under,
   _view_axis,
+  _view_wrapping,
   _wrapping,
   member_prefixes,
   norm_to_numpy,
@@ -553,8 +554,14 @@ def _layers_of_model(
     if kind not in LAYOUTS:
       continue
     prefix = m.prefix(path)
-    method, axis, style, sdim = _wrapping(info, name, LAYOUTS[kind], shape, prefix, spectral_dims)
-    out[prefix] = TorchLayer({}, kind, method, axis, name, style, "/".join(path), None, sdim)
+    k = info.in_axes
+    if k is None:
+      how = _wrapping(info, name, LAYOUTS[kind], shape, prefix, spectral_dims)
+    else:  # a DenseGeneral: PyTorch's Linear through its (in, out) view
+      how = _view_wrapping(info, shape, k, prefix, spectral_dims)
+    out[prefix] = TorchLayer(
+      {}, kind, *how[:2], name, how[2], "/".join(path), None, how[3], None, k
+    )
   return out
 
 
@@ -585,9 +592,13 @@ def _stacked_layers(m: _Model, path: Path) -> dict[str, TorchLayer]:
   member = _member_info(info, where)
   out = {}
   for i, prefix in enumerate(member_prefixes(params, path, m.naming)):
-    how = _wrapping(member, name, LAYOUTS[kind], shape[1:], prefix, m.spectral_dims)
+    k = info.in_axes
+    if k is None:
+      how = _wrapping(member, name, LAYOUTS[kind], shape[1:], prefix, m.spectral_dims)
+    else:
+      how = _view_wrapping(member, shape[1:], k, prefix, m.spectral_dims)
     out[prefix] = TorchLayer(
-      {}, kind, how[0], how[1], name, how[2], "/".join(path), None, how[3], member=i
+      {}, kind, how[0], how[1], name, how[2], "/".join(path), None, how[3], None, k, i
     )
   return out
 

@@ -41,6 +41,9 @@ class FlaxLayer(NamedTuple):
       transform normalizes (kept axes non-negative; ``()`` is a whole-tensor
       weight norm).
     unsupported: why this layer cannot take a PyTorch weight (``""`` if it can).
+    in_axes: a ``DenseGeneral``/``LinearGeneral``: how many leading kernel
+      axes are its inputs (its kernel is PyTorch's Linear through the
+      ``(in, out)`` view); ``None`` for other layers.
     stacked: how many leading axes its params have beyond the layer's own (a
       layer stacked by ``nn.scan``/``nn.vmap``/``nnx.vmap``: 1); the kept
       axes in ``wrapped`` count them.
@@ -52,6 +55,7 @@ class FlaxLayer(NamedTuple):
   wrapped: dict[str, tuple[str, tuple[int, ...]]]
   unsupported: str = ""
   stacked: int = 0
+  in_axes: int | None = None
 
 
 def wrapped_axes(
@@ -125,6 +129,8 @@ def _family(module: Any) -> tuple[str | None, str]:
   )  # fmt: skip
   family = next((f for cls, f in {**linen, **faces}.items() if issubclass(base, cls)), None)
   family = "norm" if issubclass(base, norms) else family
+  if _general_in_axes(module) is not None:
+    family = "linear"
   why = ""
   if family == "conv_transpose" and getattr(module, "transpose_kernel", False):
     why = (
@@ -179,8 +185,18 @@ def describe(
           kept = wrapped_axes(module, n, ndim - stacked, s, rel)
           wrapped[n] = (s.method, tuple(a + stacked for a in kept))
     cls = _subclass.base_of(type(module)).__name__
-    out[path] = FlaxLayer(path, family, cls, wrapped, why, stacked)
+    out[path] = FlaxLayer(path, family, cls, wrapped, why, stacked, _general_in_axes(module))
   return out
+
+
+def _general_in_axes(module: Any) -> int | None:
+  """A ``DenseGeneral``/``LinearGeneral`` without batch axes: its number of input axes."""
+  base = _subclass.base_of(type(module))
+  if issubclass(base, nn.DenseGeneral) and not module.batch_dims:
+    return 1 if isinstance(module.axis, int) else len(module.axis)
+  if issubclass(base, nnx.LinearGeneral) and not module.batch_axis:
+    return len(module.in_features)
+  return None
 
 
 def _own_rank(module: Any) -> int | None:

@@ -235,6 +235,9 @@ def test_linear_into_dense_general_both_ways():
   )
   back = interop.to_torch_state_dict(result.variables, result.layers)
   chex.assert_trees_all_close({k: np.asarray(v) for k, v in back.items()}, sd)
+  # Read from the model: the DenseGeneral is a Linear with its in_axes and kernel axes.
+  got = interop.to_torch_state_dict(result.variables, model=Net(), inputs=x, style="legacy")
+  chex.assert_trees_all_close({k: np.asarray(v) for k, v in got.items()}, sd)
 
 
 def test_dense_general_kept_axes_of_no_matrix_axis_are_refused():
