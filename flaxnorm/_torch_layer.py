@@ -463,6 +463,8 @@ def _in_axes(job: _Load, t: _Target) -> int | None:
     for k in range(1, len(shape))
     if _size(shape[:k]) == wshape[1] and _size(shape[k:]) == wshape[0]
   ]
+  if info is not None and info.in_axes is not None:  # the model's split (size-1 axes fit several)
+    return info.in_axes if info.in_axes in fits else None
   return fits[0] if len(fits) == 1 else None
 
 
