@@ -252,3 +252,25 @@ def test_dense_general_kept_axes_of_no_matrix_axis_are_refused():
     ValueError, match=r"keeps axes \(2,\) of its 3-D 'kernel'.*no axis of PyTorch"
   ):
     interop.load_torch_state_dict(sd, Net(), inputs=np.ones((1, 4), np.float32))
+
+
+def test_dense_general_with_a_size_one_axis_takes_the_models_split():
+  """(4, 1, 4) splits as (4 | 1, 4) or (4, 1 | 4); the model says which axes are inputs."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return flaxnorm.weight_norm(nn.DenseGeneral((1, 4), name="proj"), axis=(-2, -1))(x)
+
+  x = np.ones((2, 4), np.float32)
+  sd = {
+    "proj.weight_g": np.linspace(0.5, 2, 4, dtype=np.float32).reshape(4, 1),
+    "proj.weight_v": RNG.randn(4, 4).astype(np.float32),
+    "proj.bias": np.zeros(4, np.float32),
+  }
+  result = interop.load_torch_state_dict(sd, Net(), inputs=x)
+  assert (result.layers["proj"].in_axes, result.layers["proj"].axis) == (1, (-2, -1))
+  w = (
+    sd["proj.weight_g"] * sd["proj.weight_v"] / np.linalg.norm(sd["proj.weight_v"], axis=1)[:, None]
+  )
+  np.testing.assert_allclose(Net().apply(result.variables, x)[:, 0], x @ w.T, atol=1e-6)
