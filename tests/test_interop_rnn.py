@@ -415,3 +415,24 @@ def test_rnn_keys_round_trip(key):
 )
 def test_other_keys_are_no_rnn_keys(key):
   assert _torch_rnn.split_rnn_key(key) is None
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
+def test_weight_norm_into_nnx_cells(torch, cell):
+  """Per-gate (NNX LSTMCell) or packed (NNX GRUCell) Linears weight-normed by wrap_modules."""
+  kind, cls = NNX_CELLS[cell]
+  t = _make(torch, kind)
+  for name in ("weight_ih_l0", "weight_hh_l0"):
+    torch.nn.utils.parametrizations.weight_norm(t, name=name)
+  with torch.no_grad():
+    t.bias_hh_l0[2 * H :] = 0  # (NNX's GRUCell has no b_hn; for the LSTM, gate o's bias)
+  want = _torch_out(torch, t)
+  model = fnnx.wrap_modules(
+    _NnxRNN(cls(IN, H, rngs=nnx.Rngs(0))), fnnx.weight_norm, where=nnx.Linear
+  )
+  result = interop.load_torch_state_dict(_holder(torch, t).state_dict(), model)
+  assert result.layers["rnn.weight_hh_l0"].method == "weight_norm"
+  np.testing.assert_allclose(_nnx_out(model, result.variables), want, atol=TOL)
+  got = interop.to_torch_state_dict(model)  # from the model: the same keys
+  _holder(torch, t).load_state_dict(got, strict=True)
+  np.testing.assert_allclose(_torch_out(torch, t), want, atol=TOL)
