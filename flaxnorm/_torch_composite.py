@@ -29,6 +29,7 @@ from flaxnorm._torch_layer import (
   _kernel_shape,
   _Load,
   _load_layer,
+  _load_plain,
   _lookup,
   _member_info,
   _Model,
@@ -95,6 +96,25 @@ def _cell_path(job: _Load, key_map: KeyMap, cell: RnnKey, single: bool) -> Path 
   return None if skipped else f"{tried if len(tried) < 240 else tried[:240] + ' ...'} ({hint})"
 
 
+def _by_name(
+  job: _Load, key_map: KeyMap, keys: list[str], node: Mapping[str, Any], why: str
+) -> bool:
+  """Loads a module's keys by name when its Flax module keeps PyTorch's param names.
+
+  A Flax port that names its params ``weight_ih_l0`` or ``in_proj_weight``
+  (its own cell or attention) takes them as they are (``_load_plain``).
+
+  Returns:
+    Whether it does (then every key is loaded by name or reported unused).
+  """
+  names = {key.rpartition(".")[2] for key in keys} - {"weight", "bias"}  # out_proj's are no sign
+  if not names & set(node):
+    return False
+  for key in keys:
+    _load_plain(job, key_map, key, why)
+  return True
+
+
 def _load_cell(
   job: _Load, key_map: KeyMap, cell: RnnKey, sides: dict[str, dict[str, str]], single: bool
 ) -> dict[str, TorchLayer]:
@@ -126,15 +146,17 @@ def _load_cell(
       "1 (nn.RNN), 3 (nn.GRU) or 4 (nn.LSTM)."
     )
   hidden = shape[1]
+  keys = [k for side in sides.values() for k in side.values()]
   path = _cell_path(job, key_map, cell, single)
   if not isinstance(path, tuple):
     reason = "key_map skips it" if path is None else f"no Flax cell for it: {path}"
-    keys = [k for side in sides.values() for k in side.values()]
     job.unused.update({key: f"recurrent layer '{cell.cell}': {reason}" for key in keys})
     return {}
   node = _get(job.out["params"], path) or {}
   layout = layout_of(kind, node)
   where = f"{where} -> 'params/{'/'.join(path)}'"
+  if layout is None and _by_name(job, key_map, keys, node, "no Flax cell there"):
+    return {}
   if layout is None:
     raise ValueError(
       f"{where}: PyTorch's is an nn.{kind.upper()} layer, but the "
@@ -350,6 +372,8 @@ def _attention_path(
       return stacked
   if node is not None and isinstance(path, tuple):
     missing = [p for p in (*PARTS, "out") if p not in node]
+    if missing and _by_name(job, key_map, keys, node, "no Flax attention there"):
+      return None
     if missing:
       raise ValueError(
         f"{_WHERE}: PyTorch attention '{module}' -> 'params/{'/'.join(path)}': an "
@@ -383,9 +407,16 @@ def _stacked_attention(job: _Load, key_map: KeyMap, module: str) -> tuple[Path, 
 
 
 def _load_attention(
-  job: _Load, key_map: KeyMap, module: str, parts: dict[str, dict[str, str]]
+  job: _Load,
+  key_map: KeyMap,
+  module: str,
+  parts: dict[str, dict[str, str]],
+  layers: dict[str, dict[str, str]],
 ) -> dict[str, TorchLayer]:
   """Loads one ``nn.MultiheadAttention`` into a Flax attention module's four parts.
+
+  Its ``out_proj`` is taken from ``layers`` (the state dict's layers) when the
+  Flax module is an attention; otherwise it stays a layer of its own.
 
   Returns:
     ``{"attn.in_proj_weight": layer, "attn.out_proj": layer}`` (or one layer
@@ -398,13 +429,14 @@ def _load_attention(
       f"{where}: '{join(module, 'bias_k')}'/'bias_v' (add_bias_kv=True) append a learned key "
       "and value to every sequence, which no Flax attention module does."
     )
-  weights = [n for n in parts if n not in ("in_proj_bias", "out_proj")]
+  weights = [n for n in parts if n != "in_proj_bias"]
   if not weights:
     raise ValueError(f"{where}: no in_proj_weight nor q/k/v_proj_weight among its keys.")
   found = _attention_path(job, key_map, module, [k for p in parts.values() for k in p.values()])
   if found is None:
     return {}
   path, member = found
+  out_proj = layers.pop(join(module, "out_proj"), None)
   bias = parts.get("in_proj_bias", {}).get("bias")
   b = None if bias is None else _to_numpy(job.state_dict[bias], bias, where)
   out: dict[str, TorchLayer] = {}
@@ -423,11 +455,11 @@ def _load_attention(
       vprefix = f"{prefix}[{child}]" if packed else prefix
       loaded[child] = _load_part(job, prefix, vprefix, (*path, child), tensors, member)
     out[prefix] = _joined(loaded, kind="multihead_attention", path="/".join(path))
-  if "out_proj" in parts:
+  if out_proj is not None:
     prefix = join(module, "out_proj")
     t = _Target(
       prefix,
-      parts["out_proj"],
+      out_proj,
       (*path, "out"),
       _get(job.out["params"], (*path, "out")) or {},
       _get(job.out.get(job.collection, {}), (*path, "out")),

@@ -34,8 +34,8 @@ from flaxnorm._torch_layouts import (
   spectral_dim_of,
   spectral_views,
 )
-from flaxnorm._torch_paths import Path, torch_prefix
-from flaxnorm._torch_plain import TorchParam
+from flaxnorm._torch_paths import KeyMap, Path, resolve, torch_prefix
+from flaxnorm._torch_plain import TorchParam, shapes_fit
 from flaxnorm._torch_targets import FlaxLayer
 
 _WHERE = "load_torch_state_dict"
@@ -224,6 +224,35 @@ def _load_layer(job: _Load, t: _Target) -> TorchLayer | str:
   _check_order(job, layer, t, k, dim)
   variables = _fill(job, layer, src, t, k)
   return layer._replace(variables=variables, path="/".join(t.path))
+
+
+def _load_plain(job: _Load, key_map: KeyMap, key: str, why: str) -> None:
+  """Loads PyTorch ``key`` (``"a.b.alpha"``) as is into the Flax param of its name and shape.
+
+  For the tensors of no layer interop converts (a Snake ``alpha``, a bias
+  alone); when there is no such param, ``key`` goes to ``job.unused`` with
+  ``why`` and the reason.
+  """
+  prefix, _, name = key.rpartition(".")
+  path = resolve(key_map, prefix, job.out["params"])
+  node = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
+  raw = None if node is None else node.get(name)
+  shape = tuple(np.shape(job.state_dict[key]))
+  flax_key = f"params/{'/'.join((*path, name))}" if isinstance(path, tuple) else ""
+  if path is None or isinstance(path, str):
+    reason = "key_map skips it" if path is None else path
+  elif node is None or raw is None or isinstance(raw, Mapping):
+    reason = f"no Flax param '{flax_key}'"
+  elif not shapes_fit(shape, _shape(raw)):
+    reason = f"shape {shape}, but the Flax '{flax_key}' has shape {_shape(raw)}"
+  else:
+    arr = _to_numpy(job.state_dict[key], key, _WHERE).astype(meta.unbox(raw).dtype, copy=False)
+    arr = jax.device_put(arr.reshape(_shape(raw)))
+    node[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
+    job.filled.add(("params", *path, name))
+    job.plain[key] = TorchParam("/".join((*path, name)), shape)
+    return
+  job.unused[key] = f"{why}; {reason}"
 
 
 # --------------------------------------------------------------------------- #

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import meta
 
 from flaxnorm import _checks
 from flaxnorm._checks import Axis, Call
@@ -29,7 +28,7 @@ from flaxnorm._torch_composite import (
   _save_attention,
   _save_side,
 )
-from flaxnorm._torch_convert import TorchLayer, _to_numpy, layer_to_numpy
+from flaxnorm._torch_convert import TorchLayer, layer_to_numpy
 from flaxnorm._torch_keys import detect, join, split_key
 from flaxnorm._torch_layer import (
   _WHERE,
@@ -40,6 +39,7 @@ from flaxnorm._torch_layer import (
   _kernel_ndim,
   _Load,
   _load_layer,
+  _load_plain,
   _lookup,
   _member,
   _member_info,
@@ -56,7 +56,7 @@ from flaxnorm._torch_layer import (
 )
 from flaxnorm._torch_layouts import LAYOUTS
 from flaxnorm._torch_paths import KeyMap, Path, resolve
-from flaxnorm._torch_plain import TorchParam, params_to_numpy, shapes_fit
+from flaxnorm._torch_plain import TorchParam, params_to_numpy
 from flaxnorm._torch_rnn import GATES, RnnKey, layout_of, split_rnn_key
 from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, state_variables, to_nnx_state
 
@@ -276,7 +276,7 @@ def load(
     single = all(c.layer == 0 for c in groups.cells if c.module == cell.module)
     layers.update(_load_cell(job, key_map, cell, sides, single))
   for module, parts in groups.attentions.items():
-    layers.update(_load_attention(job, key_map, module, parts))
+    layers.update(_load_attention(job, key_map, module, parts, groups.layers))
   for prefix, entries in groups.layers.items():
     target = _target(job, key_map, prefix, entries)
     layer = None if target is None else _load_layer(job, target)
@@ -335,35 +335,6 @@ def _init_unmatched(
     dst[leaf[-1]] = src[leaf[-1]]
 
 
-def _load_plain(job: _Load, key_map: KeyMap, key: str, why: str) -> None:
-  """Loads PyTorch ``key`` (``"a.b.alpha"``) as is into the Flax param of its name and shape.
-
-  For the tensors of no layer interop converts (a Snake ``alpha``, a bias
-  alone); when there is no such param, ``key`` goes to ``job.unused`` with
-  ``why`` and the reason.
-  """
-  prefix, _, name = key.rpartition(".")
-  path = resolve(key_map, prefix, job.out["params"])
-  node = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
-  raw = None if node is None else node.get(name)
-  shape = tuple(np.shape(job.state_dict[key]))
-  flax_key = f"params/{'/'.join((*path, name))}" if isinstance(path, tuple) else ""
-  if path is None or isinstance(path, str):
-    reason = "key_map skips it" if path is None else path
-  elif node is None or raw is None or isinstance(raw, Mapping):
-    reason = f"no Flax param '{flax_key}'"
-  elif not shapes_fit(shape, _shape(raw)):
-    reason = f"shape {shape}, but the Flax '{flax_key}' has shape {_shape(raw)}"
-  else:
-    arr = _to_numpy(job.state_dict[key], key, _WHERE).astype(meta.unbox(raw).dtype, copy=False)
-    arr = jax.device_put(arr.reshape(_shape(raw)))
-    node[name] = raw.replace_boxed(arr) if isinstance(raw, meta.AxisMetadata) else arr
-    job.filled.add(("params", *path, name))
-    job.plain[key] = TorchParam("/".join((*path, name)), shape)
-    return
-  job.unused[key] = f"{why}; {reason}"
-
-
 Cells = dict[RnnKey, dict[str, dict[str, str]]]
 
 
@@ -378,7 +349,7 @@ class _Groups(NamedTuple):
   by name, if at all). ``cells``: PyTorch recurrent modules' keys by cell (an
   ``RnnKey`` with empty ``side`` and ``key``), then side, then their key as a
   linear layer's. ``attentions``: ``nn.MultiheadAttention`` keys by module
-  prefix, then weight name (``"in_proj_weight"``, ..., ``"out_proj"``), then
+  prefix, then weight name (``"in_proj_weight"``, ...; its ``out_proj`` is a layer), then
   key as a linear layer's.
   """
 
@@ -412,9 +383,6 @@ def _group(job: _Load) -> _Groups:
       g.loose[key] = "not a weight/bias key of a supported layer"
     else:
       g.layers.setdefault(split[0], {})[split[1]] = key
-  for module, parts in g.attentions.items():
-    if join(module, "out_proj") in g.layers:
-      parts["out_proj"] = g.layers.pop(join(module, "out_proj"))
   for prefix in [p for p, entries in g.layers.items() if set(entries) == {"bias"}]:
     g.loose[g.layers.pop(prefix)["bias"]] = "a bias without a weight"
   return g

@@ -436,3 +436,22 @@ def test_weight_norm_into_nnx_cells(torch, cell):
   got = interop.to_torch_state_dict(model)  # from the model: the same keys
   _holder(torch, t).load_state_dict(got, strict=True)
   np.testing.assert_allclose(_torch_out(torch, t), want, atol=TOL)
+
+
+def test_a_port_that_keeps_pytorchs_names_loads_by_name():
+  """A Flax module of one's own with params named weight_ih_l0, ... (no Flax cell) takes them
+  as they are, as before recurrent modules were mapped; so does one with in_proj_weight."""
+  sd = _sd("gru")
+  variables = {"params": {"rnn": {k.split(".")[1]: np.zeros_like(x) for k, x in sd.items()}}}
+  result = interop.load_torch_state_dict(sd, variables)
+  assert sorted(result.params) == sorted(sd) and not result.layers
+  np.testing.assert_array_equal(
+    result.variables["params"]["rnn"]["weight_hh_l0"], sd["rnn.weight_hh_l0"]
+  )
+  attn = {
+    "attn.in_proj_weight": np.ones((6, 2), np.float32),
+    "attn.in_proj_bias": np.ones(6, np.float32),
+  }
+  own = {"params": {"attn": {"in_proj_weight": np.zeros((6, 2)), "in_proj_bias": np.zeros(6)}}}
+  result = interop.load_torch_state_dict(attn, own)
+  assert sorted(result.params) == sorted(attn)
