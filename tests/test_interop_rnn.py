@@ -451,7 +451,10 @@ def test_a_port_that_keeps_pytorchs_names_loads_by_name():
   attn = {
     "attn.in_proj_weight": np.ones((6, 2), np.float32),
     "attn.in_proj_bias": np.ones(6, np.float32),
+    "attn.out_proj.weight": np.ones((2, 2), np.float32),  # a Linear of its own here
   }
   own = {"params": {"attn": {"in_proj_weight": np.zeros((6, 2)), "in_proj_bias": np.zeros(6)}}}
+  own["params"]["attn"]["out_proj"] = {"kernel": np.zeros((2, 2), np.float32)}
   result = interop.load_torch_state_dict(attn, own)
-  assert sorted(result.params) == sorted(attn)
+  assert sorted(result.params) == ["attn.in_proj_bias", "attn.in_proj_weight"]
+  assert result.layers["attn.out_proj"].kind == "linear"
