@@ -210,67 +210,47 @@ def test_attention_key_map_and_wrong_module():
     interop.load_torch_state_dict(sd, variables, {"enc.self_attn": "attn/query"})
 
 
-def test_linear_into_dense_general_both_ways():
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return flaxnorm.weight_norm(nn.DenseGeneral((2, 3), name="proj"), axis=(-2, -1))(x)
+class _General(nn.Module):
+  features: tuple[int, ...]
+  axis: int | tuple[int, ...] = (-2, -1)
 
-  x = np.ones((1, 4), np.float32)
-  sd = {
-    "proj.weight_g": np.linspace(0.5, 2, 6, dtype=np.float32).reshape(6, 1),
-    "proj.weight_v": RNG.randn(6, 4).astype(np.float32),
-    "proj.bias": RNG.randn(6).astype(np.float32),
+  @nn.compact
+  def __call__(self, x):
+    return flaxnorm.weight_norm(nn.DenseGeneral(self.features, name="proj"), axis=self.axis)(x)
+
+
+def _general_sd(out: int) -> dict[str, np.ndarray]:
+  return {
+    "proj.weight_g": np.linspace(0.5, 2, out, dtype=np.float32).reshape(out, 1),
+    "proj.weight_v": RNG.randn(out, 4).astype(np.float32),
+    "proj.bias": RNG.randn(out).astype(np.float32),
   }
-  result = interop.load_torch_state_dict(sd, Net(), inputs=x)
+
+
+# (1, 4): the kernel (4, 1, 4) splits as (4 | 1, 4) or (4, 1 | 4); the model says which.
+@pytest.mark.parametrize("features", [(2, 3), (1, 4)])
+def test_linear_into_dense_general_both_ways(features):
+  net, out = _General(features), features[0] * features[1]
+  x = np.ones((1, 4), np.float32)
+  sd = _general_sd(out)
+  result = interop.load_torch_state_dict(sd, net, inputs=x)
   layer = result.layers["proj"]
   assert (layer.axis, layer.in_axes) == ((-2, -1), 1)
-  w = (
-    sd["proj.weight_g"]
-    * sd["proj.weight_v"]
-    / np.linalg.norm(sd["proj.weight_v"], axis=1, keepdims=True)
-  )
-  np.testing.assert_allclose(
-    Net().apply(result.variables, x), (x @ w.T + sd["proj.bias"]).reshape(1, 2, 3), atol=1e-6
-  )
+  v = sd["proj.weight_v"]
+  w = sd["proj.weight_g"] * v / np.linalg.norm(v, axis=1, keepdims=True)
+  want = (x @ w.T + sd["proj.bias"]).reshape(1, *features)
+  np.testing.assert_allclose(net.apply(result.variables, x), want, atol=1e-6)
   back = interop.to_torch_state_dict(result.variables, result.layers)
   chex.assert_trees_all_close({k: np.asarray(v) for k, v in back.items()}, sd)
   # Read from the model: the DenseGeneral is a Linear with its in_axes and kernel axes.
-  got = interop.to_torch_state_dict(result.variables, model=Net(), inputs=x, style="legacy")
+  got = interop.to_torch_state_dict(result.variables, model=net, inputs=x, style="legacy")
   chex.assert_trees_all_close({k: np.asarray(v) for k, v in got.items()}, sd)
 
 
 def test_dense_general_kept_axes_of_no_matrix_axis_are_refused():
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return flaxnorm.weight_norm(nn.DenseGeneral((2, 3), name="proj"), axis=-1)(x)
-
-  sd = {"proj.weight_g": np.ones((6, 1), np.float32), "proj.weight_v": np.ones((6, 4), np.float32)}
-  sd["proj.bias"] = np.zeros(6, np.float32)
   with pytest.raises(
     ValueError, match=r"keeps axes \(2,\) of its 3-D 'kernel'.*no axis of PyTorch"
   ):
-    interop.load_torch_state_dict(sd, Net(), inputs=np.ones((1, 4), np.float32))
-
-
-def test_dense_general_with_a_size_one_axis_takes_the_models_split():
-  """(4, 1, 4) splits as (4 | 1, 4) or (4, 1 | 4); the model says which axes are inputs."""
-
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return flaxnorm.weight_norm(nn.DenseGeneral((1, 4), name="proj"), axis=(-2, -1))(x)
-
-  x = np.ones((2, 4), np.float32)
-  sd = {
-    "proj.weight_g": np.linspace(0.5, 2, 4, dtype=np.float32).reshape(4, 1),
-    "proj.weight_v": RNG.randn(4, 4).astype(np.float32),
-    "proj.bias": np.zeros(4, np.float32),
-  }
-  result = interop.load_torch_state_dict(sd, Net(), inputs=x)
-  assert (result.layers["proj"].in_axes, result.layers["proj"].axis) == (1, (-2, -1))
-  w = (
-    sd["proj.weight_g"] * sd["proj.weight_v"] / np.linalg.norm(sd["proj.weight_v"], axis=1)[:, None]
-  )
-  np.testing.assert_allclose(Net().apply(result.variables, x)[:, 0], x @ w.T, atol=1e-6)
+    interop.load_torch_state_dict(
+      _general_sd(6), _General((2, 3), axis=-1), inputs=np.ones((1, 4), np.float32)
+    )
