@@ -589,8 +589,9 @@ def _save_side(
   joined, biases = _save_parts(layer, cell, [c for c, _ in children], how, (prefix, variables))
   out = {rnn_key(k, rk.param): x for k, x in joined.items()}
   if layer.bias is not False:
-    hidden = next(iter(joined.values())).shape[0] // len(GATES[layer.kind])
-    out[rnn_key("bias", rk.param)] = torch_bias(layout, biases, rk.side, hidden)
+    weight = max(joined.values(), key=np.size)  # the weight (or v), not g or u
+    hidden = weight.shape[0] // len(GATES[layer.kind])
+    out[rnn_key("bias", rk.param)] = torch_bias(layout, biases, rk.side, hidden, weight.dtype)
   return {join(rk.module, k): x for k, x in out.items()}
 
 

@@ -190,20 +190,19 @@ def flax_biases(
 
 
 def torch_bias(
-  layout: Layout, biases: Mapping[str, np.ndarray], side: str, hidden: int
+  layout: Layout, biases: Mapping[str, np.ndarray], side: str, hidden: int, dtype: Any
 ) -> np.ndarray:
   """PyTorch's ``bias_{side}`` from the Flax cell's biases (``child -> bias``, the children with one).
 
-  A summed gate's bias is written on the side Flax keeps it on, and zeros on
-  the other: PyTorch adds the two, so the outputs are the same.
+  A summed gate's bias is written on the side Flax keeps it on, and zeros (of
+  ``dtype``, the weight's) on the other: PyTorch adds the two, so the outputs
+  are the same.
   """
   parts = []
   for child, gates in layout.gates_of(side):
     bias = biases.get(child)
     for i, _ in enumerate(gates):
       parts.append(
-        np.zeros(hidden, np.float32)
-        if bias is None
-        else np.asarray(bias)[i * hidden : (i + 1) * hidden]
+        np.zeros(hidden, dtype) if bias is None else np.asarray(bias)[i * hidden : (i + 1) * hidden]
       )
   return np.concatenate(parts)

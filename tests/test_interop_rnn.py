@@ -458,3 +458,15 @@ def test_a_port_that_keeps_pytorchs_names_loads_by_name():
   result = interop.load_torch_state_dict(attn, own)
   assert sorted(result.params) == ["attn.in_proj_bias", "attn.in_proj_weight"]
   assert result.layers["attn.out_proj"].kind == "linear"
+
+
+def test_bfloat16_cell_writes_bfloat16_biases(torch):
+  """The zeros written for the side Flax keeps no bias on take the weight's dtype."""
+  t = _make(torch, "lstm").to(torch.bfloat16)
+  model = _LinenRNN(lambda: nn.LSTMCell(H, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16))
+  result = interop.load_torch_state_dict(
+    _holder(torch, t).state_dict(), model, inputs=jnp.ones((1, T, IN), jnp.bfloat16)
+  )
+  back = interop.to_torch_state_dict(result.variables, result.layers)
+  assert {x.dtype for x in back.values()} == {torch.bfloat16}
+  _holder(torch, t).load_state_dict(back, strict=True)
