@@ -155,6 +155,9 @@ def _load_cell(
   node = _get(job.out["params"], path) or {}
   layout = layout_of(kind, node)
   where = f"{where} -> 'params/{'/'.join(path)}'"
+  info = job.model.get(path)
+  if info is not None and info.unsupported:
+    raise ValueError(f"{where}: the Flax {info.cls}: {info.unsupported}.")
   if layout is None and _by_name(job, key_map, keys, node, "no Flax cell there"):
     return {}
   if layout is None:
@@ -540,6 +543,9 @@ def _cell_layers(m: _Model, path: Path, kind: str) -> dict[str, TorchLayer]:
   params = m.variables["params"]
   layout = layout_of(kind, _get(params, path) or {})
   assert layout is not None  # (only cells with a layout are passed)
+  if m.layers[path].unsupported:
+    where = f"to_torch_state_dict: the Flax {m.layers[path].cls} at 'params/{'/'.join(path)}'"
+    raise ValueError(f"{where}: {m.layers[path].unsupported}.")
   holder, reverse = path[:-1] if path[-1] == "cell" else path, False
   if holder and holder[-1] in ("forward_rnn", "backward_rnn"):
     holder, reverse = holder[:-1], holder[-1] == "backward_rnn"

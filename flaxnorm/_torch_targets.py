@@ -137,6 +137,11 @@ def _family(module: Any) -> tuple[str | None, str]:
       "transpose_kernel=True is not mapped: build the ConvTranspose with "
       "transpose_kernel=False (the default) and padding=interop.conv_transpose_padding(...)"
     )
+  if issubclass(base, (nn.SimpleCell, nnx.SimpleCell)) and getattr(module, "residual", False):
+    why = (
+      "residual=True adds the carry to each step, which PyTorch's nn.RNN does not: build "
+      "the SimpleCell with residual=False (the default)"
+    )
   return family, why
 
 

@@ -470,3 +470,15 @@ def test_bfloat16_cell_writes_bfloat16_biases(torch):
   back = interop.to_torch_state_dict(result.variables, result.layers)
   assert {x.dtype for x in back.values()} == {torch.bfloat16}
   _holder(torch, t).load_state_dict(back, strict=True)
+
+
+def test_residual_simple_cell_is_refused_both_ways():
+  """SimpleCell(residual=True) adds the carry each step; PyTorch's nn.RNN never does."""
+  model = _LinenRNN(lambda: nn.SimpleCell(H, residual=True))
+  with pytest.raises(
+    ValueError, match=r"'rnn.l0' -> 'params/rnn/cell': the Flax SimpleCell: residual=True"
+  ):
+    interop.load_torch_state_dict(_sd("rnn"), model, inputs=X)
+  variables = model.init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match=r"SimpleCell at 'params/rnn/cell': residual=True"):
+    interop.to_torch_state_dict(variables, model=model, inputs=X)
