@@ -33,7 +33,6 @@ from flaxnorm._torch_layer import (
   _lookup,
   _member_info,
   _Model,
-  _shape,
   _Target,
   _view_axis,
   _view_wrapping,
@@ -41,7 +40,7 @@ from flaxnorm._torch_layer import (
   member_prefixes,
 )
 from flaxnorm._torch_layouts import LAYOUTS
-from flaxnorm._torch_paths import KeyMap, Path, resolve
+from flaxnorm._torch_paths import KeyMap, Path, resolve, unindexed
 from flaxnorm._torch_rnn import (
   GATES,
   KIND_OF_GATES,
@@ -215,16 +214,15 @@ def _cell_biases(
 class _Packed(NamedTuple):
   """One PyTorch weight of several parts (gates, or attention's q, k, v) packed by rows."""
 
-  prefix: str  # its PyTorch name, "lstm.weight_hh_l0"
   method: str | None
   roles: dict[str, str]  # key as a linear layer's -> role ("w", "v", "g", "u", ...)
   arrays: dict[str, np.ndarray]  # key as a linear layer's -> array, PyTorch layout
-  rows: int  # rows of the packed weight
+  n_rows: int  # rows of the packed weight
 
   def part(
-    self, rows: np.ndarray | None, why: Callable[[tuple[int, ...]], str]
+    self, picked: np.ndarray | None, why: Callable[[tuple[int, ...]], str]
   ) -> dict[str, np.ndarray]:
-    """The tensors of the part on ``rows`` (``None``: all of them, as they are).
+    """The tensors of the part on rows ``picked`` (``None``: all of them, as they are).
 
     A weight's rows and a weight norm's ``g`` per row split; a ``g`` taken
     across the rows, or a spectral norm's vectors, do not: ``why(shape)``
@@ -233,11 +231,11 @@ class _Packed(NamedTuple):
     out = {}
     for k, x in self.arrays.items():
       per_row = self.roles[k] in ("w", "v", "w_sn") or (
-        self.roles[k] == "g" and x.shape[:1] == (self.rows,) and x.size == self.rows
+        self.roles[k] == "g" and x.shape[:1] == (self.n_rows,) and x.size == self.n_rows
       )
-      if rows is not None and not per_row:
+      if picked is not None and not per_row:
         raise ValueError(why(x.shape))
-      out[k] = x if rows is None else x[rows]
+      out[k] = x if picked is None else x[picked]
     return out
 
 
@@ -248,7 +246,7 @@ def _packed(job: _Load, prefix: str, entries: Mapping[str, str], where: str) -> 
   arrays = {k: _to_numpy(job.state_dict[key], key, where) for k, key in keys.items()}
   wkey = roles["v" if "v" in roles else "w"]
   role_of = {k: r for r, k in roles.items()}
-  return _Packed(prefix, method, role_of, arrays, arrays[wkey].shape[0])
+  return _Packed(method, role_of, arrays, arrays[wkey].shape[0])
 
 
 def _load_part(
@@ -395,17 +393,11 @@ def _attention_path(
 
 def _stacked_attention(job: _Load, key_map: KeyMap, module: str) -> tuple[Path, int] | None:
   """The stacked Flax attention and member that ``module`` (with an index) is, or ``None``."""
-  parts = module.split(".")
-  for j, part in enumerate(parts):
-    if not part.isdigit():
-      continue
-    path = resolve(key_map, ".".join(parts[:j] + parts[j + 1 :]), job.out["params"])
-    node = None if not isinstance(path, tuple) else _get(job.out["params"], path)
-    query = None if node is None else _get(node, ("query",))
-    kernel = None if query is None else query.get("kernel", query.get("kernel_v"))
-    shape = () if kernel is None else _shape(kernel)
-    if isinstance(path, tuple) and len(shape) == 4 and int(part) < shape[0]:
-      return path, int(part)
+  for path, i in unindexed(key_map, module, job.out["params"]):
+    query = _get(job.out["params"], (*path, "query"))
+    shape = () if query is None else _kernel_shape(query)
+    if len(shape) == 4 and i < shape[0]:
+      return path, i
   return None
 
 
@@ -450,7 +442,7 @@ def _load_attention(
     for child in parts_of(name):
       i = PARTS.index(child)
       packed = name == "in_proj_weight"
-      e = w.rows // 3 if packed else w.rows
+      e = w.n_rows // 3 if packed else w.n_rows
       picked = np.arange(i * e, (i + 1) * e) if packed else None
       tensors = w.part(picked, lambda shape: _across_parts(where, prefix, w.method, shape))
       if b is not None:
@@ -554,7 +546,7 @@ def _cell_layers(m: _Model, path: Path, kind: str) -> dict[str, TorchLayer]:
   for side in ("ih", "hh"):
     child = (*path, layout.children(side)[0])
     node = _get(params, child) or {}
-    shape = _shape(node.get("kernel", node.get("kernel_v")))
+    shape = _kernel_shape(node)
     prefix = RnnKey(module, 0, reverse, side, "weight").prefix
     how = _wrapping(
       m.layers.get(child), "kernel", LAYOUTS["linear"], shape, prefix, m.spectral_dims

@@ -561,7 +561,7 @@ def _load_as_matrix(job: _Load, t: _Target, k: int) -> TorchLayer | str:
   """Loads a PyTorch Linear into a kernel of more axes through its ``(in, out)`` view."""
   names = [n for n in t.params if n in ("kernel", "kernel_g", "kernel_v", "bias")]
   view = {n: _as_matrix(t.params[n], n, k) for n in names}
-  ndim = len(_shape(t.params.get("kernel", t.params.get("kernel_v"))))
+  ndim = _kernel_ndim(t.params)
   model = dict(job.model)
   if t.path in model:
     model[t.path] = _matrix_info(model[t.path], t.where, k, ndim)  # type: ignore[assignment]

@@ -55,7 +55,7 @@ from flaxnorm._torch_layer import (
   write_stacks,
 )
 from flaxnorm._torch_layouts import LAYOUTS
-from flaxnorm._torch_paths import KeyMap, Path, resolve
+from flaxnorm._torch_paths import KeyMap, Path, resolve, unindexed
 from flaxnorm._torch_plain import TorchParam, params_to_numpy
 from flaxnorm._torch_rnn import GATES, RnnKey, layout_of, split_rnn_key
 from flaxnorm._torch_targets import FlaxLayer, from_linen, from_nnx, state_variables, to_nnx_state
@@ -428,29 +428,25 @@ def _stacked_target(
   job: _Load, key_map: KeyMap, prefix: str, entries: dict[str, str]
 ) -> _Target | None:
   """The member of a stacked Flax layer that PyTorch layer ``prefix`` is, or ``None``."""
-  parts = prefix.split(".")
   try:
     _, _, roles = detect([k for k in entries if k not in NORM_BUFFERS], _WHERE)
   except ValueError:  # no layer's key set: the caller reports it
     return None
   rank = len(np.shape(job.state_dict[entries[roles["v" if "g" in roles else "w"]]]))
-  for j, part in enumerate(parts):
-    if not part.isdigit():
-      continue
-    path = resolve(key_map, ".".join(parts[:j] + parts[j + 1 :]), job.out["params"])
-    params = None if path is None or isinstance(path, str) else _get(job.out["params"], path)
+  for path, i in unindexed(key_map, prefix, job.out["params"]):
+    params = _get(job.out["params"], path) or {}
     names = ("kernel", "kernel_v", "embedding", "scale")
-    leaf = next((params[n] for n in names if n in params), None) if params else None
-    if params is None or leaf is None or not isinstance(path, tuple):
+    leaf = next((params[n] for n in names if n in params), None)
+    if leaf is None:
       continue
     shape = _shape(leaf)
     info = job.model.get(path)
     stacked = info.stacked if info is not None else len(shape) - rank
-    if stacked == 1 and int(part) < shape[0]:
+    if stacked == 1 and i < shape[0]:
       state = _get(job.out.get(job.collection, {}), path)
       stats = _get(job.out.get("batch_stats", {}), path)
-      where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'[{part}]"
-      return _Target(prefix, entries, path, params, state, job.collection, where, int(part), stats)
+      where = f"{_WHERE}: layer '{prefix}' -> 'params/{'/'.join(path)}'[{i}]"
+      return _Target(prefix, entries, path, params, state, job.collection, where, i, stats)
   return None
 
 

@@ -141,6 +141,23 @@ def resolve(key_map: KeyMap, prefix: str, params: Mapping[str, Any]) -> Path | s
   )
 
 
+def unindexed(
+  key_map: KeyMap, prefix: str, params: Mapping[str, Any]
+) -> Iterator[tuple[Path, int]]:
+  """The Flax paths ``prefix`` names without one of its indices, each with that index.
+
+  ``"layers.3.fc"`` -> ``(path of "layers.fc", 3)``: where no Flax layer spells
+  the index, the prefix may name a member of a stacked layer (``nn.scan``,
+  ``nn.vmap``); the caller checks the leading axis. Only paths that exist.
+  """
+  parts = prefix.split(".")
+  for j, part in enumerate(parts):
+    if part.isdigit():
+      path = resolve(key_map, ".".join(parts[:j] + parts[j + 1 :]), params)
+      if isinstance(path, tuple) and _get(params, path) is not None:
+        yield path, int(part)
+
+
 def torch_prefix(
   path: Path,
   params: Mapping[str, Any] | None = None,
